@@ -1,0 +1,158 @@
+"""Whole-case inference: Gaussian-weighted sliding window, label maps, and back to the full grid.
+
+The model only ever sees tensors of exactly the window size (so a model that needs sizes divisible
+by 32 works whatever the case size): windows tile the volume with the requested overlap, the last
+one flush with the end, and a volume smaller than the window is zero-padded up to it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from brats.labels import is_softmax, probs_to_brats
+
+Predict = Callable[[torch.Tensor], torch.Tensor]  # (B, C, *window) -> (B, K, *window)
+
+# Floor of the importance map relative to its centre: far corners of a window would otherwise
+# underflow towards 0 and a voxel seen only there would get a 0 / 0 average.
+MIN_WEIGHT = 1e-4
+
+
+def gaussian_importance(window: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
+    """(D, H, W) float32 map, 1 at the centre, sigma = sigma_scale * window per axis (as nnU-Net).
+
+    Centred at (n - 1) / 2 so the map is mirror-symmetric along each axis, floored at MIN_WEIGHT.
+    """
+    if sigma_scale <= 0:
+        raise ValueError(f"sigma_scale must be > 0, got {sigma_scale}")
+    axes = []
+    for n in window:
+        x = torch.arange(n, dtype=torch.float64) - (n - 1) / 2
+        sigma = sigma_scale * n
+        axes.append(torch.exp(-0.5 * (x / sigma) ** 2))
+    weight = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    weight = weight / weight.max()
+    return weight.clamp_min(MIN_WEIGHT).to(torch.float32)
+
+
+def window_starts(size: int, window: int, overlap: float) -> list[int]:
+    """Start offsets along one axis: evenly spread, step <= window * (1 - overlap), last flush."""
+    if size <= window:
+        return [0]
+    max_step = max(1, int(window * (1 - overlap)))
+    count = math.ceil((size - window) / max_step) + 1
+    step = (size - window) / (count - 1)
+    return [int(round(i * step)) for i in range(count)]
+
+
+def _check_args(image: torch.Tensor, window: Sequence[int], overlap: float, sw_batch: int) -> tuple[int, ...]:
+    if image.ndim != 4:
+        raise ValueError(f"image must be (C, D, H, W), got shape {tuple(image.shape)}")
+    window = tuple(int(w) for w in window)
+    if len(window) != 3 or min(window) < 1:
+        raise ValueError(f"window must be three positive sizes, got {window}")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if sw_batch < 1:
+        raise ValueError(f"sw_batch must be >= 1, got {sw_batch}")
+    return window
+
+
+def sliding_window(
+    predict: Predict,
+    image: torch.Tensor,
+    window: Sequence[int] = (128, 128, 128),
+    overlap: float = 0.5,
+    sw_batch: int = 2,
+    gaussian: bool = True,
+    sigma_scale: float = 0.125,
+    progress: bool = False,
+    out_device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """(K, D, H, W) float32: importance-weighted average of `predict` over windows of `image`.
+
+    `image` (C, D, H, W) stays on its device; windows are cut from it `sw_batch` at a time and
+    the outputs accumulate on `out_device`.
+    """
+    image = torch.as_tensor(image)
+    window = _check_args(image, window, overlap, sw_batch)
+    spatial = tuple(image.shape[1:])
+    padded = tuple(max(s, w) for s, w in zip(spatial, window))
+    if padded != spatial:  # zeros at the end of each short axis; cropped off below
+        pad = []
+        for s, p in reversed(list(zip(spatial, padded))):
+            pad += [0, p - s]
+        image = torch.nn.functional.pad(image, pad)
+    starts = [window_starts(p, w, overlap) for p, w in zip(padded, window)]
+    corners = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
+    weight = gaussian_importance(window, sigma_scale) if gaussian else torch.ones(window)
+    weight = weight.to(out_device)
+    out: torch.Tensor | None = None
+    total = torch.zeros((1, *padded), dtype=torch.float32, device=out_device)
+    batches = [corners[i:i + sw_batch] for i in range(0, len(corners), sw_batch)]
+    with torch.no_grad():
+        for batch in tqdm(batches, desc="sliding window", unit="batch", disable=not progress, leave=False):
+            slices = [tuple(slice(c, c + w) for c, w in zip(corner, window)) for corner in batch]
+            x = torch.stack([image[(slice(None), *s)] for s in slices])  # (B, C, *window)
+            y = predict(x)
+            if y.ndim != 5 or y.shape[0] != len(batch) or tuple(y.shape[2:]) != window:
+                raise ValueError(
+                    f"predict returned shape {tuple(y.shape)} for input {tuple(x.shape)}; "
+                    f"expected ({len(batch)}, K, {', '.join(map(str, window))})"
+                )
+            y = y.to(device=out_device, dtype=torch.float32)
+            if out is None:
+                out = torch.zeros((y.shape[1], *padded), dtype=torch.float32, device=out_device)
+            for logits, s in zip(y, slices):
+                out[(slice(None), *s)] += logits * weight
+                total[(slice(None), *s)] += weight
+    assert out is not None  # at least one window always exists
+    out /= total
+    d, h, w = spatial
+    return out[:, :d, :h, :w].contiguous()
+
+
+def predict_case(
+    predict: Predict,
+    image: torch.Tensor | np.ndarray,
+    scheme: str,
+    window: Sequence[int] = (128, 128, 128),
+    overlap: float = 0.5,
+    sw_batch: int = 2,
+    **kwargs,
+) -> np.ndarray:
+    """BraTS label map (D, H, W) uint8 (values 0/1/2/4) of one case's image (C, D, H, W).
+
+    regions: sigmoid on channels [TC, WT, ET]; seed3: softmax, class 1 core -> 1, 2 edema -> 2.
+    Extra keyword arguments go to `sliding_window`.
+    """
+    logits = sliding_window(predict, torch.as_tensor(image), window, overlap, sw_batch, **kwargs)
+    probs = torch.softmax(logits, dim=0) if is_softmax(scheme) else torch.sigmoid(logits)
+    return np.asarray(probs_to_brats(probs.cpu().numpy(), scheme), dtype=np.uint8)
+
+
+def to_full_grid(
+    label_crop: np.ndarray, bbox: Sequence[Sequence[int]], full_shape: Sequence[int]
+) -> np.ndarray:
+    """Place a cropped label map back in a zero volume of `full_shape`.
+
+    `bbox` is [[x0, x1], [y0, y1], [z0, z1]], half-open (x1 exclusive), so its extents must equal
+    `label_crop.shape`; anything else is an error rather than a silent shift.
+    """
+    label_crop = np.asarray(label_crop)
+    full_shape = tuple(int(s) for s in full_shape)
+    bbox = [(int(a), int(b)) for a, b in bbox]
+    if len(bbox) != label_crop.ndim or len(full_shape) != label_crop.ndim:
+        raise ValueError(f"bbox {bbox} / full shape {full_shape} do not match a {label_crop.ndim}-D crop")
+    extents = tuple(b - a for a, b in bbox)
+    if extents != label_crop.shape:
+        raise ValueError(f"bbox {bbox} spans {extents}, but the crop has shape {label_crop.shape}")
+    if any(a < 0 or b > n for (a, b), n in zip(bbox, full_shape)):
+        raise ValueError(f"bbox {bbox} lies outside the full shape {full_shape}")
+    full = np.zeros(full_shape, dtype=label_crop.dtype)
+    full[tuple(slice(a, b) for a, b in bbox)] = label_crop
+    return full

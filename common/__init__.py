@@ -1,0 +1,1 @@
+"""Plumbing shared by every package: typed configs, atomic writes, artifacts, CLI helpers."""

@@ -1,0 +1,275 @@
+"""Typed configuration: YAML files loaded into dataclasses, with `--set key.sub=value` overrides.
+
+Every section is a dataclass; an unknown key anywhere (file or override) is a `ConfigError` that
+names the key and where it came from. A YAML file may start from another with `base: other.yaml`
+(relative to the file), so demo configs only state what they change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that does not fit the schema."""
+
+
+@dataclass
+class DataConfig:
+    dir: str | None = None  # BraTS-layout folder; None: synthetic cases under data/synthetic
+    cache: str | None = None  # preprocessing cache; None: <dir>/.cache next to the data
+    scheme: str = "regions"  # regions (3 sigmoid: TC, WT, ET) | seed3 (softmax: bg, core, edema)
+    crop: list[int] = field(default_factory=lambda: [128, 128, 128])
+    fg_ratio: float = 0.33  # share of crops centred on a tumour voxel
+    val_fraction: float = 0.2
+    folds: int = 1  # >1: k-fold split, `fold` picks the validation fold
+    fold: int = 0
+    split_seed: int = 0
+    split_file: str | None = None  # None: <cache>/splits.json
+    samples_per_epoch: int | None = None  # None: one crop per training case
+    skip_bad: bool = False
+    max_val_cases: int | None = None
+    num_workers: int = 0
+    synthetic_cases: int = 12  # used only when dir is None
+    synthetic_val_cases: int = 2
+    synthetic_shape: list[int] = field(default_factory=lambda: [96, 96, 64])
+    synthetic_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "refineformer3d"
+    width: float = 1.0
+    overrides: dict[str, Any] = field(default_factory=dict)  # ModelSpec fields to replace
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 2
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.01
+    warmup_epochs: int = 5
+    grad_clip: float = 1.0
+    amp: str = "auto"  # auto | off | fp16 | bf16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0  # BCE for regions, cross-entropy for softmax schemes
+    val_every: int = 1
+    window: list[int] = field(default_factory=lambda: [128, 128, 128])
+    overlap: float = 0.5
+    sw_batch: int = 2
+    steps_per_epoch: int | None = None  # None: len(loader)
+    log_images: bool = True
+    threads: int | None = None  # torch.set_num_threads; None: leave as is
+
+
+@dataclass
+class PerturbConfig:
+    """Perturbation applied only to the student's input during self-distillation."""
+
+    intensity_scale: float = 0.25  # multiply each modality by U(1-s, 1+s)
+    intensity_shift: float = 0.25
+    gamma: float = 0.3  # gamma in U(1-g, 1+g) on min-max normalised intensities
+    noise_std: float = 0.1
+    blur_prob: float = 0.2
+    modality_dropout: float = 0.1  # probability to zero one modality
+    flip_prob: float = 0.5  # per axis
+    rot90_prob: float = 0.5
+    affine_prob: float = 0.2
+    affine_degrees: float = 10.0
+    affine_scale: float = 0.1
+
+
+@dataclass
+class DistillConfig:
+    teacher: str | None = None
+    width: float = 0.25
+    init: str = "pruned"  # pruned | scratch
+    importance: str = "magnitude"  # magnitude | taylor
+    temperature: float = 2.0
+    supervised_weight: float = 1.0
+    kd_weight: float = 1.0
+    feature_weight: float = 0.0
+    perturb: PerturbConfig = field(default_factory=PerturbConfig)
+
+
+@dataclass
+class LowRankConfig:
+    energy: float | None = 0.9  # keep this share of spectral energy per layer
+    ratio: float | None = None  # or rank = ratio * full rank
+    params: str | None = None  # or a global parameter budget, e.g. "200k"
+    min_saving: float = 0.0  # factorise only when it saves more than this share of a layer
+    teacher: str | None = None  # None: the teacher in the artifact's lineage
+
+
+@dataclass
+class GrowConfig:
+    teacher: str | None = None
+    top_k: int = 2
+    factor: float = 2.0
+    budget: str | None = None  # parameter budget, e.g. "500k"
+    window: int = 20  # steps over which gradient norms are accumulated
+    patience: int = 2  # epochs without relative loss change before growth
+    min_rel_change: float = 0.01
+    min_delta: float = 0.002  # Dice improvement that counts
+    stop_after: int = 2  # events without improvement before stopping
+    max_events: int = 4
+
+
+@dataclass
+class QuantConfig:
+    teacher: str | None = None
+    backend: str = "torch"  # torch | onnxruntime
+    calib: int = 4  # calibration batches
+    decide: str = "measure"  # measure | all | none | table
+    force: dict[str, str] = field(default_factory=dict)  # layer -> int8 | fp32
+    bench_runs: int = 5
+    onnx: bool = False
+
+
+@dataclass
+class ReportConfig:
+    input: list[int] = field(default_factory=lambda: [128, 128, 128])  # window for G MACs and latency
+    latency_runs: int = 5  # timed runs per figure; the median is reported
+    warmup_runs: int = 1  # untimed runs before timing
+    max_cases: int | None = None  # held-out cases evaluated per row (None: the whole validation split)
+    window: list[int] | None = None  # sliding window; None: train.window
+    overlap: float | None = None  # None: train.overlap
+    sw_batch: int = 1  # windows per forward pass
+    case_latency: bool = True  # also time whole-case sliding-window inference
+    plots: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    lowrank: LowRankConfig = field(default_factory=LowRankConfig)
+    grow: GrowConfig = field(default_factory=GrowConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file (and its `base:` chain), then `key.sub=value` overrides."""
+    cfg = Config()
+    if path is not None:
+        merge(cfg, _read_yaml_chain(Path(path)), source=str(path))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        value = yaml.safe_load(raw) if raw else None
+        nested: Any = value
+        for part in reversed(key.strip().split(".")):
+            nested = {part: nested}
+        merge(cfg, nested, source=f"--set {item}")
+    return cfg
+
+
+def merge(obj: Any, values: dict, source: str, prefix: str = "") -> None:
+    """Write `values` into dataclass `obj`, checking every key and coercing scalar types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a mapping at '{prefix or '<root>'}', got {values!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{source}: unknown config key '{dotted}' (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            merge(current, value, source, prefix=f"{dotted}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], dotted, source))
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict) -> Config:
+    cfg = Config()
+    merge(cfg, values, source="stored config")
+    return cfg
+
+
+def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back on itself")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    merged = _read_yaml_chain(path.parent / base, seen + (path.resolve(),))
+    _deep_update(merged, values)
+    return merged
+
+
+def _deep_update(target: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_update(target[key], value)
+        else:
+            target[key] = value
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check `value` against a simple type hint (scalars, optionals, lists, dicts)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{source}: bad value for '{key}': {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_coerce(v, item, key, source) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "5e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{source}: '{key}' must be {getattr(hint, '__name__', hint)}, got {value!r}")

@@ -1,0 +1,402 @@
+"""RefineFormer3D: a SegFormer3D-style Mix Vision Transformer 3D encoder with two decoders.
+
+Reads top-down: spec -> attention -> Mix-FFN -> block -> stage -> encoder -> decoders -> model.
+Every width is explicit in `ModelSpec`, so a thinned, factorised or grown model rebuilds from plain
+data. Shapes: B batch, C channels, N = D*H*W tokens, A attention dim (= heads * head size).
+
+Presets (see README for the measured parameter and multiply-add counts):
+- `segformer3d`: the published SegFormer3D, all-MLP decoder, 4,525,251 parameters.
+- `refineformer3d`: the same encoder with the refine decoder (3D-convolution fusion at 1/4
+  resolution, trilinear upsampling to full resolution, then a final 3x3x3 Conv3d).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from teacher.layers import LowRankConv3d, LowRankLinear
+
+
+@dataclass
+class ModelSpec:
+    decoder: str = "refine"  # refine | allmlp
+    in_chans: int = 4
+    num_classes: int = 3
+    embed_dims: list[int] = field(default_factory=lambda: [32, 64, 160, 256])
+    num_heads: list[int] = field(default_factory=lambda: [1, 2, 5, 8])
+    depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
+    sr_ratios: list[int] = field(default_factory=lambda: [4, 2, 1, 1])
+    patch_kernels: list[int] = field(default_factory=lambda: [7, 3, 3, 3])
+    patch_strides: list[int] = field(default_factory=lambda: [4, 2, 2, 2])
+    patch_paddings: list[int] = field(default_factory=lambda: [3, 1, 1, 1])
+    # None entries are filled by `resolve()`: attention dim = embed dim, MLP hidden = 4 x embed dim,
+    # attention scale = head size ** -0.5 (fixed at build time so that growing a head is exact).
+    attn_dims: list[int] | None = None
+    attn_scales: list[float] | None = None
+    mlp_hidden: list[list[int]] | None = None
+    decoder_dim: int = 256  # per-stage projection width
+    fuse_dim: int = 256  # output of the fusion convolution
+    refine_dim: int = 16  # refine decoder: channels upsampled to full resolution
+    qkv_bias: bool = True
+    ranks: dict[str, int] = field(default_factory=dict)  # low-rank layers: module name -> rank
+    kind: str = "fp32"
+
+    def resolve(self) -> "ModelSpec":
+        """A copy with every derived width written out."""
+        s = dataclasses.replace(self)
+        s.attn_dims = list(s.attn_dims or s.embed_dims)
+        s.attn_scales = list(
+            s.attn_scales or [(a // h) ** -0.5 for a, h in zip(s.attn_dims, s.num_heads)]
+        )
+        s.mlp_hidden = [list(x) for x in s.mlp_hidden] if s.mlp_hidden else [
+            [4 * c] * d for c, d in zip(s.embed_dims, s.depths)
+        ]
+        s.ranks = dict(s.ranks)
+        self.validate(s)
+        return s
+
+    @staticmethod
+    def validate(s: "ModelSpec") -> None:
+        n = len(s.embed_dims)
+        for name in ("num_heads", "depths", "sr_ratios", "patch_kernels", "patch_strides", "patch_paddings"):
+            if len(getattr(s, name)) != n:
+                raise ValueError(f"model spec: {name} has {len(getattr(s, name))} entries, embed_dims has {n}")
+        for i, (a, h) in enumerate(zip(s.attn_dims, s.num_heads)):
+            if a % h:
+                raise ValueError(f"model spec: stage {i} attention dim {a} is not divisible by {h} heads")
+        for i, (hid, d) in enumerate(zip(s.mlp_hidden, s.depths)):
+            if len(hid) != d:
+                raise ValueError(f"model spec: stage {i} has {d} blocks but {len(hid)} MLP hidden sizes")
+        if s.decoder not in ("refine", "allmlp"):
+            raise ValueError(f"model spec: unknown decoder {s.decoder!r} (refine | allmlp)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ValueError(f"model spec: unknown fields {sorted(unknown)}")
+        return cls(**values)
+
+    @property
+    def downsample(self) -> int:
+        """Total stride of the encoder: input sizes must be multiples of it."""
+        out = 1
+        for s in self.patch_strides:
+            out *= s
+        return out
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "segformer3d": dict(decoder="allmlp"),
+    "refineformer3d": dict(decoder="refine"),
+}
+
+
+def preset_spec(name: str, width: float = 1.0, **overrides: Any) -> ModelSpec:
+    """A named preset, optionally thinned: embed dims, MLP and decoder widths scale, heads stay."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r} (known: {', '.join(PRESETS)})")
+    spec = ModelSpec(**PRESETS[name])
+    if width != 1.0:
+        spec = scale_width(spec, width)
+    for key, value in overrides.items():
+        if not hasattr(spec, key):
+            raise ValueError(f"model override: unknown spec field {key!r}")
+        setattr(spec, key, value)
+    return spec.resolve()
+
+
+def scale_width(spec: ModelSpec, width: float) -> ModelSpec:
+    """Scale every width by `width`; head counts are kept (so the head size shrinks)."""
+    s = spec.resolve()
+
+    def w(c: int, multiple: int = 1) -> int:
+        return max(multiple, int(round(c * width / multiple)) * multiple)
+
+    embed = [w(c, h) for c, h in zip(s.embed_dims, s.num_heads)]
+    return dataclasses.replace(
+        s,
+        embed_dims=embed,
+        attn_dims=[w(a, h) for a, h in zip(s.attn_dims, s.num_heads)],
+        attn_scales=None,
+        mlp_hidden=[[w(x) for x in hid] for hid in s.mlp_hidden],
+        decoder_dim=w(s.decoder_dim),
+        fuse_dim=w(s.fuse_dim),
+        refine_dim=max(4, w(s.refine_dim)),
+        ranks={},
+    )
+
+
+# ----------------------------------------------------------------------------- encoder
+
+
+class EfficientAttention(nn.Module):
+    """Multi-head self-attention whose keys/values come from a spatially reduced grid."""
+
+    def __init__(self, dim: int, attn_dim: int, heads: int, sr_ratio: int, scale: float, qkv_bias: bool):
+        super().__init__()
+        self.heads, self.sr_ratio, self.scale = heads, sr_ratio, scale
+        self.q = nn.Linear(dim, attn_dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * attn_dim, bias=qkv_bias)
+        self.proj = nn.Linear(attn_dim, dim)
+        if sr_ratio > 1:
+            self.sr = nn.Conv3d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.sr_norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        B, N, C = x.shape
+        q = self.q(x).reshape(B, N, self.heads, -1).transpose(1, 2)  # (B, heads, N, hs)
+        if self.sr_ratio > 1:
+            grid = x.transpose(1, 2).reshape(B, C, *shape)
+            x = self.sr_norm(self.sr(grid).flatten(2).transpose(1, 2))  # (B, N/sr^3, C)
+        kv = self.kv(x).reshape(B, x.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)  # (B, heads, M, hs)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, heads, N, hs)
+        return self.proj(out.transpose(1, 2).reshape(B, N, -1))
+
+
+class MixFFN(nn.Module):
+    """Linear -> depthwise 3x3x3 Conv3d + BatchNorm (positional information) -> GELU -> Linear."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = nn.Conv3d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.bn = nn.BatchNorm3d(hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        B, N, _ = x.shape
+        x = self.fc1(x)
+        grid = x.transpose(1, 2).reshape(B, -1, *shape)  # (B, hidden, D, H, W)
+        x = self.bn(self.dwconv(grid)).flatten(2).transpose(1, 2)
+        return self.fc2(self.act(x))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, attn_dim: int, heads: int, sr_ratio: int, scale: float, hidden: int, qkv_bias: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = EfficientAttention(dim, attn_dim, heads, sr_ratio, scale, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MixFFN(dim, hidden)
+
+    def forward(self, x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), shape)
+        return x + self.mlp(self.norm2(x), shape)
+
+
+class PatchEmbed(nn.Module):
+    """Overlapping patch embedding: strided Conv3d, then LayerNorm over channels."""
+
+    def __init__(self, in_chans: int, dim: int, kernel: int, stride: int, padding: int):
+        super().__init__()
+        self.proj = nn.Conv3d(in_chans, dim, kernel, stride=stride, padding=padding)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        x = self.proj(x)  # (B, C, D, H, W)
+        shape = tuple(x.shape[2:])
+        return self.norm(x.flatten(2).transpose(1, 2)), shape
+
+
+class Stage(nn.Module):
+    def __init__(self, spec: ModelSpec, i: int, in_chans: int):
+        super().__init__()
+        dim = spec.embed_dims[i]
+        self.patch_embed = PatchEmbed(in_chans, dim, spec.patch_kernels[i], spec.patch_strides[i], spec.patch_paddings[i])
+        self.blocks = nn.ModuleList(
+            Block(dim, spec.attn_dims[i], spec.num_heads[i], spec.sr_ratios[i], spec.attn_scales[i], hidden, spec.qkv_bias)
+            for hidden in spec.mlp_hidden[i]
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, shape = self.patch_embed(x)  # (B, N, C)
+        for block in self.blocks:
+            x = block(x, shape)
+        x = self.norm(x)
+        return x.transpose(1, 2).reshape(x.shape[0], -1, *shape)  # (B, C, D, H, W)
+
+
+class MixVisionTransformer3D(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        chans = [spec.in_chans, *spec.embed_dims[:-1]]
+        self.stages = nn.ModuleList(Stage(spec, i, c) for i, c in enumerate(chans))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features  # strides 4, 8, 16, 32
+
+
+# ----------------------------------------------------------------------------- decoders
+
+
+class StageProjection(nn.Module):
+    """Per-stage Linear(C_i -> decoder_dim) + LayerNorm, applied to every voxel."""
+
+    def __init__(self, dim: int, decoder_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, decoder_dim)
+        self.norm = nn.LayerNorm(decoder_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, *shape = x.shape
+        y = self.norm(self.proj(x.flatten(2).transpose(1, 2)))  # (B, N, decoder_dim)
+        return y.transpose(1, 2).reshape(B, -1, *shape)
+
+
+class AllMLPDecoder(nn.Module):
+    """SegFormer3D's head: project, upsample to 1/4, concatenate (c4, c3, c2, c1), 1x1 fuse, predict, x4."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.projections = nn.ModuleList(StageProjection(c, spec.decoder_dim) for c in spec.embed_dims)
+        self.fuse = nn.Conv3d(len(spec.embed_dims) * spec.decoder_dim, spec.fuse_dim, 1, bias=False)
+        self.fuse_bn = nn.BatchNorm3d(spec.fuse_dim)
+        self.pred = nn.Conv3d(spec.fuse_dim, spec.num_classes, 1)
+        self.scale = spec.patch_strides[0]
+
+    def fused(self, features: list[torch.Tensor]) -> torch.Tensor:
+        size = features[0].shape[2:]
+        parts = [
+            F.interpolate(p(f), size=size, mode="trilinear", align_corners=False) if i else p(f)
+            for i, (p, f) in enumerate(zip(self.projections, features))
+        ]
+        # Concatenated deepest first, as the reference implementation does (weights stay compatible).
+        return F.relu(self.fuse_bn(self.fuse(torch.cat(parts[::-1], dim=1))))  # (B, fuse_dim, D/4, H/4, W/4)
+
+    def forward(self, features: list[torch.Tensor], out_size: tuple[int, ...]) -> torch.Tensor:
+        logits = self.pred(self.fused(features))
+        return F.interpolate(logits, size=out_size, mode="trilinear", align_corners=False)
+
+
+class RefineDecoder(AllMLPDecoder):
+    """All-MLP fusion, then 3D-convolution refinement at 1/4 resolution and a full-resolution 3x3x3 head.
+
+    refine: depthwise 3x3x3 Conv3d + BN + ReLU (spatial fusion across the four scales), 1x1x1 Conv3d
+    down to `refine_dim` + BN + ReLU; trilinear x4; head: Conv3d 3x3x3 (refine_dim -> classes).
+    Only `refine_dim` channels reach full resolution, which keeps memory and compute bounded.
+    """
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__(spec)
+        del self.pred
+        f, r = spec.fuse_dim, spec.refine_dim
+        self.refine_dw = nn.Conv3d(f, f, 3, padding=1, groups=f, bias=False)
+        self.refine_dw_bn = nn.BatchNorm3d(f)
+        self.refine_pw = nn.Conv3d(f, r, 1, bias=False)
+        self.refine_pw_bn = nn.BatchNorm3d(r)
+        self.head = nn.Conv3d(r, spec.num_classes, 3, padding=1)
+
+    def forward(self, features: list[torch.Tensor], out_size: tuple[int, ...]) -> torch.Tensor:
+        x = self.fused(features)
+        x = F.relu(self.refine_dw_bn(self.refine_dw(x)))
+        x = F.relu(self.refine_pw_bn(self.refine_pw(x)))  # (B, refine_dim, D/4, H/4, W/4)
+        x = F.interpolate(x, size=out_size, mode="trilinear", align_corners=False)
+        return self.head(x)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class RefineFormer3D(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec.resolve()
+        self.encoder = MixVisionTransformer3D(self.spec)
+        decoder = RefineDecoder if self.spec.decoder == "refine" else AllMLPDecoder
+        self.decoder = decoder(self.spec)
+        self.apply(_init_weights)
+        for name, rank in self.spec.ranks.items():
+            factorise_module(self, name, rank)
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        stride = self.spec.downsample
+        if any(s % stride for s in x.shape[2:]):
+            raise ValueError(f"input spatial size {tuple(x.shape[2:])} must be divisible by {stride}")
+        return self.encoder(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, D, H, W) -> logits (B, num_classes, D, H, W)."""
+        return self.decoder(self.forward_features(x), tuple(x.shape[2:]))
+
+
+def model_from_spec(spec: dict[str, Any] | ModelSpec) -> RefineFormer3D:
+    if isinstance(spec, dict):
+        spec = ModelSpec.from_dict(spec)
+    return RefineFormer3D(spec)
+
+
+def build_from_config(cfg: Any) -> RefineFormer3D:
+    """From a `common.config.ModelConfig`."""
+    return RefineFormer3D(preset_spec(cfg.preset, cfg.width, **cfg.overrides))
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, (nn.LayerNorm, nn.BatchNorm3d)):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv3d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.kernel_size[2] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise KeyError(f"model has no module {name!r}") from None
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted `name` (the one module-swapping helper)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def factorise_module(model: nn.Module, name: str, rank: int) -> nn.Module:
+    """Swap a Linear/Conv3d for its low-rank twin with the given rank (weights uninitialised)."""
+    m = get_module(model, name)
+    if isinstance(m, (LowRankLinear, LowRankConv3d)):
+        raise ValueError(f"{name} is already factorised")
+    if isinstance(m, nn.Linear):
+        new = LowRankLinear(m.in_features, m.out_features, rank, bias=m.bias is not None)
+    elif isinstance(m, nn.Conv3d):
+        if m.groups != 1:
+            raise ValueError(f"{name}: grouped/depthwise convolutions are not factorised")
+        new = LowRankConv3d(
+            m.in_channels, m.out_channels, rank, m.kernel_size, m.stride, m.padding, bias=m.bias is not None
+        )
+    else:
+        raise TypeError(f"{name}: cannot factorise a {type(m).__name__}")
+    set_module(model, name, new)
+    return new

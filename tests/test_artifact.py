@@ -1,0 +1,78 @@
+import os
+
+import pytest
+import torch
+
+from common.artifact import Artifact, ArtifactError, build_model, load_model
+from common.atomic import atomic_write
+from teacher.model import ModelSpec, RefineFormer3D
+
+TINY = dict(embed_dims=[8, 16, 16, 16], num_heads=[1, 2, 2, 2], depths=[1, 1, 1, 1], decoder_dim=16, fuse_dim=16, refine_dim=4)
+
+
+def _artifact(stage="teacher", **kw):
+    torch.manual_seed(0)
+    model = RefineFormer3D(ModelSpec(**TINY)).eval()
+    return model, Artifact(stage=stage, spec=model.spec.to_dict(), state_dict=model.state_dict(), **kw)
+
+
+def test_round_trip_rebuilds_the_same_model(tmp_path):
+    model, art = _artifact(metrics={"dice_mean": 0.5}, extra={"table": [{"layer": "a", "rank": 3}]})
+    art.save(tmp_path / "a.pt")
+    # the format's promise: plain torch.load with weights_only=True reads it
+    raw = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert raw["stage"] == "teacher" and raw["metrics"] == {"dice_mean": 0.5}
+    loaded, back = load_model(tmp_path / "a.pt")
+    x = torch.randn(1, 4, 32, 32, 32)
+    assert torch.equal(loaded.eval()(x), model(x))
+    assert back.extra["table"][0]["rank"] == 3
+
+
+def test_lineage_links_children_to_ancestors(tmp_path):
+    _, teacher = _artifact()
+    teacher.metrics = {"dice_mean": 0.8}
+    teacher.save(tmp_path / "teacher.pt")
+    _, student = _artifact("student", lineage=teacher.child_lineage())
+    student.save(tmp_path / "student.pt")
+    lowrank = Artifact("lowrank", student.spec, student.state_dict, lineage=Artifact.load(tmp_path / "student.pt").child_lineage())
+    assert [e["stage"] for e in lowrank.lineage] == ["teacher", "student"]
+    assert lowrank.ancestor("teacher") == str(tmp_path / "teacher.pt")
+    assert lowrank.lineage[0]["metrics"]["dice_mean"] == 0.8
+    assert lowrank.ancestor("grown") is None
+
+
+def test_broken_files_give_clear_errors(tmp_path):
+    _, art = _artifact()
+    path = art.save(tmp_path / "a.pt")
+    with pytest.raises(ArtifactError, match="no such artifact"):
+        Artifact.load(tmp_path / "missing.pt")
+    truncated = tmp_path / "t.pt"
+    truncated.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
+    with pytest.raises(ArtifactError, match=r"t\.pt: not a readable artifact"):
+        Artifact.load(truncated)
+    bare = tmp_path / "bare.pt"
+    torch.save({"w": torch.zeros(2)}, bare)
+    with pytest.raises(ArtifactError, match="not a refineformer3d-artifact"):
+        Artifact.load(bare)
+
+
+def test_weights_of_another_architecture_are_rejected(tmp_path):
+    _, art = _artifact()
+    art.spec = {**art.spec, "embed_dims": [16, 16, 16, 16]}
+    art.save(tmp_path / "a.pt")
+    with pytest.raises(ArtifactError, match="do not fit the stored spec"):
+        build_model(Artifact.load(tmp_path / "a.pt"))
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    target = tmp_path / "x.bin"
+    target.write_bytes(b"good")
+
+    def failing(tmp):
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, failing)
+    assert target.read_bytes() == b"good"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]  # no temp file left behind

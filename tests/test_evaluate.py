@@ -1,0 +1,162 @@
+import csv
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from brats.evaluate import EvaluationError, evaluate_dirs, main
+from brats.metrics import HD95_EMPTY, score_case
+
+SHAPE = (12, 10, 8)
+
+
+def _save(path, data, zooms=(1.0, 1.0, 1.0)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, np.diag([*zooms, 1.0])), str(path))
+
+
+def _truth_label(seed):
+    rng = np.random.default_rng(seed)
+    label = np.zeros(SHAPE, np.uint8)
+    x0, y0 = rng.integers(1, 4, size=2)
+    label[x0:x0 + 7, y0:y0 + 6, 1:7] = 2
+    label[x0 + 1:x0 + 5, y0 + 1:y0 + 4, 2:6] = 1
+    if seed % 2 == 0:  # odd cases have no ET, like many LGG
+        label[x0 + 2:x0 + 4, y0 + 2:y0 + 3, 3:5] = 4
+    return label
+
+
+def _pred_label(seed):
+    rng = np.random.default_rng(1000 + seed)
+    label = _truth_label(seed)
+    flip = rng.random(SHAPE) < 0.08
+    label[flip] = rng.choice(np.array([0, 1, 2, 4], np.uint8), size=int(flip.sum()))
+    return label
+
+
+CASES = {"Brats17_TCIA_105_1": 0, "Brats17_2013_10_1": 1, "Brats17_CBICA_AAB_1": 2}
+ZOOMS = (1.0, 1.5, 2.0)
+
+
+@pytest.fixture
+def brats_layout(tmp_path):
+    """Truth under Brats17TrainingData/{HGG,LGG}/<case>/<case>_seg.nii.gz; preds flat, mixed names."""
+    truth_dir, pred_dir = tmp_path / "truth", tmp_path / "pred"
+    for i, (case, seed) in enumerate(CASES.items()):
+        grade = "LGG" if seed % 2 else "HGG"
+        _save(truth_dir / "Brats17TrainingData" / grade / case / f"{case}_seg.nii.gz", _truth_label(seed), ZOOMS)
+        # the flair next to it must not be mistaken for a label map
+        _save(truth_dir / "Brats17TrainingData" / grade / case / f"{case}_flair.nii.gz", np.ones(SHAPE, np.float32))
+        name = f"{case}.nii.gz" if i % 2 == 0 else f"{case}_seg.nii.gz"
+        _save(pred_dir / name, _pred_label(seed).astype(np.int16))
+    return pred_dir, truth_dir
+
+
+def test_evaluate_dirs_matches_score_case(brats_layout):
+    pred_dir, truth_dir = brats_layout
+    rows = evaluate_dirs(pred_dir, truth_dir)
+    assert [r["case"] for r in rows] == sorted(CASES)
+    for row in rows:
+        seed = CASES[row["case"]]
+        expected = score_case(_pred_label(seed), _truth_label(seed), ZOOMS)
+        for key, value in expected.items():
+            assert row[key] == pytest.approx(value, abs=1e-12), key
+    # spacing came from the truth header: it changes HD95 against the isotropic default
+    seed = CASES["Brats17_TCIA_105_1"]
+    iso = score_case(_pred_label(seed), _truth_label(seed))
+    row = next(r for r in rows if r["case"] == "Brats17_TCIA_105_1")
+    assert row["hd95_wt"] != pytest.approx(iso["hd95_wt"])
+
+
+def test_cli_writes_csv_and_summary(brats_layout, tmp_path, capsys):
+    pred_dir, truth_dir = brats_layout
+    out = tmp_path / "scores" / "scores.csv"
+    assert main([str(pred_dir), str(truth_dir), "--out", str(out)]) == 0
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["case"] for r in rows] == sorted(CASES)
+    for col in ("dice_wt", "dice_tc", "dice_et", "hd95_wt", "hd95_tc", "hd95_et", "iou_wt", "sens_tc", "spec_et"):
+        assert col in rows[0]
+    for row in rows:
+        seed = CASES[row["case"]]
+        expected = score_case(_pred_label(seed), _truth_label(seed), ZOOMS)
+        for key in ("dice_wt", "dice_tc", "dice_et", "hd95_wt", "hd95_tc", "hd95_et", "iou_et", "sens_wt"):
+            assert float(row[key]) == pytest.approx(expected[key], abs=1e-6), key
+    printed = capsys.readouterr().out
+    dice_wt = [score_case(_pred_label(s), _truth_label(s), ZOOMS)["dice_wt"] for s in CASES.values()]
+    assert "3 case(s)" in printed
+    wt_line = next(line for line in printed.splitlines() if line.startswith("wt "))
+    assert float(wt_line.split()[1]) == pytest.approx(np.mean(dice_wt), abs=1e-4)
+    assert float(wt_line.split()[3]) == pytest.approx(np.median(dice_wt), abs=1e-4)
+    assert not list(out.parent.glob(".*.tmp"))
+
+
+def test_flat_truth_folder_and_empty_et(tmp_path):
+    truth = _truth_label(1)  # no ET
+    pred = truth.copy()
+    _save(tmp_path / "truth" / "caseA_seg.nii.gz", truth.astype(np.float32))  # float-stored labels
+    _save(tmp_path / "pred" / "caseA.nii.gz", pred)
+    (row,) = evaluate_dirs(tmp_path / "pred", tmp_path / "truth")
+    assert row["dice_et"] == 1.0 and row["hd95_et"] == 0.0 and row["dice_wt"] == 1.0
+    pred[0, 0, 0] = 4  # a false-positive ET voxel against an empty reference
+    _save(tmp_path / "pred" / "caseA.nii.gz", pred)
+    (row,) = evaluate_dirs(tmp_path / "pred", tmp_path / "truth")
+    assert row["dice_et"] == 0.0 and row["hd95_et"] == HD95_EMPTY
+
+
+def _flat(tmp_path, cases=("a", "b")):
+    for case in cases:
+        _save(tmp_path / "truth" / f"{case}_seg.nii.gz", _truth_label(0))
+        _save(tmp_path / "pred" / f"{case}.nii.gz", _pred_label(0))
+    return tmp_path / "pred", tmp_path / "truth"
+
+
+def test_missing_cases_listed(tmp_path, capsys):
+    pred_dir, truth_dir = _flat(tmp_path)
+    _save(pred_dir / "extra1.nii.gz", _pred_label(0))
+    _save(truth_dir / "lonely_seg.nii.gz", _truth_label(0))
+    with pytest.raises(EvaluationError, match=r"prediction\(s\) without truth: extra1.*without prediction: lonely"):
+        evaluate_dirs(pred_dir, truth_dir)
+    assert main([str(pred_dir), str(truth_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "extra1" in err and "Traceback" not in err
+
+
+def test_shape_mismatch_names_case_and_files(tmp_path):
+    pred_dir, truth_dir = _flat(tmp_path)
+    _save(pred_dir / "b.nii.gz", np.zeros((12, 10, 9), np.uint8))
+    with pytest.raises(EvaluationError) as info:
+        evaluate_dirs(pred_dir, truth_dir)
+    msg = str(info.value)
+    assert "case b" in msg and str(pred_dir / "b.nii.gz") in msg and str(truth_dir / "b_seg.nii.gz") in msg
+    assert "(12, 10, 9)" in msg and "(12, 10, 8)" in msg
+
+
+def test_bad_label_values_name_file(tmp_path, capsys):
+    pred_dir, truth_dir = _flat(tmp_path)
+    bad = _pred_label(0)
+    bad[3, 3, 3] = 3
+    _save(pred_dir / "a.nii.gz", bad)
+    with pytest.raises(EvaluationError, match=r"a\.nii\.gz: label values outside \{0,1,2,4\}: 3$"):
+        evaluate_dirs(pred_dir, truth_dir)
+    assert main([str(pred_dir), str(truth_dir)]) == 2
+    assert "a.nii.gz" in capsys.readouterr().err
+
+
+def test_unreadable_file_named(tmp_path):
+    pred_dir, truth_dir = _flat(tmp_path)
+    (truth_dir / "b_seg.nii.gz").write_bytes(b"not a nifti file at all")
+    with pytest.raises(EvaluationError, match=r"cannot read .*b_seg\.nii\.gz"):
+        evaluate_dirs(pred_dir, truth_dir)
+
+
+def test_duplicate_prediction_is_ambiguous(tmp_path):
+    pred_dir, truth_dir = _flat(tmp_path)
+    _save(pred_dir / "a_seg.nii.gz", _pred_label(0))
+    with pytest.raises(EvaluationError, match="case a has two predictions"):
+        evaluate_dirs(pred_dir, truth_dir)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(EvaluationError, match="prediction folder not found"):
+        evaluate_dirs(tmp_path / "nope", tmp_path)

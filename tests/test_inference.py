@@ -1,0 +1,156 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from brats.inference import MIN_WEIGHT, gaussian_importance, predict_case, sliding_window, to_full_grid, window_starts
+
+WINDOW = (8, 8, 8)
+
+
+def _linear_predict(weight: torch.Tensor, bias: torch.Tensor, window=WINDOW):
+    """Per-voxel linear map C -> K; asserts the model only ever sees the window size."""
+    calls = []
+
+    def predict(x):
+        assert tuple(x.shape[2:]) == tuple(window), x.shape
+        calls.append(x.shape[0])
+        return torch.einsum("kc,bc...->bk...", weight, x) + bias.view(1, -1, 1, 1, 1)
+
+    return predict, calls
+
+
+def _direct(weight, bias, image):
+    return torch.einsum("kc,c...->k...", weight, image) + bias.view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("shape", [(20, 14, 11), (5, 6, 7), (10, 5, 12), (8, 8, 8)])
+@pytest.mark.parametrize("overlap", [0.0, 0.5])
+@pytest.mark.parametrize("sw_batch", [1, 3, 7])
+def test_linear_model_reproduced_exactly(shape, overlap, sw_batch):
+    g = torch.Generator().manual_seed(hash((shape, overlap, sw_batch)) % 2**31)
+    image = torch.randn((2, *shape), generator=g)
+    weight, bias = torch.randn(3, 2, generator=g), torch.randn(3, generator=g)
+    predict, calls = _linear_predict(weight, bias)
+    for gaussian in (True, False):
+        out = sliding_window(predict, image, WINDOW, overlap=overlap, sw_batch=sw_batch, gaussian=gaussian)
+        assert out.shape == (3, *shape) and out.dtype == torch.float32
+        torch.testing.assert_close(out, _direct(weight, bias, image), atol=1e-5, rtol=1e-5)
+    n_windows = math.prod(len(window_starts(max(s, 8), 8, overlap)) for s in shape)
+    assert sum(calls) == 2 * n_windows
+    assert max(calls) <= sw_batch
+
+
+def test_window_starts_cover_exactly():
+    for size in range(1, 60):
+        for window in (4, 8, 16):
+            for overlap in (0.0, 0.25, 0.5, 0.75):
+                starts = window_starts(size, window, overlap)
+                assert starts[0] == 0 and starts == sorted(set(starts))
+                if size <= window:
+                    assert starts == [0]
+                    continue
+                assert starts[-1] == size - window  # last window flush with the end
+                steps = np.diff(starts)
+                assert steps.max() <= max(1, int(window * (1 - overlap)))
+                covered = np.zeros(size, bool)
+                for s in starts:
+                    covered[s:s + window] = True
+                assert covered.all()
+    assert window_starts(240, 128, 0.5) == [0, 56, 112]
+    assert window_starts(155, 128, 0.5) == [0, 27]
+    assert window_starts(256, 128, 0.0) == [0, 128]
+
+
+def test_gaussian_map_properties():
+    w = gaussian_importance((9, 10, 7))
+    assert w.shape == (9, 10, 7) and w.dtype == torch.float32
+    assert w[4, 4, 3] == pytest.approx(1.0) and w[4, 5, 3] == pytest.approx(1.0)  # even axis: two centres
+    assert float(w.max()) == pytest.approx(1.0)
+    for axis in range(3):
+        torch.testing.assert_close(w, torch.flip(w, dims=(axis,)))
+    # strictly decreasing away from the centre along each axis
+    assert torch.all(torch.diff(w[4, 5:, 3]) < 0) and torch.all(torch.diff(w[:5, 4, 3]) > 0)
+    # sigma = sigma_scale * window: one sigma from the centre is exp(-1/2)
+    w9 = gaussian_importance((9, 9, 9), sigma_scale=2 / 9)
+    assert w9[4, 4, 6] == pytest.approx(math.exp(-0.5), rel=1e-6)
+    assert w9[6, 2, 4] == pytest.approx(math.exp(-1.0), rel=1e-6)
+    # floor keeps far corners of a large window away from zero
+    big = gaussian_importance((128, 128, 128))
+    assert float(big.min()) == pytest.approx(MIN_WEIGHT) and float(big[0, 0, 0]) > 0
+
+
+def test_overlap_average_weighted_by_gaussian():
+    # two windows along axis 0 (size 12, window 8: starts 0 and 4); each window outputs its own id
+    image = torch.zeros((1, 12, 8, 8))
+    seen = []
+
+    def predict(x):
+        ids = torch.arange(len(seen), len(seen) + x.shape[0], dtype=torch.float32) + 1.0
+        seen.extend(ids.tolist())
+        return ids.view(-1, 1, 1, 1, 1).expand(-1, 1, *x.shape[2:])
+
+    out = sliding_window(predict, image, WINDOW, overlap=0.5, sw_batch=1)
+    g = gaussian_importance(WINDOW)
+    assert seen == [1.0, 2.0]
+    # voxel z=5: index 5 in window 1 (weight g[5]) and index 1 in window 2 (weight g[1])
+    expected = (1.0 * g[5, 3, 3] + 2.0 * g[1, 3, 3]) / (g[5, 3, 3] + g[1, 3, 3])
+    assert float(out[0, 5, 3, 3]) == pytest.approx(float(expected), rel=1e-6)
+    assert float(out[0, 2, 0, 0]) == pytest.approx(1.0) and float(out[0, 10, 7, 7]) == pytest.approx(2.0)
+
+
+def test_every_voxel_weighted():
+    # a constant output averages to the constant everywhere: no voxel is left with 0 / 0
+    image = torch.zeros((1, 33, 9, 17))
+    out = sliding_window(lambda x: torch.full((x.shape[0], 2, *x.shape[2:]), 3.0), image, (16, 8, 8), overlap=0.25)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, torch.full((2, 33, 9, 17), 3.0))
+
+
+def test_bad_predict_output_and_args():
+    image = torch.zeros((1, 8, 8, 8))
+    with pytest.raises(ValueError, match="predict returned shape"):
+        sliding_window(lambda x: x[:, :, :4], image, WINDOW)
+    with pytest.raises(ValueError, match="overlap"):
+        sliding_window(lambda x: x, image, WINDOW, overlap=1.0)
+    with pytest.raises(ValueError, match=r"\(C, D, H, W\)"):
+        sliding_window(lambda x: x, image[0], WINDOW)
+
+
+def _label_logits(label: np.ndarray, scheme: str) -> torch.Tensor:
+    lab = torch.as_tensor(label.astype(np.int64))
+    if scheme == "regions":
+        chans = [(lab == 1) | (lab == 4), lab > 0, lab == 4]  # [TC, WT, ET]
+    else:
+        chans = [lab == 0, (lab == 1) | (lab == 4), lab == 2]
+    return torch.stack(chans).float() * 12.0 - 6.0
+
+
+@pytest.mark.parametrize("scheme", ["regions", "seed3"])
+def test_predict_case_recovers_labels(scheme):
+    rng = np.random.default_rng(0)
+    label = rng.choice(np.array([0, 1, 2, 4]), size=(13, 9, 10), p=[0.5, 0.2, 0.2, 0.1])
+    image = torch.as_tensor(label, dtype=torch.float32)[None]  # (1, D, H, W): the label itself
+
+    def predict(x):  # per-voxel "model": logits from the label values in the input channel
+        return torch.stack([_label_logits(v[0].numpy(), scheme) for v in x])
+
+    out = predict_case(predict, image, scheme, window=WINDOW, overlap=0.5, sw_batch=2)
+    assert out.dtype == np.uint8 and out.shape == label.shape
+    expected = label.copy()
+    if scheme == "seed3":
+        expected[expected == 4] = 1  # seed3 cannot express ET: core comes back as 1, never edema
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_to_full_grid():
+    crop = np.arange(1, 25, dtype=np.uint8).reshape(2, 3, 4)
+    full = to_full_grid(crop, [[1, 3], [0, 3], [4, 8]], (5, 4, 9))
+    assert full.shape == (5, 4, 9) and full.dtype == np.uint8
+    np.testing.assert_array_equal(full[1:3, 0:3, 4:8], crop)
+    assert full.sum() == crop.sum()
+    with pytest.raises(ValueError, match="spans"):
+        to_full_grid(crop, [[1, 4], [0, 3], [4, 8]], (5, 4, 9))  # inclusive-end mistake
+    with pytest.raises(ValueError, match="outside"):
+        to_full_grid(crop, [[4, 6], [0, 3], [4, 8]], (5, 4, 9))
