@@ -1,0 +1,242 @@
+"""Build the preprocessing cache: crop to the brain, z-score, store memory-mappable arrays.
+
+    python -m brats.prepare DATA --out CACHE [--skip-bad]
+
+Per case: crop all modalities (and the label) to the bounding box of voxels non-zero in any of
+them, z-score each modality over its non-zero voxels (background stays 0), save float16 images and
+uint8 labels. Unchanged cases (same source sizes and mtimes) are reused; changed ones are rebuilt.
+Every bad case is reported, not just the first.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from brats.cache import CACHE_VERSION, MANIFEST, Cache, CaseMeta, open_cache, read_manifest
+from brats.layout import CaseRef, DataError, discover_cases
+from brats.nifti import LoadedCase, load_case
+from common.atomic import atomic_path, atomic_write_text
+
+CASES_DIR = "cases"
+
+
+class PrepareError(DataError):
+    """One or more bad cases; `bad` maps case -> message."""
+
+    def __init__(self, bad: dict[str, str], data_dir: Path):
+        self.bad = bad
+        lines = "\n".join(f"  {msg}" for msg in bad.values())
+        super().__init__(
+            f"{len(bad)} bad case(s) in {data_dir}:\n{lines}\n"
+            "fix them, or skip them with --skip-bad (data.skip_bad=true)"
+        )
+
+
+@dataclass
+class PrepareReport:
+    cache_dir: Path
+    built: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    bad: dict[str, str] = field(default_factory=dict)  # case -> message naming case and file
+
+
+def brain_bbox(image: np.ndarray, label: np.ndarray | None = None) -> tuple[tuple[int, int], ...]:
+    """Bounding box ((x0, x1), ...) end exclusive of voxels non-zero in any channel (or the label)."""
+    mask = np.any(image != 0, axis=0)
+    if label is not None:
+        mask |= label != 0
+    if not mask.any():
+        raise ValueError("all modalities are zero")
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        box.append((int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
+
+
+def zscore(image: np.ndarray) -> np.ndarray:
+    """Per channel (C, ...): (x - mean) / std over the channel's non-zero voxels; zeros stay 0."""
+    out = np.zeros(image.shape, dtype=np.float32)
+    for c in range(image.shape[0]):
+        brain = image[c] != 0
+        if not brain.any():
+            continue
+        values = image[c][brain]
+        mean = values.mean(dtype=np.float64)
+        std = values.std(dtype=np.float64)
+        out[c][brain] = (values - np.float32(mean)) / np.float32(std if std > 0 else 1.0)
+    return out
+
+
+def source_stamps(ref: CaseRef) -> dict[str, dict]:
+    stamps = {}
+    for key, path in sorted(ref.files.items()):
+        path = Path(path)
+        try:
+            st = path.stat()
+            stamps[key] = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        except OSError:
+            stamps[key] = {"path": str(path), "size": None, "mtime_ns": None}
+    return stamps
+
+
+def preprocess_case(loaded: LoadedCase) -> tuple[np.ndarray, np.ndarray | None, tuple]:
+    """(image float16 (4,d,h,w), label uint8 (d,h,w) or None, bbox) for one loaded case."""
+    try:
+        bbox = brain_bbox(loaded.image, loaded.label)
+    except ValueError as e:
+        raise DataError(f"case {loaded.case}: {e}") from None
+    sl = tuple(slice(a, b) for a, b in bbox)
+    image = zscore(loaded.image[(slice(None), *sl)])
+    if np.abs(image).max(initial=0.0) > 60000:
+        raise DataError(f"case {loaded.case}: z-scored intensities exceed float16 range")
+    label = None if loaded.label is None else np.ascontiguousarray(loaded.label[sl])
+    return image.astype(np.float16), label, bbox
+
+
+def _token(stamps: dict) -> str:
+    blob = json.dumps([CACHE_VERSION, stamps], sort_keys=True).encode()
+    return hashlib.sha1(blob).hexdigest()[:10]
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+
+def _build(ref: CaseRef, stamps: dict, cache_dir: Path) -> CaseMeta:
+    loaded = load_case(ref)
+    image, label, bbox = preprocess_case(loaded)
+    token = _token(stamps)
+    image_file = f"{CASES_DIR}/{ref.case}.{token}.image.npy"
+    label_file = None if label is None else f"{CASES_DIR}/{ref.case}.{token}.label.npy"
+    _save_npy(cache_dir / image_file, image)
+    if label is not None:
+        _save_npy(cache_dir / label_file, label)
+    return CaseMeta(
+        case=ref.case,
+        grade=ref.grade,
+        layout=ref.layout,
+        full_shape=tuple(int(s) for s in loaded.image.shape[1:]),
+        bbox=bbox,
+        affine=loaded.affine.tolist(),
+        spacing=loaded.spacing,
+        has_label=label is not None,
+        sources=stamps,
+        image_file=image_file,
+        label_file=label_file,
+    )
+
+
+def _reusable(old: dict | None, ref: CaseRef, stamps: dict, cache_dir: Path) -> CaseMeta | None:
+    if old is None or old.get("sources") != stamps:
+        return None
+    if old.get("grade") != ref.grade or old.get("layout") != ref.layout:
+        return None
+    meta = CaseMeta.from_json(old)
+    if not (cache_dir / meta.image_file).is_file():
+        return None
+    if meta.has_label and (meta.label_file is None or not (cache_dir / meta.label_file).is_file()):
+        return None
+    return meta
+
+
+def run_prepare(data_dir: str | Path, cache_dir: str | Path, progress: bool = True) -> PrepareReport:
+    """Bring the cache up to date with `data_dir`; returns what was built, reused and bad.
+
+    The manifest lists the good cases only (bad ones under "bad"), and is written last.
+    """
+    data_dir, cache_dir = Path(data_dir), Path(cache_dir)
+    refs = discover_cases(data_dir)
+    old = read_manifest(cache_dir) or {"cases": {}}
+    report = PrepareReport(cache_dir)
+    entries: dict[str, dict] = {}
+    (cache_dir / CASES_DIR).mkdir(parents=True, exist_ok=True)
+    for ref in tqdm(refs, desc="prepare", unit="case", disable=not progress, file=sys.stderr):
+        stamps = source_stamps(ref)
+        meta = _reusable(old["cases"].get(ref.case), ref, stamps, cache_dir)
+        if meta is not None:
+            report.reused.append(ref.case)
+        else:
+            try:
+                meta = _build(ref, stamps, cache_dir)
+            except DataError as e:
+                report.bad[ref.case] = str(e)
+                continue
+            report.built.append(ref.case)
+        entries[ref.case] = meta.to_json()
+    manifest = {
+        "version": CACHE_VERSION,
+        "source": str(data_dir.resolve()),
+        "cases": entries,
+        "bad": report.bad,
+    }
+    atomic_write_text(cache_dir / MANIFEST, json.dumps(manifest, indent=1))
+    _remove_unreferenced(cache_dir, entries)
+    return report
+
+
+def _remove_unreferenced(cache_dir: Path, entries: dict[str, dict]) -> None:
+    keep = {Path(e[k]).name for e in entries.values() for k in ("image_file", "label_file") if e.get(k)}
+    for path in (cache_dir / CASES_DIR).iterdir():
+        if path.name not in keep and path.suffix in (".npy", ".tmp"):
+            try:
+                path.unlink()
+            except OSError:
+                pass
+
+
+def print_bad(bad: dict[str, str], file=None) -> None:
+    file = file or sys.stderr
+    if bad:
+        print(f"{len(bad)} bad case(s):", file=file)
+        for msg in bad.values():
+            print(f"  {msg}", file=file)
+
+
+def prepare(data_dir: str | Path, cache_dir: str | Path, skip_bad: bool = False, progress: bool = True) -> Cache:
+    """Prepare (or refresh) the cache and open it. Bad cases raise `PrepareError` listing all of
+    them, unless `skip_bad`, which prints them and goes on with the good ones."""
+    report = run_prepare(data_dir, cache_dir, progress=progress)
+    if report.bad:
+        if not skip_bad:
+            raise PrepareError(report.bad, Path(data_dir))
+        print_bad(report.bad)
+    return open_cache(cache_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m brats.prepare",
+        description="Crop, z-score and cache BraTS cases as memory-mappable arrays.",
+    )
+    parser.add_argument("data", help="BraTS folder (HGG/LGG, Brats17TrainingData, case folders, or MSD Task01)")
+    parser.add_argument("--out", required=True, help="cache folder (manifest.json and cases/)")
+    parser.add_argument("--skip-bad", action="store_true", help="go on with the good cases when some are bad")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        report = run_prepare(args.data, args.out, progress=not args.quiet)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    good = len(report.built) + len(report.reused)
+    print(f"{good} case(s) in {args.out}: {len(report.built)} built, {len(report.reused)} reused, {len(report.bad)} bad")
+    print_bad(report.bad)
+    if report.bad and not args.skip_bad:
+        print("exiting with an error; pass --skip-bad to use the good cases only", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
