@@ -35,6 +35,8 @@ VERSION = 1
 # spec["kind"] -> "module:function(spec) -> nn.Module"
 BUILDERS: dict[str, str] = {
     "fp32": "teacher.model:model_from_spec",
+    "int8-torch": "compress.quant.convert:model_from_spec",
+    "onnx": "compress.quant.onnx_export:model_from_spec",
 }
 
 

@@ -99,6 +99,8 @@ class DistillConfig:
     supervised_weight: float = 1.0
     kd_weight: float = 1.0
     feature_weight: float = 0.0
+    keep_attn_scale: bool = True  # pruned init keeps the teacher's attention scale (see student/thin.py)
+    perturb_input: bool = True  # perturb the student's input (False: both see the clean crop)
     perturb: PerturbConfig = field(default_factory=PerturbConfig)
 
 
@@ -123,6 +125,11 @@ class GrowConfig:
     min_delta: float = 0.002  # Dice improvement that counts
     stop_after: int = 2  # events without improvement before stopping
     max_events: int = 4
+    kinds: list[str] = field(
+        default_factory=lambda: ["mlp_hidden", "attn_dims", "ranks", "fuse_dim", "refine_dim"]
+    )  # which unit kinds may grow
+    init: str = "copy"  # new channels: copy (duplicates + noise) | random
+    noise: float = 0.01  # copy init: noise std relative to the layer's weight std
 
 
 @dataclass
@@ -134,6 +141,12 @@ class QuantConfig:
     force: dict[str, str] = field(default_factory=dict)  # layer -> int8 | fp32
     bench_runs: int = 5
     onnx: bool = False
+    input: list[int] | None = None  # input size for decisions and ONNX export; None: train.window
+    act_qmax: int = 127  # activations 0..act_qmax (127: fbgemm reduce_range, exact on non-VNNI x86)
+    percentile: float = 99.99  # calibration range of activations
+    min_speedup: float = 1.05  # decide=measure: INT8 only where at least this much faster
+    reassoc: bool = True  # re-associate the decoder's fusion (exact)
+    threads: int | None = None  # ONNX Runtime intra-op threads of the saved "onnx" artifact
 
 
 @dataclass

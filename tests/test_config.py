@@ -54,3 +54,13 @@ def test_dict_round_trip():
     assert again == cfg
     assert again.model.overrides == {"decoder_dim": 32}
 
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.rglob("*.yaml"))
+    assert files, "no configs shipped"
+    for path in files:
+        load_config(path)  # raises on any unknown key

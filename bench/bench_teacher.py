@@ -1,0 +1,105 @@
+"""Teacher presets on this machine: parameters, G multiply-adds, forward / forward+backward time
+in fp32 and bf16 autocast, and peak memory, all measured in one run.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/bench_teacher.py [--sizes 96 128] [--runs 3]
+
+Timings are medians over interleaved runs (fp32 and bf16 alternate), so machine noise hits both
+alike; compare ratios, not absolute numbers, on a shared machine. Peak memory is the process's peak
+resident set size growth during the measured calls (CPU) or torch.cuda.max_memory_allocated (GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from teacher.flops import count_macs  # noqa: E402
+from teacher.model import RefineFormer3D, count_params, preset_spec  # noqa: E402
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _time(fn, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def bench(preset: str, size: int, runs: int, device: str, modes: list[str]) -> dict:
+    torch.manual_seed(0)
+    model = RefineFormer3D(preset_spec(preset)).to(device)
+    x = torch.randn(1, 4, size, size, size, device=device)
+    row = {"preset": preset, "size": size, "params": count_params(model),
+           "gmacs": count_macs(model, (1, 4, size, size, size))}
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+    def forward(mode):
+        model.eval()
+        with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=amp_dtype[mode], enabled=mode != "fp32"):
+            model(x)
+
+    def train_step(mode):
+        model.train()
+        with torch.autocast(device.split(":")[0], dtype=amp_dtype[mode], enabled=mode != "fp32"):
+            loss = model(x).float().mean()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    times = {f"{m}_{k}": [] for m in modes for k in ("fwd", "fwdbwd")}
+    for mode in modes:  # warm-up
+        forward(mode)
+        train_step(mode)
+    base_rss = _peak_rss_mb()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(runs):
+        for mode in modes:
+            times[f"{mode}_fwd"].append(_time(lambda: forward(mode), device))
+            times[f"{mode}_fwdbwd"].append(_time(lambda: train_step(mode), device))
+    for key, values in times.items():
+        row[f"{key}_s"] = statistics.median(values)
+    if device.startswith("cuda"):
+        row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        row["peak_mem_mb"] = max(_peak_rss_mb(), base_rss)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[96, 128])
+    p.add_argument("--presets", nargs="+", default=["segformer3d", "refineformer3d"])
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--modes", nargs="+", default=["fp32", "bf16"], help="fp32 bf16 fp16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    print(f"device={args.device} threads={torch.get_num_threads()} OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+          f" native_bf16={torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
+    print("GMACs: fvcore convention (1 multiply-add = 1), attention and trilinear upsampling included")
+    cols = ["preset", "size", "params", "gmacs"] + [f"{m}_{k}_s" for m in args.modes for k in ("fwd", "fwdbwd")] + ["peak_mem_mb"]
+    print(" | ".join(cols))
+    for size in args.sizes:
+        for preset in args.presets:
+            row = bench(preset, size, args.runs, args.device, args.modes)
+            print(" | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols), flush=True)
+            if "bf16" in args.modes:
+                print(f"   bf16/fp32 time ratio: fwd {row['bf16_fwd_s'] / row['fp32_fwd_s']:.1f}x,"
+                      f" fwd+bwd {row['bf16_fwdbwd_s'] / row['fp32_fwdbwd_s']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

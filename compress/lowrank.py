@@ -1,0 +1,442 @@
+"""Low-rank factorisation of a trained model's Linear and Conv3d layers by truncated SVD.
+
+    python -m compress.lowrank ARTIFACT [--energy E | --ratio R | --params N] [--epochs N] [--teacher PATH]
+
+A Linear `W (o x i)` becomes `up (o x r) @ down (r x i)`; a Conv3d becomes a rank-r Conv3d with the
+same kernel, stride and padding followed by a 1x1x1 Conv3d, from the SVD of the weight reshaped to
+`o x (i*k^3)`. Singular values are split as sqrt(S) on both sides so the two factors have similar
+scales (which keeps the fine-tune well conditioned). Depthwise convolutions are left alone, and a
+layer is factorised only when `r*(i*k^3 + o)` saves parameters (beyond `cfg.min_saving`).
+
+The rank of each factorised layer goes into `model.spec.ranks`, so the model rebuilds from its spec.
+The surgery is `factorise(model, cfg, filter) -> (model, table)`; `main` adds an optional
+distillation fine-tune from the teacher in the artifact's lineage.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from common.artifact import Artifact, ArtifactError, build_model
+from common.cli import config_from_args, out_dir, run_main, stage_parser
+from common.config import Config, ConfigError, LowRankConfig, to_dict
+from student.distill import DistillStage, distill_finetune, evaluate, load_teacher
+from teacher.engine import make_data, resolve_device, seed_everything
+from teacher.layers import LowRankConv3d, LowRankLinear
+from teacher.model import count_params, factorise_module, get_module
+
+# torchao-style module filter: (module, dotted name) -> factorise it?
+ModuleFilter = Callable[[nn.Module, str], bool]
+
+
+class BudgetError(ConfigError):
+    """A parameter budget that no factorisation can meet."""
+
+
+# ----------------------------------------------------------------------------- parameter arithmetic
+
+
+def parse_count(text: str | int | float) -> int:
+    """'200k' -> 200000, '1.5M' -> 1500000, '350000' -> 350000."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmM]?)\s*", str(text))
+    if not m:
+        raise ConfigError(f"parameter count {text!r} is not a number with an optional k/M suffix (e.g. 200k)")
+    scale = {"": 1, "k": 1_000, "m": 1_000_000}[m.group(2).lower()]
+    return int(round(float(m.group(1)) * scale))
+
+
+def lowrank_params(out_dim: int, in_dim: int, rank: int) -> int:
+    """Weights of the two factors: down (rank x in_dim) + up (out_dim x rank); in_dim = i*k^3."""
+    return rank * (in_dim + out_dim)
+
+
+def saves_params(out_dim: int, in_dim: int, rank: int, min_saving: float = 0.0) -> bool:
+    """Rank-r factors are smaller than the full weight by more than `min_saving` of it."""
+    full = out_dim * in_dim
+    return full - lowrank_params(out_dim, in_dim, rank) > min_saving * full
+
+
+def max_saving_rank(out_dim: int, in_dim: int, min_saving: float = 0.0) -> int:
+    """Largest rank that still saves parameters (0: none does)."""
+    r = min(out_dim, in_dim)
+    while r > 0 and not saves_params(out_dim, in_dim, r, min_saving):
+        r -= 1
+    return r
+
+
+# ----------------------------------------------------------------------------- rank selection
+
+
+def rank_for_energy(s: torch.Tensor, energy: float) -> int:
+    """Smallest r whose leading singular values keep `energy` of sum(S^2) (S sorted descending)."""
+    if not 0.0 < energy <= 1.0:
+        raise ConfigError(f"lowrank.energy must be in (0, 1], got {energy}")
+    power = s.double() ** 2
+    total = float(power.sum())
+    if total == 0.0:
+        return 1
+    kept = torch.cumsum(power, 0) / total
+    # Tolerance: the cumulative sum of the full spectrum may land a hair under 1.0.
+    return min(int((kept < energy - 1e-12).sum()) + 1, len(s))
+
+
+def rank_for_ratio(full_rank: int, ratio: float) -> int:
+    """round(ratio x full rank), at least 1."""
+    if not 0.0 < ratio <= 1.0:
+        raise ConfigError(f"lowrank.ratio must be in (0, 1], got {ratio}")
+    return max(1, min(full_rank, math.floor(ratio * full_rank + 0.5)))
+
+
+def energy_kept(s: torch.Tensor, rank: int) -> float:
+    power = s.double() ** 2
+    total = float(power.sum())
+    return 1.0 if total == 0.0 else float(power[:rank].sum()) / total
+
+
+@dataclass
+class Candidate:
+    """A factorisable layer: its weight as a matrix and that matrix's spectrum."""
+
+    name: str
+    kind: str  # linear | conv3d
+    shape: list[int]  # the weight's own shape
+    out_dim: int
+    in_dim: int  # i * k^3 for a Conv3d
+    bias: int  # bias parameters (kept as they are)
+    s: torch.Tensor  # singular values, descending, float64
+
+    @property
+    def full_rank(self) -> int:
+        return min(self.out_dim, self.in_dim)
+
+
+def budget_ranks(
+    layers: Sequence[Candidate], total_params: int, budget: int, min_saving: float = 0.0
+) -> dict[str, int]:
+    """Ranks that bring the model to <= `budget` parameters, chosen greedily.
+
+    Each step makes the move with the least energy lost (as a share of that layer's spectral
+    energy) per parameter saved, over every layer and every lower rank it could go to (the first
+    move on a layer may only pick ranks that save parameters). The move that crosses the budget
+    stops at the largest rank that meets it. Raises `BudgetError` when even rank 1 everywhere
+    leaves the model above budget.
+    """
+    floor = total_params - sum(
+        c.out_dim * c.in_dim - lowrank_params(c.out_dim, c.in_dim, 1)
+        for c in layers
+        if max_saving_rank(c.out_dim, c.in_dim, min_saving) >= 1
+    )
+    if floor > budget:
+        raise BudgetError(
+            f"parameter budget {budget:,} is unreachable: rank 1 in all {len(layers)} factorisable layers "
+            f"still leaves {floor:,} parameters (the model has {total_params:,}); raise --params or use "
+            "--energy/--ratio"
+        )
+    kept = []  # kept[k][r - 1]: share of layer k's energy kept at rank r
+    for c in layers:
+        power = c.s.double() ** 2
+        kept.append(torch.cumsum(power, 0) / power.sum() if float(power.sum()) > 0 else torch.ones_like(power))
+    ranks: dict[str, int] = {}
+
+    def layer_params(c: Candidate) -> int:
+        r = ranks.get(c.name)
+        return c.out_dim * c.in_dim if r is None else lowrank_params(c.out_dim, c.in_dim, r)
+
+    def best_move(k: int) -> tuple[float, int] | None:
+        """(energy lost per parameter saved, target rank) of layer k's cheapest move."""
+        c = layers[k]
+        old = ranks.get(c.name)
+        top = max_saving_rank(c.out_dim, c.in_dim, min_saving) if old is None else old - 1
+        if top < 1:
+            return None
+        r = torch.arange(1, top + 1)
+        saved = layer_params(c) - r * (c.in_dim + c.out_dim)
+        lost = (1.0 if old is None else float(kept[k][old - 1])) - kept[k][:top]
+        cost = lost.clamp(min=0) / saved
+        # Ties go to the larger rank (the smaller step).
+        i = top - 1 - int(torch.argmin(cost.flip(0)))
+        return float(cost[i]), i + 1
+
+    moves = {k: best_move(k) for k in range(len(layers))}
+    params = total_params
+    while params > budget:
+        # Non-empty: the floor check above guarantees a move while params > budget.
+        (_, target), k = min((m, k) for k, m in moves.items() if m is not None)
+        c = layers[k]
+        old = ranks.get(c.name)
+        cap = max_saving_rank(c.out_dim, c.in_dim, min_saving) if old is None else old - 1
+        before = layer_params(c)
+        need = before - (params - budget)  # this layer's size that meets the budget exactly
+        ranks[c.name] = max(target, min(cap, need // (c.in_dim + c.out_dim)))
+        params -= before - layer_params(c)
+        moves[k] = best_move(k)
+    return ranks
+
+
+# ----------------------------------------------------------------------------- surgery
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """Linear (o, i) as is; Conv3d (o, i, kd, kh, kw) -> (o, i*kd*kh*kw)."""
+    return module.weight.detach().reshape(module.weight.shape[0], -1)
+
+
+def _factorisable(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, nn.Conv3d):
+        # LowRankConv3d keeps kernel, stride and padding only; depthwise/grouped convs stay as they are.
+        return (
+            module.groups == 1 and module.dilation == (1, 1, 1) and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str)
+        )
+    return False
+
+
+def candidates(model: nn.Module, filter: ModuleFilter | None = None) -> list[Candidate]:
+    """Every Linear/Conv3d the surgery may factorise (not depthwise, not already low-rank), with spectra."""
+    lowrank = [n for n, m in model.named_modules() if isinstance(m, (LowRankLinear, LowRankConv3d))]
+    found = []
+    for name, m in model.named_modules():
+        if not name or not _factorisable(m) or any(name.startswith(p + ".") for p in lowrank):
+            continue
+        if filter is not None and not filter(m, name):
+            continue
+        w = weight_matrix(m)
+        found.append(Candidate(
+            name=name,
+            kind="linear" if isinstance(m, nn.Linear) else "conv3d",
+            shape=list(m.weight.shape),
+            out_dim=w.shape[0],
+            in_dim=w.shape[1],
+            bias=0 if m.bias is None else m.bias.numel(),
+            s=torch.linalg.svdvals(w.double()),
+        ))
+    return found
+
+
+def factorise_layer(model: nn.Module, name: str, rank: int) -> nn.Module:
+    """Swap layer `name` for its rank-`rank` SVD factors (sqrt(S) on each side); record the rank in the spec.
+
+    At full rank the new layer computes the same function as the old one (up to rounding).
+    """
+    old = get_module(model, name)
+    w = weight_matrix(old)
+    full = min(w.shape)
+    if not 1 <= rank <= full:
+        raise ValueError(f"{name}: rank {rank} outside 1..{full}")
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)  # (o, f), (f,), (f, i*k^3)
+    root = s[:rank].sqrt()
+    up = (u[:, :rank] * root).to(old.weight.dtype)  # (o, r)
+    down = (root[:, None] * vh[:rank]).to(old.weight.dtype)  # (r, i*k^3)
+    new = factorise_module(model, name, rank)
+    with torch.no_grad():
+        new.down.weight.copy_(down.reshape(new.down.weight.shape))
+        new.up.weight.copy_(up.reshape(new.up.weight.shape))
+        if old.bias is not None:
+            new.up.bias.copy_(old.bias.detach())
+    new.to(device=old.weight.device, dtype=old.weight.dtype)
+    spec = getattr(model, "spec", None)
+    if spec is not None and hasattr(spec, "ranks"):
+        spec.ranks[name] = rank
+    return new
+
+
+def choose_ranks(found: Sequence[Candidate], cfg: LowRankConfig, total_params: int) -> dict[str, int]:
+    """Proposed rank per layer name under the rule in force (see `selection`)."""
+    rule = selection(cfg)
+    if rule["mode"] == "params":
+        return budget_ranks(found, total_params, rule["params"], cfg.min_saving)
+    if rule["mode"] == "ratio":
+        return {c.name: rank_for_ratio(c.full_rank, cfg.ratio) for c in found}
+    return {c.name: rank_for_energy(c.s, cfg.energy) for c in found}
+
+
+def factorise(
+    model: nn.Module, cfg: LowRankConfig, filter: ModuleFilter | None = None
+) -> tuple[nn.Module, list[dict]]:
+    """Factorise `model` in place by truncated SVD; returns it and one table row per candidate layer.
+
+    `filter(module, name)` restricts the candidates (None: every Linear and non-depthwise Conv3d).
+    Rows: layer, kind, shape, rank (None when left whole), full_rank, energy_kept, params_before,
+    params_after (weights plus bias), factorised.
+    """
+    found = candidates(model, filter)
+    ranks = choose_ranks(found, cfg, count_params(model))
+    table = []
+    for c in found:
+        rank = ranks.get(c.name)
+        keep = rank is not None and saves_params(c.out_dim, c.in_dim, rank, cfg.min_saving)
+        if keep:
+            factorise_layer(model, c.name, rank)
+        before = c.out_dim * c.in_dim + c.bias
+        table.append({
+            "layer": c.name,
+            "kind": c.kind,
+            "shape": c.shape,
+            "rank": rank if keep else None,
+            "full_rank": c.full_rank,
+            "energy_kept": energy_kept(c.s, rank) if keep else 1.0,
+            "params_before": before,
+            "params_after": lowrank_params(c.out_dim, c.in_dim, rank) + c.bias if keep else before,
+            "factorised": keep,
+        })
+    return model, table
+
+
+def format_table(table: Sequence[dict]) -> str:
+    """Aligned per-layer table with a total line."""
+    head = ["layer", "kind", "shape", "rank", "full", "energy", "params", "-> params", "saved"]
+    rows = []
+    for r in table:
+        saved = 1.0 - r["params_after"] / r["params_before"] if r["params_before"] else 0.0
+        rows.append([
+            r["layer"], r["kind"], "x".join(map(str, r["shape"])),
+            str(r["rank"]) if r["factorised"] else "-", str(r["full_rank"]),
+            f"{r['energy_kept']:.3f}", f"{r['params_before']:,}", f"{r['params_after']:,}",
+            f"{100 * saved:.1f}%" if r["factorised"] else "kept",
+        ])
+    before = sum(r["params_before"] for r in table)
+    after = sum(r["params_after"] for r in table)
+    n = sum(r["factorised"] for r in table)
+    rows.append([
+        f"total ({n}/{len(table)} factorised)", "", "", "", "", "", f"{before:,}", f"{after:,}",
+        f"{100 * (1 - after / before):.1f}%" if before else "",
+    ])
+    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+    left = {0, 1, 2}
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    rule = "-" * len(line(head))
+    return "\n".join([line(head), rule, *map(line, rows[:-1]), rule, line(rows[-1])])
+
+
+def selection(cfg: LowRankConfig) -> dict:
+    """The rank rule in force (precedence params > ratio > energy), as plain data."""
+    if not 0.0 <= cfg.min_saving < 1.0:
+        raise ConfigError(f"lowrank.min_saving must be in [0, 1), got {cfg.min_saving}")
+    if cfg.params is not None:
+        budget = parse_count(cfg.params)
+        if budget <= 0:
+            raise ConfigError(f"lowrank.params must be a positive parameter count, got {cfg.params!r}")
+        return {"mode": "params", "params": budget}
+    if cfg.ratio is not None:
+        return {"mode": "ratio", "ratio": cfg.ratio}
+    if cfg.energy is not None:
+        return {"mode": "energy", "energy": cfg.energy}
+    raise ConfigError("lowrank: set one of energy, ratio or params")
+
+
+# ----------------------------------------------------------------------------- the command
+
+STAGE = "lowrank"
+
+
+def find_teacher(art: Artifact, cfg: LowRankConfig) -> str:
+    """--teacher / lowrank.teacher, else the nearest teacher in the lineage (or the artifact itself)."""
+    if cfg.teacher:
+        return cfg.teacher
+    path = art.ancestor("teacher") or (str(art.path) if art.stage == "teacher" and art.path else None)
+    if path is None:
+        raise ArtifactError(
+            f"{art.path}: no teacher in its lineage to distil from; pass --teacher PATH or --epochs 0"
+        )
+    return path
+
+
+def lowrank_stage(artifact: str | Path, cfg: Config, folder: str | Path) -> Artifact:
+    """Artifact -> factorised model -> optional distillation fine-tune -> `<folder>/lowrank.pt`."""
+    art = Artifact.load(artifact)
+    if art.spec.get("kind", "fp32") != "fp32":
+        raise ArtifactError(f"{art.path}: a {art.spec.get('kind')!r} model cannot be factorised (needs fp32)")
+    stored_scheme = art.config.get("data", {}).get("scheme", cfg.data.scheme)
+    if stored_scheme != cfg.data.scheme:
+        raise ConfigError(
+            f"{art.path}: the model predicts scheme {stored_scheme!r}, but data.scheme is {cfg.data.scheme!r}"
+        )
+    rule = selection(cfg.lowrank)
+    teacher_path = find_teacher(art, cfg.lowrank) if cfg.train.epochs > 0 else None
+    model = build_model(art).eval()
+    params_before = count_params(model)
+    model, table = factorise(model, cfg.lowrank)
+    params_after = count_params(model)
+    print(format_table(table))
+    print(f"parameters: {params_before:,} -> {params_after:,} ({100 * (1 - params_after / params_before):.1f}% fewer)")
+
+    seed_everything(cfg.train.seed)
+    data = make_data(cfg)
+    model.to(resolve_device(cfg.train.device))
+    before = evaluate(model, data, cfg, desc="factorised, before fine-tune")
+    print(f"dice before fine-tune: wt {before['dice_wt']:.3f} tc {before['dice_tc']:.3f} "
+          f"et {before['dice_et']:.3f} mean {before['dice_mean']:.3f}")
+    summary = {**rule, "min_saving": cfg.lowrank.min_saving, "params_before": params_before,
+               "params_after": params_after, "dice_mean_before_finetune": before["dice_mean"],
+               "metrics_before_finetune": {k: float(v) for k, v in before.items()},
+               "teacher": teacher_path, "table": table}
+    folder = Path(folder)
+    if teacher_path is None:
+        state, metrics = model.state_dict(), dict(before)
+    else:
+        teacher = load_teacher(teacher_path)
+        stage = DistillStage(teacher, cfg, perturb=cfg.distill.perturb_input)
+        result = distill_finetune(model, teacher, cfg, folder, stage_name=STAGE, lineage=art.child_lineage(),
+                                  extra={"lowrank": summary}, stage=stage, data=data)
+        best = Artifact.load(result.best_path)
+        state, metrics = best.state_dict, dict(best.metrics)
+    metrics.update(dice_mean_before_finetune=before["dice_mean"], params_before=params_before,
+                   params_after=params_after)
+    out = Artifact(stage=STAGE, spec=model.spec.to_dict(), state_dict=state, config=to_dict(cfg), metrics=metrics,
+                   lineage=art.child_lineage(), extra={"lowrank": summary})
+    if int(os.environ.get("RANK", "0")) == 0:
+        out.save(folder / f"{STAGE}.pt")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = stage_parser(
+        "python -m compress.lowrank",
+        "Factorise a model's Linear/Conv3d layers by truncated SVD, then distil-fine-tune briefly.\n"
+        "Rank rule: --energy E (default 0.9) | --ratio R | --params N (global budget, e.g. 200k).",
+        default_config="configs/lowrank.yaml",
+    )
+    p.add_argument("artifact", help="model artifact (.pt) to factorise, e.g. runs/student/student.pt")
+    rule = p.add_mutually_exclusive_group()
+    rule.add_argument("--energy", type=float, help="keep this share of each layer's spectral energy")
+    rule.add_argument("--ratio", type=float, help="rank = ratio x full rank in every layer")
+    rule.add_argument("--params", help="parameter budget for the whole model (k/M suffixes: 200k, 1.2M)")
+    p.add_argument("--epochs", type=int, default=None, help="fine-tune epochs (0: no fine-tune)")
+    p.add_argument("--teacher", default=None, help="teacher artifact (default: the teacher in the lineage)")
+    args = p.parse_args(argv)
+    cfg = config_from_args(args)
+    lr = cfg.lowrank
+    if args.energy is not None:
+        lr.energy, lr.ratio, lr.params = args.energy, None, None
+    elif args.ratio is not None:
+        lr.energy, lr.ratio, lr.params = None, args.ratio, None
+    elif args.params is not None:
+        lr.energy, lr.ratio, lr.params = None, None, args.params
+    if args.epochs is not None:
+        cfg.train.epochs = args.epochs
+    if args.teacher:
+        lr.teacher = args.teacher
+    art = lowrank_stage(args.artifact, cfg, out_dir(args, "runs/lowrank"))
+    m = art.metrics
+    print(f"wrote {art.path}: {m['params_before']:,} -> {m['params_after']:,} parameters, "
+          f"dice_mean {m['dice_mean_before_finetune']:.3f} before fine-tune, {m.get('dice_mean', math.nan):.3f} after")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(sys.argv[1:]))

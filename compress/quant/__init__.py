@@ -1,0 +1,14 @@
+"""INT8: LSQ quantisation-aware fine-tuning and real INT8 CPU models (PyTorch quantized kernels, ONNX Runtime).
+
+    from compress.quant import quantize_, LSQConfig, calibrate, convert, prepare_float, decide
+"""
+from compress.quant.convert import Int8Conv3d, Int8Linear, convert, prepare_float
+from compress.quant.decide import decide, format_table, int8_layers
+from compress.quant.fold import fold_bn
+from compress.quant.lsq import LSQConfig, QuantConv3d, QuantLinear, calibrate, quantize_
+from compress.quant.reassoc import ReassociatedDecoder, reassociate_decoder
+
+__all__ = [
+    "Int8Conv3d", "Int8Linear", "LSQConfig", "QuantConv3d", "QuantLinear", "ReassociatedDecoder", "calibrate",
+    "convert", "decide", "fold_bn", "format_table", "int8_layers", "prepare_float", "quantize_", "reassociate_decoder",
+]

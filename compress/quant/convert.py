@@ -1,0 +1,166 @@
+"""Real INT8 layers (PyTorch quantized kernels) from LSQ layers, and the "int8-torch" model builder.
+
+An INT8 layer quantizes its float input (quint8, the LSQ input step and zero point), runs the INT8
+kernel (per-channel qint8 weights: scale = the LSQ weight step), requantizes the output (the LSQ
+output step; for the logits layer the calibrated full range) and dequantizes, so float neighbours
+see float tensors: mixed precision per layer.
+
+Storage: the quantized kernels' packed parameters are TorchScript objects that
+`torch.load(weights_only=True)` rejects, so the state_dict holds plain tensors (int8 weights, float
+scales, zero points) and the packed parameters are rebuilt after every load.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.quant.fold import fold_bn
+from compress.quant.lsq import W_QMAX, QuantConv3d, QuantLinear
+from compress.quant.reassoc import reassociate_decoder
+from teacher.model import get_module, model_from_spec as fp32_from_spec, set_module
+
+
+def set_engine() -> str:
+    """x86 (fbgemm + oneDNN) when available, else whatever this build offers."""
+    engines = torch.backends.quantized.supported_engines
+    for engine in ("x86", "fbgemm", "onednn", "qnnpack"):
+        if engine in engines:
+            torch.backends.quantized.engine = engine
+            return engine
+    raise RuntimeError("this PyTorch build has no quantized engine")
+
+
+class _Int8Layer(nn.Module):
+    """Buffers: weight_int8, weight_scale (per out channel), bias, in/out scale and zero point."""
+
+    def _init_buffers(self, weight_shape: tuple[int, ...], has_bias: bool) -> None:
+        out = weight_shape[0]
+        self.register_buffer("weight_int8", torch.zeros(weight_shape, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out))
+        self.register_buffer("bias", torch.zeros(out) if has_bias else None)
+        for name in ("in_scale", "out_scale"):
+            self.register_buffer(name, torch.ones(()))
+        for name in ("in_zero_point", "out_zero_point"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.int64))
+        self.register_buffer("in_qmax", torch.full((), 255, dtype=torch.int64))
+        self._packed = None
+        self.register_load_state_dict_post_hook(lambda module, keys: module.pack())
+
+    @torch.no_grad()
+    def set_from(self, layer: QuantLinear | QuantConv3d) -> "_Int8Layer":
+        """Copy the LSQ-learned quantisation of a fake-quant layer."""
+        step = layer.w_fq.step.detach().clamp_min(1e-8)
+        view = [-1] + [1] * (layer.weight.ndim - 1)
+        self.weight_int8.copy_(torch.clamp(torch.round(layer.weight / step.view(view)), -W_QMAX, W_QMAX).to(torch.int8))
+        self.weight_scale.copy_(step)
+        if self.bias is not None:
+            self.bias.copy_(layer.bias)
+        self.in_scale.fill_(float(layer.in_fq.step.clamp_min(1e-8)))
+        self.in_zero_point.fill_(int(layer.in_fq.zero_point))
+        self.in_qmax.fill_(int(layer.in_fq.qmax))
+        self.out_scale.fill_(float(layer.out_fq.step.clamp_min(1e-8)))
+        self.out_zero_point.fill_(int(layer.out_fq.zero_point))
+        self.pack()
+        return self
+
+    def qweight(self) -> torch.Tensor:
+        zeros = torch.zeros(self.weight_scale.numel(), dtype=torch.int64)
+        w = self.weight_int8.float() * self.weight_scale.view([-1] + [1] * (self.weight_int8.ndim - 1))
+        return torch.quantize_per_channel(w, self.weight_scale.double(), zeros, 0, torch.qint8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is None:
+            self.pack()
+        scale, zp, qmax = float(self.in_scale), int(self.in_zero_point), int(self.in_qmax)
+        if qmax < 255:  # reduce_range: the fake quantisation clipped at qmax, quint8 would not
+            x = x.clamp(-zp * scale, (qmax - zp) * scale)
+        qx = torch.quantize_per_tensor(x.contiguous(), scale, zp, torch.quint8)
+        return self.run(qx).dequantize()
+
+    def _extra_repr_q(self) -> str:
+        return f"in_scale={float(self.in_scale):.4g}, out_scale={float(self.out_scale):.4g}"
+
+
+class Int8Linear(_Int8Layer):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_buffers((out_features, in_features), bias)
+
+    def pack(self) -> None:
+        set_engine()
+        self._packed = torch.ops.quantized.linear_prepack(self.qweight(), self.bias)
+
+    def run(self, qx: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear(qx, self._packed, float(self.out_scale), int(self.out_zero_point))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, " + self._extra_repr_q()
+
+
+class Int8Conv3d(_Int8Layer):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1, groups: int = 1,
+                 bias: bool = True):
+        super().__init__()
+        t = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,) * 3  # noqa: E731
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.padding, self.dilation = t(kernel_size), t(stride), t(padding), t(dilation)
+        self._init_buffers((out_channels, in_channels // groups, *self.kernel_size), bias)
+
+    def pack(self) -> None:
+        set_engine()
+        self._packed = torch.ops.quantized.conv3d_prepack(
+            self.qweight(), self.bias, list(self.stride), list(self.padding), list(self.dilation), self.groups
+        )
+
+    def run(self, qx: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.conv3d(qx, self._packed, float(self.out_scale), int(self.out_zero_point))
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"groups={self.groups}, " + self._extra_repr_q())
+
+
+def empty_int8_like(layer: nn.Module) -> _Int8Layer:
+    """An INT8 layer with the geometry of a float or fake-quant Linear/Conv3d (values to be loaded)."""
+    if isinstance(layer, (nn.Linear, QuantLinear)):
+        return Int8Linear(layer.in_features, layer.out_features, layer.bias is not None)
+    if isinstance(layer, (nn.Conv3d, QuantConv3d)):
+        return Int8Conv3d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                          layer.dilation, layer.groups, layer.bias is not None)
+    raise TypeError(f"no INT8 layer for a {type(layer).__name__}")
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Swap, in place, every QuantLinear / QuantConv3d for its real INT8 layer; returns the model."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (QuantLinear, QuantConv3d)):
+            set_module(model, name, empty_int8_like(module).set_from(module))
+    return model.eval()
+
+
+def prepare_float(model: nn.Module, reassoc: bool = True) -> nn.Module:
+    """The exact graph rewrites every backend gets: BatchNorm folding, then decoder re-association."""
+    fold_bn(model)
+    if reassoc:
+        reassociate_decoder(model)
+    return model.eval()
+
+
+def int8_spec(base_spec: dict, int8_layers: list[str], reassoc: bool, engine: str) -> dict[str, Any]:
+    return {"kind": "int8-torch", "base": dict(base_spec), "int8_layers": list(int8_layers),
+            "fold_bn": True, "reassoc": reassoc, "engine": engine}
+
+
+def model_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """Builder for kind "int8-torch": the float base, the same rewrites, empty INT8 layers to load into."""
+    model = prepare_float(fp32_from_spec(spec["base"]), reassoc=spec.get("reassoc", True))
+    for name in spec["int8_layers"]:
+        set_module(model, name, empty_int8_like(get_module(model, name)))
+    return model.eval()
+
+
+def int8_state_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())

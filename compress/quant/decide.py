@@ -1,0 +1,192 @@
+"""Latency-aware mixed precision: which layers run INT8, decided by measuring them on this CPU.
+
+Each candidate (every nn.Linear / nn.Conv3d) is timed at its real input shape for the model's input
+size, in FP32 and as a real INT8 layer (including the quantize / dequantize around it, which a
+float neighbour forces). Measurements are cached per CPU model, torch version, thread count and
+layer signature in ~/.cache/refineformer3d/int8_decisions.json (REFINEFORMER3D_CACHE overrides the
+folder), so identical layers and later runs cost nothing.
+
+Modes: measure (INT8 where it is at least `min_speedup` faster), all, none, table (only the forced
+table: unlisted layers stay FP32). A forced {layer: int8 | fp32} entry always wins. The layers in
+`final` (the logits conv) stay FP32 unless forced: an INT8 kernel would requantize the logits onto
+255 steps, and the logits stay float ("Dice-aware"); their timings are still reported.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.atomic import atomic_write_text
+from compress.quant.convert import empty_int8_like
+from compress.quant.lsq import quantizable
+
+MODES = ("measure", "all", "none", "table")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_path() -> Path:
+    root = os.environ.get("REFINEFORMER3D_CACHE") or Path.home() / ".cache" / "refineformer3d"
+    return Path(root) / "int8_decisions.json"
+
+
+def layer_inputs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """Input shape of every Linear / Conv3d for one forward pass of a (1, C, *spatial) zero tensor."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            shapes.setdefault(name, tuple(args[0].shape))
+        return record
+
+    hooks = [m.register_forward_pre_hook(hook(name)) for name, m in model.named_modules() if quantizable(m)]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(input_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def signature(module: nn.Module, shape: tuple[int, ...]) -> str:
+    if isinstance(module, nn.Linear):
+        geo = f"linear{module.in_features}x{module.out_features}"
+    else:
+        geo = (f"conv{module.in_channels}x{module.out_channels}k{module.kernel_size[0]}s{module.stride[0]}"
+               f"p{module.padding[0]}g{module.groups}")
+    return f"{geo}@{'x'.join(map(str, shape))}"
+
+
+def machine_key() -> str:
+    return f"{cpu_model()}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+
+
+def _median_ms(fn, x: torch.Tensor, runs: int) -> float:
+    with torch.no_grad():
+        fn(x)  # warm-up (packing, allocation)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+@torch.no_grad()
+def measure_layer(module: nn.Module, shape: tuple[int, ...], runs: int = 5) -> tuple[float, float]:
+    """(fp32 ms, int8 ms) of one layer at one input shape; INT8 scales come from the data's range."""
+    x = torch.randn(shape)
+    int8 = empty_int8_like(module)
+    w = module.weight
+    int8.weight_scale.copy_(w.abs().flatten(1).amax(1).clamp_min(1e-8) / 127)
+    int8.weight_int8.copy_(torch.round(w / int8.weight_scale.view([-1] + [1] * (w.ndim - 1))).to(torch.int8))
+    if module.bias is not None:
+        int8.bias.copy_(module.bias)
+    int8.in_scale.fill_(float(x.abs().max()) / 63.5)
+    int8.in_zero_point.fill_(64)
+    int8.in_qmax.fill_(127)
+    y = module(x)
+    int8.out_scale.fill_(float(y.abs().max()) / 127.5 + 1e-8)
+    int8.out_zero_point.fill_(128)
+    int8.pack()
+    fp32, q = [], []
+    for _ in range(2):  # interleaved A/B rounds
+        fp32.append(_median_ms(module, x, runs))
+        q.append(_median_ms(int8, x, runs))
+    return min(fp32), min(q)
+
+
+def _load_cache(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def decide(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    mode: str = "measure",
+    force: dict[str, str] | None = None,
+    runs: int = 5,
+    min_speedup: float = 1.05,
+    cache: Path | None = None,
+    progress: bool = False,
+    final: set[str] | frozenset[str] = frozenset(),
+) -> list[dict[str, Any]]:
+    """One row per candidate layer: layer, type, shape, fp32_ms, int8_ms, choice, why."""
+    if mode not in MODES:
+        raise ValueError(f"quant.decide must be one of {', '.join(MODES)}, got {mode!r}")
+    force = dict(force or {})
+    bad = {k: v for k, v in force.items() if v not in ("int8", "fp32")}
+    if bad:
+        raise ValueError(f"quant.force values must be int8 or fp32: {bad}")
+    shapes = layer_inputs(model, input_shape)
+    unknown = sorted(set(force) - set(shapes))
+    if unknown:
+        raise ValueError(f"quant.force names layers the model does not have (or never runs): {unknown}")
+    path = cache or cache_path()
+    store = _load_cache(path) if mode == "measure" else {}
+    machine = store.setdefault(machine_key(), {}) if mode == "measure" else {}
+    rows, dirty = [], False
+    names = list(shapes)
+    from tqdm import tqdm
+    for name in tqdm(names, desc="int8 decisions", disable=not progress, leave=False):
+        module = model.get_submodule(name)
+        row: dict[str, Any] = {"layer": name, "type": type(module).__name__, "shape": list(shapes[name]),
+                               "fp32_ms": None, "int8_ms": None}
+        if mode == "measure":
+            sig = signature(module, shapes[name])
+            if sig not in machine:
+                machine[sig] = list(measure_layer(module, shapes[name], runs))
+                dirty = True
+            row["fp32_ms"], row["int8_ms"] = machine[sig]
+        if name in force:
+            row["choice"], row["why"] = force[name], "forced"
+        elif name in final:
+            row["choice"], row["why"] = "fp32", "logits stay float"
+        elif mode == "measure":
+            fast = row["int8_ms"] * min_speedup <= row["fp32_ms"]
+            row["choice"], row["why"] = ("int8" if fast else "fp32"), "measured"
+        else:
+            row["choice"], row["why"] = ("int8" if mode == "all" else "fp32"), mode
+        rows.append(row)
+    if dirty:
+        atomic_write_text(path, json.dumps(store, indent=1, sort_keys=True))
+    return rows
+
+
+def int8_layers(rows: list[dict]) -> list[str]:
+    return [r["layer"] for r in rows if r["choice"] == "int8"]
+
+
+def format_table(rows: list[dict]) -> str:
+    """Plain-text decision table."""
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    width = max([len(r["layer"]) for r in rows] + [5])
+    lines = [f"{'layer':<{width}}  {'input shape':<22} {'fp32 ms':>8} {'int8 ms':>8} {'x':>5}  choice"]
+    for r in rows:
+        ratio = "-" if not r["int8_ms"] else f"{r['fp32_ms'] / r['int8_ms']:.2f}"
+        shape = "x".join(map(str, r["shape"]))
+        lines.append(f"{r['layer']:<{width}}  {shape:<22} {ms(r['fp32_ms']):>8} {ms(r['int8_ms']):>8} {ratio:>5}  "
+                     f"{r['choice']} ({r['why']})")
+    return "\n".join(lines)

@@ -1,0 +1,142 @@
+"""The INT8 stage: FP32 artifact -> exact rewrites -> per-layer decision -> LSQ QAT -> INT8 artifact.
+
+    prepare_float   BatchNorm folding + decoder re-association (exact)
+    decide          which layers run INT8 (measured on this CPU, or forced)
+    quantize_       LSQ fake quantisation of exactly those layers, calibrated
+    distill         a few epochs of distillation from the lineage's teacher (engine)
+    convert         real INT8 layers (PyTorch) or a QDQ ONNX graph (ONNX Runtime)
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from common.artifact import Artifact, build_model
+from common.config import Config, ConfigError, to_dict
+from compress.quant.convert import convert, int8_spec, prepare_float, set_engine
+from compress.quant.decide import decide, format_table, int8_layers
+from compress.quant.lsq import LSQConfig, calibrate, quantize_
+from compress.quant.onnx_export import OrtModel, export_onnx, onnx_spec
+from compress.quant.reassoc import final_layer
+
+BACKENDS = ("torch", "onnxruntime")
+
+
+def input_shape(cfg: Config) -> tuple[int, ...]:
+    size = cfg.quant.input or cfg.train.window
+    if len(size) != 3:
+        raise ConfigError(f"quant.input must be three sizes, got {size}")
+    return (1, 4, *map(int, size))
+
+
+def quantize_step(model: nn.Module, cfg: Config, calib: Iterable[torch.Tensor], *, progress: bool = False,
+                  shape: tuple[int, ...] | None = None) -> tuple[nn.Module, list[dict]]:
+    """Pure model surgery: (float model) -> (calibrated fake-quant model, decision rows)."""
+    q = cfg.quant
+    model = prepare_float(copy.deepcopy(model), reassoc=q.reassoc)
+    rows = decide(model, shape or input_shape(cfg), q.decide, q.force, runs=q.bench_runs, min_speedup=q.min_speedup,
+                  progress=progress, final={final_layer(model)})
+    chosen = set(int8_layers(rows))
+    lsq = LSQConfig(act_qmax=q.act_qmax, percentile=q.percentile, final={final_layer(model)})
+    quantize_(model, lsq, lambda name, m: name in chosen)
+    calibrate(model, calib)
+    return model, rows
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, cfg: Config, desc: str = "evaluate") -> dict[str, float]:
+    """Mean validation metrics (dice_wt, ..., dice_mean) of any model, sliding window as the engine."""
+    from brats.dataset import iter_cases
+    from brats.inference import predict_case
+    from brats.metrics import score_case
+
+    t, rows = cfg.train, []
+    model.eval()
+    for case, image, label, meta in tqdm(iter_cases(data.cache, data.val_ids), total=len(data.val_ids), desc=desc,
+                                         leave=False):
+        if label is not None:
+            pred = predict_case(lambda x: model(x).float(), image, cfg.data.scheme, t.window, t.overlap, t.sw_batch)
+            rows.append(score_case(pred, label.numpy(), meta.spacing))
+    if not rows:
+        raise ConfigError("no labelled validation case to score the INT8 model on")
+    return {k: float(sum(r[k] for r in rows) / len(rows)) for k in rows[0]}
+
+
+def _calib_images(data, n: int) -> list[torch.Tensor]:
+    if n < 1:
+        raise ConfigError(f"quant.calib must be >= 1, got {n}")
+    return [data.train_set[i % len(data.train_set)]["image"][None] for i in range(n)]
+
+
+def _finetune(qat: nn.Module, art: Artifact, cfg: Config, out: Path, data) -> dict:
+    """Distillation from the lineage's teacher (supervised when there is none); returns best metrics."""
+    teacher_path = cfg.quant.teacher or art.ancestor("teacher")
+    if teacher_path:
+        from student.distill import distill_finetune, load_teacher
+
+        result = distill_finetune(qat, load_teacher(teacher_path), cfg, out / "qat", stage_name="int8-qat",
+                                  lineage=art.child_lineage(), data=data)
+    else:
+        from teacher.engine import SupervisedStage, fit
+
+        print("no teacher in the lineage (quant.teacher unset): supervised QAT fine-tune")
+        stage = SupervisedStage(cfg.data.scheme, cfg.train.dice_weight, cfg.train.ce_weight)
+        result = fit(qat, stage, cfg, out / "qat", stage_name="int8-qat", lineage=art.child_lineage(), data=data)
+    best = Artifact.load(result.best_path)
+    qat.load_state_dict(best.state_dict)  # the engine's best epoch, not the last one
+    return dict(result.best_metrics)
+
+
+def run_quantize(artifact_path: str | Path, cfg: Config, out: Path, backend: str = "torch") -> Path:
+    """The `quantize.py` command: writes <out>/int8.pt (and int8.onnx / fp32.onnx for onnxruntime)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    from teacher.engine import make_data
+
+    art = Artifact.load(artifact_path)
+    if art.spec.get("kind", "fp32") != "fp32":
+        raise ConfigError(f"{artifact_path}: quantize.py needs an FP32 artifact, got kind {art.spec.get('kind')!r}")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    engine = set_engine()
+    fp32 = build_model(art).eval()
+    data = make_data(cfg)
+    calib = _calib_images(data, cfg.quant.calib)
+    shape = input_shape(cfg)
+    qat, rows = quantize_step(fp32, cfg, calib, progress=True, shape=shape)
+    print(format_table(rows))
+    qat_metrics = _finetune(qat, art, cfg, out, data) if cfg.train.epochs > 0 else {}
+    layers = int8_layers(rows)
+    extra = {"int8": {"decisions": rows, "int8_layers": layers, "backend": backend, "engine": engine,
+                      "input_shape": list(shape), "act_qmax": cfg.quant.act_qmax, "qat_metrics": qat_metrics,
+                      "cpu_threads": torch.get_num_threads()}}
+    if backend == "torch":
+        model = convert(copy.deepcopy(qat))
+        spec = int8_spec(art.spec, layers, cfg.quant.reassoc, engine)
+    else:
+        fp32_bytes = export_onnx(prepare_float(copy.deepcopy(fp32), reassoc=cfg.quant.reassoc), shape)
+        int8_bytes = export_onnx(qat, shape)
+        _write(out / "fp32.onnx", fp32_bytes)
+        _write(out / "int8.onnx", int8_bytes)
+        model = OrtModel.from_bytes(int8_bytes, list(shape), cfg.quant.threads)
+        spec = onnx_spec(list(shape), len(int8_bytes), art.spec, "int8", cfg.quant.threads)
+        extra["int8"]["onnx_bytes"] = {"fp32": len(fp32_bytes), "int8": len(int8_bytes)}
+    metrics = evaluate(model, data, cfg, desc="int8 validation")
+    metrics["fp32_dice_mean"] = float(art.metrics.get("dice_mean", float("nan")))
+    result = Artifact(stage="int8", spec=spec, state_dict=model.state_dict(), config=to_dict(cfg), metrics=metrics,
+                      lineage=art.child_lineage(), extra=extra)
+    path = result.save(out / "int8.pt")
+    print(f"INT8 ({backend}): {len(layers)} of {len(rows)} layers INT8; dice_mean {metrics['dice_mean']:.4f} "
+          f"(FP32 {metrics['fp32_dice_mean']:.4f}); wrote {path}")
+    return path
+
+
+def _write(path: Path, data: bytes) -> None:
+    from common.atomic import atomic_write
+
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))

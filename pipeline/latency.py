@@ -1,0 +1,46 @@
+"""CPU latency figures: medians of repeated runs, with the threading setup they were taken under.
+
+On a shared machine OpenMP spin-waiting makes timings erratic (see REFERENCE.md), so every figure
+carries the thread count and the `OMP_WAIT_POLICY` it ran with; compare ratios, not absolutes.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+
+def runtime_note() -> dict:
+    """Threading conditions a latency figure depends on."""
+    return {
+        "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP default: spin)"),
+        "torch": torch.__version__,
+    }
+
+
+def median_seconds(fn: Callable[[], object], runs: int, warmup: int = 1) -> float:
+    """Median wall time (s) of `runs` calls of `fn`, after `warmup` untimed calls."""
+    if runs < 1:
+        raise ValueError(f"latency runs must be >= 1, got {runs}")
+    for _ in range(max(0, warmup)):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def window_latency_ms(model: nn.Module, size: Sequence[int], runs: int, warmup: int = 1,
+                      in_chans: int = 4) -> float:
+    """Median ms of one forward pass on a (1, in_chans, *size) zero input, no autograd."""
+    x = torch.zeros((1, in_chans, *[int(s) for s in size]))
+    model.eval()
+    with torch.inference_mode():
+        return 1e3 * median_seconds(lambda: model(x), runs, warmup)

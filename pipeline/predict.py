@@ -1,0 +1,135 @@
+"""Run any artifact over BraTS cases and write `<case>.nii.gz` label maps on the input grid.
+
+Each case is preprocessed exactly as the training cache is (`brats.prepare.preprocess_case`: crop
+to the non-zero bounding box, z-score over brain voxels, float16 rounding), predicted by Gaussian
+sliding window, mapped to BraTS values 0/1/2/4 and put back on the full grid with the input's
+affine and header. A bad case is reported and skipped; the others are still written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from brats.inference import predict_case, to_full_grid
+from brats.layout import CaseRef, DataError, discover_cases
+from brats.nifti import LoadedCase, load_case, save_label_map
+from brats.prepare import preprocess_case
+from common.artifact import Artifact, build_model
+
+FP32_KINDS = ("fp32",)
+
+
+@dataclass
+class PredictResult:
+    written: dict[str, Path] = field(default_factory=dict)  # case -> label map
+    failed: dict[str, str] = field(default_factory=dict)  # case -> message naming case and file
+
+
+def artifact_scheme(art: Artifact, default: str = "regions") -> str:
+    """Label scheme the artifact was trained with (its config's data.scheme)."""
+    data = (art.config or {}).get("data") or {}
+    return str(data.get("scheme") or default)
+
+
+def base_spec(spec: dict) -> dict:
+    """The FP32 model spec underneath any artifact spec (INT8 / ONNX ones name their base).
+
+    An INT8 or ONNX spec either nests it as spec["base"] or carries the ModelSpec fields itself
+    next to its own keys; either way the result has kind "fp32" and only ModelSpec fields.
+    """
+    from teacher.model import ModelSpec
+
+    if spec.get("kind", "fp32") in FP32_KINDS:
+        return dict(spec)
+    inner = spec.get("base") if isinstance(spec.get("base"), dict) else spec
+    names = {f.name for f in dataclasses.fields(ModelSpec)}
+    out = {k: v for k, v in inner.items() if k in names}
+    out["kind"] = "fp32"
+    return out
+
+
+def fp32_model(art: Artifact) -> nn.Module:
+    """A float model of the artifact's architecture (weights loaded when the artifact is FP32)."""
+    from teacher.model import model_from_spec
+
+    if art.spec.get("kind", "fp32") in FP32_KINDS:
+        return build_model(art)
+    return model_from_spec(base_spec(art.spec))
+
+
+def downsample(spec: dict) -> int:
+    """Total encoder stride: window sizes must be multiples of it."""
+    out = 1
+    for s in base_spec(spec).get("patch_strides") or [4, 2, 2, 2]:
+        out *= int(s)
+    return out
+
+
+def check_window(window: Sequence[int], spec: dict, name: str = "window") -> tuple[int, int, int]:
+    window = tuple(int(w) for w in window)
+    stride = downsample(spec)
+    if len(window) != 3 or any(w < stride or w % stride for w in window):
+        raise ValueError(f"{name} {window} must be three multiples of the model's stride {stride}")
+    return window  # type: ignore[return-value]
+
+
+def predict_fn(model: nn.Module):
+    """(B, 4, *window) -> logits, in eval mode and without autograd."""
+    model.eval()
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(x)
+
+    return predict
+
+
+def predict_ref(model: nn.Module, ref: CaseRef, scheme: str, window: Sequence[int], overlap: float,
+                sw_batch: int = 1) -> tuple[np.ndarray, LoadedCase]:
+    """(full-grid uint8 BraTS label map (X, Y, Z), LoadedCase) for one case; the seg is not read."""
+    loaded = load_case(dataclasses.replace(ref, has_label=False))
+    image, _, bbox = preprocess_case(loaded)  # float16 (4, d, h, w), as stored in the cache
+    label = predict_case(predict_fn(model), image.astype(np.float32), scheme, window, overlap, sw_batch)
+    full = to_full_grid(label, bbox, loaded.image.shape[1:])
+    return full, loaded
+
+
+def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str | Path,
+                   window: Sequence[int] = (128, 128, 128), overlap: float = 0.5, sw_batch: int = 1,
+                   progress: bool = True) -> PredictResult:
+    """Predict every case under `input_dir` (any BraTS layout, or one case folder).
+
+    Writes `<output_dir>/<case>.nii.gz` atomically. A missing or unusable artifact, or no cases,
+    raise; a bad case lands in `result.failed` and the rest go on.
+    """
+    art = Artifact.load(artifact)
+    window = check_window(window, art.spec)
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    model = build_model(art)
+    scheme = artifact_scheme(art)
+    refs = discover_cases(input_dir)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    result = PredictResult()
+    bar = tqdm(refs, desc=f"predict ({art.stage})", unit="case", disable=not progress, file=sys.stderr)
+    for ref in bar:
+        bar.set_postfix_str(ref.case)
+        try:
+            full, loaded = predict_ref(model, ref, scheme, window, overlap, sw_batch)
+            path = save_label_map(output_dir / f"{ref.case}.nii.gz", full, loaded.affine, loaded.header)
+        except DataError as e:
+            result.failed[ref.case] = str(e)
+        except Exception as e:  # one case's failure must not cost the others their output
+            result.failed[ref.case] = f"case {ref.case}: {type(e).__name__}: {e}"
+        else:
+            result.written[ref.case] = path
+    return result

@@ -1,0 +1,435 @@
+"""One table for the whole pipeline: every stage's artifact scored and timed on the same cases.
+
+Per artifact (teacher, student, lowrank, grown, int8, then any other stage): parameters, G
+multiply-adds (fvcore convention), size on disk, Dice / HD95 / IoU on held-out cases by
+sliding window over whole cases, CPU latency per window and per case, and ratios to the teacher.
+Writes report.md, report.csv, report.json and PNG plots into one folder, all atomically.
+
+A missing or broken artifact becomes a row with its error; the rest of the table is still made.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from tqdm import tqdm
+
+from brats.metrics import score_case, summarize
+from common.artifact import Artifact, ArtifactError, build_model
+from common.atomic import atomic_write_text
+from common.config import Config, ConfigError, DataConfig, from_dict
+from pipeline.latency import median_seconds, runtime_note, window_latency_ms
+from pipeline.predict import FP32_KINDS, artifact_scheme, check_window, fp32_model, predict_fn
+
+STAGE_ORDER = ("teacher", "student", "lowrank", "grown", "int8")
+ENGINE_FILES = ("best", "last")  # the training engine's checkpoints, next to or under <stage>.pt
+MACS_CONVENTION = "fvcore, 1 multiply-add = 1; attention and trilinear upsampling included"
+METRIC_KEYS = ("dice_wt", "dice_tc", "dice_et", "dice_mean", "hd95_wt", "hd95_tc", "hd95_et", "iou_mean")
+RATIO_KEYS = {  # ratio key -> measured key, each row divided by the reference (teacher) row
+    "params_ratio": "params",
+    "gmacs_ratio": "gmacs",
+    "size_ratio": "size_mb",
+    "latency_ratio": "latency_ms_window",
+    "latency_case_ratio": "latency_s_case",
+}
+ROW_KEYS = ("stage", "artifact", "kind", "params", "gmacs", "size_mb", *METRIC_KEYS,
+            "latency_ms_window", "latency_s_case", *RATIO_KEYS, "cases", "threads", "omp_wait_policy", "error")
+HONEST_NOTE = (
+    "On this CPU, INT8 alone does not make a 3D network fast: the stem and spatial-reduction "
+    "convolutions, softmax and trilinear upsampling are as slow or slower in INT8, and the cost of "
+    "the first stage is attention over many tokens, not the weights. Speed comes from width, rank, "
+    "exact graph re-association, the runtime (e.g. ONNX Runtime), and INT8 only on the layers where "
+    "it measures faster."
+)
+
+
+@dataclass
+class Found:
+    """One artifact file the report will show: loaded, or the error that stopped it."""
+
+    path: Path
+    stage: str
+    artifact: Artifact | None = None
+    error: str | None = None
+
+
+@dataclass
+class ReportResult:
+    rows: list[dict]
+    files: dict[str, Path] = field(default_factory=dict)  # "md" | "csv" | "json" | plot name -> path
+    cases: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[dict]:
+        return [r for r in self.rows if r.get("error")]
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+def stage_rank(stage: str) -> int:
+    return STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
+
+
+def _load(path: Path, fallback_stage: str) -> Found:
+    try:
+        art = Artifact.load(path)
+    except ArtifactError as e:
+        return Found(path, fallback_stage, error=str(e))
+    return Found(path, str(art.stage), artifact=art)
+
+
+def _guess_stage(path: Path) -> str:
+    return path.parent.name if path.stem in ENGINE_FILES else path.stem
+
+
+def _scan(root: Path) -> list[Found]:
+    """Artifacts under a runs folder, with <stage>.pt preferred over the engine's best/last.pt."""
+    paths = sorted(p for p in root.rglob("*.pt")
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    found = [_load(p, _guess_stage(p)) for p in paths]
+    named = [f for f in found if f.path.stem not in ENGINE_FILES]
+    kept = []
+    for f in found:
+        if f.path.stem in ENGINE_FILES:
+            # a named artifact of the same stage in this folder or one above it supersedes it
+            if any(n.stage == f.stage and n.path.parent in (f.path.parent, *f.path.parents) for n in named):
+                continue
+            best = f.path.with_name("best.pt")
+            if f.path.stem == "last" and any(g.path == best and g.error is None for g in found):
+                continue
+        kept.append(f)
+    return kept
+
+
+def find_artifacts(sources: Sequence[str | Path]) -> list[Found]:
+    """Artifacts named directly or found under folders, in pipeline order (then by path)."""
+    found: list[Found] = []
+    for source in sources:
+        source = Path(source)
+        if source.is_dir():
+            found += _scan(source)
+        elif not source.exists() and source.suffix != ".pt":
+            raise ArtifactError(f"{source}: no such runs folder or artifact file")
+        else:
+            found.append(_load(source, _guess_stage(source)))
+    unique = {f.path.resolve(): f for f in found}
+    return sorted(unique.values(), key=lambda f: (stage_rank(f.stage), str(f.path)))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def held_out_cases(cfg: Config, data: DataConfig | None, max_cases: int | None,
+                   reference: Artifact | None = None):
+    """(cache, case ids): the validation split of the data's cache, the same for every row.
+
+    `data` None: the data section stored in the reference (teacher) artifact, so the report scores
+    the split the pipeline held out; `cfg.data` when the artifact has none.
+    """
+    from teacher.engine import make_data
+
+    run_cfg = copy.deepcopy(cfg)
+    if data is not None:
+        run_cfg.data = copy.deepcopy(data)
+    elif reference is not None and reference.config.get("data"):
+        try:
+            run_cfg.data = from_dict({"data": reference.config["data"]}).data
+        except ConfigError:
+            pass  # an artifact from an older schema: fall back to cfg.data
+    train_data = make_data(run_cfg)
+    cases = sorted(c for c in train_data.val_ids if train_data.cache.meta(c).has_label)
+    if max_cases is not None:
+        cases = cases[:max_cases]
+    if not cases:
+        raise ConfigError("no labelled held-out case to score the artifacts on")
+    return train_data.cache, cases, run_cfg.data
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def profile_arch(arch: str, width: float = 1.0, input_size: Sequence[int] = (128, 128, 128)) -> dict:
+    """Parameters and G multiply-adds of a preset architecture, without weights."""
+    from teacher.flops import count_macs
+    from teacher.model import RefineFormer3D, count_params, preset_spec
+
+    model = RefineFormer3D(preset_spec(arch, width))
+    shape = (1, model.spec.in_chans, *[int(s) for s in input_size])
+    return {
+        "arch": arch,
+        "width": float(width),
+        "input": [int(s) for s in input_size],
+        "params": count_params(model),
+        "gmacs": count_macs(model, shape),
+        "gmacs_no_upsample": count_macs(model, shape, upsample=False),
+        "convention": MACS_CONVENTION,
+    }
+
+
+def _empty_row(found: Found) -> dict:
+    row: dict[str, Any] = {k: None for k in ROW_KEYS}
+    row.update(stage=found.stage, artifact=str(found.path), error=found.error)
+    if found.artifact is not None:
+        row["kind"] = found.artifact.spec.get("kind", "fp32")
+    return row
+
+
+def evaluate_artifact(found: Found, cfg: Config, cache, cases: list[str], default_scheme: str,
+                      progress: bool = True) -> dict:
+    """One table row: size, compute, accuracy on `cases`, latency. Raises on any failure."""
+    from brats.dataset import iter_cases
+    from brats.inference import predict_case
+    from teacher.flops import count_macs
+    from teacher.model import count_params
+
+    art, rep = found.artifact, cfg.report
+    assert art is not None
+    row = _empty_row(found)
+    row["size_mb"] = found.path.stat().st_size / 1e6
+    window = check_window(rep.window or cfg.train.window, art.spec, "report window")
+    overlap = cfg.train.overlap if rep.overlap is None else rep.overlap
+    size = check_window(rep.input, art.spec, "report.input")
+    scheme = artifact_scheme(art, default_scheme)
+
+    model = build_model(art)
+    # INT8 / ONNX: parameters = weights of the float model they quantise, MACs counted on it too
+    counted = model if row["kind"] in FP32_KINDS else fp32_model(art)
+    row["params"] = count_params(counted)
+    row["gmacs"] = count_macs(counted, (1, 4, *size))
+    del counted
+
+    row["latency_ms_window"] = window_latency_ms(model, size, rep.latency_runs, rep.warmup_runs)
+
+    predict = predict_fn(model)
+    scores, first_image = [], None
+    bar = tqdm(iter_cases(cache, cases), total=len(cases), desc=f"  {found.stage} cases", unit="case",
+               leave=False, disable=not progress, file=sys.stderr)
+    for case, image, label, meta in bar:
+        pred = predict_case(predict, image, scheme, window, overlap, rep.sw_batch)
+        scores.append(score_case(pred, label.numpy(), meta.spacing))
+        if first_image is None:
+            first_image = image
+    summary = summarize(scores)
+    for key in METRIC_KEYS:
+        row[key] = summary[key]["mean"]
+    row["cases"] = len(scores)
+
+    if rep.case_latency and first_image is not None:
+        run = lambda: predict_case(predict, first_image, scheme, window, overlap, rep.sw_batch)  # noqa: E731
+        row["latency_s_case"] = median_seconds(run, rep.latency_runs, warmup=0)
+    return row
+
+
+def add_ratios(rows: list[dict], reference: dict | None) -> None:
+    """Each row's params/gmacs/size/latency divided by the reference row's (None when unknown)."""
+    for row in rows:
+        for ratio, key in RATIO_KEYS.items():
+            a, b = row.get(key), None if reference is None else reference.get(key)
+            row[ratio] = float(a) / float(b) if _num(a) and _num(b) and b != 0 else None
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path, *,
+                data: DataConfig | None = None, progress: bool = True) -> ReportResult:
+    """Find, score and time every artifact; write report.md/.csv/.json and plots into `out_dir`.
+
+    `data` None: score the validation split of the data the teacher artifact was trained on
+    (its stored config), falling back to `cfg.data`.
+    """
+    found = find_artifacts(sources)
+    if not found:
+        raise ArtifactError(f"no artifact (*.pt) found in {', '.join(map(str, sources))}")
+    good = [f for f in found if f.artifact is not None]
+    reference = next((f for f in good if f.stage == "teacher"), good[0] if good else None)
+
+    cache, cases, data_used = None, [], data or cfg.data
+    if good:
+        cache, cases, data_used = held_out_cases(
+            cfg, data, cfg.report.max_cases, reference.artifact if reference else None
+        )
+    note = runtime_note()
+    rows = []
+    for f in tqdm(found, desc="report", unit="artifact", disable=not progress, file=sys.stderr):
+        if f.artifact is None:
+            rows.append(_empty_row(f))
+            continue
+        try:
+            row = evaluate_artifact(f, cfg, cache, cases, data_used.scheme, progress)
+        except Exception as e:  # one bad artifact must not cost the others their row
+            row = _empty_row(f)
+            row["error"] = f"{f.path}: {type(e).__name__}: {e}"
+        row["threads"], row["omp_wait_policy"] = note["threads"], note["omp_wait_policy"]
+        rows.append(row)
+    ref_row = next((r for r in rows if reference and r["artifact"] == str(reference.path) and not r["error"]), None)
+    add_ratios(rows, ref_row)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = ReportResult(rows, cases=cases)
+    if cfg.report.plots:
+        from pipeline import plots
+
+        result.files["dice_vs_params"] = plots.dice_vs_params(rows, out_dir / "dice_vs_params.png")
+        size = "x".join(map(str, cfg.report.input))
+        result.files["dice_vs_latency"] = plots.dice_vs_latency(
+            rows, out_dir / "dice_vs_latency.png", label=f"CPU latency per {size} window (ms, {note['threads']} thread(s))"
+        )
+    meta = {
+        "cases": cases,
+        "data": data_used,
+        "cache": str(cache.root) if cache is not None else None,
+        "window": rep_window(cfg),
+        "overlap": cfg.train.overlap if cfg.report.overlap is None else cfg.report.overlap,
+        "input": list(cfg.report.input),
+        "runtime": note,
+        "reference": ref_row,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    result.files["json"] = atomic_write_text(out_dir / "report.json", json.dumps(_json_rows(rows), indent=1) + "\n")
+    result.files["csv"] = atomic_write_text(out_dir / "report.csv", rows_to_csv(rows))
+    result.files["md"] = atomic_write_text(
+        out_dir / "report.md", render_markdown(rows, found, meta, cfg, [p.name for k, p in result.files.items()
+                                                                    if k.startswith("dice_vs")])
+    )
+    return result
+
+
+def rep_window(cfg: Config) -> list[int]:
+    return list(cfg.report.window or cfg.train.window)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _json_rows(rows: list[dict]) -> list[dict]:
+    """NaN/inf are not JSON: they become null."""
+    return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows]
+
+
+def rows_to_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(ROW_KEYS), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def _fmt(v: Any, spec: str) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    return format(v, spec)
+
+
+def _ratio(v: Any) -> str:
+    return "–" if v is None else f"{v:.2f}x"
+
+
+def markdown_table(header: Sequence[str], lines: Iterable[Sequence[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def dict_table(items: Any) -> str:
+    """Markdown table of a list of dicts (or a {name: dict/value} mapping); union of keys as columns."""
+    if isinstance(items, dict):
+        items = [{"layer": k, **(v if isinstance(v, dict) else {"value": v})} for k, v in items.items()]
+    items = [i if isinstance(i, dict) else {"value": i} for i in items]
+    keys: list[str] = []
+    for item in items:
+        keys += [k for k in item if k not in keys]
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        text = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    return markdown_table(keys, ([cell(i.get(k, "")) for k in keys] for i in items))
+
+
+EXTRA_TABLES = (("growth", "growth history"), ("lowrank", "low-rank layers"), ("int8", "INT8 decisions"))
+
+
+def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Config, plot_files: list[str]) -> str:
+    rt, data = meta["runtime"], meta["data"]
+    size = "x".join(map(str, meta["input"]))
+    src = data.dir or f"synthetic cases (data.synthetic_cases={data.synthetic_cases})"
+    ref = meta["reference"]
+    lines = [
+        "# RefineFormer3D pipeline report",
+        "",
+        f"Created {meta['created']}. Held-out cases: {len(meta['cases'])} from the validation split of "
+        f"{src} (cache {meta['cache']}): {', '.join(meta['cases']) or 'none'}.",
+        f"Whole-case sliding window {'x'.join(map(str, meta['window']))}, overlap {meta['overlap']}, "
+        "Gaussian weighting; metrics on the cropped brain grid, averaged over cases (empty-region "
+        "conventions of brats.metrics: both empty -> Dice 1, HD95 0; one empty -> Dice 0, HD95 373.13 mm).",
+        f"G MACs at 1x4x{size} ({MACS_CONVENTION}); INT8/ONNX rows are counted on their float base "
+        "model, and their parameters are the count of weights.",
+        f"CPU latency: median of {cfg.report.latency_runs} runs after {cfg.report.warmup_runs} warm-up, "
+        f"per {size} window (batch 1) and per whole case (sliding window over the first held-out case, "
+        f"preprocessed, no file I/O); {rt['threads']} thread(s) (torch.get_num_threads()), "
+        f"OMP_WAIT_POLICY={rt['omp_wait_policy']}, torch {rt['torch']}. Timings on a shared machine are "
+        "noisy: compare ratios.",
+        "",
+        "## Results",
+        "",
+        markdown_table(
+            ["stage", "params", "G MACs", "size MB", "Dice WT", "Dice TC", "Dice ET", "Dice mean",
+             "HD95 WT", "HD95 TC", "HD95 ET", "IoU mean", f"ms / {size}", "s / case"],
+            ([r["stage"], _fmt(r["params"], ","), _fmt(r["gmacs"], ".2f"), _fmt(r["size_mb"], ".2f"),
+              *[_fmt(r[k], ".3f") for k in ("dice_wt", "dice_tc", "dice_et", "dice_mean")],
+              *[_fmt(r[k], ".2f") for k in ("hd95_wt", "hd95_tc", "hd95_et")], _fmt(r["iou_mean"], ".3f"),
+              _fmt(r["latency_ms_window"], ".1f"), _fmt(r["latency_s_case"], ".2f")] for r in rows),
+        ),
+        "",
+        f"Reference row for ratios: {ref['stage'] + ' (' + ref['artifact'] + ')' if ref else 'none (no usable artifact)'}.",
+        "",
+        markdown_table(
+            ["stage", "artifact", "params", "G MACs", "size", "latency / window", "latency / case"],
+            ([r["stage"], f"`{r['artifact']}`", *[_ratio(r[k]) for k in RATIO_KEYS]] for r in rows),
+        ),
+        "",
+        "Published reference (other data, not comparable row by row): SegFormer3D, 4.5M parameters, "
+        "mean Dice 0.821 (WT 89.9, TC 82.2, ET 74.2) on MSD Task01 with its own validation split.",
+        "",
+        f"**Note.** {HONEST_NOTE}",
+        "",
+    ]
+    errors = [r for r in rows if r.get("error")]
+    if errors:
+        lines += ["## Artifacts that could not be reported", ""]
+        lines += [f"- {r['stage']}: {r['error']}" for r in errors]  # errors name the file
+        lines.append("")
+    if plot_files:
+        lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plot_files] + [""]
+    for f in found:
+        extra = f.artifact.extra if f.artifact is not None else {}
+        for key, title in EXTRA_TABLES:
+            value = extra.get(key)
+            if value:
+                lines += [f"## {f.stage}: {title}", "", f"From `{f.path}`.", "", dict_table(value), ""]
+    return "\n".join(lines)
+
+
+def format_profile(p: dict) -> str:
+    size = "x".join(map(str, p["input"]))
+    return "\n".join([
+        f"{p['arch']} width {p['width']:g}",
+        f"  parameters          {p['params']:,}",
+        f"  G MACs at 1x4x{size}  {p['gmacs']:.2f}  ({p['convention']})",
+        f"  without upsampling  {p['gmacs_no_upsample']:.2f}",
+    ])

@@ -1,0 +1,52 @@
+"""Segment BraTS cases with any artifact (FP32 or INT8, PyTorch or ONNX Runtime).
+
+    python predict.py ARTIFACT --input DIR --output DIR [--window 128 128 128] [--overlap 0.5]
+
+DIR may be one case folder or any BraTS layout (the validation release included). Writes
+<case>.nii.gz label maps (uint8, BraTS values 0/1/2/4) on each input's grid with its affine and
+header. A bad case is reported and skipped; the exit code is 1 if any case failed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from common.cli import run_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="predict.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact", help="artifact file (.pt) of any stage")
+    parser.add_argument("--input", required=True, help="case folder or BraTS-layout folder")
+    parser.add_argument("--output", required=True, help="folder for <case>.nii.gz label maps")
+    parser.add_argument("--window", type=int, nargs=3, default=[128, 128, 128], metavar=("D", "H", "W"),
+                        help="sliding-window size, multiples of 32 (default 128 128 128)")
+    parser.add_argument("--overlap", type=float, default=0.5, help="window overlap in [0, 1) (default 0.5)")
+    parser.add_argument("--sw-batch", type=int, default=1, help="windows per forward pass (default 1)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    from pipeline.predict import predict_folder
+
+    try:
+        result = predict_folder(args.artifact, args.input, args.output, args.window, args.overlap,
+                                args.sw_batch, progress=not args.quiet)
+    except ValueError as e:  # window / overlap that the model cannot use (DataError is reported by run_main)
+        from brats.layout import DataError
+
+        if isinstance(e, DataError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(result.written)} label map(s) to {args.output}")
+    if result.failed:
+        print(f"{len(result.failed)} case(s) failed and were skipped:", file=sys.stderr)
+        for message in result.failed.values():
+            print(f"  {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

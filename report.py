@@ -1,0 +1,58 @@
+"""Compare every stage's artifact on the same held-out cases: one table, CSV, JSON and plots.
+
+    python report.py [RUNS_DIR | ARTIFACT ...] [--data DIR] [--out report/] [--config ...] [--set ...]
+    python report.py --arch segformer3d [--width 0.25] [--input 128 128 128]
+
+RUNS_DIR (default runs/) is searched for artifacts (*.pt); in a stage folder <stage>.pt wins over
+the engine's best.pt/last.pt. Without --data/--config/--set data.*, the held-out cases are the
+validation split of the data the teacher artifact was trained on. --arch profiles an architecture
+without weights (parameters and G multiply-adds) to size a student before training it.
+"""
+from __future__ import annotations
+
+import os
+
+# Before torch loads OpenMP: spin-waiting threads make timings on a shared CPU erratic.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import sys  # noqa: E402
+
+from common.cli import config_from_args, run_main, stage_parser  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser("report.py", __doc__)
+    parser.set_defaults(out="report")
+    parser.add_argument("sources", nargs="*", default=["runs"], metavar="RUNS_DIR|ARTIFACT",
+                        help="runs folder(s) to search and/or artifact files (default: runs)")
+    parser.add_argument("--arch", default=None, help="profile a preset architecture without weights "
+                        "(segformer3d | refineformer3d)")
+    parser.add_argument("--width", type=float, default=1.0, help="width multiplier for --arch")
+    parser.add_argument("--input", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+                        help="input size for --arch (default: report.input, 128 128 128)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+
+    from pipeline.report import format_profile, make_report, profile_arch
+
+    if args.arch:
+        try:
+            profile = profile_arch(args.arch, args.width, args.input or cfg.report.input)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(format_profile(profile))
+        return 0
+    user_data = bool(args.data or args.config or any(o.startswith("data.") for o in args.overrides))
+    result = make_report(args.sources, cfg, args.out, data=cfg.data if user_data else None,
+                         progress=not args.quiet)
+    print(f"{len(result.rows)} artifact(s) on {len(result.cases)} held-out case(s); wrote "
+          + ", ".join(str(p) for p in result.files.values()))
+    for row in result.failed:
+        print(f"failed: {row['error']}", file=sys.stderr)
+    return 1 if result.failed else 0
+
+
+if __name__ == "__main__":
+    run_main(main)

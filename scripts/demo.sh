@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The whole pipeline on built-in synthetic BraTS-like cases, at demo scale (configs/demo/*.yaml).
+# Every stage reads the previous stage's artifact and writes its own under runs/demo/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+RUNS=${RUNS:-runs/demo}
+DATA=${DATA:-data/synthetic}
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+start=$(date +%s)
+step() { echo; echo "=== [$(( $(date +%s) - start ))s] $*"; }
+
+step "1/8 synthetic BraTS 2017 cases -> $DATA"
+$PY -m brats.phantom "$DATA" --cases 12 --val-cases 2 --shape 96 96 64 --seed 0
+
+step "2/8 teacher (train.py)"
+$PY train.py --config configs/demo/teacher.yaml --data "$DATA" --out "$RUNS/teacher"
+
+step "3/8 self-distilled width-0.25 student (distill.py)"
+$PY distill.py --config configs/demo/distill.yaml --data "$DATA" --teacher "$RUNS/teacher/best.pt" --width 0.25 --out "$RUNS/student"
+
+step "4/8 low-rank factorisation (compress.lowrank)"
+$PY -m compress.lowrank "$RUNS/student/student.pt" --config configs/demo/lowrank.yaml --data "$DATA" --out "$RUNS/lowrank"
+
+step "5/8 progressive channel growth (compress.grow)"
+$PY -m compress.grow "$RUNS/lowrank/lowrank.pt" --config configs/demo/grow.yaml --data "$DATA" --out "$RUNS/grow"
+
+step "6/8 INT8 quantisation (quantize.py)"
+$PY quantize.py "$RUNS/grow/grown.pt" --config configs/demo/quantize.yaml --data "$DATA" --out "$RUNS/int8"
+
+step "7/8 predict the validation release and score the held-out training cases"
+$PY predict.py "$RUNS/int8/int8.pt" --input "$DATA/Brats17ValidationData" --output "$RUNS/predictions/validation"
+
+step "8/8 report"
+$PY report.py "$RUNS" --data "$DATA" --config configs/demo/report.yaml --out report/demo
+echo
+echo "demo finished in $(( $(date +%s) - start ))s; report: report/demo/report.md"

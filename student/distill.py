@@ -1,0 +1,315 @@
+"""Self-distillation: a frozen teacher supervises a student through the one training engine.
+
+Loss per batch (teacher on the clean crop, student on a perturbed copy, see `student.perturb`):
+
+    supervised_weight * (Dice + BCE/CE on the moved labels)
+  + kd_weight * T^2 * [KL(softmax(t/T) || softmax(s/T))          softmax schemes
+                       BCE(sigmoid(s/T), sigmoid(t/T)) - H(...)  regions: a per-channel binary KL,
+                                                                 the soft BCE less its constant]
+  + feature_weight * mean over stages of MSE(proj_i(student stage i), teacher stage i)
+
+The 1x1x1 feature projections (student dims -> teacher dims) live in the stage, not the model, so
+the saved student has none of them.
+
+`distill_student` is the `distill.py` command: thin (or re-initialise) the teacher to a width,
+fine-tune with `DistillStage`, and write `<out>/student.pt` with the teacher-vs-student Dice gap.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from brats.labels import is_softmax
+from common.artifact import Artifact, ArtifactError, build_model
+from common.config import Config, ConfigError
+from student.perturb import perturb_batch
+from student.thin import accumulate_taylor_grads, scratch_student, thin_with_selection
+from teacher.engine import FitResult, Stage, TrainData, fit, make_data, seed_everything
+from teacher.losses import segmentation_loss
+
+STAGE = "student"
+INITS = ("pruned", "scratch")
+DICE_KEYS = ("dice_wt", "dice_tc", "dice_et", "dice_mean")
+
+
+def load_teacher(path: str | Path) -> nn.Module:
+    """The model of an artifact, frozen: eval mode, no parameter requires grad."""
+    art = Artifact.load(path)
+    return freeze(build_model(art))
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def kd_loss(
+    student: torch.Tensor, teacher: torch.Tensor, scheme: str, temperature: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logit distillation of (B, K, D, H, W) logits, times T^2, mean over (valid) voxels; 0 when s == t."""
+    T = float(temperature)
+    s, t = student.float() / T, teacher.float() / T
+    if is_softmax(scheme):
+        per_voxel = (t.softmax(1) * (t.log_softmax(1) - s.log_softmax(1))).sum(1, keepdim=True)
+    else:
+        # BCE(sigmoid(s), p) - BCE(sigmoid(t), p), p = sigmoid(t): same gradient as the soft BCE
+        p = torch.sigmoid(t)
+        per_voxel = (F.binary_cross_entropy_with_logits(s, p, reduction="none")
+                     - F.binary_cross_entropy_with_logits(t, p, reduction="none")).mean(1, keepdim=True)
+    if mask is not None:
+        m = mask.to(per_voxel.dtype)
+        return (per_voxel * m).sum() / m.sum().clamp_min(1.0) * T * T
+    return per_voxel.mean() * T * T
+
+
+def feature_loss(
+    projections: nn.ModuleList, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Mean over stages of the MSE between projected student features and teacher features."""
+    terms = [F.mse_loss(p(s.float()), t.float()) for p, s, t in zip(projections, student, teacher)]
+    return torch.stack(terms).mean()
+
+
+class _StageTaps:
+    """Forward hooks that keep the outputs of `encoder.stages.*` (works through DDP wrappers)."""
+
+    def __init__(self, model: nn.Module):
+        bare = getattr(model, "module", model)
+        try:
+            stages = bare.encoder.stages
+        except AttributeError:
+            raise TypeError(f"feature distillation needs a model with encoder.stages, got {type(bare).__name__}") from None
+        self.outputs: list[torch.Tensor] = []
+        self.handles = [s.register_forward_hook(lambda m, i, o: self.outputs.append(o)) for s in stages]
+
+    def __enter__(self) -> "_StageTaps":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+class DistillStage(Stage):
+    """Supervised + logit KD (+ optional feature KD) against a frozen teacher, for `teacher.engine.fit`."""
+
+    name = "distill"
+
+    def __init__(self, teacher: nn.Module, cfg: Config, perturb: bool = True):
+        self.teacher = freeze(teacher)
+        self.cfg, self.d = cfg, cfg.distill
+        self.scheme = cfg.data.scheme
+        self.perturb = perturb
+        self.generator = torch.Generator().manual_seed(cfg.train.seed + 7919)
+        self.projections: nn.ModuleList | None = None
+        if self.d.temperature <= 0:
+            raise ConfigError(f"distill.temperature must be > 0, got {self.d.temperature}")
+
+    # -- engine hooks
+
+    def setup(self, trainer) -> None:
+        self.teacher.to(trainer.device)
+        if self.d.feature_weight > 0:
+            self.build_projections(trainer.model, trainer.device)
+            # projections train with the model; the schedule is rebuilt so it covers their group too
+            trainer.optimizer.add_param_group({"params": list(self.projections.parameters())})
+            trainer.scheduler = trainer._make_scheduler(trainer.optimizer)
+
+    def build_projections(self, student: nn.Module, device: torch.device | str = "cpu") -> nn.ModuleList:
+        s_dims = getattr(student, "module", student).spec.embed_dims
+        t_dims = self.teacher.spec.embed_dims
+        if len(s_dims) != len(t_dims):
+            raise ValueError(f"feature distillation: student has {len(s_dims)} stages, teacher {len(t_dims)}")
+        gen = torch.Generator().manual_seed(self.cfg.train.seed)
+        projs = nn.ModuleList(nn.Conv3d(s, t, 1) for s, t in zip(s_dims, t_dims))
+        for p in projs:  # seeded init, independent of the global RNG
+            bound = 1 / math.sqrt(p.in_channels)
+            with torch.no_grad():
+                p.weight.copy_(torch.rand(p.weight.shape, generator=gen) * 2 * bound - bound)
+                p.bias.zero_()
+        self.projections = projs.to(device)
+        return self.projections
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        x, label = batch["image"], batch["label"]
+        use_feat = self.d.feature_weight > 0
+        self.teacher.eval()
+        with torch.no_grad():
+            if use_feat:
+                with _StageTaps(self.teacher) as taps:
+                    t_logits = self.teacher(x)
+                t_feats = list(taps.outputs)
+            else:
+                t_logits, t_feats = self.teacher(x), None
+        if self.perturb:
+            p = perturb_batch(x, t_logits.float(), label, self.d.perturb, self.generator,
+                              features=[f.float() for f in t_feats] if t_feats else None)
+            x_s, target, label_s, mask, t_feats = p.image, p.target, p.label, p.mask, p.features
+        else:
+            x_s, target, label_s, mask = x, t_logits, label, None
+        if use_feat:
+            if self.projections is None:
+                self.build_projections(model, x.device)
+            with _StageTaps(model) as taps:
+                s_logits = model(x_s)
+            s_feats = list(taps.outputs)
+        else:
+            s_logits = model(x_s)
+        sup, logs = segmentation_loss(s_logits, label_s, self.scheme, self.cfg.train.dice_weight,
+                                      self.cfg.train.ce_weight)
+        kd = kd_loss(s_logits, target, self.scheme, self.d.temperature, mask)
+        total = self.d.supervised_weight * sup + self.d.kd_weight * kd
+        out = {"sup": logs["loss"], "sup_dice": logs["dice"], "sup_ce": logs["ce"], "kd": float(kd.detach())}
+        if use_feat:
+            feat = feature_loss(self.projections, s_feats, t_feats)
+            total = total + self.d.feature_weight * feat
+            out["feat"] = float(feat.detach())
+        out["loss"] = float(total.detach())
+        return total, out
+
+    def state_dict(self) -> dict:
+        state = {"generator": self.generator.get_state()}
+        if self.projections is not None:
+            state["projections"] = {k: v.detach().cpu() for k, v in self.projections.state_dict().items()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+        if "projections" in state and self.projections is not None:
+            self.projections.load_state_dict(state["projections"])
+
+    def artifact_extra(self) -> dict:
+        d = self.d
+        return {"distill": {"temperature": d.temperature, "supervised_weight": d.supervised_weight,
+                            "kd_weight": d.kd_weight, "feature_weight": d.feature_weight,
+                            "perturb": self.perturb}}
+
+
+def distill_finetune(
+    model: nn.Module, teacher: nn.Module, cfg: Config, out_dir: str | Path, *, stage_name: str,
+    lineage: Sequence[dict] = (), extra: dict | None = None, stage: Stage | None = None,
+    data: TrainData | None = None, resume: bool = False,
+) -> FitResult:
+    """Fine-tune `model` against the frozen `teacher` through the engine (best.pt / last.pt in out_dir)."""
+    stage = stage if stage is not None else DistillStage(teacher, cfg, perturb=True)
+    return fit(model, stage, cfg, out_dir, stage_name=stage_name, lineage=lineage, resume=resume,
+               extra=extra, data=data)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TrainData, cfg: Config, desc: str = "evaluate") -> dict[str, float]:
+    """Mean validation metrics of `model` on `data.val_ids`, scored as the engine scores them."""
+    from brats.dataset import iter_cases
+    from brats.inference import predict_case
+    from brats.metrics import score_case
+
+    t = cfg.train
+    device = next(model.parameters()).device
+    model.eval()
+    rows = []
+    for case, image, label, meta in tqdm(iter_cases(data.cache, data.val_ids), total=len(data.val_ids),
+                                         desc=desc, leave=False):
+        if label is None:
+            continue
+        pred = predict_case(lambda x: model(x.to(device)).float(), image, cfg.data.scheme, t.window, t.overlap,
+                            t.sw_batch)
+        rows.append(score_case(pred, label.numpy(), meta.spacing))
+    if not rows:
+        raise ConfigError("no labelled validation case to score the teacher on")
+    return {k: float(sum(r[k] for r in rows) / len(rows)) for k in rows[0]}
+
+
+def dice_gap(teacher_metrics: dict, student_metrics: dict) -> dict[str, float]:
+    """teacher_dice_* and dice_gap_* (teacher minus student, in Dice units) for the artifact's metrics."""
+    out = {}
+    for k in DICE_KEYS:
+        region = k.split("_", 1)[1]
+        out[f"teacher_dice_{region}"] = float(teacher_metrics[k])
+        out[f"dice_gap_{region}"] = float(teacher_metrics[k]) - float(student_metrics.get(k, math.nan))
+    return out
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _calibration_batches(data: TrainData, cfg: Config, device: torch.device, n: int = 2):
+    loader = torch.utils.data.DataLoader(data.train_set, batch_size=cfg.train.batch_size, shuffle=False)
+    for i, batch in enumerate(loader):
+        if i == n:
+            return
+        yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def make_student(teacher: nn.Module, cfg: Config, data: TrainData | None = None) -> nn.Module:
+    """Thinned (pruned init) or re-initialised (scratch) student at `cfg.distill.width`."""
+    d = cfg.distill
+    if d.init not in INITS:
+        raise ConfigError(f"distill.init={d.init!r}: expected one of {', '.join(INITS)}")
+    if d.init == "scratch":
+        return scratch_student(teacher.spec, d.width, seed=cfg.train.seed)
+    if d.importance == "taylor":
+        if data is None:
+            raise ConfigError("distill.importance=taylor needs training data for its gradients")
+        teacher.requires_grad_(True)
+        device = next(teacher.parameters()).device
+        accumulate_taylor_grads(
+            teacher, _calibration_batches(data, cfg, device),
+            lambda logits, label: segmentation_loss(logits, label, cfg.data.scheme)[0],
+        )
+    student, _ = thin_with_selection(teacher, d.width, importance=d.importance, keep_attn_scale=d.keep_attn_scale)
+    teacher.zero_grad(set_to_none=True)
+    freeze(teacher)
+    return student.train()
+
+
+def distill_student(cfg: Config, out_dir: str | Path, resume: bool = False) -> Artifact:
+    """Teacher artifact -> thinned student, distilled; writes <out_dir>/student.pt and returns it."""
+    d = cfg.distill
+    if not d.teacher:
+        raise ConfigError("no teacher artifact: pass --teacher PATH (or set distill.teacher)")
+    teacher_art = Artifact.load(d.teacher)
+    stored_scheme = teacher_art.config.get("data", {}).get("scheme", cfg.data.scheme)
+    if stored_scheme != cfg.data.scheme:
+        raise ConfigError(f"{d.teacher}: the teacher predicts scheme {stored_scheme!r}, "
+                          f"but data.scheme is {cfg.data.scheme!r}")
+    teacher = freeze(build_model(teacher_art))
+    if not hasattr(teacher, "spec"):
+        raise ArtifactError(f"{d.teacher}: a {teacher_art.spec.get('kind')!r} model cannot be thinned")
+    seed_everything(cfg.train.seed)
+    data = make_data(cfg)
+    student = make_student(teacher, cfg, data)
+    out_dir = Path(out_dir)
+    extra = {"width": d.width, "init": d.init, "importance": d.importance,
+             "keep_attn_scale": d.keep_attn_scale, "teacher": str(d.teacher)}
+    result = distill_finetune(student, teacher, cfg, out_dir, stage_name=STAGE, lineage=teacher_art.child_lineage(),
+                              extra=extra, data=data, stage=DistillStage(teacher, cfg, perturb=d.perturb_input),
+                              resume=resume)
+    best = Artifact.load(result.best_path)
+    teacher_metrics = evaluate(teacher, data, cfg, desc="teacher")
+    gap = dice_gap(teacher_metrics, best.metrics)
+    tqdm.write("teacher vs student Dice: " + ", ".join(
+        f"{r} {gap[f'teacher_dice_{r}']:.3f} -> {gap[f'teacher_dice_{r}'] - gap[f'dice_gap_{r}']:.3f} "
+        f"(gap {gap[f'dice_gap_{r}']:+.3f})" for r in ("wt", "tc", "et", "mean")))
+    art = Artifact(stage=STAGE, spec=best.spec, state_dict=best.state_dict, config=best.config,
+                   metrics={**best.metrics, **gap}, lineage=teacher_art.child_lineage(),
+                   extra={k: v for k, v in best.extra.items() if k != "train_state"})
+    art.save(out_dir / f"{STAGE}.pt")
+    return art

@@ -1,0 +1,711 @@
+"""The one training engine: loop, mixed precision, DDP, checkpoints, validation, TensorBoard, progress.
+
+A `Stage` supplies the loss (and optional hooks); `fit` does everything else:
+
+    fit(model, SupervisedStage("regions"), cfg, "runs/teacher", stage_name="teacher")
+
+Per epoch: random crops -> AdamW steps (linear warm-up, then cosine to `min_lr`, per step; gradient
+clipping; fp16 + GradScaler or bf16 autocast) -> every `val_every` epochs (and after the last)
+sliding-window validation on whole held-out cases, scored per region -> `best.pt` (highest mean
+Dice) and `last.pt` (with the full training state, so `resume=True` continues bit-for-bit).
+
+Under `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK in the environment) the model is wrapped in
+DistributedDataParallel, training crops and validation cases are shared among ranks, metrics are
+gathered so every rank sees the same means, and only rank 0 writes logs and checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from common.artifact import Artifact, ArtifactError
+from common.atomic import atomic_write_text
+from common.config import Config, ConfigError, to_dict
+from teacher.losses import segmentation_loss
+
+AMP_CHOICES = ("auto", "off", "fp16", "bf16")
+BEST, LAST = "best.pt", "last.pt"
+SCHEDULE_KEYS = ("epochs", "lr", "min_lr", "warmup_epochs", "steps_per_epoch", "batch_size")
+LOG_IMAGE_CASES = 2  # validation cases per epoch drawn into TensorBoard
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+class Stage:
+    """What a training stage supplies; every hook but `loss` has a do-nothing default.
+
+    `model` in `loss` is what to call for the forward pass: under torchrun it is the
+    DistributedDataParallel wrapper, and only its `model(x)` call synchronises gradients (reach
+    intermediate features with forward hooks on `trainer.model`, not by calling its methods).
+    Every other hook receives the bare model (`trainer.model`).
+    """
+
+    name: str = "stage"
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def setup(self, trainer: "Trainer") -> None:
+        """Called once before training (e.g. move a frozen teacher to `trainer.device`)."""
+
+    def after_backward(self, trainer: "Trainer") -> None:
+        """Called after each backward pass, gradients unscaled and clipped, before the step."""
+
+    def on_epoch_end(self, trainer: "Trainer", epoch: int, val_metrics: dict | None) -> bool:
+        """After validation and best.pt; return True to stop. May call `trainer.replace_model`."""
+        return False
+
+    def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, K, *window) for validation."""
+        return model(x)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def artifact_spec(self, model: nn.Module) -> dict:
+        return model.spec.to_dict()
+
+    def artifact_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return model.state_dict()
+
+    def artifact_extra(self) -> dict:
+        return {}
+
+
+class SupervisedStage(Stage):
+    """Plain supervised segmentation: Dice + (B)CE against the crop's labels."""
+
+    name = "supervised"
+
+    def __init__(self, scheme: str = "regions", dice_weight: float = 1.0, ce_weight: float = 1.0):
+        self.scheme, self.dice_weight, self.ce_weight = scheme, dice_weight, ce_weight
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = model(batch["image"])
+        return segmentation_loss(logits, batch["label"], self.scheme, self.dice_weight, self.ce_weight)
+
+
+# ----------------------------------------------------------------------------- small pieces
+
+
+@dataclass
+class FitResult:
+    best_path: Path
+    last_path: Path
+    best_metrics: dict
+    history: list[dict]
+
+
+@dataclass
+class TrainData:
+    cache: Any  # brats.cache.Cache
+    train_ids: list[str]
+    val_ids: list[str]
+    train_set: Dataset
+
+
+def make_data(cfg: Config) -> TrainData:
+    """Cache (synthetic cases when `cfg.data.dir` is None), split fold, training crop dataset.
+
+    Under an initialised process group, rank 0 prepares the cache and draws the split while the
+    other ranks wait, then they read what rank 0 wrote.
+    """
+    from brats.cache import open_cache
+    from brats.dataset import CropDataset
+    from brats.splits import load_or_create_splits
+    from brats.synthetic import resolve_data
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank = dist.get_rank() if distributed else 0
+    paths: list = [None]
+    if rank == 0:
+        paths = [resolve_data(cfg.data, progress=True)]
+    if distributed:
+        dist.broadcast_object_list(paths, src=0)
+    _, cache_dir = paths[0]
+    cache = open_cache(cache_dir)
+    split_file = Path(cfg.data.split_file) if cfg.data.split_file else Path(cache_dir) / "splits.json"
+
+    def splits():
+        return load_or_create_splits(split_file, cache.grades(), cfg.data.val_fraction, cfg.data.folds,
+                                     cfg.data.split_seed)
+
+    folds = splits() if rank == 0 else None
+    if distributed:
+        dist.barrier()
+    if folds is None:
+        folds = splits()
+    if not 0 <= cfg.data.fold < len(folds):
+        raise ConfigError(f"data.fold={cfg.data.fold}, but {split_file} has {len(folds)} fold(s)")
+    fold = folds[cfg.data.fold]
+    train_ids, val_ids = list(fold.train), list(fold.val)
+    if cfg.data.max_val_cases is not None:
+        val_ids = val_ids[: cfg.data.max_val_cases]
+    if not val_ids:
+        raise ConfigError(
+            f"fold {cfg.data.fold} of {split_file} has no validation cases; checkpoints are chosen on "
+            "held-out cases (raise data.val_fraction or edit the split file)"
+        )
+    train_set = CropDataset(
+        cache, train_ids, cfg.data.crop, cfg.data.fg_ratio, samples=cfg.data.samples_per_epoch, seed=cfg.train.seed
+    )
+    return TrainData(cache, train_ids, val_ids, train_set)
+
+
+def resolve_amp(amp: str, device: torch.device | str) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, whether to use a GradScaler).
+
+    auto: fp16 + GradScaler on CUDA; on CPU bf16 only where oneDNN has native bf16 (elsewhere bf16
+    convolutions fall back to kernels many times slower than fp32), else fp32.
+    """
+    device = torch.device(device)
+    if amp not in AMP_CHOICES:
+        raise ConfigError(f"train.amp={amp!r}: expected one of {', '.join(AMP_CHOICES)}")
+    if amp == "off":
+        return None, False
+    if amp == "bf16":
+        return torch.bfloat16, False
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ConfigError("train.amp=fp16 needs a CUDA device; use bf16 or off on CPU")
+        return torch.float16, True
+    if device.type == "cuda":
+        return torch.float16, True
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16, False
+    return None, False
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name}, but CUDA is not available")
+    return device
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Multiplier of the base lr before optimiser step `step` (0-based).
+
+    Linear warm-up (step + 1) / warmup_steps, then cosine from 1 down to `min_ratio` at total_steps.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every RNG state as tensors and plain lists (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # we initialised the process group, so we destroy it
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> DistInfo:
+    """Join the torchrun process group if the environment describes one (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=False)
+    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(rank, world, local_rank, owns_group=True)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _mean_rows(rows: list[dict]) -> dict[str, float]:
+    """Mean of every numeric key over per-case rows (NaNs skipped)."""
+    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    out = {}
+    for k in keys:
+        vals = [float(r[k]) for r in rows if k in r and not math.isnan(float(r[k]))]
+        out[k] = float(np.mean(vals)) if vals else math.nan
+    return out
+
+
+def contour_overlay(flair: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """RGB uint8 (3, H, 2W): a FLAIR slice with reference (left) and predicted (right) contours.
+
+    flair (H, W) float; truth / pred (H, W) BraTS labels. Colours: WT green, TC yellow, ET red.
+    """
+    from scipy import ndimage
+
+    lo, hi = np.percentile(flair, [1, 99]) if flair.size else (0.0, 1.0)
+    grey = np.clip((flair - lo) / max(hi - lo, 1e-6), 0, 1)
+    panels = []
+    for label in (truth, pred):
+        rgb = np.repeat(grey[None], 3, axis=0)
+        for values, colour in (((1, 2, 4), (0, 1, 0)), ((1, 4), (1, 1, 0)), ((4,), (1, 0, 0))):
+            mask = np.isin(label, values)
+            edge = mask & ~ndimage.binary_erosion(mask)
+            for c in range(3):
+                rgb[c][edge] = colour[c]
+        panels.append(rgb)
+    return (np.concatenate(panels, axis=2) * 255).astype(np.uint8)
+
+
+def _axial_slice(label: np.ndarray) -> int:
+    """Axial (last axis, Z) index through the middle of the reference tumour, else the volume's."""
+    z = np.flatnonzero(np.asarray(label).any(axis=(0, 1)))
+    return int((z[0] + z[-1]) // 2) if z.size else label.shape[-1] // 2
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """State of one `fit` call; stages reach it through their hooks."""
+
+    def __init__(self, model: nn.Module, stage: Stage, cfg: Config, out_dir: str | Path, *, stage_name: str,
+                 lineage: Sequence[dict] = (), extra: dict | None = None, data: TrainData | None = None,
+                 dist_info: DistInfo | None = None):
+        self.cfg, self.stage, self.stage_name = cfg, stage, stage_name
+        self.out_dir = Path(out_dir)
+        self.lineage, self.extra = [dict(x) for x in lineage], dict(extra or {})
+        self.dist = dist_info or DistInfo()
+        t = cfg.train
+        if t.epochs < 1 or t.batch_size < 1:
+            raise ConfigError(f"train.epochs and train.batch_size must be >= 1 (got {t.epochs}, {t.batch_size})")
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.device = resolve_device(t.device, self.dist.local_rank)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest kernels
+        self.amp_dtype, use_scaler = resolve_amp(t.amp, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        seed_everything(t.seed)
+        self.data = data if data is not None else make_data(cfg)
+
+        self.sampler = DistributedSampler(
+            self.data.train_set, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=t.seed
+        )
+        self.loader = DataLoader(
+            self.data.train_set, batch_size=t.batch_size, sampler=self.sampler, num_workers=cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda", drop_last=False,
+        )
+        if len(self.loader) == 0:
+            raise ConfigError("the training set is empty")
+        self.steps_per_epoch = t.steps_per_epoch or len(self.loader)
+        self.total_steps = t.epochs * self.steps_per_epoch
+        self.warmup_steps = t.warmup_epochs * self.steps_per_epoch
+
+        self.model = model
+        self.ddp_model: nn.Module = model
+        self._attach_model(model)
+        self.optimizer = self._make_optimizer(model)
+        self.scheduler = self._make_scheduler(self.optimizer)
+
+        self.epoch = 0  # next epoch to run
+        self.global_step = 0
+        self.best_score = -math.inf
+        self.best_metrics: dict = {}
+        self.last_metrics: dict = {}
+        self.history: list[dict] = []
+        self.stopped = False
+        self._writer = None
+
+    # -- model, optimiser, schedule
+
+    def _attach_model(self, model: nn.Module) -> None:
+        model.to(self.device)
+        self.model = model
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        else:
+            self.ddp_model = model
+
+    def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.cfg.train.lr, weight_decay=self.cfg.train.weight_decay)
+
+    def _make_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        t = self.cfg.train
+        warmup, total, min_ratio = self.warmup_steps, self.total_steps, t.min_lr / t.lr if t.lr else 0.0
+
+        def factor(step: int) -> float:  # a closure, so LambdaLR stores no state for it
+            return lr_factor(step, warmup, total, min_ratio)
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def replace_model(self, new_model: nn.Module) -> None:
+        """Train `new_model` from here on (e.g. after growing a layer).
+
+        Fresh optimiser and scheduler at the same schedule position; Adam moments are carried over
+        for every parameter whose name and shape are unchanged.
+        """
+        old_params = dict(self.model.named_parameters())
+        old_opt, old_sched = self.optimizer, self.scheduler
+        self._attach_model(new_model)
+        opt = self._make_optimizer(new_model)
+        for name, p in new_model.named_parameters():
+            old = old_params.get(name)
+            if old is not None and old.shape == p.shape and old in old_opt.state:
+                opt.state[p] = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                for k, v in old_opt.state[old].items()}
+        sched = self._make_scheduler(opt)
+        sched.load_state_dict(old_sched.state_dict())
+        for group, old_group in zip(opt.param_groups, old_opt.param_groups):
+            group["lr"] = old_group["lr"]
+        self.optimizer, self.scheduler = opt, sched
+
+    # -- checkpoints
+
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / BEST
+
+    @property
+    def last_path(self) -> Path:
+        return self.out_dir / LAST
+
+    def _artifact(self, metrics: dict, extra: dict) -> Artifact:
+        return Artifact(
+            stage=self.stage_name,
+            spec=self.stage.artifact_spec(self.model),
+            state_dict=self.stage.artifact_state(self.model),
+            config=to_dict(self.cfg),
+            metrics=dict(metrics),
+            lineage=list(self.lineage),
+            extra={**self.extra, **self.stage.artifact_extra(), **extra},
+        )
+
+    def _train_state(self) -> dict:
+        state = {
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "best_score": self.best_score,
+            "best_metrics": self.best_metrics,
+            "last_metrics": self.last_metrics,
+            "history": self.history,
+            "stopped": self.stopped,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "stage": self.stage.state_dict(),
+            "rng": rng_state(),
+        }
+        if type(self.stage).artifact_state is not Stage.artifact_state:  # artifact weights differ from the live model's
+            state["model"] = self.model.state_dict()
+        return state
+
+    def save_best(self, metrics: dict, epoch: int) -> None:
+        if self.dist.main:
+            self._artifact(metrics, {"epoch": epoch + 1, "global_step": self.global_step}).save(self.best_path)
+
+    def save_last(self) -> None:
+        if self.dist.main:
+            extra = {"epoch": self.epoch, "global_step": self.global_step, "train_state": self._train_state()}
+            self._artifact(self.last_metrics, extra).save(self.last_path)
+            atomic_write_text(self.out_dir / "history.json", json.dumps(self.history, indent=1) + "\n")
+
+    def load_last(self) -> None:
+        """Restore everything from out_dir/last.pt; errors say what does not fit."""
+        path = self.last_path
+        if not path.is_file():
+            raise ArtifactError(f"{path}: nothing to resume (no last.pt in {self.out_dir})")
+        art = Artifact.load(path)
+        state = art.extra.get("train_state")
+        if not isinstance(state, dict):
+            raise ArtifactError(f"{path}: holds no training state (not a last.pt written by the engine)")
+        if art.stage != self.stage_name:
+            raise ArtifactError(f"{path}: written by stage {art.stage!r}, cannot resume stage {self.stage_name!r}")
+        spec = self.stage.artifact_spec(self.model)
+        if art.spec != spec:
+            diff = sorted(k for k in set(spec) | set(art.spec) if spec.get(k) != art.spec.get(k))
+            raise ArtifactError(
+                f"{path}: saved model has another architecture (spec fields differ: {', '.join(diff)}); "
+                "resume with the same model config or start a new --out folder"
+            )
+        try:
+            self.model.load_state_dict(state.get("model", art.state_dict))
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ArtifactError(f"{path}: training state does not fit this model: {e}") from None
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        old = art.config.get("train", {})
+        changed = [k for k in SCHEDULE_KEYS if k in old and old[k] != getattr(self.cfg.train, k)]
+        if changed and self.dist.main:
+            tqdm.write(f"warning: resuming with changed train.{', train.'.join(changed)}; the lr schedule follows the new values")
+        self.stage.load_state_dict(state["stage"])
+        self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
+        self.best_score, self.best_metrics = float(state["best_score"]), dict(state["best_metrics"])
+        self.last_metrics, self.history = dict(state["last_metrics"]), list(state["history"])
+        self.stopped = bool(state.get("stopped", False))
+        set_rng_state(state["rng"])
+
+    # -- logging
+
+    @property
+    def writer(self):
+        if self._writer is None and self.dist.main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=self.global_step or None)
+        return self._writer
+
+    def log_scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    # -- training
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+
+    def _batches(self, epoch: int) -> Iterator[dict]:
+        """`steps_per_epoch` batches; the loader is restarted if it runs out first."""
+        self.sampler.set_epoch(epoch)
+        self.data.train_set.set_epoch(epoch)
+        n = 0
+        while True:
+            for batch in self.loader:
+                yield batch
+                n += 1
+                if n == self.steps_per_epoch:
+                    return
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        t = self.cfg.train
+        self.ddp_model.train()
+        sums: dict[str, float] = {}
+        bar = tqdm(total=self.steps_per_epoch, desc=f"{self.stage_name} {epoch + 1}/{t.epochs}", unit="step",
+                   disable=not self.dist.main, leave=False, dynamic_ncols=True)
+        for batch in self._batches(epoch):
+            batch = _to_device(batch, self.device)
+            with self._autocast():
+                loss, logs = self.stage.loss(self.ddp_model, batch)
+            if not torch.isfinite(loss.detach()) and self.scaler is None:
+                raise FloatingPointError(
+                    f"{self.stage_name}: loss is {float(loss)} at epoch {epoch + 1}, step {self.global_step} "
+                    f"(cases {batch.get('case')}); lower train.lr or set train.amp=off"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
+            if t.grad_clip and t.grad_clip > 0:
+                grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip))
+                if math.isfinite(grad_norm):  # fp16 overflow: the scaler skips this step anyway
+                    logs = {**logs, "grad_norm": grad_norm}
+            self.stage.after_backward(self)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step()
+            self.global_step += 1
+            logs = {"loss": float(loss.detach()), **logs}
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            self.log_scalars("train", {**logs, "lr": lr}, self.global_step)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}")
+            bar.update()
+        bar.close()
+        return {k: v / self.steps_per_epoch for k, v in sums.items()}
+
+    # -- validation
+
+    @torch.no_grad()
+    def validate(self, epoch: int) -> dict[str, float]:
+        """Sliding-window predictions of this rank's share of the validation cases, scored and
+        gathered: every rank returns the same means (keys dice_wt, ..., hd95_et, iou_mean, val_cases)."""
+        from brats.dataset import iter_cases
+        from brats.inference import predict_case
+        from brats.metrics import score_case
+
+        t, model = self.cfg.train, self.model
+        was_training = model.training
+        model.eval()
+
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            with self._autocast():
+                return self.stage.predict(model, x.to(self.device)).float()
+
+        rows, images = [], []
+        ids = self.data.val_ids[self.dist.rank:: self.dist.world]
+        for case, image, label, meta in iter_cases(self.data.cache, ids):
+            if label is None:
+                continue
+            pred = predict_case(predict, image, self.cfg.data.scheme, t.window, t.overlap, t.sw_batch)
+            truth = label.numpy()
+            rows.append({"case": case, **score_case(pred, truth, meta.spacing)})
+            if t.log_images and self.dist.main and len(images) < LOG_IMAGE_CASES:
+                z = _axial_slice(truth)
+                images.append((case, contour_overlay(image[0, :, :, z].numpy(), truth[:, :, z], pred[:, :, z])))
+        if self.dist.enabled:
+            gathered: list[list[dict]] = [None] * self.dist.world  # type: ignore[list-item]
+            dist.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        if not rows:
+            raise ConfigError("no labelled validation case to score")
+        rows.sort(key=lambda r: r["case"])
+        metrics = _mean_rows(rows)
+        metrics["val_cases"] = float(len(rows))
+        if self.writer is not None:
+            for case, img in images:
+                self.writer.add_image(f"val/{case}", img, self.global_step)
+        model.train(was_training)
+        return metrics
+
+    def _sync_buffers(self) -> None:
+        """BatchNorm running stats differ per rank after local batches; take rank 0's."""
+        if self.dist.enabled:
+            for buf in self.model.buffers():
+                dist.broadcast(buf, src=0)
+
+    def _consider_best(self, metrics: dict, epoch: int) -> None:
+        self.last_metrics = dict(metrics)
+        score = metrics.get("dice_mean", -math.inf)
+        if score > self.best_score:
+            self.best_score, self.best_metrics = float(score), dict(metrics)
+            self.save_best(metrics, epoch)
+
+    # -- the loop
+
+    def run(self, resume: bool = False) -> FitResult:
+        t = self.cfg.train
+        if self.dist.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.stage.setup(self)
+        if resume:
+            self.load_last()
+        for epoch in range(self.epoch, t.epochs):
+            if self.stopped:
+                break
+            start = time.time()
+            train_logs = self.train_epoch(epoch)
+            self._sync_buffers()
+            due = (epoch + 1) % max(1, t.val_every) == 0 or epoch == t.epochs - 1
+            metrics = self.validate(epoch) if due else None
+            if metrics is not None:
+                self._consider_best(metrics, epoch)
+            self.stopped = bool(self.stage.on_epoch_end(self, epoch, metrics))
+            if self.stopped and metrics is None:
+                metrics = self.validate(epoch)
+                self._consider_best(metrics, epoch)
+            entry = {"epoch": epoch + 1, "step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"],
+                     "train": train_logs, "val": metrics, "seconds": round(time.time() - start, 2)}
+            self.history.append(entry)
+            self.epoch = epoch + 1
+            self.save_last()
+            self._log_epoch(entry)
+        if self.writer is not None:
+            self.writer.flush()
+        if self.dist.enabled:
+            dist.barrier()
+        return FitResult(self.best_path, self.last_path, dict(self.best_metrics), list(self.history))
+
+    def _log_epoch(self, entry: dict) -> None:
+        if not self.dist.main:
+            return
+        # every curve uses the global step as x axis, so a resumed run's purge_step cuts them all
+        self.log_scalars("epoch", {"epoch": entry["epoch"], **{f"train_{k}": v for k, v in entry["train"].items()}},
+                         entry["step"])
+        line = f"{self.stage_name} epoch {entry['epoch']}/{self.cfg.train.epochs} loss {entry['train'].get('loss', math.nan):.4f}"
+        val = entry["val"]
+        if val:
+            self.log_scalars("val", val, entry["step"])
+            line += (f" | val dice wt {val['dice_wt']:.3f} tc {val['dice_tc']:.3f} et {val['dice_et']:.3f}"
+                     f" mean {val['dice_mean']:.3f} hd95 {val.get('hd95_mean', math.nan):.1f}"
+                     f" (best {self.best_score:.3f})")
+        tqdm.write(f"{line} | {entry['seconds']:.1f} s")
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def fit(model: nn.Module, stage: Stage, cfg: Config, out_dir: str | Path, *, stage_name: str,
+        lineage: Sequence[dict] = (), resume: bool = False, extra: dict | None = None,
+        data: TrainData | None = None) -> FitResult:
+    """Train `model` with `stage`'s loss; write `<out_dir>/best.pt` and `<out_dir>/last.pt`."""
+    info = init_distributed(cfg.train.device)
+    trainer = None
+    try:
+        trainer = Trainer(model, stage, cfg, out_dir, stage_name=stage_name, lineage=lineage, extra=extra,
+                          data=data, dist_info=info)
+        return trainer.run(resume=resume)
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if info.owns_group and dist.is_initialized():
+            dist.destroy_process_group()

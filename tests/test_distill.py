@@ -1,0 +1,112 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from brats.phantom import write_phantom_dataset
+from common.artifact import Artifact, build_model
+from common.config import Config
+from student.distill import DistillStage, dice_gap, distill_student, kd_loss, load_teacher
+from student.thin import thin
+from teacher.model import RefineFormer3D, count_params, preset_spec
+
+TINY = dict(embed_dims=[16, 32, 32, 32], num_heads=[1, 2, 2, 2], depths=[1, 1, 1, 1],
+            decoder_dim=16, fuse_dim=16, refine_dim=8)
+
+
+def tiny_teacher(seed: int = 0) -> RefineFormer3D:
+    torch.manual_seed(seed)
+    return RefineFormer3D(preset_spec("refineformer3d", **TINY))
+
+
+def test_kd_loss_regions_is_soft_bce_times_t_squared_less_a_constant():
+    torch.manual_seed(0)
+    s = torch.randn(2, 3, 4, 4, 4, requires_grad=True)
+    t = torch.randn(2, 3, 4, 4, 4)
+    T = 3.0
+    assert float(kd_loss(t, t, "regions", T)) == pytest.approx(0.0, abs=1e-6)
+    ours = kd_loss(s, t, "regions", T)
+    soft_bce = F.binary_cross_entropy(torch.sigmoid(s / T), torch.sigmoid(t / T)) * T * T
+    g1, = torch.autograd.grad(ours, s)
+    g2, = torch.autograd.grad(soft_bce, s)
+    assert torch.allclose(g1, g2, atol=1e-6)
+    assert float(ours.detach()) > 0
+
+
+def test_kd_loss_softmax_is_kl_and_mask_restricts_voxels():
+    torch.manual_seed(1)
+    s, t = torch.randn(1, 3, 2, 2, 2), torch.randn(1, 3, 2, 2, 2)
+    T = 2.0
+    kl = F.kl_div((s / T).log_softmax(1), (t / T).log_softmax(1), log_target=True, reduction="sum") / 8 * T * T
+    assert float(kd_loss(s, t, "seed3", T)) == pytest.approx(float(kl), rel=1e-5)
+    mask = torch.zeros(1, 1, 2, 2, 2, dtype=torch.bool)
+    mask[..., 0, 0, 0] = True
+    one = kd_loss(s[..., :1, :1, :1], t[..., :1, :1, :1], "seed3", T)
+    assert float(kd_loss(s, t, "seed3", T, mask)) == pytest.approx(float(one), rel=1e-5)
+
+
+def test_teacher_gets_no_gradient_and_does_not_change_during_a_step():
+    teacher = tiny_teacher().train()  # DistillStage must put it in eval mode (BatchNorm stats frozen)
+    student = thin(teacher, 0.5).train()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    cfg = Config()
+    cfg.distill.feature_weight = 0.5
+    stage = DistillStage(teacher, cfg, perturb=True)
+    projections = stage.build_projections(student)
+    assert [p.in_channels for p in projections] == [8, 16, 16, 16]
+    assert [p.out_channels for p in projections] == [16, 32, 32, 32]
+    opt = torch.optim.SGD([*student.parameters(), *projections.parameters()], lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(2, 4, 32, 32, 32, generator=g),
+             "label": torch.tensor([0, 1, 2, 4])[torch.randint(0, 4, (2, 32, 32, 32), generator=g)]}
+    student_before = student.decoder.fuse.weight.detach().clone()
+    loss, logs = stage.loss(student, batch)
+    loss.backward()
+    opt.step()
+    assert set(logs) >= {"loss", "sup", "kd", "feat"} and logs["kd"] > 0 and logs["feat"] > 0
+    assert logs["loss"] == pytest.approx(logs["sup"] + logs["kd"] + 0.5 * logs["feat"], rel=1e-5)
+    assert not teacher.training
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert not torch.equal(student.decoder.fuse.weight, student_before)
+    assert projections[0].weight.grad is not None and projections[0].weight.grad.abs().sum() > 0
+    # the projections stay out of the student: its artifact state is the plain model's
+    assert set(stage.artifact_state(student)) == set(student.state_dict())
+    assert set(stage.state_dict()["projections"]) == {f"{i}.{w}" for i in range(4) for w in ("weight", "bias")}
+
+
+def test_dice_gap_is_teacher_minus_student():
+    gap = dice_gap({"dice_wt": 0.9, "dice_tc": 0.8, "dice_et": 0.7, "dice_mean": 0.8},
+                   {"dice_wt": 0.85, "dice_tc": 0.8, "dice_et": 0.5, "dice_mean": 0.7166667})
+    assert gap["dice_gap_wt"] == pytest.approx(0.05) and gap["dice_gap_et"] == pytest.approx(0.2)
+    assert gap["teacher_dice_mean"] == pytest.approx(0.8) and gap["dice_gap_mean"] == pytest.approx(0.0833333)
+
+
+def test_distill_student_end_to_end(tmp_path):
+    data = tmp_path / "data"
+    write_phantom_dataset(data, cases=4, val_cases=0, shape=(48, 48, 32), seed=0)
+    teacher = tiny_teacher()
+    Artifact(stage="teacher", spec=teacher.spec.to_dict(), state_dict=teacher.state_dict(),
+             config={"data": {"scheme": "regions"}}, metrics={"dice_mean": 0.5}).save(tmp_path / "teacher.pt")
+    cfg = Config()
+    cfg.data.dir, cfg.data.crop, cfg.data.val_fraction = str(data), [32, 32, 32], 0.5
+    t = cfg.train
+    t.window, t.overlap, t.sw_batch = [32, 32, 32], 0.25, 2
+    t.epochs, t.steps_per_epoch, t.batch_size, t.warmup_epochs, t.threads, t.log_images = 1, 1, 2, 0, 1, False
+    cfg.distill.teacher, cfg.distill.width, cfg.distill.feature_weight = str(tmp_path / "teacher.pt"), 0.5, 0.1
+    art = distill_student(cfg, tmp_path / "student")
+    loaded = Artifact.load(tmp_path / "student" / "student.pt")
+    assert loaded.stage == "student"
+    assert [e["stage"] for e in loaded.lineage] == ["teacher"]
+    assert loaded.lineage[0]["path"] == str(tmp_path / "teacher.pt")
+    for r in ("wt", "tc", "et", "mean"):
+        assert math.isclose(loaded.metrics[f"dice_gap_{r}"],
+                            loaded.metrics[f"teacher_dice_{r}"] - loaded.metrics[f"dice_{r}"], abs_tol=1e-9)
+    student = build_model(loaded)  # strict: no projection weights, no torch-pruning needed
+    assert count_params(student) < count_params(teacher) / 2
+    assert student.spec.embed_dims == [8, 16, 16, 16]
+    assert loaded.extra["width"] == 0.5 and loaded.extra["init"] == "pruned"
+    assert art.metrics == loaded.metrics
+    frozen = load_teacher(tmp_path / "teacher.pt")
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())

@@ -1,0 +1,329 @@
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from brats.inference import predict_case
+from brats.metrics import score_case
+from brats.phantom import write_phantom_dataset
+from common.artifact import Artifact, ArtifactError, build_model
+from common.config import Config, ConfigError
+from teacher.engine import (
+    BEST,
+    LAST,
+    Stage,
+    SupervisedStage,
+    Trainer,
+    contour_overlay,
+    fit,
+    lr_factor,
+    make_data,
+    resolve_amp,
+    rng_state,
+    set_rng_state,
+)
+from teacher.model import RefineFormer3D, preset_spec
+
+TINY = dict(embed_dims=[8, 16, 16, 16], num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1],
+            decoder_dim=16, fuse_dim=16, refine_dim=4)
+
+
+def make_phantom(root: Path) -> Path:
+    """Four 48x48x32 synthetic cases (about 41x41x28 after the brain crop)."""
+    write_phantom_dataset(root, cases=4, val_cases=0, shape=(48, 48, 32), seed=0)
+    return root
+
+
+def tiny_cfg(data_dir: Path, **train) -> Config:
+    cfg = Config()
+    cfg.data.dir = str(data_dir)
+    cfg.data.crop = [32, 32, 32]
+    cfg.data.val_fraction = 0.5  # 2 train, 2 val
+    cfg.model.overrides = dict(TINY)
+    t = cfg.train
+    t.window, t.overlap, t.sw_batch = [32, 32, 32], 0.25, 2
+    t.epochs, t.steps_per_epoch, t.batch_size, t.warmup_epochs = 2, 2, 2, 1
+    t.lr, t.min_lr, t.threads = 3e-3, 1e-5, 1
+    for k, v in train.items():
+        setattr(t, k, v)
+    return cfg
+
+
+def tiny_model(seed: int = 0, **overrides) -> RefineFormer3D:
+    torch.manual_seed(seed)
+    return RefineFormer3D(preset_spec("refineformer3d", **{**TINY, **overrides}))
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> Path:
+    return make_phantom(tmp_path_factory.mktemp("phantom"))
+
+
+@pytest.fixture(scope="module")
+def straight(phantom, tmp_path_factory):
+    """One uninterrupted 2-epoch run, shared by several tests."""
+    out = tmp_path_factory.mktemp("straight")
+    model = tiny_model()
+    result = fit(model, SupervisedStage(), tiny_cfg(phantom), out, stage_name="teacher")
+    return out, model, result
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_resolve_amp(monkeypatch):
+    assert resolve_amp("off", "cuda") == (None, False)
+    assert resolve_amp("auto", "cuda") == (torch.float16, True)
+    assert resolve_amp("fp16", "cuda:1") == (torch.float16, True)
+    assert resolve_amp("bf16", "cpu") == (torch.bfloat16, False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert resolve_amp("auto", "cpu") == (None, False)  # never slow bf16 by default
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert resolve_amp("auto", "cpu") == (torch.bfloat16, False)
+    with pytest.raises(ConfigError, match="CUDA"):
+        resolve_amp("fp16", "cpu")
+    with pytest.raises(ConfigError, match="amp"):
+        resolve_amp("int8", "cpu")
+
+
+def test_lr_factor_warmup_then_cosine():
+    # 4 warm-up steps of 14 in all, min ratio 0.1
+    f = [lr_factor(s, 4, 14, 0.1) for s in range(15)]
+    assert f[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert f[4] == pytest.approx(1.0)
+    assert f[9] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert f[14] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[4:], f[5:]))
+
+
+def test_rng_state_roundtrip_is_weights_only(tmp_path):
+    import random
+
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]
+
+
+def test_contour_overlay_draws_edges_only():
+    flair = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    truth = np.zeros((8, 8), np.uint8)
+    truth[2:6, 2:6] = 2  # edema square: WT only
+    pred = np.zeros((8, 8), np.uint8)
+    rgb = contour_overlay(flair, truth, pred)
+    assert rgb.shape == (3, 8, 16) and rgb.dtype == np.uint8
+    left = rgb[:, :, :8]
+    green = (left[0] == 0) & (left[1] == 255) & (left[2] == 0)
+    ring = np.zeros((8, 8), bool)
+    ring[2:6, 2:6] = True
+    ring[3:5, 3:5] = False
+    assert np.array_equal(green, ring)  # a 4x4 square's contour: its 12 border pixels
+    assert np.array_equal(rgb[0, :, 8:], rgb[1, :, 8:])  # empty prediction: grey only
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def test_make_data_split_and_crops(phantom):
+    data = make_data(tiny_cfg(phantom))
+    assert len(data.train_ids) == 2 and len(data.val_ids) == 2
+    assert not set(data.train_ids) & set(data.val_ids)
+    item = data.train_set[0]
+    assert item["image"].shape == (4, 32, 32, 32) and item["label"].shape == (32, 32, 32)
+    cfg = tiny_cfg(phantom)
+    cfg.data.max_val_cases = 1
+    assert len(make_data(cfg).val_ids) == 1
+
+
+def test_fit_writes_best_and_last(straight, phantom):
+    out, model, result = straight
+    assert result.best_path == out / BEST and result.last_path == out / LAST
+    assert len(result.history) == 2 and [h["step"] for h in result.history] == [2, 4]
+    dice = [h["val"]["dice_mean"] for h in result.history]
+    assert result.best_metrics["dice_mean"] == max(dice)
+    assert result.best_metrics["val_cases"] == 2
+    assert 0.0 <= result.best_metrics["dice_mean"] <= 1.0
+    for h in result.history:  # mean Dice is the mean of the three regions
+        v = h["val"]
+        assert v["dice_mean"] == pytest.approx((v["dice_wt"] + v["dice_tc"] + v["dice_et"]) / 3)
+
+    best, last = Artifact.load(out / BEST), Artifact.load(out / LAST)
+    assert best.stage == last.stage == "teacher"
+    assert best.metrics == result.best_metrics
+    assert best.config["train"]["epochs"] == 2 and best.spec == model.spec.to_dict()
+    state = last.extra["train_state"]
+    assert state["epoch"] == 2 and state["global_step"] == 4
+    assert state["best_score"] == pytest.approx(max(dice))
+    assert last.metrics == result.history[-1]["val"]
+    # last.pt holds the final weights
+    for k, v in model.state_dict().items():
+        assert torch.equal(last.state_dict[k], v.cpu()), k
+
+    # best.pt's weights reproduce its own metrics when re-scored from scratch
+    rebuilt = build_model(best).eval()
+    data = make_data(tiny_cfg(phantom))
+    rows = []
+    with torch.no_grad():
+        for case in data.val_ids:
+            image = torch.from_numpy(np.asarray(data.cache.image(case), dtype=np.float32))
+            truth = np.asarray(data.cache.label(case))
+            pred = predict_case(rebuilt, image, "regions", (32, 32, 32), 0.25, 2)
+            rows.append(score_case(pred, truth, data.cache.meta(case).spacing)["dice_mean"])
+    assert float(np.mean(rows)) == pytest.approx(best.metrics["dice_mean"], abs=1e-6)
+
+
+def test_training_lowers_the_loss(phantom, tmp_path):
+    cfg = tiny_cfg(phantom, epochs=3, steps_per_epoch=4, val_every=3, log_images=False)
+    result = fit(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="teacher")
+    losses = [h["train"]["loss"] for h in result.history]
+    assert losses[-1] < losses[0] - 0.05, losses
+    # validation only every 3rd epoch (here: the last)
+    assert [h["val"] is not None for h in result.history] == [False, False, True]
+
+
+def test_tensorboard_holds_val_dice(straight):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _, result = straight
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    events = acc.Scalars("val/dice_mean")
+    assert [e.step for e in events] == [2, 4]
+    assert [e.value for e in events] == pytest.approx([h["val"]["dice_mean"] for h in result.history], abs=1e-6)
+    assert len(acc.Scalars("train/loss")) == 4 and "train/lr" in tags["scalars"]
+    assert "val/hd95_wt" in tags["scalars"] and len(tags["images"]) == 2  # one image tag per logged case
+
+
+class InterruptAfter(SupervisedStage):
+    """Raise KeyboardInterrupt on loss call number `n + 1` (a kill in the middle of an epoch)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n, self.calls = n, 0
+
+    def loss(self, model, batch):
+        self.calls += 1
+        if self.calls > self.n:
+            raise KeyboardInterrupt
+        return super().loss(model, batch)
+
+
+def test_resume_matches_an_uninterrupted_run(straight, phantom, tmp_path):
+    out, model, result = straight
+    cfg = tiny_cfg(phantom)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model(), InterruptAfter(3), cfg, tmp_path, stage_name="teacher")  # dies in epoch 2
+    assert Artifact.load(tmp_path / LAST).extra["train_state"]["epoch"] == 1
+    resumed_model = tiny_model(seed=123)  # weights come from last.pt
+    resumed = fit(resumed_model, SupervisedStage(), cfg, tmp_path, stage_name="teacher", resume=True)
+    assert resumed.best_metrics.keys() == result.best_metrics.keys()
+    for k, v in result.best_metrics.items():
+        assert resumed.best_metrics[k] == pytest.approx(v, abs=1e-6), k
+    assert [h["val"]["dice_mean"] for h in resumed.history] == pytest.approx(
+        [h["val"]["dice_mean"] for h in result.history], abs=1e-6)
+    final = model.state_dict()
+    for k, v in resumed_model.state_dict().items():
+        assert torch.allclose(v, final[k], atol=1e-6), k
+
+
+def test_resume_errors(straight, phantom, tmp_path):
+    out, _, _ = straight
+    cfg = tiny_cfg(phantom)
+    with pytest.raises(ArtifactError, match="nothing to resume"):
+        fit(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="teacher", resume=True)
+    (tmp_path / LAST).write_bytes((out / LAST).read_bytes())
+    with pytest.raises(ArtifactError, match="architecture.*embed_dims"):
+        fit(tiny_model(embed_dims=[8, 16, 32, 16]), SupervisedStage(), cfg, tmp_path, stage_name="teacher",
+            resume=True)
+    with pytest.raises(ArtifactError, match="stage 'teacher'"):
+        fit(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="student", resume=True)
+    (tmp_path / LAST).write_bytes((out / LAST).read_bytes()[:5000])  # truncated
+    with pytest.raises(ArtifactError, match="corrupted or truncated"):
+        fit(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="teacher", resume=True)
+
+
+class StopAtFirstEpoch(SupervisedStage):
+    def __init__(self):
+        super().__init__()
+        self.seen: list = []
+
+    def on_epoch_end(self, trainer, epoch, val_metrics):
+        self.seen.append(val_metrics)
+        return True
+
+    def state_dict(self):
+        return {"seen": len(self.seen)}
+
+
+def test_early_stop_validates_and_is_final(phantom, tmp_path):
+    cfg = tiny_cfg(phantom, epochs=4, val_every=3, log_images=False)
+    stage = StopAtFirstEpoch()
+    result = fit(tiny_model(), stage, cfg, tmp_path, stage_name="teacher")
+    assert stage.seen == [None]  # epoch 1 was not a validation epoch...
+    assert len(result.history) == 1 and result.history[0]["val"] is not None  # ...but stopping validates
+    assert (tmp_path / BEST).is_file()
+    last = Artifact.load(tmp_path / LAST)
+    assert last.extra["train_state"]["stopped"] is True and last.extra["train_state"]["stage"] == {"seen": 1}
+    again = fit(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="teacher", resume=True)
+    assert len(again.history) == 1  # a stopped run stays stopped
+
+
+def test_replace_model_keeps_schedule_and_adam_state(phantom, tmp_path):
+    cfg = tiny_cfg(phantom, epochs=4)
+    trainer = Trainer(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="teacher")
+    trainer.train_epoch(0)  # 2 steps
+    lr_before = trainer.optimizer.param_groups[0]["lr"]
+    old_state = {n: trainer.optimizer.state[p] for n, p in trainer.model.named_parameters()}
+    grown = tiny_model(seed=5, fuse_dim=24)  # decoder fuse/refine layers change shape
+    trainer.replace_model(grown)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr_before)
+    assert trainer.scheduler.last_epoch == 2
+    new_params = dict(grown.named_parameters())
+    carried = trainer.optimizer.state
+    name = "encoder.stages.0.patch_embed.proj.weight"
+    assert torch.equal(carried[new_params[name]]["exp_avg"], old_state[name]["exp_avg"])
+    assert new_params["decoder.fuse.weight"] not in carried  # shape changed: fresh moments
+    trainer.train_epoch(1)
+    assert trainer.global_step == 4
+    expected = cfg.train.lr * lr_factor(4, 2, 8, cfg.train.min_lr / cfg.train.lr)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+    assert all(p.device.type == "cpu" for p in grown.parameters())
+
+
+def test_stage_hooks_are_called(phantom, tmp_path):
+    class Counting(SupervisedStage):
+        def __init__(self):
+            super().__init__()
+            self.backward_calls, self.setup_calls, self.predict_calls = 0, 0, 0
+
+        def setup(self, trainer):
+            self.setup_calls += 1
+
+        def after_backward(self, trainer):
+            # gradients are present and already clipped to grad_clip
+            norm = torch.norm(torch.stack([p.grad.norm() for p in trainer.model.parameters() if p.grad is not None]))
+            assert norm <= trainer.cfg.train.grad_clip + 1e-4
+            self.backward_calls += 1
+
+        def predict(self, model, x):
+            self.predict_calls += 1
+            return model(x)
+
+    stage = Counting()
+    fit(tiny_model(), stage, tiny_cfg(phantom, epochs=1, log_images=False), tmp_path, stage_name="teacher")
+    assert (stage.setup_calls, stage.backward_calls) == (1, 2)
+    assert stage.predict_calls == 4  # 2 val cases x (2x2x1 windows / sw_batch 2)
+
+
+def test_base_stage_needs_a_loss():
+    with pytest.raises(NotImplementedError):
+        Stage().loss(None, {})
+    assert math.isclose(Stage().predict(lambda x: x * 2, torch.ones(1)).item(), 2.0)

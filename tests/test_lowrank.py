@@ -1,0 +1,324 @@
+"""Low-rank surgery: exactness at full rank, optimal truncation, rank selection, budget, round-trip."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from common.artifact import Artifact, ArtifactError, build_model
+from common.config import ConfigError, LowRankConfig
+from compress.lowrank import (
+    BudgetError,
+    Candidate,
+    budget_ranks,
+    candidates,
+    factorise,
+    factorise_layer,
+    format_table,
+    lowrank_params,
+    max_saving_rank,
+    parse_count,
+    rank_for_energy,
+    rank_for_ratio,
+    saves_params,
+    selection,
+)
+from teacher.layers import LowRankConv3d, LowRankLinear
+from teacher.model import ModelSpec, RefineFormer3D, count_params
+
+TINY = dict(embed_dims=[16, 32, 32, 32], num_heads=[1, 2, 2, 2], depths=[1, 1, 1, 1], decoder_dim=16, fuse_dim=16, refine_dim=4)
+
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "lowrank.yaml"
+
+
+def tiny_model(seed: int = 0) -> RefineFormer3D:
+    torch.manual_seed(seed)
+    return RefineFormer3D(ModelSpec(**TINY)).eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+# ----------------------------------------------------------------------------- one layer
+
+
+def test_linear_full_rank_reproduces_output():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(12, 20))
+    x = torch.randn(5, 12)
+    ref = seq(x)
+    new = factorise_layer(seq, "0", 12)
+    assert isinstance(seq[0], LowRankLinear) and new.rank == 12
+    assert new.down.weight.shape == (12, 12) and new.up.weight.shape == (20, 12)
+    assert rel_err(seq(x), ref) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "in_ch, out_ch, kernel, stride, padding, size",
+    [(4, 16, 7, 4, 3, 16), (8, 6, 3, 1, 1, 6), (6, 10, 2, 2, 0, 8)],
+)
+def test_conv3d_full_rank_reproduces_output(in_ch, out_ch, kernel, stride, padding, size):
+    torch.manual_seed(1)
+    seq = nn.Sequential(nn.Conv3d(in_ch, out_ch, kernel, stride=stride, padding=padding))
+    x = torch.randn(2, in_ch, size, size, size)
+    ref = seq(x)
+    full = min(out_ch, in_ch * kernel**3)
+    new = factorise_layer(seq, "0", full)
+    assert isinstance(new, LowRankConv3d)
+    assert new.down.weight.shape == (full, in_ch, kernel, kernel, kernel)
+    assert new.up.weight.shape == (out_ch, full, 1, 1, 1)
+    assert new.down.stride == (stride,) * 3 and new.down.padding == (padding,) * 3
+    out = seq(x)
+    assert out.shape == ref.shape
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_truncation_error_is_the_dropped_spectrum():
+    """Eckart-Young: the rank-r product misses W by exactly sqrt(sum of dropped S^2) in Frobenius."""
+    torch.manual_seed(2)
+    conv = nn.Conv3d(5, 12, 3, padding=1)
+    w = conv.weight.detach().reshape(12, -1).clone()
+    s = torch.linalg.svdvals(w.double())
+    seq = nn.Sequential(conv)
+    new = factorise_layer(seq, "0", 4)
+    product = (new.up.weight.reshape(12, 4) @ new.down.weight.reshape(4, -1)).detach()  # (o, i*k^3)
+    err = float((product.double() - w.double()).norm())
+    assert err == pytest.approx(float(s[4:].pow(2).sum().sqrt()), rel=1e-5)
+    # sqrt(S) on both sides: both factors carry the same spectrum, so their norms are equal.
+    assert float(new.up.weight.detach().norm()) == pytest.approx(float(new.down.weight.detach().norm()), rel=1e-5)
+    assert torch.equal(new.up.bias, conv.bias)
+
+
+# ----------------------------------------------------------------------------- arithmetic and ranks
+
+
+def test_parameter_arithmetic():
+    # Conv3d 4 -> 16, kernel 7: in_dim = 4 * 343 = 1372; full weight 21,952.
+    assert lowrank_params(16, 1372, 8) == 8 * (1372 + 16) == 11_104
+    assert saves_params(16, 1372, 15) and not saves_params(16, 1372, 16)  # 15*1388=20,820 < 21,952 < 22,208
+    assert max_saving_rank(16, 1372) == 15
+    # square 32 x 32: r * 64 < 1024 -> r <= 15; with min_saving 0.5 -> r * 64 < 512 -> r <= 7
+    assert max_saving_rank(32, 32) == 15
+    assert max_saving_rank(32, 32, min_saving=0.5) == 7
+    assert max_saving_rank(3, 1) == 0  # a 1 -> 3 map cannot shrink
+
+
+def test_rank_selection_on_a_constructed_spectrum():
+    s = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])  # S^2: 16, 9, 4, 1, 0 (total 30)
+    assert rank_for_energy(s, 0.5) == 1  # 16/30 = 0.533
+    assert rank_for_energy(s, 0.6) == 2  # 25/30 = 0.833
+    assert rank_for_energy(s, 0.9) == 3  # 29/30 = 0.967
+    assert rank_for_energy(s, 0.97) == 4
+    assert rank_for_energy(s, 1.0) == 4  # the zero singular value is never needed
+    assert rank_for_ratio(64, 0.5) == 32
+    assert rank_for_ratio(5, 0.3) == 2  # 1.5 rounds up
+    assert rank_for_ratio(3, 0.01) == 1
+    with pytest.raises(ConfigError, match="energy"):
+        rank_for_energy(s, 1.5)
+
+
+def test_parse_count():
+    assert parse_count("200k") == 200_000
+    assert parse_count("1.5M") == 1_500_000
+    assert parse_count("350000") == 350_000
+    with pytest.raises(ConfigError, match="12q"):
+        parse_count("12q")
+
+
+def test_rule_precedence_and_bad_values():
+    assert selection(LowRankConfig(energy=0.9, ratio=0.5, params="1.2M")) == {"mode": "params", "params": 1_200_000}
+    assert selection(LowRankConfig(energy=0.9, ratio=0.5)) == {"mode": "ratio", "ratio": 0.5}
+    assert selection(LowRankConfig()) == {"mode": "energy", "energy": 0.9}
+    with pytest.raises(ConfigError, match="set one of energy, ratio or params"):
+        selection(LowRankConfig(energy=None))
+    with pytest.raises(ConfigError, match="min_saving"):
+        selection(LowRankConfig(min_saving=1.0))
+    with pytest.raises(ConfigError, match="positive"):
+        selection(LowRankConfig(params="0k"))
+
+
+def _cand(name: str, out_dim: int, in_dim: int, s: list[float]) -> Candidate:
+    return Candidate(name, "linear", [out_dim, in_dim], out_dim, in_dim, 0, torch.tensor(s, dtype=torch.float64))
+
+
+def test_budget_greedy_takes_cheapest_energy_per_parameter():
+    # Two 10 x 10 layers (100 weights each, rank r costs 20 r; max saving rank 4).
+    flat = _cand("flat", 10, 10, [1.0] * 10)  # energy spread evenly: expensive to cut
+    steep = _cand("steep", 10, 10, [10.0, 1.0] + [0.1] * 8)  # almost rank 1: cheap to cut
+    total = 1000
+    # steep's best move is to rank 2 (0.08/101.08 lost for 60 saved); only 20 are needed, so it stops at 4.
+    assert budget_ranks([flat, steep], total, 980) == {"steep": 4}
+    assert budget_ranks([flat, steep], total, 950) == {"steep": 2}  # rank 3 would leave 960
+    # steep goes on to rank 1 (1/101 lost per 20 saved) before flat moves at all (best: 0.9 per 80).
+    assert budget_ranks([flat, steep], total, 920) == {"steep": 1}
+    assert budget_ranks([flat, steep], total, 900) == {"steep": 1, "flat": 4}
+    assert budget_ranks([flat, steep], total, 880) == {"steep": 1, "flat": 3}
+    # Floor: rank 1 everywhere leaves 1000 - 2 * (100 - 20) = 840.
+    assert budget_ranks([flat, steep], total, 840) == {"steep": 1, "flat": 1}
+    with pytest.raises(BudgetError, match="budget 839 is unreachable.*leaves 840"):
+        budget_ranks([flat, steep], total, 839)
+    assert budget_ranks([flat, steep], total, 1000) == {}
+
+
+# ----------------------------------------------------------------------------- whole model
+
+
+def test_depthwise_untouched_and_unsaving_layers_skipped():
+    model = tiny_model()
+    names = {c.name for c in candidates(model)}
+    assert "encoder.stages.0.blocks.0.mlp.dwconv" not in names
+    assert "decoder.refine_dw" not in names
+    assert "encoder.stages.0.patch_embed.proj" in names and "decoder.fuse" in names
+    _, table = factorise(model, LowRankConfig(energy=None, ratio=1.0))
+    rows = {r["layer"]: r for r in table}
+    # Full rank never saves: nothing is factorised, nothing changes.
+    assert not any(r["factorised"] for r in table) and model.spec.ranks == {}
+    assert isinstance(model.encoder.stages[0].blocks[0].mlp.dwconv, nn.Conv3d)
+    # decoder.head: Conv3d 4 -> 3, k3: in_dim 108, full rank 3; rank 3 would cost 333 > 324.
+    assert rows["decoder.head"]["full_rank"] == 3 and rows["decoder.head"]["params_after"] == 324 + 3
+    assert "dwconv" not in format_table(table)
+
+
+def test_min_saving_threshold():
+    model = tiny_model()
+    _, table = factorise(model, LowRankConfig(energy=None, ratio=0.5, min_saving=0.4))
+    rows = {r["layer"]: r for r in table}
+    # patch_embed 0: 16 x 1372, rank 8 -> 11,104 of 21,952 weights: saves 49.4% > 40%
+    assert rows["encoder.stages.0.patch_embed.proj"]["rank"] == 8
+    # decoder.fuse 1x1 64 -> 16, rank 8 -> 640 of 1,024: saves 37.5%, kept whole
+    assert not rows["decoder.fuse"]["factorised"] and rows["decoder.fuse"]["rank"] is None
+    assert isinstance(model.decoder.fuse, nn.Conv3d) and "decoder.fuse" not in model.spec.ranks
+    # square q 16 x 16 at rank 8 saves nothing
+    assert not rows["encoder.stages.0.blocks.0.attn.q"]["factorised"]
+
+
+def test_factorise_tiny_model_ratio_and_table():
+    model = tiny_model()
+    before = count_params(model)
+    _, table = factorise(model, LowRankConfig(energy=None, ratio=0.25))
+    rows = {r["layer"]: r for r in table}
+    fc1 = rows["encoder.stages.1.blocks.0.mlp.fc1"]  # Linear 32 -> 128: full rank 32, rank 8
+    assert (fc1["rank"], fc1["full_rank"], fc1["shape"]) == (8, 32, [128, 32])
+    assert fc1["params_before"] == 128 * 32 + 128 and fc1["params_after"] == 8 * (32 + 128) + 128
+    assert 0.25 < fc1["energy_kept"] < 1.0
+    assert isinstance(model.get_submodule("encoder.stages.1.blocks.0.mlp.fc1"), LowRankLinear)
+    assert model.spec.ranks["encoder.stages.1.blocks.0.mlp.fc1"] == 8
+    assert set(model.spec.ranks) == {r["layer"] for r in table if r["factorised"]}
+    saved = sum(r["params_before"] - r["params_after"] for r in table)
+    assert count_params(model) == before - saved > 0
+    lines = format_table(table).splitlines()
+    assert lines[-1].split()[-3:] == [f"{sum(r['params_before'] for r in table):,}",
+                                      f"{sum(r['params_before'] for r in table) - saved:,}",
+                                      f"{100 * saved / sum(r['params_before'] for r in table):.1f}%"]
+    # Columns are aligned: the "params" header ends where every params figure ends.
+    end = lines[0].index("params") + len("params")
+    assert all(l[end - 1].isdigit() for l in lines[2:-2])
+
+
+def test_factorise_with_filter_and_budget():
+    model = tiny_model()
+    before = count_params(model)
+    only_linear = lambda m, name: isinstance(m, nn.Linear)  # noqa: E731
+    _, table = factorise(model, LowRankConfig(energy=None, params=str(before - 5000)), filter=only_linear)
+    assert all(r["kind"] == "linear" for r in table)
+    assert before - 5000 - 200 < count_params(model) <= before - 5000  # a move saves at most a few hundred here
+    with pytest.raises(BudgetError, match="unreachable"):
+        factorise(tiny_model(), LowRankConfig(params="10k"))
+
+
+def test_energy_mode_keeps_energy_per_layer():
+    model = tiny_model()
+    _, table = factorise(model, LowRankConfig(energy=0.5))
+    done = [r for r in table if r["factorised"]]
+    assert done and all(r["energy_kept"] >= 0.5 for r in done)
+    # ... and the smallest such rank: one singular value fewer would fall short.
+    original = tiny_model()
+    for r in done:
+        s = _spectrum(original, r["layer"])
+        assert r["rank"] == rank_for_energy(s, 0.5)
+        assert float((s[: r["rank"] - 1] ** 2).sum() / (s**2).sum()) < 0.5
+
+
+def _spectrum(model: nn.Module, name: str) -> torch.Tensor:
+    w = model.get_submodule(name).weight.detach()
+    return torch.linalg.svdvals(w.reshape(w.shape[0], -1).double())
+
+
+def test_round_trip_through_artifact(tmp_path):
+    model = tiny_model()
+    factorise(model, LowRankConfig(energy=None, ratio=0.5))
+    assert model.spec.ranks
+    x = torch.randn(1, 4, 32, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    art = Artifact(stage="lowrank", spec=model.spec.to_dict(), state_dict=model.state_dict())
+    path = art.save(tmp_path / "lowrank.pt")
+    loaded = Artifact.load(path)  # weights_only=True
+    rebuilt = build_model(loaded).eval()
+    assert loaded.spec["ranks"] == model.spec.ranks
+    assert isinstance(rebuilt.get_submodule("decoder.fuse"), LowRankConv3d)
+    assert count_params(rebuilt) == count_params(model)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), ref)
+    # A second pass leaves the already factorised layers alone.
+    names = {c.name for c in candidates(rebuilt)}
+    assert not any(n.startswith("decoder.fuse") for n in names)
+    assert math.isfinite(float(ref.abs().sum()))
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _save_pair(folder) -> tuple:
+    """A tiny 'teacher' artifact and a 'student' artifact descended from it (same weights)."""
+    model = tiny_model()
+    teacher = Artifact(stage="teacher", spec=model.spec.to_dict(), state_dict=model.state_dict())
+    teacher.save(folder / "teacher.pt")
+    student = Artifact(stage="student", spec=model.spec.to_dict(), state_dict=model.state_dict(),
+                       metrics={"dice_mean": 0.5}, lineage=teacher.child_lineage())
+    student.save(folder / "student.pt")
+    return model, student
+
+
+def test_command_without_finetune_writes_a_rebuildable_artifact(tmp_path, monkeypatch, capsys):
+    from compress.lowrank import main
+
+    monkeypatch.chdir(tmp_path)  # synthetic data goes to ./data/synthetic
+    model, student = _save_pair(tmp_path)
+    before = count_params(model)
+    tiny_data = ["data.synthetic_cases=2", "data.synthetic_val_cases=0", "data.synthetic_shape=[64,64,32]",
+                 "data.max_val_cases=1", "data.crop=[32,32,32]", "train.window=[32,32,32]", "train.sw_batch=1"]
+    argv = ["student.pt", "--ratio", "0.25", "--epochs", "0", "--out", "out", "--config", str(CONFIG)]
+    for item in tiny_data:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    art = Artifact.load(tmp_path / "out" / "lowrank.pt")
+    rebuilt = build_model(art)
+    assert art.stage == "lowrank"
+    assert [e["stage"] for e in art.lineage] == ["teacher", "student"]
+    assert art.lineage[-1]["metrics"] == {"dice_mean": 0.5}
+    assert art.metrics["params_before"] == before
+    assert art.metrics["params_after"] == count_params(rebuilt) < before
+    # no fine-tune: the metrics are those of the factorised model itself
+    assert art.metrics["dice_mean"] == art.metrics["dice_mean_before_finetune"]
+    table = art.extra["lowrank"]["table"]
+    assert art.extra["lowrank"]["mode"] == "ratio"
+    assert {r["layer"]: r["rank"] for r in table if r["factorised"]} == art.spec["ranks"]
+    assert before - sum(r["params_before"] - r["params_after"] for r in table) == art.metrics["params_after"]
+    assert "encoder.stages.1.blocks.0.mlp.fc1" in capsys.readouterr().out
+
+
+def test_command_needs_a_teacher_to_finetune(tmp_path, monkeypatch):
+    from compress.lowrank import main
+
+    monkeypatch.chdir(tmp_path)
+    model = tiny_model()
+    Artifact(stage="student", spec=model.spec.to_dict(), state_dict=model.state_dict()).save(tmp_path / "orphan.pt")
+    with pytest.raises(ArtifactError, match="orphan.pt: no teacher in its lineage.*--teacher"):
+        main(["orphan.pt", "--epochs", "1", "--out", "out", "--config", str(CONFIG)])
+    assert not (tmp_path / "out" / "lowrank.pt").exists()

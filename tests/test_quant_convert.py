@@ -1,0 +1,126 @@
+"""Real INT8 layers agree with the LSQ fake quantisation; forced decisions; the INT8 artifact reloads."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from common.artifact import Artifact, build_model
+from common.config import Config
+from compress.quant.convert import Int8Conv3d, Int8Linear, convert, int8_spec
+from compress.quant.decide import decide, int8_layers
+from compress.quant.lsq import LSQConfig, calibrate, quantize_
+from compress.quant.stage import quantize_step
+from teacher.model import ModelSpec, RefineFormer3D
+
+TINY = dict(embed_dims=[16, 32, 32, 32], num_heads=[1, 2, 2, 2], depths=[1, 1, 1, 1], decoder_dim=16, fuse_dim=16,
+            refine_dim=4)
+SHAPE = (1, 4, 32, 32, 32)
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (nn.Linear(32, 48), (1, 300, 32)),
+    (nn.Conv3d(16, 16, 3, padding=1, groups=16), (1, 16, 8, 8, 8)),  # depthwise
+    (nn.Conv3d(4, 16, 7, stride=4, padding=3), (1, 4, 32, 32, 32)),  # stem
+    (nn.Conv3d(24, 8, 1), (1, 24, 8, 8, 8)),  # 1x1x1
+])
+def test_int8_layer_reproduces_fake_quant_exactly(layer, shape):
+    """With 0..127 activations the x86 kernels give the fake quantisation's values; an output can land
+    one step away where float summation order breaks a rounding tie (at most 1 in 1000 here)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(layer)
+    quantize_(model, LSQConfig())
+    x = torch.randn(shape)
+    calibrate(model, [x])
+    with torch.no_grad():
+        fq = model(x)
+        convert(model)
+        y = model(x)
+    assert isinstance(model[0], (Int8Linear, Int8Conv3d))
+    assert model[0].weight_int8.dtype == torch.int8
+    step = float(model[0].out_scale)
+    off = (fq - y).abs() / step
+    assert float(off.max()) <= 1.001
+    assert float((off > 1e-3).float().mean()) <= 1e-3
+
+
+def _tiny_qat(mode: str = "all", force: dict | None = None):
+    torch.manual_seed(0)
+    model = RefineFormer3D(ModelSpec(**TINY)).eval()
+    cfg = Config()
+    cfg.quant.decide, cfg.quant.force = mode, dict(force or {})
+    calib = [torch.randn(SHAPE) for _ in range(2)]
+    qat, rows = quantize_step(model, cfg, calib, shape=SHAPE)
+    return model, qat, rows
+
+
+def test_whole_tiny_model_int8_matches_fake_quant():
+    """Float logits layer: INT8 == fake quant to float rounding. INT8 logits layer: its output is
+    requantized over the calibrated logit range (255 steps), so only the mean error is small and
+    the thresholded masks agree on almost every voxel."""
+    x = torch.randn(SHAPE)
+    model, qat, rows = _tiny_qat("all", {"decoder.head": "fp32"})
+    with torch.no_grad():
+        ref, fq = model(x), qat(x)
+        int8 = convert(copy.deepcopy(qat))(x)
+    assert len(int8_layers(rows)) == len(rows) - 1 == 40
+    assert float((int8 - fq).abs().max()) < 1e-4 * float(ref.abs().max())
+    assert float((fq - ref).abs().mean()) > 0.01  # the quantisation itself is far larger
+
+    _, qat, _ = _tiny_qat("all", {"decoder.head": "int8"})
+    with torch.no_grad():
+        fq = qat(x)
+        int8 = convert(copy.deepcopy(qat))(x)
+    assert float((int8 - fq).abs().mean()) < 0.1 * float((fq - ref).abs().mean())
+    assert float(((int8 > 0) == (fq > 0)).float().mean()) > 0.98
+
+
+def test_decision_honours_forced_table():
+    force = {"decoder.head": "int8", "encoder.stages.1.blocks.0.mlp.dwconv": "int8", "decoder.fuse_parts.0": "fp32"}
+    _, qat, rows = _tiny_qat("table", force)
+    chosen = {r["layer"]: r["choice"] for r in rows}
+    assert sorted(int8_layers(rows)) == ["decoder.head", "encoder.stages.1.blocks.0.mlp.dwconv"]
+    assert chosen["decoder.fuse_parts.0"] == "fp32" and all(r["fp32_ms"] is None for r in rows)
+    quant_names = [n for n, m in qat.named_modules() if hasattr(m, "w_fq")]
+    assert sorted(quant_names) == sorted(int8_layers(rows))
+    # "all" keeps the logits layer float unless forced, and a forced fp32 entry keeps that layer float
+    _, _, rows = _tiny_qat("all", {"decoder.refine_dw": "fp32"})
+    chosen = {r["layer"]: (r["choice"], r["why"]) for r in rows}
+    assert chosen["decoder.head"] == ("fp32", "logits stay float")
+    assert chosen["decoder.refine_dw"] == ("fp32", "forced")
+    assert len(int8_layers(rows)) == len(rows) - 2
+    with pytest.raises(ValueError, match="no.such"):
+        decide(RefineFormer3D(ModelSpec(**TINY)), SHAPE, "table", {"no.such": "int8"})
+
+
+def test_measured_decision_uses_and_writes_cache(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(4, 8, 3, padding=1), nn.Conv3d(8, 8, 3, padding=1, groups=8))
+    cache = tmp_path / "int8_decisions.json"
+    rows = decide(model, (1, 4, 8, 8, 8), "measure", runs=1, cache=cache, force={"1": "fp32"})
+    assert cache.is_file() and all(r["fp32_ms"] > 0 and r["int8_ms"] > 0 for r in rows)
+    assert rows[1]["choice"] == "fp32" and rows[1]["why"] == "forced"
+    assert rows[0]["choice"] == ("int8" if rows[0]["int8_ms"] * 1.05 <= rows[0]["fp32_ms"] else "fp32")
+    again = decide(model, (1, 4, 8, 8, 8), "measure", runs=1, cache=cache)
+    assert [r["fp32_ms"] for r in again] == [r["fp32_ms"] for r in rows]  # read back, not re-measured
+
+
+def test_int8_artifact_reloads_weights_only_and_predicts(tmp_path):
+    model, qat, rows = _tiny_qat("all", {"decoder.head": "int8"})
+    int8 = convert(copy.deepcopy(qat))
+    x = torch.randn(SHAPE)
+    with torch.no_grad():
+        expected = int8(x)
+    spec = int8_spec(model.spec.to_dict(), int8_layers(rows), True, torch.backends.quantized.engine)
+    Artifact(stage="int8", spec=spec, state_dict=int8.state_dict()).save(tmp_path / "int8.pt")
+    Artifact(stage="student", spec=model.spec.to_dict(), state_dict=model.state_dict()).save(tmp_path / "fp32.pt")
+    art = Artifact.load(tmp_path / "int8.pt")  # weights_only=True inside
+    rebuilt = build_model(art)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), expected)
+    assert art.state_dict["decoder.head.weight_int8"].dtype == torch.int8
+    # quantized layers stored ~4x smaller: int8 weights + one float scale per output channel
+    fp32_bytes = sum(v.numel() * 4 for k, v in qat.state_dict().items() if k.endswith(".weight") and v.ndim > 1)
+    int8_bytes = sum(v.numel() for k, v in art.state_dict.items() if k.endswith("weight_int8"))
+    assert int8_bytes * 4 == fp32_bytes
+    assert (tmp_path / "int8.pt").stat().st_size < 0.5 * (tmp_path / "fp32.pt").stat().st_size

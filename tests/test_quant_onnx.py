@@ -1,0 +1,52 @@
+"""ONNX export: FP32 graph matches PyTorch, the QDQ INT8 graph (LSQ scales) matches the fake quantisation."""
+import copy
+
+import onnx
+import torch
+
+from common.artifact import Artifact, build_model
+from common.config import Config
+from compress.quant.convert import prepare_float
+from compress.quant.onnx_export import OrtModel, export_onnx, onnx_spec
+from compress.quant.stage import quantize_step
+from teacher.model import ModelSpec, RefineFormer3D
+
+TINY = dict(embed_dims=[16, 32, 32, 32], num_heads=[1, 2, 2, 2], depths=[1, 1, 1, 1], decoder_dim=16, fuse_dim=16,
+            refine_dim=4)
+SHAPE = (1, 4, 32, 32, 32)
+
+
+def test_fp32_and_int8_onnx(tmp_path):
+    torch.manual_seed(0)
+    model = RefineFormer3D(ModelSpec(**TINY)).eval()
+    x = torch.randn(2, *SHAPE[1:])
+    with torch.no_grad():
+        ref = model(x)
+
+    fp32 = OrtModel.from_bytes(export_onnx(prepare_float(copy.deepcopy(model)), SHAPE), list(SHAPE), threads=1)
+    assert float((fp32(x) - ref).abs().max()) < 1e-4 * max(1.0, float(ref.abs().max()))
+
+    cfg = Config()
+    cfg.quant.decide, cfg.quant.force = "all", {"decoder.head": "fp32"}
+    qat, _ = quantize_step(model, cfg, [torch.randn(SHAPE) for _ in range(2)], shape=SHAPE)
+    with torch.no_grad():
+        fq = qat(x)
+    data = export_onnx(qat, SHAPE)
+    graph = onnx.load_from_string(data).graph
+    int8_weights = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert len(int8_weights) == 40  # every INT8 layer's weight stored as int8, none left as float + Quantize
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in {i.name for i in graph.initializer}
+                   for n in graph.node)
+    # rebuilt through the artifact (kind "onnx"), weights_only load
+    spec = onnx_spec(list(SHAPE), len(data), model.spec.to_dict(), "int8", threads=1)
+    ort8 = OrtModel.from_bytes(data, list(SHAPE), threads=1)
+    Artifact(stage="int8", spec=spec, state_dict=ort8.state_dict()).save(tmp_path / "int8.pt")
+    rebuilt = build_model(Artifact.load(tmp_path / "int8.pt"))
+    y = rebuilt(x)
+    assert y.shape == ref.shape
+    # ORT's QLinearConv / QGemm on the same grids: the fake quantisation's values, except where float
+    # rounding breaks a tie and one step propagates
+    err = (y - fq).abs()
+    assert float(err.mean()) < 0.02 * float((fq - ref).abs().mean())
+    assert float(err.max()) < 0.05 * float(ref.abs().max())
+    assert float((err > 1e-3).float().mean()) < 0.05  # a coarse-grid flip spreads through upsampling
