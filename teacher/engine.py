@@ -20,9 +20,9 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -698,6 +698,8 @@ def fit(model: nn.Module, stage: Stage, cfg: Config, out_dir: str | Path, *, sta
         lineage: Sequence[dict] = (), resume: bool = False, extra: dict | None = None,
         data: TrainData | None = None) -> FitResult:
     """Train `model` with `stage`'s loss; write `<out_dir>/best.pt` and `<out_dir>/last.pt`."""
+    if resume and not (Path(out_dir) / LAST).is_file():  # before any data preparation
+        raise ArtifactError(f"{Path(out_dir) / LAST}: nothing to resume (no last.pt in {out_dir})")
     info = init_distributed(cfg.train.device)
     trainer = None
     try:

@@ -76,3 +76,12 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
         atomic_write(target, failing)
     assert target.read_bytes() == b"good"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]  # no temp file left behind
+
+
+def test_atomic_write_gives_the_usual_file_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "y.bin", lambda p: p.write_bytes(b"x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "y.bin").stat().st_mode & 0o777 == 0o644
