@@ -1,10 +1,15 @@
 """Segment BraTS cases with any artifact (FP32 or INT8, PyTorch or ONNX Runtime).
 
     python predict.py ARTIFACT --input DIR --output DIR [--window 128 128 128] [--overlap 0.5]
+        [--cases NAME ... | --split splits.json [--fold K]] [--et-min-voxels N]
 
 DIR may be one case folder or any BraTS layout (the validation release included). Writes
 <case>.nii.gz label maps (uint8, BraTS values 0/1/2/4) on each input's grid with its affine and
 header. A bad case is reported and skipped; the exit code is 1 if any case failed.
+
+--split takes the held-out ("val") cases of a fold of a splits.json (e.g. <cache>/splits.json), so
+a run's held-out training cases can be predicted and then scored with `python -m brats.evaluate`:
+    python predict.py runs/int8/int8.pt --input DATA --split CACHE/splits.json --output preds/
 """
 from __future__ import annotations
 
@@ -24,14 +29,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="sliding-window size, multiples of 32 (default 128 128 128)")
     parser.add_argument("--overlap", type=float, default=0.5, help="window overlap in [0, 1) (default 0.5)")
     parser.add_argument("--sw-batch", type=int, default=1, help="windows per forward pass (default 1)")
+    select = parser.add_mutually_exclusive_group()
+    select.add_argument("--cases", nargs="+", default=None, metavar="NAME",
+                        help="predict only these cases of --input")
+    select.add_argument("--split", default=None, metavar="FILE",
+                        help="predict only the 'val' cases of a splits.json fold")
+    parser.add_argument("--fold", type=int, default=None, help="fold of --split (default 0)")
+    parser.add_argument("--et-min-voxels", type=int, default=0, metavar="N",
+                        help="a case whose predicted ET has fewer than N voxels gets it relabelled NCR/NET "
+                             "(BraTS post-processing for cases without ET; default 0: off)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.fold is not None and args.split is None:
+        parser.error("--fold needs --split")
 
-    from pipeline.predict import predict_folder
+    from pipeline.predict import predict_folder, split_cases
 
+    cases = split_cases(args.split, args.fold or 0) if args.split else args.cases
     try:
         result = predict_folder(args.artifact, args.input, args.output, args.window, args.overlap,
-                                args.sw_batch, progress=not args.quiet)
+                                args.sw_batch, progress=not args.quiet, cases=cases,
+                                et_min_voxels=args.et_min_voxels)
     except ValueError as e:  # window / overlap that the model cannot use (DataError is reported by run_main)
         from brats.layout import DataError
 

@@ -4,6 +4,7 @@
     python quantize.py runs/demo/grow/grown.pt --config configs/demo/quantize.yaml --out runs/demo/int8
     python quantize.py student.pt --backend onnxruntime        # int8.onnx + fp32.onnx, artifact kind "onnx"
     python quantize.py student.pt --set quant.decide=all --set quant.force='{decoder.head: fp32}'
+    python quantize.py runs/grow/grown.pt --out runs/int8 --resume   # continue runs/int8/qat/last.pt
 
 BatchNorm is folded and the decoder's fusion re-associated (both exact); each Linear/Conv3d is timed
 in FP32 and INT8 at its real input shape on this CPU and runs INT8 only where that is faster
@@ -11,7 +12,8 @@ in FP32 and INT8 at its real input shape on this CPU and runs INT8 only where th
 quantisation, calibrated, then a few epochs of distillation from the lineage's teacher; finally
 real INT8 layers (PyTorch quantized kernels) or a QDQ ONNX graph with the learned scales.
 Writes <out>/int8.pt with the per-layer decision table in extra["int8"] and the INT8 model's
-validation Dice in its metrics.
+validation Dice in its metrics; the QAT checkpoints <out>/qat/best.pt, last.pt (kind "int8-qat")
+rebuild the fake-quant model with common.artifact.build_model.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=None, help="QAT epochs (default: train.epochs; 0: calibration only)")
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default=None, help="default: quant.backend")
     p.add_argument("--calib", type=int, default=None, help="calibration crops (default: quant.calib)")
+    p.add_argument("--resume", action="store_true", help="continue the QAT fine-tune from <out>/qat/last.pt")
     args = p.parse_args()
     cfg = config_from_args(args)
     if args.epochs is not None:
@@ -40,7 +43,7 @@ def main() -> int:
 
     from compress.quant.stage import run_quantize
 
-    run_quantize(args.artifact, cfg, out, backend=backend)
+    run_quantize(args.artifact, cfg, out, backend=backend, resume=args.resume)
     return 0
 
 

@@ -1,13 +1,15 @@
-"""Progressive growth of the low-rank student: parameters and Dice, grown vs. fixed width.
+"""Progressive growth of the low-rank student: parameters, G multiply-adds and Dice, grown vs. fixed width.
 
 One run at demo scale (configs/demo/grow.yaml, synthetic cases), all scored on the same validation
-cases: the low-rank student as it is; after a distillation fine-tune that grows it (compress.grow);
-and after the same fine-tune at fixed width for the same number of steps (same schedule, same data,
-same seed). The claim under test: growth buys Dice where the gradients ask for width, for a modest
-parameter increase.
+cases: the low-rank student as it is; after a distillation fine-tune that grows it (compress.grow,
+cost-aware: units ranked by gradient score per multiply-add, within grow.macs_budget); optionally
+(--params-arm) after the same growth ranked by gradient score alone with no MACs budget; and after
+the same fine-tune at fixed width for the same number of steps (same schedule, same data, same
+seed). The claim under test: growth buys Dice where the gradients ask for width, for a modest
+increase in parameters and, with cost "macs", in multiply-adds at grow.reference_input.
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_grow.py [--model runs/demo/lowrank/lowrank.pt]
-        [--teacher PATH] [--epochs 6] [--set grow.top_k=3]
+        [--teacher PATH] [--epochs 6] [--params-arm] [--set grow.top_k=3]
 
 Without an artifact at --model, one is made from a demo student (runs/demo/student/student.pt, made
 by bench/bench_lowrank.py or distill.py with configs/demo/distill.yaml) with configs/demo/lowrank.yaml.
@@ -25,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.artifact import Artifact, build_model  # noqa: E402
 from common.config import load_config  # noqa: E402
-from compress.grow import GrowStage, format_history  # noqa: E402
+from compress.grow import GrowStage, format_history, spec_macs  # noqa: E402
 from student.distill import DistillStage, distill_finetune, evaluate, load_teacher  # noqa: E402
 from teacher.engine import make_data, resolve_device, seed_everything  # noqa: E402
-from teacher.model import count_params  # noqa: E402
+from teacher.model import ModelSpec, count_params  # noqa: E402
 
 DEMO_STUDENT = Path("runs/demo/student/student.pt")
 KEYS = ("dice_wt", "dice_tc", "dice_et", "dice_mean")
@@ -63,6 +65,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--out", default="runs/bench/grow")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--params-arm", action="store_true",
+                   help="also grow ranked by gradient score alone (grow.cost=params, no MACs budget)")
     args = p.parse_args()
 
     model_path = Path(args.model)
@@ -81,17 +85,29 @@ def main() -> None:
     start = build_model(art).to(device)
     start_params = count_params(start)
     start_dice = evaluate(start, data, cfg, desc="start")
+    size = cfg.grow.reference_input
+
+    def gmacs(spec: dict) -> float:
+        return spec_macs(ModelSpec.from_dict(spec), size) / 1e9
+
     out = Path(args.out)
 
-    results = {}
-    t0 = time.time()
-    grow = GrowStage(DistillStage(teacher, cfg, perturb=cfg.distill.perturb_input), cfg.grow, seed=cfg.train.seed)
-    seed_everything(cfg.train.seed)
-    res = distill_finetune(build_model(art), teacher, cfg, out / "grown", stage_name="grown",
-                           lineage=art.child_lineage(), stage=grow, data=data)
-    epochs_run = len(res.history)
-    best = Artifact.load(res.best_path)
-    results["grown"] = (count_params(build_model(best)), best.metrics, time.time() - t0, res.history[-1]["step"])
+    results, histories = {}, {}
+    arms = {"grown": cfg}
+    if args.params_arm:
+        arms["grown params"] = load_config(args.config, overrides + ["grow.cost=params", "grow.macs_budget=null"])
+    for arm, arm_cfg in arms.items():
+        t0 = time.time()
+        grow = GrowStage(DistillStage(teacher, arm_cfg, perturb=arm_cfg.distill.perturb_input), arm_cfg.grow,
+                         seed=arm_cfg.train.seed)
+        seed_everything(arm_cfg.train.seed)
+        res = distill_finetune(build_model(art), teacher, arm_cfg, out / arm.replace(" ", "_"), stage_name="grown",
+                               lineage=art.child_lineage(), stage=grow, data=data)
+        best = Artifact.load(res.best_path)
+        results[arm] = (count_params(build_model(best)), gmacs(best.spec), best.metrics, time.time() - t0,
+                        res.history[-1]["step"])
+        histories[arm] = (grow.history, len([h for h in res.history if not h.get("start")]))
+    epochs_run = histories["grown"][1]
 
     t0 = time.time()
     fixed = StopAt(teacher, cfg, perturb=cfg.distill.perturb_input, last_epoch=epochs_run - 1)
@@ -99,19 +115,27 @@ def main() -> None:
     res_fixed = distill_finetune(build_model(art), teacher, cfg, out / "fixed", stage_name="fixed",
                                  lineage=art.child_lineage(), stage=fixed, data=data)
     best_fixed = Artifact.load(res_fixed.best_path)
-    results["fixed width"] = (start_params, best_fixed.metrics, time.time() - t0, res_fixed.history[-1]["step"])
+    results["fixed width"] = (start_params, gmacs(art.spec), best_fixed.metrics, time.time() - t0,
+                              res_fixed.history[-1]["step"])
 
+    g = cfg.grow
     print(f"\nprogressive growth of {model_path} (teacher {teacher_path}; {epochs_run}/{cfg.train.epochs} epochs, "
-          f"top_k {cfg.grow.top_k}, factor {cfg.grow.factor}, budget {cfg.grow.budget})")
-    print(format_history(grow.history))
-    print(f"  {'':12} {'params':>10} {'steps':>6} {'seconds':>8} " + " ".join(f"{k:>10}" for k in KEYS))
-    print(f"  {'start':12} {start_params:>10,} {0:>6} {0:>8} " + " ".join(f"{start_dice[k]:>10.4f}" for k in KEYS))
-    for arm, (params, metrics, seconds, steps) in results.items():
-        print(f"  {arm:12} {params:>10,} {steps:>6} {seconds:>8.0f} "
+          f"top_k {g.top_k}, factor {g.factor}, cost {g.cost}, budget {g.budget}, MACs budget {g.macs_budget})")
+    for arm, (history, _) in histories.items():
+        print(f"{arm}:\n{format_history(history)}")
+    size_text = "x".join(map(str, size))
+    print(f"  {'':12} {'params':>10} {'GMACs':>8} {'steps':>6} {'seconds':>8} " + " ".join(f"{k:>10}" for k in KEYS))
+    print(f"  {'start':12} {start_params:>10,} {gmacs(art.spec):>8.3f} {0:>6} {0:>8} "
+          + " ".join(f"{start_dice[k]:>10.4f}" for k in KEYS))
+    for arm, (params, arm_gmacs, metrics, seconds, steps) in results.items():
+        print(f"  {arm:12} {params:>10,} {arm_gmacs:>8.3f} {steps:>6} {seconds:>8.0f} "
               + " ".join(f"{metrics.get(k, float('nan')):>10.4f}" for k in KEYS))
-    g, f = results["grown"], results["fixed width"]
-    print(f"  grown vs fixed width: {g[0] - f[0]:+,} parameters ({100 * (g[0] / f[0] - 1):+.1f}%), "
-          f"Dice mean {g[1]['dice_mean'] - f[1]['dice_mean']:+.4f}")
+    print(f"  (GMACs: G multiply-adds of one forward pass at {size_text}, grow.reference_input)")
+    for arm in histories:
+        a, f = results[arm], results["fixed width"]
+        print(f"  {arm} vs fixed width: {a[0] - f[0]:+,} parameters ({100 * (a[0] / f[0] - 1):+.1f}%), "
+              f"{a[1] - f[1]:+.3f} GMACs ({100 * (a[1] / f[1] - 1):+.1f}%), "
+              f"Dice mean {a[2]['dice_mean'] - f[2]['dice_mean']:+.4f}")
 
 
 if __name__ == "__main__":

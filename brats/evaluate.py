@@ -80,10 +80,14 @@ def _shorten(names: Sequence[str], limit: int = 10) -> str:
     return shown + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
-def match_cases(preds: dict[str, Path], truths: dict[str, Path]) -> list[str]:
-    """Sorted case names present in both; any case on one side only is an error."""
+def match_cases(preds: dict[str, Path], truths: dict[str, Path], subset: bool = False) -> list[str]:
+    """Sorted case names present in both; any case on one side only is an error.
+
+    `subset=True` scores a subset of the truth (e.g. only the held-out cases): truth cases without a
+    prediction are then allowed, predictions without truth still are not.
+    """
     no_truth = sorted(set(preds) - set(truths))
-    no_pred = sorted(set(truths) - set(preds))
+    no_pred = [] if subset else sorted(set(truths) - set(preds))
     problems = []
     if no_truth:
         problems.append(f"{len(no_truth)} prediction(s) without truth: {_shorten(no_truth)}")
@@ -125,10 +129,12 @@ def evaluate_case(case: str, pred_path: Path, truth_path: Path) -> dict:
     return {"case": case, **score_case(pred, truth, spacing)}
 
 
-def evaluate_dirs(pred_dir: str | Path, truth_dir: str | Path, progress: bool = False) -> list[dict]:
+def evaluate_dirs(
+    pred_dir: str | Path, truth_dir: str | Path, progress: bool = False, subset: bool = False
+) -> list[dict]:
     """Score every prediction in `pred_dir` against `truth_dir`; one dict per case, sorted by name."""
     preds, truths = find_predictions(pred_dir), find_truth(truth_dir)
-    cases = match_cases(preds, truths)
+    cases = match_cases(preds, truths, subset)
     return [
         evaluate_case(case, preds[case], truths[case])
         for case in tqdm(cases, desc="evaluate", unit="case", disable=not progress)
@@ -165,9 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("pred_dir", help="folder of <case>.nii.gz or <case>_seg.nii.gz predictions")
     parser.add_argument("truth_dir", help="BraTS-layout or flat folder holding <case>_seg.nii.gz")
     parser.add_argument("--out", default=None, help="per-case CSV to write (atomically)")
+    parser.add_argument(
+        "--subset", action="store_true",
+        help="score only the predicted cases (e.g. the held-out split); truth cases without a prediction are skipped",
+    )
     args = parser.parse_args(argv)
     try:
-        rows = evaluate_dirs(args.pred_dir, args.truth_dir, progress=True)
+        rows = evaluate_dirs(args.pred_dir, args.truth_dir, progress=True, subset=args.subset)
     except EvaluationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

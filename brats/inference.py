@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from brats.labels import is_softmax, probs_to_brats
+from brats.labels import is_softmax, probs_to_brats, suppress_small_et
 
 Predict = Callable[[torch.Tensor], torch.Tensor]  # (B, C, *window) -> (B, K, *window)
 
@@ -123,16 +123,19 @@ def predict_case(
     window: Sequence[int] = (128, 128, 128),
     overlap: float = 0.5,
     sw_batch: int = 2,
+    et_min_voxels: int = 0,
     **kwargs,
 ) -> np.ndarray:
     """BraTS label map (D, H, W) uint8 (values 0/1/2/4) of one case's image (C, D, H, W).
 
     regions: sigmoid on channels [TC, WT, ET]; seed3: softmax, class 1 core -> 1, 2 edema -> 2.
-    Extra keyword arguments go to `sliding_window`.
+    `et_min_voxels` > 0: a case with fewer ET voxels than that gets them relabelled NCR/NET
+    (`brats.labels.suppress_small_et`). Extra keyword arguments go to `sliding_window`.
     """
     logits = sliding_window(predict, torch.as_tensor(image), window, overlap, sw_batch, **kwargs)
     probs = torch.softmax(logits, dim=0) if is_softmax(scheme) else torch.sigmoid(logits)
-    return np.asarray(probs_to_brats(probs.cpu().numpy(), scheme), dtype=np.uint8)
+    label = np.asarray(probs_to_brats(probs.cpu().numpy(), scheme), dtype=np.uint8)
+    return suppress_small_et(label, et_min_voxels)
 
 
 def to_full_grid(

@@ -36,6 +36,7 @@ VERSION = 1
 BUILDERS: dict[str, str] = {
     "fp32": "teacher.model:model_from_spec",
     "int8-torch": "compress.quant.convert:model_from_spec",
+    "int8-qat": "compress.quant.qat:model_from_spec",  # fake-quant (QAT) checkpoints
     "onnx": "compress.quant.onnx_export:model_from_spec",
 }
 

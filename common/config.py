@@ -67,9 +67,11 @@ class TrainConfig:
     window: list[int] = field(default_factory=lambda: [128, 128, 128])
     overlap: float = 0.5
     sw_batch: int = 2
+    et_min_voxels: int = 0  # inference: a case with fewer ET voxels gets them relabelled NCR (0: off)
     steps_per_epoch: int | None = None  # None: len(loader)
     log_images: bool = True
     threads: int | None = None  # torch.set_num_threads; None: leave as is
+    val_at_start: bool = False  # validate the initial weights first; they count for best.pt (fine-tunes)
 
 
 @dataclass
@@ -106,9 +108,9 @@ class DistillConfig:
 
 @dataclass
 class LowRankConfig:
-    energy: float | None = 0.9  # keep this share of spectral energy per layer
-    ratio: float | None = None  # or rank = ratio * full rank
-    params: str | None = None  # or a global parameter budget, e.g. "200k"
+    energy: float | None = None  # keep this share of spectral energy per layer
+    ratio: float | None = None  # or rank = ratio * full rank (wins over energy)
+    params: str | None = "65%"  # or a global parameter budget, "200k" or a share "65%" (wins over both)
     min_saving: float = 0.0  # factorise only when it saves more than this share of a layer
     teacher: str | None = None  # None: the teacher in the artifact's lineage
 
@@ -119,6 +121,9 @@ class GrowConfig:
     top_k: int = 2
     factor: float = 2.0
     budget: str | None = None  # parameter budget, e.g. "500k"
+    cost: str = "macs"  # ranking: macs (gradient score per multiply-add of an added channel) | params (score)
+    macs_budget: str | None = None  # multiply-adds at reference_input never exceeded, e.g. "3G"
+    reference_input: list[int] = field(default_factory=lambda: [128, 128, 128])  # (D, H, W) for MACs
     window: int = 20  # steps over which gradient norms are accumulated
     patience: int = 2  # epochs without relative loss change before growth
     min_rel_change: float = 0.01
@@ -160,6 +165,7 @@ class ReportConfig:
     sw_batch: int = 1  # windows per forward pass
     case_latency: bool = True  # also time whole-case sliding-window inference
     plots: bool = True
+    et_min_voxels: int | None = None  # ET smaller than this in a case -> NCR/NET; None: train.et_min_voxels
 
 
 @dataclass

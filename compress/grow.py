@@ -1,9 +1,17 @@
 """Progressive channel growth: start narrow, widen only where the gradient asks for it.
 
 During a distillation fine-tune, every time the training loss plateaus while validation Dice has
-risen since the last growth event, the top-k growable units by accumulated gradient norm are widened
-by `factor` (within a parameter budget). Growth stops when Dice no longer moves. The result is a
+risen since the last growth event, the top-k growable units are widened by `factor` (within a
+parameter budget and a multiply-add budget). Growth stops when Dice no longer moves. The result is a
 "just-enough" width network that rebuilds from its spec.
+
+Growth is cost-aware, because the goal is a fast CPU student: a channel's price depends on the grid
+it lives on. One refine_dim channel runs at full resolution (about 189 M multiply-adds at 128^3 in
+the demo student), one stage-3 MLP channel on 4^3 tokens (about 8 k). With `cost: macs` (default)
+units are ranked by gradient score per multiply-add of one added channel at `reference_input`;
+with `cost: params` by gradient score alone. `spec_macs` prices a spec analytically (exactly what
+`teacher.flops.count_macs` counts, in microseconds instead of seconds), so every candidate widening
+is checked against `macs_budget` exactly.
 
 Growable units (named after the `ModelSpec` field they change):
 
@@ -171,6 +179,76 @@ def spec_params(spec: ModelSpec) -> int:
     """Parameter count of the model a spec describes (a CPU build: faster than meta tensors here)."""
     with torch.no_grad():
         return count_params(RefineFormer3D(spec))
+
+
+# ----------------------------------------------------------------------------- compute cost
+
+
+def _conv_out(size: Sequence[int], kernel: int, stride: int, padding: int) -> list[int]:
+    return [(n + 2 * padding - kernel) // stride + 1 for n in size]
+
+
+def spec_macs(spec: ModelSpec, input_size: Sequence[int]) -> int:
+    """Multiply-adds of one forward pass (batch 1) at spatial `input_size`, from the spec alone.
+
+    Counts what `teacher.flops.count_macs` counts (fvcore convention, in eval mode): Linear/Conv3d
+    weights (low-rank layers as down + up), scaled dot-product attention, LayerNorm 5 and BatchNorm
+    2 per element, trilinear upsampling 8 per output element; activations, adds and biases are free.
+    Pure arithmetic, so every candidate widening is priced in microseconds.
+    """
+    s = spec.resolve()
+    macs = 0
+
+    def layer(name: str, c_in: int, c_out: int, voxels: int, kvol: int = 1) -> int:
+        # a dense layer costs c_in * kvol * c_out per output voxel; its low-rank twin goes through rank r
+        r = s.ranks.get(name)
+        return voxels * (c_in * kvol * c_out if r is None else c_in * kvol * r + r * c_out)
+
+    size, c_in, grids = list(input_size), s.in_chans, []
+    for i, c in enumerate(s.embed_dims):
+        stage = f"encoder.stages.{i}"
+        k = s.patch_kernels[i]
+        size = _conv_out(size, k, s.patch_strides[i], s.patch_paddings[i])
+        n, a, sr = math.prod(size), s.attn_dims[i], s.sr_ratios[i]
+        m = math.prod(x // sr for x in size) if sr > 1 else n  # tokens of the reduced key/value grid
+        macs += layer(f"{stage}.patch_embed.proj", c_in, c, n, k ** 3) + 5 * n * c
+        for j, hidden in enumerate(s.mlp_hidden[i]):
+            block = f"{stage}.blocks.{j}"
+            macs += 5 * n * c + layer(f"{block}.attn.q", c, a, n)
+            if sr > 1:
+                macs += layer(f"{block}.attn.sr", c, c, m, sr ** 3) + 5 * m * c
+            macs += layer(f"{block}.attn.kv", c, 2 * a, m) + n * m * 2 * a + layer(f"{block}.attn.proj", a, c, n)
+            macs += 5 * n * c + layer(f"{block}.mlp.fc1", c, hidden, n) + 27 * n * hidden + 2 * n * hidden
+            macs += layer(f"{block}.mlp.fc2", hidden, c, n)
+        macs += 5 * n * c  # stage norm
+        grids.append(n)
+        c_in = c
+    n0, d, f = grids[0], s.decoder_dim, s.fuse_dim
+    for i, (c, n) in enumerate(zip(s.embed_dims, grids)):
+        macs += layer(f"decoder.projections.{i}.proj", c, d, n) + 5 * n * d + (8 * d * n0 if i else 0)
+    macs += layer("decoder.fuse", len(grids) * d, f, n0) + 2 * n0 * f
+    volume, classes = math.prod(input_size), s.num_classes
+    if s.decoder == "refine":
+        r = s.refine_dim
+        macs += 27 * n0 * f + 2 * n0 * f + layer("decoder.refine_pw", f, r, n0) + 2 * n0 * r
+        macs += 8 * r * volume + layer("decoder.head", r, classes, volume, 27)
+    else:
+        macs += layer("decoder.pred", f, classes, n0) + 8 * classes * volume
+    return macs
+
+
+def width_step(spec: ModelSpec, unit: str) -> int:
+    """The smallest widening of `unit`: one channel, or one dim per head for attention."""
+    kind, rest = _parse(unit)
+    return spec.num_heads[int(rest)] if kind == "attn_dims" else 1
+
+
+def unit_macs(spec: ModelSpec, unit: str, input_size: Sequence[int]) -> float:
+    """Multiply-adds one added channel of `unit` costs at `input_size` (exact: costs are linear in a width)."""
+    spec = spec.resolve()
+    step = width_step(spec, unit)
+    wider = with_width(spec, unit, unit_width(spec, unit) + step)
+    return (spec_macs(wider, input_size) - spec_macs(spec, input_size)) / step
 
 
 # ----------------------------------------------------------------------------- function-preserving widening
@@ -367,8 +445,9 @@ class GradientScorer:
         self._params: list[tuple[torch.Tensor, list[int]]] = []  # parameter, indices of its units
         self._numel = [0] * len(self.units)
 
-    def bind(self, model: nn.Module) -> None:
-        """Attach to a (new) model; the window restarts."""
+    def bind(self, model: nn.Module, restart: bool = True) -> None:
+        """Attach to a (new) model; the window restarts unless `restart` is False (a resumed run's
+        rebuilt model: same units, same scores so far)."""
         self.model = model
         members: dict[str, list[int]] = {}
         self._numel = [0] * len(self.units)
@@ -378,8 +457,9 @@ class GradientScorer:
                 members.setdefault(name, []).append(k)
                 self._numel[k] += params[name].numel()
         self._params = [(params[name], idx) for name, idx in members.items()]
-        for h in self.history.values():
-            h.clear()
+        if restart:
+            for h in self.history.values():
+                h.clear()
 
     def record(self) -> None:
         """Read the bound model's current `.grad`s as one step (one device sync)."""
@@ -399,23 +479,51 @@ class GradientScorer:
     def scores(self) -> dict[str, float]:
         return {u: (sum(h) / len(h) if h else 0.0) for u, h in self.history.items()}
 
+    def state_dict(self) -> dict[str, list[float]]:
+        return {u: list(h) for u, h in self.history.items()}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        self.history = {u: deque(state.get(u, ()), maxlen=self.window) for u in self.units}
+
+
+COSTS = ("params", "macs")
+
+
+def rank_units(
+    spec: ModelSpec, scores: dict[str, float], cost: str = "macs", input_size: Sequence[int] = (128, 128, 128)
+) -> list[tuple[str, float]]:
+    """Units, best first, with their ranking key: the gradient score (cost "params"), or the score
+    per multiply-add one added channel costs at `input_size` (cost "macs")."""
+    if cost not in COSTS:
+        raise ValueError(f"grow: cost must be one of {', '.join(COSTS)}, got {cost!r}")
+    if cost == "params":
+        keys = dict(scores)
+    else:
+        keys = {u: s / max(unit_macs(spec, u, input_size), 1.0) for u, s in scores.items()}
+    return sorted(keys.items(), key=lambda kv: (-kv[1], kv[0]))
+
 
 def select_units(
-    model: RefineFormer3D, scores: dict[str, float], top_k: int, factor: float, budget: int | None
+    model: RefineFormer3D, scores: dict[str, float], top_k: int, factor: float, budget: int | None = None,
+    *, cost: str = "macs", macs_budget: int | None = None, input_size: Sequence[int] = (128, 128, 128),
 ) -> list[tuple[str, int, int]]:
-    """Greedy: highest score first, up to `top_k` units whose growth keeps the model within `budget`.
+    """Greedy over `rank_units`: up to `top_k` units whose growth keeps the model within the
+    parameter `budget` and the multiply-add budget `macs_budget` (at `input_size`; None: no limit).
 
-    Returns [(unit, old width, new width)]; empty when nothing fits (or nothing can grow).
+    Units with no gradient signal (score <= 0) never grow. Returns [(unit, old width, new width)];
+    empty when nothing fits (or nothing can grow).
     """
     spec = model.spec
     chosen: list[tuple[str, int, int]] = []
-    for unit in sorted(scores, key=lambda u: (-scores[u], u)):
-        if len(chosen) >= top_k:
+    for unit, key in rank_units(spec, scores, cost, input_size):
+        if len(chosen) >= top_k or key <= 0:
             break
         new = grown_width(model, unit, factor)
         if new is None:
             continue
         trial = with_width(spec, unit, new)
+        if macs_budget is not None and spec_macs(trial, input_size) > macs_budget:
+            continue
         if budget is not None and spec_params(trial) > budget:
             continue
         spec = trial
@@ -425,18 +533,20 @@ def select_units(
 
 def grow_step(
     model: RefineFormer3D, scores: dict[str, float], top_k: int, factor: float, budget: int | None = None,
-    *, init: str = "copy", noise: float = 0.01, generator: torch.Generator | None = None,
+    *, cost: str = "macs", macs_budget: int | None = None, input_size: Sequence[int] = (128, 128, 128),
+    init: str = "copy", noise: float = 0.01, generator: torch.Generator | None = None,
 ) -> tuple[RefineFormer3D, list[tuple[str, int, int]]]:
     """One growth event: widen the selected units; returns the new model and what grew."""
-    chosen = select_units(model, scores, top_k, factor, budget)
+    chosen = select_units(model, scores, top_k, factor, budget, cost=cost, macs_budget=macs_budget,
+                          input_size=input_size)
     gen = generator or torch.Generator().manual_seed(0)
     for unit, _, new in chosen:
         model = widen(model, unit, new, init=init, noise=noise, generator=gen)
     return model, chosen
 
 
-def parse_count(text: str | int | None) -> int | None:
-    """'500k' -> 500000, '1.2M' -> 1200000, '30000' -> 30000; None stays None."""
+def parse_count(text: str | int | None, what: str = "parameter budget") -> int | None:
+    """'500k' -> 500000, '1.2M' -> 1200000, '3G' -> 3000000000, '30000' -> 30000; None stays None."""
     if text is None or isinstance(text, int):
         return text
     s = str(text).strip().lower().replace("_", "").replace(",", "")
@@ -444,7 +554,9 @@ def parse_count(text: str | int | None) -> int | None:
     try:
         value = float(s[:-1] if mult > 1 else s)
     except ValueError:
-        raise ValueError(f"grow: parameter budget {text!r} is not a count like 500k or 1.2M") from None
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"grow: {what} {text!r} is not a count like 500k, 1.2M or 3G")
     return int(round(value * mult))
 
 
@@ -518,34 +630,75 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DDP
 
 
+def check_config(cfg: Any, spec: ModelSpec | None = None) -> None:
+    """Fail before training on a bad `grow` section (cfg: common.config.GrowConfig); with a spec,
+    also check that the reference input fits the model's downsampling."""
+    if cfg.cost not in COSTS:
+        raise ConfigError(f"grow.cost must be one of {', '.join(COSTS)}, got {cfg.cost!r}")
+    for key, what in (("budget", "parameter budget"), ("macs_budget", "MACs budget")):
+        try:
+            parse_count(getattr(cfg, key), what)
+        except ValueError as e:
+            raise ConfigError(f"grow.{key}: {e}") from None
+    size = list(cfg.reference_input)
+    if len(size) != 3 or any(n < 1 for n in size):
+        raise ConfigError(f"grow.reference_input must be three positive sizes (D, H, W), got {size}")
+    if spec is not None and any(n % spec.downsample for n in size):
+        raise ConfigError(f"grow.reference_input {size} must be multiples of the model's stride {spec.downsample}")
+
+
 class GrowStage(Stage):
     """Wraps a training Stage (normally `student.distill.DistillStage`) and grows the model at
     loss plateaus through `trainer.replace_model`. Growth history goes to `artifact_extra()["growth"]`.
 
     The engine's `replace_model` carries Adam moments over for parameters whose shape did not change;
-    widened parameters start with fresh moments.
+    widened parameters start with fresh moments. The state (schedule, history, score window, loss
+    since the last validation, growth noise generator) goes into last.pt, and `rebuild_on_resume`
+    asks the engine to rebuild the model from last.pt's (grown) spec, so a run resumes exactly.
     """
 
     name = STAGE
+    rebuild_on_resume = True
 
     def __init__(self, inner: Stage, cfg: Any, seed: int = 0):
+        check_config(cfg)
         self.inner, self.cfg = inner, cfg  # cfg: common.config.GrowConfig
         self.budget = parse_count(cfg.budget)
+        self.macs_budget = parse_count(cfg.macs_budget, "MACs budget")
+        self.input_size = tuple(cfg.reference_input)
         self.schedule = GrowthSchedule(cfg.patience, cfg.min_rel_change, cfg.min_delta, cfg.stop_after, cfg.max_events)
         self.history: list[dict] = []
         self.scorer: GradientScorer | None = None
         self.gen = torch.Generator().manual_seed(seed)
         self._losses: list[float] = []
+        self._restored_scores: dict | None = None  # from load_state_dict before any scorer exists
 
-    def _bind(self, model: nn.Module) -> None:
+    def _bind(self, model: nn.Module, restart: bool = False) -> None:
+        """Score `model`'s units; `restart` empties the score window (after a growth event)."""
         model = _unwrap(model)
-        if self.scorer is None or self.scorer.model is not model:
-            self.scorer = GradientScorer(growable_units(model.spec, self.cfg.kinds), self.cfg.window)
-            self.scorer.bind(model)
+        if self.scorer is not None and self.scorer.model is model:
+            return
+        units = growable_units(model.spec, self.cfg.kinds)
+        if self.scorer is None or self.scorer.units != units:
+            self.scorer = GradientScorer(units, self.cfg.window)
+        self.scorer.bind(model, restart=restart)
+        if self._restored_scores is not None:
+            self.scorer.load_state_dict(self._restored_scores)
+            self._restored_scores = None
+
+    def gmacs(self, model: nn.Module) -> float:
+        """G multiply-adds at the reference input."""
+        return spec_macs(_unwrap(model).spec, self.input_size) / 1e9
 
     def setup(self, trainer: Any) -> None:
         self.inner.setup(trainer)
         self._bind(trainer.model)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return self.inner.parameters()
+
+    def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
+        return self.inner.no_weight_decay(name, param)
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         loss, logs = self.inner.loss(model, batch)
@@ -571,20 +724,25 @@ class GrowStage(Stage):
             return stop
         model = _unwrap(trainer.model)
         entry = {"event": len(self.history), "epoch": epoch, "action": action, "reason": reason,
-                 "dice": dice, "loss": loss, "params": count_params(model), "grown": []}
+                 "dice": dice, "loss": loss, "params": count_params(model), "gmacs": self.gmacs(model), "grown": []}
         if action == "grow":
-            scores = self.scorer.scores() if self.scorer else {}
-            new, chosen = grow_step(model, scores, self.cfg.top_k, self.cfg.factor, self.budget,
-                                    init=self.cfg.init, noise=self.cfg.noise, generator=self.gen)
+            self._bind(model)
+            scores = self.scorer.scores()
+            c = self.cfg
+            new, chosen = grow_step(model, scores, c.top_k, c.factor, self.budget, cost=c.cost,
+                                    macs_budget=self.macs_budget, input_size=self.input_size,
+                                    init=c.init, noise=c.noise, generator=self.gen)
             if not chosen:
-                entry.update(action="stop", reason="no unit can grow within the parameter budget")
+                entry.update(action="stop", reason="no unit can grow within the parameter and MACs budgets")
                 self.history.append(entry)
                 return True
-            entry["grown"] = [{"unit": u, "old": o, "new": n, "score": scores.get(u, 0.0)} for u, o, n in chosen]
+            entry["grown"] = [{"unit": u, "old": o, "new": n, "score": scores.get(u, 0.0),
+                               "macs_per_channel": unit_macs(model.spec, u, self.input_size)} for u, o, n in chosen]
             entry["scores"] = dict(scores)
             entry["params_after"] = count_params(new)
+            entry["gmacs_after"] = self.gmacs(new)
             trainer.replace_model(new)
-            self._bind(trainer.model)
+            self._bind(trainer.model, restart=True)
         self.history.append(entry)
         return stop or action == "stop"
 
@@ -598,23 +756,35 @@ class GrowStage(Stage):
         return {**self.inner.artifact_extra(), "growth": list(self.history)}
 
     def state_dict(self) -> dict:
-        return {"inner": self.inner.state_dict(), "schedule": self.schedule.state_dict(), "history": list(self.history)}
+        return {"inner": self.inner.state_dict(), "schedule": self.schedule.state_dict(),
+                "history": list(self.history), "losses": list(self._losses),
+                "scores": self.scorer.state_dict() if self.scorer is not None else self._restored_scores,
+                "generator": self.gen.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.inner.load_state_dict(state.get("inner", {}))
         self.schedule.load_state_dict(state.get("schedule", {}))
         self.history = list(state.get("history", []))
+        self._losses = list(state.get("losses", []))
+        if state.get("generator") is not None:
+            self.gen.set_state(state["generator"])
+        scores = state.get("scores")
+        if scores is not None and self.scorer is not None:
+            self.scorer.load_state_dict(scores)
+        else:
+            self._restored_scores = scores
 
 
 # ----------------------------------------------------------------------------- command
 
 
 def grow_stage(artifact: str | Path, cfg: Config, out: str | Path, teacher: str | None = None,
-               data: Any = None) -> Artifact:
+               data: Any = None, resume: bool = False) -> Artifact:
     """Artifact -> distillation fine-tune that grows the model -> `<out>/grown.pt`.
 
     The grown model is the engine's best.pt (best validation Dice over the run, so possibly from
-    before the last growth event); extra["growth"] holds every event of the run.
+    before the last growth event); extra["growth"] holds every event of the run. `resume`
+    continues an interrupted run from `<out>/last.pt` (grown architecture, schedule and history).
     """
     from student.distill import DistillStage, distill_finetune, load_teacher
 
@@ -627,23 +797,29 @@ def grow_stage(artifact: str | Path, cfg: Config, out: str | Path, teacher: str 
     teacher_path = teacher or cfg.grow.teacher or art.ancestor("teacher")
     if teacher_path is None:
         raise ArtifactError(f"{art.path}: no teacher in its lineage; pass --teacher PATH or set grow.teacher")
-    parse_count(cfg.grow.budget)  # a bad budget fails before training
-    growable_units(ModelSpec.from_dict(art.spec), cfg.grow.kinds)
-    model = build_model(art)
-    params_before = count_params(model)
+    spec = ModelSpec.from_dict(art.spec)
+    check_config(cfg.grow, spec)  # a bad budget or reference input fails before training
+    growable_units(spec, cfg.grow.kinds)
+    out = Path(out)
+    if resume and not (out / "last.pt").is_file():  # before loading the teacher
+        raise ArtifactError(f"{out / 'last.pt'}: nothing to resume (no last.pt in {out})")
+    model = build_model(art)  # on resume the engine rebuilds the grown one from last.pt (rebuild_on_resume)
+    params_before, gmacs_before = count_params(model), spec_macs(spec, cfg.grow.reference_input) / 1e9
     teacher_model = load_teacher(teacher_path)
     stage = GrowStage(DistillStage(teacher_model, cfg, perturb=cfg.distill.perturb_input), cfg.grow,
                       seed=cfg.train.seed)
-    out = Path(out)
     lineage = art.child_lineage()
     result = distill_finetune(model, teacher_model, cfg, out, stage_name=STAGE, lineage=lineage, stage=stage,
-                              data=data)
+                              data=data, resume=resume)
     best = Artifact.load(result.best_path)
     params_after = count_params(build_model(best))
-    metrics = {**best.metrics, "params_before": params_before, "params_after": params_after}
+    gmacs_after = spec_macs(ModelSpec.from_dict(best.spec), cfg.grow.reference_input) / 1e9
+    metrics = {**best.metrics, "params_before": params_before, "params_after": params_after,
+               "gmacs_before": gmacs_before, "gmacs_after": gmacs_after}
     grown = Artifact(stage=STAGE, spec=best.spec, state_dict=best.state_dict, config=to_dict(cfg), metrics=metrics,
                      lineage=lineage, extra={"growth": stage.history, "teacher": str(teacher_path),
-                                             "best_epoch": best.extra.get("epoch")})
+                                             "best_epoch": best.extra.get("epoch"),
+                                             "reference_input": list(cfg.grow.reference_input)})
     if int(os.environ.get("RANK", "0")) == 0:
         grown.save(out / f"{STAGE}.pt")
     return grown
@@ -653,8 +829,9 @@ def format_history(history: Sequence[dict]) -> str:
     lines = []
     for e in history:
         units = ", ".join(f"{g['unit']} {g['old']}->{g['new']}" for g in e["grown"]) or "-"
+        gmacs = f" {e['gmacs']:.3f} GMACs" if "gmacs" in e else ""  # (absent in runs from before costs)
         lines.append(f"  event {e['event']} (epoch {e['epoch'] + 1}): {e['action']} - {e['reason']}; "
-                     f"dice {e['dice']:.4f} loss {e['loss']:.4f} params {e['params']:,}; grown: {units}")
+                     f"dice {e['dice']:.4f} loss {e['loss']:.4f} params {e['params']:,}{gmacs}; grown: {units}")
     return "\n".join(lines) or "  no growth event (the loss never plateaued)"
 
 
@@ -665,12 +842,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "configs/grow.yaml")
     p.add_argument("artifact", help="input artifact (e.g. runs/lowrank/lowrank.pt)")
     p.add_argument("--teacher", default=None, help="teacher artifact (default: grow.teacher, then the lineage's)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>/last.pt")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
-    art = grow_stage(args.artifact, cfg, out_dir(args, "runs/grow"), teacher=args.teacher)
+    art = grow_stage(args.artifact, cfg, out_dir(args, "runs/grow"), teacher=args.teacher, resume=args.resume)
     m = art.metrics
+    size = "x".join(map(str, cfg.grow.reference_input))
     print(format_history(art.extra["growth"]))
     print(f"wrote {art.path}: {m['params_before']:,} -> {m['params_after']:,} parameters, "
+          f"{m['gmacs_before']:.3f} -> {m['gmacs_after']:.3f} GMACs at {size}, "
           f"dice_mean {m.get('dice_mean', float('nan')):.4f} (best epoch {art.extra['best_epoch']})")
     return 0
 

@@ -1,6 +1,6 @@
 """Low-rank factorisation of a trained model's Linear and Conv3d layers by truncated SVD.
 
-    python -m compress.lowrank ARTIFACT [--energy E | --ratio R | --params N] [--epochs N] [--teacher PATH]
+    python -m compress.lowrank ARTIFACT [--params N | --energy E | --ratio R] [--epochs N] [--teacher PATH]
 
 A Linear `W (o x i)` becomes `up (o x r) @ down (r x i)`; a Conv3d becomes a rank-r Conv3d with the
 same kernel, stride and padding followed by a 1x1x1 Conv3d, from the SVD of the weight reshaped to
@@ -44,15 +44,21 @@ class BudgetError(ConfigError):
 # ----------------------------------------------------------------------------- parameter arithmetic
 
 
-def parse_count(text: str | int | float) -> int:
-    """'200k' -> 200000, '1.5M' -> 1500000, '350000' -> 350000."""
+def parse_count(text: str | int | float, total: int | None = None) -> int:
+    """'200k' -> 200000, '1.5M' -> 1500000, '350000' -> 350000; '65%' -> 65% of `total`."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         return int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmM]?)\s*", str(text))
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmM%]?)\s*", str(text))
     if not m:
-        raise ConfigError(f"parameter count {text!r} is not a number with an optional k/M suffix (e.g. 200k)")
-    scale = {"": 1, "k": 1_000, "m": 1_000_000}[m.group(2).lower()]
-    return int(round(float(m.group(1)) * scale))
+        raise ConfigError(f"parameter count {text!r} is not a number with an optional k/M/% suffix (e.g. 200k, 65%)")
+    value, suffix = float(m.group(1)), m.group(2).lower()
+    if suffix == "%":
+        if total is None:
+            raise ConfigError(f"parameter count {text!r} is a share: it needs the model's parameter count")
+        if not 0.0 < value < 100.0:
+            raise ConfigError(f"parameter share {text!r} must be between 0% and 100%")
+        return int(round(value / 100.0 * total))
+    return int(round(value * {"": 1, "k": 1_000, "m": 1_000_000}[suffix]))
 
 
 def lowrank_params(out_dim: int, in_dim: int, rank: int) -> int:
@@ -254,7 +260,7 @@ def factorise_layer(model: nn.Module, name: str, rank: int) -> nn.Module:
 
 def choose_ranks(found: Sequence[Candidate], cfg: LowRankConfig, total_params: int) -> dict[str, int]:
     """Proposed rank per layer name under the rule in force (see `selection`)."""
-    rule = selection(cfg)
+    rule = selection(cfg, total_params)
     if rule["mode"] == "params":
         return budget_ranks(found, total_params, rule["params"], cfg.min_saving)
     if rule["mode"] == "ratio":
@@ -323,11 +329,21 @@ def format_table(table: Sequence[dict]) -> str:
     return "\n".join([line(head), rule, *map(line, rows[:-1]), rule, line(rows[-1])])
 
 
-def selection(cfg: LowRankConfig) -> dict:
-    """The rank rule in force (precedence params > ratio > energy), as plain data."""
+def selection(cfg: LowRankConfig, total_params: int | None = None) -> dict:
+    """The rank rule in force (precedence params > ratio > energy), as plain data.
+
+    A budget given as a share ('65%') is resolved against `total_params` and also kept as
+    `params_share`; without `total_params` it is only checked.
+    """
     if not 0.0 <= cfg.min_saving < 1.0:
         raise ConfigError(f"lowrank.min_saving must be in [0, 1), got {cfg.min_saving}")
     if cfg.params is not None:
+        if str(cfg.params).strip().endswith("%"):
+            share = parse_count(cfg.params, 10_000) / 10_000  # checks the text and the range
+            budget = None if total_params is None else parse_count(cfg.params, total_params)
+            if budget is not None and budget <= 0:
+                raise ConfigError(f"lowrank.params={cfg.params!r} leaves no parameter of {total_params:,}")
+            return {"mode": "params", "params": budget, "params_share": share}
         budget = parse_count(cfg.params)
         if budget <= 0:
             raise ConfigError(f"lowrank.params must be a positive parameter count, got {cfg.params!r}")
@@ -366,10 +382,11 @@ def lowrank_stage(artifact: str | Path, cfg: Config, folder: str | Path) -> Arti
         raise ConfigError(
             f"{art.path}: the model predicts scheme {stored_scheme!r}, but data.scheme is {cfg.data.scheme!r}"
         )
-    rule = selection(cfg.lowrank)
+    selection(cfg.lowrank)  # a bad rule fails before any work
     teacher_path = find_teacher(art, cfg.lowrank) if cfg.train.epochs > 0 else None
     model = build_model(art).eval()
     params_before = count_params(model)
+    rule = selection(cfg.lowrank, params_before)
     model, table = factorise(model, cfg.lowrank)
     params_after = count_params(model)
     print(format_table(table))
@@ -378,23 +395,30 @@ def lowrank_stage(artifact: str | Path, cfg: Config, folder: str | Path) -> Arti
     seed_everything(cfg.train.seed)
     data = make_data(cfg)
     model.to(resolve_device(cfg.train.device))
-    before = evaluate(model, data, cfg, desc="factorised, before fine-tune")
-    print(f"dice before fine-tune: wt {before['dice_wt']:.3f} tc {before['dice_tc']:.3f} "
-          f"et {before['dice_et']:.3f} mean {before['dice_mean']:.3f}")
     summary = {**rule, "min_saving": cfg.lowrank.min_saving, "params_before": params_before,
-               "params_after": params_after, "dice_mean_before_finetune": before["dice_mean"],
-               "metrics_before_finetune": {k: float(v) for k, v in before.items()},
-               "teacher": teacher_path, "table": table}
+               "params_after": params_after, "teacher": teacher_path, "table": table}
+    # With train.val_at_start the engine scores the factorised weights itself (and keeps them as
+    # best.pt unless an epoch beats them): no second pass over the validation cases.
+    engine_scores_start = teacher_path is not None and cfg.train.val_at_start
+    if not engine_scores_start:
+        before = evaluate(model, data, cfg, desc="factorised, before fine-tune")
     folder = Path(folder)
     if teacher_path is None:
-        state, metrics = model.state_dict(), dict(before)
+        state, metrics, best_epoch = model.state_dict(), dict(before), 0
     else:
         teacher = load_teacher(teacher_path)
         stage = DistillStage(teacher, cfg, perturb=cfg.distill.perturb_input)
         result = distill_finetune(model, teacher, cfg, folder, stage_name=STAGE, lineage=art.child_lineage(),
                                   extra={"lowrank": summary}, stage=stage, data=data)
+        if engine_scores_start:
+            before = next(e["val"] for e in result.history if e.get("start"))
         best = Artifact.load(result.best_path)
-        state, metrics = best.state_dict, dict(best.metrics)
+        state, metrics, best_epoch = best.state_dict, dict(best.metrics), int(best.extra.get("epoch", -1))
+    print(f"dice before fine-tune: wt {before['dice_wt']:.3f} tc {before['dice_tc']:.3f} "
+          f"et {before['dice_et']:.3f} mean {before['dice_mean']:.3f}")
+    # best_epoch 0: no fine-tune epoch beat the factorised weights on validation, they are kept
+    summary.update(dice_mean_before_finetune=before["dice_mean"], best_epoch=best_epoch,
+                   metrics_before_finetune={k: float(v) for k, v in before.items()})
     metrics.update(dice_mean_before_finetune=before["dice_mean"], params_before=params_before,
                    params_after=params_after)
     out = Artifact(stage=STAGE, spec=model.spec.to_dict(), state_dict=state, config=to_dict(cfg), metrics=metrics,
@@ -408,14 +432,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = stage_parser(
         "python -m compress.lowrank",
         "Factorise a model's Linear/Conv3d layers by truncated SVD, then distil-fine-tune briefly.\n"
-        "Rank rule: --energy E (default 0.9) | --ratio R | --params N (global budget, e.g. 200k).",
+        "Rank rule: --params N (global budget, e.g. 200k, or a share: 65%, the default) | --energy E | --ratio R.",
         default_config="configs/lowrank.yaml",
     )
     p.add_argument("artifact", help="model artifact (.pt) to factorise, e.g. runs/student/student.pt")
     rule = p.add_mutually_exclusive_group()
     rule.add_argument("--energy", type=float, help="keep this share of each layer's spectral energy")
     rule.add_argument("--ratio", type=float, help="rank = ratio x full rank in every layer")
-    rule.add_argument("--params", help="parameter budget for the whole model (k/M suffixes: 200k, 1.2M)")
+    rule.add_argument("--params", help="parameter budget for the whole model: 200k, 1.2M, or a share of it: 65%%")
     p.add_argument("--epochs", type=int, default=None, help="fine-tune epochs (0: no fine-tune)")
     p.add_argument("--teacher", default=None, help="teacher artifact (default: the teacher in the lineage)")
     args = p.parse_args(argv)

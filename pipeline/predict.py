@@ -22,6 +22,7 @@ from brats.inference import predict_case, to_full_grid
 from brats.layout import CaseRef, DataError, discover_cases
 from brats.nifti import LoadedCase, load_case, save_label_map
 from brats.prepare import preprocess_case
+from brats.splits import read_splits
 from common.artifact import Artifact, build_model
 
 FP32_KINDS = ("fp32",)
@@ -92,23 +93,48 @@ def predict_fn(model: nn.Module):
     return predict
 
 
+def split_cases(path: str | Path, fold: int = 0) -> list[str]:
+    """The validation cases of one fold of a splits.json (the cases a run held out)."""
+    folds = read_splits(path)
+    if not 0 <= fold < len(folds):
+        raise DataError(f"split file {path}: no fold {fold} (it has {len(folds)} fold(s): 0..{len(folds) - 1})")
+    return list(folds[fold].val)
+
+
+def select_cases(refs: Sequence[CaseRef], cases: Sequence[str], source: str | Path) -> list[CaseRef]:
+    """The cases of `refs` named in `cases`, in discovery order; a name not found is an error."""
+    wanted = set(cases)
+    missing = [c for c in dict.fromkeys(cases) if c not in {r.case for r in refs}]
+    if missing:
+        raise DataError(f"{source}: no case named {', '.join(missing[:10])}"
+                        f"{' ...' if len(missing) > 10 else ''} ({len(missing)} of {len(wanted)} asked for; "
+                        f"the folder has {len(refs)} case(s))")
+    chosen = [r for r in refs if r.case in wanted]
+    if not chosen:
+        raise DataError(f"{source}: the case selection is empty")
+    return chosen
+
+
 def predict_ref(model: nn.Module, ref: CaseRef, scheme: str, window: Sequence[int], overlap: float,
-                sw_batch: int = 1) -> tuple[np.ndarray, LoadedCase]:
+                sw_batch: int = 1, et_min_voxels: int = 0) -> tuple[np.ndarray, LoadedCase]:
     """(full-grid uint8 BraTS label map (X, Y, Z), LoadedCase) for one case; the seg is not read."""
     loaded = load_case(dataclasses.replace(ref, has_label=False))
     image, _, bbox = preprocess_case(loaded)  # float16 (4, d, h, w), as stored in the cache
-    label = predict_case(predict_fn(model), image.astype(np.float32), scheme, window, overlap, sw_batch)
+    label = predict_case(predict_fn(model), image.astype(np.float32), scheme, window, overlap, sw_batch,
+                         et_min_voxels)
     full = to_full_grid(label, bbox, loaded.image.shape[1:])
     return full, loaded
 
 
 def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str | Path,
                    window: Sequence[int] = (128, 128, 128), overlap: float = 0.5, sw_batch: int = 1,
-                   progress: bool = True) -> PredictResult:
-    """Predict every case under `input_dir` (any BraTS layout, or one case folder).
+                   progress: bool = True, cases: Sequence[str] | None = None,
+                   et_min_voxels: int = 0) -> PredictResult:
+    """Predict every case under `input_dir` (any BraTS layout, or one case folder), or only `cases`.
 
-    Writes `<output_dir>/<case>.nii.gz` atomically. A missing or unusable artifact, or no cases,
-    raise; a bad case lands in `result.failed` and the rest go on.
+    Writes `<output_dir>/<case>.nii.gz` atomically. `et_min_voxels` > 0: a case whose predicted ET
+    has fewer voxels gets it relabelled NCR/NET. A missing or unusable artifact, no cases, or a
+    named case not in `input_dir` raise; a bad case lands in `result.failed` and the rest go on.
     """
     art = Artifact.load(artifact)
     window = check_window(window, art.spec)
@@ -116,7 +142,11 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     model = build_model(art)
     scheme = artifact_scheme(art)
+    if et_min_voxels < 0:
+        raise ValueError(f"et_min_voxels must be >= 0, got {et_min_voxels}")
     refs = discover_cases(input_dir)
+    if cases is not None:
+        refs = select_cases(refs, cases, input_dir)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     result = PredictResult()
@@ -124,7 +154,7 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
     for ref in bar:
         bar.set_postfix_str(ref.case)
         try:
-            full, loaded = predict_ref(model, ref, scheme, window, overlap, sw_batch)
+            full, loaded = predict_ref(model, ref, scheme, window, overlap, sw_batch, et_min_voxels)
             path = save_label_map(output_dir / f"{ref.case}.nii.gz", full, loaded.affine, loaded.header)
         except DataError as e:
             result.failed[ref.case] = str(e)

@@ -92,22 +92,24 @@ def _guess_stage(path: Path) -> str:
 
 
 def _scan(root: Path) -> list[Found]:
-    """Artifacts under a runs folder, with <stage>.pt preferred over the engine's best/last.pt."""
+    """Artifacts under a runs folder: each stage's product, not the engine's checkpoints under it.
+
+    A stage product is any `*.pt` other than best.pt/last.pt. The engine's best.pt/last.pt in a
+    product's folder or anywhere below it (e.g. int8/qat/best.pt next to int8/int8.pt) are that
+    stage's intermediates and make no row. Where no product supersedes them, best.pt is the row
+    and last.pt is dropped when a loadable best.pt sits next to it.
+    """
     paths = sorted(p for p in root.rglob("*.pt")
                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    found = [_load(p, _guess_stage(p)) for p in paths]
-    named = [f for f in found if f.path.stem not in ENGINE_FILES]
+    products = {p.parent for p in paths if p.stem not in ENGINE_FILES}
     kept = []
-    for f in found:
-        if f.path.stem in ENGINE_FILES:
-            # a named artifact of the same stage in this folder or one above it supersedes it
-            if any(n.stage == f.stage and n.path.parent in (f.path.parent, *f.path.parents) for n in named):
-                continue
-            best = f.path.with_name("best.pt")
-            if f.path.stem == "last" and any(g.path == best and g.error is None for g in found):
-                continue
-        kept.append(f)
-    return kept
+    for p in paths:
+        if p.stem in ENGINE_FILES and any(d in p.parents for d in products):
+            continue
+        kept.append(p)
+    found = [_load(p, _guess_stage(p)) for p in kept]
+    good_best = {f.path for f in found if f.path.stem == "best" and f.error is None}
+    return [f for f in found if not (f.path.stem == "last" and f.path.with_name("best.pt") in good_best)]
 
 
 def find_artifacts(sources: Sequence[str | Path]) -> list[Found]:
@@ -197,6 +199,7 @@ def evaluate_artifact(found: Found, cfg: Config, cache, cases: list[str], defaul
     row["size_mb"] = found.path.stat().st_size / 1e6
     window = check_window(rep.window or cfg.train.window, art.spec, "report window")
     overlap = cfg.train.overlap if rep.overlap is None else rep.overlap
+    et_min = et_min_voxels(cfg)
     size = check_window(rep.input, art.spec, "report.input")
     scheme = artifact_scheme(art, default_scheme)
 
@@ -214,7 +217,7 @@ def evaluate_artifact(found: Found, cfg: Config, cache, cases: list[str], defaul
     bar = tqdm(iter_cases(cache, cases), total=len(cases), desc=f"  {found.stage} cases", unit="case",
                leave=False, disable=not progress, file=sys.stderr)
     for case, image, label, meta in bar:
-        pred = predict_case(predict, image, scheme, window, overlap, rep.sw_batch)
+        pred = predict_case(predict, image, scheme, window, overlap, rep.sw_batch, et_min)
         scores.append(score_case(pred, label.numpy(), meta.spacing))
         if first_image is None:
             first_image = image
@@ -224,7 +227,8 @@ def evaluate_artifact(found: Found, cfg: Config, cache, cases: list[str], defaul
     row["cases"] = len(scores)
 
     if rep.case_latency and first_image is not None:
-        run = lambda: predict_case(predict, first_image, scheme, window, overlap, rep.sw_batch)  # noqa: E731
+        run = lambda: predict_case(predict, first_image, scheme, window, overlap, rep.sw_batch,  # noqa: E731
+                                   et_min)
         row["latency_s_case"] = median_seconds(run, rep.latency_runs, warmup=0)
     return row
 
@@ -292,6 +296,7 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
         "cache": str(cache.root) if cache is not None else None,
         "window": rep_window(cfg),
         "overlap": cfg.train.overlap if cfg.report.overlap is None else cfg.report.overlap,
+        "et_min_voxels": et_min_voxels(cfg),
         "input": list(cfg.report.input),
         "runtime": note,
         "reference": ref_row,
@@ -308,6 +313,12 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
 
 def rep_window(cfg: Config) -> list[int]:
     return list(cfg.report.window or cfg.train.window)
+
+
+def et_min_voxels(cfg: Config) -> int:
+    """ET post-processing threshold of the report: report.et_min_voxels, else the training one."""
+    value = cfg.train.et_min_voxels if cfg.report.et_min_voxels is None else cfg.report.et_min_voxels
+    return int(value)
 
 
 # ----------------------------------------------------------------------------- output
@@ -330,6 +341,8 @@ def rows_to_csv(rows: list[dict]) -> str:
 def _fmt(v: Any, spec: str) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return str(v)  # a stage's extra may hold anything
     return format(v, spec)
 
 
@@ -361,7 +374,143 @@ def dict_table(items: Any) -> str:
     return markdown_table(keys, ([cell(i.get(k, "")) for k in keys] for i in items))
 
 
-EXTRA_TABLES = (("growth", "growth history"), ("lowrank", "low-rank layers"), ("int8", "INT8 decisions"))
+def _shape(v: Any) -> str:
+    return "x".join(str(s) for s in v) if isinstance(v, (list, tuple)) else ("–" if v is None else str(v))
+
+
+def _count(v: Any) -> str:
+    return f"{v:,}" if _num(v) else "–"
+
+
+def _lowrank_rule(info: dict) -> str:
+    mode = info.get("mode")
+    if mode == "energy" and _num(info.get("energy")):
+        rule = f"keep {info['energy']:.0%} of each layer's spectral energy"
+    elif mode == "ratio" and _num(info.get("ratio")):
+        rule = f"rank = {info['ratio']:g} x full rank"
+    elif mode == "params" and info.get("params") is not None:
+        rule = f"parameter budget {_count(info['params']) if _num(info['params']) else info['params']}"
+    else:
+        rule = f"mode {mode}"
+    saving = info.get("min_saving")
+    if _num(saving):
+        rule += f"; a layer is factorised only when it saves more than {saving:.0%} of its parameters"
+    return rule
+
+
+def lowrank_section(info: Any) -> list[str]:
+    """extra["lowrank"]: the rule and its outcome in two lines, then one row per candidate layer."""
+    if isinstance(info, list):  # a bare per-layer table
+        info = {"table": info}
+    if not isinstance(info, dict):
+        return [dict_table(info)]
+    table = [r for r in info.get("table") or [] if isinstance(r, dict)]
+    outcome = []
+    before, after = info.get("params_before"), info.get("params_after")
+    if _num(before) and _num(after):
+        change = f" ({(after - before) / before:+.1%})" if before else ""
+        outcome.append(f"parameters {_count(before)} -> {_count(after)}{change}")
+    if table:
+        done = sum(1 for r in table if r.get("factorised", r.get("rank") is not None))
+        outcome.append(f"{done} of {len(table)} candidate layers factorised")
+    if _num(info.get("dice_mean_before_finetune")):
+        outcome.append(f"Dice mean before fine-tune {info['dice_mean_before_finetune']:.3f}")
+    if info.get("teacher"):
+        outcome.append(f"fine-tune teacher `{info['teacher']}`")
+    text = [f"Rule: {_lowrank_rule(info)}."] if "mode" in info else []
+    if outcome:
+        sentence = "; ".join(outcome)
+        text.append(sentence[0].upper() + sentence[1:] + ".")
+    if table:
+        text.append("Rank – : the layer stays unfactorised.")
+    lines = [" ".join(text)] if text else []
+    if table:
+        lines += ["", markdown_table(
+            ["layer", "kind", "shape", "rank", "full rank", "energy kept", "params before", "params after"],
+            ([r.get("layer", "–"), r.get("kind", "–"), _shape(r.get("shape")),
+              "–" if r.get("rank") is None else str(r["rank"]), _count(r.get("full_rank")),
+              _fmt(r.get("energy_kept"), ".3f"), _count(r.get("params_before")), _count(r.get("params_after"))]
+             for r in table),
+        )]
+    return lines
+
+
+def _grown_units(grown: Any) -> str:
+    if not isinstance(grown, list) or not grown:
+        return "–"
+    return ", ".join(f"{g.get('unit')} {g.get('old')}->{g.get('new')}" if isinstance(g, dict) else str(g)
+                     for g in grown)
+
+
+def growth_section(events: Any) -> list[str]:
+    """extra["growth"]: one row per growth decision (grow or stop) with the units grown."""
+    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+        return [dict_table(events)]
+
+    def params(e: dict) -> str:
+        after = e.get("params_after")
+        return _count(e.get("params")) + (f" -> {_count(after)}" if _num(after) else "")
+
+    return [markdown_table(
+        ["event", "epoch", "action", "reason", "Dice mean", "params", "units grown (old->new)"],
+        ([str(e.get("event", i)), str(e.get("epoch", "–")), str(e.get("action", "–")), str(e.get("reason", "–")),
+          _fmt(e.get("dice"), ".3f"), params(e), _grown_units(e.get("grown"))] for i, e in enumerate(events)),
+    )]
+
+
+def int8_section(info: Any) -> list[str]:
+    """extra["int8"]: how layers were timed, then per layer FP32 vs INT8 time and the choice made."""
+    if not isinstance(info, dict):
+        return [dict_table(info)]
+    decisions = [d for d in info.get("decisions") or [] if isinstance(d, dict)]
+    chosen = info.get("int8_layers")
+    n_int8 = len(chosen) if isinstance(chosen, list) else sum(d.get("choice") == "int8" for d in decisions)
+    setup = [f"backend {info['backend']}" if info.get("backend") else "",
+             f"engine {info['engine']}" if info.get("engine") else "",
+             f"layers timed in a {_shape(info['input_shape'])} forward pass" if info.get("input_shape") else "",
+             f"{info['cpu_threads']} thread(s)" if info.get("cpu_threads") else "",
+             f"activations 0..{info['act_qmax']}" if info.get("act_qmax") is not None else ""]
+    summary = f"{n_int8} of {len(decisions)} layers run in INT8" if decisions else f"{n_int8} layers run in INT8"
+    setup_text = ", ".join(s for s in setup if s)
+    lines = [f"{summary}{' (' + setup_text + ')' if setup_text else ''}."]
+    timed = [d for d in decisions if _num(d.get("fp32_ms")) and _num(d.get("int8_ms"))]
+    if timed:
+        fp32 = sum(d["fp32_ms"] for d in timed)
+        mixed = sum(d["int8_ms"] if d.get("choice") == "int8" else d["fp32_ms"] for d in timed)
+        lines[0] += f" Sum of per-layer times: {fp32:.1f} ms all FP32, {mixed:.1f} ms as chosen."
+    qat = info.get("qat_metrics")
+    if isinstance(qat, dict) and _num(qat.get("dice_mean")):
+        lines[0] += f" Dice mean after quantisation-aware fine-tune: {qat['dice_mean']:.3f}."
+    if decisions:
+        def speedup(d: dict) -> str:
+            a, b = d.get("fp32_ms"), d.get("int8_ms")
+            return f"{a / b:.2f}x" if _num(a) and _num(b) and b > 0 else "–"
+
+        def choice(d: dict) -> str:
+            why = d.get("why")
+            return str(d.get("choice", "–")) + (f" ({why})" if why and why != "measured" else "")
+
+        lines += ["", markdown_table(
+            ["layer", "type", "input shape", "FP32 ms", "INT8 ms", "INT8 speed-up", "choice"],
+            ([d.get("layer", "–"), str(d.get("type", d.get("kind", "–"))), _shape(d.get("shape")),
+              _fmt(d.get("fp32_ms"), ".3f"), _fmt(d.get("int8_ms"), ".3f"), speedup(d), choice(d)]
+             for d in decisions),
+        )]
+    return lines
+
+
+# extra key -> (section title, renderer returning Markdown lines)
+EXTRA_SECTIONS = {
+    "lowrank": ("low-rank layers", lowrank_section),
+    "growth": ("growth history", growth_section),
+    "int8": ("INT8 decisions", int8_section),
+}
+
+
+def _et_rule(min_voxels: int) -> str:
+    if min_voxels and min_voxels > 0:
+        return f"a predicted ET of fewer than {min_voxels} voxels in a case is relabelled NCR/NET"
+    return "no ET post-processing"
 
 
 def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Config, plot_files: list[str]) -> str:
@@ -375,7 +524,8 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
         f"Created {meta['created']}. Held-out cases: {len(meta['cases'])} from the validation split of "
         f"{src} (cache {meta['cache']}): {', '.join(meta['cases']) or 'none'}.",
         f"Whole-case sliding window {'x'.join(map(str, meta['window']))}, overlap {meta['overlap']}, "
-        "Gaussian weighting; metrics on the cropped brain grid, averaged over cases (empty-region "
+        f"Gaussian weighting; {_et_rule(meta.get('et_min_voxels', 0))}; metrics on the cropped brain grid, "
+        "averaged over cases (empty-region "
         "conventions of brats.metrics: both empty -> Dice 1, HD95 0; one empty -> Dice 0, HD95 373.13 mm).",
         f"G MACs at 1x4x{size} ({MACS_CONVENTION}); INT8/ONNX rows are counted on their float base "
         "model, and their parameters are the count of weights.",
@@ -418,10 +568,10 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
         lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plot_files] + [""]
     for f in found:
         extra = f.artifact.extra if f.artifact is not None else {}
-        for key, title in EXTRA_TABLES:
+        for key, (title, render) in EXTRA_SECTIONS.items():
             value = extra.get(key)
             if value:
-                lines += [f"## {f.stage}: {title}", "", f"From `{f.path}`.", "", dict_table(value), ""]
+                lines += [f"## {f.stage}: {title}", "", f"From `{f.path}`.", "", *render(value), ""]
     return "\n".join(lines)
 
 

@@ -28,8 +28,11 @@ $PY -m compress.grow "$RUNS/lowrank/lowrank.pt" --config configs/demo/grow.yaml 
 step "6/8 INT8 quantisation (quantize.py)"
 $PY quantize.py "$RUNS/grow/grown.pt" --config configs/demo/quantize.yaml --data "$DATA" --out "$RUNS/int8"
 
-step "7/8 predict the validation release and score the held-out training cases"
+step "7/8 predict the validation release, and the held-out training cases to score them"
 $PY predict.py "$RUNS/int8/int8.pt" --input "$DATA/Brats17ValidationData" --output "$RUNS/predictions/validation"
+$PY predict.py "$RUNS/int8/int8.pt" --input "$DATA/Brats17TrainingData" --split "$DATA/.cache/splits.json" \
+    --output "$RUNS/predictions/held-out"
+$PY -m brats.evaluate "$RUNS/predictions/held-out" "$DATA/Brats17TrainingData" --subset --out "$RUNS/predictions/held-out/scores.csv"
 
 step "8/8 report"
 $PY report.py "$RUNS" --data "$DATA" --config configs/demo/report.yaml --out report/demo

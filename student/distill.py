@@ -125,9 +125,10 @@ class DistillStage(Stage):
         self.teacher.to(trainer.device)
         if self.d.feature_weight > 0:
             self.build_projections(trainer.model, trainer.device)
-            # projections train with the model; the schedule is rebuilt so it covers their group too
-            trainer.optimizer.add_param_group({"params": list(self.projections.parameters())})
-            trainer.scheduler = trainer._make_scheduler(trainer.optimizer)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The feature projections: the engine trains, saves and restores them with the model."""
+        return list(self.projections.parameters()) if self.projections is not None else []
 
     def build_projections(self, student: nn.Module, device: torch.device | str = "cpu") -> nn.ModuleList:
         s_dims = getattr(student, "module", student).spec.embed_dims
@@ -182,16 +183,11 @@ class DistillStage(Stage):
         return total, out
 
     def state_dict(self) -> dict:
-        state = {"generator": self.generator.get_state()}
-        if self.projections is not None:
-            state["projections"] = {k: v.detach().cpu() for k, v in self.projections.state_dict().items()}
-        return state
+        return {"generator": self.generator.get_state()}  # the projections travel as `parameters()`
 
     def load_state_dict(self, state: dict) -> None:
         if "generator" in state:
             self.generator.set_state(state["generator"])
-        if "projections" in state and self.projections is not None:
-            self.projections.load_state_dict(state["projections"])
 
     def artifact_extra(self) -> dict:
         d = self.d

@@ -8,6 +8,8 @@ Per epoch: random crops -> AdamW steps (linear warm-up, then cosine to `min_lr`,
 clipping; fp16 + GradScaler or bf16 autocast) -> every `val_every` epochs (and after the last)
 sliding-window validation on whole held-out cases, scored per region -> `best.pt` (highest mean
 Dice) and `last.pt` (with the full training state, so `resume=True` continues bit-for-bit).
+With `train.val_at_start` the initial weights are validated first and compete for `best.pt`, so a
+fine-tune never returns something worse on validation than what it started from.
 
 Under `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK in the environment) the model is wrapped in
 DistributedDataParallel, training crops and validation cases are shared among ranks, metrics are
@@ -15,6 +17,7 @@ gathered so every rank sees the same means, and only rank 0 writes logs and chec
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -31,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from common.artifact import Artifact, ArtifactError
+from common.artifact import Artifact, ArtifactError, build_model
 from common.atomic import atomic_write_text
 from common.config import Config, ConfigError, to_dict
 from teacher.losses import segmentation_loss
@@ -55,12 +58,25 @@ class Stage:
     """
 
     name: str = "stage"
+    # fit(resume=True) rebuilds the model from last.pt's spec (for stages that change its shape)
+    rebuild_on_resume: bool = False
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
     def setup(self, trainer: "Trainer") -> None:
-        """Called once before training (e.g. move a frozen teacher to `trainer.device`)."""
+        """Called once, with the model on `trainer.device`, before the optimiser is built (so
+        parameters created here can be returned by `parameters`), e.g. move a frozen teacher."""
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The stage's own trainable parameters (not the model's): the engine trains them in a
+        separate AdamW group on the same lr schedule, saves and restores them in last.pt, and keeps
+        them across `trainer.replace_model`. They are not part of any artifact's weights."""
+        return []
+
+    def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
+        """True for model parameters (by `named_parameters` name) to train without weight decay."""
+        return False
 
     def after_backward(self, trainer: "Trainer") -> None:
         """Called after each backward pass, gradients unscaled and clipped, before the step."""
@@ -110,7 +126,8 @@ class FitResult:
     best_path: Path
     last_path: Path
     best_metrics: dict
-    history: list[dict]
+    history: list[dict]  # one entry per epoch ({"epoch": 0, "start": True, ...} first with val_at_start)
+    model: nn.Module | None = None  # the model trained last (another object after replace_model / rebuild)
 
 
 @dataclass
@@ -361,8 +378,13 @@ class Trainer:
         self.model = model
         self.ddp_model: nn.Module = model
         self._attach_model(model)
+        self.stage.setup(self)
+        self.stage_params: list[nn.Parameter] = []
         self.optimizer = self._make_optimizer(model)
         self.scheduler = self._make_scheduler(self.optimizer)
+        if self.dist.enabled:  # every rank starts from rank 0's stage parameters (DDP does the model's)
+            for p in self.stage_params:
+                dist.broadcast(p.data, src=0)
 
         self.epoch = 0  # next epoch to run
         self.global_step = 0
@@ -384,39 +406,65 @@ class Trainer:
         else:
             self.ddp_model = model
 
-    def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        params = [p for p in model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.cfg.train.lr, weight_decay=self.cfg.train.weight_decay)
+    def make_param_groups(self, model: nn.Module) -> list[dict]:
+        """AdamW groups, empty ones left out: "model" (train.weight_decay), "model_no_decay" (the
+        model parameters `stage.no_weight_decay` exempts; 0), "stage" (`stage.parameters()`)."""
+        wd = self.cfg.train.weight_decay
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (no_decay if self.stage.no_weight_decay(name, p) else decay).append(p)
+        own = {id(p) for p in decay + no_decay}
+        stage_params = [p for p in self.stage.parameters() if p.requires_grad]
+        if any(id(p) in own for p in stage_params):
+            raise ValueError(f"stage {self.stage.name!r}: parameters() returns parameters of the model; "
+                             "return only the stage's own")
+        self.stage_params = stage_params
+        groups = [{"name": "model", "params": decay, "weight_decay": wd},
+                  {"name": "model_no_decay", "params": no_decay, "weight_decay": 0.0},
+                  {"name": "stage", "params": stage_params, "weight_decay": wd}]
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise ConfigError(f"stage {self.stage.name!r}: nothing to train (no parameter requires grad)")
+        return groups
 
-    def _make_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.make_param_groups(model), lr=self.cfg.train.lr)
+
+    def _make_scheduler(self, optimizer: torch.optim.Optimizer, step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+        """Warm-up + cosine on every group, positioned before optimiser step `step`."""
         t = self.cfg.train
         warmup, total, min_ratio = self.warmup_steps, self.total_steps, t.min_lr / t.lr if t.lr else 0.0
 
         def factor(step: int) -> float:  # a closure, so LambdaLR stores no state for it
             return lr_factor(step, warmup, total, min_ratio)
 
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = t.lr
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=step - 1)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Everything the optimiser updates: the model's and the stage's parameters."""
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def replace_model(self, new_model: nn.Module) -> None:
         """Train `new_model` from here on (e.g. after growing a layer).
 
-        Fresh optimiser and scheduler at the same schedule position; Adam moments are carried over
-        for every parameter whose name and shape are unchanged.
+        Fresh optimiser (groups as `make_param_groups`) and scheduler at the same schedule position;
+        Adam moments are carried over for every model parameter whose name and shape are unchanged,
+        and for the stage's own parameters.
         """
         old_params = dict(self.model.named_parameters())
-        old_opt, old_sched = self.optimizer, self.scheduler
+        old_opt, step = self.optimizer, self.scheduler.last_epoch
         self._attach_model(new_model)
         opt = self._make_optimizer(new_model)
-        for name, p in new_model.named_parameters():
-            old = old_params.get(name)
+        carry = [(p, old_params.get(name)) for name, p in new_model.named_parameters()]
+        carry += [(p, p) for p in self.stage_params]
+        for p, old in carry:
             if old is not None and old.shape == p.shape and old in old_opt.state:
                 opt.state[p] = {k: v.clone() if isinstance(v, torch.Tensor) else v
                                 for k, v in old_opt.state[old].items()}
-        sched = self._make_scheduler(opt)
-        sched.load_state_dict(old_sched.state_dict())
-        for group, old_group in zip(opt.param_groups, old_opt.param_groups):
-            group["lr"] = old_group["lr"]
-        self.optimizer, self.scheduler = opt, sched
+        self.optimizer, self.scheduler = opt, self._make_scheduler(opt, step)
 
     # -- checkpoints
 
@@ -452,6 +500,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "stage": self.stage.state_dict(),
+            "stage_parameters": [p.detach().cpu() for p in self.stage_params],
             "rng": rng_state(),
         }
         if type(self.stage).artifact_state is not Stage.artifact_state:  # artifact weights differ from the live model's
@@ -480,14 +529,27 @@ class Trainer:
         if art.stage != self.stage_name:
             raise ArtifactError(f"{path}: written by stage {art.stage!r}, cannot resume stage {self.stage_name!r}")
         spec = self.stage.artifact_spec(self.model)
+        weights = state.get("model", art.state_dict)
         if art.spec != spec:
-            diff = sorted(k for k in set(spec) | set(art.spec) if spec.get(k) != art.spec.get(k))
+            if not getattr(self.stage, "rebuild_on_resume", False):
+                diff = sorted(k for k in set(spec) | set(art.spec) if spec.get(k) != art.spec.get(k))
+                raise ArtifactError(
+                    f"{path}: saved model has another architecture (spec fields differ: {', '.join(diff)}); "
+                    "resume with the same model config or start a new --out folder"
+                )
+            # the model changed shape during the run (growth): continue with the one saved
+            self.replace_model(build_model(dataclasses.replace(art, state_dict=weights)))
+        saved_params = state.get("stage_parameters", [])
+        if [tuple(p.shape) for p in saved_params] != [tuple(p.shape) for p in self.stage_params]:
             raise ArtifactError(
-                f"{path}: saved model has another architecture (spec fields differ: {', '.join(diff)}); "
-                "resume with the same model config or start a new --out folder"
+                f"{path}: stage {self.stage.name!r} parameters do not fit: saved shapes "
+                f"{[tuple(p.shape) for p in saved_params]}, now {[tuple(p.shape) for p in self.stage_params]}"
             )
         try:
-            self.model.load_state_dict(state.get("model", art.state_dict))
+            self.model.load_state_dict(weights)
+            with torch.no_grad():
+                for p, saved in zip(self.stage_params, saved_params):
+                    p.copy_(saved)
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
         except (RuntimeError, ValueError, KeyError) as e:
@@ -538,6 +600,16 @@ class Trainer:
                 if n == self.steps_per_epoch:
                     return
 
+    def _reduce_stage_grads(self) -> None:
+        """Average the stage parameters' gradients over ranks (DDP does only the model's)."""
+        if not (self.dist.enabled and self.stage_params):
+            return
+        for p in self.stage_params:
+            if p.grad is None:  # every rank must join the all-reduce
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad.div_(self.dist.world)
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
         t = self.cfg.train
         self.ddp_model.train()
@@ -556,11 +628,13 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.optimizer)
             else:
                 loss.backward()
+            self._reduce_stage_grads()
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
             if t.grad_clip and t.grad_clip > 0:
-                grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip))
+                grad_norm = float(nn.utils.clip_grad_norm_(self.trainable_parameters(), t.grad_clip))
                 if math.isfinite(grad_norm):  # fp16 overflow: the scaler skips this step anyway
                     logs = {**logs, "grad_norm": grad_norm}
             self.stage.after_backward(self)
@@ -644,9 +718,10 @@ class Trainer:
         t = self.cfg.train
         if self.dist.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.stage.setup(self)
         if resume:
             self.load_last()
+        if t.val_at_start and self.epoch == 0 and not self.history:  # a resumed run validated it already
+            self.validate_start()
         for epoch in range(self.epoch, t.epochs):
             if self.stopped:
                 break
@@ -671,7 +746,18 @@ class Trainer:
             self.writer.flush()
         if self.dist.enabled:
             dist.barrier()
-        return FitResult(self.best_path, self.last_path, dict(self.best_metrics), list(self.history))
+        return FitResult(self.best_path, self.last_path, dict(self.best_metrics), list(self.history), self.model)
+
+    def validate_start(self) -> None:
+        """Score the initial weights: history entry epoch 0 ("start"), a candidate for best.pt."""
+        start = time.time()
+        metrics = self.validate(-1)
+        self._consider_best(metrics, -1)
+        entry = {"epoch": 0, "start": True, "step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"],
+                 "train": {}, "val": metrics, "seconds": round(time.time() - start, 2)}
+        self.history.append(entry)
+        self.save_last()
+        self._log_epoch(entry)
 
     def _log_epoch(self, entry: dict) -> None:
         if not self.dist.main:
@@ -679,7 +765,10 @@ class Trainer:
         # every curve uses the global step as x axis, so a resumed run's purge_step cuts them all
         self.log_scalars("epoch", {"epoch": entry["epoch"], **{f"train_{k}": v for k, v in entry["train"].items()}},
                          entry["step"])
-        line = f"{self.stage_name} epoch {entry['epoch']}/{self.cfg.train.epochs} loss {entry['train'].get('loss', math.nan):.4f}"
+        if entry.get("start"):
+            line = f"{self.stage_name} start"
+        else:
+            line = f"{self.stage_name} epoch {entry['epoch']}/{self.cfg.train.epochs} loss {entry['train'].get('loss', math.nan):.4f}"
         val = entry["val"]
         if val:
             self.log_scalars("val", val, entry["step"])

@@ -73,7 +73,10 @@ def test_teacher_gets_no_gradient_and_does_not_change_during_a_step():
     assert projections[0].weight.grad is not None and projections[0].weight.grad.abs().sum() > 0
     # the projections stay out of the student: its artifact state is the plain model's
     assert set(stage.artifact_state(student)) == set(student.state_dict())
-    assert set(stage.state_dict()["projections"]) == {f"{i}.{w}" for i in range(4) for w in ("weight", "bias")}
+    # ...they are the stage's own parameters, which the engine trains in a group of their own
+    assert [tuple(p.shape) for p in stage.parameters()] == [
+        shape for s, t in zip([8, 16, 16, 16], [16, 32, 32, 32]) for shape in ((t, s, 1, 1, 1), (t,))]
+    assert all(a is b for a, b in zip(stage.parameters(), projections.parameters()))
 
 
 def test_dice_gap_is_teacher_minus_student():
@@ -108,5 +111,14 @@ def test_distill_student_end_to_end(tmp_path):
     assert student.spec.embed_dims == [8, 16, 16, 16]
     assert loaded.extra["width"] == 0.5 and loaded.extra["init"] == "pruned"
     assert art.metrics == loaded.metrics
+    # the feature projections trained in the optimiser's "stage" group and were saved in last.pt
+    state = Artifact.load(tmp_path / "student" / "last.pt").extra["train_state"]
+    assert [g["name"] for g in state["optimizer"]["param_groups"]] == ["model", "stage"]
+    assert len(state["optimizer"]["param_groups"][1]["params"]) == 8
+    saved = state["stage_parameters"]
+    assert [tuple(p.shape) for p in saved[:2]] == [(16, 8, 1, 1, 1), (16,)]
+    fresh = DistillStage(tiny_teacher(), cfg).build_projections(student)  # the seeded initial projections
+    assert not torch.equal(saved[1], fresh[0].bias)  # the bias starts at 0 and was trained
+    assert torch.count_nonzero(fresh[0].bias) == 0
     frozen = load_teacher(tmp_path / "teacher.pt")
     assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())

@@ -24,6 +24,7 @@ from teacher.engine import (
     rng_state,
     set_rng_state,
 )
+from teacher.losses import segmentation_loss
 from teacher.model import RefineFormer3D, preset_spec
 
 TINY = dict(embed_dims=[8, 16, 16, 16], num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1],
@@ -327,3 +328,179 @@ def test_base_stage_needs_a_loss():
     with pytest.raises(NotImplementedError):
         Stage().loss(None, {})
     assert math.isclose(Stage().predict(lambda x: x * 2, torch.ones(1)).item(), 2.0)
+
+
+# ----------------------------------------------------------------------------- fine-tune hooks
+
+
+class Ascent(SupervisedStage):
+    """Gradient ascent on the supervised loss (training only makes Dice worse); counts predictions."""
+
+    def __init__(self, interrupt_after: int | None = None):
+        super().__init__()
+        self.calls, self.interrupt_after, self.predict_calls = 0, interrupt_after, 0
+
+    def loss(self, model, batch):
+        self.calls += 1
+        if self.interrupt_after is not None and self.calls > self.interrupt_after:
+            raise KeyboardInterrupt
+        loss, logs = super().loss(model, batch)
+        return -loss, logs
+
+    def predict(self, model, x):
+        self.predict_calls += 1
+        return model(x)
+
+
+def test_val_at_start_keeps_the_initial_weights_and_is_not_repeated_on_resume(phantom, tmp_path):
+    cfg = tiny_cfg(phantom, val_at_start=True, lr=2e-2, log_images=False)
+    model = tiny_model()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    stage = Ascent()
+    result = fit(model, stage, cfg, tmp_path / "a", stage_name="lowrank")
+    assert [(h["epoch"], h.get("start", False)) for h in result.history] == [(0, True), (1, False), (2, False)]
+    start = result.history[0]
+    assert start["step"] == 0 and start["train"] == {}
+    dice = [h["val"]["dice_mean"] for h in result.history]
+    assert dice[1] < dice[0] and dice[2] < dice[0], dice  # the premise: training made it worse
+    assert stage.predict_calls == 3 * 4  # start + 2 epochs, 4 windows each
+    best = Artifact.load(tmp_path / "a" / BEST)
+    assert best.metrics == start["val"] == result.best_metrics and best.extra["epoch"] == 0
+    for k, v in initial.items():
+        assert torch.equal(best.state_dict[k], v), k
+
+    # killed in epoch 2, resumed: the start is not validated again and the run matches
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model(), Ascent(interrupt_after=3), cfg, tmp_path / "b", stage_name="lowrank")
+    again = Ascent()
+    resumed = fit(tiny_model(seed=9), again, cfg, tmp_path / "b", stage_name="lowrank", resume=True)
+    assert again.predict_calls == 4  # epoch 2 only
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
+    assert [h["val"]["dice_mean"] for h in resumed.history] == pytest.approx(dice, abs=1e-6)
+    assert resumed.best_metrics == pytest.approx(result.best_metrics, abs=1e-6)
+
+
+class Gain(SupervisedStage):
+    """Logits times a learnable per-region gain: a parameter of the stage, not of the model."""
+
+    def __init__(self, interrupt_after: int | None = None):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.ones(3))
+        self.calls, self.interrupt_after = 0, interrupt_after
+
+    def parameters(self):
+        return [self.gain]
+
+    def no_weight_decay(self, name, param):
+        return name.endswith(".bias") or ".norm" in name
+
+    def loss(self, model, batch):
+        self.calls += 1
+        if self.interrupt_after is not None and self.calls > self.interrupt_after:
+            raise KeyboardInterrupt
+        logits = model(batch["image"]) * self.gain.view(1, 3, 1, 1, 1)
+        return segmentation_loss(logits, batch["label"], "regions", 1.0, 1.0)
+
+
+def test_weight_decay_groups(phantom, tmp_path):
+    cfg = tiny_cfg(phantom, weight_decay=0.1, lr=1e-2)
+    model = tiny_model()
+    stage = Gain()
+    trainer = Trainer(model, stage, cfg, tmp_path, stage_name="teacher")
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    assert list(groups) == ["model", "model_no_decay", "stage"]
+    assert [g["weight_decay"] for g in groups.values()] == [0.1, 0.0, 0.1]
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {n for n in names.values() if n.endswith(".bias") or ".norm" in n}
+    assert {names[id(p)] for p in groups["model_no_decay"]["params"]} == exempt
+    assert {names[id(p)] for p in groups["model"]["params"]} == set(names.values()) - exempt
+    assert len(exempt) > 10 and "encoder.stages.0.patch_embed.norm.weight" in exempt
+    assert groups["stage"]["params"] == [stage.gain]
+    # one AdamW step on zero gradients is pure decoupled weight decay: p *= 1 - lr * wd
+    params = trainer.trainable_parameters()
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    trainer.optimizer.step()
+    lr = trainer.optimizer.param_groups[0]["lr"]  # warm-up step 0: lr / 2
+    assert lr == pytest.approx(0.5e-2)
+    for p, old in zip(params, before):
+        expected = old if names.get(id(p)) in exempt else old * (1 - lr * 0.1)
+        assert torch.allclose(p.detach(), expected, rtol=0, atol=1e-7), names.get(id(p), "gain")
+    with pytest.raises(ValueError, match="parameters of the model"):
+        bad = Gain()
+        bad.parameters = lambda: [next(model.parameters())]
+        Trainer(model, bad, cfg, tmp_path, stage_name="teacher")
+
+
+def test_stage_parameters_train_save_resume_and_survive_replace_model(phantom, tmp_path):
+    cfg = tiny_cfg(phantom, log_images=False)
+    stage = Gain()
+    model = tiny_model()
+    result = fit(model, stage, cfg, tmp_path / "a", stage_name="teacher")
+    assert not torch.equal(stage.gain.detach(), torch.ones(3))  # it trained
+    state = Artifact.load(tmp_path / "a" / LAST).extra["train_state"]
+    assert torch.equal(state["stage_parameters"][0], stage.gain.detach())
+    assert "gain" not in " ".join(Artifact.load(tmp_path / "a" / BEST).state_dict)  # not in the model
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model(), Gain(interrupt_after=3), cfg, tmp_path / "b", stage_name="teacher")
+    resumed_stage = Gain()
+    resumed = fit(tiny_model(seed=4), resumed_stage, cfg, tmp_path / "b", stage_name="teacher", resume=True)
+    assert torch.allclose(resumed_stage.gain, stage.gain, atol=1e-6)
+    for k, v in resumed.model.state_dict().items():
+        assert torch.allclose(v, model.state_dict()[k], atol=1e-6), k
+
+    # replace_model: the gain keeps its group, its value and its Adam moments
+    trainer = Trainer(tiny_model(), Gain(), cfg, tmp_path / "c", stage_name="teacher")
+    trainer.train_epoch(0)
+    gain = trainer.stage.gain
+    moments = trainer.optimizer.state[gain]["exp_avg"].clone()
+    trainer.replace_model(tiny_model(seed=5, fuse_dim=24))
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    assert groups["stage"]["params"] == [gain] and groups["model_no_decay"]["weight_decay"] == 0.0
+    assert torch.equal(trainer.optimizer.state[gain]["exp_avg"], moments)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx(
+        [cfg.train.lr * lr_factor(2, 2, 4, cfg.train.min_lr / cfg.train.lr)] * 3)
+
+
+class GrowAtFirstEpoch(SupervisedStage):
+    """Swaps in a model with a wider decoder after epoch 1, as growth does."""
+
+    rebuild_on_resume = True
+
+    def __init__(self, interrupt_after: int | None = None):
+        super().__init__()
+        self.calls, self.interrupt_after = 0, interrupt_after
+
+    def loss(self, model, batch):
+        self.calls += 1
+        if self.interrupt_after is not None and self.calls > self.interrupt_after:
+            raise KeyboardInterrupt
+        return super().loss(model, batch)
+
+    def on_epoch_end(self, trainer, epoch, val_metrics):
+        if epoch == 0:
+            with torch.random.fork_rng():
+                trainer.replace_model(tiny_model(seed=5, fuse_dim=24))
+        return False
+
+
+def test_resume_rebuilds_a_model_that_grew(phantom, tmp_path):
+    cfg = tiny_cfg(phantom, log_images=False)
+    straight = fit(tiny_model(), GrowAtFirstEpoch(), cfg, tmp_path / "a", stage_name="grown")
+    assert straight.model.spec.fuse_dim == 24
+    with pytest.raises(KeyboardInterrupt):  # dies in epoch 2, after growing
+        fit(tiny_model(), GrowAtFirstEpoch(interrupt_after=3), cfg, tmp_path / "b", stage_name="grown")
+    assert Artifact.load(tmp_path / "b" / LAST).spec["fuse_dim"] == 24
+    given = tiny_model()  # the spec the run started with: rebuilt from last.pt instead
+    resumed = fit(given, GrowAtFirstEpoch(), cfg, tmp_path / "b", stage_name="grown", resume=True)
+    assert resumed.model is not given and resumed.model.spec.fuse_dim == 24
+    assert [h["val"]["dice_mean"] for h in resumed.history] == pytest.approx(
+        [h["val"]["dice_mean"] for h in straight.history], abs=1e-6)
+    final = straight.model.state_dict()
+    for k, v in resumed.model.state_dict().items():
+        assert torch.allclose(v, final[k], atol=1e-6), k
+    # without the flag the spec must match
+    with pytest.raises(ArtifactError, match="architecture.*fuse_dim"):
+        fit(tiny_model(), SupervisedStage(), cfg, tmp_path / "b", stage_name="grown", resume=True)

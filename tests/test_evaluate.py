@@ -122,6 +122,19 @@ def test_missing_cases_listed(tmp_path, capsys):
     assert err.count("\n") == 1 and "extra1" in err and "Traceback" not in err
 
 
+def test_subset_scores_only_the_predicted_cases(tmp_path):
+    pred_dir, truth_dir = _flat(tmp_path, cases=("a", "b", "c"))
+    (pred_dir / "c.nii.gz").unlink()
+    rows = evaluate_dirs(pred_dir, truth_dir, subset=True)
+    assert [r["case"] for r in rows] == ["a", "b"]
+    with pytest.raises(EvaluationError, match="without prediction: c"):
+        evaluate_dirs(pred_dir, truth_dir)
+    _save(pred_dir / "extra1.nii.gz", _pred_label(0))
+    with pytest.raises(EvaluationError, match="without truth: extra1"):  # still an error in subset mode
+        evaluate_dirs(pred_dir, truth_dir, subset=True)
+    assert main([str(pred_dir), str(truth_dir), "--subset"]) == 2
+
+
 def test_shape_mismatch_names_case_and_files(tmp_path):
     pred_dir, truth_dir = _flat(tmp_path)
     _save(pred_dir / "b.nii.gz", np.zeros((12, 10, 9), np.uint8))

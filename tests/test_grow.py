@@ -18,6 +18,9 @@ from compress.grow import (
     parse_count,
     select_units,
     spec_params,
+    rank_units,
+    spec_macs,
+    unit_macs,
     unit_parameters,
     unit_width,
     widen,
@@ -65,8 +68,10 @@ def x_input(batch: int = 2) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("decoder", ["refine", "allmlp"])
-@pytest.mark.parametrize("factorised, init", [(False, "copy"), (False, "random"), (True, "mixed")])
-def test_every_widening_preserves_output_and_rebuilds(decoder, factorised, init):
+@pytest.mark.parametrize("factorised", [False, True])
+def test_every_widening_preserves_output_and_rebuilds(decoder, factorised):
+    """Copy and random init alternate over the units, shifted between decoders, so every unit
+    shared by both decoders is checked with both."""
     model = tiny(decoder, factorised)
     x = x_input()
     units = growable_units(model.spec)
@@ -80,7 +85,7 @@ def test_every_widening_preserves_output_and_rebuilds(decoder, factorised, init)
         ref_eval = model.eval()(x)
         ref_train = copy.deepcopy(model).train()(x)
     for k, unit in enumerate(units):
-        unit_init = ("copy", "random")[k % 2] if init == "mixed" else init
+        unit_init = ("copy", "random")[(k + (decoder == "allmlp")) % 2]
         old = unit_width(model.spec, unit)
         width = grown_width(model, unit, 2.0)
         assert width is not None and width > old, unit
@@ -162,15 +167,94 @@ def test_select_units_respects_top_k_and_budget():
     scores = {u: 0.0 for u in growable_units(model.spec)}
     scores.update({"mlp_hidden.3.0": 3.0, "mlp_hidden.0.0": 2.0, "refine_dim": 1.0})
     n = count_params(model)
-    chosen = select_units(model, scores, top_k=2, factor=2.0, budget=None)
+    chosen = select_units(model, scores, top_k=2, factor=2.0, budget=None, cost="params")
     assert chosen == [("mlp_hidden.3.0", 128, 256), ("mlp_hidden.0.0", 64, 128)]
     # per new MLP channel: fc1 row + bias, dwconv 27 + bias, bn 2, fc2 column: 128 * 95 and 64 * 63
     cost3 = spec_params(widen(model, "mlp_hidden.3.0", 256).spec) - n
     cost0 = spec_params(widen(model, "mlp_hidden.0.0", 128).spec) - n
     assert (cost3, cost0) == (12_160, 4_032)
-    chosen = select_units(model, scores, top_k=2, factor=2.0, budget=n + 5_000)
+    chosen = select_units(model, scores, top_k=2, factor=2.0, budget=n + 5_000, cost="params")
     assert [c[0] for c in chosen] == ["mlp_hidden.0.0", "refine_dim"]  # the top unit does not fit
-    assert select_units(model, scores, top_k=2, factor=2.0, budget=n) == []
+    assert select_units(model, scores, top_k=2, factor=2.0, budget=n, cost="params") == []
+    # units without gradient signal never grow, even with room left
+    assert len(select_units(model, scores, top_k=5, factor=2.0, cost="params")) == 3
+
+
+def test_spec_macs_and_unit_costs_match_count_macs():
+    """The analytic count equals fvcore's on tiny models (dense refine, low-rank allmlp, a non-cubic
+    input), and a unit's per-channel cost times the channels added equals
+    count_macs(widened) - count_macs(model)."""
+    from teacher.flops import count_macs
+
+    def fvcore(m, size):
+        return round(count_macs(m, (1, 4, *size)) * 1e9)
+
+    size = (32, 32, 64)
+    for decoder, factorised in [("refine", False), ("allmlp", True)]:
+        model = tiny(decoder, factorised)
+        assert spec_macs(model.spec, size) == fvcore(model, size), (decoder, factorised)
+    model = tiny("refine", factorised=True)
+    base = fvcore(model, size)
+    assert spec_macs(model.spec, size) == base
+    # dense MLP with low-rank fc1/fc2, low-rank q/kv/proj, a rank, the fusion (low-rank fuse), the refine width
+    units = ["mlp_hidden.1.0", "attn_dims.2", "ranks.decoder.head", "fuse_dim", "refine_dim"]
+    for unit in units:
+        old, new = unit_width(model.spec, unit), grown_width(model, unit, 2.0)
+        delta = fvcore(widen(model, unit, new), size) - base
+        assert delta > 0 and unit_macs(model.spec, unit, size) * (new - old) == delta, unit
+
+
+def test_unit_costs_by_hand():
+    """Tiny refine model at 32^3: stage grids 8^3, 4^3, 2^3, 1^3 tokens; embed 16, 32, 32, 32."""
+    spec, size = tiny("refine").spec, (32, 32, 32)
+    # refine_dim: refine_pw row (fuse 16 x 512 voxels), its BN (2 x 512), trilinear x4 (8 x 32^3),
+    # head 3x3x3 input column (27 x 3 classes x 32^3): full resolution dominates
+    assert unit_macs(spec, "refine_dim", size) == 16 * 512 + 2 * 512 + 8 * 32**3 + 27 * 3 * 32**3 == 2_925_568
+    # an MLP hidden channel on stage 3's single token: fc1 row 32 + dwconv 27 + BN 2 + fc2 column 32
+    assert unit_macs(spec, "mlp_hidden.3.0", size) == 93
+    assert unit_macs(spec, "mlp_hidden.2.0", size) == 8 * 93
+    # attention dim of stage 1 (64 tokens, keys/values from 8): q row, k and v rows, q.k and p.v, proj column
+    assert unit_macs(spec, "attn_dims.1", size) == 32 * 64 + 2 * 32 * 8 + 2 * 64 * 8 + 32 * 64 == 5_632
+
+
+def test_macs_ranking_picks_the_cheaper_unit():
+    model, size = tiny("refine"), (32, 32, 32)
+    ratio = unit_macs(model.spec, "refine_dim", size) / unit_macs(model.spec, "mlp_hidden.3.0", size)
+
+    def first(scores: dict, cost: str) -> str:
+        return select_units(model, scores, top_k=1, factor=2.0, cost=cost, input_size=size)[0][0]
+
+    equal = {"refine_dim": 1.0, "mlp_hidden.3.0": 1.0}
+    assert first(equal, "macs") == "mlp_hidden.3.0"
+    # params ranks by score alone: a slightly larger gradient wins; macs needs it larger than the cost ratio
+    assert first({**equal, "refine_dim": 2.0}, "params") == "refine_dim"
+    assert first({**equal, "refine_dim": 0.99 * ratio}, "macs") == "mlp_hidden.3.0"
+    assert first({**equal, "refine_dim": 1.01 * ratio}, "macs") == "refine_dim"
+    ranked = rank_units(model.spec, {**equal, "fuse_dim": 1.0}, "macs", size)
+    assert [u for u, _ in ranked] == ["mlp_hidden.3.0", "fuse_dim", "refine_dim"]
+    assert ranked[0][1] == pytest.approx(1 / 93)
+    with pytest.raises(ValueError, match="flops"):
+        rank_units(model.spec, equal, "flops", size)
+
+
+def test_macs_budget_blocks_a_widening_that_exceeds_it():
+    model, size = tiny("refine"), (32, 32, 32)
+    base = spec_macs(model.spec, size)
+    scores = {"mlp_hidden.3.0": 1.0, "mlp_hidden.2.0": 1.0}  # costs 93 and 744 per channel, 128 channels each
+
+    def chosen(macs_budget):
+        return [u for u, _, _ in select_units(model, scores, top_k=2, factor=2.0, macs_budget=macs_budget,
+                                              input_size=size)]
+
+    assert chosen(None) == ["mlp_hidden.3.0", "mlp_hidden.2.0"]
+    assert chosen(base + 128 * (93 + 744)) == ["mlp_hidden.3.0", "mlp_hidden.2.0"]  # exactly at the budget
+    assert chosen(base + 128 * (93 + 744) - 1) == ["mlp_hidden.3.0"]  # both together exceed it by one
+    assert chosen(base + 128 * 93 - 1) == []
+    assert chosen(base + 128 * 93) == ["mlp_hidden.3.0"]
+    # the best-ranked unit does not fit, the next one does
+    scores["mlp_hidden.2.0"] = 10.0  # 10 / 744 per MAC beats 1 / 93
+    assert chosen(None) == ["mlp_hidden.2.0", "mlp_hidden.3.0"]
+    assert chosen(base + 128 * 744 - 1) == ["mlp_hidden.3.0"]
 
 
 @pytest.mark.parametrize(
@@ -298,8 +382,14 @@ def test_grow_stage_grows_at_a_plateau_and_records_history():
     # the scorer follows the new model, and the units grown were the two best scored before growth
     assert stage.scorer.model is grown
     scores = event["scores"]
-    assert [g["unit"] for g in event["grown"]] == sorted(scores, key=scores.get, reverse=True)[:2]
+    # default cost "macs": ranked by score per multiply-add of an added channel at 128^3
+    per_mac = {u: s / unit_macs(model.spec, u, (128, 128, 128)) for u, s in scores.items()}
+    assert [g["unit"] for g in event["grown"]] == sorted(per_mac, key=per_mac.get, reverse=True)[:2]
+    assert [g["macs_per_channel"] for g in event["grown"]] == [unit_macs(model.spec, g["unit"], (128,) * 3)
+                                                             for g in event["grown"]]
     assert scores[event["grown"][0]["unit"]] > 0
+    assert event["gmacs"] == spec_macs(model.spec, (128,) * 3) / 1e9
+    assert event["gmacs_after"] == spec_macs(grown.spec, (128,) * 3) / 1e9 > event["gmacs"]
     assert len(stage.scorer.history[event["grown"][0]["unit"]]) == 2  # the window restarted: one epoch since growth
     state = copy.deepcopy(stage.state_dict())
     other = GrowStage(_Inner(), cfg)
@@ -313,3 +403,101 @@ def test_main_reports_missing_artifact(tmp_path):
 
     with pytest.raises(ArtifactError, match="nope.pt"):
         main([str(tmp_path / "nope.pt"), "--out", str(tmp_path / "out"), "--config", "configs/grow.yaml"])
+
+
+def test_grow_stage_state_survives_last_pt_and_a_rebuilt_model(tmp_path):
+    """What a resumed run needs: schedule, history, score window, pending losses and the growth
+    noise generator round-trip through a weights-only checkpoint, and a rebuilt model keeps the window."""
+    model = tiny("refine")
+    cfg = GrowConfig(window=4, patience=2, min_rel_change=0.5)
+    stage = GrowStage(_Inner(), cfg, seed=5)
+    trainer = _Trainer(model)
+    stage.setup(trainer)
+    batch = {"image": x_input()}
+    for _ in range(3):
+        model.zero_grad()
+        stage.loss(trainer.model, batch)[0].backward()
+        stage.after_backward(trainer)
+    assert stage.on_epoch_end(trainer, 0, {"dice_mean": 0.1}) is False  # one loss: no event yet
+    stage.loss(trainer.model, batch)  # a step into the next epoch: a pending loss
+    torch.randn(3, generator=stage.gen)  # advance the generator (as a growth event does)
+    torch.save(stage.state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+
+    other = GrowStage(_Inner(), cfg, seed=0)
+    other.load_state_dict(state)  # before setup, as the engine does when it rebuilds the model
+    rebuilt = model_from_spec(model.spec.to_dict())
+    rebuilt.load_state_dict(model.state_dict())
+    other.setup(_Trainer(rebuilt))
+    assert other.scorer.model is rebuilt
+    assert other.scorer.scores() == stage.scorer.scores() and max(stage.scorer.scores().values()) > 0
+    assert len(other.scorer.history["refine_dim"]) == 3
+    assert other._losses == stage._losses and len(other._losses) == 1
+    assert other.schedule.losses == stage.schedule.losses and len(other.schedule.losses) == 1
+    assert torch.equal(torch.randn(5, generator=other.gen), torch.randn(5, generator=stage.gen))
+    # loaded into a stage that already scores a model: the window is replaced, then kept on rebinding
+    third = GrowStage(_Inner(), cfg)
+    third.setup(_Trainer(tiny("refine", seed=1)))
+    third.load_state_dict(state)
+    third._bind(rebuilt)
+    assert third.scorer.scores() == stage.scorer.scores()
+    assert GrowStage.rebuild_on_resume is True
+
+
+class _InterruptAfter(Stage):
+    """Supervised loss; raises KeyboardInterrupt on loss call `n + 1` (a kill mid-epoch)."""
+
+    def __init__(self, n: int | None = None):
+        from teacher.engine import SupervisedStage
+
+        self.sup, self.n, self.calls = SupervisedStage(), n, 0
+
+    def loss(self, model, batch):
+        self.calls += 1
+        if self.n is not None and self.calls > self.n:
+            raise KeyboardInterrupt
+        return self.sup.loss(model, batch)
+
+
+def test_resumed_growth_run_matches_an_uninterrupted_one(tmp_path):
+    """Grow at epochs 2 and 3 of 3; killed in epoch 3 (after one growth), the resumed run rebuilds
+    the grown model from last.pt and ends where the straight run ends: same units, same weights."""
+    from brats.phantom import write_phantom_dataset
+    from common.artifact import Artifact
+    from common.config import Config
+    from teacher.engine import fit
+
+    write_phantom_dataset(tmp_path / "data", cases=4, val_cases=0, shape=(48, 48, 32), seed=0)
+    cfg = Config()
+    cfg.data.dir, cfg.data.crop, cfg.data.val_fraction, cfg.data.max_val_cases = str(tmp_path / "data"), [32] * 3, 0.5, 1
+    t = cfg.train
+    t.window, t.overlap, t.sw_batch, t.threads = [32] * 3, 0.25, 1, 1
+    t.epochs, t.steps_per_epoch, t.batch_size, t.warmup_epochs, t.lr = 3, 2, 2, 0, 3e-3
+    # every validated epoch after the first is a plateau, every event may grow: growth at epochs 2 and 3
+    grow = GrowConfig(top_k=1, window=4, patience=1, min_rel_change=10.0, min_delta=-1.0, max_events=2,
+                      reference_input=[32, 32, 32])
+
+    def micro() -> RefineFormer3D:
+        torch.manual_seed(0)
+        return RefineFormer3D(ModelSpec(embed_dims=[8, 16, 16, 16], num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1],
+                                        decoder_dim=8, fuse_dim=8, refine_dim=4))
+
+    def run(out, n=None, resume=False):
+        stage = GrowStage(_InterruptAfter(n), grow, seed=0)
+        return fit(micro(), stage, cfg, tmp_path / out, stage_name="grown", resume=resume), stage
+
+    straight, s_stage = run("straight")
+    with pytest.raises(KeyboardInterrupt):
+        run("resumed", n=5)  # dies in epoch 3
+    last = Artifact.load(tmp_path / "resumed" / "last.pt")
+    assert last.extra["train_state"]["epoch"] == 2 and len(last.extra["growth"]) == 1
+    resumed, r_stage = run("resumed", resume=True)
+    grown = [[g["unit"] for g in e["grown"]] for e in s_stage.history]
+    assert len(grown) == 2 and all(len(g) == 1 for g in grown)
+    assert [[g["unit"] for g in e["grown"]] for e in r_stage.history] == grown
+    assert resumed.model.spec == straight.model.spec != micro().spec
+    final = straight.model.state_dict()
+    for k, v in resumed.model.state_dict().items():
+        assert torch.allclose(v, final[k], atol=1e-6), k
+    assert [h["val"]["dice_mean"] for h in resumed.history] == pytest.approx(
+        [h["val"]["dice_mean"] for h in straight.history], abs=1e-6)

@@ -154,3 +154,18 @@ def test_to_full_grid():
         to_full_grid(crop, [[1, 4], [0, 3], [4, 8]], (5, 4, 9))  # inclusive-end mistake
     with pytest.raises(ValueError, match="outside"):
         to_full_grid(crop, [[4, 6], [0, 3], [4, 8]], (5, 4, 9))
+
+
+def test_predict_case_suppresses_small_et():
+    # A predictor that fires TC, WT and ET on exactly 3 voxels and nothing else.
+    image = torch.zeros(4, 8, 8, 8)
+    image[0, 1, 1, 1:4] = 1.0
+
+    def predict(x):
+        on = x[:, :1] * 20 - 10  # logit +10 on the marked voxels, -10 elsewhere
+        return on.repeat(1, 3, 1, 1, 1)
+
+    kept = predict_case(predict, image, "regions", window=(8, 8, 8), overlap=0.0)
+    assert (kept == 4).sum() == 3
+    relabelled = predict_case(predict, image, "regions", window=(8, 8, 8), overlap=0.0, et_min_voxels=4)
+    assert (relabelled == 4).sum() == 0 and (relabelled == 1).sum() == 3

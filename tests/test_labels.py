@@ -88,3 +88,21 @@ def test_msd_to_brats_mapping():
     assert out.dtype == np.uint8 and out.tolist() == [0, 2, 1, 4, 4, 2]
     with pytest.raises(DataError, match=r"\[4\]"):
         msd_to_brats(np.array([0, 4]))
+
+
+def test_small_et_becomes_ncr_and_large_et_stays():
+    from brats.labels import suppress_small_et
+    from brats.metrics import region_masks
+
+    label = np.zeros((6, 6, 6), np.uint8)
+    label[1:5, 1:5, 1:5] = 2
+    label[2:4, 2:4, 2:4] = 1
+    label[2, 2, 2] = 4  # 1 ET voxel
+    out = suppress_small_et(label, 2)
+    assert (out == 4).sum() == 0 and out[2, 2, 2] == 1
+    # WT and TC are unchanged: ET and NCR are both tumour core
+    before, after = region_masks(label), region_masks(out)
+    assert np.array_equal(before["wt"], after["wt"]) and np.array_equal(before["tc"], after["tc"])
+    assert label[2, 2, 2] == 4  # input not modified
+    assert np.array_equal(suppress_small_et(label, 1), label)  # 1 voxel is not fewer than 1
+    assert np.array_equal(suppress_small_et(label, 0), label)  # off

@@ -128,14 +128,25 @@ def test_parse_count():
     assert parse_count("350000") == 350_000
     with pytest.raises(ConfigError, match="12q"):
         parse_count("12q")
+    assert parse_count("65%", 320_255) == 208_166  # 208,165.75 rounded
+    assert parse_count("12.5%", 1000) == 125
+    with pytest.raises(ConfigError, match="needs the model's parameter count"):
+        parse_count("65%")
+    with pytest.raises(ConfigError, match="between 0% and 100%"):
+        parse_count("100%", 1000)
 
 
 def test_rule_precedence_and_bad_values():
     assert selection(LowRankConfig(energy=0.9, ratio=0.5, params="1.2M")) == {"mode": "params", "params": 1_200_000}
-    assert selection(LowRankConfig(energy=0.9, ratio=0.5)) == {"mode": "ratio", "ratio": 0.5}
-    assert selection(LowRankConfig()) == {"mode": "energy", "energy": 0.9}
+    assert selection(LowRankConfig(params=None, energy=0.9, ratio=0.5)) == {"mode": "ratio", "ratio": 0.5}
+    assert selection(LowRankConfig(params=None, energy=0.9)) == {"mode": "energy", "energy": 0.9}
+    # the default: a budget of 65% of the model, resolved once the model's size is known
+    assert selection(LowRankConfig()) == {"mode": "params", "params": None, "params_share": 0.65}
+    assert selection(LowRankConfig(), 320_255) == {"mode": "params", "params": 208_166, "params_share": 0.65}
     with pytest.raises(ConfigError, match="set one of energy, ratio or params"):
-        selection(LowRankConfig(energy=None))
+        selection(LowRankConfig(params=None))
+    with pytest.raises(ConfigError, match="leaves no parameter"):
+        selection(LowRankConfig(params="0.01%"), 1000)
     with pytest.raises(ConfigError, match="min_saving"):
         selection(LowRankConfig(min_saving=1.0))
     with pytest.raises(ConfigError, match="positive"):
@@ -174,7 +185,7 @@ def test_depthwise_untouched_and_unsaving_layers_skipped():
     assert "encoder.stages.0.blocks.0.mlp.dwconv" not in names
     assert "decoder.refine_dw" not in names
     assert "encoder.stages.0.patch_embed.proj" in names and "decoder.fuse" in names
-    _, table = factorise(model, LowRankConfig(energy=None, ratio=1.0))
+    _, table = factorise(model, LowRankConfig(params=None, ratio=1.0))
     rows = {r["layer"]: r for r in table}
     # Full rank never saves: nothing is factorised, nothing changes.
     assert not any(r["factorised"] for r in table) and model.spec.ranks == {}
@@ -186,7 +197,7 @@ def test_depthwise_untouched_and_unsaving_layers_skipped():
 
 def test_min_saving_threshold():
     model = tiny_model()
-    _, table = factorise(model, LowRankConfig(energy=None, ratio=0.5, min_saving=0.4))
+    _, table = factorise(model, LowRankConfig(params=None, ratio=0.5, min_saving=0.4))
     rows = {r["layer"]: r for r in table}
     # patch_embed 0: 16 x 1372, rank 8 -> 11,104 of 21,952 weights: saves 49.4% > 40%
     assert rows["encoder.stages.0.patch_embed.proj"]["rank"] == 8
@@ -200,7 +211,7 @@ def test_min_saving_threshold():
 def test_factorise_tiny_model_ratio_and_table():
     model = tiny_model()
     before = count_params(model)
-    _, table = factorise(model, LowRankConfig(energy=None, ratio=0.25))
+    _, table = factorise(model, LowRankConfig(params=None, ratio=0.25))
     rows = {r["layer"]: r for r in table}
     fc1 = rows["encoder.stages.1.blocks.0.mlp.fc1"]  # Linear 32 -> 128: full rank 32, rank 8
     assert (fc1["rank"], fc1["full_rank"], fc1["shape"]) == (8, 32, [128, 32])
@@ -231,9 +242,19 @@ def test_factorise_with_filter_and_budget():
         factorise(tiny_model(), LowRankConfig(params="10k"))
 
 
+def test_share_budget_is_a_share_of_the_model():
+    model = tiny_model()
+    before = count_params(model)
+    _, table = factorise(model, LowRankConfig(params="80%"))
+    budget = round(0.8 * before)  # 140,070
+    # under budget by less than 1%: a layer's first factorisation may save more than is needed
+    assert budget - 0.01 * before < count_params(model) <= budget
+    assert count_params(model) == before - sum(r["params_before"] - r["params_after"] for r in table)
+
+
 def test_energy_mode_keeps_energy_per_layer():
     model = tiny_model()
-    _, table = factorise(model, LowRankConfig(energy=0.5))
+    _, table = factorise(model, LowRankConfig(params=None, energy=0.5))
     done = [r for r in table if r["factorised"]]
     assert done and all(r["energy_kept"] >= 0.5 for r in done)
     # ... and the smallest such rank: one singular value fewer would fall short.
@@ -251,7 +272,7 @@ def _spectrum(model: nn.Module, name: str) -> torch.Tensor:
 
 def test_round_trip_through_artifact(tmp_path):
     model = tiny_model()
-    factorise(model, LowRankConfig(energy=None, ratio=0.5))
+    factorise(model, LowRankConfig(params=None, ratio=0.5))
     assert model.spec.ranks
     x = torch.randn(1, 4, 32, 32, 32)
     with torch.no_grad():
@@ -322,3 +343,32 @@ def test_command_needs_a_teacher_to_finetune(tmp_path, monkeypatch):
     with pytest.raises(ArtifactError, match="orphan.pt: no teacher in its lineage.*--teacher"):
         main(["orphan.pt", "--epochs", "1", "--out", "out", "--config", str(CONFIG)])
     assert not (tmp_path / "out" / "lowrank.pt").exists()
+
+
+def test_finetune_scores_the_start_once_and_records_it(tmp_path, monkeypatch):
+    import json
+
+    from compress.lowrank import main
+
+    monkeypatch.chdir(tmp_path)
+    _save_pair(tmp_path)
+    tiny = ["data.synthetic_cases=2", "data.synthetic_val_cases=0", "data.synthetic_shape=[64,64,32]",
+            "data.max_val_cases=1", "data.crop=[32,32,32]", "data.samples_per_epoch=2", "data.num_workers=0",
+            "train.window=[32,32,32]", "train.sw_batch=1", "train.log_images=false", "train.threads=1",
+            "train.warmup_epochs=0", "train.lr=1.0"]  # lr 1: the one epoch wrecks the weights
+    argv = ["student.pt", "--params", "70%", "--epochs", "1", "--out", "out", "--config", str(CONFIG)]
+    for item in tiny:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    art = Artifact.load(tmp_path / "out" / "lowrank.pt")
+    info = art.extra["lowrank"]
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    start = [e for e in history if e.get("start")]
+    assert len(start) == 1  # configs/lowrank.yaml sets train.val_at_start
+    assert info["metrics_before_finetune"]["dice_mean"] == pytest.approx(start[0]["val"]["dice_mean"])
+    assert info["params_share"] == 0.7 and info["params"] == round(0.7 * art.metrics["params_before"])
+    assert art.metrics["params_after"] <= info["params"]
+    after = history[-1]["val"]["dice_mean"]
+    # the better of the factorised weights and the fine-tuned ones is kept, and says which it is
+    assert art.metrics["dice_mean"] == pytest.approx(max(after, info["dice_mean_before_finetune"]))
+    assert info["best_epoch"] == (0 if info["dice_mean_before_finetune"] >= after else 1)

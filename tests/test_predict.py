@@ -1,3 +1,5 @@
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -6,11 +8,12 @@ import torch
 import predict as predict_cli
 from brats.cache import uncrop
 from brats.inference import predict_case
-from brats.layout import discover_cases
+from brats.layout import DataError, discover_cases
 from brats.phantom import write_phantom_dataset
 from brats.prepare import prepare
 from common.artifact import Artifact
-from pipeline.predict import artifact_scheme, base_spec, check_window, predict_folder, predict_fn
+from pipeline.predict import (artifact_scheme, base_spec, check_window, predict_folder, predict_fn, select_cases,
+                               split_cases)
 from teacher.model import ModelSpec, RefineFormer3D
 
 SHAPE = (40, 40, 32)
@@ -114,3 +117,57 @@ def test_window_and_scheme_checks(setup, capsys):
     spec = {**art.spec, "kind": "int8-torch", "qconfig": "x86"}
     assert base_spec(spec) == {**art.spec, "kind": "fp32"}
     assert base_spec({"kind": "onnx", "base": art.spec, "onnx": "..."}) == {**art.spec, "kind": "fp32"}
+
+
+def written_cases(folder) -> list[str]:
+    return sorted(p.name[: -len(".nii.gz")] for p in folder.iterdir())
+
+
+def test_cases_and_split_restrict_the_folder(setup, tmp_path):
+    root, data, artifact, _ = setup
+    names = [r.case for r in discover_cases(data)]
+    assert len(names) == 3
+    code = predict_cli.main([str(artifact), "--input", str(data), "--output", str(tmp_path / "a"),
+                             "--window", *map(str, WINDOW), "--cases", names[2], names[0], "--quiet"])
+    assert code == 0 and written_cases(tmp_path / "a") == sorted([names[0], names[2]])
+    # a splits.json as brats.splits writes it; --fold picks the fold, 'val' its held-out cases
+    split = tmp_path / "splits.json"
+    split.write_text(json.dumps({"seed": 0, "val_fraction": 0.5, "folds": [
+        {"train": names[1:], "val": names[:1]}, {"train": [names[0], names[2]], "val": [names[1]]}]}))
+    assert split_cases(split) == names[:1] and split_cases(split, 1) == [names[1]]
+    code = predict_cli.main([str(artifact), "--input", str(data), "--output", str(tmp_path / "b"),
+                             "--window", *map(str, WINDOW), "--split", str(split), "--fold", "1", "--quiet"])
+    assert code == 0 and written_cases(tmp_path / "b") == [names[1]]
+    with pytest.raises(DataError, match=f"{split}: no fold 2 .*2 fold"):
+        split_cases(split, 2)
+    # a name not in the folder is an error naming it and the folder, before anything is written
+    with pytest.raises(DataError, match=f"{data}: no case named Brats17_nope_1"):
+        predict_folder(artifact, data, tmp_path / "c", WINDOW, cases=[names[0], "Brats17_nope_1"], progress=False)
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+    refs = discover_cases(data)
+    assert [r.case for r in select_cases(refs, [names[2], names[0], names[2]], data)] == [names[0], names[2]]
+    with pytest.raises(SystemExit):  # --cases and --split together make no sense
+        predict_cli.main([str(artifact), "--input", str(data), "--output", str(tmp_path / "d"),
+                          "--cases", names[0], "--split", str(split)])
+
+
+def test_et_min_voxels_relabels_small_et_as_ncr(setup, tmp_path):
+    root, data, artifact, _ = setup
+    case = discover_cases(data)[0].case
+    plain = predict_folder(artifact, data, tmp_path / "plain", WINDOW, cases=[case], progress=False)
+    label = np.asanyarray(nib.load(str(plain.written[case])).dataobj)
+    n_et = int((label == 4).sum())
+    assert n_et > 0  # the test needs a prediction with some ET
+    # fewer ET voxels than N: all ET becomes NCR/NET (1), the rest of the map unchanged
+    code = predict_cli.main([str(artifact), "--input", str(data), "--output", str(tmp_path / "big"),
+                             "--window", *map(str, WINDOW), "--cases", case, "--et-min-voxels", str(n_et + 1),
+                             "--quiet"])
+    assert code == 0
+    big = np.asanyarray(nib.load(str(tmp_path / "big" / f"{case}.nii.gz")).dataobj)
+    np.testing.assert_array_equal(big, np.where(label == 4, 1, label))
+    # exactly N ET voxels is not "fewer than N": the map is untouched
+    same = predict_folder(artifact, data, tmp_path / "same", WINDOW, cases=[case], et_min_voxels=n_et,
+                          progress=False)
+    np.testing.assert_array_equal(np.asanyarray(nib.load(str(same.written[case])).dataobj), label)
+    with pytest.raises(ValueError, match="et_min_voxels must be >= 0"):
+        predict_folder(artifact, data, tmp_path / "neg", WINDOW, cases=[case], et_min_voxels=-1, progress=False)

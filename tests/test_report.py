@@ -1,3 +1,4 @@
+import copy
 import csv
 import json
 import math
@@ -13,12 +14,63 @@ from brats.phantom import write_phantom_dataset
 from brats.splits import read_splits
 from common.artifact import Artifact, ArtifactError
 from common.config import Config, DataConfig, to_dict
-from pipeline.report import ROW_KEYS, find_artifacts, make_report, profile_arch
+import brats.inference
+from pipeline.report import (ROW_KEYS, et_min_voxels, evaluate_artifact, find_artifacts, growth_section,
+                             held_out_cases, int8_section, lowrank_section, make_report, profile_arch)
 from teacher.flops import count_macs
 from teacher.model import ModelSpec, RefineFormer3D, count_params, preset_spec
 
 SHAPE = (40, 40, 32)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# extra["lowrank"], extra["growth"], extra["int8"] as compress.lowrank / compress.grow / quantize.py write them
+LOWRANK = {
+    "mode": "energy", "energy": 0.9, "min_saving": 0.0, "params_before": 1000, "params_after": 900,
+    "dice_mean_before_finetune": 0.70271, "metrics_before_finetune": {"dice_wt": 0.85, "hd95_wt": 12.9},
+    "teacher": "runs/t/best.pt",
+    "table": [
+        {"layer": "encoder.stages.0.patch_embed.proj", "kind": "conv3d", "shape": [8, 4, 7, 7, 7], "rank": 7,
+         "full_rank": 8, "energy_kept": 0.92346, "params_before": 10984, "params_after": 9668, "factorised": True},
+        {"layer": "encoder.stages.0.blocks.0.attn.q", "kind": "linear", "shape": [8, 8], "rank": None,
+         "full_rank": 8, "energy_kept": 1.0, "params_before": 72, "params_after": 72, "factorised": False},
+    ],
+}
+GROWTH = [
+    {"event": 0, "epoch": 2, "action": "grow", "reason": "loss plateau, Dice rose", "dice": 0.69279, "loss": 0.35,
+     "params": 291259, "grown": [{"unit": "refine_dim", "old": 4, "new": 8, "score": 3.8e-4},
+                                 {"unit": "ranks.decoder.projections.0.proj", "old": 7, "new": 8, "score": 8.3e-5}],
+     "scores": {"refine_dim": 3.8e-4, "fuse_dim": 4.4e-6}, "params_after": 291919},
+    {"event": 1, "epoch": 4, "action": "stop", "reason": "2 growth events done", "dice": 0.70775, "loss": 0.31,
+     "params": 293215, "grown": []},
+]
+INT8 = {
+    "decisions": [
+        {"layer": "encoder.stages.0.patch_embed.proj.down", "type": "Conv3d", "shape": [1, 4, 96, 96, 64],
+         "fp32_ms": 4.0, "int8_ms": 16.0, "choice": "fp32", "why": "measured"},
+        {"layer": "encoder.stages.0.blocks.0.mlp.dwconv", "type": "Conv3d", "shape": [1, 32, 24, 24, 16],
+         "fp32_ms": 1.5, "int8_ms": 1.2, "choice": "int8", "why": "measured"},
+        {"layer": "decoder.head", "type": "Conv3d", "shape": [1, 16, 96, 96, 64],
+         "fp32_ms": 80.0, "int8_ms": 200.0, "choice": "fp32", "why": "logits stay float"},
+    ],
+    "int8_layers": ["encoder.stages.0.blocks.0.mlp.dwconv"], "backend": "torch", "engine": "x86",
+    "input_shape": [1, 4, 96, 96, 64], "act_qmax": 127, "qat_metrics": {"dice_mean": 0.70886, "val_cases": 2.0},
+    "cpu_threads": 2,
+}
+LOWRANK_ROWS = [
+    "| encoder.stages.0.patch_embed.proj | conv3d | 8x4x7x7x7 | 7 | 8 | 0.923 | 10,984 | 9,668 |",
+    "| encoder.stages.0.blocks.0.attn.q | linear | 8x8 | – | 8 | 1.000 | 72 | 72 |",
+]
+GROWTH_ROWS = [
+    "| 0 | 2 | grow | loss plateau, Dice rose | 0.693 | 291,259 -> 291,919 "
+    "| refine_dim 4->8, ranks.decoder.projections.0.proj 7->8 |",
+    "| 1 | 4 | stop | 2 growth events done | 0.708 | 293,215 | – |",
+]
+INT8_ROWS = [
+    "| encoder.stages.0.patch_embed.proj.down | Conv3d | 1x4x96x96x64 | 4.000 | 16.000 | 0.25x | fp32 |",
+    "| encoder.stages.0.blocks.0.mlp.dwconv | Conv3d | 1x32x24x24x16 | 1.500 | 1.200 | 1.25x | int8 |",
+    "| decoder.head | Conv3d | 1x16x96x96x64 | 80.000 | 200.000 | 0.40x | fp32 (logits stay float) |",
+]
 
 
 def tiny(embed, seed: int) -> RefineFormer3D:
@@ -52,8 +104,11 @@ def built(tmp_path_factory):
     # the engine's checkpoints next to the stage's own artifact: not a second row
     Artifact("teacher", teacher.spec.to_dict(), teacher.state_dict(), config=stored).save(runs / "teacher" / "best.pt")
     Artifact("teacher", teacher.spec.to_dict(), teacher.state_dict(), config=stored).save(runs / "teacher" / "last.pt")
-    extra = {"lowrank": [{"layer": "encoder.stages.0.blocks.0.mlp.fc1", "rank": 3, "energy": 0.91}],
-             "growth": [{"epoch": 2, "units": ["decoder.fuse"], "params": 1234}]}
+    # a fine-tune engine's checkpoints below the stage's product (like int8/qat/best.pt): not rows either
+    for name in ("best", "last"):
+        Artifact("teacher-ft", teacher.spec.to_dict(), teacher.state_dict(), config=stored).save(
+            runs / "teacher" / "finetune" / f"{name}.pt")
+    extra = {"lowrank": LOWRANK, "growth": GROWTH, "int8": INT8}
     Artifact("student", student.spec.to_dict(), student.state_dict(), config=stored,
              extra=extra).save(runs / "student" / "train" / "best.pt")  # only the engine's file here
     broken = runs / "lowrank" / "lowrank.pt"
@@ -132,8 +187,13 @@ def test_files_written(built):
     assert "INT8 alone does not make a 3D network fast" in md
     assert "published, other data" in md or "other data" in md
     assert f"{torch.get_num_threads()} thread(s)" in md and "OMP_WAIT_POLICY=" in md
-    assert "## student: low-rank layers" in md and "encoder.stages.0.blocks.0.mlp.fc1" in md
-    assert "## student: growth history" in md
+    for title, rows in (("low-rank layers", LOWRANK_ROWS), ("growth history", GROWTH_ROWS),
+                        ("INT8 decisions", INT8_ROWS)):
+        section = md.split(f"## student: {title}\n")[1].split("\n## ")[0]
+        assert "From `" + str(root / "runs" / "student" / "train" / "best.pt") + "`." in section
+        assert all(row in section.splitlines() for row in rows), title
+    assert "metrics_before_finetune" not in md and "fuse_dim" not in md  # no raw dumps of nested data
+    assert "no ET post-processing" in md
     assert f"| teacher | {result.rows[0]['params']:,} |" in md
 
 
@@ -142,6 +202,13 @@ def test_discovery_prefers_stage_file(built):
     found = find_artifacts([root / "runs"])
     names = [str(f.path.relative_to(root / "runs")) for f in found]
     assert names == ["teacher/teacher.pt", "student/train/best.pt", "lowrank/lowrank.pt"]
+    # an intermediate named on the command line is kept, under its own stage
+    explicit = root / "runs" / "teacher" / "finetune" / "best.pt"
+    found = find_artifacts([root / "runs", explicit])
+    assert [f.stage for f in found] == ["teacher", "student", "lowrank", "teacher-ft"]
+    assert found[-1].path == explicit and found[-1].error is None
+    # scanning the stage folder itself: its product still hides the engine's files below it
+    assert [f.path.name for f in find_artifacts([root / "runs" / "teacher"])] == ["teacher.pt"]
     # a missing file named on the command line is a row with its name, not a crash
     missing = find_artifacts([root / "nope" / "grown.pt"])
     assert missing[0].stage == "grown" and "no such artifact file" in missing[0].error
@@ -163,3 +230,60 @@ def test_arch_profile_matches_count_macs(capsys):
     assert report_cli.main(["--arch", "segformer3d", "--width", "0.25", "--input", "32", "32", "32"]) == 0
     out = capsys.readouterr().out
     assert "318,003" in out and "1x4x32x32x32" in out
+
+
+def test_lowrank_section_rule_line_and_layer_table():
+    lines = lowrank_section(LOWRANK)
+    assert lines[0] == (
+        "Rule: keep 90% of each layer's spectral energy; a layer is factorised only when it saves more than 0% "
+        "of its parameters. Parameters 1,000 -> 900 (-10.0%); 1 of 2 candidate layers factorised; Dice mean "
+        "before fine-tune 0.703; fine-tune teacher `runs/t/best.pt`. Rank – : the layer stays unfactorised."
+    )
+    table = lines[2].splitlines()
+    assert table[0] == "| layer | kind | shape | rank | full rank | energy kept | params before | params after |"
+    assert table[2:] == LOWRANK_ROWS
+    # other rules, and a bare per-layer list
+    ratio = lowrank_section({**LOWRANK, "mode": "ratio", "ratio": 0.5, "min_saving": 0.25, "table": []})
+    assert ratio[0].startswith("Rule: rank = 0.5 x full rank; a layer is factorised only when it saves more than 25%")
+    assert len(ratio) == 1 and "unfactorised" not in ratio[0]
+    assert lowrank_section(LOWRANK["table"])[2].splitlines()[2:] == LOWRANK_ROWS
+
+
+def test_growth_section_events_and_units():
+    (table,) = growth_section(GROWTH)
+    lines = table.splitlines()
+    assert lines[0] == "| event | epoch | action | reason | Dice mean | params | units grown (old->new) |"
+    assert lines[2:] == GROWTH_ROWS
+
+
+def test_int8_section_summary_and_per_layer_choice():
+    lines = int8_section(INT8)
+    assert lines[0] == (
+        "1 of 3 layers run in INT8 (backend torch, engine x86, layers timed in a 1x4x96x96x64 forward pass, "
+        "2 thread(s), activations 0..127). Sum of per-layer times: 85.5 ms all FP32, 85.2 ms as chosen. "
+        "Dice mean after quantisation-aware fine-tune: 0.709."
+    )
+    table = lines[2].splitlines()
+    assert table[0] == "| layer | type | input shape | FP32 ms | INT8 ms | INT8 speed-up | choice |"
+    assert table[2:] == INT8_ROWS
+
+
+def test_et_min_voxels_reaches_predict_case(built, monkeypatch):
+    root, cfg, *_ = built
+    seen = []
+    real = brats.inference.predict_case
+
+    def spy(predict, image, scheme, window, overlap, sw_batch, et_min, **kwargs):
+        seen.append(et_min)
+        return real(predict, image, scheme, window, overlap, sw_batch, et_min, **kwargs)
+
+    monkeypatch.setattr(brats.inference, "predict_case", spy)
+    cfg = copy.deepcopy(cfg)
+    cfg.report.case_latency, cfg.train.et_min_voxels = False, 7
+    (found,) = find_artifacts([root / "runs" / "teacher" / "teacher.pt"])
+    cache, cases, _ = held_out_cases(cfg, cfg.data, 1)
+    assert et_min_voxels(cfg) == 7  # report.et_min_voxels None: the training setting
+    evaluate_artifact(found, cfg, cache, cases, "regions", progress=False)
+    cfg.report.et_min_voxels = 0  # the report's own setting wins, 0 included
+    evaluate_artifact(found, cfg, cache, cases, "regions", progress=False)
+    assert seen == [7, 0]

@@ -3,7 +3,9 @@
     prepare_float   BatchNorm folding + decoder re-association (exact)
     decide          which layers run INT8 (measured on this CPU, or forced)
     quantize_       LSQ fake quantisation of exactly those layers, calibrated
-    distill         a few epochs of distillation from the lineage's teacher (engine)
+    distill         a few epochs of distillation from the lineage's teacher (engine); its checkpoints
+                    <out>/qat/best.pt, last.pt are kind "int8-qat" (compress.quant.qat), so they
+                    rebuild with build_model and the fine-tune resumes (`resume=True`)
     convert         real INT8 layers (PyTorch) or a QDQ ONNX graph (ONNX Runtime)
 """
 from __future__ import annotations
@@ -16,15 +18,31 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from common.artifact import Artifact, build_model
+from common.artifact import Artifact, ArtifactError, build_model
 from common.config import Config, ConfigError, to_dict
 from compress.quant.convert import convert, int8_spec, prepare_float, set_engine
 from compress.quant.decide import decide, format_table, int8_layers
 from compress.quant.lsq import LSQConfig, calibrate, quantize_
 from compress.quant.onnx_export import OrtModel, export_onnx, onnx_spec
+from compress.quant.qat import KIND as QAT_KIND, QATHooks
 from compress.quant.reassoc import final_layer
+from student.distill import DistillStage
+from teacher.engine import LAST, SupervisedStage, fit, make_data
 
 BACKENDS = ("torch", "onnxruntime")
+QAT_DIR = "qat"  # the engine's best.pt / last.pt of the QAT fine-tune, under <out>
+
+
+class QATDistillStage(QATHooks, DistillStage):
+    """Distillation from the lineage's teacher, for a fake-quant student."""
+
+    name = "int8-qat-distill"
+
+
+class QATSupervisedStage(QATHooks, SupervisedStage):
+    """Supervised fine-tune of a fake-quant model (no teacher in the lineage)."""
+
+    name = "int8-qat"
 
 
 def input_shape(cfg: Config) -> tuple[int, ...]:
@@ -67,37 +85,49 @@ def evaluate(model: nn.Module, data, cfg: Config, desc: str = "evaluate") -> dic
     return {k: float(sum(r[k] for r in rows) / len(rows)) for k in rows[0]}
 
 
-def _calib_images(data, n: int) -> list[torch.Tensor]:
+def calib_images(data, n: int) -> list[torch.Tensor]:
     if n < 1:
         raise ConfigError(f"quant.calib must be >= 1, got {n}")
     return [data.train_set[i % len(data.train_set)]["image"][None] for i in range(n)]
 
 
-def _finetune(qat: nn.Module, art: Artifact, cfg: Config, out: Path, data) -> dict:
-    """Distillation from the lineage's teacher (supervised when there is none); returns best metrics."""
+def _finetune(qat: nn.Module, art: Artifact, cfg: Config, out: Path, data, rows: list[dict],
+              resume: bool = False) -> tuple[dict, Path]:
+    """Distillation from the lineage's teacher (supervised when there is none); loads the best epoch
+    into `qat` and returns (its metrics, best.pt path)."""
     teacher_path = cfg.quant.teacher or art.ancestor("teacher")
     if teacher_path:
-        from student.distill import distill_finetune, load_teacher
+        from student.distill import load_teacher
 
-        result = distill_finetune(qat, load_teacher(teacher_path), cfg, out / "qat", stage_name="int8-qat",
-                                  lineage=art.child_lineage(), data=data)
+        stage = QATDistillStage(load_teacher(teacher_path), cfg, perturb=True)
     else:
-        from teacher.engine import SupervisedStage, fit
-
         print("no teacher in the lineage (quant.teacher unset): supervised QAT fine-tune")
-        stage = SupervisedStage(cfg.data.scheme, cfg.train.dice_weight, cfg.train.ce_weight)
-        result = fit(qat, stage, cfg, out / "qat", stage_name="int8-qat", lineage=art.child_lineage(), data=data)
+        stage = QATSupervisedStage(cfg.data.scheme, cfg.train.dice_weight, cfg.train.ce_weight)
+    result = fit(qat, stage, cfg, out / QAT_DIR, stage_name="int8-qat", lineage=art.child_lineage(),
+                 extra={"int8": {"decisions": rows}}, data=data, resume=resume)
     best = Artifact.load(result.best_path)
     qat.load_state_dict(best.state_dict)  # the engine's best epoch, not the last one
-    return dict(result.best_metrics)
+    return dict(result.best_metrics), result.best_path
 
 
-def run_quantize(artifact_path: str | Path, cfg: Config, out: Path, backend: str = "torch") -> Path:
-    """The `quantize.py` command: writes <out>/int8.pt (and int8.onnx / fp32.onnx for onnxruntime)."""
+def resume_qat(fp32: nn.Module, out: Path) -> tuple[nn.Module, list[dict]]:
+    """The fake-quant model and decision rows of an interrupted QAT run in <out>/qat/last.pt."""
+    path = out / QAT_DIR / LAST
+    last = Artifact.load(path)
+    if last.spec.get("kind") != QAT_KIND or "decisions" not in last.extra.get("int8", {}):
+        raise ArtifactError(f"{path}: not a resumable QAT checkpoint (kind {last.spec.get('kind')!r}; written by an "
+                            "older quantize.py?); start again without --resume")
+    if last.spec["base"] != fp32.spec.to_dict():
+        raise ArtifactError(f"{path}: fine-tunes another architecture than the given FP32 artifact; pass the same one")
+    return build_model(last), list(last.extra["int8"]["decisions"])
+
+
+def run_quantize(artifact_path: str | Path, cfg: Config, out: Path, backend: str = "torch", resume: bool = False) -> Path:
+    """The `quantize.py` command: writes <out>/int8.pt (and int8.onnx / fp32.onnx for onnxruntime).
+
+    resume: continue the QAT fine-tune from <out>/qat/last.pt (same layers, scales and schedule)."""
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    from teacher.engine import make_data
-
     art = Artifact.load(artifact_path)
     if art.spec.get("kind", "fp32") != "fp32":
         raise ConfigError(f"{artifact_path}: quantize.py needs an FP32 artifact, got kind {art.spec.get('kind')!r}")
@@ -105,15 +135,20 @@ def run_quantize(artifact_path: str | Path, cfg: Config, out: Path, backend: str
         torch.set_num_threads(cfg.train.threads)
     engine = set_engine()
     fp32 = build_model(art).eval()
-    data = make_data(cfg)
-    calib = _calib_images(data, cfg.quant.calib)
     shape = input_shape(cfg)
-    qat, rows = quantize_step(fp32, cfg, calib, progress=True, shape=shape)
+    if resume:  # checked before any data preparation
+        if cfg.train.epochs < 1:
+            raise ConfigError("--resume continues a QAT fine-tune: train.epochs must be >= 1")
+        qat, rows = resume_qat(fp32, out)
+    data = make_data(cfg)
+    if not resume:
+        qat, rows = quantize_step(fp32, cfg, calib_images(data, cfg.quant.calib), progress=True, shape=shape)
     print(format_table(rows))
-    qat_metrics = _finetune(qat, art, cfg, out, data) if cfg.train.epochs > 0 else {}
+    qat_metrics, qat_path = _finetune(qat, art, cfg, out, data, rows, resume) if cfg.train.epochs > 0 else ({}, None)
     layers = int8_layers(rows)
     extra = {"int8": {"decisions": rows, "int8_layers": layers, "backend": backend, "engine": engine,
                       "input_shape": list(shape), "act_qmax": cfg.quant.act_qmax, "qat_metrics": qat_metrics,
+                      "qat_checkpoint": str(qat_path) if qat_path else None,
                       "cpu_threads": torch.get_num_threads()}}
     if backend == "torch":
         model = convert(copy.deepcopy(qat))
