@@ -140,7 +140,7 @@ def main() -> None:
         (name, where): evaluate(model, cases, cfg, desc=f"{name} on {where}")
         for where, cases in sets.items() for name, model in models.items()
     }
-    rule_text = ", ".join(f"{k}={info[k]}" for k in ("mode", "energy", "ratio", "params") if k in info)
+    rule_text = ", ".join(f"{k}={info[k]}" for k in ("mode", "energy", "ratio", "params", "params_share") if k in info)
     print(f"\nlow-rank factorisation of {student_path} ({rule_text}; fine-tune {cfg.train.epochs} epochs x "
           f"{cfg.data.samples_per_epoch} crops, lr {cfg.train.lr:g}; {seconds:.0f} s incl. validation"
           + (f"; control {control_seconds:.0f} s" if control_seconds else "") + ")")

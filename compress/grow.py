@@ -545,7 +545,7 @@ def grow_step(
     return model, chosen
 
 
-def parse_count(text: str | int | None, what: str = "parameter budget") -> int | None:
+def parse_count(text: str | int | None, what: str = "grow: parameter budget") -> int | None:
     """'500k' -> 500000, '1.2M' -> 1200000, '3G' -> 3000000000, '30000' -> 30000; None stays None."""
     if text is None or isinstance(text, int):
         return text
@@ -556,7 +556,7 @@ def parse_count(text: str | int | None, what: str = "parameter budget") -> int |
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"grow: {what} {text!r} is not a count like 500k, 1.2M or 3G")
+        raise ValueError(f"{what} {text!r} is not a count like 500k, 1.2M or 3G")
     return int(round(value * mult))
 
 
@@ -635,11 +635,11 @@ def check_config(cfg: Any, spec: ModelSpec | None = None) -> None:
     also check that the reference input fits the model's downsampling."""
     if cfg.cost not in COSTS:
         raise ConfigError(f"grow.cost must be one of {', '.join(COSTS)}, got {cfg.cost!r}")
-    for key, what in (("budget", "parameter budget"), ("macs_budget", "MACs budget")):
+    for key in ("budget", "macs_budget"):
         try:
-            parse_count(getattr(cfg, key), what)
+            parse_count(getattr(cfg, key), f"grow.{key}")
         except ValueError as e:
-            raise ConfigError(f"grow.{key}: {e}") from None
+            raise ConfigError(str(e)) from None
     size = list(cfg.reference_input)
     if len(size) != 3 or any(n < 1 for n in size):
         raise ConfigError(f"grow.reference_input must be three positive sizes (D, H, W), got {size}")
@@ -664,7 +664,7 @@ class GrowStage(Stage):
         check_config(cfg)
         self.inner, self.cfg = inner, cfg  # cfg: common.config.GrowConfig
         self.budget = parse_count(cfg.budget)
-        self.macs_budget = parse_count(cfg.macs_budget, "MACs budget")
+        self.macs_budget = parse_count(cfg.macs_budget, "grow.macs_budget")
         self.input_size = tuple(cfg.reference_input)
         self.schedule = GrowthSchedule(cfg.patience, cfg.min_rel_change, cfg.min_delta, cfg.stop_after, cfg.max_events)
         self.history: list[dict] = []

@@ -8,9 +8,15 @@ same kernel, stride and padding followed by a 1x1x1 Conv3d, from the SVD of the 
 scales (which keeps the fine-tune well conditioned). Depthwise convolutions are left alone, and a
 layer is factorised only when `r*(i*k^3 + o)` saves parameters (beyond `cfg.min_saving`).
 
+Rank rules (precedence params > ratio > energy): a global parameter budget (`200k`, or a share of
+the model, `65%`, the default) spent greedily where the least spectral energy is lost; a rank
+ratio; or a share of spectral energy per layer.
+
 The rank of each factorised layer goes into `model.spec.ranks`, so the model rebuilds from its spec.
 The surgery is `factorise(model, cfg, filter) -> (model, table)`; `main` adds an optional
-distillation fine-tune from the teacher in the artifact's lineage.
+distillation fine-tune from the teacher in the artifact's lineage. With `train.val_at_start` (on in
+configs/lowrank.yaml) the factorised weights compete for best.pt, so a fine-tune that does not
+help on validation is not kept (`extra["lowrank"]["best_epoch"] == 0`).
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ start=$(date +%s)
 step() { echo; echo "=== [$(( $(date +%s) - start ))s] $*"; }
 
 step "1/8 synthetic BraTS 2017 cases -> $DATA"
-$PY -m brats.phantom "$DATA" --cases 12 --val-cases 2 --shape 96 96 64 --seed 0
+$PY -m brats.phantom "$DATA" --cases 20 --val-cases 2 --shape 96 96 64 --seed 0
 
 step "2/8 teacher (train.py)"
 $PY train.py --config configs/demo/teacher.yaml --data "$DATA" --out "$RUNS/teacher"

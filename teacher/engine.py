@@ -360,6 +360,7 @@ class Trainer:
         self.amp_dtype, use_scaler = resolve_amp(t.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         seed_everything(t.seed)
+        deepest_voxels = _check_crop(cfg, model)
         self.data = data if data is not None else make_data(cfg)
 
         self.sampler = DistributedSampler(
@@ -367,7 +368,8 @@ class Trainer:
         )
         self.loader = DataLoader(
             self.data.train_set, batch_size=t.batch_size, sampler=self.sampler, num_workers=cfg.data.num_workers,
-            pin_memory=self.device.type == "cuda", drop_last=False,
+            pin_memory=self.device.type == "cuda",
+            drop_last=deepest_voxels == 1,  # a lone crop of one deepest voxel would break BatchNorm
         )
         if len(self.loader) == 0:
             raise ConfigError("the training set is empty")
@@ -781,6 +783,23 @@ class Trainer:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _check_crop(cfg: Config, model: nn.Module) -> int | None:
+    """Reject crops the model cannot train on; return the voxel count of the deepest feature grid."""
+    stride = getattr(getattr(model, "spec", None), "downsample", None)
+    if not stride:
+        return None
+    crop = cfg.data.crop
+    if any(c % stride for c in crop):
+        raise ConfigError(f"data.crop={crop}: every size must be a multiple of {stride}, the model's total stride")
+    deepest = math.prod(c // stride for c in crop)
+    if deepest == 1 and cfg.train.batch_size < 2:
+        raise ConfigError(
+            f"data.crop={crop} leaves one voxel at the deepest stage, where BatchNorm needs more than one value: "
+            "use train.batch_size >= 2 or a crop of at least 64"
+        )
+    return deepest
 
 
 def fit(model: nn.Module, stage: Stage, cfg: Config, out_dir: str | Path, *, stage_name: str,

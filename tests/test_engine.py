@@ -504,3 +504,18 @@ def test_resume_rebuilds_a_model_that_grew(phantom, tmp_path):
     # without the flag the spec must match
     with pytest.raises(ArtifactError, match="architecture.*fuse_dim"):
         fit(tiny_model(), SupervisedStage(), cfg, tmp_path / "b", stage_name="grown", resume=True)
+
+
+def test_crops_the_model_cannot_train_on_are_rejected_early():
+    from common.config import ConfigError, load_config
+    from teacher.engine import _check_crop
+    from teacher.model import ModelSpec, RefineFormer3D
+
+    model = RefineFormer3D(ModelSpec(embed_dims=[8, 16, 16, 16], num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1],
+                                     decoder_dim=8, fuse_dim=8, refine_dim=4))
+    with pytest.raises(ConfigError, match=r"multiple of 32"):
+        _check_crop(load_config(None, ["data.crop=[48,64,64]"]), model)
+    with pytest.raises(ConfigError, match="batch_size >= 2"):
+        _check_crop(load_config(None, ["data.crop=[32,32,32]", "train.batch_size=1"]), model)
+    assert _check_crop(load_config(None, ["data.crop=[32,32,32]", "train.batch_size=2"]), model) == 1
+    assert _check_crop(load_config(None, ["data.crop=[64,64,32]", "train.batch_size=1"]), model) == 4

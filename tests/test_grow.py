@@ -308,7 +308,8 @@ def test_growth_schedule(steps, expected):
 
 
 @pytest.mark.parametrize(
-    "text, expected", [("500k", 500_000), ("1.2M", 1_200_000), ("30000", 30_000), (None, None), (7, 7)]
+    "text, expected",
+    [("500k", 500_000), ("1.2M", 1_200_000), ("3G", 3_000_000_000), ("30000", 30_000), (None, None), (7, 7)],
 )
 def test_parse_count(text, expected):
     assert parse_count(text) == expected
@@ -317,6 +318,28 @@ def test_parse_count(text, expected):
 def test_parse_count_rejects_garbage():
     with pytest.raises(ValueError, match="12q"):
         parse_count("12q")
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("cost", "flops", "grow.cost must be one of params, macs"),
+        ("macs_budget", "3Q", "grow.macs_budget '3Q' is not a count"),
+        ("budget", "-5k", "grow.budget '-5k' is not a count"),
+        ("reference_input", [128, 128], "three positive sizes"),
+        ("reference_input", [96, 128, 100], r"\[96, 128, 100\] must be multiples of the model's stride 32"),
+    ],
+)
+def test_bad_grow_config_fails_before_training(field, value, message):
+    from common.config import ConfigError
+    from compress.grow import check_config
+
+    cfg = GrowConfig(**{field: value})
+    with pytest.raises(ConfigError, match=message):
+        check_config(cfg, tiny("refine").spec)
+    if field != "reference_input" or len(value) != 3:  # the stride check needs the model
+        with pytest.raises(ConfigError, match=message):
+            GrowStage(_Inner(), cfg)
 
 
 class _Inner(Stage):

@@ -306,16 +306,26 @@ def _save_pair(folder) -> tuple:
     return model, student
 
 
-def test_command_without_finetune_writes_a_rebuildable_artifact(tmp_path, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """Two small synthetic BraTS cases, written once for the command tests (writing takes seconds)."""
+    from brats.phantom import write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    write_phantom_dataset(root, 2, 0, (64, 64, 32), 0)
+    return root
+
+
+def test_command_without_finetune_writes_a_rebuildable_artifact(tmp_path, monkeypatch, capsys, tiny_data):
     from compress.lowrank import main
 
-    monkeypatch.chdir(tmp_path)  # synthetic data goes to ./data/synthetic
+    monkeypatch.chdir(tmp_path)
     model, student = _save_pair(tmp_path)
     before = count_params(model)
-    tiny_data = ["data.synthetic_cases=2", "data.synthetic_val_cases=0", "data.synthetic_shape=[64,64,32]",
-                 "data.max_val_cases=1", "data.crop=[32,32,32]", "train.window=[32,32,32]", "train.sw_batch=1"]
-    argv = ["student.pt", "--ratio", "0.25", "--epochs", "0", "--out", "out", "--config", str(CONFIG)]
-    for item in tiny_data:
+    small = ["data.max_val_cases=1", "data.crop=[32,32,32]", "train.window=[32,32,32]", "train.sw_batch=1"]
+    argv = ["student.pt", "--ratio", "0.25", "--epochs", "0", "--out", "out", "--config", str(CONFIG),
+            "--data", str(tiny_data)]
+    for item in small:
         argv += ["--set", item]
     assert main(argv) == 0
     art = Artifact.load(tmp_path / "out" / "lowrank.pt")
@@ -345,18 +355,18 @@ def test_command_needs_a_teacher_to_finetune(tmp_path, monkeypatch):
     assert not (tmp_path / "out" / "lowrank.pt").exists()
 
 
-def test_finetune_scores_the_start_once_and_records_it(tmp_path, monkeypatch):
+def test_finetune_scores_the_start_once_and_records_it(tmp_path, monkeypatch, tiny_data):
     import json
 
     from compress.lowrank import main
 
     monkeypatch.chdir(tmp_path)
     _save_pair(tmp_path)
-    tiny = ["data.synthetic_cases=2", "data.synthetic_val_cases=0", "data.synthetic_shape=[64,64,32]",
-            "data.max_val_cases=1", "data.crop=[32,32,32]", "data.samples_per_epoch=2", "data.num_workers=0",
+    tiny = ["data.max_val_cases=1", "data.crop=[32,32,32]", "data.samples_per_epoch=2", "data.num_workers=0",
             "train.window=[32,32,32]", "train.sw_batch=1", "train.log_images=false", "train.threads=1",
             "train.warmup_epochs=0", "train.lr=1.0"]  # lr 1: the one epoch wrecks the weights
-    argv = ["student.pt", "--params", "70%", "--epochs", "1", "--out", "out", "--config", str(CONFIG)]
+    argv = ["student.pt", "--params", "70%", "--epochs", "1", "--out", "out", "--config", str(CONFIG),
+            "--data", str(tiny_data)]
     for item in tiny:
         argv += ["--set", item]
     assert main(argv) == 0

@@ -108,7 +108,7 @@ def _quant_cfg(data_dir, epochs: int) -> Config:
     cfg.data.dir, cfg.data.crop, cfg.data.val_fraction = str(data_dir), [32, 32, 32], 0.5
     t = cfg.train
     t.window, t.overlap, t.sw_batch = [32, 32, 32], 0.25, 1
-    t.epochs, t.steps_per_epoch, t.batch_size, t.warmup_epochs = epochs, 1, 1, 0
+    t.epochs, t.steps_per_epoch, t.batch_size, t.warmup_epochs = epochs, 1, 2, 0  # 32^3 crops: batch >= 2
     t.lr, t.min_lr, t.threads, t.log_images = 1e-3, 1e-5, 1, False
     cfg.quant.decide, cfg.quant.calib = "all", 1
     return cfg

@@ -31,7 +31,8 @@ QUANTIZER_FIELDS = ("step", "zero_point", "lo", "hi")  # FakeQuant's learned / c
 
 def _one(values: set, what: str, default: Any) -> Any:
     if len(values) > 1:
-        raise ValueError(f"the fake-quant layers use different {what} ({sorted(values)}); one LSQConfig cannot rebuild them")
+        raise ValueError(f"the fake-quant layers use different {what} ({sorted(values)}); "
+                         "one LSQConfig cannot rebuild them")
     return next(iter(values)) if values else default
 
 

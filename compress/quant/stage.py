@@ -122,7 +122,8 @@ def resume_qat(fp32: nn.Module, out: Path) -> tuple[nn.Module, list[dict]]:
     return build_model(last), list(last.extra["int8"]["decisions"])
 
 
-def run_quantize(artifact_path: str | Path, cfg: Config, out: Path, backend: str = "torch", resume: bool = False) -> Path:
+def run_quantize(artifact_path: str | Path, cfg: Config, out: Path, backend: str = "torch",
+                 resume: bool = False) -> Path:
     """The `quantize.py` command: writes <out>/int8.pt (and int8.onnx / fp32.onnx for onnxruntime).
 
     resume: continue the QAT fine-tune from <out>/qat/last.pt (same layers, scales and schedule)."""
