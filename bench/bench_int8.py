@@ -131,7 +131,8 @@ def main() -> int:
                                 f"({QAT_KIND!r}); re-run quantize.py to write one")
         qat = build_model(qat_art).eval()
 
-    from compress.quant.stage import calib_images, evaluate
+    from compress.quant.stage import calib_images
+    from teacher.engine import evaluate
     from teacher.engine import make_data
 
     cfg = from_dict(art.config) if art.config else Config()

@@ -10,6 +10,7 @@ A missing or broken artifact becomes a row with its error; the rest of the table
 from __future__ import annotations
 
 import copy
+import dataclasses
 import csv
 import io
 import json
@@ -20,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import torch
 from tqdm import tqdm
 
-from brats.metrics import score_case, summarize
+from brats.metrics import summarize
 from common.artifact import Artifact, ArtifactError, build_model
 from common.atomic import atomic_write_text
 from common.config import Config, ConfigError, DataConfig, from_dict
@@ -188,8 +190,8 @@ def _empty_row(found: Found) -> dict:
 def evaluate_artifact(found: Found, cfg: Config, cache, cases: list[str], default_scheme: str,
                       progress: bool = True) -> dict:
     """One table row: size, compute, accuracy on `cases`, latency. Raises on any failure."""
-    from brats.dataset import iter_cases
     from brats.inference import predict_case
+    from teacher.engine import score_cases
     from teacher.flops import count_macs
     from teacher.model import count_params
 
@@ -213,14 +215,12 @@ def evaluate_artifact(found: Found, cfg: Config, cache, cases: list[str], defaul
     row["latency_ms_window"] = window_latency_ms(model, size, rep.latency_runs, rep.warmup_runs)
 
     predict = predict_fn(model)
-    scores, first_image = [], None
-    bar = tqdm(iter_cases(cache, cases), total=len(cases), desc=f"  {found.stage} cases", unit="case",
-               leave=False, disable=not progress, file=sys.stderr)
-    for case, image, label, meta in bar:
-        pred = predict_case(predict, image, scheme, window, overlap, rep.sw_batch, et_min)
-        scores.append(score_case(pred, label.numpy(), meta.spacing))
-        if first_image is None:
-            first_image = image
+    scoring = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, scheme=scheme), train=dataclasses.replace(
+        cfg.train, window=list(window), overlap=overlap, sw_batch=rep.sw_batch, et_min_voxels=et_min))
+    first: list[torch.Tensor] = []
+    scores = score_cases(predict, cache, cases, scoring, desc=f"  {found.stage} cases" if progress else None,
+                         on_case=lambda case, image, truth, pred: first.append(image) if not first else None)
+    first_image = first[0] if first else None
     summary = summarize(scores)
     for key in METRIC_KEYS:
         row[key] = summary[key]["mean"]

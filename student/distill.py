@@ -30,7 +30,7 @@ from common.artifact import Artifact, ArtifactError, build_model
 from common.config import Config, ConfigError
 from student.perturb import perturb_batch
 from student.thin import accumulate_taylor_grads, scratch_student, thin_with_selection
-from teacher.engine import FitResult, Stage, TrainData, fit, make_data, seed_everything
+from teacher.engine import FitResult, Stage, TrainData, evaluate, fit, make_data, seed_everything
 from teacher.losses import segmentation_loss
 
 STAGE = "student"
@@ -211,28 +211,6 @@ def distill_finetune(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: TrainData, cfg: Config, desc: str = "evaluate") -> dict[str, float]:
-    """Mean validation metrics of `model` on `data.val_ids`, scored as the engine scores them."""
-    from brats.dataset import iter_cases
-    from brats.inference import predict_case
-    from brats.metrics import score_case
-
-    t = cfg.train
-    device = next(model.parameters()).device
-    model.eval()
-    rows = []
-    for case, image, label, meta in tqdm(iter_cases(data.cache, data.val_ids), total=len(data.val_ids),
-                                         desc=desc, leave=False):
-        if label is None:
-            continue
-        pred = predict_case(lambda x: model(x.to(device)).float(), image, cfg.data.scheme, t.window, t.overlap,
-                            t.sw_batch)
-        rows.append(score_case(pred, label.numpy(), meta.spacing))
-    if not rows:
-        raise ConfigError("no labelled validation case to score the teacher on")
-    return {k: float(sum(r[k] for r in rows) / len(rows)) for k in rows[0]}
-
-
 def dice_gap(teacher_metrics: dict, student_metrics: dict) -> dict[str, float]:
     """teacher_dice_* and dice_gap_* (teacher minus student, in Dice units) for the artifact's metrics."""
     out = {}

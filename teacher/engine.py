@@ -299,6 +299,45 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def score_cases(
+    predict, cache, case_ids: Sequence[str], cfg: Config, *, on_case=None, desc: str | None = None
+) -> list[dict]:
+    """The one scoring loop (validation, stages, benchmarks): sliding-window prediction of every
+    labelled case with `cfg.train`'s window, overlap, batch and ET rule, then `score_case`.
+
+    `predict` maps a (B, 4, *window) batch to logits; `on_case(case, image, truth, pred)` sees each
+    case's arrays. Rows are {"case": name, dice_wt, ..., hd95_et, ...}; unlabelled cases are skipped.
+    """
+    from brats.dataset import iter_cases
+    from brats.inference import predict_case
+    from brats.metrics import score_case
+
+    t, rows = cfg.train, []
+    cases = iter_cases(cache, case_ids)
+    for case, image, label, meta in tqdm(cases, total=len(case_ids), desc=desc, leave=False, disable=desc is None):
+        if label is None:
+            continue
+        pred = predict_case(predict, image, cfg.data.scheme, t.window, t.overlap, t.sw_batch,
+                            et_min_voxels=t.et_min_voxels)
+        truth = label.numpy()
+        rows.append({"case": case, **score_case(pred, truth, meta.spacing)})
+        if on_case is not None:
+            on_case(case, image, truth, pred)
+    return rows
+
+
+def evaluate(model: nn.Module, data: "TrainData", cfg: Config, desc: str = "evaluate") -> dict[str, float]:
+    """Mean validation metrics of any model (FP32, INT8, ONNX wrapper) on `data.val_ids`, scored
+    exactly as the engine's validation scores them."""
+    device = next(iter(model.parameters()), torch.empty(0)).device  # an ONNX wrapper has no parameters
+    model.eval()
+    with torch.no_grad():
+        rows = score_cases(lambda x: model(x.to(device)).float(), data.cache, data.val_ids, cfg, desc=desc)
+    if not rows:
+        raise ConfigError(f"{desc}: no labelled validation case to score")
+    return _mean_rows(rows)
+
+
 def _mean_rows(rows: list[dict]) -> dict[str, float]:
     """Mean of every numeric key over per-case rows (NaNs skipped)."""
     keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
@@ -663,11 +702,7 @@ class Trainer:
     def validate(self, epoch: int) -> dict[str, float]:
         """Sliding-window predictions of this rank's share of the validation cases, scored and
         gathered: every rank returns the same means (keys dice_wt, ..., hd95_et, iou_mean, val_cases)."""
-        from brats.dataset import iter_cases
-        from brats.inference import predict_case
-        from brats.metrics import score_case
-
-        t, model = self.cfg.train, self.model
+        model = self.model
         was_training = model.training
         model.eval()
 
@@ -675,17 +710,15 @@ class Trainer:
             with self._autocast():
                 return self.stage.predict(model, x.to(self.device)).float()
 
-        rows, images = [], []
-        ids = self.data.val_ids[self.dist.rank:: self.dist.world]
-        for case, image, label, meta in iter_cases(self.data.cache, ids):
-            if label is None:
-                continue
-            pred = predict_case(predict, image, self.cfg.data.scheme, t.window, t.overlap, t.sw_batch)
-            truth = label.numpy()
-            rows.append({"case": case, **score_case(pred, truth, meta.spacing)})
-            if t.log_images and self.dist.main and len(images) < LOG_IMAGE_CASES:
+        images = []
+
+        def keep_image(case: str, image: torch.Tensor, truth: np.ndarray, pred: np.ndarray) -> None:
+            if self.cfg.train.log_images and self.dist.main and len(images) < LOG_IMAGE_CASES:
                 z = _axial_slice(truth)
                 images.append((case, contour_overlay(image[0, :, :, z].numpy(), truth[:, :, z], pred[:, :, z])))
+
+        ids = self.data.val_ids[self.dist.rank:: self.dist.world]
+        rows = score_cases(predict, self.data.cache, ids, self.cfg, on_case=keep_image)
         if self.dist.enabled:
             gathered: list[list[dict]] = [None] * self.dist.world  # type: ignore[list-item]
             dist.all_gather_object(gathered, rows)

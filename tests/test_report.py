@@ -273,9 +273,9 @@ def test_et_min_voxels_reaches_predict_case(built, monkeypatch):
     seen = []
     real = brats.inference.predict_case
 
-    def spy(predict, image, scheme, window, overlap, sw_batch, et_min, **kwargs):
-        seen.append(et_min)
-        return real(predict, image, scheme, window, overlap, sw_batch, et_min, **kwargs)
+    def spy(predict, image, scheme, window, overlap, sw_batch, et_min_voxels=0, **kwargs):
+        seen.append(et_min_voxels)
+        return real(predict, image, scheme, window, overlap, sw_batch, et_min_voxels, **kwargs)
 
     monkeypatch.setattr(brats.inference, "predict_case", spy)
     cfg = copy.deepcopy(cfg)

@@ -16,7 +16,6 @@ from typing import Iterable
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from common.artifact import Artifact, ArtifactError, build_model
 from common.config import Config, ConfigError, to_dict
@@ -27,7 +26,7 @@ from compress.quant.onnx_export import OrtModel, export_onnx, onnx_spec
 from compress.quant.qat import KIND as QAT_KIND, QATHooks
 from compress.quant.reassoc import final_layer
 from student.distill import DistillStage
-from teacher.engine import LAST, SupervisedStage, fit, make_data
+from teacher.engine import LAST, SupervisedStage, evaluate, fit, make_data
 
 BACKENDS = ("torch", "onnxruntime")
 QAT_DIR = "qat"  # the engine's best.pt / last.pt of the QAT fine-tune, under <out>
@@ -67,24 +66,6 @@ def quantize_step(model: nn.Module, cfg: Config, calib: Iterable[torch.Tensor], 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, cfg: Config, desc: str = "evaluate") -> dict[str, float]:
-    """Mean validation metrics (dice_wt, ..., dice_mean) of any model, sliding window as the engine."""
-    from brats.dataset import iter_cases
-    from brats.inference import predict_case
-    from brats.metrics import score_case
-
-    t, rows = cfg.train, []
-    model.eval()
-    for case, image, label, meta in tqdm(iter_cases(data.cache, data.val_ids), total=len(data.val_ids), desc=desc,
-                                         leave=False):
-        if label is not None:
-            pred = predict_case(lambda x: model(x).float(), image, cfg.data.scheme, t.window, t.overlap, t.sw_batch)
-            rows.append(score_case(pred, label.numpy(), meta.spacing))
-    if not rows:
-        raise ConfigError("no labelled validation case to score the INT8 model on")
-    return {k: float(sum(r[k] for r in rows) / len(rows)) for k in rows[0]}
-
-
 def calib_images(data, n: int) -> list[torch.Tensor]:
     if n < 1:
         raise ConfigError(f"quant.calib must be >= 1, got {n}")
