@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 from common.atomic import atomic_write  # noqa: E402
 
@@ -52,6 +53,14 @@ def _scatter(ax, points) -> None:
         ax.annotate(stage, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
 
 
+def _count_label(x: float, _pos=None) -> str:
+    if x >= 1e6:
+        return f"{x / 1e6:g}M"
+    if x >= 1e3:
+        return f"{x / 1e3:g}k"
+    return f"{x:g}"
+
+
 def dice_vs_params(rows: list[dict], path: str | Path) -> Path:
     """Mean Dice against parameter count (log x), with the published SegFormer3D point hollow."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -61,6 +70,10 @@ def dice_vs_params(rows: list[dict], path: str | Path) -> Path:
     ax.annotate(PUBLISHED["name"], (PUBLISHED["params"], PUBLISHED["dice_mean"]),
                 textcoords="offset points", xytext=(-6, -12), ha="right", fontsize=8, color="tab:red")
     ax.set_xscale("log")
+    # ticks at 1-2-5 steps read as 200k, 500k, 1M, ... (default minor labels overlap)
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_count_label))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("parameters (log scale)")
     ax.set_ylabel("mean Dice (WT, TC, ET)")
     ax.set_title("Mean Dice vs parameters")
