@@ -5,7 +5,9 @@
 
 Variants, per input size (default 128^3 and the demo's 96x96x64), all with the same threads:
   torch-fp32        PyTorch eager, the artifact as stored
-  torch-fp32-exact  PyTorch eager after the exact rewrites (BatchNorm folded, decoder re-associated)
+  torch-fp32-exact  PyTorch eager after the exact rewrites (BatchNorm folded, decoder re-associated, decoder
+                    tail in channels_last_3d: `prepare_float`'s defaults, which the INT8 models get too)
+  torch-fp32-exact-ncdhw  the same without the channels_last_3d tail (the default layout throughout)
   ort-fp32          ONNX Runtime FP32 of the rewritten model
   torch-int8        PyTorch quantized kernels: --int8's model (QAT), else the --qat checkpoint converted,
                     else layers chosen by measurement on this CPU, calibrated only (PTQ)
@@ -45,7 +47,7 @@ from compress.quant.onnx_export import OrtModel, export_onnx  # noqa: E402
 from compress.quant.qat import KIND as QAT_KIND  # noqa: E402
 from compress.quant.reassoc import final_layer  # noqa: E402
 
-FP32 = ("torch-fp32", "torch-fp32-exact", "ort-fp32")
+FP32 = ("torch-fp32", "torch-fp32-exact", "torch-fp32-exact-ncdhw", "ort-fp32")
 
 
 def state_bytes(model: torch.nn.Module) -> int:
@@ -78,6 +80,7 @@ def build_variants(fp32, size, threads, calib, int8_art, qat) -> tuple[dict, dic
     everything = {r["layer"] for r in rows} - {"encoder.stages.0.patch_embed.proj", final_layer(exact)}
     models = {
         "torch-fp32": fp32, "torch-fp32-exact": exact,
+        "torch-fp32-exact-ncdhw": prepare_float(copy.deepcopy(fp32), channels_last=False),
         "ort-fp32": OrtModel.from_bytes(export_onnx(exact, shape), list(shape), threads),
         "torch-int8": torch_int8,
         "ort-int8": OrtModel.from_bytes(export_onnx(ort_q, shape), list(shape), threads),

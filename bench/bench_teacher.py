@@ -4,13 +4,16 @@ in fp32 and bf16 autocast, and peak memory, all measured in one run.
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/bench_teacher.py [--sizes 96 128] [--runs 3]
 
 Timings are medians over interleaved runs (fp32 and bf16 alternate), so machine noise hits both
-alike; compare ratios, not absolute numbers, on a shared machine. Peak memory is the process's peak
-resident set size growth during the measured calls (CPU) or torch.cuda.max_memory_allocated (GPU).
+alike; compare ratios, not absolute numbers, on a shared machine. Each (preset, size) row runs in a
+fresh process, so its peak memory is its own: the peak resident set size of that process (CPU), or
+torch.cuda.max_memory_allocated (GPU).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import resource
 import statistics
 import sys
@@ -63,7 +66,6 @@ def bench(preset: str, size: int, runs: int, device: str, modes: list[str]) -> d
     for mode in modes:  # warm-up
         forward(mode)
         train_step(mode)
-    base_rss = _peak_rss_mb()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     for _ in range(runs):
@@ -75,7 +77,7 @@ def bench(preset: str, size: int, runs: int, device: str, modes: list[str]) -> d
     if device.startswith("cuda"):
         row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
-        row["peak_mem_mb"] = max(_peak_rss_mb(), base_rss)
+        row["peak_mem_mb"] = _peak_rss_mb()
     return row
 
 
@@ -86,7 +88,11 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--modes", nargs="+", default=["fp32", "bf16"], help="fp32 bf16 fp16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--one", nargs=2, metavar=("PRESET", "SIZE"), help=argparse.SUPPRESS)  # child process
     args = p.parse_args()
+    if args.one:
+        print(json.dumps(bench(args.one[0], int(args.one[1]), args.runs, args.device, args.modes)))
+        return
     print(f"device={args.device} threads={torch.get_num_threads()} OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
           f" native_bf16={torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
     print("GMACs: fvcore convention (1 multiply-add = 1), attention and trilinear upsampling included")
@@ -94,7 +100,9 @@ def main() -> None:
     print(" | ".join(cols))
     for size in args.sizes:
         for preset in args.presets:
-            row = bench(preset, size, args.runs, args.device, args.modes)
+            child = [sys.executable, __file__, "--one", preset, str(size), "--runs", str(args.runs),
+                     "--device", args.device, "--modes", *args.modes]
+            row = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
             print(" | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols), flush=True)
             if "bf16" in args.modes:
                 print(f"   bf16/fp32 time ratio: fwd {row['bf16_fwd_s'] / row['fp32_fwd_s']:.1f}x,"

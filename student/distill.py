@@ -16,6 +16,7 @@ fine-tune with `DistillStage`, and write `<out>/student.pt` with the teacher-vs-
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Sequence
@@ -193,7 +194,8 @@ class DistillStage(Stage):
         d = self.d
         return {"distill": {"temperature": d.temperature, "supervised_weight": d.supervised_weight,
                             "kd_weight": d.kd_weight, "feature_weight": d.feature_weight,
-                            "perturb": self.perturb}}
+                            "perturb": self.perturb,
+                            "perturb_config": dataclasses.asdict(d.perturb) if self.perturb else None}}
 
 
 def distill_finetune(

@@ -5,6 +5,7 @@ The teacher always sees the clean crop x and gives logits T. Per sample we draw 
 blur, modality dropout); the student sees i(g(x)) and learns against g(T) and g(label), so targets
 stay aligned with its input. Logits are resampled linearly, labels by nearest neighbour; voxels the
 affine pulls in from outside the crop are marked invalid for distillation (`mask`).
+With `prob` < 1 only that share of the samples is perturbed at all; the rest pass clean.
 """
 from __future__ import annotations
 
@@ -157,15 +158,23 @@ def perturb_batch(
 ) -> Perturbed:
     """Student input i(g(x)) and targets g(T), g(label) for a batch; one draw per sample.
 
+    Each sample is perturbed with probability `cfg.prob` (one draw per sample, before its changes are
+    drawn); the others pass unchanged, so the student also sees the clean inputs it is validated on.
     `geometric` fixes the per-sample changes (tests); otherwise they are drawn from `gen`.
     """
+    if not 0.0 <= cfg.prob <= 1.0:
+        raise ValueError(f"distill.perturb.prob must be in [0, 1], got {cfg.prob}")
     spatial = tuple(image.shape[2:])
     images, targets, labels, masks = [], [], [], []
     feats: list[list[torch.Tensor]] = [[] for _ in features or []]
     for b in range(image.shape[0]):
-        g = geometric[b] if geometric is not None else sample_geometric(cfg, gen, spatial)
+        if cfg.prob < 1.0 and float(torch.rand(1, generator=gen)) >= cfg.prob:
+            g, change_intensity = Geometric(), False  # this sample stays clean
+        else:
+            g = geometric[b] if geometric is not None else sample_geometric(cfg, gen, spatial)
+            change_intensity = intensity
         x = apply_geometric(image[b], g, "linear")
-        images.append(apply_intensity(x, cfg, gen) if intensity else x)
+        images.append(apply_intensity(x, cfg, gen) if change_intensity else x)
         targets.append(apply_geometric(teacher_logits[b], g, "linear"))
         labels.append(apply_geometric(label[b], g, "nearest"))
         masks.append(valid_mask(g, spatial, image.device))

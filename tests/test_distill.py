@@ -122,3 +122,21 @@ def test_distill_student_end_to_end(tmp_path):
     assert torch.count_nonzero(fresh[0].bias) == 0
     frozen = load_teacher(tmp_path / "teacher.pt")
     assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_perturb_prob_zero_gives_exactly_the_clean_loss_and_is_recorded():
+    teacher = tiny_teacher()
+    student = thin(teacher, 0.5).eval()  # eval: BatchNorm uses running stats, so two passes agree
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(2, 4, 32, 32, 32, generator=g),
+             "label": torch.tensor([0, 1, 2, 4])[torch.randint(0, 4, (2, 32, 32, 32), generator=g)]}
+    cfg = Config()
+    cfg.distill.perturb.prob = 0.0
+    never, _ = DistillStage(teacher, cfg, perturb=True).loss(student, batch)
+    clean, _ = DistillStage(teacher, cfg, perturb=False).loss(student, batch)
+    assert float(never.detach()) == pytest.approx(float(clean.detach()), rel=1e-6)
+    cfg.distill.perturb.prob = 1.0
+    always, _ = DistillStage(teacher, cfg, perturb=True).loss(student, batch)
+    assert abs(float(always.detach()) - float(clean.detach())) > 1e-4  # the perturbed input changes the loss
+    assert DistillStage(teacher, cfg).artifact_extra()["distill"]["perturb_config"]["prob"] == 1.0
+    assert DistillStage(teacher, cfg, perturb=False).artifact_extra()["distill"]["perturb_config"] is None

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from common.config import PerturbConfig
@@ -90,3 +91,36 @@ def test_intensity_changes_are_bounded_and_dropout_zeroes_one_modality():
     spike[0, 4, 4, 4] = 1.0
     b = apply_intensity(spike, blur, torch.Generator().manual_seed(0))
     assert math.isclose(float(b.sum()), 1.0, rel_tol=1e-4) and float(b.max()) < 0.5
+
+
+def test_prob_perturbs_each_sample_with_that_chance_and_leaves_the_rest_clean():
+    spatial = (8, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(64, 4, *spatial, generator=g)
+    logits = torch.randn(64, 3, *spatial, generator=g)
+    label = torch.tensor([0, 1, 2, 4])[torch.randint(0, 4, (64, *spatial), generator=g)]
+    # every perturbed sample changes for sure: its intensities are scaled and shifted
+    cfg = PerturbConfig(prob=0.25, intensity_scale=0.2, intensity_shift=0.2, flip_prob=0.5)
+    p = perturb_batch(image, logits, label, cfg, torch.Generator().manual_seed(5))
+    clean = [b for b in range(64) if torch.equal(p.image[b], image[b])]
+    for b in clean:  # untouched samples keep their own targets and labels, all voxels valid
+        assert torch.equal(p.target[b], logits[b]) and torch.equal(p.label[b], label[b])
+    assert p.mask[clean].all()
+    # the same seeded generator decides the same samples: the first draw per sample is U(0,1) >= prob
+    gen = torch.Generator().manual_seed(5)
+    expect = []
+    for b in range(64):
+        skip = float(torch.rand(1, generator=gen)) >= 0.25
+        expect.append(skip)
+        if not skip:  # replay this sample's draws to keep the generator in step
+            x = apply_geometric(image[b], sample_geometric(cfg, gen, spatial))
+            apply_intensity(x, cfg, gen)
+    assert clean == [b for b in range(64) if expect[b]]
+    assert 36 <= len(clean) <= 60  # ~48 of 64 clean at prob 0.25
+    none = perturb_batch(image, logits, label, PerturbConfig(prob=0.0), torch.Generator().manual_seed(5))
+    assert torch.equal(none.image, image) and torch.equal(none.label, label)
+    every = perturb_batch(image, logits, label, PerturbConfig(prob=1.0, intensity_scale=0.2),
+                          torch.Generator().manual_seed(5))
+    assert not any(torch.equal(every.image[b], image[b]) for b in range(64))
+    with pytest.raises(ValueError, match="perturb.prob"):
+        perturb_batch(image, logits, label, PerturbConfig(prob=1.5), torch.Generator())

@@ -6,9 +6,10 @@ from compress.quant.convert import Int8Conv3d, Int8Linear, convert, prepare_floa
 from compress.quant.decide import decide, format_table, int8_layers
 from compress.quant.fold import fold_bn
 from compress.quant.lsq import LSQConfig, QuantConv3d, QuantLinear, calibrate, quantize_
-from compress.quant.reassoc import ReassociatedDecoder, reassociate_decoder
+from compress.quant.reassoc import ChannelsLast3d, ReassociatedDecoder, channels_last_tail, reassociate_decoder
 
 __all__ = [
-    "Int8Conv3d", "Int8Linear", "LSQConfig", "QuantConv3d", "QuantLinear", "ReassociatedDecoder", "calibrate",
-    "convert", "decide", "fold_bn", "format_table", "int8_layers", "prepare_float", "quantize_", "reassociate_decoder",
+    "ChannelsLast3d", "Int8Conv3d", "Int8Linear", "LSQConfig", "QuantConv3d", "QuantLinear", "ReassociatedDecoder",
+    "calibrate", "channels_last_tail", "convert", "decide", "fold_bn", "format_table", "int8_layers", "prepare_float",
+    "quantize_", "reassociate_decoder",
 ]

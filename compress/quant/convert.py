@@ -18,7 +18,7 @@ from torch import nn
 
 from compress.quant.fold import fold_bn
 from compress.quant.lsq import W_QMAX, QuantConv3d, QuantLinear
-from compress.quant.reassoc import reassociate_decoder
+from compress.quant.reassoc import channels_last_tail, reassociate_decoder
 from teacher.model import get_module, model_from_spec as fp32_from_spec, set_module
 
 
@@ -141,11 +141,16 @@ def convert(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def prepare_float(model: nn.Module, reassoc: bool = True) -> nn.Module:
-    """The exact graph rewrites every backend gets: BatchNorm folding, then decoder re-association."""
+def prepare_float(model: nn.Module, reassoc: bool = True, channels_last: bool = True) -> nn.Module:
+    """The exact graph rewrites every backend gets: BatchNorm folding, decoder re-association, and the
+    decoder tail in channels_last_3d (`channels_last_tail`; PyTorch eager only, ONNX export ignores it)."""
     fold_bn(model)
     if reassoc:
         reassociate_decoder(model)
+    if channels_last:
+        channels_last_tail(model)
+    elif hasattr(model.decoder, "channels_last_tail"):
+        model.decoder.channels_last_tail = False  # the float decoder's own eval-time layout switch
     return model.eval()
 
 
