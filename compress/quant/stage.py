@@ -80,7 +80,7 @@ def _finetune(qat: nn.Module, art: Artifact, cfg: Config, out: Path, data, rows:
     if teacher_path:
         from student.distill import load_teacher
 
-        stage = QATDistillStage(load_teacher(teacher_path), cfg, perturb=True)
+        stage = QATDistillStage(load_teacher(teacher_path), cfg, perturb=cfg.distill.perturb_input)
     else:
         print("no teacher in the lineage (quant.teacher unset): supervised QAT fine-tune")
         stage = QATSupervisedStage(cfg.data.scheme, cfg.train.dice_weight, cfg.train.ce_weight)
