@@ -7,6 +7,7 @@ names the key and where it came from. A YAML file may start from another with `b
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -214,6 +215,25 @@ def merge(obj: Any, values: dict, source: str, prefix: str = "") -> None:
             merge(current, value, source, prefix=f"{dotted}.")
         else:
             setattr(obj, key, _coerce(value, hints[key], dotted, source))
+
+
+def parse_count(text: str | int | float | None, total: int | None = None, what: str = "count") -> int | None:
+    """A count from a config value: '200k', '1.5M', '3G', '350000', or '65%' of `total`; None stays None."""
+    if text is None:
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmg%]?)\s*", str(text).lower().replace("_", "").replace(",", ""))
+    if not m:
+        raise ConfigError(f"{what} {text!r} is not a count like 200k, 1.5M, 3G or 65%")
+    value, suffix = float(m.group(1)), m.group(2)
+    if suffix == "%":
+        if total is None:
+            raise ConfigError(f"{what} {text!r} is a share: it needs the model's parameter count")
+        if not 0.0 < value < 100.0:
+            raise ConfigError(f"{what} {text!r}: a share must be between 0% and 100%")
+        return int(round(value / 100.0 * total))
+    return int(round(value * {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000}[suffix]))
 
 
 def to_dict(cfg: Any) -> dict:

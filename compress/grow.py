@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from common.artifact import Artifact, ArtifactError, build_model
-from common.config import Config, ConfigError, to_dict
+from common.config import Config, ConfigError, parse_count, to_dict
 from teacher.engine import Stage
 from teacher.layers import LowRankConv3d, LowRankLinear
 from teacher.model import ModelSpec, RefineFormer3D, count_params, get_module
@@ -545,21 +545,6 @@ def grow_step(
     return model, chosen
 
 
-def parse_count(text: str | int | None, what: str = "grow: parameter budget") -> int | None:
-    """'500k' -> 500000, '1.2M' -> 1200000, '3G' -> 3000000000, '30000' -> 30000; None stays None."""
-    if text is None or isinstance(text, int):
-        return text
-    s = str(text).strip().lower().replace("_", "").replace(",", "")
-    mult = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}.get(s[-1:], 1)
-    try:
-        value = float(s[:-1] if mult > 1 else s)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{what} {text!r} is not a count like 500k, 1.2M or 3G")
-    return int(round(value * mult))
-
-
 # ----------------------------------------------------------------------------- schedule (pure rules)
 
 
@@ -636,10 +621,7 @@ def check_config(cfg: Any, spec: ModelSpec | None = None) -> None:
     if cfg.cost not in COSTS:
         raise ConfigError(f"grow.cost must be one of {', '.join(COSTS)}, got {cfg.cost!r}")
     for key in ("budget", "macs_budget"):
-        try:
-            parse_count(getattr(cfg, key), f"grow.{key}")
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        parse_count(getattr(cfg, key), what=f"grow.{key}")
     size = list(cfg.reference_input)
     if len(size) != 3 or any(n < 1 for n in size):
         raise ConfigError(f"grow.reference_input must be three positive sizes (D, H, W), got {size}")
@@ -663,8 +645,8 @@ class GrowStage(Stage):
     def __init__(self, inner: Stage, cfg: Any, seed: int = 0):
         check_config(cfg)
         self.inner, self.cfg = inner, cfg  # cfg: common.config.GrowConfig
-        self.budget = parse_count(cfg.budget)
-        self.macs_budget = parse_count(cfg.macs_budget, "grow.macs_budget")
+        self.budget = parse_count(cfg.budget, what="grow.budget")
+        self.macs_budget = parse_count(cfg.macs_budget, what="grow.macs_budget")
         self.input_size = tuple(cfg.reference_input)
         self.schedule = GrowthSchedule(cfg.patience, cfg.min_rel_change, cfg.min_delta, cfg.stop_after, cfg.max_events)
         self.history: list[dict] = []

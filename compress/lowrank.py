@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from torch import nn
 
 from common.artifact import Artifact, ArtifactError, build_model
 from common.cli import config_from_args, out_dir, run_main, stage_parser
-from common.config import Config, ConfigError, LowRankConfig, to_dict
+from common.config import Config, ConfigError, LowRankConfig, parse_count, to_dict
 from student.distill import DistillStage, distill_finetune, evaluate, load_teacher
 from teacher.engine import make_data, resolve_device, seed_everything
 from teacher.layers import LowRankConv3d, LowRankLinear
@@ -48,23 +47,6 @@ class BudgetError(ConfigError):
 
 
 # ----------------------------------------------------------------------------- parameter arithmetic
-
-
-def parse_count(text: str | int | float, total: int | None = None) -> int:
-    """'200k' -> 200000, '1.5M' -> 1500000, '350000' -> 350000; '65%' -> 65% of `total`."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmM%]?)\s*", str(text))
-    if not m:
-        raise ConfigError(f"parameter count {text!r} is not a number with an optional k/M/% suffix (e.g. 200k, 65%)")
-    value, suffix = float(m.group(1)), m.group(2).lower()
-    if suffix == "%":
-        if total is None:
-            raise ConfigError(f"parameter count {text!r} is a share: it needs the model's parameter count")
-        if not 0.0 < value < 100.0:
-            raise ConfigError(f"parameter share {text!r} must be between 0% and 100%")
-        return int(round(value / 100.0 * total))
-    return int(round(value * {"": 1, "k": 1_000, "m": 1_000_000}[suffix]))
 
 
 def lowrank_params(out_dim: int, in_dim: int, rank: int) -> int:
@@ -345,12 +327,12 @@ def selection(cfg: LowRankConfig, total_params: int | None = None) -> dict:
         raise ConfigError(f"lowrank.min_saving must be in [0, 1), got {cfg.min_saving}")
     if cfg.params is not None:
         if str(cfg.params).strip().endswith("%"):
-            share = parse_count(cfg.params, 10_000) / 10_000  # checks the text and the range
-            budget = None if total_params is None else parse_count(cfg.params, total_params)
+            share = parse_count(cfg.params, 10_000, "lowrank.params") / 10_000  # checks the text and the range
+            budget = None if total_params is None else parse_count(cfg.params, total_params, "lowrank.params")
             if budget is not None and budget <= 0:
                 raise ConfigError(f"lowrank.params={cfg.params!r} leaves no parameter of {total_params:,}")
             return {"mode": "params", "params": budget, "params_share": share}
-        budget = parse_count(cfg.params)
+        budget = parse_count(cfg.params, what="lowrank.params")
         if budget <= 0:
             raise ConfigError(f"lowrank.params must be a positive parameter count, got {cfg.params!r}")
         return {"mode": "params", "params": budget}
