@@ -6,12 +6,12 @@ carries the thread count and the `OMP_WAIT_POLICY` it ran with; compare ratios, 
 from __future__ import annotations
 
 import os
-import statistics
-import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
+
+from common.timing import median_seconds
 
 
 def runtime_note() -> dict:
@@ -21,20 +21,6 @@ def runtime_note() -> dict:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP default: spin)"),
         "torch": torch.__version__,
     }
-
-
-def median_seconds(fn: Callable[[], object], runs: int, warmup: int = 1) -> float:
-    """Median wall time (s) of `runs` calls of `fn`, after `warmup` untimed calls."""
-    if runs < 1:
-        raise ValueError(f"latency runs must be >= 1, got {runs}")
-    for _ in range(max(0, warmup)):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def window_latency_ms(model: nn.Module, size: Sequence[int], runs: int, warmup: int = 1,

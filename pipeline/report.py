@@ -28,7 +28,8 @@ from brats.metrics import summarize
 from common.artifact import Artifact, ArtifactError, build_model
 from common.atomic import atomic_write_text
 from common.config import Config, ConfigError, DataConfig, from_dict
-from pipeline.latency import median_seconds, runtime_note, window_latency_ms
+from common.timing import median_seconds
+from pipeline.latency import runtime_note, window_latency_ms
 from pipeline.predict import FP32_KINDS, artifact_scheme, check_window, fp32_model, predict_fn
 
 STAGE_ORDER = ("teacher", "student", "lowrank", "grown", "int8")

@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import torch
 from torch import nn
 
 from common.atomic import atomic_write_text
+from common.timing import median_seconds
 from compress.quant.convert import empty_int8_like
 from compress.quant.lsq import quantizable
 
@@ -79,14 +78,8 @@ def machine_key() -> str:
 
 
 def _median_ms(fn, x: torch.Tensor, runs: int) -> float:
-    with torch.no_grad():
-        fn(x)  # warm-up (packing, allocation)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    with torch.no_grad():  # one warm-up call: weight packing, allocation
+        return 1000 * median_seconds(lambda: fn(x), runs, warmup=1)
 
 
 @torch.no_grad()
