@@ -15,8 +15,14 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
 	touch $(STAMP)
 
+# The second pass runs the engine and INT8 tests again on AVX2 kernels (ATen and oneDNN limited), so
+# both CPU code paths are exercised on any machine (an AVX-512 CI host included).
+AVX2_TESTS := tests/test_runtime.py tests/test_engine.py tests/test_quant_convert.py tests/test_quant_graph.py \
+	tests/test_quant_lsq.py tests/test_quant_onnx.py tests/test_quant_qat.py
+
 test: setup
 	$(PY) -m pytest -q -n 2 --durations=15 tests
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q -n 2 -p no:cacheprovider $(AVX2_TESTS)
 
 demo: setup
 	bash scripts/demo.sh

@@ -1,7 +1,8 @@
 """Segment BraTS cases with any artifact (FP32 or INT8, PyTorch or ONNX Runtime).
 
     python predict.py ARTIFACT --input DIR --output DIR [--window 128 128 128] [--overlap 0.5]
-        [--cases NAME ... | --split splits.json [--fold K]] [--et-min-voxels N]
+        [--cases NAME ... | --split splits.json [--fold K]] [--et-min-voxels N] [--threads N]
+        [--allow-constant-modality]
 
 DIR may be one case folder or any BraTS layout (the validation release included). Writes
 <case>.nii.gz label maps (uint8, BraTS values 0/1/2/4) on each input's grid with its affine and
@@ -38,18 +39,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--et-min-voxels", type=int, default=0, metavar="N",
                         help="a case whose predicted ET has fewer than N voxels gets it relabelled NCR/NET "
                              "(BraTS post-processing for cases without ET; default 0: off)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads (default: OMP_NUM_THREADS, else the CPUs this process may use)")
+    parser.add_argument("--allow-constant-modality", action="store_true",
+                        help="predict a case whose modality is constant (e.g. all zero) inside the brain, with a "
+                             "warning (default: the case fails)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.fold is not None and args.split is None:
         parser.error("--fold needs --split")
 
+    from common.runtime import resolve_runtime
     from pipeline.predict import predict_folder, split_cases
+
+    print(resolve_runtime("cpu", "off", args.threads).line("predict"), file=sys.stderr)
 
     cases = split_cases(args.split, args.fold or 0) if args.split else args.cases
     try:
         result = predict_folder(args.artifact, args.input, args.output, args.window, args.overlap,
                                 args.sw_batch, progress=not args.quiet, cases=cases,
-                                et_min_voxels=args.et_min_voxels)
+                                et_min_voxels=args.et_min_voxels,
+                                allow_constant_modality=args.allow_constant_modality)
     except ValueError as e:  # window / overlap that the model cannot use (DataError is reported by run_main)
         from brats.layout import DataError
 

@@ -29,7 +29,8 @@ from common.artifact import Artifact, build_model  # noqa: E402
 from common.config import load_config  # noqa: E402
 from compress.grow import GrowStage, format_history, spec_macs  # noqa: E402
 from student.distill import DistillStage, distill_finetune, evaluate, load_teacher  # noqa: E402
-from teacher.engine import make_data, resolve_device, seed_everything  # noqa: E402
+from common.runtime import resolve_device  # noqa: E402
+from teacher.engine import make_data, seed_everything  # noqa: E402
 from teacher.model import ModelSpec, count_params  # noqa: E402
 
 DEMO_STUDENT = Path("runs/demo/student/student.pt")

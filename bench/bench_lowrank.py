@@ -36,7 +36,8 @@ from common.artifact import Artifact, build_model  # noqa: E402
 from common.config import Config, load_config  # noqa: E402
 from compress.lowrank import factorise, find_teacher, lowrank_stage  # noqa: E402
 from student.distill import DistillStage, distill_finetune, evaluate, load_teacher  # noqa: E402
-from teacher.engine import make_data, resolve_device, seed_everything  # noqa: E402
+from common.runtime import resolve_device  # noqa: E402
+from teacher.engine import make_data, seed_everything  # noqa: E402
 from teacher.model import count_params  # noqa: E402
 
 DEMO_TEACHER = Path("runs/demo/teacher/best.pt")

@@ -311,6 +311,8 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         return value
     if hint is bool and isinstance(value, bool):
         return value
-    if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+    if hint is str and isinstance(value, bool):  # YAML 1.1 reads an unquoted off / no / on / yes as a bool
+        return "on" if value else "off"
+    if hint is str and isinstance(value, (str, int, float)):
         return str(value)
     raise ConfigError(f"{source}: '{key}' must be {getattr(hint, '__name__', hint)}, got {value!r}")

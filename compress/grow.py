@@ -801,7 +801,8 @@ def grow_stage(artifact: str | Path, cfg: Config, out: str | Path, teacher: str 
     grown = Artifact(stage=STAGE, spec=best.spec, state_dict=best.state_dict, config=to_dict(cfg), metrics=metrics,
                      lineage=lineage, extra={"growth": stage.history, "teacher": str(teacher_path),
                                              "best_epoch": best.extra.get("epoch"),
-                                             "reference_input": list(cfg.grow.reference_input)})
+                                             "reference_input": list(cfg.grow.reference_input),
+                                             "runtime": best.extra.get("runtime")})
     if int(os.environ.get("RANK", "0")) == 0:
         grown.save(out / f"{STAGE}.pt")
     return grown

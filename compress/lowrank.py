@@ -33,8 +33,9 @@ from torch import nn
 from common.artifact import Artifact, ArtifactError, build_model
 from common.cli import config_from_args, out_dir, run_main, stage_parser
 from common.config import Config, ConfigError, LowRankConfig, parse_count, to_dict
+from common.runtime import resolve_runtime
 from student.distill import DistillStage, distill_finetune, evaluate, load_teacher
-from teacher.engine import make_data, resolve_device, seed_everything
+from teacher.engine import make_data, seed_everything
 from teacher.layers import LowRankConv3d, LowRankLinear
 from teacher.model import count_params, factorise_module, get_module
 
@@ -382,7 +383,9 @@ def lowrank_stage(artifact: str | Path, cfg: Config, folder: str | Path) -> Arti
 
     seed_everything(cfg.train.seed)
     data = make_data(cfg)
-    model.to(resolve_device(cfg.train.device))
+    rt = resolve_runtime(cfg.train.device, cfg.train.amp, cfg.train.threads)
+    print(rt.line(STAGE))
+    model.to(rt.device)
     summary = {**rule, "min_saving": cfg.lowrank.min_saving, "params_before": params_before,
                "params_after": params_after, "teacher": teacher_path, "table": table}
     # With train.val_at_start the engine scores the factorised weights itself (and keeps them as
@@ -410,7 +413,7 @@ def lowrank_stage(artifact: str | Path, cfg: Config, folder: str | Path) -> Arti
     metrics.update(dice_mean_before_finetune=before["dice_mean"], params_before=params_before,
                    params_after=params_after)
     out = Artifact(stage=STAGE, spec=model.spec.to_dict(), state_dict=state, config=to_dict(cfg), metrics=metrics,
-                   lineage=art.child_lineage(), extra={"lowrank": summary})
+                   lineage=art.child_lineage(), extra={"lowrank": summary, "runtime": rt.to_dict()})
     if int(os.environ.get("RANK", "0")) == 0:
         out.save(folder / f"{STAGE}.pt")
     return out

@@ -28,6 +28,7 @@ from brats.metrics import summarize
 from common.artifact import Artifact, ArtifactError, build_model
 from common.atomic import atomic_write_text
 from common.config import Config, ConfigError, DataConfig, from_dict
+from common.runtime import resolve_runtime, runtime_summary
 from common.timing import median_seconds
 from pipeline.latency import runtime_note, window_latency_ms
 from pipeline.predict import FP32_KINDS, artifact_scheme, check_window, fp32_model, predict_fn
@@ -44,7 +45,8 @@ RATIO_KEYS = {  # ratio key -> measured key, each row divided by the reference (
     "latency_case_ratio": "latency_s_case",
 }
 ROW_KEYS = ("stage", "artifact", "kind", "params", "gmacs", "size_mb", *METRIC_KEYS,
-            "latency_ms_window", "latency_s_case", *RATIO_KEYS, "cases", "threads", "omp_wait_policy", "error")
+            "latency_ms_window", "latency_s_case", *RATIO_KEYS, "cases", "threads", "omp_wait_policy",
+            "trained_as", "error")
 HONEST_NOTE = (
     "On this CPU, INT8 alone does not make a 3D network fast: the stem and spatial-reduction "
     "convolutions, softmax and trilinear upsampling are as slow or slower in INT8, and the cost of "
@@ -185,6 +187,7 @@ def _empty_row(found: Found) -> dict:
     row.update(stage=found.stage, artifact=str(found.path), error=found.error)
     if found.artifact is not None:
         row["kind"] = found.artifact.spec.get("kind", "fp32")
+        row["trained_as"] = runtime_summary(found.artifact.extra.get("runtime"))
     return row
 
 
@@ -264,7 +267,10 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
         cache, cases, data_used = held_out_cases(
             cfg, data, cfg.report.max_cases, reference.artifact if reference else None
         )
-    note = runtime_note()
+    rt = resolve_runtime("cpu", "off", cfg.train.threads)  # latency and Dice: fp32 on this CPU
+    if progress:
+        print(rt.line("report"), file=sys.stderr)
+    note = {**runtime_note(), "resolved": rt.to_dict()}
     rows = []
     for f in tqdm(found, desc="report", unit="artifact", disable=not progress, file=sys.stderr):
         if f.artifact is None:
@@ -514,6 +520,11 @@ def _et_rule(min_voxels: int) -> str:
     return "no ET post-processing"
 
 
+def _cpu(note: dict) -> str:
+    r = note.get("resolved") or {}
+    return f"{r.get('cpu', '?')} [{r.get('cpu_kind', '?')}, ATen {r.get('capability', '?')}]"
+
+
 def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Config, plot_files: list[str]) -> str:
     rt, data = meta["runtime"], meta["data"]
     size = "x".join(map(str, meta["input"]))
@@ -533,18 +544,20 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
         f"CPU latency: median of {cfg.report.latency_runs} runs after {cfg.report.warmup_runs} warm-up, "
         f"per {size} window (batch 1) and per whole case (sliding window over the first held-out case, "
         f"preprocessed, no file I/O); {rt['threads']} thread(s) (torch.get_num_threads()), "
-        f"OMP_WAIT_POLICY={rt['omp_wait_policy']}, torch {rt['torch']}. Timings on a shared machine are "
-        "noisy: compare ratios.",
+        f"OMP_WAIT_POLICY={rt['omp_wait_policy']}, torch {rt['torch']}, CPU {_cpu(rt)}. Timings on a shared "
+        "machine are noisy: compare ratios. \"trained as\": the training precision / threads / CPU kind each "
+        "stage resolved (common.runtime); every Dice here is measured in fp32.",
         "",
         "## Results",
         "",
         markdown_table(
             ["stage", "params", "G MACs", "size MB", "Dice WT", "Dice TC", "Dice ET", "Dice mean",
-             "HD95 WT", "HD95 TC", "HD95 ET", "IoU mean", f"ms / {size}", "s / case"],
+             "HD95 WT", "HD95 TC", "HD95 ET", "IoU mean", f"ms / {size}", "s / case", "trained as"],
             ([r["stage"], _fmt(r["params"], ","), _fmt(r["gmacs"], ".2f"), _fmt(r["size_mb"], ".2f"),
               *[_fmt(r[k], ".3f") for k in ("dice_wt", "dice_tc", "dice_et", "dice_mean")],
               *[_fmt(r[k], ".2f") for k in ("hd95_wt", "hd95_tc", "hd95_et")], _fmt(r["iou_mean"], ".3f"),
-              _fmt(r["latency_ms_window"], ".1f"), _fmt(r["latency_s_case"], ".2f")] for r in rows),
+              _fmt(r["latency_ms_window"], ".1f"), _fmt(r["latency_s_case"], ".2f"), r.get("trained_as") or "-"]
+             for r in rows),
         ),
         "",
         f"Reference row for ratios: {ref['stage'] + ' (' + ref['artifact'] + ')' if ref else 'none (no usable artifact)'}.",

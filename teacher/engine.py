@@ -5,8 +5,9 @@ A `Stage` supplies the loss (and optional hooks); `fit` does everything else:
     fit(model, SupervisedStage("regions"), cfg, "runs/teacher", stage_name="teacher")
 
 Per epoch: random crops -> AdamW steps (linear warm-up, then cosine to `min_lr`, per step; gradient
-clipping; fp16 + GradScaler or bf16 autocast) -> every `val_every` epochs (and after the last)
-sliding-window validation on whole held-out cases, scored per region -> `best.pt` (highest mean
+clipping; the training precision `common.runtime` resolves: fp32, bf16 autocast or fp16 + GradScaler)
+-> every `val_every` epochs (and after the last) fp32 sliding-window validation on whole held-out
+cases, scored per region -> `best.pt` (highest mean
 Dice) and `last.pt` (with the full training state, so `resume=True` continues bit-for-bit).
 With `train.val_at_start` the initial weights are validated first and compete for `best.pt`, so a
 fine-tune never returns something worse on validation than what it started from.
@@ -37,9 +38,9 @@ from tqdm import tqdm
 from common.artifact import Artifact, ArtifactError, build_model
 from common.atomic import atomic_write_text
 from common.config import Config, ConfigError, to_dict
+from common.runtime import Runtime, resolve_runtime
 from teacher.losses import segmentation_loss
 
-AMP_CHOICES = ("auto", "off", "fp16", "bf16")
 BEST, LAST = "best.pt", "last.pt"
 SCHEDULE_KEYS = ("epochs", "lr", "min_lr", "warmup_epochs", "steps_per_epoch", "batch_size")
 LOG_IMAGE_CASES = 2  # validation cases per epoch drawn into TensorBoard
@@ -184,41 +185,6 @@ def make_data(cfg: Config) -> TrainData:
         cache, train_ids, cfg.data.crop, cfg.data.fg_ratio, samples=cfg.data.samples_per_epoch, seed=cfg.train.seed
     )
     return TrainData(cache, train_ids, val_ids, train_set)
-
-
-def resolve_amp(amp: str, device: torch.device | str) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None for fp32, whether to use a GradScaler).
-
-    auto: fp16 + GradScaler on CUDA; on CPU bf16 only where oneDNN has native bf16 (elsewhere bf16
-    convolutions fall back to kernels many times slower than fp32), else fp32.
-    """
-    device = torch.device(device)
-    if amp not in AMP_CHOICES:
-        raise ConfigError(f"train.amp={amp!r}: expected one of {', '.join(AMP_CHOICES)}")
-    if amp == "off":
-        return None, False
-    if amp == "bf16":
-        return torch.bfloat16, False
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise ConfigError("train.amp=fp16 needs a CUDA device; use bf16 or off on CPU")
-        return torch.float16, True
-    if device.type == "cuda":
-        return torch.float16, True
-    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16, False
-    return None, False
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name}, but CUDA is not available")
-    return device
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -391,13 +357,16 @@ class Trainer:
         t = cfg.train
         if t.epochs < 1 or t.batch_size < 1:
             raise ConfigError(f"train.epochs and train.batch_size must be >= 1 (got {t.epochs}, {t.batch_size})")
-        if t.threads:
-            torch.set_num_threads(t.threads)
-        self.device = resolve_device(t.device, self.dist.local_rank)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world))
+        self.runtime: Runtime = resolve_runtime(t.device, t.amp, t.threads, local_rank=self.dist.local_rank,
+                                                local_world=local_world)
+        if self.dist.main:
+            tqdm.write(self.runtime.line(stage_name))
+        self.device = torch.device(self.runtime.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest kernels
-        self.amp_dtype, use_scaler = resolve_amp(t.amp, self.device)
-        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.amp_dtype = self.runtime.autocast_dtype
+        self.scaler = torch.amp.GradScaler("cuda") if self.runtime.grad_scaler else None
         seed_everything(t.seed)
         deepest_voxels = _check_crop(cfg, model)
         self.data = data if data is not None else make_data(cfg)
@@ -525,7 +494,7 @@ class Trainer:
             config=to_dict(self.cfg),
             metrics=dict(metrics),
             lineage=list(self.lineage),
-            extra={**self.extra, **self.stage.artifact_extra(), **extra},
+            extra={**self.extra, **self.stage.artifact_extra(), "runtime": self.runtime.to_dict(), **extra},
         )
 
     def _train_state(self) -> dict:
@@ -627,6 +596,7 @@ class Trainer:
     # -- training
 
     def _autocast(self):
+        """Training-step autocast of the resolved precision (a no-op context in fp32)."""
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
 
     def _batches(self, epoch: int) -> Iterator[dict]:
@@ -706,9 +676,8 @@ class Trainer:
         was_training = model.training
         model.eval()
 
-        def predict(x: torch.Tensor) -> torch.Tensor:
-            with self._autocast():
-                return self.stage.predict(model, x.to(self.device)).float()
+        def predict(x: torch.Tensor) -> torch.Tensor:  # fp32, as report.py and predict.py measure
+            return self.stage.predict(model, x.to(self.device)).float()
 
         images = []
 

@@ -64,3 +64,11 @@ def test_shipped_configs_load():
     assert files, "no configs shipped"
     for path in files:
         load_config(path)  # raises on any unknown key
+
+
+def test_unquoted_off_reads_as_text_for_text_fields():
+    """YAML 1.1 turns an unquoted `off` into False; `--set train.amp=off` must still mean "off"."""
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"
+    assert load_config(None, ["train.amp=bf16"]).train.amp == "bf16"
+    with pytest.raises(ConfigError, match="log_images"):
+        load_config(None, ["train.log_images=fast"])  # a bool field still refuses text

@@ -97,6 +97,7 @@ def test_distill_student_end_to_end(tmp_path):
     t = cfg.train
     t.window, t.overlap, t.sw_batch = [32, 32, 32], 0.25, 2
     t.epochs, t.steps_per_epoch, t.batch_size, t.warmup_epochs, t.threads, t.log_images = 1, 1, 2, 0, 1, False
+    t.amp = "off"
     cfg.distill.teacher, cfg.distill.width, cfg.distill.feature_weight = str(tmp_path / "teacher.pt"), 0.5, 0.1
     art = distill_student(cfg, tmp_path / "student")
     loaded = Artifact.load(tmp_path / "student" / "student.pt")

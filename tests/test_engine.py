@@ -20,7 +20,6 @@ from teacher.engine import (
     fit,
     lr_factor,
     make_data,
-    resolve_amp,
     rng_state,
     set_rng_state,
 )
@@ -46,7 +45,7 @@ def tiny_cfg(data_dir: Path, **train) -> Config:
     t = cfg.train
     t.window, t.overlap, t.sw_batch = [32, 32, 32], 0.25, 2
     t.epochs, t.steps_per_epoch, t.batch_size, t.warmup_epochs = 2, 2, 2, 1
-    t.lr, t.min_lr, t.threads = 3e-3, 1e-5, 1
+    t.lr, t.min_lr, t.threads, t.amp = 3e-3, 1e-5, 1, "off"  # pinned: resume must be exact in fp32
     for k, v in train.items():
         setattr(t, k, v)
     return cfg
@@ -72,21 +71,6 @@ def straight(phantom, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- pieces
-
-
-def test_resolve_amp(monkeypatch):
-    assert resolve_amp("off", "cuda") == (None, False)
-    assert resolve_amp("auto", "cuda") == (torch.float16, True)
-    assert resolve_amp("fp16", "cuda:1") == (torch.float16, True)
-    assert resolve_amp("bf16", "cpu") == (torch.bfloat16, False)
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    assert resolve_amp("auto", "cpu") == (None, False)  # never slow bf16 by default
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    assert resolve_amp("auto", "cpu") == (torch.bfloat16, False)
-    with pytest.raises(ConfigError, match="CUDA"):
-        resolve_amp("fp16", "cpu")
-    with pytest.raises(ConfigError, match="amp"):
-        resolve_amp("int8", "cpu")
 
 
 def test_lr_factor_warmup_then_cosine():
@@ -232,7 +216,48 @@ def test_resume_matches_an_uninterrupted_run(straight, phantom, tmp_path):
         [h["val"]["dice_mean"] for h in result.history], abs=1e-6)
     final = model.state_dict()
     for k, v in resumed_model.state_dict().items():
-        assert torch.allclose(v, final[k], atol=1e-6), k
+        assert torch.equal(v, final[k]), k  # fp32, same kernels and threads: bit for bit
+
+
+def _assert_same(a, b, where: str) -> None:
+    """Exact, recursive equality of saved and restored state (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu()), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b), where
+    else:
+        assert a == b, where
+
+
+def test_right_after_resume_every_state_equals_what_was_saved(phantom, tmp_path):
+    """Model, optimiser, scheduler, RNG states, epoch and step are restored exactly (no tolerance)."""
+    cfg = tiny_cfg(phantom, log_images=False)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model(), InterruptAfter(3), cfg, tmp_path, stage_name="teacher")
+    saved = Artifact.load(tmp_path / LAST)
+    state = saved.extra["train_state"]
+    torch.manual_seed(99)  # RNG states far from the saved ones, so restoring them is visible
+    np.random.seed(99)
+    trainer = Trainer(tiny_model(seed=5), SupervisedStage(), cfg, tmp_path, stage_name="teacher")
+    try:
+        trainer.load_last()
+        _assert_same(state["rng"], rng_state(), "rng")
+        _assert_same(state["optimizer"], trainer.optimizer.state_dict(), "optimizer")
+        _assert_same(state["scheduler"], trainer.scheduler.state_dict(), "scheduler")
+        _assert_same(saved.state_dict, trainer.model.state_dict(), "model")
+        assert (trainer.epoch, trainer.global_step) == (state["epoch"], state["global_step"]) == (1, 2)
+        assert trainer.history == state["history"] and trainer.best_score == state["best_score"]
+    finally:
+        trainer.close()
+    assert saved.extra["runtime"]["train_precision"] == "fp32"  # pinned by tiny_cfg, recorded in the artifact
 
 
 def test_resume_errors(straight, phantom, tmp_path):
@@ -500,7 +525,7 @@ def test_resume_rebuilds_a_model_that_grew(phantom, tmp_path):
         [h["val"]["dice_mean"] for h in straight.history], abs=1e-6)
     final = straight.model.state_dict()
     for k, v in resumed.model.state_dict().items():
-        assert torch.allclose(v, final[k], atol=1e-6), k
+        assert torch.equal(v, final[k]), k  # fp32, same kernels and threads: bit for bit
     # without the flag the spec must match
     with pytest.raises(ArtifactError, match="architecture.*fuse_dim"):
         fit(tiny_model(), SupervisedStage(), cfg, tmp_path / "b", stage_name="grown", resume=True)

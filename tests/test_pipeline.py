@@ -21,7 +21,7 @@ TINY_MODEL = "model.overrides={embed_dims: [8, 16, 24, 32], num_heads: [1, 2, 2,
 SMALL = [
     "data.crop=[32,32,32]", "data.samples_per_epoch=4", "train.batch_size=2", "train.epochs=1",
     "train.window=[32,32,32]", "train.sw_batch=1", "train.threads=1", "train.log_images=false",
-    "train.steps_per_epoch=2",
+    "train.steps_per_epoch=2", "train.amp=off",
 ]
 
 
@@ -73,6 +73,8 @@ def test_every_artifact_loads_and_links_to_its_parent(pipeline):
         art = Artifact.load(pipeline / "runs" / paths[stage])
         assert art.stage == stage
         assert [e["stage"] for e in art.lineage] == STAGES[:i]
+        runtime = art.extra["runtime"]  # what the stage resolved, pinned here by train.amp=off / threads=1
+        assert (runtime["train_precision"], runtime["eval_precision"], runtime["threads"]) == ("fp32", "fp32", 1)
         model = build_model(art).eval()
         import torch
 
@@ -92,6 +94,7 @@ def test_report_has_a_row_per_stage_with_finite_numbers(pipeline):
                     "hd95_tc", "hd95_et", "iou_mean", "latency_ms_window", "latency_s_case"):
             assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), (row["stage"], key, row[key])
         assert 0.0 <= row["dice_mean"] <= 1.0
+        assert row["trained_as"].startswith("fp32 / 1 thr / "), row["trained_as"]
     assert rows[1]["params"] < rows[0]["params"]  # the student is thinner than the teacher
     for name in ("report.md", "report.csv", "dice_vs_params.png", "dice_vs_latency.png"):
         assert (pipeline / "report" / name).stat().st_size > 0

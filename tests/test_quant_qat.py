@@ -109,7 +109,7 @@ def _quant_cfg(data_dir, epochs: int) -> Config:
     t = cfg.train
     t.window, t.overlap, t.sw_batch = [32, 32, 32], 0.25, 1
     t.epochs, t.steps_per_epoch, t.batch_size, t.warmup_epochs = epochs, 1, 2, 0  # 32^3 crops: batch >= 2
-    t.lr, t.min_lr, t.threads, t.log_images = 1e-3, 1e-5, 1, False
+    t.lr, t.min_lr, t.threads, t.log_images, t.amp = 1e-3, 1e-5, 1, False, "off"
     cfg.quant.decide, cfg.quant.calib = "all", 1
     return cfg
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.runtime import int8_engine
 from compress.quant.fold import fold_bn
 from compress.quant.lsq import W_QMAX, QuantConv3d, QuantLinear
 from compress.quant.reassoc import channels_last_tail, reassociate_decoder
@@ -23,13 +24,10 @@ from teacher.model import get_module, model_from_spec as fp32_from_spec, set_mod
 
 
 def set_engine() -> str:
-    """x86 (fbgemm + oneDNN) when available, else whatever this build offers."""
-    engines = torch.backends.quantized.supported_engines
-    for engine in ("x86", "fbgemm", "onednn", "qnnpack"):
-        if engine in engines:
-            torch.backends.quantized.engine = engine
-            return engine
-    raise RuntimeError("this PyTorch build has no quantized engine")
+    """Select the quantized engine `common.runtime.int8_engine` picks for this build; return its name."""
+    engine = int8_engine()
+    torch.backends.quantized.engine = engine
+    return engine
 
 
 class _Int8Layer(nn.Module):

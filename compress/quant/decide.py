@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +22,12 @@ import torch
 from torch import nn
 
 from common.atomic import atomic_write_text
+from common.runtime import probe_cpu
 from common.timing import median_seconds
 from compress.quant.convert import empty_int8_like
 from compress.quant.lsq import quantizable
 
 MODES = ("measure", "all", "none", "table")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cache_path() -> Path:
@@ -74,7 +64,10 @@ def signature(module: nn.Module, shape: tuple[int, ...]) -> str:
 
 
 def machine_key() -> str:
-    return f"{cpu_model()}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    """Cache key: timings depend on the CPU, the kernels ATen may use (ATEN_CPU_CAPABILITY), torch and threads."""
+    cpu = probe_cpu()
+    isa = f"|onednn {cpu.onednn_max_isa}" if cpu.onednn_max_isa else ""
+    return f"{cpu.model}|{cpu.capability}{isa}|torch {torch.__version__}|threads {torch.get_num_threads()}"
 
 
 def _median_ms(fn, x: torch.Tensor, runs: int) -> float:

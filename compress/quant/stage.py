@@ -19,7 +19,8 @@ from torch import nn
 
 from common.artifact import Artifact, ArtifactError, build_model
 from common.config import Config, ConfigError, to_dict
-from compress.quant.convert import convert, int8_spec, prepare_float, set_engine
+from common.runtime import resolve_runtime
+from compress.quant.convert import convert, int8_spec, prepare_float
 from compress.quant.decide import decide, format_table, int8_layers
 from compress.quant.lsq import LSQConfig, calibrate, quantize_
 from compress.quant.onnx_export import OrtModel, export_onnx, onnx_spec
@@ -113,9 +114,9 @@ def run_quantize(artifact_path: str | Path, cfg: Config, out: Path, backend: str
     art = Artifact.load(artifact_path)
     if art.spec.get("kind", "fp32") != "fp32":
         raise ConfigError(f"{artifact_path}: quantize.py needs an FP32 artifact, got kind {art.spec.get('kind')!r}")
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    engine = set_engine()
+    rt = resolve_runtime(cfg.train.device, cfg.train.amp, cfg.train.threads)
+    print(rt.line("quantize"))
+    engine = rt.int8_engine
     fp32 = build_model(art).eval()
     shape = input_shape(cfg)
     if resume:  # checked before any data preparation
@@ -131,7 +132,7 @@ def run_quantize(artifact_path: str | Path, cfg: Config, out: Path, backend: str
     extra = {"int8": {"decisions": rows, "int8_layers": layers, "backend": backend, "engine": engine,
                       "input_shape": list(shape), "act_qmax": cfg.quant.act_qmax, "qat_metrics": qat_metrics,
                       "qat_checkpoint": str(qat_path) if qat_path else None,
-                      "cpu_threads": torch.get_num_threads()}}
+                      "cpu_threads": torch.get_num_threads()}, "runtime": rt.to_dict()}
     if backend == "torch":
         model = convert(copy.deepcopy(qat))
         spec = int8_spec(art.spec, layers, cfg.quant.reassoc, engine)
