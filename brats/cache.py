@@ -21,7 +21,7 @@ import torch
 from brats.layout import DataError
 
 MANIFEST = "manifest.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: cases checked for constant modalities and alternative label names (issue #11)
 
 
 @dataclass
@@ -37,6 +37,7 @@ class CaseMeta:
     sources: dict[str, dict] = field(default_factory=dict)  # key -> {"path", "size", "mtime_ns"}
     image_file: str = ""  # relative to the cache folder
     label_file: str | None = None
+    constant: tuple[str, ...] = ()  # modalities constant inside the brain, kept by allow_constant_modality
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -60,6 +61,7 @@ class CaseMeta:
             "sources": self.sources,
             "image_file": self.image_file,
             "label_file": self.label_file,
+            "constant": list(self.constant),
         }
 
     @classmethod
@@ -76,6 +78,7 @@ class CaseMeta:
             sources=d.get("sources", {}),
             image_file=d["image_file"],
             label_file=d.get("label_file"),
+            constant=tuple(d.get("constant", ())),
         )
 
 

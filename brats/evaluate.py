@@ -4,7 +4,15 @@
 
 PRED_DIR holds `<case>.nii.gz` or `<case>_seg.nii.gz` (flat). TRUTH_DIR is a BraTS-layout folder
 (`<case>/<case>_seg.nii.gz`, possibly under HGG/, LGG/ or Brats17TrainingData/) or a flat folder
-of `<case>_seg.nii.gz`; it is searched recursively. Voxel spacing comes from the truth header.
+of `<case>_seg.nii.gz`; it is searched recursively, and a case folder without `*_seg` gets its
+label by the rule training uses (`brats.layout.find_label`: e.g. BraTS 2020's
+`W39_1998.09.19_Segm.nii`). Voxel spacing comes from the truth header.
+
+Files are read and checked by `brats.nifti` (`load_label`, `align_to_grid`), the reader training
+and prediction use: a file rejected there is rejected here with the same message. A prediction
+on another voxel order of the same grid (saved RAS by another tool, say) is reoriented onto the
+truth's grid; a prediction whose affine differs otherwise (shifted, other spacing) is an error
+naming both files, never a Dice computed on misaligned voxels.
 """
 from __future__ import annotations
 
@@ -15,11 +23,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import nibabel as nib
-import numpy as np
 from tqdm import tqdm
 
-from brats.metrics import BRATS_LABELS, REGIONS, score_case, summarize
+from brats.layout import DataError, find_label, is_case_folder
+from brats.metrics import REGIONS, score_case, summarize
+from brats.nifti import align_to_grid, load_label
 from common.atomic import atomic_write_text
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -30,8 +38,11 @@ CSV_COLUMNS = ["case"] + [f"{m}_{r}" for m in ("dice", "hd95", "iou", "sens", "s
 ]
 
 
-class EvaluationError(ValueError):
-    """Bad evaluation input: missing cases, mismatched shapes, bad labels, unreadable files."""
+class EvaluationError(DataError):
+    """Bad evaluation input: missing cases, mismatched grids, bad labels, unreadable files.
+
+    A `DataError`: file problems carry the very message `brats.nifti` gives training and prediction.
+    """
 
 
 def _strip_nifti(name: str) -> str | None:
@@ -42,19 +53,36 @@ def _strip_nifti(name: str) -> str | None:
 
 
 def find_truth(truth_dir: str | Path) -> dict[str, Path]:
-    """Case name -> `<case>_seg.nii[.gz]`, searched recursively under `truth_dir`."""
+    """Case name -> truth label file, searched recursively under `truth_dir` (hidden folders skipped).
+
+    Every `<case>_seg.nii[.gz]` names its case; a case folder holding no `*_seg` file gets the
+    label `brats.layout.find_label` picks (case = folder name), as training would.
+    """
     truth_dir = Path(truth_dir)
     if not truth_dir.is_dir():
         raise EvaluationError(f"truth folder not found: {truth_dir}")
     found: dict[str, Path] = {}
-    for path in sorted(truth_dir.rglob("*_seg.nii*")):
-        stem = _strip_nifti(path.name)
-        if stem is None or not path.is_file() or path.name.startswith("."):
-            continue
-        case = stem[: -len("_seg")]
+
+    def add(case: str, path: Path) -> None:
         if case in found:
             raise EvaluationError(f"case {case} has two truth files: {found[case]} and {path}")
         found[case] = path
+
+    folders = [truth_dir] + sorted(
+        p for p in truth_dir.rglob("*") if p.is_dir() and not any(
+            part.startswith(".") for part in p.relative_to(truth_dir).parts))
+    for folder in folders:
+        segs = [p for p in sorted(folder.iterdir())
+                if p.is_file() and not p.name.startswith(".") and (_strip_nifti(p.name) or "").endswith("_seg")]
+        for path in segs:
+            add(_strip_nifti(path.name)[: -len("_seg")], path)
+        if not segs and is_case_folder(folder):
+            try:
+                label = find_label(folder)
+            except DataError as e:
+                raise EvaluationError(str(e)) from None
+            if label is not None:
+                add(folder.name, label)
     return found
 
 
@@ -100,33 +128,20 @@ def match_cases(preds: dict[str, Path], truths: dict[str, Path], subset: bool = 
     return sorted(preds)
 
 
-def load_label(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """A 3D BraTS label map as uint8 and its voxel spacing; bad values or files raise."""
-    try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)  # stored dtype, no float64 decoding
-        zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    except Exception as exc:  # nibabel raises many types (ImageFileError, EOFError, zlib.error)
-        raise EvaluationError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
-    if data.ndim != 3:
-        raise EvaluationError(f"{path}: expected a 3D label map, got shape {data.shape}")
-    valid = np.isin(data, BRATS_LABELS)
-    if not valid.all():
-        bad = np.unique(data[~valid])
-        shown = ", ".join(f"{v:g}" for v in bad[:8])
-        raise EvaluationError(f"{path}: label values outside {{0,1,2,4}}: {shown}")
-    return data.astype(np.uint8), zooms
-
-
 def evaluate_case(case: str, pred_path: Path, truth_path: Path) -> dict:
-    """Scores of one case as a CSV row (`case` first)."""
-    truth, spacing = load_label(truth_path)
-    pred, _ = load_label(pred_path)
-    if pred.shape != truth.shape:
-        raise EvaluationError(
-            f"case {case}: shape mismatch, prediction {pred_path} {pred.shape} vs truth {truth_path} {truth.shape}"
-        )
-    return {"case": case, **score_case(pred, truth, spacing)}
+    """Scores of one case as a CSV row (`case` first), the prediction put on the truth's grid.
+
+    Both files go through `brats.nifti.load_label`; the prediction through `align_to_grid` onto
+    the truth (reoriented when only the voxel order differs). Any problem: `EvaluationError`
+    carrying the `brats.nifti` message (it names the case and the file(s)).
+    """
+    try:
+        truth = load_label(truth_path, case)
+        pred = load_label(pred_path, case)
+        label = align_to_grid(pred.label, pred.affine, pred_path, truth.label.shape, truth.affine, truth_path, case)
+    except DataError as e:
+        raise EvaluationError(str(e)) from None
+    return {"case": case, **score_case(label, truth.label, truth.spacing)}
 
 
 def evaluate_dirs(

@@ -13,15 +13,37 @@ Layouts recognised (the `layout` field of each `CaseRef`):
 A case folder holds `<case>_{flair,t1,t1ce,t2,seg}.nii.gz` (or `.nii`). Missing files are not an
 error here: `files` then holds the expected path, and loading names it.
 Hidden entries (`.cache`, macOS `._*` files) are ignored.
+
+Labels (`find_label`): `<case>_seg.nii[.gz]`, else the one `*_seg` file, else the one NIfTI whose
+name (case prefix removed) holds `seg` or `label`, case-insensitively. Releases do not all follow
+`_seg`: BraTS 2020's BraTS20_Training_355 ships its label as `W39_1998.09.19_Segm.nii`, and
+other collections use `Segm` or `_label`. Two such candidates are ambiguous: the case then fails
+to load, naming both (the error waits for loading, so `--skip-bad` and prediction, which never
+reads labels, still work).
+
+Labelled sets: in `grades` and `brats17-training`, and in a `flat` set where most cases have a
+label, every case is expected to have one; one without fails to load, naming its folder, instead
+of being cached as unlabelled and silently left out of training. `brats17-validation` and a flat
+set of mostly unlabelled cases stay unlabelled.
+
+Unrecognised NIfTI files in a case folder (neither a modality nor the label) are a warning, not an
+error: every file that is read was found by a rule, so an extra file (a brain mask, a registration
+by-product, a second label-like file next to `<case>_seg`) changes nothing that is loaded. The
+warning names the file, and a load that then misses a modality lists it too.
 """
 from __future__ import annotations
 
+import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tqdm import tqdm
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")  # channel order everywhere
 GRADES = ("hgg", "lgg")
 SUFFIXES = (".nii.gz", ".nii")
+LABEL_NAME_PARTS = ("seg", "label")  # in a label file's name, any case; "segm" holds "seg"
 
 
 class DataError(ValueError):
@@ -35,6 +57,13 @@ class CaseRef:
     files: dict[str, Path] = field(compare=False)  # flair,t1,t1ce,t2[,seg] or image4d[,label] (msd)
     layout: str = "flat"
     has_label: bool = False
+    label_problem: str | None = field(default=None, compare=False)  # why no label could be chosen
+    extra: tuple[Path, ...] = field(default=(), compare=False)  # NIfTI files no rule recognised
+
+
+def warn(message: str) -> None:
+    """One `warning: ...` line on stderr, kept clear of progress bars (as the engine warns)."""
+    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 def discover_cases(root: str | Path) -> list[CaseRef]:
@@ -74,7 +103,8 @@ def _discover(root: Path) -> list[CaseRef] | None:
     if train.is_dir() or val.is_dir():
         refs: list[CaseRef] = []
         if train.is_dir():
-            refs += _discover_grades(train, "brats17-training") or _discover_flat(train, "brats17-training") or []
+            refs += (_discover_grades(train, "brats17-training")
+                     or _discover_flat(train, "brats17-training", expect_label=True) or [])
         if val.is_dir():
             refs += _discover_flat(val, "brats17-validation") or []
         return refs or None
@@ -92,12 +122,16 @@ def _discover_grades(root: Path, layout: str) -> list[CaseRef] | None:
     return refs or None
 
 
-def _discover_flat(root: Path, layout: str) -> list[CaseRef] | None:
+def _discover_flat(root: Path, layout: str, expect_label: bool = False) -> list[CaseRef] | None:
+    """Case folders directly under `root`. When most of them have a label (or `expect_label`), the
+    set is a labelled one and a case without a label is expected to have one (its load fails)."""
     refs = [
-        _case_ref(p, None, layout, expect_label=False)
+        _case_ref(p, None, layout, expect_label=expect_label)
         for p in sorted(_visible(root))
         if p.is_dir() and is_case_folder(p)
     ]
+    if 2 * sum(r.has_label for r in refs) > len(refs):
+        refs = [r if r.has_label else _expecting_label(r) for r in refs]
     return refs or None
 
 
@@ -121,10 +155,72 @@ def _case_ref(folder: Path, grade: str | None, layout: str, expect_label: bool) 
     files: dict[str, Path] = {}
     for key in MODALITIES:
         files[key] = _find(folder, key) or folder / f"{case}_{key}.nii.gz"
+    known = [p for p in files.values() if p.is_file()]
+    candidates = _label_candidates(folder, known)
+    problem = None
+    if len(candidates) > 1:
+        problem = _ambiguous_label(folder, candidates)
+    if len(candidates) == 1 or expect_label or problem:
+        files["seg"] = candidates[0] if len(candidates) == 1 else folder / f"{case}_seg.nii.gz"
+    used = {*files.values(), *candidates}
+    extra = tuple(p for p in _niftis(folder) if p not in used)
+    for path in extra:
+        warn(f"case {case}: {path}: NIfTI file not recognised as {', '.join(MODALITIES)} or a label; "
+             f"ignored (rename it {case}_<modality>.nii.gz or {case}_seg.nii.gz if it is one, else move it out)")
+    return CaseRef(case, grade, files, layout, has_label="seg" in files, label_problem=problem, extra=extra)
+
+
+def _expecting_label(ref: CaseRef) -> CaseRef:
+    """`ref` in a labelled set: its missing label is to be reported when it is loaded."""
+    folder = Path(ref.files[MODALITIES[0]]).parent
+    return dataclasses.replace(ref, files={**ref.files, "seg": folder / f"{ref.case}_seg.nii.gz"}, has_label=True)
+
+
+def find_label(folder: str | Path) -> Path | None:
+    """The label file of a case folder, or None if it has none.
+
+    Rules, in order: `<case>_seg.nii[.gz]`; the one visible `*_seg.nii[.gz]`; the one NIfTI,
+    other than the modality files, whose name without the `<case>` prefix holds `seg` or `label`
+    in any case (BraTS 2020's BraTS20_Training_355 ships `W39_1998.09.19_Segm.nii`).
+    Two or more candidates: `DataError` naming the folder and every candidate.
+    """
+    folder = Path(folder)
+    known = [p for p in (_find(folder, key) for key in MODALITIES) if p is not None]
+    candidates = _label_candidates(folder, known)
+    if len(candidates) > 1:
+        raise DataError(_ambiguous_label(folder, candidates))
+    return candidates[0] if candidates else None
+
+
+def _label_candidates(folder: Path, known: list[Path]) -> list[Path]:
+    """[the label] when a `*_seg` rule settles it, else every label-like NIfTI (0, 1 or more)."""
     seg = _find(folder, "seg")
-    if seg is not None or expect_label:
-        files["seg"] = seg or folder / f"{case}_seg.nii.gz"
-    return CaseRef(case, grade, files, layout, has_label="seg" in files)
+    if seg is not None:
+        return [seg]
+    prefix = folder.name.lower()
+    hits = []
+    for path in _niftis(folder):
+        if path in known:
+            continue
+        name = _strip_suffix(path.name).lower()
+        name = name[len(prefix):] if name.startswith(prefix) else name
+        if any(part in name for part in LABEL_NAME_PARTS):
+            hits.append(path)
+    return hits
+
+
+def _ambiguous_label(folder: Path, candidates: list[Path]) -> str:
+    names = " and ".join(p.name for p in candidates)
+    return (f"case {folder.name}: {folder}: {len(candidates)} files could be the label ({names}); "
+            f"keep one, or rename the right one {folder.name}_seg.nii.gz")
+
+
+def missing_label_message(ref: CaseRef) -> str:
+    """Why a case of a labelled set has no label, naming its folder and what to do."""
+    folder = Path(ref.files[MODALITIES[0]]).parent
+    return (f"case {ref.case}: {folder}: no label file (expected {ref.case}_seg.nii.gz, or one NIfTI whose "
+            f"name holds 'seg' or 'label') in a labelled set ({ref.layout}); add the label, move the case "
+            "folder to an unlabelled set such as Brats17ValidationData/, or skip it with --skip-bad")
 
 
 def _find(folder: Path, key: str) -> Path | None:
@@ -137,6 +233,10 @@ def _find(folder: Path, key: str) -> Path | None:
         p for suffix in SUFFIXES for p in folder.glob(f"*_{key}{suffix}") if not p.name.startswith(".")
     )
     return hits[0] if len(hits) == 1 else None
+
+
+def _niftis(folder: Path) -> list[Path]:
+    return sorted(p for p in _visible(folder) if p.name.endswith(SUFFIXES) and p.is_file())
 
 
 def _find_named(folder: Path, case: str) -> Path | None:

@@ -1,11 +1,13 @@
 """Build the preprocessing cache: crop to the brain, z-score, store memory-mappable arrays.
 
-    python -m brats.prepare DATA --out CACHE [--skip-bad]
+    python -m brats.prepare DATA --out CACHE [--skip-bad] [--allow-constant-modality]
 
 Per case: crop all modalities (and the label) to the bounding box of voxels non-zero in any of
 them, z-score each modality over its non-zero voxels (background stays 0), save float16 images and
 uint8 labels. Unchanged cases (same source sizes and mtimes) are reused; changed ones are rebuilt.
-Every bad case is reported, not just the first.
+Every bad case is reported, not just the first. Cases are read and checked by `brats.nifti.load_case`,
+the reader prediction and evaluation use too; a modality constant inside the brain is a bad case
+unless `allow_constant_modality` (then a warning, and the cache entry lists it under "constant").
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from brats.cache import CACHE_VERSION, MANIFEST, Cache, CaseMeta, open_cache, read_manifest
-from brats.layout import CaseRef, DataError, discover_cases
+from brats.layout import CaseRef, DataError, discover_cases, warn
 from brats.nifti import LoadedCase, load_case
 from common.atomic import atomic_path, atomic_write_text
 
@@ -113,8 +115,8 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
             np.save(f, array)
 
 
-def _build(ref: CaseRef, stamps: dict, cache_dir: Path) -> CaseMeta:
-    loaded = load_case(ref)
+def _build(ref: CaseRef, stamps: dict, cache_dir: Path, allow_constant_modality: bool = False) -> CaseMeta:
+    loaded = load_case(ref, allow_constant_modality)
     image, label, bbox = preprocess_case(loaded)
     token = _token(stamps)
     image_file = f"{CASES_DIR}/{ref.case}.{token}.image.npy"
@@ -134,15 +136,19 @@ def _build(ref: CaseRef, stamps: dict, cache_dir: Path) -> CaseMeta:
         sources=stamps,
         image_file=image_file,
         label_file=label_file,
+        constant=loaded.constant,
     )
 
 
-def _reusable(old: dict | None, ref: CaseRef, stamps: dict, cache_dir: Path) -> CaseMeta | None:
+def _reusable(old: dict | None, ref: CaseRef, stamps: dict, cache_dir: Path,
+              allow_constant_modality: bool = False) -> CaseMeta | None:
     if old is None or old.get("sources") != stamps:
         return None
     if old.get("grade") != ref.grade or old.get("layout") != ref.layout:
         return None
     meta = CaseMeta.from_json(old)
+    if meta.constant and not allow_constant_modality:
+        return None  # cached while allowed: rebuild, so that the check reports it now
     if not (cache_dir / meta.image_file).is_file():
         return None
     if meta.has_label and (meta.label_file is None or not (cache_dir / meta.label_file).is_file()):
@@ -150,10 +156,12 @@ def _reusable(old: dict | None, ref: CaseRef, stamps: dict, cache_dir: Path) -> 
     return meta
 
 
-def run_prepare(data_dir: str | Path, cache_dir: str | Path, progress: bool = True) -> PrepareReport:
+def run_prepare(data_dir: str | Path, cache_dir: str | Path, progress: bool = True,
+                allow_constant_modality: bool = False) -> PrepareReport:
     """Bring the cache up to date with `data_dir`; returns what was built, reused and bad.
 
     The manifest lists the good cases only (bad ones under "bad"), and is written last.
+    `allow_constant_modality`: a modality constant inside the brain is a warning, not a bad case.
     """
     data_dir, cache_dir = Path(data_dir), Path(cache_dir)
     refs = discover_cases(data_dir)
@@ -163,12 +171,14 @@ def run_prepare(data_dir: str | Path, cache_dir: str | Path, progress: bool = Tr
     (cache_dir / CASES_DIR).mkdir(parents=True, exist_ok=True)
     for ref in tqdm(refs, desc="prepare", unit="case", disable=not progress, file=sys.stderr):
         stamps = source_stamps(ref)
-        meta = _reusable(old["cases"].get(ref.case), ref, stamps, cache_dir)
+        meta = _reusable(old["cases"].get(ref.case), ref, stamps, cache_dir, allow_constant_modality)
         if meta is not None:
             report.reused.append(ref.case)
+            if meta.constant:
+                warn(f"case {ref.case}: cached with constant {', '.join(meta.constant)} (allow_constant_modality)")
         else:
             try:
-                meta = _build(ref, stamps, cache_dir)
+                meta = _build(ref, stamps, cache_dir, allow_constant_modality)
             except DataError as e:
                 report.bad[ref.case] = str(e)
                 continue
@@ -203,10 +213,12 @@ def print_bad(bad: dict[str, str], file=None) -> None:
             print(f"  {msg}", file=file)
 
 
-def prepare(data_dir: str | Path, cache_dir: str | Path, skip_bad: bool = False, progress: bool = True) -> Cache:
+def prepare(data_dir: str | Path, cache_dir: str | Path, skip_bad: bool = False, progress: bool = True,
+            allow_constant_modality: bool = False) -> Cache:
     """Prepare (or refresh) the cache and open it. Bad cases raise `PrepareError` listing all of
-    them, unless `skip_bad`, which prints them and goes on with the good ones."""
-    report = run_prepare(data_dir, cache_dir, progress=progress)
+    them, unless `skip_bad`, which prints them and goes on with the good ones.
+    `allow_constant_modality`: see `run_prepare`."""
+    report = run_prepare(data_dir, cache_dir, progress=progress, allow_constant_modality=allow_constant_modality)
     if report.bad:
         if not skip_bad:
             raise PrepareError(report.bad, Path(data_dir))
@@ -222,10 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data", help="BraTS folder (HGG/LGG, Brats17TrainingData, case folders, or MSD Task01)")
     parser.add_argument("--out", required=True, help="cache folder (manifest.json and cases/)")
     parser.add_argument("--skip-bad", action="store_true", help="go on with the good cases when some are bad")
+    parser.add_argument("--allow-constant-modality", action="store_true",
+                        help="keep a case whose modality is constant (e.g. all zero) inside the brain, with a "
+                             "warning (default: a bad case)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        report = run_prepare(args.data, args.out, progress=not args.quiet)
+        report = run_prepare(args.data, args.out, progress=not args.quiet,
+                             allow_constant_modality=args.allow_constant_modality)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -66,7 +66,8 @@ def resolve_data(cfg: DataConfig, synthetic_root: str | Path = "data/synthetic",
     """(data_dir, cache_dir) for `cfg`, with the cache prepared.
 
     data_dir: cfg.dir, or synthetic cases (cfg.synthetic_*) under `synthetic_root` when None.
-    cache_dir: cfg.cache, or `<data_dir>/.cache`. Bad cases raise unless cfg.skip_bad.
+    cache_dir: cfg.cache, or `<data_dir>/.cache`. Bad cases raise unless cfg.skip_bad; a modality
+    constant inside the brain is one unless cfg.allow_constant_modality.
     """
     if cfg.dir is None:
         data_dir = ensure_synthetic(synthetic_root, cfg.synthetic_cases, cfg.synthetic_val_cases,
@@ -74,5 +75,6 @@ def resolve_data(cfg: DataConfig, synthetic_root: str | Path = "data/synthetic",
     else:
         data_dir = Path(cfg.dir)
     cache_dir = Path(cfg.cache) if cfg.cache else data_dir / ".cache"
-    prepare(data_dir, cache_dir, skip_bad=cfg.skip_bad, progress=progress)
+    prepare(data_dir, cache_dir, skip_bad=cfg.skip_bad, progress=progress,
+            allow_constant_modality=cfg.allow_constant_modality)
     return data_dir, cache_dir

@@ -35,6 +35,7 @@ class DataConfig:
     split_file: str | None = None  # None: <cache>/splits.json
     samples_per_epoch: int | None = None  # None: one crop per training case
     skip_bad: bool = False
+    allow_constant_modality: bool = False  # a modality constant inside the brain: a warning, not a bad case
     max_val_cases: int | None = None
     num_workers: int = 0
     synthetic_cases: int = 12  # used only when dir is None

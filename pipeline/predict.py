@@ -3,7 +3,9 @@
 Each case is preprocessed exactly as the training cache is (`brats.prepare.preprocess_case`: crop
 to the non-zero bounding box, z-score over brain voxels, float16 rounding), predicted by Gaussian
 sliding window, mapped to BraTS values 0/1/2/4 and put back on the full grid with the input's
-affine and header. A bad case is reported and skipped; the others are still written.
+affine and header. A bad case is reported and skipped; the others are still written. Cases are read
+and checked by `brats.nifti.load_case`, as for the cache: a modality constant inside the brain is a
+bad case unless `allow_constant_modality` (then a warning).
 """
 from __future__ import annotations
 
@@ -116,9 +118,10 @@ def select_cases(refs: Sequence[CaseRef], cases: Sequence[str], source: str | Pa
 
 
 def predict_ref(model: nn.Module, ref: CaseRef, scheme: str, window: Sequence[int], overlap: float,
-                sw_batch: int = 1, et_min_voxels: int = 0) -> tuple[np.ndarray, LoadedCase]:
+                sw_batch: int = 1, et_min_voxels: int = 0,
+                allow_constant_modality: bool = False) -> tuple[np.ndarray, LoadedCase]:
     """(full-grid uint8 BraTS label map (X, Y, Z), LoadedCase) for one case; the seg is not read."""
-    loaded = load_case(dataclasses.replace(ref, has_label=False))
+    loaded = load_case(dataclasses.replace(ref, has_label=False), allow_constant_modality)
     image, _, bbox = preprocess_case(loaded)  # float16 (4, d, h, w), as stored in the cache
     label = predict_case(predict_fn(model), image.astype(np.float32), scheme, window, overlap, sw_batch,
                          et_min_voxels)
@@ -129,12 +132,13 @@ def predict_ref(model: nn.Module, ref: CaseRef, scheme: str, window: Sequence[in
 def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str | Path,
                    window: Sequence[int] = (128, 128, 128), overlap: float = 0.5, sw_batch: int = 1,
                    progress: bool = True, cases: Sequence[str] | None = None,
-                   et_min_voxels: int = 0) -> PredictResult:
+                   et_min_voxels: int = 0, allow_constant_modality: bool = False) -> PredictResult:
     """Predict every case under `input_dir` (any BraTS layout, or one case folder), or only `cases`.
 
     Writes `<output_dir>/<case>.nii.gz` atomically. `et_min_voxels` > 0: a case whose predicted ET
     has fewer voxels gets it relabelled NCR/NET. A missing or unusable artifact, no cases, or a
     named case not in `input_dir` raise; a bad case lands in `result.failed` and the rest go on.
+    `allow_constant_modality`: a modality constant inside the brain is a warning, not a failed case.
     """
     art = Artifact.load(artifact)
     window = check_window(window, art.spec)
@@ -154,7 +158,8 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
     for ref in bar:
         bar.set_postfix_str(ref.case)
         try:
-            full, loaded = predict_ref(model, ref, scheme, window, overlap, sw_batch, et_min_voxels)
+            full, loaded = predict_ref(model, ref, scheme, window, overlap, sw_batch, et_min_voxels,
+                                       allow_constant_modality)
             path = save_label_map(output_dir / f"{ref.case}.nii.gz", full, loaded.affine, loaded.header)
         except DataError as e:
             result.failed[ref.case] = str(e)

@@ -4,7 +4,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats.evaluate import EvaluationError, evaluate_dirs, main
+from brats.evaluate import EvaluationError, evaluate_dirs, find_truth, main
 from brats.metrics import HD95_EMPTY, score_case
 
 SHAPE = (12, 10, 8)
@@ -48,7 +48,7 @@ def brats_layout(tmp_path):
         # the flair next to it must not be mistaken for a label map
         _save(truth_dir / "Brats17TrainingData" / grade / case / f"{case}_flair.nii.gz", np.ones(SHAPE, np.float32))
         name = f"{case}.nii.gz" if i % 2 == 0 else f"{case}_seg.nii.gz"
-        _save(pred_dir / name, _pred_label(seed).astype(np.int16))
+        _save(pred_dir / name, _pred_label(seed).astype(np.int16), ZOOMS)  # on the truth's grid
     return pred_dir, truth_dir
 
 
@@ -150,7 +150,7 @@ def test_bad_label_values_name_file(tmp_path, capsys):
     bad = _pred_label(0)
     bad[3, 3, 3] = 3
     _save(pred_dir / "a.nii.gz", bad)
-    with pytest.raises(EvaluationError, match=r"a\.nii\.gz: label values outside \{0,1,2,4\}: 3$"):
+    with pytest.raises(EvaluationError, match=r"^case a: .*a\.nii\.gz: label values \[3\] outside \{0, 1, 2, 4\}$"):
         evaluate_dirs(pred_dir, truth_dir)
     assert main([str(pred_dir), str(truth_dir)]) == 2
     assert "a.nii.gz" in capsys.readouterr().err
@@ -159,7 +159,7 @@ def test_bad_label_values_name_file(tmp_path, capsys):
 def test_unreadable_file_named(tmp_path):
     pred_dir, truth_dir = _flat(tmp_path)
     (truth_dir / "b_seg.nii.gz").write_bytes(b"not a nifti file at all")
-    with pytest.raises(EvaluationError, match=r"cannot read .*b_seg\.nii\.gz"):
+    with pytest.raises(EvaluationError, match=r"^case b: .*b_seg\.nii\.gz: unreadable or truncated NIfTI"):
         evaluate_dirs(pred_dir, truth_dir)
 
 
@@ -173,3 +173,67 @@ def test_duplicate_prediction_is_ambiguous(tmp_path):
 def test_missing_folder(tmp_path):
     with pytest.raises(EvaluationError, match="prediction folder not found"):
         evaluate_dirs(tmp_path / "nope", tmp_path)
+
+
+LPS = np.array([[-1.0, 0, 0, 11.0], [0, -1.5, 0, 13.5], [0, 0, 2.0, -3.0], [0, 0, 0, 1]])  # like the BraTS releases
+
+
+def _save_image(img, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+
+
+def _reoriented(img, axcodes):
+    """`img` with its voxels in `axcodes` order, the affine adjusted: the same image in space."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+
+    transform = ornt_transform(io_orientation(img.affine), axcodes2ornt(axcodes))
+    data = apply_orientation(np.asanyarray(img.dataobj), transform)
+    return nib.Nifti1Image(np.ascontiguousarray(data), img.affine @ inv_ornt_aff(transform, img.shape))
+
+
+@pytest.mark.parametrize("axcodes", ["RAS", "ASL", "SRP"])
+def test_reoriented_identical_prediction_scores_one(tmp_path, axcodes):
+    truth = nib.Nifti1Image(_truth_label(0), LPS)
+    _save_image(truth, tmp_path / "truth" / "Brats17_TCIA_105_1" / "Brats17_TCIA_105_1_seg.nii.gz")
+    pred = nib.as_closest_canonical(truth) if axcodes == "RAS" else _reoriented(truth, tuple(axcodes))
+    assert nib.aff2axcodes(pred.affine) == tuple(axcodes)
+    _save_image(pred, tmp_path / "pred" / "Brats17_TCIA_105_1.nii.gz")
+    raw = np.asanyarray(pred.dataobj)
+    if raw.shape == SHAPE:  # compared voxel by voxel as stored (the old shape-only check), Dice is wrong
+        assert score_case(raw, _truth_label(0))["dice_wt"] < 0.9
+    (row,) = evaluate_dirs(tmp_path / "pred", tmp_path / "truth")
+    assert row["dice_wt"] == row["dice_tc"] == row["dice_et"] == 1.0 and row["hd95_wt"] == 0.0
+
+
+@pytest.mark.parametrize("change", ["shift", "scale"])
+def test_prediction_on_another_grid_fails_naming_both_files(tmp_path, capsys, change):
+    truth_path, pred_path = tmp_path / "truth" / "a_seg.nii.gz", tmp_path / "pred" / "a.nii.gz"
+    _save(truth_path, _truth_label(0))
+    affine = np.eye(4)
+    if change == "shift":
+        affine[0, 3] = 2.0
+    else:
+        affine[2, 2] = 2.0
+    _save_image(nib.Nifti1Image(_truth_label(0), affine), pred_path)
+    with pytest.raises(EvaluationError, match="affine differs") as info:
+        evaluate_dirs(tmp_path / "pred", tmp_path / "truth")
+    assert str(pred_path) in str(info.value) and str(truth_path) in str(info.value)
+    assert main([str(tmp_path / "pred"), str(tmp_path / "truth")]) == 2
+    assert str(pred_path) in capsys.readouterr().err
+
+
+def test_truth_under_an_alternative_label_name(tmp_path, write_tiny_case):
+    # BraTS 2020's BraTS20_Training_355 ships its label as W39_1998.09.19_Segm.nii
+    paths = write_tiny_case(tmp_path / "truth" / "HGG" / "BraTS20_Training_355", label_name="W39_1998.09.19_Segm.nii")
+    write_tiny_case(tmp_path / "truth" / "HGG" / "BraTS20_Training_001")
+    assert find_truth(tmp_path / "truth")["BraTS20_Training_355"] == paths["seg"]
+    img = nib.load(str(paths["seg"]))  # both truths hold the same map
+    for case in ("BraTS20_Training_355", "BraTS20_Training_001"):
+        _save_image(nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine), tmp_path / "pred" / f"{case}.nii.gz")
+    rows = evaluate_dirs(tmp_path / "pred", tmp_path / "truth")
+    assert [r["case"] for r in rows] == ["BraTS20_Training_001", "BraTS20_Training_355"]
+    assert all(r["dice_wt"] == 1.0 for r in rows)
+    write_tiny_case(tmp_path / "truth" / "HGG" / "BraTS20_Training_355", label_name="{case}_label.nii.gz")
+    with pytest.raises(EvaluationError, match="2 files could be the label"):
+        find_truth(tmp_path / "truth")

@@ -1,3 +1,4 @@
+import dataclasses
 import gzip
 import shutil
 
@@ -5,9 +6,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats.layout import DataError, discover_cases
+from brats.layout import DataError, discover_cases, find_label
 from brats.nifti import load_case, write_nifti
 from brats.phantom import write_phantom_dataset
+from brats.prepare import run_prepare
 
 SHAPE = (32, 32, 24)
 
@@ -112,3 +114,95 @@ def test_msd_layout_and_label_mapping(tmp_path):
         load_case(refs[1])
     assert load_case(refs[2]).label is None
     assert isinstance(loaded.header, nib.Nifti1Header)
+
+
+def _label_of(path):
+    return np.asanyarray(nib.load(str(path)).dataobj)
+
+
+@pytest.mark.parametrize("label_name", ["W39_1998.09.19_Segm.nii", "{case}_label.nii.gz", "{case}Segm.nii.gz",
+                                        "{case}_SEG.nii.gz", "truth-labels.nii"])
+def test_alternative_label_names_recognised(write_tiny_case, tmp_path, label_name):
+    # BraTS 2020's BraTS20_Training_355 ships its label as W39_1998.09.19_Segm.nii
+    folder = tmp_path / "HGG" / "BraTS20_Training_355"
+    paths = write_tiny_case(folder, label_name=label_name)
+    (ref,) = discover_cases(tmp_path)
+    assert ref.has_label and ref.files["seg"] == paths["seg"] and ref.extra == ()
+    loaded = load_case(ref)
+    assert loaded.label.dtype == np.uint8
+    np.testing.assert_array_equal(loaded.label, _label_of(paths["seg"]))
+    assert find_label(folder) == paths["seg"]
+
+
+def test_exact_seg_name_wins_and_the_other_label_like_file_is_a_warning(write_tiny_case, tmp_path, capsys):
+    folder = tmp_path / "HGG" / "BraTS20_Training_355"
+    paths = write_tiny_case(folder)
+    nib.save(nib.Nifti1Image(np.zeros((12, 10, 8), np.uint8), np.eye(4)), str(folder / "W39_1998.09.19_Segm.nii"))
+    (ref,) = discover_cases(tmp_path)
+    assert ref.files["seg"] == paths["seg"] and ref.extra == (folder / "W39_1998.09.19_Segm.nii",)
+    assert f"warning: case BraTS20_Training_355: {folder / 'W39_1998.09.19_Segm.nii'}: NIfTI file not recognised" \
+        in capsys.readouterr().err
+
+
+def test_two_label_candidates_are_an_error_naming_both(write_tiny_case, tmp_path):
+    folder = tmp_path / "HGG" / "BraTS20_Training_355"
+    write_tiny_case(folder, label_name="W39_1998.09.19_Segm.nii")
+    write_tiny_case(folder, label_name="{case}_label.nii.gz")
+    (ref,) = discover_cases(tmp_path)  # discovery goes on: one ambiguous case must not stop the others
+    assert ref.has_label
+    pattern = r"BraTS20_Training_355_label\.nii\.gz and W39_1998\.09\.19_Segm\.nii"
+    with pytest.raises(DataError, match=f"case BraTS20_Training_355: {folder}: 2 files could be the label.*{pattern}"):
+        load_case(ref)
+    with pytest.raises(DataError, match=pattern):
+        find_label(folder)
+    assert load_case(dataclasses.replace(ref, has_label=False)).label is None  # prediction never reads labels
+
+
+def test_unrecognised_nifti_warned_and_listed_when_a_modality_is_missing(write_tiny_case, tmp_path, capsys):
+    case = tmp_path / "Brats17_TCIA_105_1"
+    paths = write_tiny_case(case, skip=("t1ce",))
+    odd = case / "Brats17_TCIA_105_1_T1c.nii.gz"  # BraTS 2023 spelling, not ours
+    nib.save(nib.Nifti1Image(np.ones((12, 10, 8), np.float32), np.eye(4)), str(odd))
+    (ref,) = discover_cases(tmp_path)
+    assert ref.extra == (odd,) and ref.files["seg"] == paths["seg"]
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and str(odd) in err and "not recognised" in err
+    with pytest.raises(DataError, match=r"missing t1ce modality .*unrecognised NIfTI in the folder: "
+                                        r"Brats17_TCIA_105_1_T1c\.nii\.gz"):
+        load_case(ref)
+
+
+@pytest.mark.parametrize("where", ["HGG", "Brats17TrainingData/LGG", "Brats17TrainingData", "flat"])
+def test_case_without_label_in_a_labelled_set_is_an_error(write_tiny_case, tmp_path, where):
+    parent = tmp_path if where == "flat" else tmp_path / where
+    for name in ("Brats17_TCIA_105_1", "Brats17_TCIA_222_1"):
+        write_tiny_case(parent / name)
+    lonely = parent / "Brats17_CBICA_AAB_1"
+    write_tiny_case(lonely, label_name=None)
+    refs = {r.case: r for r in discover_cases(tmp_path)}
+    assert all(r.has_label for r in refs.values())
+    with pytest.raises(DataError, match=f"case Brats17_CBICA_AAB_1: {lonely}: no label file .*in a labelled set"):
+        load_case(refs["Brats17_CBICA_AAB_1"])
+    report = run_prepare(tmp_path, tmp_path / ".cache", progress=False)
+    assert list(report.bad) == ["Brats17_CBICA_AAB_1"] and str(lonely) in report.bad["Brats17_CBICA_AAB_1"]
+    assert sorted(report.built) == ["Brats17_TCIA_105_1", "Brats17_TCIA_222_1"]
+
+
+def test_unlabelled_sets_stay_unlabelled(write_tiny_case, tmp_path):
+    for name in ("Brats17_TCIA_105_1", "Brats17_TCIA_222_1"):
+        write_tiny_case(tmp_path / "Brats17ValidationData" / name, label_name=None)
+    write_tiny_case(tmp_path / "flat" / "Brats17_2013_10_1")  # one labelled of two: not a labelled set
+    write_tiny_case(tmp_path / "flat" / "Brats17_2013_11_1", label_name=None)
+    for root in (tmp_path, tmp_path / "flat"):
+        refs = discover_cases(root)
+        report = run_prepare(root, root / ".cache", progress=False)
+        assert report.bad == {} and len(report.built) == 2
+        assert sum(r.has_label for r in refs) == (0 if root == tmp_path else 1)
+
+
+def test_phantom_release_passes_every_check_silently(release, capsys):
+    refs = discover_cases(release)
+    assert all(r.extra == () and r.label_problem is None for r in refs)
+    for ref in refs:
+        assert load_case(ref).constant == ()
+    assert capsys.readouterr().err == ""

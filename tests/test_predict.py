@@ -10,7 +10,7 @@ from brats.cache import uncrop
 from brats.inference import predict_case
 from brats.layout import DataError, discover_cases
 from brats.phantom import write_phantom_dataset
-from brats.prepare import prepare
+from brats.prepare import prepare, run_prepare
 from common.artifact import Artifact
 from pipeline.predict import (artifact_scheme, base_spec, check_window, predict_folder, predict_fn, select_cases,
                                split_cases)
@@ -171,3 +171,23 @@ def test_et_min_voxels_relabels_small_et_as_ncr(setup, tmp_path):
     np.testing.assert_array_equal(np.asanyarray(nib.load(str(same.written[case])).dataobj), label)
     with pytest.raises(ValueError, match="et_min_voxels must be >= 0"):
         predict_folder(artifact, data, tmp_path / "neg", WINDOW, cases=[case], et_min_voxels=-1, progress=False)
+
+
+def test_constant_modality_fails_as_in_prepare_unless_allowed(setup, tmp_path, capsys):
+    import shutil
+
+    root, data, artifact, _ = setup
+    bad_data = tmp_path / "data"
+    shutil.copytree(data, bad_data)
+    victim = discover_cases(bad_data)[0]
+    img = nib.load(str(victim.files["t1ce"]))
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine), str(victim.files["t1ce"]))
+    expected = run_prepare(bad_data, tmp_path / "cache", progress=False).bad[victim.case]
+    assert f"{victim.files['t1ce']}: t1ce is constant (0)" in expected
+    result = predict_folder(artifact, bad_data, tmp_path / "out", WINDOW, cases=[victim.case], progress=False)
+    assert result.failed == {victim.case: expected} and not result.written
+    code = predict_cli.main([str(artifact), "--input", str(bad_data), "--output", str(tmp_path / "out"),
+                             "--window", *map(str, WINDOW), "--cases", victim.case, "--quiet",
+                             "--allow-constant-modality"])
+    assert code == 0 and (tmp_path / "out" / f"{victim.case}.nii.gz").is_file()
+    assert f"warning: case {victim.case}: {victim.files['t1ce']}: t1ce is constant" in capsys.readouterr().err

@@ -183,3 +183,39 @@ def test_save_label_map_keeps_affine_and_header(pristine, tmp_path):
     np.testing.assert_allclose(img.affine, src.affine)
     assert img.header.get_zooms() == src.header.get_zooms()
     assert list(tmp_path.joinpath("pred").iterdir()) == [out]  # no temp file left behind
+
+
+@pytest.mark.parametrize("value", [0.0, 123.0])
+def test_constant_modality_is_a_bad_case_unless_allowed(write_tiny_case, tmp_path, capsys, value):
+    good = write_tiny_case(tmp_path / "data" / "HGG" / "Brats17_TCIA_105_1")
+    flat = write_tiny_case.images(seed=1)["t1ce"]
+    flat[flat != 0] = value  # all zero, or one value over the whole brain
+    bad = write_tiny_case(tmp_path / "data" / "HGG" / "Brats17_TCIA_222_1", images={"t1ce": flat}, seed=1)
+    cache_dir = tmp_path / "cache"
+    report = run_prepare(tmp_path / "data", cache_dir, progress=False)
+    assert report.built == ["Brats17_TCIA_105_1"] and list(report.bad) == ["Brats17_TCIA_222_1"]
+    msg = report.bad["Brats17_TCIA_222_1"]
+    assert msg.startswith(f"case Brats17_TCIA_222_1: {bad['t1ce']}: t1ce is constant ({value:g}) over the 480 brain")
+    assert "--allow-constant-modality" in msg
+    assert main([str(tmp_path / "data"), "--out", str(cache_dir), "--quiet"]) == 1
+    capsys.readouterr()
+
+    assert main([str(tmp_path / "data"), "--out", str(cache_dir), "--quiet", "--allow-constant-modality"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: case Brats17_TCIA_222_1: {bad['t1ce']}: t1ce is constant" in err and str(good["t1"]) not in err
+    cache = open_cache(cache_dir)
+    assert cache.meta("Brats17_TCIA_222_1").constant == ("t1ce",) and cache.meta("Brats17_TCIA_105_1").constant == ()
+    assert not np.asarray(cache.image("Brats17_TCIA_222_1")[2]).any()  # z-scored constant: zeros
+    # cached while allowed, then prepared without: not reused, reported again
+    report = run_prepare(tmp_path / "data", cache_dir, progress=False)
+    assert report.reused == ["Brats17_TCIA_105_1"] and list(report.bad) == ["Brats17_TCIA_222_1"]
+
+
+def test_all_zero_case_names_its_files(write_tiny_case, tmp_path):
+    zeros = {k: np.zeros_like(v) for k, v in write_tiny_case.images().items()}
+    paths = write_tiny_case(tmp_path / "flat" / "Brats17_TCIA_105_1", images=zeros,
+                            label=np.zeros((12, 10, 8), np.uint8))
+    (ref,) = discover_cases(tmp_path / "flat")
+    with pytest.raises(DataError, match="all modalities are zero") as err:
+        load_case(ref, allow_constant_modality=True)
+    assert all(str(paths[k]) in str(err.value) for k in ("flair", "t1", "t1ce", "t2"))
