@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fold is not None and args.split is None:
         parser.error("--fold needs --split")
 
-    from common.runtime import resolve_runtime
+    from engine.runtime import resolve_runtime
     from pipeline.predict import predict_folder, split_cases
 
     print(resolve_runtime("cpu", "off", args.threads).line("predict"), file=sys.stderr)

@@ -24,8 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.artifact import Artifact  # noqa: E402
 from common.config import load_config  # noqa: E402
-from student.distill import DistillStage, dice_gap, evaluate, load_teacher, make_student  # noqa: E402
-from teacher.engine import SupervisedStage, fit, make_data, seed_everything  # noqa: E402
+from brats.scoring import evaluate  # noqa: E402
+from student.distill import DistillStage, dice_gap, load_teacher, make_student  # noqa: E402
+from engine.data import make_data  # noqa: E402
+from engine.loop import SupervisedStage, fit  # noqa: E402
+from engine.runtime import seed_everything  # noqa: E402
 
 
 def main() -> None:
@@ -53,7 +56,7 @@ def main() -> None:
     teacher = load_teacher(teacher_path)
     lineage = Artifact.load(teacher_path).child_lineage()
     data = make_data(cfg)
-    teacher_metrics = evaluate(teacher, data, cfg, desc="teacher")
+    teacher_metrics = evaluate(teacher, data.cache, data.val_ids, cfg, desc="teacher")
 
     rows = {}
     for arm in ("distilled", "scratch"):

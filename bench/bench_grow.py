@@ -28,10 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.artifact import Artifact, build_model  # noqa: E402
 from common.config import load_config  # noqa: E402
 from compress.grow import GrowStage, format_history, spec_macs  # noqa: E402
-from student.distill import DistillStage, distill_finetune, evaluate, load_teacher  # noqa: E402
-from common.runtime import resolve_device  # noqa: E402
-from teacher.engine import make_data, seed_everything  # noqa: E402
-from teacher.model import ModelSpec, count_params  # noqa: E402
+from brats.scoring import evaluate  # noqa: E402
+from student.distill import DistillStage, distill_finetune, load_teacher  # noqa: E402
+from engine.runtime import resolve_device  # noqa: E402
+from engine.data import make_data  # noqa: E402
+from engine.runtime import seed_everything  # noqa: E402
+from model.refineformer3d import ModelSpec, count_params  # noqa: E402
 
 DEMO_STUDENT = Path("runs/demo/student/student.pt")
 KEYS = ("dice_wt", "dice_tc", "dice_et", "dice_mean")
@@ -85,7 +87,7 @@ def main() -> None:
     data = make_data(cfg)
     start = build_model(art).to(device)
     start_params = count_params(start)
-    start_dice = evaluate(start, data, cfg, desc="start")
+    start_dice = evaluate(start, data.cache, data.val_ids, cfg, desc="start")
     size = cfg.grow.reference_input
 
     def gmacs(spec: dict) -> float:

@@ -135,8 +135,8 @@ def main() -> int:
         qat = build_model(qat_art).eval()
 
     from compress.quant.stage import calib_images
-    from teacher.engine import evaluate
-    from teacher.engine import make_data
+    from brats.scoring import evaluate
+    from engine.data import make_data
 
     cfg = from_dict(art.config) if art.config else Config()
     data = make_data(cfg)
@@ -152,7 +152,7 @@ def main() -> int:
         dice = {}
         if args.dice:
             cfg.train.window = size
-            dice = {name: evaluate(m, data, cfg, desc=name)["dice_mean"] for name, m in models.items()}
+            dice = {name: evaluate(m, data.cache, data.val_ids, cfg, desc=name)["dice_mean"] for name, m in models.items()}
         best = min(med[k] for k in FP32)
         print(f"\ninput 1x4x{'x'.join(map(str, size))}")
         print("| variant | source | median ms | speed-up vs best FP32 | size MB | dice_mean |")

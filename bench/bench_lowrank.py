@@ -35,10 +35,12 @@ import torch  # noqa: E402
 from common.artifact import Artifact, build_model  # noqa: E402
 from common.config import Config, load_config  # noqa: E402
 from compress.lowrank import factorise, find_teacher, lowrank_stage  # noqa: E402
-from student.distill import DistillStage, distill_finetune, evaluate, load_teacher  # noqa: E402
-from common.runtime import resolve_device  # noqa: E402
-from teacher.engine import make_data, seed_everything  # noqa: E402
-from teacher.model import count_params  # noqa: E402
+from brats.scoring import evaluate  # noqa: E402
+from student.distill import DistillStage, distill_finetune, load_teacher  # noqa: E402
+from engine.runtime import resolve_device  # noqa: E402
+from engine.data import make_data  # noqa: E402
+from engine.runtime import seed_everything  # noqa: E402
+from model.refineformer3d import count_params  # noqa: E402
 
 DEMO_TEACHER = Path("runs/demo/teacher/best.pt")
 KEYS = ("dice_wt", "dice_tc", "dice_et", "dice_mean")
@@ -138,7 +140,7 @@ def main() -> None:
     assert count_params(models["factorised"]) == count_params(models["fine-tuned"]) == m["params_after"]
 
     scores = {
-        (name, where): evaluate(model, cases, cfg, desc=f"{name} on {where}")
+        (name, where): evaluate(model, cases.cache, cases.val_ids, cfg, desc=f"{name} on {where}")
         for where, cases in sets.items() for name, model in models.items()
     }
     rule_text = ", ".join(f"{k}={info[k]}" for k in ("mode", "energy", "ratio", "params", "params_share") if k in info)

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from teacher.flops import count_macs  # noqa: E402
-from teacher.model import RefineFormer3D, count_params, preset_spec  # noqa: E402
+from model.macs import count_macs  # noqa: E402
+from model.refineformer3d import RefineFormer3D, count_params, preset_spec  # noqa: E402
 
 
 def _peak_rss_mb() -> float:

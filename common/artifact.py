@@ -14,15 +14,15 @@ An artifact is a `torch.save`d dict of plain data and tensors, so it loads with
     extra    stage-specific plain data (low-rank table, growth history, INT8 decisions,
              training state in last.pt, ...)
 
-`build_model(artifact)` dispatches on spec["kind"] to a builder named by module path, imported
-lazily, so this module depends on no model code.
+`build_model(artifact)` dispatches on spec["kind"] to the builder its model module registered with
+`@register_builder(kind)` when it was imported, so this module depends on no model code.
 """
 from __future__ import annotations
 
-import importlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -31,13 +31,12 @@ from common.atomic import atomic_write
 FORMAT = "refineformer3d-artifact"
 VERSION = 1
 
-# spec["kind"] -> "module:function(spec) -> nn.Module"
-BUILDERS: dict[str, str] = {
-    "fp32": "teacher.model:model_from_spec",
-    "int8-torch": "compress.quant.convert:model_from_spec",
-    "int8-qat": "compress.quant.qat:model_from_spec",  # fake-quant (QAT) checkpoints
-    "onnx": "compress.quant.onnx_export:model_from_spec",
-}
+# spec["kind"] -> builder(spec) -> nn.Module, filled bottom-up: each model module registers its own
+# kind on import (`@register_builder("fp32")`), so this module names nothing above it.
+BUILDERS: dict[str, Callable[[dict], torch.nn.Module]] = {}
+# where the kinds this project ships are registered, for the error message only
+KNOWN_PROVIDERS = {"fp32": "model", "int8-torch": "compress.quant", "int8-qat": "compress.quant",
+                   "onnx": "compress.quant"}
 
 
 class ArtifactError(RuntimeError):
@@ -84,7 +83,7 @@ class Artifact:
             raise ArtifactError(f"{path}: not a readable artifact (corrupted or truncated?): {e}") from None
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ArtifactError(
-                f"{path}: not a {FORMAT} file (a bare state_dict? use teacher.segformer_import for "
+                f"{path}: not a {FORMAT} file (a bare state_dict? use model.segformer_import for "
                 "official SegFormer3D checkpoints)"
             )
         if payload.get("version") != VERSION:
@@ -117,24 +116,29 @@ class Artifact:
         return None
 
 
+def register_builder(kind: str):
+    """Decorator: `builder(spec) -> nn.Module` rebuilds artifacts whose spec["kind"] is `kind`."""
+    def register(builder: Callable[[dict], torch.nn.Module]) -> Callable[[dict], torch.nn.Module]:
+        BUILDERS[kind] = builder
+        return builder
+    return register
+
+
 def build_model(artifact: Artifact, strict: bool = True) -> torch.nn.Module:
-    """Rebuild the model an artifact describes and load its weights."""
+    """Rebuild the model an artifact describes and load its weights.
+
+    ArtifactError when no imported package registered the kind, or the weights do not fit."""
     kind = artifact.spec.get("kind", "fp32")
     if kind not in BUILDERS:
-        raise ArtifactError(f"{artifact.path}: unknown model kind {kind!r} (known: {', '.join(BUILDERS)})")
-    module_name, func_name = BUILDERS[kind].split(":")
-    builder = getattr(importlib.import_module(module_name), func_name)
-    model = builder(artifact.spec)
+        hint = f"; import {KNOWN_PROVIDERS[kind]} first" if kind in KNOWN_PROVIDERS else ""
+        raise ArtifactError(f"{artifact.path}: no builder registered for model kind {kind!r} "
+                            f"(registered: {', '.join(sorted(BUILDERS)) or 'none'}{hint})")
+    model = BUILDERS[kind](artifact.spec)
     try:
         model.load_state_dict(artifact.state_dict, strict=strict)
     except RuntimeError as e:
         raise ArtifactError(f"{artifact.path}: weights do not fit the stored spec: {e}") from None
     return model
-
-
-def register_builder(kind: str, target: str) -> None:
-    """Let a later package (e.g. compress.quant) rebuild its own model kind."""
-    BUILDERS[kind] = target
 
 
 def load_model(path: str | Path) -> tuple[torch.nn.Module, Artifact]:

@@ -10,7 +10,7 @@ it lives on. One refine_dim channel runs at full resolution (about 189 M multipl
 the demo student), one stage-3 MLP channel on 4^3 tokens (about 8 k). With `cost: macs` (default)
 units are ranked by gradient score per multiply-add of one added channel at `reference_input`;
 with `cost: params` by gradient score alone. `spec_macs` prices a spec analytically (exactly what
-`teacher.flops.count_macs` counts, in microseconds instead of seconds), so every candidate widening
+`model.macs.count_macs` counts, in microseconds instead of seconds), so every candidate widening
 is checked against `macs_budget` exactly.
 
 Growable units (named after the `ModelSpec` field they change):
@@ -53,9 +53,9 @@ from torch import nn
 
 from common.artifact import Artifact, ArtifactError, build_model
 from common.config import Config, ConfigError, parse_count, to_dict
-from teacher.engine import Stage
-from teacher.layers import LowRankConv3d, LowRankLinear
-from teacher.model import ModelSpec, RefineFormer3D, count_params, get_module
+from engine.loop import Stage
+from model.layers import LowRankConv3d, LowRankLinear
+from model.refineformer3d import ModelSpec, RefineFormer3D, count_params, get_module
 
 STAGE = "grown"
 KINDS = ("mlp_hidden", "attn_dims", "ranks", "fuse_dim", "refine_dim")
@@ -191,7 +191,7 @@ def _conv_out(size: Sequence[int], kernel: int, stride: int, padding: int) -> li
 def spec_macs(spec: ModelSpec, input_size: Sequence[int]) -> int:
     """Multiply-adds of one forward pass (batch 1) at spatial `input_size`, from the spec alone.
 
-    Counts what `teacher.flops.count_macs` counts (fvcore convention, in eval mode): Linear/Conv3d
+    Counts what `model.macs.count_macs` counts (fvcore convention, in eval mode): Linear/Conv3d
     weights (low-rank layers as down + up), scaled dot-product attention, LayerNorm 5 and BatchNorm
     2 per element, trilinear upsampling 8 per output element; activations, adds and biases are free.
     Pure arithmetic, so every candidate widening is priced in microseconds.

@@ -33,11 +33,13 @@ from torch import nn
 from common.artifact import Artifact, ArtifactError, build_model
 from common.cli import config_from_args, out_dir, run_main, stage_parser
 from common.config import Config, ConfigError, LowRankConfig, parse_count, to_dict
-from common.runtime import resolve_runtime
-from student.distill import DistillStage, distill_finetune, evaluate, load_teacher
-from teacher.engine import make_data, seed_everything
-from teacher.layers import LowRankConv3d, LowRankLinear
-from teacher.model import count_params, factorise_module, get_module
+from engine.runtime import resolve_runtime
+from brats.scoring import evaluate
+from student.distill import DistillStage, distill_finetune, load_teacher
+from engine.data import make_data
+from engine.runtime import seed_everything
+from model.layers import LowRankConv3d, LowRankLinear
+from model.refineformer3d import count_params, factorise_module, get_module
 
 # torchao-style module filter: (module, dotted name) -> factorise it?
 ModuleFilter = Callable[[nn.Module, str], bool]
@@ -392,7 +394,7 @@ def lowrank_stage(artifact: str | Path, cfg: Config, folder: str | Path) -> Arti
     # best.pt unless an epoch beats them): no second pass over the validation cases.
     engine_scores_start = teacher_path is not None and cfg.train.val_at_start
     if not engine_scores_start:
-        before = evaluate(model, data, cfg, desc="factorised, before fine-tune")
+        before = evaluate(model, data.cache, data.val_ids, cfg, desc="factorised, before fine-tune")
     folder = Path(folder)
     if teacher_path is None:
         state, metrics, best_epoch = model.state_dict(), dict(before), 0

@@ -25,7 +25,9 @@ from brats.layout import CaseRef, DataError, discover_cases
 from brats.nifti import LoadedCase, load_case, save_label_map
 from brats.prepare import preprocess_case
 from brats.splits import read_splits
+import compress.quant  # noqa: F401  (registers the int8-torch, int8-qat and onnx artifact kinds)
 from common.artifact import Artifact, build_model
+from model.refineformer3d import ModelSpec, model_from_spec
 
 FP32_KINDS = ("fp32",)
 
@@ -48,8 +50,6 @@ def base_spec(spec: dict) -> dict:
     An INT8 or ONNX spec either nests it as spec["base"] or carries the ModelSpec fields itself
     next to its own keys; either way the result has kind "fp32" and only ModelSpec fields.
     """
-    from teacher.model import ModelSpec
-
     if spec.get("kind", "fp32") in FP32_KINDS:
         return dict(spec)
     inner = spec.get("base") if isinstance(spec.get("base"), dict) else spec
@@ -61,8 +61,6 @@ def base_spec(spec: dict) -> dict:
 
 def fp32_model(art: Artifact) -> nn.Module:
     """A float model of the artifact's architecture (weights loaded when the artifact is FP32)."""
-    from teacher.model import model_from_spec
-
     if art.spec.get("kind", "fp32") in FP32_KINDS:
         return build_model(art)
     return model_from_spec(base_spec(art.spec))

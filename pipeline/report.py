@@ -28,7 +28,7 @@ from brats.metrics import summarize
 from common.artifact import Artifact, ArtifactError, build_model
 from common.atomic import atomic_write_text
 from common.config import Config, ConfigError, DataConfig, from_dict
-from common.runtime import resolve_runtime, runtime_summary
+from engine.runtime import resolve_runtime, runtime_summary
 from common.timing import median_seconds
 from pipeline.latency import runtime_note, window_latency_ms
 from pipeline.predict import FP32_KINDS, artifact_scheme, check_window, fp32_model, predict_fn
@@ -142,7 +142,7 @@ def held_out_cases(cfg: Config, data: DataConfig | None, max_cases: int | None,
     `data` None: the data section stored in the reference (teacher) artifact, so the report scores
     the split the pipeline held out; `cfg.data` when the artifact has none.
     """
-    from teacher.engine import make_data
+    from engine.data import make_data
 
     run_cfg = copy.deepcopy(cfg)
     if data is not None:
@@ -166,8 +166,8 @@ def held_out_cases(cfg: Config, data: DataConfig | None, max_cases: int | None,
 
 def profile_arch(arch: str, width: float = 1.0, input_size: Sequence[int] = (128, 128, 128)) -> dict:
     """Parameters and G multiply-adds of a preset architecture, without weights."""
-    from teacher.flops import count_macs
-    from teacher.model import RefineFormer3D, count_params, preset_spec
+    from model.macs import count_macs
+    from model.refineformer3d import RefineFormer3D, count_params, preset_spec
 
     model = RefineFormer3D(preset_spec(arch, width))
     shape = (1, model.spec.in_chans, *[int(s) for s in input_size])
@@ -195,9 +195,9 @@ def evaluate_artifact(found: Found, cfg: Config, cache, cases: list[str], defaul
                       progress: bool = True) -> dict:
     """One table row: size, compute, accuracy on `cases`, latency. Raises on any failure."""
     from brats.inference import predict_case
-    from teacher.engine import score_cases
-    from teacher.flops import count_macs
-    from teacher.model import count_params
+    from brats.scoring import score_cases
+    from model.macs import count_macs
+    from model.refineformer3d import count_params
 
     art, rep = found.artifact, cfg.report
     assert art is not None
@@ -546,7 +546,7 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
         f"preprocessed, no file I/O); {rt['threads']} thread(s) (torch.get_num_threads()), "
         f"OMP_WAIT_POLICY={rt['omp_wait_policy']}, torch {rt['torch']}, CPU {_cpu(rt)}. Timings on a shared "
         "machine are noisy: compare ratios. \"trained as\": the training precision / threads / CPU kind each "
-        "stage resolved (common.runtime); every Dice here is measured in fp32.",
+        "stage resolved (engine.runtime); every Dice here is measured in fp32.",
         "",
         "## Results",
         "",

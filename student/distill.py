@@ -31,8 +31,11 @@ from common.artifact import Artifact, ArtifactError, build_model
 from common.config import Config, ConfigError
 from student.perturb import perturb_batch
 from student.thin import accumulate_taylor_grads, scratch_student, thin_with_selection
-from teacher.engine import FitResult, Stage, TrainData, evaluate, fit, make_data, seed_everything
-from teacher.losses import segmentation_loss
+from brats.scoring import evaluate
+from engine.data import TrainData, make_data
+from engine.loop import FitResult, Stage, fit
+from engine.runtime import seed_everything
+from engine.losses import segmentation_loss
 
 STAGE = "student"
 INITS = ("pruned", "scratch")
@@ -106,7 +109,7 @@ class _StageTaps:
 
 
 class DistillStage(Stage):
-    """Supervised + logit KD (+ optional feature KD) against a frozen teacher, for `teacher.engine.fit`."""
+    """Supervised + logit KD (+ optional feature KD) against a frozen teacher, for `engine.loop.fit`."""
 
     name = "distill"
 
@@ -279,7 +282,7 @@ def distill_student(cfg: Config, out_dir: str | Path, resume: bool = False) -> A
                               extra=extra, data=data, stage=DistillStage(teacher, cfg, perturb=d.perturb_input),
                               resume=resume)
     best = Artifact.load(result.best_path)
-    teacher_metrics = evaluate(teacher, data, cfg, desc="teacher")
+    teacher_metrics = evaluate(teacher, data.cache, data.val_ids, cfg, desc="teacher")
     gap = dice_gap(teacher_metrics, best.metrics)
     tqdm.write("teacher vs student Dice: " + ", ".join(
         f"{r} {gap[f'teacher_dice_{r}']:.3f} -> {gap[f'teacher_dice_{r}'] - gap[f'dice_gap_{r}']:.3f} "

@@ -35,7 +35,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from teacher.model import ModelSpec, RefineFormer3D, scale_width
+from model.refineformer3d import ModelSpec, RefineFormer3D, scale_width
 
 IMPORTANCE = ("magnitude", "taylor")
 

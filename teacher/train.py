@@ -4,8 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.config import Config
-from teacher.engine import FitResult, SupervisedStage, fit, seed_everything
-from teacher.model import build_from_config
+from engine.loop import FitResult, SupervisedStage, fit
+from engine.runtime import seed_everything
+from model.refineformer3d import build_from_config
 
 STAGE = "teacher"
 

@@ -5,7 +5,7 @@ import torch
 
 from common.artifact import Artifact, ArtifactError, build_model, load_model
 from common.atomic import atomic_write
-from teacher.model import ModelSpec, RefineFormer3D
+from model.refineformer3d import ModelSpec, RefineFormer3D
 
 TINY = dict(embed_dims=[8, 16, 16, 16], num_heads=[1, 2, 2, 2], depths=[1, 1, 1, 1], decoder_dim=16, fuse_dim=16, refine_dim=4)
 
@@ -85,3 +85,26 @@ def test_atomic_write_gives_the_usual_file_mode(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "y.bin").stat().st_mode & 0o777 == 0o644
+
+
+def test_builders_are_registered_by_the_model_modules_and_unknown_kinds_named(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from common import artifact
+
+    # the artifact module alone names no model code; the model package registers "fp32" on import
+    code = ("import common.artifact as a; before = sorted(a.BUILDERS); import model.refineformer3d; "
+            "import compress.quant; print(before, sorted(a.BUILDERS))")
+    root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("] [") == ["[", "'fp32', 'int8-qat', 'int8-torch', 'onnx']\n"]
+
+    _, art = _artifact()
+    monkeypatch.delitem(artifact.BUILDERS, "fp32")
+    with pytest.raises(ArtifactError, match="no builder registered for model kind 'fp32'.*import model first"):
+        build_model(art)
+    art.spec = {**art.spec, "kind": "mystery"}
+    with pytest.raises(ArtifactError, match="'mystery'"):
+        build_model(art)

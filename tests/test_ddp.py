@@ -7,7 +7,7 @@ import torch
 import torch.multiprocessing as mp
 
 from common.artifact import Artifact
-from teacher.engine import BEST, LAST, SupervisedStage, fit
+from engine.loop import BEST, LAST, SupervisedStage, fit
 from test_engine import make_phantom, tiny_cfg, tiny_model
 
 WORLD = 2

@@ -9,7 +9,7 @@ from common.artifact import Artifact, build_model
 from common.config import Config
 from student.distill import DistillStage, dice_gap, distill_student, kd_loss, load_teacher
 from student.thin import thin
-from teacher.model import RefineFormer3D, count_params, preset_spec
+from model.refineformer3d import RefineFormer3D, count_params, preset_spec
 
 TINY = dict(embed_dims=[16, 32, 32, 32], num_heads=[1, 2, 2, 2], depths=[1, 1, 1, 1],
             decoder_dim=16, fuse_dim=16, refine_dim=8)

@@ -10,21 +10,12 @@ from brats.metrics import score_case
 from brats.phantom import write_phantom_dataset
 from common.artifact import Artifact, ArtifactError, build_model
 from common.config import Config, ConfigError
-from teacher.engine import (
-    BEST,
-    LAST,
-    Stage,
-    SupervisedStage,
-    Trainer,
-    contour_overlay,
-    fit,
-    lr_factor,
-    make_data,
-    rng_state,
-    set_rng_state,
-)
-from teacher.losses import segmentation_loss
-from teacher.model import RefineFormer3D, preset_spec
+from brats.overlay import contour_overlay
+from engine.data import make_data
+from engine.loop import BEST, LAST, Stage, SupervisedStage, Trainer, fit, lr_factor
+from engine.runtime import rng_state, set_rng_state
+from engine.losses import segmentation_loss
+from model.refineformer3d import RefineFormer3D, preset_spec
 
 TINY = dict(embed_dims=[8, 16, 16, 16], num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1],
             decoder_dim=16, fuse_dim=16, refine_dim=4)
@@ -533,8 +524,8 @@ def test_resume_rebuilds_a_model_that_grew(phantom, tmp_path):
 
 def test_crops_the_model_cannot_train_on_are_rejected_early():
     from common.config import ConfigError, load_config
-    from teacher.engine import _check_crop
-    from teacher.model import ModelSpec, RefineFormer3D
+    from engine.loop import _check_crop
+    from model.refineformer3d import ModelSpec, RefineFormer3D
 
     model = RefineFormer3D(ModelSpec(embed_dims=[8, 16, 16, 16], num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1],
                                      decoder_dim=8, fuse_dim=8, refine_dim=4))

@@ -25,9 +25,9 @@ from compress.grow import (
     unit_width,
     widen,
 )
-from teacher.engine import Stage
-from teacher.layers import LowRankConv3d, LowRankLinear
-from teacher.model import ModelSpec, RefineFormer3D, count_params, get_module, model_from_spec
+from engine.loop import Stage
+from model.layers import LowRankConv3d, LowRankLinear
+from model.refineformer3d import ModelSpec, RefineFormer3D, count_params, get_module, model_from_spec
 
 RANKS_COMMON = {
     "encoder.stages.0.patch_embed.proj": 4,  # LowRankConv3d, kernel 7
@@ -184,7 +184,7 @@ def test_spec_macs_and_unit_costs_match_count_macs():
     """The analytic count equals fvcore's on tiny models (dense refine, low-rank allmlp, a non-cubic
     input), and a unit's per-channel cost times the channels added equals
     count_macs(widened) - count_macs(model)."""
-    from teacher.flops import count_macs
+    from model.macs import count_macs
 
     def fvcore(m, size):
         return round(count_macs(m, (1, 4, *size)) * 1e9)
@@ -471,7 +471,7 @@ class _InterruptAfter(Stage):
     """Supervised loss; raises KeyboardInterrupt on loss call `n + 1` (a kill mid-epoch)."""
 
     def __init__(self, n: int | None = None):
-        from teacher.engine import SupervisedStage
+        from engine.loop import SupervisedStage
 
         self.sup, self.n, self.calls = SupervisedStage(), n, 0
 
@@ -488,7 +488,7 @@ def test_resumed_growth_run_matches_an_uninterrupted_one(tmp_path):
     from brats.phantom import write_phantom_dataset
     from common.artifact import Artifact
     from common.config import Config
-    from teacher.engine import fit
+    from engine.loop import fit
 
     write_phantom_dataset(tmp_path / "data", cases=4, val_cases=0, shape=(48, 48, 32), seed=0)
     cfg = Config()

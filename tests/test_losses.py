@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from teacher.losses import SMOOTH, segmentation_loss, soft_dice
+from engine.losses import SMOOTH, segmentation_loss, soft_dice
 
 
 def _label() -> torch.Tensor:

@@ -26,8 +26,8 @@ from compress.lowrank import (
     saves_params,
     selection,
 )
-from teacher.layers import LowRankConv3d, LowRankLinear
-from teacher.model import ModelSpec, RefineFormer3D, count_params
+from model.layers import LowRankConv3d, LowRankLinear
+from model.refineformer3d import ModelSpec, RefineFormer3D, count_params
 
 TINY = dict(embed_dims=[16, 32, 32, 32], num_heads=[1, 2, 2, 2], depths=[1, 1, 1, 1], decoder_dim=16, fuse_dim=16, refine_dim=4)
 

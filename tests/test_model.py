@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from teacher.flops import count_macs
-from teacher.model import ModelSpec, RefineFormer3D, count_params, factorise_module, model_from_spec, preset_spec
+from model.macs import count_macs
+from model.refineformer3d import ModelSpec, RefineFormer3D, count_params, factorise_module, model_from_spec, preset_spec
 
 TINY = dict(embed_dims=[8, 16, 16, 16], num_heads=[1, 2, 2, 2], depths=[1, 1, 1, 1], decoder_dim=16, fuse_dim=16, refine_dim=4)
 
@@ -97,7 +97,7 @@ def test_sdpa_handler_counts_attention():
     # 2^3, 2^3, 2^3, 1; heads 1, 2, 2, 2 of size 8: heads * N * M * (E + Ev) per stage.
     heads, n, m = [1, 2, 2, 2], [512, 64, 8, 1], [8, 8, 8, 1]
     attn = sum(h * ni * mi * (8 + 8) for h, ni, mi in zip(heads, n, m))
-    from teacher import flops
+    from model import macs as flops
 
     saved = flops.HANDLERS.pop("aten::scaled_dot_product_attention")
     try:

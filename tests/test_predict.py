@@ -14,7 +14,7 @@ from brats.prepare import prepare, run_prepare
 from common.artifact import Artifact
 from pipeline.predict import (artifact_scheme, base_spec, check_window, predict_folder, predict_fn, select_cases,
                                split_cases)
-from teacher.model import ModelSpec, RefineFormer3D
+from model.refineformer3d import ModelSpec, RefineFormer3D
 
 SHAPE = (40, 40, 32)
 WINDOW = (32, 32, 32)

@@ -11,7 +11,7 @@ from compress.quant.convert import Int8Conv3d, Int8Linear, convert, int8_spec
 from compress.quant.decide import decide, int8_layers
 from compress.quant.lsq import LSQConfig, calibrate, quantize_
 from compress.quant.stage import quantize_step
-from teacher.model import ModelSpec, RefineFormer3D
+from model.refineformer3d import ModelSpec, RefineFormer3D
 
 TINY = dict(embed_dims=[16, 32, 32, 32], num_heads=[1, 2, 2, 2], depths=[1, 1, 1, 1], decoder_dim=16, fuse_dim=16,
             refine_dim=4)

@@ -10,7 +10,7 @@ from compress.quant.fold import bn_pairs, fold_bn
 from compress.quant.lsq import LSQConfig, calibrate, quantize_
 from compress.quant.reassoc import (ChannelsLast3d, ReassociatedDecoder, channels_last_tail, has_channels_last_tail,
                                     reassociate_decoder)
-from teacher.model import ModelSpec, RefineFormer3D, factorise_module
+from model.refineformer3d import ModelSpec, RefineFormer3D, factorise_module
 
 TINY = dict(embed_dims=[16, 32, 32, 32], num_heads=[1, 2, 2, 2], depths=[1, 1, 1, 1], decoder_dim=16, fuse_dim=16,
             refine_dim=4)

@@ -9,7 +9,7 @@ from common.config import Config
 from compress.quant.convert import prepare_float
 from compress.quant.onnx_export import OrtModel, export_onnx, onnx_spec
 from compress.quant.stage import quantize_step
-from teacher.model import ModelSpec, RefineFormer3D
+from model.refineformer3d import ModelSpec, RefineFormer3D
 
 TINY = dict(embed_dims=[16, 32, 32, 32], num_heads=[1, 2, 2, 2], depths=[1, 1, 1, 1], decoder_dim=16, fuse_dim=16,
             refine_dim=4)

@@ -12,8 +12,8 @@ from common.config import Config
 from compress.quant.lsq import QUANT_LAYERS
 from compress.quant.qat import is_quantizer_param, qat_spec
 from compress.quant.stage import QATSupervisedStage, quantize_step, run_quantize
-from teacher.engine import LAST
-from teacher.model import ModelSpec, RefineFormer3D
+from engine.loop import LAST
+from model.refineformer3d import ModelSpec, RefineFormer3D
 
 TINY = dict(embed_dims=[16, 32, 32, 32], num_heads=[1, 2, 2, 2], depths=[1, 1, 1, 1], decoder_dim=16, fuse_dim=16,
             refine_dim=4)

@@ -15,10 +15,11 @@ from brats.splits import read_splits
 from common.artifact import Artifact, ArtifactError
 from common.config import Config, DataConfig, to_dict
 import brats.inference
+import brats.scoring
 from pipeline.report import (ROW_KEYS, et_min_voxels, evaluate_artifact, find_artifacts, growth_section,
                              held_out_cases, int8_section, lowrank_section, make_report, profile_arch)
-from teacher.flops import count_macs
-from teacher.model import ModelSpec, RefineFormer3D, count_params, preset_spec
+from model.macs import count_macs
+from model.refineformer3d import ModelSpec, RefineFormer3D, count_params, preset_spec
 
 SHAPE = (40, 40, 32)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -277,7 +278,7 @@ def test_et_min_voxels_reaches_predict_case(built, monkeypatch):
         seen.append(et_min_voxels)
         return real(predict, image, scheme, window, overlap, sw_batch, et_min_voxels, **kwargs)
 
-    monkeypatch.setattr(brats.inference, "predict_case", spy)
+    monkeypatch.setattr(brats.scoring, "predict_case", spy)  # the one scoring loop calls it
     cfg = copy.deepcopy(cfg)
     cfg.report.case_latency, cfg.train.et_min_voxels = False, 7
     (found,) = find_artifacts([root / "runs" / "teacher" / "teacher.pt"])

@@ -1,12 +1,12 @@
-"""common.runtime: the machine-dependent choices, checked for every CPU kind by faking the queries."""
+"""engine.runtime: the machine-dependent choices, checked for every CPU kind by faking the queries."""
 import dataclasses
 
 import pytest
 import torch
 
 from common.config import ConfigError
-from common import runtime
-from common.runtime import CpuFeatures, int8_engine, resolve_precision, resolve_runtime, resolve_threads
+from engine import runtime
+from engine.runtime import CpuFeatures, int8_engine, resolve_precision, resolve_runtime, resolve_threads
 
 AVX2 = CpuFeatures("AMD EPYC (fake)", avx2=True, avx512=False, vnni=False, avx512_bf16=False, amx=False,
                    capability="AVX2")
@@ -114,7 +114,7 @@ def test_aten_capability_follows_the_environment():
     import subprocess
     import sys
 
-    code = "from common.runtime import probe_cpu; c = probe_cpu(); print(c.capability, c.onednn_max_isa, c.native_bf16)"
+    code = "from engine.runtime import probe_cpu; c = probe_cpu(); print(c.capability, c.onednn_max_isa, c.native_bf16)"
     env = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "PATH": "/usr/bin:/bin"}
     root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)

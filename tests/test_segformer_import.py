@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from common.artifact import ArtifactError, load_model
-from teacher.segformer_import import import_checkpoint, load_segformer3d_state, map_key
+from model.segformer_import import import_checkpoint, load_segformer3d_state, map_key
 
 DIMS, HEADS, SR, KERNELS = [32, 64, 160, 256], [1, 2, 5, 8], [4, 2, 1, 1], [7, 3, 3, 3]
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from student.thin import accumulate_taylor_grads, scratch_student, student_spec, thin_with_selection
-from teacher.losses import segmentation_loss
-from teacher.model import ModelSpec, RefineFormer3D, count_params, model_from_spec, preset_spec, scale_width
+from engine.losses import segmentation_loss
+from model.refineformer3d import ModelSpec, RefineFormer3D, count_params, model_from_spec, preset_spec, scale_width
 
 
 def tiny_spec(decoder: str = "refine") -> ModelSpec:

@@ -16,15 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.runtime import int8_engine
+from common.artifact import register_builder
+from engine.runtime import int8_engine
 from compress.quant.fold import fold_bn
 from compress.quant.lsq import W_QMAX, QuantConv3d, QuantLinear
 from compress.quant.reassoc import channels_last_tail, reassociate_decoder
-from teacher.model import get_module, model_from_spec as fp32_from_spec, set_module
+from model.refineformer3d import get_module, model_from_spec as fp32_from_spec, set_module
 
 
 def set_engine() -> str:
-    """Select the quantized engine `common.runtime.int8_engine` picks for this build; return its name."""
+    """Select the quantized engine `engine.runtime.int8_engine` picks for this build; return its name."""
     engine = int8_engine()
     torch.backends.quantized.engine = engine
     return engine
@@ -157,6 +158,7 @@ def int8_spec(base_spec: dict, int8_layers: list[str], reassoc: bool, engine: st
             "fold_bn": True, "reassoc": reassoc, "engine": engine}
 
 
+@register_builder("int8-torch")
 def model_from_spec(spec: dict[str, Any]) -> nn.Module:
     """Builder for kind "int8-torch": the float base, the same rewrites, empty INT8 layers to load into."""
     model = prepare_float(fp32_from_spec(spec["base"]), reassoc=spec.get("reassoc", True))

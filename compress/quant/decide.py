@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from common.atomic import atomic_write_text
-from common.runtime import probe_cpu
+from engine.runtime import probe_cpu
 from common.timing import median_seconds
 from compress.quant.convert import empty_int8_like
 from compress.quant.lsq import quantizable

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from teacher.layers import LowRankConv3d
-from teacher.model import get_module, set_module
+from model.layers import LowRankConv3d
+from model.refineformer3d import get_module, set_module
 
 DECODER_PAIRS = [("fuse", "fuse_bn"), ("refine_dw", "refine_dw_bn"), ("refine_pw", "refine_pw_bn")]
 

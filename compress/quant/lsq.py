@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teacher.model import set_module
+from model.refineformer3d import set_module
 
 W_QMAX = 127  # symmetric INT8 weights, -127..127
 MAX_CALIB_SAMPLES = 1 << 20  # values per batch kept for percentiles (torch.quantile limit is 16M)

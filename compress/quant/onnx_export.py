@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.artifact import register_builder
 from compress.quant.lsq import W_QMAX, QuantConv3d, QuantLinear
 
 OPSET = 17
@@ -174,6 +175,7 @@ def onnx_spec(input_shape: list[int], nbytes: int, base_spec: dict, precision: s
             "precision": precision, "threads": threads}
 
 
+@register_builder("onnx")
 def model_from_spec(spec: dict[str, Any]) -> OrtModel:
     """Builder for kind "onnx"."""
     return OrtModel(spec["nbytes"], spec["input_shape"], spec.get("threads"))

@@ -19,11 +19,12 @@ from typing import Any
 
 from torch import nn
 
+from common.artifact import register_builder
 from compress.quant.convert import prepare_float
 from compress.quant.fold import bn_pairs
 from compress.quant.lsq import QUANT_LAYERS, LSQConfig, quantizable, quantize_
 from compress.quant.reassoc import ReassociatedDecoder
-from teacher.model import model_from_spec as fp32_from_spec
+from model.refineformer3d import model_from_spec as fp32_from_spec
 
 KIND = "int8-qat"
 QUANTIZER_FIELDS = ("step", "zero_point", "lo", "hi")  # FakeQuant's learned / calibrated values
@@ -66,6 +67,7 @@ def qat_spec(model: nn.Module) -> dict[str, Any]:
     }
 
 
+@register_builder("int8-qat")
 def model_from_spec(spec: dict[str, Any]) -> nn.Module:
     """Builder for kind "int8-qat": FP32 base, the exact rewrites, LSQ layers (values to be loaded)."""
     model = prepare_float(fp32_from_spec(spec["base"]), reassoc=spec.get("reassoc", True))

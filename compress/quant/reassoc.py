@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teacher.layers import LowRankConv3d
+from model.layers import LowRankConv3d
 
 
 class ReassociatedDecoder(nn.Module):

@@ -19,7 +19,7 @@ from torch import nn
 
 from common.artifact import Artifact, ArtifactError, build_model
 from common.config import Config, ConfigError, to_dict
-from common.runtime import resolve_runtime
+from engine.runtime import resolve_runtime
 from compress.quant.convert import convert, int8_spec, prepare_float
 from compress.quant.decide import decide, format_table, int8_layers
 from compress.quant.lsq import LSQConfig, calibrate, quantize_
@@ -27,7 +27,9 @@ from compress.quant.onnx_export import OrtModel, export_onnx, onnx_spec
 from compress.quant.qat import KIND as QAT_KIND, QATHooks
 from compress.quant.reassoc import final_layer
 from student.distill import DistillStage
-from teacher.engine import LAST, SupervisedStage, evaluate, fit, make_data
+from brats.scoring import evaluate
+from engine.data import make_data
+from engine.loop import LAST, SupervisedStage, fit
 
 BACKENDS = ("torch", "onnxruntime")
 QAT_DIR = "qat"  # the engine's best.pt / last.pt of the QAT fine-tune, under <out>
@@ -144,7 +146,7 @@ def run_quantize(artifact_path: str | Path, cfg: Config, out: Path, backend: str
         model = OrtModel.from_bytes(int8_bytes, list(shape), cfg.quant.threads)
         spec = onnx_spec(list(shape), len(int8_bytes), art.spec, "int8", cfg.quant.threads)
         extra["int8"]["onnx_bytes"] = {"fp32": len(fp32_bytes), "int8": len(int8_bytes)}
-    metrics = evaluate(model, data, cfg, desc="int8 validation")
+    metrics = evaluate(model, data.cache, data.val_ids, cfg, desc="int8 validation")
     metrics["fp32_dice_mean"] = float(art.metrics.get("dice_mean", float("nan")))
     result = Artifact(stage="int8", spec=spec, state_dict=model.state_dict(), config=to_dict(cfg), metrics=metrics,
                       lineage=art.child_lineage(), extra=extra)

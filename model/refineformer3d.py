@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teacher.layers import LowRankConv3d, LowRankLinear
+from common.artifact import register_builder
+from model.layers import LowRankConv3d, LowRankLinear
 
 
 @dataclass
@@ -344,6 +345,7 @@ class RefineFormer3D(nn.Module):
         return self.decoder(self.forward_features(x), tuple(x.shape[2:]))
 
 
+@register_builder("fp32")
 def model_from_spec(spec: dict[str, Any] | ModelSpec) -> RefineFormer3D:
     if isinstance(spec, dict):
         spec = ModelSpec.from_dict(spec)

@@ -5,7 +5,7 @@ A `Stage` supplies the loss (and optional hooks); `fit` does everything else:
     fit(model, SupervisedStage("regions"), cfg, "runs/teacher", stage_name="teacher")
 
 Per epoch: random crops -> AdamW steps (linear warm-up, then cosine to `min_lr`, per step; gradient
-clipping; the training precision `common.runtime` resolves: fp32, bf16 autocast or fp16 + GradScaler)
+clipping; the training precision `engine.runtime` resolves: fp32, bf16 autocast or fp16 + GradScaler)
 -> every `val_every` epochs (and after the last) fp32 sliding-window validation on whole held-out
 cases, scored per region -> `best.pt` (highest mean
 Dice) and `last.pt` (with the full training state, so `resume=True` continues bit-for-bit).
@@ -22,24 +22,27 @@ import dataclasses
 import json
 import math
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from brats.overlay import axial_slice, contour_overlay
+from brats.scoring import mean_rows, score_cases
 from common.artifact import Artifact, ArtifactError, build_model
 from common.atomic import atomic_write_text
 from common.config import Config, ConfigError, to_dict
-from common.runtime import Runtime, resolve_runtime
-from teacher.losses import segmentation_loss
+from engine.data import TrainData, make_data
+from engine.losses import segmentation_loss
+from engine.runtime import (DistInfo, Runtime, init_distributed, resolve_runtime, rng_state, seed_everything,
+                            set_rng_state)
 
 BEST, LAST = "best.pt", "last.pt"
 SCHEDULE_KEYS = ("epochs", "lr", "min_lr", "warmup_epochs", "steps_per_epoch", "batch_size")
@@ -131,62 +134,6 @@ class FitResult:
     model: nn.Module | None = None  # the model trained last (another object after replace_model / rebuild)
 
 
-@dataclass
-class TrainData:
-    cache: Any  # brats.cache.Cache
-    train_ids: list[str]
-    val_ids: list[str]
-    train_set: Dataset
-
-
-def make_data(cfg: Config) -> TrainData:
-    """Cache (synthetic cases when `cfg.data.dir` is None), split fold, training crop dataset.
-
-    Under an initialised process group, rank 0 prepares the cache and draws the split while the
-    other ranks wait, then they read what rank 0 wrote.
-    """
-    from brats.cache import open_cache
-    from brats.dataset import CropDataset
-    from brats.splits import load_or_create_splits
-    from brats.synthetic import resolve_data
-
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    rank = dist.get_rank() if distributed else 0
-    paths: list = [None]
-    if rank == 0:
-        paths = [resolve_data(cfg.data, progress=True)]
-    if distributed:
-        dist.broadcast_object_list(paths, src=0)
-    _, cache_dir = paths[0]
-    cache = open_cache(cache_dir)
-    split_file = Path(cfg.data.split_file) if cfg.data.split_file else Path(cache_dir) / "splits.json"
-
-    def splits():
-        return load_or_create_splits(split_file, cache.grades(), cfg.data.val_fraction, cfg.data.folds,
-                                     cfg.data.split_seed)
-
-    folds = splits() if rank == 0 else None
-    if distributed:
-        dist.barrier()
-    if folds is None:
-        folds = splits()
-    if not 0 <= cfg.data.fold < len(folds):
-        raise ConfigError(f"data.fold={cfg.data.fold}, but {split_file} has {len(folds)} fold(s)")
-    fold = folds[cfg.data.fold]
-    train_ids, val_ids = list(fold.train), list(fold.val)
-    if cfg.data.max_val_cases is not None:
-        val_ids = val_ids[: cfg.data.max_val_cases]
-    if not val_ids:
-        raise ConfigError(
-            f"fold {cfg.data.fold} of {split_file} has no validation cases; checkpoints are chosen on "
-            "held-out cases (raise data.val_fraction or edit the split file)"
-        )
-    train_set = CropDataset(
-        cache, train_ids, cfg.data.crop, cfg.data.fg_ratio, samples=cfg.data.samples_per_epoch, seed=cfg.train.seed
-    )
-    return TrainData(cache, train_ids, val_ids, train_set)
-
-
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """Multiplier of the base lr before optimiser step `step` (0-based).
 
@@ -198,147 +145,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """Every RNG state as tensors and plain lists (loadable with weights_only=True)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
-        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    owns_group: bool = False  # we initialised the process group, so we destroy it
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_name: str) -> DistInfo:
-    """Join the torchrun process group if the environment describes one (nccl on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=False)
-    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return DistInfo(rank, world, local_rank, owns_group=True)
-
-
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def score_cases(
-    predict, cache, case_ids: Sequence[str], cfg: Config, *, on_case=None, desc: str | None = None
-) -> list[dict]:
-    """The one scoring loop (validation, stages, benchmarks): sliding-window prediction of every
-    labelled case with `cfg.train`'s window, overlap, batch and ET rule, then `score_case`.
-
-    `predict` maps a (B, 4, *window) batch to logits; `on_case(case, image, truth, pred)` sees each
-    case's arrays. Rows are {"case": name, dice_wt, ..., hd95_et, ...}; unlabelled cases are skipped.
-    """
-    from brats.dataset import iter_cases
-    from brats.inference import predict_case
-    from brats.metrics import score_case
-
-    t, rows = cfg.train, []
-    cases = iter_cases(cache, case_ids)
-    for case, image, label, meta in tqdm(cases, total=len(case_ids), desc=desc, leave=False, disable=desc is None):
-        if label is None:
-            continue
-        pred = predict_case(predict, image, cfg.data.scheme, t.window, t.overlap, t.sw_batch,
-                            et_min_voxels=t.et_min_voxels)
-        truth = label.numpy()
-        rows.append({"case": case, **score_case(pred, truth, meta.spacing)})
-        if on_case is not None:
-            on_case(case, image, truth, pred)
-    return rows
-
-
-def evaluate(model: nn.Module, data: "TrainData", cfg: Config, desc: str = "evaluate") -> dict[str, float]:
-    """Mean validation metrics of any model (FP32, INT8, ONNX wrapper) on `data.val_ids`, scored
-    exactly as the engine's validation scores them."""
-    device = next(iter(model.parameters()), torch.empty(0)).device  # an ONNX wrapper has no parameters
-    model.eval()
-    with torch.no_grad():
-        rows = score_cases(lambda x: model(x.to(device)).float(), data.cache, data.val_ids, cfg, desc=desc)
-    if not rows:
-        raise ConfigError(f"{desc}: no labelled validation case to score")
-    return _mean_rows(rows)
-
-
-def _mean_rows(rows: list[dict]) -> dict[str, float]:
-    """Mean of every numeric key over per-case rows (NaNs skipped)."""
-    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    out = {}
-    for k in keys:
-        vals = [float(r[k]) for r in rows if k in r and not math.isnan(float(r[k]))]
-        out[k] = float(np.mean(vals)) if vals else math.nan
-    return out
-
-
-def contour_overlay(flair: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """RGB uint8 (3, H, 2W): a FLAIR slice with reference (left) and predicted (right) contours.
-
-    flair (H, W) float; truth / pred (H, W) BraTS labels. Colours: WT green, TC yellow, ET red.
-    """
-    from scipy import ndimage
-
-    lo, hi = np.percentile(flair, [1, 99]) if flair.size else (0.0, 1.0)
-    grey = np.clip((flair - lo) / max(hi - lo, 1e-6), 0, 1)
-    panels = []
-    for label in (truth, pred):
-        rgb = np.repeat(grey[None], 3, axis=0)
-        for values, colour in (((1, 2, 4), (0, 1, 0)), ((1, 4), (1, 1, 0)), ((4,), (1, 0, 0))):
-            mask = np.isin(label, values)
-            edge = mask & ~ndimage.binary_erosion(mask)
-            for c in range(3):
-                rgb[c][edge] = colour[c]
-        panels.append(rgb)
-    return (np.concatenate(panels, axis=2) * 255).astype(np.uint8)
-
-
-def _axial_slice(label: np.ndarray) -> int:
-    """Axial (last axis, Z) index through the middle of the reference tumour, else the volume's."""
-    z = np.flatnonzero(np.asarray(label).any(axis=(0, 1)))
-    return int((z[0] + z[-1]) // 2) if z.size else label.shape[-1] // 2
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -683,7 +491,7 @@ class Trainer:
 
         def keep_image(case: str, image: torch.Tensor, truth: np.ndarray, pred: np.ndarray) -> None:
             if self.cfg.train.log_images and self.dist.main and len(images) < LOG_IMAGE_CASES:
-                z = _axial_slice(truth)
+                z = axial_slice(truth)
                 images.append((case, contour_overlay(image[0, :, :, z].numpy(), truth[:, :, z], pred[:, :, z])))
 
         ids = self.data.val_ids[self.dist.rank:: self.dist.world]
@@ -695,7 +503,7 @@ class Trainer:
         if not rows:
             raise ConfigError("no labelled validation case to score")
         rows.sort(key=lambda r: r["case"])
-        metrics = _mean_rows(rows)
+        metrics = mean_rows(rows)
         metrics["val_cases"] = float(len(rows))
         if self.writer is not None:
             for case, img in images:

@@ -4,7 +4,7 @@ Every foreign key must map to one of ours and every shape must match; anything l
 side is an error that lists the keys. The official code's first release scaled attention scores by
 1/sqrt(num_heads) instead of 1/sqrt(head_dim): `attn_scale="num_heads"` reproduces that model.
 
-    python -m teacher.segformer_import official.pth --out runs/segformer3d/teacher.pt
+    python -m model.segformer_import official.pth --out runs/segformer3d/teacher.pt
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from common.artifact import Artifact, ArtifactError
-from teacher.model import ModelSpec, RefineFormer3D, preset_spec
+from model.refineformer3d import ModelSpec, RefineFormer3D, preset_spec
 
 # (foreign pattern, our template); groups: stage number (1-based), block index.
 _RULES: list[tuple[str, str]] = [
@@ -120,7 +120,7 @@ def import_checkpoint(path: str | Path, out: str | Path, attn_scale: str = "head
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m teacher.segformer_import", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m model.segformer_import", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="state_dict saved by the official SegFormer3D code")
     p.add_argument("--out", required=True, help="artifact to write (usable as --teacher)")

@@ -1,0 +1,66 @@
+"""The one scoring loop: sliding-window prediction of whole cases, scored per region.
+
+Validation in the engine, every stage's before/after figures, INT8 vs FP32, the report and the
+benchmarks all score through `score_cases`, so their numbers are comparable by construction.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from brats.cache import Cache
+from brats.dataset import iter_cases
+from brats.inference import predict_case
+from brats.metrics import score_case
+from common.config import Config, ConfigError
+
+
+def score_cases(
+    predict, cache, case_ids: Sequence[str], cfg: Config, *, on_case=None, desc: str | None = None
+) -> list[dict]:
+    """The one scoring loop (validation, stages, benchmarks): sliding-window prediction of every
+    labelled case with `cfg.train`'s window, overlap, batch and ET rule, then `score_case`.
+
+    `predict` maps a (B, 4, *window) batch to logits; `on_case(case, image, truth, pred)` sees each
+    case's arrays. Rows are {"case": name, dice_wt, ..., hd95_et, ...}; unlabelled cases are skipped.
+    """
+    t, rows = cfg.train, []
+    cases = iter_cases(cache, case_ids)
+    for case, image, label, meta in tqdm(cases, total=len(case_ids), desc=desc, leave=False, disable=desc is None):
+        if label is None:
+            continue
+        pred = predict_case(predict, image, cfg.data.scheme, t.window, t.overlap, t.sw_batch,
+                            et_min_voxels=t.et_min_voxels)
+        truth = label.numpy()
+        rows.append({"case": case, **score_case(pred, truth, meta.spacing)})
+        if on_case is not None:
+            on_case(case, image, truth, pred)
+    return rows
+
+
+def evaluate(model: nn.Module, cache: Cache, case_ids: Sequence[str], cfg: Config,
+             desc: str = "evaluate") -> dict[str, float]:
+    """Mean metrics of any model (FP32, INT8, ONNX wrapper) on `case_ids` (e.g. a run's validation
+    cases), scored exactly as the engine's validation scores them. ConfigError if none is labelled."""
+    device = next(iter(model.parameters()), torch.empty(0)).device  # an ONNX wrapper has no parameters
+    model.eval()
+    with torch.no_grad():
+        rows = score_cases(lambda x: model(x.to(device)).float(), cache, case_ids, cfg, desc=desc)
+    if not rows:
+        raise ConfigError(f"{desc}: no labelled validation case to score")
+    return mean_rows(rows)
+
+
+def mean_rows(rows: list[dict]) -> dict[str, float]:
+    """Mean of every numeric key over per-case rows (NaNs skipped)."""
+    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    out = {}
+    for k in keys:
+        vals = [float(r[k]) for r in rows if k in r and not math.isnan(float(r[k]))]
+        out[k] = float(np.mean(vals)) if vals else math.nan
+    return out
