@@ -7,7 +7,8 @@
 The student is the teacher at `--width` (heads kept, head size shrinks), its surviving channels
 chosen by magnitude or Taylor importance over torch-pruning's dependency groups; it trains against
 the frozen teacher (Dice + BCE, logit KD at temperature T, optional feature KD) on perturbed crops.
-Writes <out>/student.pt (plus the engine's best.pt / last.pt) with the teacher-vs-student Dice gap.
+Writes <out>/student.pt (the best epoch, with the teacher-vs-student Dice gap) and <out>/last.pt
+(resumable with --resume). Under torchrun, rank 0 prepares the data and writes the artifact.
 """
 from __future__ import annotations
 

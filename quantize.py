@@ -12,8 +12,8 @@ in FP32 and INT8 at its real input shape on this CPU and runs INT8 only where th
 quantisation, calibrated, then a few epochs of distillation from the lineage's teacher; finally
 real INT8 layers (PyTorch quantized kernels) or a QDQ ONNX graph with the learned scales.
 Writes <out>/int8.pt with the per-layer decision table in extra["int8"] and the INT8 model's
-validation Dice in its metrics; the QAT checkpoints <out>/qat/best.pt, last.pt (kind "int8-qat")
-rebuild the fake-quant model with common.artifact.build_model.
+validation Dice in its metrics; the QAT fine-tune's checkpoint <out>/qat/last.pt (kind "int8-qat",
+resumable with --resume) carries its best epoch (engine.loop.best_epoch rebuilds it).
 """
 from __future__ import annotations
 

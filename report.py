@@ -3,9 +3,9 @@
     python report.py [RUNS_DIR | ARTIFACT ...] [--data DIR] [--out report/] [--config ...] [--set ...]
     python report.py --arch segformer3d [--width 0.25] [--input 128 128 128]
 
-RUNS_DIR (default runs/) is searched for artifacts (*.pt); a stage's product <stage>.pt hides the
-engine's best.pt/last.pt in its folder and below it (e.g. int8/qat/best.pt); artifacts named on the
-command line are always rows. report.et_min_voxels (default: train.et_min_voxels) relabels a
+RUNS_DIR (default runs/) is searched for artifacts (*.pt): every file but the engine's resumable
+last.pt checkpoints is a row (each stage folder holds one artifact: the teacher's best.pt,
+<stage>.pt for the others); artifacts named on the command line are always rows. report.et_min_voxels (default: train.et_min_voxels) relabels a
 case's predicted ET smaller than that as NCR/NET before scoring. Without --data/--config/--set data.*, the held-out cases are the
 validation split of the data the teacher artifact was trained on. --arch profiles an architecture
 without weights (parameters and G multiply-adds) to size a student before training it.

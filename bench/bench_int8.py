@@ -1,7 +1,7 @@
 """INT8 vs FP32 on this CPU, measured in one run: latency, size on disk, validation Dice.
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_int8.py runs/student/student.pt --dice
-    python bench/bench_int8.py runs/grow/grown.pt --int8 runs/int8/int8.pt --qat runs/int8/qat/best.pt --dice
+    python bench/bench_int8.py runs/grow/grown.pt --int8 runs/int8/int8.pt --qat runs/int8/qat/last.pt --dice
 
 Variants, per input size (default 128^3 and the demo's 96x96x64), all with the same threads:
   torch-fp32        PyTorch eager, the artifact as stored
@@ -45,6 +45,7 @@ from compress.quant.decide import decide, int8_layers  # noqa: E402
 from compress.quant.lsq import LSQConfig, calibrate, quant_layer_names, quantize_  # noqa: E402
 from compress.quant.onnx_export import OrtModel, export_onnx  # noqa: E402
 from compress.quant.qat import KIND as QAT_KIND  # noqa: E402
+from engine.loop import best_epoch  # noqa: E402
 from compress.quant.reassoc import final_layer  # noqa: E402
 
 FP32 = ("torch-fp32", "torch-fp32-exact", "torch-fp32-exact-ncdhw", "ort-fp32")
@@ -114,7 +115,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifact", help="FP32 artifact (student / lowrank / grown)")
     p.add_argument("--int8", default=None, help="fine-tuned INT8 artifact of this model (quantize.py, torch backend)")
-    p.add_argument("--qat", default=None, help="QAT checkpoint of this model (quantize.py's <out>/qat/best.pt)")
+    p.add_argument("--qat", default=None, help="QAT checkpoint of this model (quantize.py's <out>/qat/last.pt: its best epoch)")
     p.add_argument("--sizes", nargs="+", default=["128,128,128", "96,96,64"])
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
@@ -128,7 +129,7 @@ def main() -> int:
     int8_art = Artifact.load(args.int8) if args.int8 else None
     qat = None
     if args.qat:
-        qat_art = Artifact.load(args.qat)
+        qat_art = best_epoch(Artifact.load(args.qat))
         if qat_art.spec.get("kind") != QAT_KIND:
             raise ArtifactError(f"{args.qat}: kind {qat_art.spec.get('kind')!r}, not a self-describing QAT checkpoint "
                                 f"({QAT_KIND!r}); re-run quantize.py to write one")

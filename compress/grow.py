@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,11 +50,14 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from common.artifact import Artifact, ArtifactError, build_model
-from common.config import Config, ConfigError, parse_count, to_dict
+from common.artifact import Artifact
+from common.cli import config_from_args, out_dir, run_main, stage_parser
+from common.config import Config, ConfigError, parse_count
 from engine.loop import Stage
+from engine.runner import StageContext, StageDef, run_stage
 from model.layers import LowRankConv3d, LowRankLinear
 from model.refineformer3d import ModelSpec, RefineFormer3D, count_params, get_module
+from student.distill import distill_trainer
 
 STAGE = "grown"
 KINDS = ("mlp_hidden", "attn_dims", "ranks", "fuse_dim", "refine_dim")
@@ -760,52 +762,47 @@ class GrowStage(Stage):
 # ----------------------------------------------------------------------------- command
 
 
-def grow_stage(artifact: str | Path, cfg: Config, out: str | Path, teacher: str | None = None,
-               data: Any = None, resume: bool = False) -> Artifact:
-    """Artifact -> distillation fine-tune that grows the model -> `<out>/grown.pt`.
-
-    The grown model is the engine's best.pt (best validation Dice over the run, so possibly from
-    before the last growth event); extra["growth"] holds every event of the run. `resume`
-    continues an interrupted run from `<out>/last.pt` (grown architecture, schedule and history).
-    """
-    from student.distill import DistillStage, distill_finetune, load_teacher
-
-    art = Artifact.load(artifact)
-    if art.spec.get("kind", "fp32") != "fp32":
-        raise ArtifactError(f"{art.path}: a {art.spec.get('kind')!r} model cannot grow (needs fp32)")
-    stored_scheme = art.config.get("data", {}).get("scheme", cfg.data.scheme)
-    if stored_scheme != cfg.data.scheme:
-        raise ConfigError(f"{art.path}: the model predicts scheme {stored_scheme!r}, but data.scheme is {cfg.data.scheme!r}")
-    teacher_path = teacher or cfg.grow.teacher or art.ancestor("teacher")
-    if teacher_path is None:
-        raise ArtifactError(f"{art.path}: no teacher in its lineage; pass --teacher PATH or set grow.teacher")
+def _check_grow(art: Artifact, cfg: Config) -> None:
     spec = ModelSpec.from_dict(art.spec)
     check_config(cfg.grow, spec)  # a bad budget or reference input fails before training
     growable_units(spec, cfg.grow.kinds)
-    out = Path(out)
-    if resume and not (out / "last.pt").is_file():  # before loading the teacher
-        raise ArtifactError(f"{out / 'last.pt'}: nothing to resume (no last.pt in {out})")
-    model = build_model(art)  # on resume the engine rebuilds the grown one from last.pt (rebuild_on_resume)
-    params_before, gmacs_before = count_params(model), spec_macs(spec, cfg.grow.reference_input) / 1e9
-    teacher_model = load_teacher(teacher_path)
-    stage = GrowStage(DistillStage(teacher_model, cfg, perturb=cfg.distill.perturb_input), cfg.grow,
-                      seed=cfg.train.seed)
-    lineage = art.child_lineage()
-    result = distill_finetune(model, teacher_model, cfg, out, stage_name=STAGE, lineage=lineage, stage=stage,
-                              data=data, resume=resume)
-    best = Artifact.load(result.best_path)
-    params_after = count_params(build_model(best))
-    gmacs_after = spec_macs(ModelSpec.from_dict(best.spec), cfg.grow.reference_input) / 1e9
-    metrics = {**best.metrics, "params_before": params_before, "params_after": params_after,
-               "gmacs_before": gmacs_before, "gmacs_after": gmacs_after}
-    grown = Artifact(stage=STAGE, spec=best.spec, state_dict=best.state_dict, config=to_dict(cfg), metrics=metrics,
-                     lineage=lineage, extra={"growth": stage.history, "teacher": str(teacher_path),
-                                             "best_epoch": best.extra.get("epoch"),
-                                             "reference_input": list(cfg.grow.reference_input),
-                                             "runtime": best.extra.get("runtime")})
-    if int(os.environ.get("RANK", "0")) == 0:
-        grown.save(out / f"{STAGE}.pt")
-    return grown
+
+
+def record_start(model: nn.Module, ctx: StageContext) -> nn.Module:
+    """Step of the growth stage: none (growth happens during the fine-tune); records the start size."""
+    ctx.metrics.update(params_before=count_params(model),
+                       gmacs_before=spec_macs(model.spec, ctx.cfg.grow.reference_input) / 1e9)
+    return model
+
+
+def grow_trainer(model: nn.Module, ctx: StageContext) -> "GrowStage":
+    """Distillation from the lineage's teacher, growing the model where its gradients ask for width."""
+    return GrowStage(distill_trainer(model, ctx), ctx.cfg.grow, seed=ctx.cfg.train.seed)
+
+
+def record_growth(model: nn.Module, art: Artifact, ctx: StageContext) -> Artifact:
+    """Finish of the growth stage: sizes after, every growth event, the epoch kept."""
+    art.metrics = {**art.metrics, "params_after": count_params(model),
+                   "gmacs_after": spec_macs(ModelSpec.from_dict(art.spec), ctx.cfg.grow.reference_input) / 1e9}
+    art.extra = {"growth": ctx.engine_stage.history, "teacher": str(ctx.teacher_path),
+                 "best_epoch": art.extra.get("epoch"), "reference_input": list(ctx.cfg.grow.reference_input),
+                 "runtime": art.extra.get("runtime")}
+    return art
+
+
+GROWN = StageDef(STAGE, step=record_start, finetune=grow_trainer, finish=record_growth, needs_teacher=True,
+                 check=_check_grow)
+
+
+def grow_stage(artifact: str | Path, cfg: Config, out: str | Path, teacher: str | None = None,
+               resume: bool = False) -> Artifact:
+    """Artifact -> distillation fine-tune that grows the model -> `<out>/grown.pt`.
+
+    The grown model is the best epoch (best validation Dice over the run, so possibly from before
+    the last growth event); extra["growth"] holds every event of the run. `resume` continues an
+    interrupted run from `<out>/last.pt` (grown architecture, schedule, history, best epoch).
+    """
+    return run_stage(artifact, GROWN, cfg, out, teacher=teacher or cfg.grow.teacher, resume=resume)
 
 
 def format_history(history: Sequence[dict]) -> str:
@@ -819,8 +816,6 @@ def format_history(history: Sequence[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from common.cli import config_from_args, out_dir, stage_parser
-
     p = stage_parser("python -m compress.grow", "Grow a (low-rank) student where its gradients ask for width.",
                      "configs/grow.yaml")
     p.add_argument("artifact", help="input artifact (e.g. runs/lowrank/lowrank.pt)")
@@ -839,6 +834,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from common.cli import run_main
-
     run_main(main)

@@ -13,15 +13,15 @@ the model, `65%`, the default) spent greedily where the least spectral energy is
 ratio; or a share of spectral energy per layer.
 
 The rank of each factorised layer goes into `model.spec.ranks`, so the model rebuilds from its spec.
-The surgery is `factorise(model, cfg, filter) -> (model, table)`; `main` adds an optional
-distillation fine-tune from the teacher in the artifact's lineage. With `train.val_at_start` (on in
-configs/lowrank.yaml) the factorised weights compete for best.pt, so a fine-tune that does not
-help on validation is not kept (`extra["lowrank"]["best_epoch"] == 0`).
+The surgery is `factorise(model, cfg, filter) -> (model, table)`; the `LOWRANK` stage (run by
+`engine.runner.run_stage`) adds an optional distillation fine-tune from the teacher in the artifact's
+lineage. With `train.val_at_start` (on in configs/lowrank.yaml) the factorised weights compete for
+the best epoch, so a fine-tune that does not help on validation is not kept
+(`extra["lowrank"]["best_epoch"] == 0`).
 """
 from __future__ import annotations
 
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,16 +30,14 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from common.artifact import Artifact, ArtifactError, build_model
-from common.cli import config_from_args, out_dir, run_main, stage_parser
-from common.config import Config, ConfigError, LowRankConfig, parse_count, to_dict
-from engine.runtime import resolve_runtime
 from brats.scoring import evaluate
-from student.distill import DistillStage, distill_finetune, load_teacher
-from engine.data import make_data
-from engine.runtime import seed_everything
+from common.artifact import Artifact
+from common.cli import config_from_args, out_dir, run_main, stage_parser
+from common.config import Config, ConfigError, LowRankConfig, parse_count
+from engine.runner import StageContext, StageDef, run_stage
 from model.layers import LowRankConv3d, LowRankLinear
 from model.refineformer3d import count_params, factorise_module, get_module
+from student.distill import distill_trainer
 
 # torchao-style module filter: (module, dotted name) -> factorise it?
 ModuleFilter = Callable[[nn.Module, str], bool]
@@ -351,74 +349,62 @@ def selection(cfg: LowRankConfig, total_params: int | None = None) -> dict:
 STAGE = "lowrank"
 
 
-def find_teacher(art: Artifact, cfg: LowRankConfig) -> str:
-    """--teacher / lowrank.teacher, else the nearest teacher in the lineage (or the artifact itself)."""
-    if cfg.teacher:
-        return cfg.teacher
-    path = art.ancestor("teacher") or (str(art.path) if art.stage == "teacher" and art.path else None)
-    if path is None:
-        raise ArtifactError(
-            f"{art.path}: no teacher in its lineage to distil from; pass --teacher PATH or --epochs 0"
-        )
-    return path
-
-
-def lowrank_stage(artifact: str | Path, cfg: Config, folder: str | Path) -> Artifact:
-    """Artifact -> factorised model -> optional distillation fine-tune -> `<folder>/lowrank.pt`."""
-    art = Artifact.load(artifact)
-    if art.spec.get("kind", "fp32") != "fp32":
-        raise ArtifactError(f"{art.path}: a {art.spec.get('kind')!r} model cannot be factorised (needs fp32)")
-    stored_scheme = art.config.get("data", {}).get("scheme", cfg.data.scheme)
-    if stored_scheme != cfg.data.scheme:
-        raise ConfigError(
-            f"{art.path}: the model predicts scheme {stored_scheme!r}, but data.scheme is {cfg.data.scheme!r}"
-        )
-    selection(cfg.lowrank)  # a bad rule fails before any work
-    teacher_path = find_teacher(art, cfg.lowrank) if cfg.train.epochs > 0 else None
-    model = build_model(art).eval()
+def factorise_step(model: nn.Module, ctx: StageContext) -> nn.Module:
+    """Step of the low-rank stage: truncated-SVD factorisation by `lowrank`'s rule; the rank table
+    goes into ctx.extra["lowrank"]. With a fine-tune that does not score its start itself
+    (train.val_at_start off), the factorised model is scored here, before it trains."""
+    cfg = ctx.cfg
+    model.eval()
     params_before = count_params(model)
     rule = selection(cfg.lowrank, params_before)
     model, table = factorise(model, cfg.lowrank)
     params_after = count_params(model)
-    print(format_table(table))
-    print(f"parameters: {params_before:,} -> {params_after:,} ({100 * (1 - params_after / params_before):.1f}% fewer)")
+    if ctx.dist.main:
+        print(format_table(table))
+        print(f"parameters: {params_before:,} -> {params_after:,} "
+              f"({100 * (1 - params_after / params_before):.1f}% fewer)")
+    fine_tune = cfg.train.epochs > 0
+    ctx.extra["lowrank"] = {**rule, "min_saving": cfg.lowrank.min_saving, "params_before": params_before,
+                            "params_after": params_after, "teacher": ctx.teacher_path if fine_tune else None,
+                            "table": table}
+    ctx.metrics.update(params_before=params_before, params_after=params_after)
+    if fine_tune and not cfg.train.val_at_start:
+        ctx.extra["before"] = evaluate(model, ctx.data.cache, ctx.data.val_ids, cfg,
+                                       desc="factorised, before fine-tune")
+    return model
 
-    seed_everything(cfg.train.seed)
-    data = make_data(cfg)
-    rt = resolve_runtime(cfg.train.device, cfg.train.amp, cfg.train.threads)
-    print(rt.line(STAGE))
-    model.to(rt.device)
-    summary = {**rule, "min_saving": cfg.lowrank.min_saving, "params_before": params_before,
-               "params_after": params_after, "teacher": teacher_path, "table": table}
-    # With train.val_at_start the engine scores the factorised weights itself (and keeps them as
-    # best.pt unless an epoch beats them): no second pass over the validation cases.
-    engine_scores_start = teacher_path is not None and cfg.train.val_at_start
-    if not engine_scores_start:
-        before = evaluate(model, data.cache, data.val_ids, cfg, desc="factorised, before fine-tune")
-    folder = Path(folder)
-    if teacher_path is None:
-        state, metrics, best_epoch = model.state_dict(), dict(before), 0
+
+def record_before(model: nn.Module, art: Artifact, ctx: StageContext) -> Artifact:
+    """Finish of the low-rank stage: the Dice before the fine-tune (its start, scored once) and the
+    epoch kept (0: no fine-tune epoch beat the factorised weights on validation)."""
+    if ctx.fit is None:
+        before, best_epoch = dict(art.metrics), 0
     else:
-        teacher = load_teacher(teacher_path)
-        stage = DistillStage(teacher, cfg, perturb=cfg.distill.perturb_input)
-        result = distill_finetune(model, teacher, cfg, folder, stage_name=STAGE, lineage=art.child_lineage(),
-                                  extra={"lowrank": summary}, stage=stage, data=data)
-        if engine_scores_start:
-            before = next(e["val"] for e in result.history if e.get("start"))
-        best = Artifact.load(result.best_path)
-        state, metrics, best_epoch = best.state_dict, dict(best.metrics), int(best.extra.get("epoch", -1))
-    print(f"dice before fine-tune: wt {before['dice_wt']:.3f} tc {before['dice_tc']:.3f} "
-          f"et {before['dice_et']:.3f} mean {before['dice_mean']:.3f}")
-    # best_epoch 0: no fine-tune epoch beat the factorised weights on validation, they are kept
+        start = next((e["val"] for e in ctx.fit.history if e.get("start")), None)
+        before, best_epoch = start or art.extra.pop("before"), int(art.extra.get("epoch", -1))
+    art.extra.pop("before", None)
+    if ctx.dist.main:
+        print(f"dice before fine-tune: wt {before['dice_wt']:.3f} tc {before['dice_tc']:.3f} "
+              f"et {before['dice_et']:.3f} mean {before['dice_mean']:.3f}")
+    summary = dict(art.extra["lowrank"])
     summary.update(dice_mean_before_finetune=before["dice_mean"], best_epoch=best_epoch,
                    metrics_before_finetune={k: float(v) for k, v in before.items()})
-    metrics.update(dice_mean_before_finetune=before["dice_mean"], params_before=params_before,
-                   params_after=params_after)
-    out = Artifact(stage=STAGE, spec=model.spec.to_dict(), state_dict=state, config=to_dict(cfg), metrics=metrics,
-                   lineage=art.child_lineage(), extra={"lowrank": summary, "runtime": rt.to_dict()})
-    if int(os.environ.get("RANK", "0")) == 0:
-        out.save(folder / f"{STAGE}.pt")
-    return out
+    art.extra = {"lowrank": summary, "runtime": art.extra.get("runtime")}
+    art.metrics = {**art.metrics, "dice_mean_before_finetune": before["dice_mean"]}
+    return art
+
+
+def _check(art: Artifact, cfg: Config) -> None:
+    selection(cfg.lowrank)  # a bad rule fails before any work
+
+
+LOWRANK = StageDef(STAGE, step=factorise_step, finetune=distill_trainer, finish=record_before,
+                   needs_teacher=True, check=_check)
+
+
+def lowrank_stage(artifact: str | Path, cfg: Config, folder: str | Path) -> Artifact:
+    """Artifact -> factorised model -> optional distillation fine-tune -> `<folder>/lowrank.pt`."""
+    return run_stage(artifact, LOWRANK, cfg, folder, teacher=cfg.lowrank.teacher)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -127,11 +127,12 @@ class SupervisedStage(Stage):
 
 @dataclass
 class FitResult:
-    best_path: Path
+    best_path: Path | None  # None when fit kept the best epoch in memory (`best_name=None`)
     last_path: Path
     best_metrics: dict
     history: list[dict]  # one entry per epoch ({"epoch": 0, "start": True, ...} first with val_at_start)
     model: nn.Module | None = None  # the model trained last (another object after replace_model / rebuild)
+    best: Artifact | None = None  # the best epoch's artifact (what best.pt holds, or would hold)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -157,9 +158,10 @@ class Trainer:
 
     def __init__(self, model: nn.Module, stage: Stage, cfg: Config, out_dir: str | Path, *, stage_name: str,
                  lineage: Sequence[dict] = (), extra: dict | None = None, data: TrainData | None = None,
-                 dist_info: DistInfo | None = None):
+                 dist_info: DistInfo | None = None, best_name: str | None = BEST):
         self.cfg, self.stage, self.stage_name = cfg, stage, stage_name
         self.out_dir = Path(out_dir)
+        self.best_name = best_name  # None: the best epoch stays in memory (and in last.pt), no best file
         self.lineage, self.extra = [dict(x) for x in lineage], dict(extra or {})
         self.dist = dist_info or DistInfo()
         t = cfg.train
@@ -208,6 +210,7 @@ class Trainer:
         self.global_step = 0
         self.best_score = -math.inf
         self.best_metrics: dict = {}
+        self.best: Artifact | None = None
         self.last_metrics: dict = {}
         self.history: list[dict] = []
         self.stopped = False
@@ -287,8 +290,8 @@ class Trainer:
     # -- checkpoints
 
     @property
-    def best_path(self) -> Path:
-        return self.out_dir / BEST
+    def best_path(self) -> Path | None:
+        return self.out_dir / self.best_name if self.best_name else None
 
     @property
     def last_path(self) -> Path:
@@ -323,11 +326,19 @@ class Trainer:
         }
         if type(self.stage).artifact_state is not Stage.artifact_state:  # artifact weights differ from the live model's
             state["model"] = self.model.state_dict()
+        if self.best_name is None and self.best is not None:  # no best file: the best epoch travels here
+            b = self.best
+            state["best_artifact"] = {"spec": b.spec, "state_dict": b.state_dict, "metrics": b.metrics,
+                                      "extra": b.extra}
         return state
 
     def save_best(self, metrics: dict, epoch: int) -> None:
-        if self.dist.main:
-            self._artifact(metrics, {"epoch": epoch + 1, "global_step": self.global_step}).save(self.best_path)
+        """Keep the current weights as the best epoch: in memory, and in best.pt unless `best_name` is None."""
+        best = self._artifact(metrics, {"epoch": epoch + 1, "global_step": self.global_step})
+        best.state_dict = {k: v.detach().to("cpu", copy=True) for k, v in best.state_dict.items()}  # a snapshot
+        self.best = best
+        if self.dist.main and self.best_path is not None:
+            best.save(self.best_path)
 
     def save_last(self) -> None:
         if self.dist.main:
@@ -381,6 +392,11 @@ class Trainer:
         self.stage.load_state_dict(state["stage"])
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.best_score, self.best_metrics = float(state["best_score"]), dict(state["best_metrics"])
+        saved_best = state.get("best_artifact")
+        if saved_best is not None:
+            self.best = Artifact(stage=self.stage_name, config=art.config, lineage=list(self.lineage), **saved_best)
+        elif self.best_path is not None and self.best_path.is_file():
+            self.best = Artifact.load(self.best_path)
         self.last_metrics, self.history = dict(state["last_metrics"]), list(state["history"])
         self.stopped = bool(state.get("stopped", False))
         set_rng_state(state["rng"])
@@ -558,7 +574,8 @@ class Trainer:
             self.writer.flush()
         if self.dist.enabled:
             dist.barrier()
-        return FitResult(self.best_path, self.last_path, dict(self.best_metrics), list(self.history), self.model)
+        return FitResult(self.best_path, self.last_path, dict(self.best_metrics), list(self.history), self.model,
+                         self.best)
 
     def validate_start(self) -> None:
         """Score the initial weights: history entry epoch 0 ("start"), a candidate for best.pt."""
@@ -595,6 +612,15 @@ class Trainer:
             self._writer = None
 
 
+def best_epoch(art: Artifact) -> Artifact:
+    """The best epoch's artifact of a `last.pt` written with `best_name=None` (a stage fine-tune,
+    e.g. quantize.py's <out>/qat/last.pt); any other artifact is returned as it is."""
+    saved = art.extra.get("train_state", {}).get("best_artifact")
+    if saved is None:
+        return art
+    return Artifact(stage=art.stage, config=art.config, lineage=art.lineage, path=art.path, **saved)
+
+
 def _check_crop(cfg: Config, model: nn.Module) -> int | None:
     """Reject crops the model cannot train on; return the voxel count of the deepest feature grid."""
     stride = getattr(getattr(model, "spec", None), "downsample", None)
@@ -614,15 +640,19 @@ def _check_crop(cfg: Config, model: nn.Module) -> int | None:
 
 def fit(model: nn.Module, stage: Stage, cfg: Config, out_dir: str | Path, *, stage_name: str,
         lineage: Sequence[dict] = (), resume: bool = False, extra: dict | None = None,
-        data: TrainData | None = None) -> FitResult:
-    """Train `model` with `stage`'s loss; write `<out_dir>/best.pt` and `<out_dir>/last.pt`."""
+        data: TrainData | None = None, best_name: str | None = BEST) -> FitResult:
+    """Train `model` with `stage`'s loss; write `<out_dir>/last.pt` (resumable) and `<out_dir>/<best_name>`.
+
+    `best_name=None` writes no best file: the best epoch is `FitResult.best` (and rides in last.pt
+    for resume), so a stage runner can write its one artifact itself.
+    """
     if resume and not (Path(out_dir) / LAST).is_file():  # before any data preparation
         raise ArtifactError(f"{Path(out_dir) / LAST}: nothing to resume (no last.pt in {out_dir})")
     info = init_distributed(cfg.train.device)
     trainer = None
     try:
         trainer = Trainer(model, stage, cfg, out_dir, stage_name=stage_name, lineage=lineage, extra=extra,
-                          data=data, dist_info=info)
+                          data=data, dist_info=info, best_name=best_name)
         return trainer.run(resume=resume)
     finally:
         if trainer is not None:

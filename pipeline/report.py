@@ -28,13 +28,14 @@ from brats.metrics import summarize
 from common.artifact import Artifact, ArtifactError, build_model
 from common.atomic import atomic_write_text
 from common.config import Config, ConfigError, DataConfig, from_dict
+from engine.loop import LAST
 from engine.runtime import resolve_runtime, runtime_summary
 from common.timing import median_seconds
 from pipeline.latency import runtime_note, window_latency_ms
 from pipeline.predict import FP32_KINDS, artifact_scheme, check_window, fp32_model, predict_fn
 
 STAGE_ORDER = ("teacher", "student", "lowrank", "grown", "int8")
-ENGINE_FILES = ("best", "last")  # the training engine's checkpoints, next to or under <stage>.pt
+ENGINE_FILES = ("best", "last")  # the engine's file names: the stage is the folder's name
 MACS_CONVENTION = "fvcore, 1 multiply-add = 1; attention and trilinear upsampling included"
 METRIC_KEYS = ("dice_wt", "dice_tc", "dice_et", "dice_mean", "hd95_wt", "hd95_tc", "hd95_et", "iou_mean")
 RATIO_KEYS = {  # ratio key -> measured key, each row divided by the reference (teacher) row
@@ -97,24 +98,13 @@ def _guess_stage(path: Path) -> str:
 
 
 def _scan(root: Path) -> list[Found]:
-    """Artifacts under a runs folder: each stage's product, not the engine's checkpoints under it.
-
-    A stage product is any `*.pt` other than best.pt/last.pt. The engine's best.pt/last.pt in a
-    product's folder or anywhere below it (e.g. int8/qat/best.pt next to int8/int8.pt) are that
-    stage's intermediates and make no row. Where no product supersedes them, best.pt is the row
-    and last.pt is dropped when a loadable best.pt sits next to it.
-    """
+    """Artifacts under a runs folder, one row each: every `*.pt` but the engine's resumable
+    checkpoints (`last.pt`). Each stage folder holds its one artifact (`<stage>.pt`, the
+    teacher's `best.pt`) next to its `last.pt`."""
     paths = sorted(p for p in root.rglob("*.pt")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    products = {p.parent for p in paths if p.stem not in ENGINE_FILES}
-    kept = []
-    for p in paths:
-        if p.stem in ENGINE_FILES and any(d in p.parents for d in products):
-            continue
-        kept.append(p)
-    found = [_load(p, _guess_stage(p)) for p in kept]
-    good_best = {f.path for f in found if f.path.stem == "best" and f.error is None}
-    return [f for f in found if not (f.path.stem == "last" and f.path.with_name("best.pt") in good_best)]
+                   if p.is_file() and p.name != LAST
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return [_load(p, _guess_stage(p)) for p in paths]
 
 
 def find_artifacts(sources: Sequence[str | Path]) -> list[Found]:

@@ -11,8 +11,9 @@ Loss per batch (teacher on the clean crop, student on a perturbed copy, see `stu
 The 1x1x1 feature projections (student dims -> teacher dims) live in the stage, not the model, so
 the saved student has none of them.
 
-`distill_student` is the `distill.py` command: thin (or re-initialise) the teacher to a width,
-fine-tune with `DistillStage`, and write `<out>/student.pt` with the teacher-vs-student Dice gap.
+`distill_student` is the `distill.py` command, one `engine.runner.run_stage` of the `STUDENT` stage:
+thin (or re-initialise) the teacher to a width, fine-tune with `DistillStage`, and write
+`<out>/student.pt` with the teacher-vs-student Dice gap.
 """
 from __future__ import annotations
 
@@ -27,32 +28,19 @@ from torch import nn
 from tqdm import tqdm
 
 from brats.labels import is_softmax
-from common.artifact import Artifact, ArtifactError, build_model
+from brats.scoring import evaluate
+from common.artifact import Artifact, ArtifactError
 from common.config import Config, ConfigError
+from engine.data import TrainData
+from engine.loop import FitResult, Stage, fit
+from engine.losses import segmentation_loss
+from engine.runner import StageContext, StageDef, freeze, load_teacher, run_stage  # noqa: F401 (load_teacher: re-export)
 from student.perturb import perturb_batch
 from student.thin import accumulate_taylor_grads, scratch_student, thin_with_selection
-from brats.scoring import evaluate
-from engine.data import TrainData, make_data
-from engine.loop import FitResult, Stage, fit
-from engine.runtime import seed_everything
-from engine.losses import segmentation_loss
 
 STAGE = "student"
 INITS = ("pruned", "scratch")
 DICE_KEYS = ("dice_wt", "dice_tc", "dice_et", "dice_mean")
-
-
-def load_teacher(path: str | Path) -> nn.Module:
-    """The model of an artifact, frozen: eval mode, no parameter requires grad."""
-    art = Artifact.load(path)
-    return freeze(build_model(art))
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 # ----------------------------------------------------------------------------- losses
@@ -259,36 +247,39 @@ def make_student(teacher: nn.Module, cfg: Config, data: TrainData | None = None)
     return student.train()
 
 
-def distill_student(cfg: Config, out_dir: str | Path, resume: bool = False) -> Artifact:
-    """Teacher artifact -> thinned student, distilled; writes <out_dir>/student.pt and returns it."""
-    d = cfg.distill
-    if not d.teacher:
-        raise ConfigError("no teacher artifact: pass --teacher PATH (or set distill.teacher)")
-    teacher_art = Artifact.load(d.teacher)
-    stored_scheme = teacher_art.config.get("data", {}).get("scheme", cfg.data.scheme)
-    if stored_scheme != cfg.data.scheme:
-        raise ConfigError(f"{d.teacher}: the teacher predicts scheme {stored_scheme!r}, "
-                          f"but data.scheme is {cfg.data.scheme!r}")
-    teacher = freeze(build_model(teacher_art))
+def thin_step(teacher: nn.Module, ctx: StageContext) -> nn.Module:
+    """Step of the student stage: the teacher (the source artifact's model) -> a student at
+    `distill.width`, pruned or re-initialised (`make_student`); its choices go into ctx.extra."""
+    d = ctx.cfg.distill
     if not hasattr(teacher, "spec"):
-        raise ArtifactError(f"{d.teacher}: a {teacher_art.spec.get('kind')!r} model cannot be thinned")
-    seed_everything(cfg.train.seed)
-    data = make_data(cfg)
-    student = make_student(teacher, cfg, data)
-    out_dir = Path(out_dir)
-    extra = {"width": d.width, "init": d.init, "importance": d.importance,
-             "keep_attn_scale": d.keep_attn_scale, "teacher": str(d.teacher)}
-    result = distill_finetune(student, teacher, cfg, out_dir, stage_name=STAGE, lineage=teacher_art.child_lineage(),
-                              extra=extra, data=data, stage=DistillStage(teacher, cfg, perturb=d.perturb_input),
-                              resume=resume)
-    best = Artifact.load(result.best_path)
-    teacher_metrics = evaluate(teacher, data.cache, data.val_ids, cfg, desc="teacher")
-    gap = dice_gap(teacher_metrics, best.metrics)
-    tqdm.write("teacher vs student Dice: " + ", ".join(
-        f"{r} {gap[f'teacher_dice_{r}']:.3f} -> {gap[f'teacher_dice_{r}'] - gap[f'dice_gap_{r}']:.3f} "
-        f"(gap {gap[f'dice_gap_{r}']:+.3f})" for r in ("wt", "tc", "et", "mean")))
-    art = Artifact(stage=STAGE, spec=best.spec, state_dict=best.state_dict, config=best.config,
-                   metrics={**best.metrics, **gap}, lineage=teacher_art.child_lineage(),
-                   extra={k: v for k, v in best.extra.items() if k != "train_state"})
-    art.save(out_dir / f"{STAGE}.pt")
+        raise ArtifactError(f"{ctx.source.path}: a {ctx.source.spec.get('kind')!r} model cannot be thinned")
+    ctx.extra.update(width=d.width, init=d.init, importance=d.importance, keep_attn_scale=d.keep_attn_scale,
+                     teacher=str(ctx.teacher_path))
+    return make_student(freeze(teacher), ctx.cfg, ctx.data)
+
+
+def distill_trainer(model: nn.Module, ctx: StageContext) -> DistillStage:
+    """The engine stage of every distillation fine-tune: against the frozen teacher of the lineage."""
+    return DistillStage(ctx.teacher(), ctx.cfg, perturb=ctx.cfg.distill.perturb_input)
+
+
+def add_teacher_gap(model: nn.Module, art: Artifact, ctx: StageContext) -> Artifact:
+    """Finish of the student stage: the teacher scored on the same cases, and the Dice gap."""
+    teacher_metrics = evaluate(ctx.teacher(), ctx.data.cache, ctx.data.val_ids, ctx.cfg, desc="teacher")
+    gap = dice_gap(teacher_metrics, art.metrics)
+    if ctx.dist.main:
+        tqdm.write("teacher vs student Dice: " + ", ".join(
+            f"{r} {gap[f'teacher_dice_{r}']:.3f} -> {gap[f'teacher_dice_{r}'] - gap[f'dice_gap_{r}']:.3f} "
+            f"(gap {gap[f'dice_gap_{r}']:+.3f})" for r in ("wt", "tc", "et", "mean")))
+    art.metrics = {**art.metrics, **gap}
     return art
+
+
+STUDENT = StageDef(STAGE, step=thin_step, finetune=distill_trainer, finish=add_teacher_gap)
+
+
+def distill_student(cfg: Config, out_dir: str | Path, resume: bool = False) -> Artifact:
+    """Teacher artifact (`distill.teacher`) -> thinned student, distilled -> <out_dir>/student.pt."""
+    if not cfg.distill.teacher:
+        raise ConfigError("no teacher artifact: pass --teacher PATH (or set distill.teacher)")
+    return run_stage(cfg.distill.teacher, STUDENT, cfg, out_dir, teacher=cfg.distill.teacher, resume=resume)

@@ -102,6 +102,10 @@ def test_distill_student_end_to_end(tmp_path):
     art = distill_student(cfg, tmp_path / "student")
     loaded = Artifact.load(tmp_path / "student" / "student.pt")
     assert loaded.stage == "student"
+    # one artifact per stage folder; last.pt is the resumable checkpoint and carries the best epoch
+    assert sorted(p.name for p in (tmp_path / "student").glob("*.pt")) == ["last.pt", "student.pt"]
+    best = Artifact.load(tmp_path / "student" / "last.pt").extra["train_state"]["best_artifact"]
+    assert all(torch.equal(best["state_dict"][k], v) for k, v in loaded.state_dict.items())
     assert [e["stage"] for e in loaded.lineage] == ["teacher"]
     assert loaded.lineage[0]["path"] == str(tmp_path / "teacher.pt")
     for r in ("wt", "tc", "et", "mean"):

@@ -12,7 +12,7 @@ from common.config import Config
 from compress.quant.lsq import QUANT_LAYERS
 from compress.quant.qat import is_quantizer_param, qat_spec
 from compress.quant.stage import QATSupervisedStage, quantize_step, run_quantize
-from engine.loop import LAST
+from engine.loop import LAST, best_epoch
 from model.refineformer3d import ModelSpec, RefineFormer3D
 
 TINY = dict(embed_dims=[16, 32, 32, 32], num_heads=[1, 2, 2, 2], depths=[1, 1, 1, 1], decoder_dim=16, fuse_dim=16,
@@ -136,9 +136,10 @@ def test_quantize_resumes_an_interrupted_qat_run(phantom, tmp_path):
     int8 = Artifact.load(path)
     assert int8.extra["int8"]["decisions"] == first.extra["int8"]["decisions"]
     assert 0.0 <= int8.metrics["dice_mean"] <= 1.0 and math.isclose(int8.metrics["fp32_dice_mean"], 0.5)
-    # the best QAT checkpoint rebuilds and converts to the INT8 model that was saved
+    # the best QAT epoch (carried in qat/last.pt; no best.pt beside it) rebuilds and converts to the saved INT8 model
     from compress.quant.convert import convert
-    best = build_model(Artifact.load(out / "qat" / "best.pt"))
+    assert sorted(p.name for p in out.rglob("*.pt")) == ["int8.pt", "last.pt"]
+    best = build_model(best_epoch(last))
     x = torch.randn(SHAPE)
     with torch.no_grad():
         expected = build_model(int8)(x)

@@ -101,17 +101,14 @@ def built(tmp_path_factory):
         student.decoder.head.weight.zero_()
         student.decoder.head.bias.fill_(-50.0)
     stored = to_dict(cfg)
-    Artifact("teacher", teacher.spec.to_dict(), teacher.state_dict(), config=stored).save(runs / "teacher" / "teacher.pt")
-    # the engine's checkpoints next to the stage's own artifact: not a second row
+    # a stage folder: its one artifact, and the engine's resumable last.pt (not a row)
     Artifact("teacher", teacher.spec.to_dict(), teacher.state_dict(), config=stored).save(runs / "teacher" / "best.pt")
     Artifact("teacher", teacher.spec.to_dict(), teacher.state_dict(), config=stored).save(runs / "teacher" / "last.pt")
-    # a fine-tune engine's checkpoints below the stage's product (like int8/qat/best.pt): not rows either
-    for name in ("best", "last"):
-        Artifact("teacher-ft", teacher.spec.to_dict(), teacher.state_dict(), config=stored).save(
-            runs / "teacher" / "finetune" / f"{name}.pt")
     extra = {"lowrank": LOWRANK, "growth": GROWTH, "int8": INT8}
     Artifact("student", student.spec.to_dict(), student.state_dict(), config=stored,
-             extra=extra).save(runs / "student" / "train" / "best.pt")  # only the engine's file here
+             extra=extra).save(runs / "student" / "student.pt")
+    Artifact("student", student.spec.to_dict(), student.state_dict(), config=stored).save(
+        runs / "student" / "qat" / "last.pt")  # a fine-tune's checkpoint below the stage's artifact
     broken = runs / "lowrank" / "lowrank.pt"
     Artifact("lowrank", student.spec.to_dict(), student.state_dict()).save(broken)
     broken.write_bytes(broken.read_bytes()[:300])
@@ -124,8 +121,8 @@ def test_rows_in_pipeline_order_with_errors_named(built):
     root, cfg, result, *_ , broken = built
     rows = result.rows
     assert [r["stage"] for r in rows] == ["teacher", "student", "lowrank"]
-    assert rows[0]["artifact"].endswith("teacher/teacher.pt")
-    assert rows[1]["artifact"].endswith("student/train/best.pt")
+    assert rows[0]["artifact"].endswith("teacher/best.pt")
+    assert rows[1]["artifact"].endswith("student/student.pt")
     assert rows[2]["artifact"] == str(broken) and str(broken) in rows[2]["error"]
     assert rows[2]["dice_mean"] is None and rows[0]["error"] is None and rows[1]["error"] is None
     assert [r["stage"] for r in result.failed] == ["lowrank"]
@@ -151,7 +148,7 @@ def test_numbers_and_ratios(built):
         assert row["threads"] == torch.get_num_threads()
     assert t["params"] == count_params(teacher) and s["params"] == count_params(student)
     assert t["gmacs"] == pytest.approx(count_macs(teacher, (1, 4, 32, 32, 32)))
-    assert t["size_mb"] == pytest.approx((root / "runs" / "teacher" / "teacher.pt").stat().st_size / 1e6)
+    assert t["size_mb"] == pytest.approx((root / "runs" / "teacher" / "best.pt").stat().st_size / 1e6)
     for key in ("params_ratio", "gmacs_ratio", "size_ratio", "latency_ratio", "latency_case_ratio"):
         assert t[key] == 1.0
     assert s["params_ratio"] == pytest.approx(s["params"] / t["params"]) and s["params_ratio"] < 0.6
@@ -191,25 +188,24 @@ def test_files_written(built):
     for title, rows in (("low-rank layers", LOWRANK_ROWS), ("growth history", GROWTH_ROWS),
                         ("INT8 decisions", INT8_ROWS)):
         section = md.split(f"## student: {title}\n")[1].split("\n## ")[0]
-        assert "From `" + str(root / "runs" / "student" / "train" / "best.pt") + "`." in section
+        assert "From `" + str(root / "runs" / "student" / "student.pt") + "`." in section
         assert all(row in section.splitlines() for row in rows), title
     assert "metrics_before_finetune" not in md and "fuse_dim" not in md  # no raw dumps of nested data
     assert "no ET post-processing" in md
     assert f"| teacher | {result.rows[0]['params']:,} |" in md
 
 
-def test_discovery_prefers_stage_file(built):
+def test_discovery_skips_only_resumable_checkpoints(built):
     root, *_ = built
     found = find_artifacts([root / "runs"])
     names = [str(f.path.relative_to(root / "runs")) for f in found]
-    assert names == ["teacher/teacher.pt", "student/train/best.pt", "lowrank/lowrank.pt"]
-    # an intermediate named on the command line is kept, under its own stage
-    explicit = root / "runs" / "teacher" / "finetune" / "best.pt"
+    assert names == ["teacher/best.pt", "student/student.pt", "lowrank/lowrank.pt"]
+    # a checkpoint named on the command line is kept, under its folder's stage
+    explicit = root / "runs" / "student" / "qat" / "last.pt"
     found = find_artifacts([root / "runs", explicit])
-    assert [f.stage for f in found] == ["teacher", "student", "lowrank", "teacher-ft"]
-    assert found[-1].path == explicit and found[-1].error is None
-    # scanning the stage folder itself: its product still hides the engine's files below it
-    assert [f.path.name for f in find_artifacts([root / "runs" / "teacher"])] == ["teacher.pt"]
+    assert [f.stage for f in found] == ["teacher", "student", "student", "lowrank"]
+    assert explicit in [f.path for f in found] and all(f.error is None for f in found[:3])
+    assert [f.path.name for f in find_artifacts([root / "runs" / "teacher"])] == ["best.pt"]
     # a missing file named on the command line is a row with its name, not a crash
     missing = find_artifacts([root / "nope" / "grown.pt"])
     assert missing[0].stage == "grown" and "no such artifact file" in missing[0].error
@@ -281,7 +277,7 @@ def test_et_min_voxels_reaches_predict_case(built, monkeypatch):
     monkeypatch.setattr(brats.scoring, "predict_case", spy)  # the one scoring loop calls it
     cfg = copy.deepcopy(cfg)
     cfg.report.case_latency, cfg.train.et_min_voxels = False, 7
-    (found,) = find_artifacts([root / "runs" / "teacher" / "teacher.pt"])
+    (found,) = find_artifacts([root / "runs" / "teacher" / "best.pt"])
     cache, cases, _ = held_out_cases(cfg, cfg.data, 1)
     assert et_min_voxels(cfg) == 7  # report.et_min_voxels None: the training setting
     evaluate_artifact(found, cfg, cache, cases, "regions", progress=False)

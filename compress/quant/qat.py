@@ -1,6 +1,6 @@
 """The fake-quant (QAT) model as a self-describing artifact: kind "int8-qat".
 
-The engine's QAT checkpoints (`<out>/qat/best.pt`, `last.pt`) hold a float model with LSQ layers.
+The QAT fine-tune's checkpoint (`<out>/qat/last.pt`, its best epoch inside) holds a float model with LSQ layers.
 Their spec names everything needed to rebuild it before loading the weights strictly:
 
     {"kind": "int8-qat", "base": <FP32 ModelSpec dict>, "fold_bn": True, "reassoc": bool,

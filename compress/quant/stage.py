@@ -3,9 +3,9 @@
     prepare_float   BatchNorm folding + decoder re-association (exact)
     decide          which layers run INT8 (measured on this CPU, or forced)
     quantize_       LSQ fake quantisation of exactly those layers, calibrated
-    distill         a few epochs of distillation from the lineage's teacher (engine); its checkpoints
-                    <out>/qat/best.pt, last.pt are kind "int8-qat" (compress.quant.qat), so they
-                    rebuild with build_model and the fine-tune resumes (`resume=True`)
+    distill         a few epochs of distillation from the lineage's teacher (engine); its checkpoint
+                    <out>/qat/last.pt is kind "int8-qat" (compress.quant.qat), so it rebuilds with
+                    build_model and the fine-tune resumes (`resume=True`)
     convert         real INT8 layers (PyTorch) or a QDQ ONNX graph (ONNX Runtime)
 """
 from __future__ import annotations
@@ -17,22 +17,23 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from brats.scoring import evaluate
 from common.artifact import Artifact, ArtifactError, build_model
+from common.atomic import atomic_write
 from common.config import Config, ConfigError, to_dict
-from engine.runtime import resolve_runtime
-from compress.quant.convert import convert, int8_spec, prepare_float
+from compress.quant.convert import convert, int8_spec, prepare_float, set_engine
 from compress.quant.decide import decide, format_table, int8_layers
 from compress.quant.lsq import LSQConfig, calibrate, quantize_
 from compress.quant.onnx_export import OrtModel, export_onnx, onnx_spec
 from compress.quant.qat import KIND as QAT_KIND, QATHooks
 from compress.quant.reassoc import final_layer
+from engine.loop import LAST, Stage, SupervisedStage
+from engine.runner import StageContext, StageDef, run_stage
 from student.distill import DistillStage
-from brats.scoring import evaluate
-from engine.data import make_data
-from engine.loop import LAST, SupervisedStage, fit
 
+STAGE = "int8"
 BACKENDS = ("torch", "onnxruntime")
-QAT_DIR = "qat"  # the engine's best.pt / last.pt of the QAT fine-tune, under <out>
+QAT_DIR = "qat"  # the QAT fine-tune's last.pt (resumable, carries the best epoch), under <out>
 
 
 class QATDistillStage(QATHooks, DistillStage):
@@ -75,25 +76,6 @@ def calib_images(data, n: int) -> list[torch.Tensor]:
     return [data.train_set[i % len(data.train_set)]["image"][None] for i in range(n)]
 
 
-def _finetune(qat: nn.Module, art: Artifact, cfg: Config, out: Path, data, rows: list[dict],
-              resume: bool = False) -> tuple[dict, Path]:
-    """Distillation from the lineage's teacher (supervised when there is none); loads the best epoch
-    into `qat` and returns (its metrics, best.pt path)."""
-    teacher_path = cfg.quant.teacher or art.ancestor("teacher")
-    if teacher_path:
-        from student.distill import load_teacher
-
-        stage = QATDistillStage(load_teacher(teacher_path), cfg, perturb=cfg.distill.perturb_input)
-    else:
-        print("no teacher in the lineage (quant.teacher unset): supervised QAT fine-tune")
-        stage = QATSupervisedStage(cfg.data.scheme, cfg.train.dice_weight, cfg.train.ce_weight)
-    result = fit(qat, stage, cfg, out / QAT_DIR, stage_name="int8-qat", lineage=art.child_lineage(),
-                 extra={"int8": {"decisions": rows}}, data=data, resume=resume)
-    best = Artifact.load(result.best_path)
-    qat.load_state_dict(best.state_dict)  # the engine's best epoch, not the last one
-    return dict(result.best_metrics), result.best_path
-
-
 def resume_qat(fp32: nn.Module, out: Path) -> tuple[nn.Module, list[dict]]:
     """The fake-quant model and decision rows of an interrupted QAT run in <out>/qat/last.pt."""
     path = out / QAT_DIR / LAST
@@ -106,6 +88,74 @@ def resume_qat(fp32: nn.Module, out: Path) -> tuple[nn.Module, list[dict]]:
     return build_model(last), list(last.extra["int8"]["decisions"])
 
 
+def qat_step(fp32: nn.Module, ctx: StageContext) -> nn.Module:
+    """Step of the INT8 stage: exact rewrites, per-layer decisions, LSQ fake quantisation, calibrated
+    on training crops (or, resuming, the fake-quant model of `<out>/qat/last.pt`). The decision rows
+    go into ctx.extra["int8"]."""
+    cfg = ctx.cfg
+    if ctx.resume:
+        qat, rows = resume_qat(fp32.eval(), ctx.out)
+    else:
+        qat, rows = quantize_step(fp32.eval(), cfg, calib_images(ctx.data, cfg.quant.calib),
+                                  progress=ctx.dist.main, shape=input_shape(cfg))
+    if ctx.dist.main:
+        print(format_table(rows))
+    ctx.extra["int8"] = {"decisions": rows}
+    return qat
+
+
+def qat_trainer(qat: nn.Module, ctx: StageContext) -> Stage:
+    """Distillation from the lineage's teacher (supervised when there is none), for a fake-quant model."""
+    cfg = ctx.cfg
+    if ctx.teacher_path:
+        return QATDistillStage(ctx.teacher(), cfg, perturb=cfg.distill.perturb_input)
+    if ctx.dist.main:
+        print("no teacher in the lineage (quant.teacher unset): supervised QAT fine-tune")
+    return QATSupervisedStage(cfg.data.scheme, cfg.train.dice_weight, cfg.train.ce_weight)
+
+
+def to_int8(backend: str):
+    """Finish of the INT8 stage: the (best) fake-quant model -> real INT8 layers or a QDQ ONNX graph,
+    scored on the same validation cases."""
+    def finish(qat: nn.Module, art: Artifact, ctx: StageContext) -> Artifact:
+        cfg, source, out = ctx.cfg, ctx.source, ctx.out
+        rows = art.extra["int8"]["decisions"]
+        layers, shape = int8_layers(rows), input_shape(cfg)
+        engine = set_engine()
+        extra = {"int8": {"decisions": rows, "int8_layers": layers, "backend": backend, "engine": engine,
+                          "input_shape": list(shape), "act_qmax": cfg.quant.act_qmax,
+                          "qat_metrics": dict(art.metrics) if ctx.fit is not None else {},
+                          "qat_checkpoint": str(out / QAT_DIR / LAST) if ctx.fit is not None else None,
+                          "cpu_threads": torch.get_num_threads()}, "runtime": art.extra.get("runtime")}
+        if backend == "torch":
+            model = convert(copy.deepcopy(qat))
+            spec = int8_spec(source.spec, layers, cfg.quant.reassoc, engine)
+        else:
+            fp32 = build_model(source).eval()
+            fp32_bytes = export_onnx(prepare_float(fp32, reassoc=cfg.quant.reassoc), shape)
+            int8_bytes = export_onnx(qat, shape)
+            if ctx.dist.main:
+                _write(out / "fp32.onnx", fp32_bytes)
+                _write(out / "int8.onnx", int8_bytes)
+            model = OrtModel.from_bytes(int8_bytes, list(shape), cfg.quant.threads)
+            spec = onnx_spec(list(shape), len(int8_bytes), source.spec, "int8", cfg.quant.threads)
+            extra["int8"]["onnx_bytes"] = {"fp32": len(fp32_bytes), "int8": len(int8_bytes)}
+        metrics = evaluate(model, ctx.data.cache, ctx.data.val_ids, cfg, desc="int8 validation")
+        metrics["fp32_dice_mean"] = float(source.metrics.get("dice_mean", float("nan")))
+        if ctx.dist.main:
+            print(f"INT8 ({backend}): {len(layers)} of {len(rows)} layers INT8; dice_mean {metrics['dice_mean']:.4f} "
+                  f"(FP32 {metrics['fp32_dice_mean']:.4f})")
+        return Artifact(stage=STAGE, spec=spec, state_dict=model.state_dict(), config=to_dict(cfg), metrics=metrics,
+                        lineage=source.child_lineage(), extra=extra)
+    return finish
+
+
+def _check(art: Artifact, cfg: Config) -> None:
+    input_shape(cfg)
+    if cfg.quant.calib < 1:
+        raise ConfigError(f"quant.calib must be >= 1, got {cfg.quant.calib}")
+
+
 def run_quantize(artifact_path: str | Path, cfg: Config, out: Path, backend: str = "torch",
                  resume: bool = False) -> Path:
     """The `quantize.py` command: writes <out>/int8.pt (and int8.onnx / fp32.onnx for onnxruntime).
@@ -113,50 +163,14 @@ def run_quantize(artifact_path: str | Path, cfg: Config, out: Path, backend: str
     resume: continue the QAT fine-tune from <out>/qat/last.pt (same layers, scales and schedule)."""
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    art = Artifact.load(artifact_path)
-    if art.spec.get("kind", "fp32") != "fp32":
-        raise ConfigError(f"{artifact_path}: quantize.py needs an FP32 artifact, got kind {art.spec.get('kind')!r}")
-    rt = resolve_runtime(cfg.train.device, cfg.train.amp, cfg.train.threads)
-    print(rt.line("quantize"))
-    engine = rt.int8_engine
-    fp32 = build_model(art).eval()
-    shape = input_shape(cfg)
-    if resume:  # checked before any data preparation
-        if cfg.train.epochs < 1:
-            raise ConfigError("--resume continues a QAT fine-tune: train.epochs must be >= 1")
-        qat, rows = resume_qat(fp32, out)
-    data = make_data(cfg)
-    if not resume:
-        qat, rows = quantize_step(fp32, cfg, calib_images(data, cfg.quant.calib), progress=True, shape=shape)
-    print(format_table(rows))
-    qat_metrics, qat_path = _finetune(qat, art, cfg, out, data, rows, resume) if cfg.train.epochs > 0 else ({}, None)
-    layers = int8_layers(rows)
-    extra = {"int8": {"decisions": rows, "int8_layers": layers, "backend": backend, "engine": engine,
-                      "input_shape": list(shape), "act_qmax": cfg.quant.act_qmax, "qat_metrics": qat_metrics,
-                      "qat_checkpoint": str(qat_path) if qat_path else None,
-                      "cpu_threads": torch.get_num_threads()}, "runtime": rt.to_dict()}
-    if backend == "torch":
-        model = convert(copy.deepcopy(qat))
-        spec = int8_spec(art.spec, layers, cfg.quant.reassoc, engine)
-    else:
-        fp32_bytes = export_onnx(prepare_float(copy.deepcopy(fp32), reassoc=cfg.quant.reassoc), shape)
-        int8_bytes = export_onnx(qat, shape)
-        _write(out / "fp32.onnx", fp32_bytes)
-        _write(out / "int8.onnx", int8_bytes)
-        model = OrtModel.from_bytes(int8_bytes, list(shape), cfg.quant.threads)
-        spec = onnx_spec(list(shape), len(int8_bytes), art.spec, "int8", cfg.quant.threads)
-        extra["int8"]["onnx_bytes"] = {"fp32": len(fp32_bytes), "int8": len(int8_bytes)}
-    metrics = evaluate(model, data.cache, data.val_ids, cfg, desc="int8 validation")
-    metrics["fp32_dice_mean"] = float(art.metrics.get("dice_mean", float("nan")))
-    result = Artifact(stage="int8", spec=spec, state_dict=model.state_dict(), config=to_dict(cfg), metrics=metrics,
-                      lineage=art.child_lineage(), extra=extra)
-    path = result.save(out / "int8.pt")
-    print(f"INT8 ({backend}): {len(layers)} of {len(rows)} layers INT8; dice_mean {metrics['dice_mean']:.4f} "
-          f"(FP32 {metrics['fp32_dice_mean']:.4f}); wrote {path}")
-    return path
+    if resume and cfg.train.epochs < 1:
+        raise ConfigError("--resume continues a QAT fine-tune: train.epochs must be >= 1")
+    stage = StageDef(STAGE, step=qat_step, finetune=qat_trainer, finish=to_int8(backend), checkpoint_dir=QAT_DIR,
+                     check=_check)
+    art = run_stage(artifact_path, stage, cfg, out, teacher=cfg.quant.teacher, resume=resume)
+    print(f"wrote {art.path}")
+    return art.path
 
 
 def _write(path: Path, data: bytes) -> None:
-    from common.atomic import atomic_write
-
     atomic_write(path, lambda tmp: tmp.write_bytes(data))

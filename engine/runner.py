@@ -1,0 +1,166 @@
+"""The one stage runner: every compression command is `run_stage(source, StageDef(...), cfg, out)`.
+
+    source artifact  --load; check its kind and label scheme (before any work)-->
+    process group (under torchrun, first: so rank 0 alone prepares the cache while the others wait)
+    data             cache, split, crops (engine.data.make_data)
+    step(model, ctx) -> model          pure surgery: thin, factorise, quantize_ (no training)
+    fine-tune        through the engine when the stage has one and train.epochs > 0; `<out>/last.pt`
+                     is resumable and carries the best epoch, which is what the stage keeps
+    finish(model, artifact, ctx)       optional: figures measured on the result, a conversion (INT8)
+    `<out>/<name>.pt`                  the stage's one artifact, written by rank 0 only
+
+Side information a step produces (rank table, channel selection, INT8 decisions) goes into
+`ctx.extra` and lands in the artifact's `extra`; figures go into `ctx.metrics`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from brats.scoring import evaluate
+from common.artifact import Artifact, ArtifactError, build_model
+from common.config import Config, ConfigError, to_dict
+from engine.data import TrainData, make_data
+from engine.loop import LAST, FitResult, Stage, fit
+from engine.runtime import DistInfo, init_distributed, resolve_runtime, seed_everything
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """`model` in eval mode with no parameter requiring grad (a distillation teacher); returns it."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_teacher(path: str | Path) -> nn.Module:
+    """The model of an artifact, frozen (see `freeze`). ArtifactError for a missing or bad file."""
+    return freeze(build_model(Artifact.load(path)))
+
+
+def find_teacher(art: Artifact, explicit: str | None = None) -> str | None:
+    """The teacher to distil from: `explicit`, else the nearest teacher in the lineage, else the
+    artifact itself when it is a teacher, else None."""
+    if explicit:
+        return str(explicit)
+    if art.ancestor("teacher"):
+        return art.ancestor("teacher")
+    return str(art.path) if art.stage == "teacher" and art.path else None
+
+
+def check_source(art: Artifact, cfg: Config, kinds: tuple[str, ...], what: str) -> None:
+    """The source fits the stage: its model kind is one of `kinds`, its label scheme is `data.scheme`."""
+    kind = art.spec.get("kind", "fp32")
+    if kind not in kinds:
+        raise ArtifactError(f"{art.path}: {what} needs a {' or '.join(kinds)} artifact, got kind {kind!r}")
+    stored = art.config.get("data", {}).get("scheme", cfg.data.scheme)
+    if stored != cfg.data.scheme:
+        raise ConfigError(f"{art.path}: the model predicts scheme {stored!r}, but data.scheme is {cfg.data.scheme!r}")
+
+
+@dataclass
+class StageContext:
+    """What a stage's functions see: the config, the checked source, data, and where to record."""
+
+    cfg: Config
+    source: Artifact
+    out: Path
+    data: TrainData
+    dist: DistInfo
+    teacher_path: str | None
+    resume: bool = False
+    extra: dict = field(default_factory=dict)  # side information for the artifact's extra
+    metrics: dict = field(default_factory=dict)  # figures for the artifact's metrics
+    fit: FitResult | None = None  # the fine-tune's result, once it ran
+    engine_stage: Stage | None = None  # the fine-tune's engine stage, once made
+    _teacher: nn.Module | None = None
+
+    def teacher(self) -> nn.Module:
+        """The frozen teacher model (loaded once). ArtifactError when the lineage has none."""
+        if self._teacher is None:
+            if self.teacher_path is None:
+                raise ArtifactError(f"{self.source.path}: no teacher in its lineage; pass --teacher PATH")
+            self._teacher = load_teacher(self.teacher_path)
+        return self._teacher
+
+
+@dataclass
+class StageDef:
+    """A compression stage: its name, its pure step, and how it is fine-tuned and finished."""
+
+    name: str  # artifact stage and file name: <out>/<name>.pt
+    step: Callable[[nn.Module, StageContext], nn.Module]
+    finetune: Callable[[nn.Module, StageContext], Stage] | None = None  # the engine stage; None: no fine-tune
+    finish: Callable[[nn.Module, Artifact, StageContext], Artifact] | None = None
+    kinds: tuple[str, ...] = ("fp32",)  # source kinds the step accepts
+    needs_teacher: bool = False  # the fine-tune distils: a teacher must be found before any work
+    checkpoint_dir: str = ""  # sub-folder of out for the fine-tune's last.pt ("": out itself)
+    check: Callable[[Artifact, Config], None] | None = None  # more checks of config x source, before any work
+
+
+def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path, *, teacher: str | None = None,
+              resume: bool = False) -> Artifact:
+    """Apply `stage` to the artifact at `source`; return the artifact written to `<out>/<stage.name>.pt`.
+
+    Errors found before any work (ArtifactError, ConfigError): a missing or unreadable source, a
+    kind or label scheme the stage cannot take, no teacher where the fine-tune needs one, nothing
+    to resume.
+    """
+    art = Artifact.load(source)
+    check_source(art, cfg, stage.kinds, stage.name)
+    if stage.check is not None:
+        stage.check(art, cfg)
+    finetune = stage.finetune is not None and cfg.train.epochs > 0
+    teacher_path = find_teacher(art, teacher)
+    if finetune and stage.needs_teacher and teacher_path is None:
+        raise ArtifactError(f"{art.path}: no teacher in its lineage to distil from; pass --teacher PATH "
+                            "(or --epochs 0 for no fine-tune)")
+    out = Path(out)
+    ckpt_dir = out / stage.checkpoint_dir if stage.checkpoint_dir else out
+    if resume and not (ckpt_dir / LAST).is_file():
+        raise ArtifactError(f"{ckpt_dir / LAST}: nothing to resume (no {LAST} in {ckpt_dir})")
+
+    info = init_distributed(cfg.train.device)  # before the data, so rank 0 alone prepares the cache
+    try:
+        seed_everything(cfg.train.seed)
+        data = make_data(cfg)
+        ctx = StageContext(cfg, art, out, data, info, teacher_path, resume)
+        model = stage.step(build_model(art), ctx)
+        if finetune:
+            ctx.engine_stage = stage.finetune(model, ctx)
+            ctx.fit = fit(model, ctx.engine_stage, cfg, ckpt_dir, stage_name=stage.name,
+                          lineage=art.child_lineage(), extra=ctx.extra, data=data, resume=resume, best_name=None)
+            best = ctx.fit.best
+            if best is None:
+                raise RuntimeError(f"{stage.name}: the fine-tune validated no epoch")
+            model = build_model(best)
+            product = Artifact(stage=stage.name, spec=best.spec, state_dict=best.state_dict, config=to_dict(cfg),
+                               metrics={**best.metrics, **ctx.metrics}, lineage=art.child_lineage(),
+                               extra={k: v for k, v in best.extra.items() if k != "train_state"})
+        else:
+            rt = resolve_runtime(cfg.train.device, cfg.train.amp, cfg.train.threads)
+            if info.main:
+                tqdm.write(rt.line(stage.name))
+            model.to(rt.device)
+            metrics = evaluate(model, data.cache, data.val_ids, cfg, desc=f"{stage.name} validation")
+            product = Artifact(stage=stage.name, spec=model.spec.to_dict(), state_dict=model.state_dict(),
+                               config=to_dict(cfg), metrics={**metrics, **ctx.metrics},
+                               lineage=art.child_lineage(), extra={**ctx.extra, "runtime": rt.to_dict()})
+        if stage.finish is not None:
+            product = stage.finish(model, product, ctx)
+        path = out / f"{stage.name}.pt"
+        if info.main:
+            product.save(path)
+        else:
+            product.path = path
+        if info.enabled:
+            dist.barrier()
+        return product
+    finally:
+        if info.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
