@@ -26,13 +26,18 @@ def main() -> int:
     p.add_argument("--width", type=float, default=None, help="student width, e.g. 0.25 (default: distill.width)")
     p.add_argument("--init", choices=["pruned", "scratch"], default=None, help="default: distill.init")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 3 when a region's Dice falls more than guard.max_region_drop below the teacher's")
     args = p.parse_args()
     cfg = config_from_args(args)
+    cfg.guard.strict = cfg.guard.strict or args.strict
     for key in ("teacher", "width", "init"):
         if getattr(args, key) is not None:
             setattr(cfg.distill, key, getattr(args, key))
     out = out_dir(args, "runs/student")
 
+    # deferred: torch loads only once the command line and config are good
+    from engine.runner import exit_code
     from student.distill import distill_student
 
     art = distill_student(cfg, out, resume=args.resume)
@@ -40,7 +45,7 @@ def main() -> int:
     print(f"student: {art.path}")
     print(f"  val Dice WT {m['dice_wt']:.4f}  TC {m['dice_tc']:.4f}  ET {m['dice_et']:.4f}  mean {m['dice_mean']:.4f}"
           f"  |  teacher mean {m['teacher_dice_mean']:.4f}  gap {m['dice_gap_mean']:+.4f}")
-    return 0
+    return exit_code(art)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import argparse
 import sys
 
 from common.cli import run_main
+from common.errors import UserInputError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fold is not None and args.split is None:
         parser.error("--fold needs --split")
 
+    # deferred: torch loads only once the command line is good
     from engine.runtime import resolve_runtime
     from pipeline.predict import predict_folder, split_cases
 
@@ -60,11 +62,9 @@ def main(argv: list[str] | None = None) -> int:
                                 args.sw_batch, progress=not args.quiet, cases=cases,
                                 et_min_voxels=args.et_min_voxels,
                                 allow_constant_modality=args.allow_constant_modality)
-    except ValueError as e:  # window / overlap that the model cannot use (DataError is reported by run_main)
-        from brats.layout import DataError
-
-        if isinstance(e, DataError):
-            raise
+    except UserInputError:
+        raise  # bad data or artifact: run_main reports it
+    except ValueError as e:  # window / overlap that the model cannot use
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {len(result.written)} label map(s) to {args.output}")

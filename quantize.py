@@ -32,8 +32,11 @@ def main() -> int:
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default=None, help="default: quant.backend")
     p.add_argument("--calib", type=int, default=None, help="calibration crops (default: quant.calib)")
     p.add_argument("--resume", action="store_true", help="continue the QAT fine-tune from <out>/qat/last.pt")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 3 when a region's Dice falls more than guard.max_region_drop below the FP32 model's")
     args = p.parse_args()
     cfg = config_from_args(args)
+    cfg.guard.strict = cfg.guard.strict or args.strict
     if args.epochs is not None:
         cfg.train.epochs = args.epochs
     if args.calib is not None:
@@ -41,10 +44,13 @@ def main() -> int:
     backend = args.backend or cfg.quant.backend
     out = out_dir(args, "runs/int8")
 
+    # deferred: torch loads only once the command line and config are good
+    from common.artifact import Artifact
     from compress.quant.stage import run_quantize
+    from engine.runner import exit_code
 
-    run_quantize(args.artifact, cfg, out, backend=backend, resume=args.resume)
-    return 0
+    path = run_quantize(args.artifact, cfg, out, backend=backend, resume=args.resume)
+    return exit_code(Artifact.load(path))
 
 
 if __name__ == "__main__":

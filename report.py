@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
 
+    # deferred: torch loads only once the command line and config are good
     from pipeline.report import format_profile, make_report, profile_arch
 
     if args.arch:

@@ -28,6 +28,7 @@ def main() -> int:
         cfg.train.amp = args.amp
     out = out_dir(args, "runs/teacher")
 
+    # deferred: torch loads only once the command line and config are good
     from teacher.train import train_teacher
 
     result = train_teacher(cfg, out, resume=args.resume)

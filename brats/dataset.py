@@ -7,6 +7,7 @@ dataset when the iterator starts; with `persistent_workers` they would keep the 
 """
 from __future__ import annotations
 
+import zlib
 from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -121,3 +122,34 @@ def iter_cases(cache: Cache, case_ids: Sequence[str]) -> Iterator[ValCase]:
         label = cache.label(case)
         label_t = None if label is None else torch.from_numpy(np.asarray(label).astype(np.int64))
         yield ValCase(case, image, label_t, meta)
+
+
+REGION_CENTRES = {"wt": (1, 2, 4), "tc": (1, 4), "et": (4,)}  # BraTS labels inside each evaluated region
+
+
+def region_centred_crops(cache: Cache, case_ids: Sequence[str], crop: Sequence[int], seed: int = 0) -> list[dict]:
+    """One crop per case and region (WT, TC, ET) present in it, centred on a random voxel of that
+    region: calibration crops in which every region, ET included, is in view.
+
+    Returns items like `CropDataset`'s ({"image": (4, *crop), "label": (*crop), "case", "region"}),
+    case by case, regions in WT, TC, ET order; a case without ET gives two crops. Seeded per case.
+    """
+    crop = tuple(int(c) for c in crop)
+    items = []
+    for case in case_ids:
+        label = cache.label(case)
+        if label is None:
+            continue
+        label = np.asarray(label)
+        rng = np.random.default_rng((seed, zlib.crc32(case.encode())))
+        image = cache.image(case)
+        for region, values in REGION_CENTRES.items():
+            idx = np.flatnonzero(np.isin(label, values))
+            if not idx.size:
+                continue
+            centre = np.unravel_index(idx[rng.integers(idx.size)], label.shape)
+            start = tuple(int(v) - c // 2 for v, c in zip(centre, crop))
+            items.append({"image": torch.from_numpy(crop_window(image, start, crop).astype(np.float32)),
+                          "label": torch.from_numpy(crop_window(label, start, crop).astype(np.int64)),
+                          "case": case, "region": region})
+    return items

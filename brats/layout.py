@@ -40,13 +40,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from common.errors import UserInputError
+
 MODALITIES = ("flair", "t1", "t1ce", "t2")  # channel order everywhere
 GRADES = ("hgg", "lgg")
 SUFFIXES = (".nii.gz", ".nii")
 LABEL_NAME_PARTS = ("seg", "label")  # in a label file's name, any case; "segm" holds "seg"
 
 
-class DataError(ValueError):
+class DataError(UserInputError, ValueError):
     """Input data that cannot be used; the message names the case and the file."""
 
 

@@ -27,7 +27,8 @@ def score_cases(
     labelled case with `cfg.train`'s window, overlap, batch and ET rule, then `score_case`.
 
     `predict` maps a (B, 4, *window) batch to logits; `on_case(case, image, truth, pred)` sees each
-    case's arrays. Rows are {"case": name, dice_wt, ..., hd95_et, ...}; unlabelled cases are skipped.
+    case's arrays. Rows are {"case": name, dice_wt, ..., hd95_et, ..., et_missed (1.0: the truth has
+    ET, the prediction none)}; unlabelled cases are skipped.
     """
     t, rows = cfg.train, []
     cases = iter_cases(cache, case_ids)
@@ -37,7 +38,9 @@ def score_cases(
         pred = predict_case(predict, image, cfg.data.scheme, t.window, t.overlap, t.sw_batch,
                             et_min_voxels=t.et_min_voxels)
         truth = label.numpy()
-        rows.append({"case": case, **score_case(pred, truth, meta.spacing)})
+        # a case whose truth has ET but whose prediction has none: a mean over cases hides it
+        et_missed = float(bool((truth == 4).any()) and not bool((pred == 4).any()))
+        rows.append({"case": case, **score_case(pred, truth, meta.spacing), "et_missed": et_missed})
         if on_case is not None:
             on_case(case, image, truth, pred)
     return rows
@@ -57,10 +60,13 @@ def evaluate(model: nn.Module, cache: Cache, case_ids: Sequence[str], cfg: Confi
 
 
 def mean_rows(rows: list[dict]) -> dict[str, float]:
-    """Mean of every numeric key over per-case rows (NaNs skipped)."""
+    """Mean of every numeric key over per-case rows (NaNs skipped); `et_missed` is also counted
+    (`et_missed_cases`: cases whose truth has ET and whose prediction has none)."""
     keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     out = {}
     for k in keys:
         vals = [float(r[k]) for r in rows if k in r and not math.isnan(float(r[k]))]
         out[k] = float(np.mean(vals)) if vals else math.nan
+    if "et_missed" in out:
+        out["et_missed_cases"] = float(sum(r.get("et_missed", 0.0) for r in rows))
     return out

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from common.atomic import atomic_write
+from common.errors import UserInputError
 
 FORMAT = "refineformer3d-artifact"
 VERSION = 1
@@ -39,7 +40,7 @@ KNOWN_PROVIDERS = {"fp32": "model", "int8-torch": "compress.quant", "int8-qat": 
                    "onnx": "compress.quant"}
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(UserInputError, RuntimeError):
     """An artifact that is missing, unreadable, or not what the caller needs."""
 
 

@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from common.config import Config, ConfigError, load_config
+from common.config import Config, load_config
+from common.errors import UserInputError
 
 
 def stage_parser(prog: str, description: str, default_config: str | None = None) -> argparse.ArgumentParser:
@@ -29,19 +30,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def run_main(main: Callable[[], int | None]) -> None:
-    """Run a command's main; known user errors become one line on stderr and exit code 2."""
-    from common.artifact import ArtifactError
-
-    user_errors: tuple[type[BaseException], ...] = (ConfigError, ArtifactError, FileNotFoundError)
-    try:
-        from brats.layout import DataError
-
-        user_errors += (DataError,)
-    except ImportError:
-        pass
+    """Run a command's main; user errors (config, artifact, data, missing file) become one line on stderr
+    and exit code 2."""
     try:
         code = main()
-    except user_errors as e:
+    except (UserInputError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

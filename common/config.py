@@ -16,8 +16,10 @@ from typing import Any
 
 import yaml
 
+from common.errors import UserInputError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserInputError, ValueError):
     """A configuration key or value that does not fit the schema."""
 
 
@@ -74,6 +76,7 @@ class TrainConfig:
     log_images: bool = True
     threads: int | None = None  # torch.set_num_threads; None: leave as is
     val_at_start: bool = False  # validate the initial weights first; they count for best.pt (fine-tunes)
+    patience: int | None = None  # stop after this many validations without a better mean Dice (epochs: a maximum)
 
 
 @dataclass
@@ -93,6 +96,8 @@ class PerturbConfig:
     affine_prob: float = 0.2
     affine_degrees: float = 10.0
     affine_scale: float = 0.1
+    rotation_planes: str = "axial"  # axial: rot90 and affine rotations in the axial (X, Y) plane only | all
+    warmup_epochs: int = 0  # prob ramps from 0 (epoch 1: clean) to `prob` over these epochs
 
 
 @dataclass
@@ -100,10 +105,13 @@ class DistillConfig:
     teacher: str | None = None
     width: float = 0.25
     init: str = "pruned"  # pruned | scratch
-    importance: str = "magnitude"  # magnitude | taylor
+    importance: str = "taylor"  # taylor (|w * dL/dw| on crops centred on every region) | magnitude
+    calib_cases: int = 8  # taylor: training cases whose WT / TC / ET-centred crops rank the channels
+    floors: bool = True  # decoder widths next to the output keep channels per region (student.thin.HEAD_FLOORS)
     temperature: float = 2.0
     supervised_weight: float = 1.0
     kd_weight: float = 1.0
+    kd_dice_weight: float = 1.0  # soft Dice between student and teacher probabilities: every region counts alike
     feature_weight: float = 0.0
     keep_attn_scale: bool = True  # pruned init keeps the teacher's attention scale (see student/thin.py)
     perturb_input: bool = True  # perturb the student's input (False: both see the clean crop)
@@ -173,6 +181,14 @@ class ReportConfig:
 
 
 @dataclass
+class GuardConfig:
+    """Guard rails of every compression stage (engine.runner): the result is scored against its source."""
+
+    max_region_drop: float = 0.10  # a region's Dice more than this below the source model's: a loud warning
+    strict: bool = False  # ... and a non-zero exit (3) once the artifact is written (--strict)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -182,6 +198,7 @@ class Config:
     grow: GrowConfig = field(default_factory=GrowConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

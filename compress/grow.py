@@ -54,7 +54,7 @@ from common.artifact import Artifact
 from common.cli import config_from_args, out_dir, run_main, stage_parser
 from common.config import Config, ConfigError, parse_count
 from engine.loop import Stage
-from engine.runner import StageContext, StageDef, run_stage
+from engine.runner import StageContext, StageDef, exit_code, run_stage
 from model.layers import LowRankConv3d, LowRankLinear
 from model.refineformer3d import ModelSpec, RefineFormer3D, count_params, get_module
 from student.distill import distill_trainer
@@ -821,8 +821,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("artifact", help="input artifact (e.g. runs/lowrank/lowrank.pt)")
     p.add_argument("--teacher", default=None, help="teacher artifact (default: grow.teacher, then the lineage's)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>/last.pt")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 3 when a region's Dice falls more than guard.max_region_drop below the source's")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
+    cfg.guard.strict = cfg.guard.strict or args.strict
     art = grow_stage(args.artifact, cfg, out_dir(args, "runs/grow"), teacher=args.teacher, resume=args.resume)
     m = art.metrics
     size = "x".join(map(str, cfg.grow.reference_input))
@@ -830,7 +833,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {art.path}: {m['params_before']:,} -> {m['params_after']:,} parameters, "
           f"{m['gmacs_before']:.3f} -> {m['gmacs_after']:.3f} GMACs at {size}, "
           f"dice_mean {m.get('dice_mean', float('nan')):.4f} (best epoch {art.extra['best_epoch']})")
-    return 0
+    return exit_code(art)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from brats.scoring import evaluate
 from common.artifact import Artifact
 from common.cli import config_from_args, out_dir, run_main, stage_parser
 from common.config import Config, ConfigError, LowRankConfig, parse_count
-from engine.runner import StageContext, StageDef, run_stage
+from engine.runner import StageContext, StageDef, exit_code, run_stage
 from model.layers import LowRankConv3d, LowRankLinear
 from model.refineformer3d import count_params, factorise_module, get_module
 from student.distill import distill_trainer
@@ -421,8 +421,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rule.add_argument("--params", help="parameter budget for the whole model: 200k, 1.2M, or a share of it: 65%%")
     p.add_argument("--epochs", type=int, default=None, help="fine-tune epochs (0: no fine-tune)")
     p.add_argument("--teacher", default=None, help="teacher artifact (default: the teacher in the lineage)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 3 when a region's Dice falls more than guard.max_region_drop below the source's")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
+    cfg.guard.strict = cfg.guard.strict or args.strict
     lr = cfg.lowrank
     if args.energy is not None:
         lr.energy, lr.ratio, lr.params = args.energy, None, None
@@ -438,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     m = art.metrics
     print(f"wrote {art.path}: {m['params_before']:,} -> {m['params_after']:,} parameters, "
           f"dice_mean {m['dice_mean_before_finetune']:.3f} before fine-tune, {m.get('dice_mean', math.nan):.3f} after")
-    return 0
+    return exit_code(art)
 
 
 if __name__ == "__main__":

@@ -213,6 +213,7 @@ class Trainer:
         self.best: Artifact | None = None
         self.last_metrics: dict = {}
         self.history: list[dict] = []
+        self.stale = 0  # validations since the best one (early stopping with train.patience)
         self.stopped = False
         self._writer = None
 
@@ -317,6 +318,7 @@ class Trainer:
             "last_metrics": self.last_metrics,
             "history": self.history,
             "stopped": self.stopped,
+            "stale": self.stale,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -399,6 +401,7 @@ class Trainer:
             self.best = Artifact.load(self.best_path)
         self.last_metrics, self.history = dict(state["last_metrics"]), list(state["history"])
         self.stopped = bool(state.get("stopped", False))
+        self.stale = int(state.get("stale", 0))
         set_rng_state(state["rng"])
 
     # -- logging
@@ -538,7 +541,19 @@ class Trainer:
         score = metrics.get("dice_mean", -math.inf)
         if score > self.best_score:
             self.best_score, self.best_metrics = float(score), dict(metrics)
+            self.stale = 0
             self.save_best(metrics, epoch)
+        else:
+            self.stale += 1
+
+    def _out_of_patience(self) -> bool:
+        patience = self.cfg.train.patience
+        if patience and self.stale >= patience:
+            if self.dist.main:
+                tqdm.write(f"{self.stage_name}: no better validation Dice in {self.stale} validation(s) "
+                           f"(train.patience={patience}): stopping early, keeping the best epoch")
+            return True
+        return False
 
     # -- the loop
 
@@ -560,7 +575,8 @@ class Trainer:
             metrics = self.validate(epoch) if due else None
             if metrics is not None:
                 self._consider_best(metrics, epoch)
-            self.stopped = bool(self.stage.on_epoch_end(self, epoch, metrics))
+            self.stopped = bool(self.stage.on_epoch_end(self, epoch, metrics)) or (
+                metrics is not None and self._out_of_patience())
             if self.stopped and metrics is None:
                 metrics = self.validate(epoch)
                 self._consider_best(metrics, epoch)

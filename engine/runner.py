@@ -14,6 +14,7 @@ Side information a step produces (rank table, channel selection, INT8 decisions)
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -76,6 +77,7 @@ class StageContext:
     resume: bool = False
     extra: dict = field(default_factory=dict)  # side information for the artifact's extra
     metrics: dict = field(default_factory=dict)  # figures for the artifact's metrics
+    source_metrics: dict = field(default_factory=dict)  # the source model scored on the same cases, this run
     fit: FitResult | None = None  # the fine-tune's result, once it ran
     engine_stage: Stage | None = None  # the fine-tune's engine stage, once made
     _teacher: nn.Module | None = None
@@ -101,6 +103,42 @@ class StageDef:
     needs_teacher: bool = False  # the fine-tune distils: a teacher must be found before any work
     checkpoint_dir: str = ""  # sub-folder of out for the fine-tune's last.pt ("": out itself)
     check: Callable[[Artifact, Config], None] | None = None  # more checks of config x source, before any work
+
+
+REGIONS = ("wt", "tc", "et")
+
+
+def guard(metrics: dict, source_metrics: dict, source_stage: str, cfg: Config) -> dict:
+    """Per-region Dice drop of a stage's result below its source, both scored in this run on the same
+    cases; regions dropping more than `guard.max_region_drop` are violations. Plain data for extra."""
+    limit = cfg.guard.max_region_drop
+    drops = {r: float(source_metrics.get(f"dice_{r}", math.nan)) - float(metrics.get(f"dice_{r}", math.nan))
+             for r in REGIONS}
+    return {
+        "source": source_stage, "limit": limit, "strict": cfg.guard.strict, "drops": drops,
+        "source_dice": {r: float(source_metrics.get(f"dice_{r}", math.nan)) for r in REGIONS},
+        "et_missed_cases": metrics.get("et_missed_cases"), "source_et_missed_cases": source_metrics.get("et_missed_cases"),
+        "violations": [r for r, d in drops.items() if d > limit],
+    }
+
+
+def guard_lines(info: dict, stage: str) -> list[str]:
+    """The log lines of a guard record: one summary, and a loud warning per violating region."""
+    drops = ", ".join(f"{r} {info['source_dice'][r]:.3f} -> {info['source_dice'][r] - d:.3f} ({-d:+.3f})"
+                      for r, d in info["drops"].items())
+    lines = [f"{stage} vs its source ({info['source']}), same cases: {drops}; ET predicted empty on "
+             f"{info['et_missed_cases']:.0f} case(s) with ET (source: {info['source_et_missed_cases']:.0f})"]
+    for r in info["violations"]:
+        lines.append(f"WARNING: {stage}: {r.upper()} Dice dropped {info['drops'][r]:.3f} below the source "
+                     f"({info['source']}), more than guard.max_region_drop={info['limit']:.2f}"
+                     + (" -- failing (--strict)" if info["strict"] else ""))
+    return lines
+
+
+def exit_code(art: Artifact) -> int:
+    """3 when the artifact's guard record has violations and was made with guard.strict, else 0."""
+    g = art.extra.get("guard") or {}
+    return 3 if g.get("strict") and g.get("violations") else 0
 
 
 def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path, *, teacher: str | None = None,
@@ -130,7 +168,9 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
         seed_everything(cfg.train.seed)
         data = make_data(cfg)
         ctx = StageContext(cfg, art, out, data, info, teacher_path, resume)
-        model = stage.step(build_model(art), ctx)
+        source = build_model(art)
+        ctx.source_metrics = evaluate(source, data.cache, data.val_ids, cfg, desc=f"source ({art.stage})")
+        model = stage.step(source, ctx)
         if finetune:
             ctx.engine_stage = stage.finetune(model, ctx)
             ctx.fit = fit(model, ctx.engine_stage, cfg, ckpt_dir, stage_name=stage.name,
@@ -153,6 +193,10 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
                                lineage=art.child_lineage(), extra={**ctx.extra, "runtime": rt.to_dict()})
         if stage.finish is not None:
             product = stage.finish(model, product, ctx)
+        product.extra["guard"] = guard(product.metrics, ctx.source_metrics, art.stage, cfg)
+        if info.main:
+            for line in guard_lines(product.extra["guard"], stage.name):
+                tqdm.write(line)
         path = out / f"{stage.name}.pt"
         if info.main:
             product.save(path)

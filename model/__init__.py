@@ -1,1 +1,2 @@
-"""The RefineFormer3D / SegFormer3D model family: spec, layers, multiply-add counting, SegFormer3D import."""
+"""The RefineFormer3D / SegFormer3D model family: spec, layers, inference rewrites, multiply-add counting,
+SegFormer3D import."""

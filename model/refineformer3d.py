@@ -4,6 +4,9 @@ Reads top-down: spec -> attention -> Mix-FFN -> block -> stage -> encoder -> dec
 Every width is explicit in `ModelSpec`, so a thinned, factorised or grown model rebuilds from plain
 data. Shapes: B batch, C channels, N = D*H*W tokens, A attention dim (= heads * head size).
 
+Inference-only rewrites (BatchNorm folding, decoder re-association, a channels-last CPU tail) are
+named steps in `model.rewrites`; `forward` here is the one graph for training and inference alike.
+
 Presets (see README for the measured parameter and multiply-add counts):
 - `segformer3d`: the published SegFormer3D, all-MLP decoder, 4,525,251 parameters.
 - `refineformer3d`: the same encoder with the refine decoder (3D-convolution fusion at 1/4
@@ -304,20 +307,12 @@ class RefineDecoder(AllMLPDecoder):
         self.refine_pw_bn = nn.BatchNorm3d(r)
         self.head = nn.Conv3d(r, spec.num_classes, 3, padding=1)
 
-    # CPU inference: the full-resolution upsample and 3x3x3 head run 1.3-1.9x faster on channels-last
-    # input once refine_dim >= 4 (bench/bench_int8.py, torch-fp32-exact vs -ncdhw); same numbers.
-    channels_last_tail: bool = True
-
     def forward(self, features: list[torch.Tensor], out_size: tuple[int, ...]) -> torch.Tensor:
         x = self.fused(features)
         x = F.relu(self.refine_dw_bn(self.refine_dw(x)))
         x = F.relu(self.refine_pw_bn(self.refine_pw(x)))  # (B, refine_dim, D/4, H/4, W/4)
-        fast_tail = (self.channels_last_tail and not self.training and x.device.type == "cpu"
-                     and x.shape[1] >= 4 and not torch.onnx.is_in_onnx_export())
-        if fast_tail:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
         x = F.interpolate(x, size=out_size, mode="trilinear", align_corners=False)
-        return self.head(x).contiguous() if fast_tail else self.head(x)
+        return self.head(x)
 
 
 # ----------------------------------------------------------------------------- model

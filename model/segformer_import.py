@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from common.artifact import Artifact, ArtifactError
+from common.cli import run_main
 from model.refineformer3d import ModelSpec, RefineFormer3D, preset_spec
 
 # (foreign pattern, our template); groups: stage number (1-based), block index.
@@ -133,6 +134,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from common.cli import run_main
-
     run_main(main)

@@ -28,6 +28,7 @@ from brats.splits import read_splits
 import compress.quant  # noqa: F401  (registers the int8-torch, int8-qat and onnx artifact kinds)
 from common.artifact import Artifact, build_model
 from model.refineformer3d import ModelSpec, model_from_spec
+from model.rewrites import inference_graph
 
 FP32_KINDS = ("fp32",)
 
@@ -64,6 +65,20 @@ def fp32_model(art: Artifact) -> nn.Module:
     if art.spec.get("kind", "fp32") in FP32_KINDS:
         return build_model(art)
     return model_from_spec(base_spec(art.spec))
+
+
+def inference_model(art: Artifact, model: nn.Module | None = None) -> nn.Module:
+    """The artifact's model as it runs here (PyTorch eager on CPU).
+
+    FP32: the exact inference rewrites (`model.rewrites.inference_graph`: BatchNorm folded, fusion
+    re-associated, channels-last tail) of `model`, or of the artifact's model when None; `model` itself
+    is left as it is (count parameters and multiply-adds on it). INT8 and ONNX kinds: their builders
+    apply the rewrites already, so `model` (or the built artifact) is returned unchanged.
+    """
+    model = build_model(art) if model is None else model
+    if art.spec.get("kind", "fp32") in FP32_KINDS:
+        return inference_graph(model)  # a copy, in eval mode
+    return model
 
 
 def downsample(spec: dict) -> int:
@@ -142,7 +157,7 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
     window = check_window(window, art.spec)
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    model = build_model(art)
+    model = inference_model(art)
     scheme = artifact_scheme(art)
     if et_min_voxels < 0:
         raise ValueError(f"et_min_voxels must be >= 0, got {et_min_voxels}")

@@ -32,7 +32,7 @@ from engine.loop import LAST
 from engine.runtime import resolve_runtime, runtime_summary
 from common.timing import median_seconds
 from pipeline.latency import runtime_note, window_latency_ms
-from pipeline.predict import FP32_KINDS, artifact_scheme, check_window, fp32_model, predict_fn
+from pipeline.predict import FP32_KINDS, artifact_scheme, check_window, fp32_model, inference_model, predict_fn
 
 STAGE_ORDER = ("teacher", "student", "lowrank", "grown", "int8")
 ENGINE_FILES = ("best", "last")  # the engine's file names: the stage is the folder's name
@@ -46,8 +46,9 @@ RATIO_KEYS = {  # ratio key -> measured key, each row divided by the reference (
     "latency_case_ratio": "latency_s_case",
 }
 ROW_KEYS = ("stage", "artifact", "kind", "params", "gmacs", "size_mb", *METRIC_KEYS,
-            "latency_ms_window", "latency_s_case", *RATIO_KEYS, "cases", "threads", "omp_wait_policy",
-            "trained_as", "error")
+            "latency_ms_window", "latency_s_case", *RATIO_KEYS, "cases", "et_missed_cases", "threads",
+            "omp_wait_policy", "trained_as", "error")
+GAP_REGIONS = ("wt", "tc", "et", "mean")
 HONEST_NOTE = (
     "On this CPU, INT8 alone does not make a 3D network fast: the stem and spatial-reduction "
     "convolutions, softmax and trilinear upsampling are as slow or slower in INT8, and the cost of "
@@ -205,6 +206,7 @@ def evaluate_artifact(found: Found, cfg: Config, cache, cases: list[str], defaul
     row["params"] = count_params(counted)
     row["gmacs"] = count_macs(counted, (1, 4, *size))
     del counted
+    model = inference_model(art, model)  # FP32: timed and scored as served (model.rewrites); INT8 has it built in
 
     row["latency_ms_window"] = window_latency_ms(model, size, rep.latency_runs, rep.warmup_runs)
 
@@ -219,6 +221,7 @@ def evaluate_artifact(found: Found, cfg: Config, cache, cases: list[str], defaul
     for key in METRIC_KEYS:
         row[key] = summary[key]["mean"]
     row["cases"] = len(scores)
+    row["et_missed_cases"] = int(sum(r.get("et_missed", 0.0) for r in scores))
 
     if rep.case_latency and first_image is not None:
         run = lambda: predict_case(predict, first_image, scheme, window, overlap, rep.sw_batch,  # noqa: E731
@@ -510,6 +513,11 @@ def _et_rule(min_voxels: int) -> str:
     return "no ET post-processing"
 
 
+def _gap(ref: dict | None, row: dict, region: str) -> str:
+    a, b = (ref or {}).get(f"dice_{region}"), row.get(f"dice_{region}")
+    return f"{a - b:+.3f}" if _num(a) and _num(b) else "-"
+
+
 def _cpu(note: dict) -> str:
     r = note.get("resolved") or {}
     return f"{r.get('cpu', '?')} [{r.get('cpu_kind', '?')}, ATen {r.get('capability', '?')}]"
@@ -555,6 +563,15 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
         markdown_table(
             ["stage", "artifact", "params", "G MACs", "size", "latency / window", "latency / case"],
             ([r["stage"], f"`{r['artifact']}`", *[_ratio(r[k]) for k in RATIO_KEYS]] for r in rows),
+        ),
+        "",
+        "Dice gap to the reference row per region (reference minus stage, same cases; positive: lost), and "
+        "the held-out cases whose truth has ET but whose prediction has none (a mean over cases hides them):",
+        "",
+        markdown_table(
+            ["stage", "gap WT", "gap TC", "gap ET", "gap mean", "ET predicted empty"],
+            ([r["stage"], *[_gap(ref, r, g) for g in GAP_REGIONS],
+              "-" if r.get("et_missed_cases") is None else f"{r['et_missed_cases']} of {r['cases']}"] for r in rows),
         ),
         "",
         "Published reference (other data, not comparable row by row): SegFormer3D, 4.5M parameters, "

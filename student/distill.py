@@ -6,6 +6,8 @@ Loss per batch (teacher on the clean crop, student on a perturbed copy, see `stu
   + kd_weight * T^2 * [KL(softmax(t/T) || softmax(s/T))          softmax schemes
                        BCE(sigmoid(s/T), sigmoid(t/T)) - H(...)  regions: a per-channel binary KL,
                                                                  the soft BCE less its constant]
+  + kd_dice_weight * soft Dice(student probabilities, teacher probabilities), mean over regions
+                    (the voxel-mean KD above is dominated by background; this term weighs ET like WT)
   + feature_weight * mean over stages of MSE(proj_i(student stage i), teacher stage i)
 
 The 1x1x1 feature projections (student dims -> teacher dims) live in the stage, not the model, so
@@ -27,16 +29,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from brats.dataset import region_centred_crops
 from brats.labels import is_softmax
-from brats.scoring import evaluate
 from common.artifact import Artifact, ArtifactError
-from common.config import Config, ConfigError
+from common.config import Config, ConfigError, PerturbConfig
 from engine.data import TrainData
 from engine.loop import FitResult, Stage, fit
-from engine.losses import segmentation_loss
+from engine.losses import SMOOTH, segmentation_loss
 from engine.runner import StageContext, StageDef, freeze, load_teacher, run_stage  # noqa: F401 (load_teacher: re-export)
 from student.perturb import perturb_batch
-from student.thin import accumulate_taylor_grads, scratch_student, thin_with_selection
+from student.thin import accumulate_taylor_grads, scratch_student, thin_with_selection, width_plan
 
 STAGE = "student"
 INITS = ("pruned", "scratch")
@@ -63,6 +65,24 @@ def kd_loss(
         m = mask.to(per_voxel.dtype)
         return (per_voxel * m).sum() / m.sum().clamp_min(1.0) * T * T
     return per_voxel.mean() * T * T
+
+
+def kd_dice_loss(student: torch.Tensor, teacher: torch.Tensor, scheme: str,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Soft Dice between student and teacher probabilities of (B, K, D, H, W) logits, averaged over
+    the regions (sigmoid channels; softmax classes without the background), so a small region such as
+    ET weighs as much as the background-dominated voxel mean of `kd_loss`. 0 when s == t; `mask`
+    (B, 1, ...) leaves out invalid voxels."""
+    if is_softmax(scheme):
+        p_s, p_t = student.float().softmax(1)[:, 1:], teacher.float().softmax(1)[:, 1:]
+    else:
+        p_s, p_t = torch.sigmoid(student.float()), torch.sigmoid(teacher.float())
+    if mask is not None:
+        p_s, p_t = p_s * mask, p_t * mask
+    # V-Net form (squares in the denominator, Milletari et al. 2016): exactly 0 when p_s == p_t, soft or not
+    dims = (0, *range(2, p_s.ndim))
+    dice = (2 * (p_s * p_t).sum(dims) + SMOOTH) / ((p_s * p_s).sum(dims) + (p_t * p_t).sum(dims) + SMOOTH)
+    return (1 - dice).mean()
 
 
 def feature_loss(
@@ -108,12 +128,14 @@ class DistillStage(Stage):
         self.perturb = perturb
         self.generator = torch.Generator().manual_seed(cfg.train.seed + 7919)
         self.projections: nn.ModuleList | None = None
+        self.trainer = None
         if self.d.temperature <= 0:
             raise ConfigError(f"distill.temperature must be > 0, got {self.d.temperature}")
 
     # -- engine hooks
 
     def setup(self, trainer) -> None:
+        self.trainer = trainer  # for the epoch (perturbation warm-up)
         self.teacher.to(trainer.device)
         if self.d.feature_weight > 0:
             self.build_projections(trainer.model, trainer.device)
@@ -121,6 +143,13 @@ class DistillStage(Stage):
     def parameters(self) -> list[nn.Parameter]:
         """The feature projections: the engine trains, saves and restores them with the model."""
         return list(self.projections.parameters()) if self.projections is not None else []
+
+    def perturb_config(self) -> PerturbConfig:
+        """`distill.perturb` with its probability ramped up over `warmup_epochs` (epoch 1: clean)."""
+        cfg, epoch = self.d.perturb, None if self.trainer is None else self.trainer.epoch
+        if not cfg.warmup_epochs or epoch is None or epoch >= cfg.warmup_epochs:
+            return cfg
+        return dataclasses.replace(cfg, prob=cfg.prob * epoch / cfg.warmup_epochs)
 
     def build_projections(self, student: nn.Module, device: torch.device | str = "cpu") -> nn.ModuleList:
         s_dims = getattr(student, "module", student).spec.embed_dims
@@ -149,7 +178,7 @@ class DistillStage(Stage):
             else:
                 t_logits, t_feats = self.teacher(x), None
         if self.perturb:
-            p = perturb_batch(x, t_logits.float(), label, self.d.perturb, self.generator,
+            p = perturb_batch(x, t_logits.float(), label, self.perturb_config(), self.generator,
                               features=[f.float() for f in t_feats] if t_feats else None)
             x_s, target, label_s, mask, t_feats = p.image, p.target, p.label, p.mask, p.features
         else:
@@ -167,6 +196,10 @@ class DistillStage(Stage):
         kd = kd_loss(s_logits, target, self.scheme, self.d.temperature, mask)
         total = self.d.supervised_weight * sup + self.d.kd_weight * kd
         out = {"sup": logs["loss"], "sup_dice": logs["dice"], "sup_ce": logs["ce"], "kd": float(kd.detach())}
+        if self.d.kd_dice_weight > 0:
+            kd_dice = kd_dice_loss(s_logits, target, self.scheme, mask)
+            total = total + self.d.kd_dice_weight * kd_dice
+            out["kd_dice"] = float(kd_dice.detach())
         if use_feat:
             feat = feature_loss(self.projections, s_feats, t_feats)
             total = total + self.d.feature_weight * feat
@@ -217,12 +250,17 @@ def dice_gap(teacher_metrics: dict, student_metrics: dict) -> dict[str, float]:
 # ----------------------------------------------------------------------------- the command
 
 
-def _calibration_batches(data: TrainData, cfg: Config, device: torch.device, n: int = 2):
-    loader = torch.utils.data.DataLoader(data.train_set, batch_size=cfg.train.batch_size, shuffle=False)
-    for i, batch in enumerate(loader):
-        if i == n:
-            return
-        yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def _calibration_batches(data: TrainData, cfg: Config, device: torch.device):
+    """Batches of crops centred on WT, TC and ET of up to `distill.calib_cases` training cases
+    (`brats.dataset.region_centred_crops`), so every region's loss reaches the channel ranking."""
+    if cfg.distill.calib_cases < 1:
+        raise ConfigError(f"distill.calib_cases must be >= 1, got {cfg.distill.calib_cases}")
+    items = region_centred_crops(data.cache, data.train_ids[: cfg.distill.calib_cases], cfg.data.crop,
+                                 seed=cfg.train.seed)
+    for i in range(0, len(items), cfg.train.batch_size):
+        chunk = items[i: i + cfg.train.batch_size]
+        yield {"image": torch.stack([c["image"] for c in chunk]).to(device),
+               "label": torch.stack([c["label"] for c in chunk]).to(device)}
 
 
 def make_student(teacher: nn.Module, cfg: Config, data: TrainData | None = None) -> nn.Module:
@@ -231,7 +269,7 @@ def make_student(teacher: nn.Module, cfg: Config, data: TrainData | None = None)
     if d.init not in INITS:
         raise ConfigError(f"distill.init={d.init!r}: expected one of {', '.join(INITS)}")
     if d.init == "scratch":
-        return scratch_student(teacher.spec, d.width, seed=cfg.train.seed)
+        return scratch_student(teacher.spec, d.width, seed=cfg.train.seed, floors=d.floors)
     if d.importance == "taylor":
         if data is None:
             raise ConfigError("distill.importance=taylor needs training data for its gradients")
@@ -241,7 +279,8 @@ def make_student(teacher: nn.Module, cfg: Config, data: TrainData | None = None)
             teacher, _calibration_batches(data, cfg, device),
             lambda logits, label: segmentation_loss(logits, label, cfg.data.scheme)[0],
         )
-    student, _ = thin_with_selection(teacher, d.width, importance=d.importance, keep_attn_scale=d.keep_attn_scale)
+    student, _ = thin_with_selection(teacher, d.width, importance=d.importance, keep_attn_scale=d.keep_attn_scale,
+                                     floors=d.floors)
     teacher.zero_grad(set_to_none=True)
     freeze(teacher)
     return student.train()
@@ -254,7 +293,7 @@ def thin_step(teacher: nn.Module, ctx: StageContext) -> nn.Module:
     if not hasattr(teacher, "spec"):
         raise ArtifactError(f"{ctx.source.path}: a {ctx.source.spec.get('kind')!r} model cannot be thinned")
     ctx.extra.update(width=d.width, init=d.init, importance=d.importance, keep_attn_scale=d.keep_attn_scale,
-                     teacher=str(ctx.teacher_path))
+                     teacher=str(ctx.teacher_path), widths=width_plan(teacher.spec, d.width, d.floors))
     return make_student(freeze(teacher), ctx.cfg, ctx.data)
 
 
@@ -264,9 +303,8 @@ def distill_trainer(model: nn.Module, ctx: StageContext) -> DistillStage:
 
 
 def add_teacher_gap(model: nn.Module, art: Artifact, ctx: StageContext) -> Artifact:
-    """Finish of the student stage: the teacher scored on the same cases, and the Dice gap."""
-    teacher_metrics = evaluate(ctx.teacher(), ctx.data.cache, ctx.data.val_ids, ctx.cfg, desc="teacher")
-    gap = dice_gap(teacher_metrics, art.metrics)
+    """Finish of the student stage: the Dice gap to the teacher (the source), scored on the same cases."""
+    gap = dice_gap(ctx.source_metrics, art.metrics)
     if ctx.dist.main:
         tqdm.write("teacher vs student Dice: " + ", ".join(
             f"{r} {gap[f'teacher_dice_{r}']:.3f} -> {gap[f'teacher_dice_{r}'] - gap[f'dice_gap_{r}']:.3f} "

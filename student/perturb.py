@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from common.config import PerturbConfig
 
 
+ROTATION_PLANES = ("axial", "all")  # brain MRI: axial-plane rotations are the plausible ones
+
 @dataclass
 class Geometric:
     """One sample's geometric change, applied in this order: flips, rot90, affine."""
@@ -58,9 +60,15 @@ def _rotation(angles: torch.Tensor) -> torch.Tensor:
 
 
 def sample_geometric(cfg: PerturbConfig, gen: torch.Generator, spatial: tuple[int, int, int]) -> Geometric:
-    """Draw flips per axis, a rot90 in a plane whose sides are equal (so the shape is kept), an affine."""
+    """Draw flips per axis, a rot90 in a plane whose sides are equal (so the shape is kept), an affine;
+    rotations only in the axial (X, Y) plane unless `rotation_planes` is "all"."""
+    if cfg.rotation_planes not in ROTATION_PLANES:
+        raise ValueError(f"distill.perturb.rotation_planes={cfg.rotation_planes!r}: expected one of "
+                         f"{', '.join(ROTATION_PLANES)}")
+    axial = cfg.rotation_planes == "axial"
     flips = tuple(a for a in range(3) if _chance(gen, cfg.flip_prob))
-    square = [(a, b) for a, b in ((0, 1), (0, 2), (1, 2)) if spatial[a] == spatial[b]]
+    planes = ((0, 1),) if axial else ((0, 1), (0, 2), (1, 2))
+    square = [(a, b) for a, b in planes if spatial[a] == spatial[b]]
     rot_k, rot_axes = 0, (0, 1)
     if square and _chance(gen, cfg.rot90_prob):
         rot_axes = square[int(torch.randint(len(square), (1,), generator=gen))]
@@ -68,6 +76,8 @@ def sample_geometric(cfg: PerturbConfig, gen: torch.Generator, spatial: tuple[in
     theta = None
     if _chance(gen, cfg.affine_prob):
         angles = _uniform(gen, -1, 1, 3) * math.radians(cfg.affine_degrees)
+        if axial:  # about the Z axis only: grid axis x is voxel axis 2 (Z), so keep angle 0
+            angles[1:] = 0.0
         scale = float(_uniform(gen, 1 - cfg.affine_scale, 1 + cfg.affine_scale))
         # rotate in voxel space, expressed in affine_grid's normalised (x=W, y=H, z=D) coordinates
         size = torch.tensor([spatial[2], spatial[1], spatial[0]], dtype=torch.float32)

@@ -1,9 +1,11 @@
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from common.artifact import Artifact, ArtifactError, build_model, load_model
+from common.artifact import BUILDERS, Artifact, ArtifactError, build_model, load_model
 from common.atomic import atomic_write
 from model.refineformer3d import ModelSpec, RefineFormer3D
 
@@ -88,11 +90,6 @@ def test_atomic_write_gives_the_usual_file_mode(tmp_path):
 
 
 def test_builders_are_registered_by_the_model_modules_and_unknown_kinds_named(tmp_path, monkeypatch):
-    import subprocess
-    import sys
-
-    from common import artifact
-
     # the artifact module alone names no model code; the model package registers "fp32" on import
     code = ("import common.artifact as a; before = sorted(a.BUILDERS); import model.refineformer3d; "
             "import compress.quant; print(before, sorted(a.BUILDERS))")
@@ -102,7 +99,7 @@ def test_builders_are_registered_by_the_model_modules_and_unknown_kinds_named(tm
     assert out.stdout.split("] [") == ["[", "'fp32', 'int8-qat', 'int8-torch', 'onnx']\n"]
 
     _, art = _artifact()
-    monkeypatch.delitem(artifact.BUILDERS, "fp32")
+    monkeypatch.delitem(BUILDERS, "fp32")
     with pytest.raises(ArtifactError, match="no builder registered for model kind 'fp32'.*import model first"):
         build_model(art)
     art.spec = {**art.spec, "kind": "mystery"}

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from brats.phantom import write_phantom_dataset
 from common.artifact import Artifact, build_model
 from common.config import Config
-from student.distill import DistillStage, dice_gap, distill_student, kd_loss, load_teacher
+from student.distill import DistillStage, dice_gap, distill_student, kd_dice_loss, kd_loss, load_teacher
 from student.thin import thin
 from model.refineformer3d import RefineFormer3D, count_params, preset_spec
 
@@ -64,8 +64,8 @@ def test_teacher_gets_no_gradient_and_does_not_change_during_a_step():
     loss, logs = stage.loss(student, batch)
     loss.backward()
     opt.step()
-    assert set(logs) >= {"loss", "sup", "kd", "feat"} and logs["kd"] > 0 and logs["feat"] > 0
-    assert logs["loss"] == pytest.approx(logs["sup"] + logs["kd"] + 0.5 * logs["feat"], rel=1e-5)
+    assert set(logs) >= {"loss", "sup", "kd", "kd_dice", "feat"} and logs["kd"] > 0 and logs["feat"] > 0
+    assert logs["loss"] == pytest.approx(logs["sup"] + logs["kd"] + logs["kd_dice"] + 0.5 * logs["feat"], rel=1e-5)
     assert not teacher.training
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
@@ -145,3 +145,19 @@ def test_perturb_prob_zero_gives_exactly_the_clean_loss_and_is_recorded():
     assert abs(float(always.detach()) - float(clean.detach())) > 1e-4  # the perturbed input changes the loss
     assert DistillStage(teacher, cfg).artifact_extra()["distill"]["perturb_config"]["prob"] == 1.0
     assert DistillStage(teacher, cfg, perturb=False).artifact_extra()["distill"]["perturb_config"] is None
+
+
+def test_kd_dice_weighs_a_small_region_like_a_large_one():
+    """The voxel-mean KD barely sees a missed small region; the soft-Dice term sees it fully."""
+    t = torch.full((1, 3, 16, 16, 16), -8.0)
+    t[:, 0, :12] = 8.0  # a large region (most voxels)
+    t[:, 2, :1, :2, :2] = 8.0  # a 4-voxel "ET"
+    miss_small = t.clone()
+    miss_small[:, 2] = -8.0  # the student misses ET entirely
+    assert float(kd_dice_loss(t, t, "regions")) == pytest.approx(0.0, abs=1e-3)
+    dice_miss = float(kd_dice_loss(miss_small, t, "regions"))
+    assert dice_miss == pytest.approx(1 / 3, abs=0.01)  # one region of three lost: a third of the term
+    assert float(kd_loss(miss_small, t, "regions", 1.0)) < 0.01 * dice_miss  # the voxel mean hardly notices
+    mask = torch.zeros(1, 1, 16, 16, 16, dtype=torch.bool)
+    mask[..., 4:, :, :] = True  # ET lies outside the valid region: nothing to match there
+    assert float(kd_dice_loss(miss_small, t, "regions", mask)) == pytest.approx(0.0, abs=1e-3)

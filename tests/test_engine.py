@@ -293,6 +293,20 @@ def test_early_stop_validates_and_is_final(phantom, tmp_path):
     assert len(again.history) == 1  # a stopped run stays stopped
 
 
+def test_patience_stops_after_validations_without_a_better_dice(phantom, tmp_path):
+    class SameEveryTime(SupervisedStage):  # validation predicts the same logits each epoch: no improvement
+        def predict(self, model, x):
+            return torch.zeros(x.shape[0], 3, *x.shape[2:])
+
+    cfg = tiny_cfg(phantom, epochs=6, val_every=1, log_images=False, patience=2)
+    result = fit(tiny_model(), SameEveryTime(), cfg, tmp_path, stage_name="teacher")
+    assert len(result.history) == 3  # best at epoch 1, then 2 stale validations: epochs is only a maximum
+    state = Artifact.load(tmp_path / LAST).extra["train_state"]
+    assert state["stopped"] is True and state["stale"] == 2
+    cfg.train.patience = None
+    assert len(fit(tiny_model(), SameEveryTime(), cfg, tmp_path / "all", stage_name="teacher").history) == 6
+
+
 def test_replace_model_keeps_schedule_and_adam_state(phantom, tmp_path):
     cfg = tiny_cfg(phantom, epochs=4)
     trainer = Trainer(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="teacher")

@@ -6,15 +6,19 @@ import copy
 import pytest
 import torch
 
-from common.config import GrowConfig
+from brats.phantom import write_phantom_dataset
+from common.artifact import Artifact, ArtifactError
+from common.config import Config, ConfigError, GrowConfig
 from compress.grow import (
     GradientScorer,
     GrowStage,
     GrowthSchedule,
+    check_config,
     dice_stalled,
     grown_width,
     growable_units,
     is_plateau,
+    main,
     parse_count,
     select_units,
     spec_params,
@@ -25,8 +29,9 @@ from compress.grow import (
     unit_width,
     widen,
 )
-from engine.loop import Stage
+from engine.loop import Stage, SupervisedStage, fit
 from model.layers import LowRankConv3d, LowRankLinear
+from model.macs import count_macs
 from model.refineformer3d import ModelSpec, RefineFormer3D, count_params, get_module, model_from_spec
 
 RANKS_COMMON = {
@@ -184,7 +189,6 @@ def test_spec_macs_and_unit_costs_match_count_macs():
     """The analytic count equals fvcore's on tiny models (dense refine, low-rank allmlp, a non-cubic
     input), and a unit's per-channel cost times the channels added equals
     count_macs(widened) - count_macs(model)."""
-    from model.macs import count_macs
 
     def fvcore(m, size):
         return round(count_macs(m, (1, 4, *size)) * 1e9)
@@ -331,9 +335,6 @@ def test_parse_count_rejects_garbage():
     ],
 )
 def test_bad_grow_config_fails_before_training(field, value, message):
-    from common.config import ConfigError
-    from compress.grow import check_config
-
     cfg = GrowConfig(**{field: value})
     with pytest.raises(ConfigError, match=message):
         check_config(cfg, tiny("refine").spec)
@@ -421,9 +422,6 @@ def test_grow_stage_grows_at_a_plateau_and_records_history():
 
 
 def test_main_reports_missing_artifact(tmp_path):
-    from common.artifact import ArtifactError
-    from compress.grow import main
-
     with pytest.raises(ArtifactError, match="nope.pt"):
         main([str(tmp_path / "nope.pt"), "--out", str(tmp_path / "out"), "--config", "configs/grow.yaml"])
 
@@ -471,8 +469,6 @@ class _InterruptAfter(Stage):
     """Supervised loss; raises KeyboardInterrupt on loss call `n + 1` (a kill mid-epoch)."""
 
     def __init__(self, n: int | None = None):
-        from engine.loop import SupervisedStage
-
         self.sup, self.n, self.calls = SupervisedStage(), n, 0
 
     def loss(self, model, batch):
@@ -485,11 +481,6 @@ class _InterruptAfter(Stage):
 def test_resumed_growth_run_matches_an_uninterrupted_one(tmp_path):
     """Grow at epochs 2 and 3 of 3; killed in epoch 3 (after one growth), the resumed run rebuilds
     the grown model from last.pt and ends where the straight run ends: same units, same weights."""
-    from brats.phantom import write_phantom_dataset
-    from common.artifact import Artifact
-    from common.config import Config
-    from engine.loop import fit
-
     write_phantom_dataset(tmp_path / "data", cases=4, val_cases=0, shape=(48, 48, 32), seed=0)
     cfg = Config()
     cfg.data.dir, cfg.data.crop, cfg.data.val_fraction, cfg.data.max_val_cases = str(tmp_path / "data"), [32] * 3, 0.5, 1

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from brats.labels import (REGIONS, SCHEMES, is_softmax, msd_to_brats, num_outputs, probs_to_brats,
-                          to_target)
+                          suppress_small_et, to_target)
 from brats.layout import DataError
+from brats.metrics import region_masks
 
 LABEL = torch.tensor([0, 1, 2, 4], dtype=torch.uint8).view(1, 1, 4)  # (D, H, W)
 
@@ -91,9 +92,6 @@ def test_msd_to_brats_mapping():
 
 
 def test_small_et_becomes_ncr_and_large_et_stays():
-    from brats.labels import suppress_small_et
-    from brats.metrics import region_masks
-
     label = np.zeros((6, 6, 6), np.uint8)
     label[1:5, 1:5, 1:5] = 2
     label[2:4, 2:4, 2:4] = 1

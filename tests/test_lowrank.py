@@ -1,6 +1,7 @@
 """Low-rank surgery: exactness at full rank, optimal truncation, rank selection, budget, round-trip."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from brats.phantom import write_phantom_dataset
 from common.artifact import Artifact, ArtifactError, build_model
 from common.config import ConfigError, LowRankConfig
 from compress.lowrank import (
@@ -19,6 +21,7 @@ from compress.lowrank import (
     factorise_layer,
     format_table,
     lowrank_params,
+    main,
     max_saving_rank,
     parse_count,
     rank_for_energy,
@@ -309,16 +312,12 @@ def _save_pair(folder) -> tuple:
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     """Two small synthetic BraTS cases, written once for the command tests (writing takes seconds)."""
-    from brats.phantom import write_phantom_dataset
-
     root = tmp_path_factory.mktemp("data")
     write_phantom_dataset(root, 2, 0, (64, 64, 32), 0)
     return root
 
 
 def test_command_without_finetune_writes_a_rebuildable_artifact(tmp_path, monkeypatch, capsys, tiny_data):
-    from compress.lowrank import main
-
     monkeypatch.chdir(tmp_path)
     model, student = _save_pair(tmp_path)
     before = count_params(model)
@@ -345,8 +344,6 @@ def test_command_without_finetune_writes_a_rebuildable_artifact(tmp_path, monkey
 
 
 def test_command_needs_a_teacher_to_finetune(tmp_path, monkeypatch):
-    from compress.lowrank import main
-
     monkeypatch.chdir(tmp_path)
     model = tiny_model()
     Artifact(stage="student", spec=model.spec.to_dict(), state_dict=model.state_dict()).save(tmp_path / "orphan.pt")
@@ -356,10 +353,6 @@ def test_command_needs_a_teacher_to_finetune(tmp_path, monkeypatch):
 
 
 def test_finetune_scores_the_start_once_and_records_it(tmp_path, monkeypatch, tiny_data):
-    import json
-
-    from compress.lowrank import main
-
     monkeypatch.chdir(tmp_path)
     _save_pair(tmp_path)
     tiny = ["data.max_val_cases=1", "data.crop=[32,32,32]", "data.samples_per_epoch=2", "data.num_workers=0",

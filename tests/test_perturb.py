@@ -124,3 +124,40 @@ def test_prob_perturbs_each_sample_with_that_chance_and_leaves_the_rest_clean():
     assert not any(torch.equal(every.image[b], image[b]) for b in range(64))
     with pytest.raises(ValueError, match="perturb.prob"):
         perturb_batch(image, logits, label, PerturbConfig(prob=1.5), torch.Generator())
+
+
+def test_rotations_stay_in_the_axial_plane_by_default():
+    cfg = PerturbConfig(rot90_prob=1.0, affine_prob=1.0, affine_degrees=30.0)
+    assert cfg.rotation_planes == "axial"
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        g = sample_geometric(cfg, gen, (16, 16, 16))
+        assert g.rot_k > 0 and g.rot_axes == (0, 1)
+        # the affine maps Z onto Z: grid axis x (voxel axis 2) is untouched by the rotation
+        assert torch.allclose(g.theta[0, :3] * g.theta[0, 0].sign(), torch.tensor([g.theta[0, 0].abs(), 0.0, 0.0]),
+                              atol=1e-6)
+    planes = {sample_geometric(PerturbConfig(rot90_prob=1.0, rotation_planes="all"), gen, (16, 16, 16)).rot_axes
+              for _ in range(60)}
+    assert planes == {(0, 1), (0, 2), (1, 2)}
+    with pytest.raises(ValueError, match="rotation_planes"):
+        sample_geometric(PerturbConfig(rotation_planes="coronal"), gen, (16, 16, 16))
+
+
+def test_perturbation_warms_up_from_clean():
+    from types import SimpleNamespace
+
+    from common.config import Config
+    from student.distill import DistillStage
+    from model.refineformer3d import RefineFormer3D, preset_spec
+
+    cfg = Config()
+    cfg.distill.perturb.prob, cfg.distill.perturb.warmup_epochs = 0.8, 4
+    teacher = RefineFormer3D(preset_spec("refineformer3d", embed_dims=[8, 16, 16, 16], num_heads=[1, 1, 1, 1],
+                                         depths=[1, 1, 1, 1], decoder_dim=8, fuse_dim=8, refine_dim=4))
+    stage = DistillStage(teacher, cfg)
+    assert stage.perturb_config().prob == 0.8  # outside the engine: no epoch, no ramp
+    probs = []
+    for epoch in range(6):
+        stage.trainer = SimpleNamespace(epoch=epoch)
+        probs.append(stage.perturb_config().prob)
+    assert probs == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 0.8])

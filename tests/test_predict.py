@@ -11,10 +11,12 @@ from brats.inference import predict_case
 from brats.layout import DataError, discover_cases
 from brats.phantom import write_phantom_dataset
 from brats.prepare import prepare, run_prepare
-from common.artifact import Artifact
-from pipeline.predict import (artifact_scheme, base_spec, check_window, predict_folder, predict_fn, select_cases,
-                               split_cases)
+from common.artifact import Artifact, build_model
+from compress.quant.convert import int8_spec, prepare_float
+from pipeline.predict import (artifact_scheme, base_spec, check_window, inference_model, predict_folder, predict_fn,
+                               select_cases, split_cases)
 from model.refineformer3d import ModelSpec, RefineFormer3D
+from model.rewrites import ChannelsLast3d, ReassociatedDecoder, inference_graph
 
 SHAPE = (40, 40, 32)
 WINDOW = (32, 32, 32)
@@ -62,7 +64,8 @@ def test_predictions_on_input_grid_and_equal_to_cache_pipeline(setup, tmp_path):
         seen |= set(np.unique(label).tolist())
         meta = cache.meta(ref.case)
         image = torch.from_numpy(np.asarray(cache.image(ref.case), dtype=np.float32))
-        expected = uncrop(predict_case(predict_fn(model), image, "regions", WINDOW, 0.5, 1), meta)
+        served = inference_graph(model)  # what predict_folder runs for an FP32 artifact
+        expected = uncrop(predict_case(predict_fn(served), image, "regions", WINDOW, 0.5, 1), meta)
         np.testing.assert_array_equal(label, expected)
         outside = np.ones(SHAPE, bool)
         outside[tuple(slice(a, b) for a, b in meta.bbox)] = False
@@ -117,6 +120,23 @@ def test_window_and_scheme_checks(setup, capsys):
     spec = {**art.spec, "kind": "int8-torch", "qconfig": "x86"}
     assert base_spec(spec) == {**art.spec, "kind": "fp32"}
     assert base_spec({"kind": "onnx", "base": art.spec, "onnx": "..."}) == {**art.spec, "kind": "fp32"}
+
+
+def test_fp32_artifacts_run_as_their_inference_graph_and_int8_ones_as_built(setup):
+    _, _, artifact, model = setup
+    art = Artifact.load(artifact)
+    served = inference_model(art)
+    assert isinstance(served.decoder, ReassociatedDecoder) and not served.training
+    assert sum(isinstance(m, ChannelsLast3d) for m in served.modules()) == 1
+    x = torch.randn(1, 4, *WINDOW)
+    with torch.no_grad():
+        assert torch.allclose(served(x), model(x), atol=1e-5 * float(model(x).abs().max()))
+    # an INT8 builder applies the rewrites itself: the served model is the built one, rewritten once
+    prepared = prepare_float(model)
+    int8 = Artifact("int8", int8_spec(art.spec, [], True, "x86"), prepared.state_dict())
+    built = build_model(int8)
+    assert inference_model(int8, built) is built
+    assert sum(isinstance(m, ChannelsLast3d) for m in built.modules()) == 1 and len(built.decoder._forward_hooks) == 1
 
 
 def written_cases(folder) -> list[str]:

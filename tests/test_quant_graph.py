@@ -1,138 +1,37 @@
-"""Exact graph rewrites: BatchNorm folding, decoder re-association and the channels_last_3d tail leave outputs equal."""
-import copy
-
+"""The INT8 models' float graph: `prepare_float` is `model.rewrites.inference_graph`, and its channels_last_3d
+tail survives the LSQ and INT8 layer swaps (the rewrites themselves: tests/test_rewrites.py)."""
 import pytest
 import torch
 from torch import nn
 
 from compress.quant.convert import Int8Conv3d, convert, prepare_float
-from compress.quant.fold import bn_pairs, fold_bn
 from compress.quant.lsq import LSQConfig, calibrate, quantize_
-from compress.quant.reassoc import (ChannelsLast3d, ReassociatedDecoder, channels_last_tail, has_channels_last_tail,
-                                    reassociate_decoder)
-from model.refineformer3d import ModelSpec, RefineFormer3D, factorise_module
+from model.refineformer3d import ModelSpec, RefineFormer3D
+from model.rewrites import ChannelsLast3d, ReassociatedDecoder, bn_pairs, inference_graph
 
 TINY = dict(embed_dims=[16, 32, 32, 32], num_heads=[1, 2, 2, 2], depths=[1, 1, 1, 1], decoder_dim=16, fuse_dim=16,
             refine_dim=4)
 
 
-def tiny_model(decoder: str, seed: int = 0) -> RefineFormer3D:
+def tiny_model(seed: int = 0) -> RefineFormer3D:
     torch.manual_seed(seed)
-    model = RefineFormer3D(ModelSpec(decoder=decoder, **TINY))
-    with torch.no_grad():  # non-trivial BatchNorm statistics, else folding is nearly the identity
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm3d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return model.eval()
+    return RefineFormer3D(ModelSpec(decoder="refine", **TINY)).eval()
 
 
-@pytest.mark.parametrize("decoder", ["refine", "allmlp"])
-def test_fold_bn_is_exact(decoder):
-    model = tiny_model(decoder)
-    x = torch.randn(1, 4, 32, 32, 32)
-    with torch.no_grad():
-        ref = model(x)
-        n = len(bn_pairs(model))
-        fold_bn(model)
-        out = model(x)
-    assert n == (4 + 3 if decoder == "refine" else 4 + 1)  # 4 MixFFN dwconvs + the decoder BNs
-    assert not any(isinstance(m, nn.BatchNorm3d) for m in model.modules())
-    assert model.decoder.fuse.bias is not None
-    assert torch.allclose(out, ref, atol=1e-4 * float(ref.abs().max()))
-
-
-@pytest.mark.parametrize("decoder", ["refine", "allmlp"])
-@pytest.mark.parametrize("fold", [True, False])
-def test_reassociated_decoder_is_exact(decoder, fold):
-    model = tiny_model(decoder, seed=1)
-    x = torch.randn(1, 4, 32, 32, 32)
-    with torch.no_grad():
-        ref = model(x)
-        if fold:
-            fold_bn(model)
-        reassociate_decoder(model)
-        out = model(x)
-    assert isinstance(model.decoder, ReassociatedDecoder)
-    assert len(model.decoder.fuse_parts) == 4
-    # stage 0's block is the LAST input-channel block of the fused conv (concatenation is deepest first)
-    assert torch.allclose(out, ref, atol=1e-4 * float(ref.abs().max()))
-
-
-def test_reassociation_with_low_rank_fuse():
-    model = tiny_model("refine", seed=2)
-    factorise_module(model, "decoder.fuse", 6)
-    nn.init.normal_(model.decoder.fuse.down.weight, std=0.2)
-    nn.init.normal_(model.decoder.fuse.up.weight, std=0.2)
-    model.eval()
-    x = torch.randn(1, 4, 32, 32, 32)
-    with torch.no_grad():
-        ref = model(x)
-        fold_bn(model)  # folds fuse_bn into fuse.up
-        reassociate_decoder(model)
-        out = model(x)
-    assert model.decoder.fuse_parts[0].out_channels == 6  # rank-6 sums are upsampled, not 16 channels
-    assert torch.allclose(out, ref, atol=1e-4 * float(ref.abs().max()))
-
-
-CL = torch.channels_last_3d
-
-
-def layouts(model: nn.Module, x: torch.Tensor) -> dict[str, str]:
-    """Memory layout ("cl", "std" or "other") of the inputs of refine_pw / head / pred, and of the logits."""
-    def kind(t: torch.Tensor) -> str:
-        return "std" if t.is_contiguous() else "cl" if t.is_contiguous(memory_format=CL) else "other"
-
-    seen: dict[str, str] = {}
-
-    def record(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:  # returns None: the input is left as it is
-            seen.setdefault(name, kind(args[0]))
-        return hook
-
-    hooks = [getattr(model.decoder, name).register_forward_pre_hook(record(name))
-             for name in ("refine_pw", "head", "pred") if hasattr(model.decoder, name)]
-    with torch.no_grad():
-        seen["logits"] = kind(model(x))
-    for h in hooks:
-        h.remove()
-    return seen
-
-
-@pytest.mark.parametrize("decoder", ["refine", "allmlp"])
 @pytest.mark.parametrize("reassoc", [True, False])
-def test_channels_last_tail_is_exact(decoder, reassoc):
-    base = tiny_model(decoder, seed=3)
+def test_prepare_float_is_the_inference_graph_on_a_copy(reassoc):
+    model = tiny_model(seed=4)
+    prepared = prepare_float(model, reassoc=reassoc)
+    assert prepared is not model and bn_pairs(model) and not bn_pairs(prepared)  # the input stays as it was
+    assert isinstance(prepared.decoder, ReassociatedDecoder) == reassoc
+    assert isinstance(prepared.decoder.refine_pw_bn, ChannelsLast3d)
     x = torch.randn(1, 4, 32, 32, 32)
-    plain = prepare_float(copy.deepcopy(base), reassoc=reassoc, channels_last=False)
-    fast = prepare_float(copy.deepcopy(base), reassoc=reassoc)  # channels_last=True is the default
     with torch.no_grad():
-        ref, out = plain(x), fast(x)
-    assert torch.allclose(out, ref, atol=1e-5), float((out - ref).abs().max())
-    assert fast.state_dict().keys() == plain.state_dict().keys()  # parameter-free: artifacts are unchanged
-    assert has_channels_last_tail(fast) == (decoder == "refine") and not has_channels_last_tail(plain)
-    if decoder == "refine":
-        assert isinstance(fast.decoder.refine_pw_bn, ChannelsLast3d)
-        # the x4 upsample and the head run channels_last_3d; the logits come back in the default layout
-        assert layouts(fast, x) == {"refine_pw": "std", "head": "cl", "logits": "std"}
-        assert layouts(plain, x) == {"refine_pw": "std", "head": "std", "logits": "std"}
-        # at real sizes the head conv itself returns channels_last_3d (oneDNN); the logits still come back default
-        fast.decoder.head.register_forward_hook(lambda m, a, y: y.contiguous(memory_format=CL))
-        assert layouts(fast, x)["logits"] == "std" and layouts(plain, x)["logits"] == "std"
-    else:  # no slot: measured no faster (bench/bench_int8.py), so the allmlp graph is unchanged
-        assert layouts(fast, x) == layouts(plain, x) == {"pred": "std", "logits": "std"}
+        assert torch.equal(prepared(x), inference_graph(model, reassoc=reassoc)(x))
 
 
-def test_channels_last_tail_needs_folded_batchnorm_and_survives_int8_swaps():
-    model = tiny_model("refine", seed=4)
-    with pytest.raises(TypeError, match="decoder.refine_pw_bn.*BatchNorm3d.*fold_bn"):
-        channels_last_tail(model)
-    model = prepare_float(model)
-    assert channels_last_tail(model) is model  # idempotent: one slot, one hook
-    assert sum(isinstance(m, ChannelsLast3d) for m in model.modules()) == 1
-    assert len(model.decoder._forward_hooks) == 1
+def test_channels_last_tail_survives_int8_swaps():
+    model = prepare_float(tiny_model(seed=4))
     x = torch.randn(1, 4, 32, 32, 32)
     quantize_(model, LSQConfig(final={"decoder.head"}), lambda name, m: name.startswith("decoder.refine"))
     calibrate(model, [x])
@@ -140,16 +39,12 @@ def test_channels_last_tail_needs_folded_batchnorm_and_survives_int8_swaps():
         fake = model(x)
     convert(model)  # refine_dw / refine_pw become real INT8 layers; the slot stays
     assert isinstance(model.decoder.refine_pw, Int8Conv3d) and isinstance(model.decoder.refine_pw_bn, ChannelsLast3d)
-    seen = layouts(model, x)  # (refine_pw's input layout is whatever the INT8 refine_dw returns)
-    assert (seen["head"], seen["logits"]) == ("cl", "std")
+    assert sum(isinstance(m, ChannelsLast3d) for m in model.modules()) == 1 and len(model.decoder._forward_hooks) == 1
+    head_input = []
+    model.decoder.head.register_forward_pre_hook(
+        lambda m, args: head_input.append(args[0].is_contiguous(memory_format=torch.channels_last_3d)))
     with torch.no_grad():
         real = model(x)
+    assert head_input == [True] and real.is_contiguous()  # tail in channels_last_3d, logits in the default layout
     assert torch.allclose(real, fake, atol=0.05 * float(fake.abs().max()))  # INT8 vs fake-quant, not exact
-
-
-def test_channels_last_tail_skips_narrow_tails():
-    """refine_dim 2 measured no faster in channels_last_3d: the graph is left as it is."""
-    torch.manual_seed(5)
-    model = prepare_float(RefineFormer3D(ModelSpec(decoder="refine", **{**TINY, "refine_dim": 2})).eval())
-    assert not has_channels_last_tail(model) and type(model.decoder.refine_pw_bn) is nn.Identity
-    assert layouts(model, torch.randn(1, 4, 32, 32, 32)) == {"refine_pw": "std", "head": "std", "logits": "std"}
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in model.modules())

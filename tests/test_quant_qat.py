@@ -9,6 +9,7 @@ import torch
 from brats.phantom import write_phantom_dataset
 from common.artifact import Artifact, ArtifactError, build_model
 from common.config import Config
+from compress.quant.convert import convert
 from compress.quant.lsq import QUANT_LAYERS
 from compress.quant.qat import is_quantizer_param, qat_spec
 from compress.quant.stage import QATSupervisedStage, quantize_step, run_quantize
@@ -135,9 +136,12 @@ def test_quantize_resumes_an_interrupted_qat_run(phantom, tmp_path):
     assert any(k.endswith(".step") for k in moved) and any(k.endswith(".weight") for k in moved)
     int8 = Artifact.load(path)
     assert int8.extra["int8"]["decisions"] == first.extra["int8"]["decisions"]
-    assert 0.0 <= int8.metrics["dice_mean"] <= 1.0 and math.isclose(int8.metrics["fp32_dice_mean"], 0.5)
+    assert 0.0 <= int8.metrics["dice_mean"] <= 1.0
+    # the FP32 figure is measured in this run on the same cases (not the 0.5 stored in the source artifact)
+    source_dice = int8.extra["guard"]["source_dice"]
+    assert math.isclose(int8.metrics["fp32_dice_mean"], sum(source_dice.values()) / 3, rel_tol=1e-9)
+    assert int8.extra["guard"]["source"] == "student" and set(int8.extra["guard"]["drops"]) == {"wt", "tc", "et"}
     # the best QAT epoch (carried in qat/last.pt; no best.pt beside it) rebuilds and converts to the saved INT8 model
-    from compress.quant.convert import convert
     assert sorted(p.name for p in out.rglob("*.pt")) == ["int8.pt", "last.pt"]
     best = build_model(best_epoch(last))
     x = torch.randn(SHAPE)

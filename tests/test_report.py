@@ -159,6 +159,14 @@ def test_numbers_and_ratios(built):
     assert s["dice_wt"] == 0.0 and s["dice_tc"] == 0.0 and s["iou_mean"] <= s["dice_et"] / 3 + 1e-9
     assert s["hd95_wt"] == pytest.approx(HD95_EMPTY) and s["hd95_tc"] == pytest.approx(HD95_EMPTY)
     assert s["dice_et"] in (0.0, 0.5, 1.0)
+    # ET predicted empty: every held-out case whose truth has ET, for the all-background student
+    from brats.cache import open_cache
+
+    cache = open_cache(root / "cache")
+    with_et = sum(bool((np.asarray(cache.label(c)) == 4).any()) for c in result.cases)
+    assert s["et_missed_cases"] == with_et and (s["dice_et"] == 0.0) == (with_et == len(result.cases))
+    md = (root / "out" / "report.md").read_text()
+    assert f"| student | {t['dice_wt'] - s['dice_wt']:+.3f} |" in md and f"{with_et} of {s['cases']} |" in md
 
 
 def test_files_written(built):

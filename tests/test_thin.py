@@ -41,7 +41,7 @@ def test_segformer3d_student_shape_and_parameter_count(width, params):
 @pytest.mark.parametrize("decoder", ["refine", "allmlp"])
 def test_surviving_channels_carry_teacher_weights(decoder):
     teacher = tiny_teacher(decoder)
-    student, sel = thin_with_selection(teacher, 0.5)
+    student, sel = thin_with_selection(teacher, 0.5, floors=False)  # every width halves
     t, s = teacher.state_dict(), student.state_dict()
     r0, r1 = sel.res[0], sel.res[1]
     assert len(r0) == 8 and len(r1) == 16
@@ -136,3 +136,53 @@ def test_scratch_student_and_bad_input():
         student_spec(dataclasses.replace(spec, ranks={"decoder.fuse": 2}), 0.5)
     with pytest.raises(ValueError, match="importance"):
         thin_with_selection(tiny_teacher(), 0.5, importance="random")
+
+
+def test_head_floors_keep_channels_per_region_and_say_why():
+    from student.thin import width_plan
+
+    spec = ModelSpec(embed_dims=[32, 64, 160, 256], decoder_dim=16, fuse_dim=64, refine_dim=16)
+    rows = {r["layer"]: r for r in width_plan(spec, 0.25)}
+    # refine tail: 16 x 0.25 = 4 -> floor 4 channels x 3 regions = 12; decoder 4 -> min(16, 24) = 16
+    assert (rows["refine_dim"]["scaled"], rows["refine_dim"]["student"]) == (4, 12)
+    assert rows["refine_dim"]["rule"] == "floor 4 x 3 regions"
+    assert (rows["decoder_dim"]["scaled"], rows["decoder_dim"]["student"]) == (4, 16)
+    assert (rows["fuse_dim"]["student"], rows["fuse_dim"]["rule"]) == (24, "floor 8 x 3 regions")
+    s = student_spec(spec, 0.25)
+    assert (s.refine_dim, s.decoder_dim, s.fuse_dim, s.embed_dims) == (12, 16, 24, [8, 16, 40, 64])
+    assert student_spec(spec, 0.25, floors=False).refine_dim == 4  # the plain multiplier
+    assert student_spec(spec, 1.0) == dataclasses.replace(spec, attn_scales=None).resolve()  # width 1: the teacher
+
+
+def _tail_teacher() -> RefineFormer3D:
+    """A teacher whose ET logit reads only refine channel 5, a channel of tiny weights."""
+    teacher = tiny_teacher("refine")
+    with torch.no_grad():
+        head = teacher.decoder.head.weight
+        head.zero_()
+        head[0, 0], head[1, 1], head[2, 5] = 1.0, 1.0, 1.0
+        teacher.decoder.refine_pw.weight[5] *= 1e-3
+        teacher.decoder.refine_pw_bn.weight[5] = 1e-3
+    return teacher
+
+
+def test_region_balanced_tail_keeps_the_small_regions_channel():
+    teacher = _tail_teacher()
+    # 4 of 8 refine channels kept: magnitude alone would drop channel 5 (its weights are 1000x smaller)
+    _, sel = thin_with_selection(teacher, 0.5, floors=False)
+    assert len(sel.refine) == 4 and 5 in sel.refine.tolist()
+    assert {0, 1} <= set(sel.refine.tolist())  # every region's own channel
+
+
+def test_taylor_keeps_a_small_magnitude_channel_the_loss_needs():
+    teacher = tiny_teacher("refine")
+    with torch.no_grad():
+        teacher.decoder.fuse.weight[3] *= 1e-3  # fuse channel 3: tiny weights ...
+        teacher.decoder.fuse_bn.weight[3] = 1e-3
+    for p in teacher.parameters():
+        p.grad = torch.zeros_like(p)
+    teacher.decoder.fuse.weight.grad[3] = 1e6  # ... but a large loss gradient (|w * dL/dw| is large)
+    teacher.decoder.fuse_bn.weight.grad[3] = 1e6
+    _, by_taylor = thin_with_selection(teacher, 0.5, importance="taylor", floors=False)
+    _, by_magnitude = thin_with_selection(teacher, 0.5, importance="magnitude", floors=False)
+    assert 3 in by_taylor.fuse.tolist() and 3 not in by_magnitude.fuse.tolist()

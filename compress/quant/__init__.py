@@ -2,15 +2,15 @@
 
     from compress.quant import quantize_, LSQConfig, calibrate, convert, prepare_float, decide
 
+The exact float rewrites it applies first (`prepare_float`) live in `model.rewrites`, re-exported here.
 Importing the package registers the artifact kinds it rebuilds: int8-torch, int8-qat, onnx.
 """
 from compress.quant.convert import Int8Conv3d, Int8Linear, convert, prepare_float
 from compress.quant.decide import decide, format_table, int8_layers
-from compress.quant.fold import fold_bn
 from compress.quant.lsq import LSQConfig, QuantConv3d, QuantLinear, calibrate, quantize_
 from compress.quant.onnx_export import OrtModel, export_onnx
 from compress.quant.qat import QATHooks
-from compress.quant.reassoc import ChannelsLast3d, ReassociatedDecoder, channels_last_tail, reassociate_decoder
+from model.rewrites import ChannelsLast3d, ReassociatedDecoder, channels_last_tail, fold_bn, reassociate_decoder
 
 __all__ = [
     "ChannelsLast3d", "Int8Conv3d", "Int8Linear", "LSQConfig", "OrtModel", "QATHooks", "QuantConv3d", "QuantLinear",

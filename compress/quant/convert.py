@@ -18,10 +18,9 @@ from torch import nn
 
 from common.artifact import register_builder
 from engine.runtime import int8_engine
-from compress.quant.fold import fold_bn
 from compress.quant.lsq import W_QMAX, QuantConv3d, QuantLinear
-from compress.quant.reassoc import channels_last_tail, reassociate_decoder
 from model.refineformer3d import get_module, model_from_spec as fp32_from_spec, set_module
+from model.rewrites import inference_graph
 
 
 def set_engine() -> str:
@@ -141,16 +140,9 @@ def convert(model: nn.Module) -> nn.Module:
 
 
 def prepare_float(model: nn.Module, reassoc: bool = True, channels_last: bool = True) -> nn.Module:
-    """The exact graph rewrites every backend gets: BatchNorm folding, decoder re-association, and the
-    decoder tail in channels_last_3d (`channels_last_tail`; PyTorch eager only, ONNX export ignores it)."""
-    fold_bn(model)
-    if reassoc:
-        reassociate_decoder(model)
-    if channels_last:
-        channels_last_tail(model)
-    elif hasattr(model.decoder, "channels_last_tail"):
-        model.decoder.channels_last_tail = False  # the float decoder's own eval-time layout switch
-    return model.eval()
+    """The exact graph rewrites every backend gets (`model.rewrites.inference_graph`: BatchNorm folding,
+    decoder re-association, the decoder tail in channels_last_3d), on a copy; `model` is unchanged."""
+    return inference_graph(model, reassoc=reassoc, channels_last=channels_last)
 
 
 def int8_spec(base_spec: dict, int8_layers: list[str], reassoc: bool, engine: str) -> dict[str, Any]:

@@ -21,10 +21,9 @@ from torch import nn
 
 from common.artifact import register_builder
 from compress.quant.convert import prepare_float
-from compress.quant.fold import bn_pairs
 from compress.quant.lsq import QUANT_LAYERS, LSQConfig, quantizable, quantize_
-from compress.quant.reassoc import ReassociatedDecoder
 from model.refineformer3d import model_from_spec as fp32_from_spec
+from model.rewrites import ReassociatedDecoder, bn_pairs
 
 KIND = "int8-qat"
 QUANTIZER_FIELDS = ("step", "zero_point", "lo", "hi")  # FakeQuant's learned / calibrated values

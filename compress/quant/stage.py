@@ -1,6 +1,6 @@
 """The INT8 stage: FP32 artifact -> exact rewrites -> per-layer decision -> LSQ QAT -> INT8 artifact.
 
-    prepare_float   BatchNorm folding + decoder re-association (exact)
+    prepare_float   BatchNorm folding + decoder re-association + channels-last tail (exact; model.rewrites)
     decide          which layers run INT8 (measured on this CPU, or forced)
     quantize_       LSQ fake quantisation of exactly those layers, calibrated
     distill         a few epochs of distillation from the lineage's teacher (engine); its checkpoint
@@ -26,9 +26,9 @@ from compress.quant.decide import decide, format_table, int8_layers
 from compress.quant.lsq import LSQConfig, calibrate, quantize_
 from compress.quant.onnx_export import OrtModel, export_onnx, onnx_spec
 from compress.quant.qat import KIND as QAT_KIND, QATHooks
-from compress.quant.reassoc import final_layer
 from engine.loop import LAST, Stage, SupervisedStage
 from engine.runner import StageContext, StageDef, run_stage
+from model.rewrites import final_layer
 from student.distill import DistillStage
 
 STAGE = "int8"
@@ -59,7 +59,7 @@ def quantize_step(model: nn.Module, cfg: Config, calib: Iterable[torch.Tensor], 
                   shape: tuple[int, ...] | None = None) -> tuple[nn.Module, list[dict]]:
     """Pure model surgery: (float model) -> (calibrated fake-quant model, decision rows)."""
     q = cfg.quant
-    model = prepare_float(copy.deepcopy(model), reassoc=q.reassoc)
+    model = prepare_float(model, reassoc=q.reassoc)  # a rewritten copy
     rows = decide(model, shape or input_shape(cfg), q.decide, q.force, runs=q.bench_runs, min_speedup=q.min_speedup,
                   progress=progress, final={final_layer(model)})
     chosen = set(int8_layers(rows))
@@ -141,7 +141,7 @@ def to_int8(backend: str):
             spec = onnx_spec(list(shape), len(int8_bytes), source.spec, "int8", cfg.quant.threads)
             extra["int8"]["onnx_bytes"] = {"fp32": len(fp32_bytes), "int8": len(int8_bytes)}
         metrics = evaluate(model, ctx.data.cache, ctx.data.val_ids, cfg, desc="int8 validation")
-        metrics["fp32_dice_mean"] = float(source.metrics.get("dice_mean", float("nan")))
+        metrics["fp32_dice_mean"] = float(ctx.source_metrics["dice_mean"])  # this run, the same cases
         if ctx.dist.main:
             print(f"INT8 ({backend}): {len(layers)} of {len(rows)} layers INT8; dice_mean {metrics['dice_mean']:.4f} "
                   f"(FP32 {metrics['fp32_dice_mean']:.4f})")

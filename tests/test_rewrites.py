@@ -1,0 +1,185 @@
+"""Inference rewrites (model.rewrites): BatchNorm folding, decoder re-association and the channels_last_3d tail
+leave outputs equal; `inference_graph` applies them to a copy, once."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from model.layers import LowRankConv3d, LowRankLinear
+from model.refineformer3d import ModelSpec, RefineFormer3D, factorise_module
+from model.rewrites import (ChannelsLast3d, ReassociatedDecoder, bn_pairs, channels_last_tail, fold_bn,
+                            has_channels_last_tail, inference_graph, reassociate_decoder)
+
+TINY = dict(embed_dims=[16, 32, 32, 32], num_heads=[1, 2, 2, 2], depths=[1, 1, 1, 1], decoder_dim=16, fuse_dim=16,
+            refine_dim=4)
+# Low-rank layers in the encoder, in the fusion conv (re-associated through its `down` half), in the refine
+# decoder's pointwise conv (its BatchNorm folds into `up`) and in the head (the channels-last tail runs it).
+RANKS = {"encoder.stages.0.blocks.0.mlp.fc1": 8, "encoder.stages.1.blocks.0.attn.q": 8, "decoder.fuse": 6,
+         "decoder.refine_pw": 3, "decoder.head": 3}
+ALLMLP_RANKS = {"encoder.stages.0.blocks.0.mlp.fc1": 8, "decoder.fuse": 6, "decoder.pred": 2}
+
+
+def tiny_model(decoder: str, seed: int = 0, ranks: dict[str, int] | None = None) -> RefineFormer3D:
+    torch.manual_seed(seed)
+    model = RefineFormer3D(ModelSpec(decoder=decoder, **TINY, ranks=dict(ranks or {})))
+    with torch.no_grad():  # non-trivial BatchNorm statistics, else folding is nearly the identity
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def max_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest absolute difference relative to the largest logit."""
+    return float((out - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("decoder", ["refine", "allmlp"])
+def test_fold_bn_is_exact(decoder):
+    model = tiny_model(decoder)
+    x = torch.randn(1, 4, 32, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        n = len(bn_pairs(model))
+        fold_bn(model)
+        out = model(x)
+    assert n == (4 + 3 if decoder == "refine" else 4 + 1)  # 4 MixFFN dwconvs + the decoder BNs
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in model.modules())
+    assert model.decoder.fuse.bias is not None
+    assert torch.allclose(out, ref, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("decoder", ["refine", "allmlp"])
+@pytest.mark.parametrize("fold", [True, False])
+def test_reassociated_decoder_is_exact(decoder, fold):
+    model = tiny_model(decoder, seed=1)
+    x = torch.randn(1, 4, 32, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        if fold:
+            fold_bn(model)
+        reassociate_decoder(model)
+        out = model(x)
+    assert isinstance(model.decoder, ReassociatedDecoder)
+    assert len(model.decoder.fuse_parts) == 4
+    # stage 0's block is the LAST input-channel block of the fused conv (concatenation is deepest first)
+    assert torch.allclose(out, ref, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_reassociation_with_low_rank_fuse():
+    model = tiny_model("refine", seed=2)
+    factorise_module(model, "decoder.fuse", 6)
+    nn.init.normal_(model.decoder.fuse.down.weight, std=0.2)
+    nn.init.normal_(model.decoder.fuse.up.weight, std=0.2)
+    model.eval()
+    x = torch.randn(1, 4, 32, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        fold_bn(model)  # folds fuse_bn into fuse.up
+        reassociate_decoder(model)
+        out = model(x)
+    assert model.decoder.fuse_parts[0].out_channels == 6  # rank-6 sums are upsampled, not 16 channels
+    assert torch.allclose(out, ref, atol=1e-4 * float(ref.abs().max()))
+
+
+CL = torch.channels_last_3d
+
+
+def layouts(model: nn.Module, x: torch.Tensor) -> dict[str, str]:
+    """Memory layout ("cl", "std" or "other") of the inputs of refine_pw / head / pred, and of the logits."""
+    def kind(t: torch.Tensor) -> str:
+        return "std" if t.is_contiguous() else "cl" if t.is_contiguous(memory_format=CL) else "other"
+
+    seen: dict[str, str] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:  # returns None: the input is left as it is
+            seen.setdefault(name, kind(args[0]))
+        return hook
+
+    hooks = [getattr(model.decoder, name).register_forward_pre_hook(record(name))
+             for name in ("refine_pw", "head", "pred") if hasattr(model.decoder, name)]
+    with torch.no_grad():
+        seen["logits"] = kind(model(x))
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("decoder", ["refine", "allmlp"])
+@pytest.mark.parametrize("reassoc", [True, False])
+def test_channels_last_tail_is_exact(decoder, reassoc):
+    base = tiny_model(decoder, seed=3)
+    x = torch.randn(1, 4, 32, 32, 32)
+    plain = inference_graph(base, reassoc=reassoc, channels_last=False)
+    fast = inference_graph(base, reassoc=reassoc)  # channels_last=True is the default
+    with torch.no_grad():
+        ref, out = plain(x), fast(x)
+    assert torch.allclose(out, ref, atol=1e-5), float((out - ref).abs().max())
+    assert fast.state_dict().keys() == plain.state_dict().keys()  # parameter-free: artifacts are unchanged
+    assert has_channels_last_tail(fast) == (decoder == "refine") and not has_channels_last_tail(plain)
+    if decoder == "refine":
+        assert isinstance(fast.decoder.refine_pw_bn, ChannelsLast3d)
+        # the x4 upsample and the head run channels_last_3d; the logits come back in the default layout
+        assert layouts(fast, x) == {"refine_pw": "std", "head": "cl", "logits": "std"}
+        assert layouts(plain, x) == {"refine_pw": "std", "head": "std", "logits": "std"}
+        # at real sizes the head conv itself returns channels_last_3d (oneDNN); the logits still come back default
+        fast.decoder.head.register_forward_hook(lambda m, a, y: y.contiguous(memory_format=CL))
+        assert layouts(fast, x)["logits"] == "std" and layouts(plain, x)["logits"] == "std"
+    else:  # no slot: measured no faster (bench/bench_int8.py), so the allmlp graph is unchanged
+        assert layouts(fast, x) == layouts(plain, x) == {"pred": "std", "logits": "std"}
+
+
+def test_channels_last_tail_needs_folded_batchnorm_and_is_idempotent():
+    model = tiny_model("refine", seed=4)
+    with pytest.raises(TypeError, match="decoder.refine_pw_bn.*BatchNorm3d.*fold_bn"):
+        channels_last_tail(model)
+    fold_bn(model)
+    assert channels_last_tail(model) is model and channels_last_tail(model) is model
+    assert sum(isinstance(m, ChannelsLast3d) for m in model.modules()) == 1  # one slot, one hook
+    assert len(model.decoder._forward_hooks) == 1
+
+
+def test_channels_last_tail_skips_narrow_tails():
+    """refine_dim 2 measured no faster in channels_last_3d: the graph is left as it is."""
+    torch.manual_seed(5)
+    model = inference_graph(RefineFormer3D(ModelSpec(decoder="refine", **{**TINY, "refine_dim": 2})))
+    assert not has_channels_last_tail(model) and type(model.decoder.refine_pw_bn) is nn.Identity
+    assert layouts(model, torch.randn(1, 4, 32, 32, 32)) == {"refine_pw": "std", "head": "std", "logits": "std"}
+
+
+@pytest.mark.parametrize("decoder, ranks", [("refine", None), ("allmlp", None), ("refine", RANKS),
+                                            ("allmlp", ALLMLP_RANKS)])
+def test_inference_graph_matches_the_plain_model(decoder, ranks):
+    """Same function, different rounding: folding scales the conv weights before the sum instead of the
+    sum after it, and re-association adds the four stages' convs after upsampling each instead of
+    convolving their concatenation. Each float32 op rounds at ~6e-8 relative; the logits are sums of a
+    few hundred such terms through a few dozen layers, so 1e-5 of the largest logit bounds the
+    difference with room to spare (measured: 1e-7 to 6e-7), while any wiring mistake (a block or
+    a BatchNorm statistic out of place) is off by far more than that."""
+    model = tiny_model(decoder, seed=6, ranks=ranks)
+    if ranks:
+        assert {n for n, m in model.named_modules() if isinstance(m, (LowRankLinear, LowRankConv3d))} == set(ranks)
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(1, 4, 32, 64, 32)
+    fast = inference_graph(model)
+    with torch.no_grad():
+        ref, out = model(x), fast(x)
+    assert max_error(out, ref) < 1e-5
+    assert out.is_contiguous() and not fast.training
+    assert isinstance(fast.decoder, ReassociatedDecoder) and not bn_pairs(fast)
+    assert has_channels_last_tail(fast) == (decoder == "refine")
+    # the plain model is untouched: same modules, same weights, still unfolded
+    assert not isinstance(model.decoder, ReassociatedDecoder) and bn_pairs(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # idempotent: a rewritten model comes back with the same graph and the same numbers
+    again = inference_graph(fast)
+    assert sum(isinstance(m, ChannelsLast3d) for m in again.modules()) == int(decoder == "refine")
+    assert len(again.decoder._forward_hooks) == len(fast.decoder._forward_hooks)
+    with torch.no_grad():
+        assert torch.equal(again(x), out)
+
