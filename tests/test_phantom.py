@@ -1,3 +1,4 @@
+import hashlib
 import re
 
 import nibabel as nib
@@ -7,7 +8,9 @@ from scipy import ndimage
 
 from brats.cache import open_cache
 from brats.labels import region_masks
-from brats.phantom import main, make_case
+from brats.layout import discover_cases
+from brats.nifti import load_case
+from brats.phantom import FAMILIES, main, make_case, training_plan, write_phantom_dataset
 from brats.synthetic import ensure_synthetic, resolve_data
 from common.config import DataConfig
 
@@ -103,3 +106,133 @@ def test_ensure_synthetic_and_resolve_data(tmp_path):
     cfg = DataConfig(dir=str(root), cache=str(tmp_path / "elsewhere"))
     assert resolve_data(cfg, progress=False) == (root, tmp_path / "elsewhere")
     assert len(open_cache(tmp_path / "elsewhere").labelled()) == 2
+
+
+# Decoded arrays of the demo family as the code wrote them before families existed (shape, dtype,
+# values, affine of every file); a change of numpy's or scipy's numerics would also move them.
+DEMO_DATASET_SHA256 = "9bb742614d2782dd7f0fe9077c16d25470c48ea1a66e1823f9ca6bfc69ddf40c"
+DEMO_CASE_SHA256 = "0d5e0f5501fc2fa038eef0d0c00255a94df4500597c6f1f652d239953951b9c8"
+FAMILY_SHAPE = (64, 64, 40)
+
+
+def _dataset_digest(root):
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.nii.gz")):
+        img = nib.load(str(f))
+        data = np.ascontiguousarray(np.asanyarray(img.dataobj))
+        for part in (str(f.relative_to(root)), str(data.dtype), str(data.shape)):
+            h.update(part.encode())
+        h.update(data.tobytes())
+        h.update(np.asarray(img.affine, np.float64).tobytes())
+    return h.hexdigest()
+
+
+def test_demo_family_output_unchanged(tmp_path):
+    write_phantom_dataset(tmp_path / "default", cases=4, val_cases=2, shape=(32, 32, 24), seed=3)
+    assert _dataset_digest(tmp_path / "default") == DEMO_DATASET_SHA256
+    assert main([str(tmp_path / "cli"), "--cases", "4", "--val-cases", "2", "--shape", "32", "32", "24",
+                 "--seed", "3", "--family", "demo"]) == 0
+    assert _dataset_digest(tmp_path / "cli") == DEMO_DATASET_SHA256
+    pc = make_case("x", "lgg", (40, 36, 28), seed=1, index=5, as_int16=False, family="demo")
+    h = hashlib.sha256()
+    for m in ("flair", "t1", "t1ce", "t2"):
+        h.update(pc.images[m].tobytes())
+    h.update(np.asarray(pc.label).tobytes())
+    assert h.hexdigest() == DEMO_CASE_SHA256
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_has_et_decides_et_and_nothing_else(family):
+    shape = (40, 40, 28)
+    without = make_case("c", "lgg", shape, seed=0, index=2, family=family, has_et=False)
+    with_et = make_case("c", "lgg", shape, seed=0, index=2, family=family, has_et=True)
+    assert not (without.label == 4).any() and (with_et.label == 4).sum() >= 6
+    np.testing.assert_array_equal(without.label > 0, with_et.label > 0)  # same tumour, same draws
+    np.testing.assert_array_equal(without.images["flair"] != 0, with_et.images["flair"] != 0)
+
+
+def _family_cases(family, n=20):
+    return [make_case(f"c{i}", grade, FAMILY_SHAPE, seed=0, index=i, family=family, has_et=has_et)
+            for i, (grade, has_et) in enumerate(training_plan(n, family, seed=0))]
+
+
+@pytest.fixture(scope="module")
+def families():
+    return {family: _family_cases(family) for family in FAMILIES}
+
+
+def _stats(cases):
+    out = {"no_et": 0.0, "et_share": [], "flair_edema": [], "t1ce_et": [], "brain": [], "wt": []}
+    for pc in cases:
+        label = np.asarray(pc.label)
+        brain = pc.images["flair"] != 0
+        wt, et, edema = label > 0, label == 4, label == 2
+        normal = brain & ~wt
+        out["no_et"] += (not et.any()) / len(cases)
+        out["brain"].append(brain.mean())
+        out["wt"].append(wt.sum())
+        flair, t1ce = (pc.images[m].astype(np.float64) for m in ("flair", "t1ce"))
+        out["flair_edema"].append(flair[edema].mean() / flair[normal].mean())
+        if et.any():
+            out["et_share"].append(et.sum() / wt.sum())
+            out["t1ce_et"].append(t1ce[et].mean() / t1ce[normal].mean())
+    return {k: (v if k == "no_et" else float(np.mean(v))) for k, v in out.items()}
+
+
+def test_lgg_rich_differs_from_demo(families):
+    demo, rich = _stats(families["demo"]), _stats(families["lgg-rich"])
+    assert 0.30 <= rich["no_et"] <= 0.40 and demo["no_et"] < 0.30
+    assert rich["et_share"] < 0.6 * demo["et_share"]  # thin rims and small foci
+    assert rich["wt"] < 0.6 * demo["wt"]  # smaller tumours in a smaller brain
+    assert rich["brain"] < 0.8 * demo["brain"]
+    assert 1.15 < rich["flair_edema"] < demo["flair_edema"] - 0.2  # lower contrast, still visible
+    assert 1.15 < rich["t1ce_et"] < demo["t1ce_et"] - 0.1
+
+
+def test_lgg_rich_labels_and_images(families):
+    for pc in families["lgg-rich"]:
+        label = np.asarray(pc.label)
+        brain = pc.images["flair"] != 0
+        assert set(np.unique(label).tolist()) <= {0, 1, 2, 4} and (label == 1).any() and (label == 2).any()
+        assert not (label > 0)[~brain].any()
+        if pc.grade == "hgg":
+            assert (label == 4).any()
+        for m, img in pc.images.items():
+            assert (img[brain] > 0).all() and not (img[~brain]).any()
+            assert img[brain].std() > 0.05 * img[brain].mean(), m  # never constant inside the brain
+
+
+def test_lgg_rich_validation_draws():
+    no_et = [not (make_case("v", None, (24, 24, 20), seed=0, index=i, family="lgg-rich").label == 4).any()
+             for i in range(40)]
+    assert 0.2 <= np.mean(no_et) <= 0.5  # P(no ET) = 0.35 per validation case
+
+
+def test_lgg_rich_cli_layout_loads_and_determinism(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        assert main([str(out), "--cases", "6", "--val-cases", "2", "--shape", "40", "40", "28",
+                     "--family", "lgg-rich"]) == 0
+    files = sorted(p.relative_to(a) for p in a.rglob("*.nii.gz"))
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*.nii.gz"))
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    refs = discover_cases(a)
+    train = [r for r in refs if r.layout == "brats17-training"]
+    assert len(train) == 6 and len(refs) == 8 and all(NAME.match(r.case) for r in refs)
+    assert sorted(r.grade for r in train) == ["hgg"] * 3 + ["lgg"] * 3  # round(6 * 0.45) LGG
+    no_et = 0
+    for ref in refs:
+        loaded = load_case(ref)  # refuses a modality constant inside the brain, a label outside 0/1/2/4
+        assert loaded.image.shape == (4, 40, 40, 28) and not loaded.constant
+        if ref.has_label:
+            no_et += not (loaded.label == 4).any()
+    assert no_et == 2  # round(6 * 0.35)
+
+
+def test_unknown_family_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="lgg-rich"):
+        make_case("c", "hgg", (24, 24, 20), family="nope")
+    with pytest.raises(ValueError, match="unknown phantom family"):
+        write_phantom_dataset(tmp_path, cases=2, val_cases=0, shape=(24, 24, 20), family="nope")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "x"), "--family", "nope"])
