@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-constant-modality", action="store_true",
                         help="predict a case whose modality is constant (e.g. all zero) inside the brain, with a "
                              "warning (default: the case fails)")
+    parser.add_argument("--overwrite", action="store_true", help="replace label maps already in --output")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.fold is not None and args.split is None:
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         result = predict_folder(args.artifact, args.input, args.output, args.window, args.overlap,
                                 args.sw_batch, progress=not args.quiet, cases=cases,
                                 et_min_voxels=args.et_min_voxels,
-                                allow_constant_modality=args.allow_constant_modality)
+                                allow_constant_modality=args.allow_constant_modality, overwrite=args.overwrite)
     except UserInputError:
         raise  # bad data or artifact: run_main reports it
     except ValueError as e:  # window / overlap that the model cannot use

@@ -20,13 +20,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import sys  # noqa: E402
 
 from common.cli import config_from_args, run_main, stage_parser  # noqa: E402
+from common.paths import project_path  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = stage_parser("report.py", __doc__)
-    parser.set_defaults(out="report")
-    parser.add_argument("sources", nargs="*", default=["runs"], metavar="RUNS_DIR|ARTIFACT",
-                        help="runs folder(s) to search and/or artifact files (default: runs)")
+    parser.set_defaults(out=str(project_path("report")))
+    for action in parser._actions:  # the shared --out / --overwrite help is about stage runs
+        if action.dest == "out":
+            action.help = "report folder: report.md, .csv, .json and plots (default: the project's report/)"
+        if action.dest == "overwrite":
+            action.help = "accepted for symmetry; a report is always rewritten in place"
+    parser.add_argument("sources", nargs="*", default=[str(project_path("runs"))], metavar="RUNS_DIR|ARTIFACT",
+                        help="runs folder(s) to search and/or artifact files (default: the project's runs/)")
     parser.add_argument("--arch", default=None, help="profile a preset architecture without weights "
                         "(segformer3d | refineformer3d)")
     parser.add_argument("--width", type=float, default=1.0, help="width multiplier for --arch")
@@ -40,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.report import format_profile, make_report, profile_arch
 
     if args.arch:
+        if not 0.0 < args.width <= 1.0:
+            print(f"error: --width {args.width}: must be in (0, 1]", file=sys.stderr)
+            return 2
         try:
             profile = profile_arch(args.arch, args.width, args.input or cfg.report.input)
         except ValueError as e:

@@ -15,6 +15,7 @@ from brats.phantom import write_phantom_dataset
 from brats.prepare import prepare
 from common.atomic import atomic_write_text
 from common.config import DataConfig
+from common.paths import project_path
 
 PARAMS_FILE = "phantom.json"
 PHANTOM_VERSION = 1
@@ -61,7 +62,7 @@ def _recorded(root: Path) -> dict | None:
         return None
 
 
-def resolve_data(cfg: DataConfig, synthetic_root: str | Path = "data/synthetic",
+def resolve_data(cfg: DataConfig, synthetic_root: str | Path = project_path("data/synthetic"),
                  progress: bool = True) -> tuple[Path, Path]:
     """(data_dir, cache_dir) for `cfg`, with the cache prepared.
 

@@ -1,20 +1,31 @@
-"""The arguments every stage command shares: --config, --data, --out, --set."""
+"""The arguments every stage command shares: --config, --data, --out, --overwrite, --set.
+
+Defaults that name the project's own files (configs/*.yaml, runs/<stage>) are resolved against the
+project (`common.paths`), so a command typed in any folder finds them; paths the user types are
+relative to the current folder as usual.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable
 
 from common.config import Config, load_config
 from common.errors import UserInputError
+from common.paths import project_path
 
 
 def stage_parser(prog: str, description: str, default_config: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
+    config = str(project_path(default_config)) if default_config else None
+    p.add_argument("--config", default=config,
+                   help=f"YAML config (default: the project's {default_config})" if default_config else "YAML config")
     p.add_argument("--data", default=None, help="BraTS-layout data folder (default: built-in synthetic cases)")
     p.add_argument("--out", default=None, help="output folder; the stage's artifact (.pt) is written there")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (without it, a folder holding a run is refused)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.epochs=5 (repeatable)",
@@ -44,6 +55,30 @@ def run_main(main: Callable[[], int | None]) -> None:
 
 
 def out_dir(args: argparse.Namespace, default: str) -> Path:
-    path = Path(args.out or default)
-    path.mkdir(parents=True, exist_ok=True)
+    """The output folder (`--out`, else `default` in the project), checked before any work.
+
+    UserInputError when it cannot be written (a file in the way, no write permission), or when it
+    already holds a run (any *.pt) and neither --resume nor --overwrite was given: nothing already
+    written is replaced silently. The folder itself is created by the first write, so a command that
+    fails its checks leaves none behind.
+    """
+    path = Path(args.out) if args.out else project_path(default)
+    writable_folder(path)
+    existing = sorted(str(p.relative_to(path)) for p in path.rglob("*.pt")) if path.is_dir() else []
+    if existing and not (getattr(args, "resume", False) or getattr(args, "overwrite", False)):
+        shown = ", ".join(existing[:4]) + (" ..." if len(existing) > 4 else "")
+        resume = "continue it with --resume, " if hasattr(args, "resume") else ""
+        raise UserInputError(f"{path} already holds a run ({shown}); {resume}replace it with --overwrite, "
+                             "or choose another --out")
     return path
+
+
+def writable_folder(path: Path) -> None:
+    """UserInputError unless `path` is, or can be created as, a folder this process may write."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserInputError(f"{path}: cannot create the output folder: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserInputError(f"{path}: cannot write the output folder: no write permission on {probe}")

@@ -403,6 +403,9 @@ class Trainer:
         self.stopped = bool(state.get("stopped", False))
         self.stale = int(state.get("stale", 0))
         set_rng_state(state["rng"])
+        if self.dist.main:
+            tqdm.write(f"{self.stage_name}: resuming {path} after epoch {self.epoch} of {self.cfg.train.epochs} "
+                       f"(step {self.global_step}, best mean Dice {self.best_score:.4f})")
 
     # -- logging
 
@@ -645,6 +648,9 @@ def _check_crop(cfg: Config, model: nn.Module) -> int | None:
     crop = cfg.data.crop
     if any(c % stride for c in crop):
         raise ConfigError(f"data.crop={crop}: every size must be a multiple of {stride}, the model's total stride")
+    if any(w % stride for w in cfg.train.window):  # validation would fail only after the first epoch
+        raise ConfigError(f"train.window={cfg.train.window}: every size must be a multiple of {stride}, "
+                          "the model's total stride")
     deepest = math.prod(c // stride for c in crop)
     if deepest == 1 and cfg.train.batch_size < 2:
         raise ConfigError(

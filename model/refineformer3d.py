@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.artifact import register_builder
+from common.config import ConfigError
 from model.layers import LowRankConv3d, LowRankLinear
 
 
@@ -348,8 +349,11 @@ def model_from_spec(spec: dict[str, Any] | ModelSpec) -> RefineFormer3D:
 
 
 def build_from_config(cfg: Any) -> RefineFormer3D:
-    """From a `common.config.ModelConfig`."""
-    return RefineFormer3D(preset_spec(cfg.preset, cfg.width, **cfg.overrides))
+    """From a `common.config.ModelConfig`; ConfigError for a spec that does not fit together."""
+    try:
+        return RefineFormer3D(preset_spec(cfg.preset, cfg.width, **cfg.overrides))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model (preset {cfg.preset!r}, width {cfg.width}, overrides {cfg.overrides}): {e}") from None
 
 
 def count_params(model: nn.Module) -> int:

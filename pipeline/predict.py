@@ -27,6 +27,7 @@ from brats.prepare import preprocess_case
 from brats.splits import read_splits
 import compress.quant  # noqa: F401  (registers the int8-torch, int8-qat and onnx artifact kinds)
 from common.artifact import Artifact, build_model
+from common.errors import UserInputError
 from model.refineformer3d import ModelSpec, model_from_spec
 from model.rewrites import inference_graph
 
@@ -145,13 +146,16 @@ def predict_ref(model: nn.Module, ref: CaseRef, scheme: str, window: Sequence[in
 def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str | Path,
                    window: Sequence[int] = (128, 128, 128), overlap: float = 0.5, sw_batch: int = 1,
                    progress: bool = True, cases: Sequence[str] | None = None,
-                   et_min_voxels: int = 0, allow_constant_modality: bool = False) -> PredictResult:
+                   et_min_voxels: int = 0, allow_constant_modality: bool = False,
+                   overwrite: bool = False) -> PredictResult:
     """Predict every case under `input_dir` (any BraTS layout, or one case folder), or only `cases`.
 
     Writes `<output_dir>/<case>.nii.gz` atomically. `et_min_voxels` > 0: a case whose predicted ET
     has fewer voxels gets it relabelled NCR/NET. A missing or unusable artifact, no cases, or a
     named case not in `input_dir` raise; a bad case lands in `result.failed` and the rest go on.
     `allow_constant_modality`: a modality constant inside the brain is a warning, not a failed case.
+    An output file that already exists is an error (UserInputError, before any prediction) unless
+    `overwrite`.
     """
     art = Artifact.load(artifact)
     window = check_window(window, art.spec)
@@ -165,6 +169,11 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
     if cases is not None:
         refs = select_cases(refs, cases, input_dir)
     output_dir = Path(output_dir)
+    taken = [output_dir / f"{ref.case}.nii.gz" for ref in refs if (output_dir / f"{ref.case}.nii.gz").exists()]
+    if taken and not overwrite:
+        shown = ", ".join(p.name for p in taken[:3]) + (" ..." if len(taken) > 3 else "")
+        raise UserInputError(f"{output_dir} already holds {len(taken)} of the label maps to write ({shown}); "
+                             "pass --overwrite to replace them, or choose another --output")
     output_dir.mkdir(parents=True, exist_ok=True)
     result = PredictResult()
     bar = tqdm(refs, desc=f"predict ({art.stage})", unit="case", disable=not progress, file=sys.stderr)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on built-in synthetic BraTS-like cases, at demo scale (configs/demo/*.yaml).
-# Every stage reads the previous stage's artifact and writes its own under runs/demo/.
+# Every stage reads the previous stage's artifact and writes its own under runs/demo/; a second run
+# replaces the first (--overwrite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -14,24 +15,24 @@ step "1/8 synthetic BraTS 2017 cases -> $DATA"
 $PY -m brats.phantom "$DATA" --cases 20 --val-cases 2 --shape 96 96 64 --seed 0
 
 step "2/8 teacher (train.py)"
-$PY train.py --config configs/demo/teacher.yaml --data "$DATA" --out "$RUNS/teacher"
+$PY train.py --config configs/demo/teacher.yaml --data "$DATA" --out "$RUNS/teacher" --overwrite
 
 step "3/8 self-distilled width-0.25 student (distill.py)"
-$PY distill.py --config configs/demo/distill.yaml --data "$DATA" --teacher "$RUNS/teacher/best.pt" --width 0.25 --out "$RUNS/student"
+$PY distill.py --config configs/demo/distill.yaml --data "$DATA" --teacher "$RUNS/teacher/best.pt" --width 0.25 --out "$RUNS/student" --overwrite
 
 step "4/8 low-rank factorisation (compress.lowrank)"
-$PY -m compress.lowrank "$RUNS/student/student.pt" --config configs/demo/lowrank.yaml --data "$DATA" --out "$RUNS/lowrank"
+$PY -m compress.lowrank "$RUNS/student/student.pt" --config configs/demo/lowrank.yaml --data "$DATA" --out "$RUNS/lowrank" --overwrite
 
 step "5/8 progressive channel growth (compress.grow)"
-$PY -m compress.grow "$RUNS/lowrank/lowrank.pt" --config configs/demo/grow.yaml --data "$DATA" --out "$RUNS/grow"
+$PY -m compress.grow "$RUNS/lowrank/lowrank.pt" --config configs/demo/grow.yaml --data "$DATA" --out "$RUNS/grow" --overwrite
 
 step "6/8 INT8 quantisation (quantize.py)"
-$PY quantize.py "$RUNS/grow/grown.pt" --config configs/demo/quantize.yaml --data "$DATA" --out "$RUNS/int8"
+$PY quantize.py "$RUNS/grow/grown.pt" --config configs/demo/quantize.yaml --data "$DATA" --out "$RUNS/int8" --overwrite
 
 step "7/8 predict the validation release, and the held-out training cases to score them"
-$PY predict.py "$RUNS/int8/int8.pt" --input "$DATA/Brats17ValidationData" --output "$RUNS/predictions/validation"
+$PY predict.py "$RUNS/int8/int8.pt" --input "$DATA/Brats17ValidationData" --output "$RUNS/predictions/validation" --overwrite
 $PY predict.py "$RUNS/int8/int8.pt" --input "$DATA/Brats17TrainingData" --split "$DATA/.cache/splits.json" \
-    --output "$RUNS/predictions/held-out"
+    --output "$RUNS/predictions/held-out" --overwrite
 $PY -m brats.evaluate "$RUNS/predictions/held-out" "$DATA/Brats17TrainingData" --subset --out "$RUNS/predictions/held-out/scores.csv"
 
 step "8/8 report"

@@ -313,7 +313,15 @@ def add_teacher_gap(model: nn.Module, art: Artifact, ctx: StageContext) -> Artif
     return art
 
 
-STUDENT = StageDef(STAGE, step=thin_step, finetune=distill_trainer, finish=add_teacher_gap)
+def _check_student(art: Artifact, cfg: Config) -> None:
+    d = cfg.distill
+    if not 0.0 < d.width <= 1.0:
+        raise ConfigError(f"distill.width={d.width}: must be in (0, 1] (0.25 keeps a quarter of every width)")
+    if d.init not in INITS:
+        raise ConfigError(f"distill.init={d.init!r}: expected one of {', '.join(INITS)}")
+
+
+STUDENT = StageDef(STAGE, step=thin_step, finetune=distill_trainer, finish=add_teacher_gap, check=_check_student)
 
 
 def distill_student(cfg: Config, out_dir: str | Path, resume: bool = False) -> Artifact:

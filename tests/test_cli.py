@@ -1,0 +1,93 @@
+"""The commands as a user types them, from a folder outside the project: checks before any work,
+nothing overwritten, project defaults found from anywhere."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from brats.phantom import write_phantom_dataset
+from common.artifact import Artifact
+from model.refineformer3d import RefineFormer3D, preset_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(embed_dims=[8, 16, 16, 16], num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1], decoder_dim=8, fuse_dim=8,
+            refine_dim=4)
+
+
+def run(cwd: Path, script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture()
+def elsewhere(tmp_path) -> Path:
+    folder = tmp_path / "user"
+    folder.mkdir()
+    return folder
+
+
+def tiny_artifact(path: Path, stage: str = "teacher") -> Path:
+    torch.manual_seed(0)
+    model = RefineFormer3D(preset_spec("refineformer3d", **TINY))
+    Artifact(stage=stage, spec=model.spec.to_dict(), state_dict=model.state_dict(),
+             config={"data": {"scheme": "regions"}}).save(path)
+    return path
+
+
+def test_project_config_is_found_from_any_folder(elsewhere):
+    out = run(elsewhere, "distill.py", "--help")
+    assert out.returncode == 0 and "the project's configs/distill.yaml" in " ".join(out.stdout.split())
+    out = run(elsewhere, "distill.py", "--teacher", "missing.pt", "--out", "student")
+    assert out.returncode == 2 and "missing.pt: no such artifact file" in out.stderr
+    assert "config file not found" not in out.stderr and not (elsewhere / "student").exists()
+
+
+def test_a_finished_run_is_not_overwritten_without_a_word(elsewhere):
+    run_dir = elsewhere / "teacher"
+    run_dir.mkdir()
+    (run_dir / "best.pt").write_bytes(b"a six-epoch teacher")
+    out = run(elsewhere, "train.py", "--out", "teacher")
+    assert out.returncode == 2 and "--resume" in out.stderr and "--overwrite" in out.stderr
+    assert "teacher already holds a run (best.pt)" in out.stderr
+    assert (run_dir / "best.pt").read_bytes() == b"a six-epoch teacher"
+
+
+def test_checks_fail_before_any_work(elsewhere):
+    teacher = tiny_artifact(elsewhere / "best.pt")
+    out = run(elsewhere, "distill.py", "--teacher", str(teacher), "--width", "0", "--out", "student")
+    assert out.returncode == 2 and "distill.width=0.0: must be in (0, 1]" in out.stderr
+    assert not (elsewhere / "student").exists()  # no empty folder left behind
+    (elsewhere / "afile").write_text("x")
+    out = run(elsewhere, "distill.py", "--teacher", str(teacher), "--out", "afile/student")
+    assert out.returncode == 2 and "afile is a file" in out.stderr
+    out = run(elsewhere, "train.py", "--out", "t", "--set", "train.window=[100,100,100]",
+              "--set", "model.overrides={embed_dims: [8, 16, 16, 16]}", "--data", str(elsewhere / "nodata"))
+    assert out.returncode == 2 and "stage 2 attention dim 16 is not divisible by 5 heads" in out.stderr
+    tiny = "model.overrides={" + ", ".join(f"{k}: {v}" for k, v in TINY.items()) + "}"
+    out = run(elsewhere, "train.py", "--out", "t", "--set", "train.window=[100,100,100]", "--set", tiny,
+              "--data", str(elsewhere / "nodata"))
+    assert out.returncode == 2 and "train.window=[100, 100, 100]" in out.stderr and not (elsewhere / "t").exists()
+    out = run(elsewhere, "report.py", "--arch", "segformer3d", "--width", "0")
+    assert out.returncode == 2 and "--width 0.0: must be in (0, 1]" in out.stderr
+    int8 = Artifact(stage="int8", spec={"kind": "int8-torch"}, state_dict={}).save(elsewhere / "int8.pt")
+    out = run(elsewhere, "distill.py", "--teacher", str(int8), "--out", "s2")
+    assert out.returncode == 2 and "needs a fp32 artifact, got kind 'int8-torch'" in out.stderr
+
+
+def test_predict_refuses_to_replace_label_maps(elsewhere):
+    write_phantom_dataset(elsewhere / "data", cases=1, val_cases=0, shape=(32, 32, 32), seed=0)
+    art = tiny_artifact(elsewhere / "best.pt")
+    case = next((elsewhere / "data").rglob("*_flair.nii.gz")).parent.name
+    preds = elsewhere / "preds"
+    preds.mkdir()
+    (preds / f"{case}.nii.gz").write_bytes(b"someone else's segmentation")
+    args = ("predict.py", str(art), "--input", "data", "--output", "preds", "--window", "32", "32", "32", "--quiet")
+    out = run(elsewhere, *args)
+    assert out.returncode == 2 and "--overwrite" in out.stderr and f"{case}.nii.gz" in out.stderr
+    assert (preds / f"{case}.nii.gz").read_bytes() == b"someone else's segmentation"
+    out = run(elsewhere, *args, "--overwrite")
+    assert out.returncode == 0 and (preds / f"{case}.nii.gz").read_bytes()[:2] == b"\x1f\x8b"  # a gzip NIfTI now
