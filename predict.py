@@ -2,11 +2,13 @@
 
     python predict.py ARTIFACT --input DIR --output DIR [--window 128 128 128] [--overlap 0.5]
         [--cases NAME ... | --split splits.json [--fold K]] [--et-min-voxels N] [--threads N]
-        [--allow-constant-modality]
+        [--allow-constant-modality] [--overlay DIR]
 
 DIR may be one case folder or any BraTS layout (the validation release included). Writes
 <case>.nii.gz label maps (uint8, BraTS values 0/1/2/4) on each input's grid with its affine and
-header. A bad case is reported and skipped; the exit code is 1 if any case failed.
+header. A bad case is reported and skipped; the exit code is 1 if any case failed. --overlay DIR
+also writes DIR/<case>.png: an axial slice through the tumour with the prediction's contours over
+FLAIR (WT, TC) and T1ce (TC, ET), beside the truth's when the case has one (as the report draws).
 
 --split takes the held-out ("val") cases of a fold of a splits.json (e.g. <cache>/splits.json), so
 a run's held-out training cases can be predicted and then scored with `python -m brats.evaluate`:
@@ -37,15 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     select.add_argument("--split", default=None, metavar="FILE",
                         help="predict only the 'val' cases of a splits.json fold")
     parser.add_argument("--fold", type=int, default=None, help="fold of --split (default 0)")
-    parser.add_argument("--et-min-voxels", type=int, default=0, metavar="N",
+    parser.add_argument("--et-min-voxels", type=int, default=None, metavar="N",
                         help="a case whose predicted ET has fewer than N voxels gets it relabelled NCR/NET "
-                             "(BraTS post-processing for cases without ET; default 0: off)")
+                             "(BraTS post-processing for cases without ET; default: the threshold calibrated "
+                             "for the artifact on its validation cases, 0 when it records none)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads (default: OMP_NUM_THREADS, else the CPUs this process may use)")
     parser.add_argument("--allow-constant-modality", action="store_true",
                         help="predict a case whose modality is constant (e.g. all zero) inside the brain, with a "
                              "warning (default: the case fails)")
-    parser.add_argument("--overwrite", action="store_true", help="replace label maps already in --output")
+    parser.add_argument("--overlay", default=None, metavar="DIR",
+                        help="also write DIR/<case>.png: the prediction's contours on an axial slice through the "
+                             "tumour, over FLAIR and T1ce, beside the truth's when the case has one")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace label maps already in --output (and pictures already in --overlay)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.fold is not None and args.split is None:
@@ -62,13 +69,16 @@ def main(argv: list[str] | None = None) -> int:
         result = predict_folder(args.artifact, args.input, args.output, args.window, args.overlap,
                                 args.sw_batch, progress=not args.quiet, cases=cases,
                                 et_min_voxels=args.et_min_voxels,
-                                allow_constant_modality=args.allow_constant_modality, overwrite=args.overwrite)
+                                allow_constant_modality=args.allow_constant_modality, overwrite=args.overwrite,
+                                overlay_dir=args.overlay)
     except UserInputError:
         raise  # bad data or artifact: run_main reports it
     except ValueError as e:  # window / overlap that the model cannot use
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {len(result.written)} label map(s) to {args.output}")
+    if args.overlay:
+        print(f"wrote {len(result.overlays)} overlay(s) to {args.overlay}")
     if result.failed:
         print(f"{len(result.failed)} case(s) failed and were skipped:", file=sys.stderr)
         for message in result.failed.values():

@@ -1,6 +1,7 @@
 """Compare every stage's artifact on the same held-out cases: one table, CSV, JSON and plots.
 
-    python report.py [RUNS_DIR | ARTIFACT ...] [--data DIR] [--out report/] [--config ...] [--set ...]
+    python report.py [RUNS_DIR | ARTIFACT ...] [--data DIR] [--out report/] [--metrics legacy|official|both]
+        [--config ...] [--set ...]
     python report.py --arch segformer3d [--width 0.25] [--input 128 128 128]
 
 RUNS_DIR (default runs/) is searched for artifacts (*.pt): every file but the engine's resumable
@@ -9,6 +10,9 @@ last.pt checkpoints is a row (each stage folder holds one artifact: the teacher'
 case's predicted ET smaller than that as NCR/NET before scoring. Without --data/--config/--set data.*, the held-out cases are the
 validation split of the data the teacher artifact was trained on. --arch profiles an architecture
 without weights (parameters and G multiply-adds) to size a student before training it.
+--metrics official|both adds the official BraTS metrics (the optional brats-evaluation package) beside
+ours. With report.plots, the median and the worst held-out case (by the teacher's mean Dice) are
+drawn with every stage's contours (case_median.png, case_worst.png).
 """
 from __future__ import annotations
 
@@ -38,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=float, default=1.0, help="width multiplier for --arch")
     parser.add_argument("--input", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
                         help="input size for --arch (default: report.input, 128 128 128)")
+    parser.add_argument("--metrics", choices=["legacy", "official", "both"], default="legacy",
+                        help="legacy: ours only (BraTS 2017 era, medpy HD95 in mm; the default); official / both: "
+                             "also the brats-evaluation package's lesion-wise and global values, in their own "
+                             "section (an optional extra: pip install brats-evaluation)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
@@ -58,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     user_data = bool(args.data or args.config or any(o.startswith("data.") for o in args.overrides))
     result = make_report(args.sources, cfg, args.out, data=cfg.data if user_data else None,
-                         progress=not args.quiet)
+                         progress=not args.quiet, metrics=args.metrics)
     print(f"{len(result.rows)} artifact(s) on {len(result.cases)} held-out case(s); wrote "
           + ", ".join(str(p) for p in result.files.values()))
     for row in result.failed:

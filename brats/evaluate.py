@@ -1,6 +1,6 @@
 """Score BraTS-label NIfTI predictions against ground truth.
 
-    python -m brats.evaluate PRED_DIR TRUTH_DIR [--out scores.csv]
+    python -m brats.evaluate PRED_DIR TRUTH_DIR [--out scores.csv] [--metrics legacy|official|both]
 
 PRED_DIR holds `<case>.nii.gz` or `<case>_seg.nii.gz` (flat). TRUTH_DIR is a BraTS-layout folder
 (`<case>/<case>_seg.nii.gz`, possibly under HGG/, LGG/ or Brats17TrainingData/) or a flat folder
@@ -13,18 +13,27 @@ and prediction use: a file rejected there is rejected here with the same message
 on another voxel order of the same grid (saved RAS by another tool, say) is reoriented onto the
 truth's grid; a prediction whose affine differs otherwise (shifted, other spacing) is an error
 naming both files, never a Dice computed on misaligned voxels.
+
+--metrics: `legacy` (default) is `brats.metrics` (BraTS 2017 era, medpy's HD95, voxel spacing
+honoured; both empty -> Dice 1, HD95 0; one empty -> Dice 0, HD95 373.13). `official` hands every
+case to the `brats-evaluation` package the challenges rank with since 2023 (an optional extra:
+`pip install brats-evaluation`; its conventions in `brats.official`): lesion-wise Dice / HD95, its
+global values and detection F1. `both` puts the two side by side in one row per case.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import io
+import math
 import sys
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 from tqdm import tqdm
 
+from brats import official
 from brats.layout import DataError, find_label, is_case_folder
 from brats.metrics import REGIONS, score_case, summarize
 from brats.nifti import align_to_grid, load_label
@@ -36,6 +45,19 @@ CSV_COLUMNS = ["case"] + [f"{m}_{r}" for m in ("dice", "hd95", "iou", "sens", "s
     "hd95_mean",
     "iou_mean",
 ]
+METRIC_CHOICES = ("legacy", "official", "both")
+
+
+def csv_columns(metrics: str = "legacy") -> list[str]:
+    """CSV columns of one `--metrics` choice: ours, the package's (its own names), or both."""
+    check_metrics(metrics)
+    ours = CSV_COLUMNS if metrics != "official" else ["case"]
+    return ours + (official.COLUMNS if metrics != "legacy" else [])
+
+
+def check_metrics(metrics: str) -> None:
+    if metrics not in METRIC_CHOICES:
+        raise ValueError(f"metrics must be one of {', '.join(METRIC_CHOICES)}, got {metrics!r}")
 
 
 class EvaluationError(DataError):
@@ -128,48 +150,74 @@ def match_cases(preds: dict[str, Path], truths: dict[str, Path], subset: bool = 
     return sorted(preds)
 
 
-def evaluate_case(case: str, pred_path: Path, truth_path: Path) -> dict:
+def evaluate_case(case: str, pred_path: Path, truth_path: Path, metrics: str = "legacy") -> dict:
     """Scores of one case as a CSV row (`case` first), the prediction put on the truth's grid.
 
     Both files go through `brats.nifti.load_label`; the prediction through `align_to_grid` onto
     the truth (reoriented when only the voxel order differs). Any problem: `EvaluationError`
-    carrying the `brats.nifti` message (it names the case and the file(s)).
+    carrying the `brats.nifti` message (it names the case and the file(s)). `metrics`: see
+    `csv_columns`; the official package sees the same aligned arrays and the truth's spacing.
     """
+    check_metrics(metrics)
     try:
         truth = load_label(truth_path, case)
         pred = load_label(pred_path, case)
         label = align_to_grid(pred.label, pred.affine, pred_path, truth.label.shape, truth.affine, truth_path, case)
     except DataError as e:
         raise EvaluationError(str(e)) from None
-    return {"case": case, **score_case(label, truth.label, truth.spacing)}
+    row = {"case": case}
+    if metrics != "official":
+        row.update(score_case(label, truth.label, truth.spacing))
+    if metrics != "legacy":
+        row.update(official.score_case_official(label, truth.label, truth.spacing, case))
+    return row
 
 
 def evaluate_dirs(
-    pred_dir: str | Path, truth_dir: str | Path, progress: bool = False, subset: bool = False
+    pred_dir: str | Path, truth_dir: str | Path, progress: bool = False, subset: bool = False,
+    metrics: str = "legacy",
 ) -> list[dict]:
-    """Score every prediction in `pred_dir` against `truth_dir`; one dict per case, sorted by name."""
+    """Score every prediction in `pred_dir` against `truth_dir`; one dict per case, sorted by name.
+
+    `metrics` official / both: `official.OfficialMetricsError` before any file is read when the
+    optional package is missing.
+    """
+    check_metrics(metrics)
+    if metrics != "legacy":
+        official.require()
     preds, truths = find_predictions(pred_dir), find_truth(truth_dir)
     cases = match_cases(preds, truths, subset)
     return [
-        evaluate_case(case, preds[case], truths[case])
+        evaluate_case(case, preds[case], truths[case], metrics)
         for case in tqdm(cases, desc="evaluate", unit="case", disable=not progress)
     ]
 
 
-def rows_to_csv(rows: list[dict]) -> str:
+def rows_to_csv(rows: list[dict], metrics: str = "legacy") -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=csv_columns(metrics), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
     return buf.getvalue()
 
 
-def format_summary(rows: list[dict]) -> str:
-    """Table of mean / std / median Dice and HD95 per region over the cases."""
-    summary = summarize(rows)
+def format_summary(rows: list[dict], metrics: str = "legacy") -> str:
+    """Table of mean / std / median Dice and HD95 per region over the cases (per `metrics`)."""
+    check_metrics(metrics)
+    with np.errstate(invalid="ignore"):  # an official lesion-wise HD95 of inf has no std
+        summary = summarize(rows)
+    lines = [f"{len(rows)} case(s)"]
+    if metrics != "official":
+        lines += _legacy_summary(summary)
+    if metrics != "legacy":
+        lines += _official_summary(summary)
+    return "\n".join(lines)
+
+
+def _legacy_summary(summary: dict) -> list[str]:
     lines = [
-        f"{len(rows)} case(s)",
+        "legacy (brats.metrics: medpy HD95 in mm; both empty -> Dice 1, HD95 0; one empty -> HD95 373.13)",
         f"{'region':<7}{'dice mean':>10}{'std':>8}{'median':>8}   {'hd95 mean':>10}{'std':>8}{'median':>8}",
     ]
     for region in (*REGIONS, "mean"):
@@ -178,7 +226,25 @@ def format_summary(rows: list[dict]) -> str:
             f"{region:<7}{d['mean']:>10.4f}{d['std']:>8.4f}{d['median']:>8.4f}   "
             f"{h['mean']:>10.2f}{h['std']:>8.2f}{h['median']:>8.2f}"
         )
-    return "\n".join(lines)
+    return lines
+
+
+def _official_summary(summary: dict) -> list[str]:
+    """Means over the cases where the package gives a number (NaN: region empty in both, left out;
+    n says how many counted); an inf lesion-wise HD95 (no lesion matched) makes its mean inf."""
+    lines = [
+        f"official ({official.versions()}; both empty -> NaN, left out of means)",
+        f"{'region':<7}{'n':>4}{'global dice':>12}{'hd95':>8}{'lesion-wise dice':>18}{'hd95':>8}"
+        f"{'detection F1':>14}",
+    ]
+    for region in official.REGIONS:
+        s = {m: summary.get(f"{m}_{region}", {"mean": math.nan, "n": 0}) for m in official.METRICS}
+        lines.append(
+            f"{region:<7}{s['global_dsc']['n']:>4}{s['global_dsc']['mean']:>12.4f}{s['global_hd95']['mean']:>8.2f}"
+            f"{s['lesionwise_dsc_mean']['mean']:>18.4f}{s['lesionwise_hd95_mean']['mean']:>8.2f}"
+            f"{s['all_instance_f1']['mean']:>14.4f}"
+        )
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -190,16 +256,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--subset", action="store_true",
         help="score only the predicted cases (e.g. the held-out split); truth cases without a prediction are skipped",
     )
+    parser.add_argument(
+        "--metrics", choices=METRIC_CHOICES, default="legacy",
+        help="legacy: ours (BraTS 2017 era, medpy HD95, spacing in mm; the default); official: the "
+             "brats-evaluation package the challenges rank with since 2023 (lesion-wise and global values; "
+             "an optional extra: pip install brats-evaluation); both: side by side",
+    )
     args = parser.parse_args(argv)
     try:
-        rows = evaluate_dirs(args.pred_dir, args.truth_dir, progress=True, subset=args.subset)
-    except EvaluationError as exc:
+        rows = evaluate_dirs(args.pred_dir, args.truth_dir, progress=True, subset=args.subset,
+                             metrics=args.metrics)
+    except (EvaluationError, official.OfficialMetricsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.out:
-        atomic_write_text(args.out, rows_to_csv(rows))
+        atomic_write_text(args.out, rows_to_csv(rows, args.metrics))
         print(f"wrote {args.out}")
-    print(format_summary(rows))
+    print(format_summary(rows, args.metrics))
     return 0
 
 

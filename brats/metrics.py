@@ -11,10 +11,13 @@ Empty-mask conventions (LGG cases often have no ET; they must be explicit):
 - specificity with no negative voxel in the reference (a volume that is all tumour): 1 if the
   prediction is all tumour too, else 0.
 
-HD95 follows the BraTS toolkit / medpy `hd95`: surface voxels are mask XOR its erosion by the
-3D 6-connected structuring element (border voxels of the array count as surface); for each
-surface voxel of one mask, the Euclidean distance (mm, honouring voxel spacing) to the nearest
-surface voxel of the other; both directions pooled; 95th percentile (`np.percentile`, linear).
+HD95 is medpy's `hd95` (equal to it, tests/test_metrics.py): surface voxels are mask XOR its
+erosion by the 3D 6-connected structuring element (border voxels of the array count as surface);
+for each surface voxel of one mask, the Euclidean distance (mm, honouring voxel spacing) to the
+nearest surface voxel of the other; both directions pooled; 95th percentile (`np.percentile`,
+linear). MONAI's HD95 takes the larger of the two directed percentiles instead (so it is never
+smaller, up to interpolation), and the official BraTS package (`brats.official`) has other
+empty-mask and spacing conventions.
 """
 from __future__ import annotations
 

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from brats.scoring import evaluate
+from brats.scoring import calibrate_et_rule, evaluate
 from common.artifact import Artifact, ArtifactError, build_model
 from common.config import Config, ConfigError, to_dict
 from engine.data import TrainData, make_data
@@ -135,6 +136,19 @@ def guard_lines(info: dict, stage: str) -> list[str]:
     return lines
 
 
+def et_rule(product: Artifact, data: TrainData, cfg: Config) -> dict:
+    """The BraTS ET rule's threshold for this artifact, calibrated on the validation cases
+    (`brats.scoring.calibrate_et_rule`); predict.py and report.py apply it unless told otherwise."""
+    served = build_model(product).eval()
+    device = next(iter(served.parameters()), torch.empty(0)).device
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return served(x.to(device)).float()
+
+    return calibrate_et_rule(predict, data.cache, data.val_ids, cfg)
+
+
 def exit_code(art: Artifact) -> int:
     """3 when the artifact's guard record has violations and was made with guard.strict, else 0."""
     g = art.extra.get("guard") or {}
@@ -193,6 +207,7 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
                                lineage=art.child_lineage(), extra={**ctx.extra, "runtime": rt.to_dict()})
         if stage.finish is not None:
             product = stage.finish(model, product, ctx)
+        product.extra["et_rule"] = et_rule(product, data, cfg)
         product.extra["guard"] = guard(product.metrics, ctx.source_metrics, art.stage, cfg)
         if info.main:
             for line in guard_lines(product.extra["guard"], stage.name):

@@ -27,7 +27,9 @@ that `best.pt` records is the Dice a user gets back from `predict.py`/`report.py
 Threads: `train.threads` if set, else `OMP_NUM_THREADS` if set, else the CPUs this process may use
 divided by the local ranks sharing them. INT8: the `x86` quantized engine (FBGEMM on AVX2/AVX-512
 with oneDNN where it is faster) wherever this build has it, else `fbgemm`, `onednn`, `qnnpack`.
-The channels-last decoder tail (an exact eager-CPU layout change) is on for CPU inference only.
+The inference rewrites (BatchNorm folding, re-association, the channels-last decoder tail) are not a
+runtime switch: `model.rewrites.inference_graph` applies them where a model is served (predict,
+report, quantize).
 """
 from __future__ import annotations
 
@@ -191,7 +193,6 @@ class Runtime:
     cpu_kind: str
     capability: str
     int8_engine: str
-    channels_last_tail: bool
     torch: str
 
     @property
@@ -232,7 +233,7 @@ def resolve_runtime(device: str = "auto", amp: str = "auto", threads: int | None
     return Runtime(
         device=str(dev), train_precision=precision, eval_precision="fp32", precision_why=why,
         threads=n_threads, cpu=cpu.model, cpu_kind=cpu.kind, capability=cpu.capability, int8_engine=engine,
-        channels_last_tail=dev.type == "cpu", torch=str(torch.__version__),
+        torch=str(torch.__version__),
     )
 
 

@@ -5,7 +5,9 @@ to the non-zero bounding box, z-score over brain voxels, float16 rounding), pred
 sliding window, mapped to BraTS values 0/1/2/4 and put back on the full grid with the input's
 affine and header. A bad case is reported and skipped; the others are still written. Cases are read
 and checked by `brats.nifti.load_case`, as for the cache: a modality constant inside the brain is a
-bad case unless `allow_constant_modality` (then a warning).
+bad case unless `allow_constant_modality` (then a warning). With `overlay_dir`, each case also
+gets `<case>.png`: an axial slice through its tumour with the prediction's contours over FLAIR and
+T1ce, beside the truth's when the case has one (`brats.overlay.case_figure`, as the report draws).
 """
 from __future__ import annotations
 
@@ -21,8 +23,10 @@ from torch import nn
 from tqdm import tqdm
 
 from brats.inference import predict_case, to_full_grid
-from brats.layout import CaseRef, DataError, discover_cases
+from brats.layout import MODALITIES, CaseRef, DataError, discover_cases, warn
+from brats.metrics import REGIONS, dice, region_masks
 from brats.nifti import LoadedCase, load_case, save_label_map
+from brats.overlay import axial_slice, case_figure
 from brats.prepare import preprocess_case
 from brats.splits import read_splits
 import compress.quant  # noqa: F401  (registers the int8-torch, int8-qat and onnx artifact kinds)
@@ -38,6 +42,7 @@ FP32_KINDS = ("fp32",)
 class PredictResult:
     written: dict[str, Path] = field(default_factory=dict)  # case -> label map
     failed: dict[str, str] = field(default_factory=dict)  # case -> message naming case and file
+    overlays: dict[str, Path] = field(default_factory=dict)  # case -> PNG (with overlay_dir)
 
 
 def artifact_scheme(art: Artifact, default: str = "regions") -> str:
@@ -143,19 +148,62 @@ def predict_ref(model: nn.Module, ref: CaseRef, scheme: str, window: Sequence[in
     return full, loaded
 
 
+def overlay_truth(ref: CaseRef, allow_constant_modality: bool = False) -> np.ndarray | None:
+    """The case's reference labels on its image grid, for a picture: None when it has none, or (with
+    a warning) when they do not load; the prediction itself never reads them."""
+    if not ref.has_label:
+        return None
+    try:
+        return load_case(ref, allow_constant_modality).label
+    except DataError as e:
+        warn(f"{e}; its overlay is drawn without the truth")
+        return None
+
+
+def write_overlay(path: str | Path, loaded: LoadedCase, label: np.ndarray, stage: str,
+                  truth: np.ndarray | None = None) -> Path:
+    """`case_figure` of one predicted case: the axial slice through the middle of the true tumour
+    (of the predicted one without truth), the prediction beside the truth when given, with its Dice."""
+    z = axial_slice(truth if truth is not None and truth.any() else label)
+    title = stage
+    if truth is not None:
+        pred_m, true_m = region_masks(label), region_masks(truth)
+        title += "\n" + " ".join(f"{r.upper()} {dice(pred_m[r], true_m[r]):.2f}" for r in REGIONS)
+    image = loaded.image[..., z]
+    case_figure(path, image[MODALITIES.index("flair")], image[MODALITIES.index("t1ce")], [(title, label[:, :, z])],
+                truth=None if truth is None else truth[:, :, z], title=f"{loaded.case}: axial slice {z}")
+    return Path(path)
+
+
+def artifact_et_rule(art: Artifact) -> int:
+    """The ET rule threshold calibrated for `art` on its validation cases (0: none recorded)."""
+    return int((art.extra.get("et_rule") or {}).get("et_min_voxels", 0))
+
+
+def _refuse_existing(folder: Path, names: list[str], what: str, option: str) -> None:
+    """UserInputError naming the files of `names` that already exist in `folder` (nothing replaced)."""
+    taken = [name for name in names if (folder / name).exists()]
+    if taken:
+        shown = ", ".join(taken[:3]) + (" ..." if len(taken) > 3 else "")
+        raise UserInputError(f"{folder} already holds {len(taken)} of the {what} to write ({shown}); "
+                             f"pass --overwrite to replace them, or choose another {option}")
+
+
 def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str | Path,
                    window: Sequence[int] = (128, 128, 128), overlap: float = 0.5, sw_batch: int = 1,
                    progress: bool = True, cases: Sequence[str] | None = None,
-                   et_min_voxels: int = 0, allow_constant_modality: bool = False,
-                   overwrite: bool = False) -> PredictResult:
+                   et_min_voxels: int | None = None, allow_constant_modality: bool = False,
+                   overwrite: bool = False, overlay_dir: str | Path | None = None) -> PredictResult:
     """Predict every case under `input_dir` (any BraTS layout, or one case folder), or only `cases`.
 
-    Writes `<output_dir>/<case>.nii.gz` atomically. `et_min_voxels` > 0: a case whose predicted ET
+    Writes `<output_dir>/<case>.nii.gz` atomically. `et_min_voxels` None: the threshold calibrated
+    for the artifact on its validation cases (extra["et_rule"], 0 when absent). > 0: a case whose predicted ET
     has fewer voxels gets it relabelled NCR/NET. A missing or unusable artifact, no cases, or a
     named case not in `input_dir` raise; a bad case lands in `result.failed` and the rest go on.
     `allow_constant_modality`: a modality constant inside the brain is a warning, not a failed case.
     An output file that already exists is an error (UserInputError, before any prediction) unless
-    `overwrite`.
+    `overwrite`. `overlay_dir`: also `<overlay_dir>/<case>.png` per case (`write_overlay`; the
+    truth drawn when the case has one); a picture that fails is reported, its label map kept.
     """
     art = Artifact.load(artifact)
     window = check_window(window, art.spec)
@@ -163,17 +211,20 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     model = inference_model(art)
     scheme = artifact_scheme(art)
+    if et_min_voxels is None:
+        et_min_voxels = artifact_et_rule(art)
     if et_min_voxels < 0:
         raise ValueError(f"et_min_voxels must be >= 0, got {et_min_voxels}")
     refs = discover_cases(input_dir)
     if cases is not None:
         refs = select_cases(refs, cases, input_dir)
     output_dir = Path(output_dir)
-    taken = [output_dir / f"{ref.case}.nii.gz" for ref in refs if (output_dir / f"{ref.case}.nii.gz").exists()]
-    if taken and not overwrite:
-        shown = ", ".join(p.name for p in taken[:3]) + (" ..." if len(taken) > 3 else "")
-        raise UserInputError(f"{output_dir} already holds {len(taken)} of the label maps to write ({shown}); "
-                             "pass --overwrite to replace them, or choose another --output")
+    if not overwrite:
+        _refuse_existing(output_dir, [f"{ref.case}.nii.gz" for ref in refs], "label maps", "--output")
+    if overlay_dir is not None:
+        overlay_dir = Path(overlay_dir)
+        if not overwrite:
+            _refuse_existing(overlay_dir, [f"{ref.case}.png" for ref in refs], "overlays", "--overlay folder")
     output_dir.mkdir(parents=True, exist_ok=True)
     result = PredictResult()
     bar = tqdm(refs, desc=f"predict ({art.stage})", unit="case", disable=not progress, file=sys.stderr)
@@ -189,4 +240,11 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
             result.failed[ref.case] = f"case {ref.case}: {type(e).__name__}: {e}"
         else:
             result.written[ref.case] = path
+            if overlay_dir is not None:
+                try:
+                    truth = overlay_truth(ref, allow_constant_modality)
+                    result.overlays[ref.case] = write_overlay(overlay_dir / f"{ref.case}.png", loaded, full,
+                                                              art.stage, truth)
+                except Exception as e:  # the label map is written; only its picture is missing
+                    result.failed[ref.case] = f"case {ref.case}: overlay: {type(e).__name__}: {e}"
     return result

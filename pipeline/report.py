@@ -5,6 +5,12 @@ multiply-adds (fvcore convention), size on disk, Dice / HD95 / IoU on held-out c
 sliding window over whole cases, CPU latency per window and per case, and ratios to the teacher.
 Writes report.md, report.csv, report.json and PNG plots into one folder, all atomically.
 
+`metrics="official"` or `"both"` adds the official BraTS metrics (the optional `brats-evaluation`
+package, `brats.official`) per stage beside ours; ours stay in the main table (ratios, gaps and
+plots use them). Two held-out cases are drawn (`case_figure`): the median and the worst by the
+reference row's per-case mean Dice, one column per stage; only one axial slice per case and stage
+is kept while scoring, so this costs no second prediction and little memory.
+
 A missing or broken artifact becomes a row with its error; the rest of the table is still made.
 """
 from __future__ import annotations
@@ -21,10 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from brats import official
+from brats.layout import MODALITIES
 from brats.metrics import summarize
+from brats.overlay import axial_slice, case_figure
 from common.artifact import Artifact, ArtifactError, build_model
 from common.atomic import atomic_write_text
 from common.config import Config, ConfigError, DataConfig, from_dict
@@ -32,7 +42,8 @@ from engine.loop import LAST
 from engine.runtime import resolve_runtime, runtime_summary
 from common.timing import median_seconds
 from pipeline.latency import runtime_note, window_latency_ms
-from pipeline.predict import FP32_KINDS, artifact_scheme, check_window, fp32_model, inference_model, predict_fn
+from pipeline.predict import (FP32_KINDS, artifact_et_rule, artifact_scheme, check_window, fp32_model,
+                              inference_model, predict_fn)
 
 STAGE_ORDER = ("teacher", "student", "lowrank", "grown", "int8")
 ENGINE_FILES = ("best", "last")  # the engine's file names: the stage is the folder's name
@@ -47,7 +58,10 @@ RATIO_KEYS = {  # ratio key -> measured key, each row divided by the reference (
 }
 ROW_KEYS = ("stage", "artifact", "kind", "params", "gmacs", "size_mb", *METRIC_KEYS,
             "latency_ms_window", "latency_s_case", *RATIO_KEYS, "cases", "et_missed_cases", "threads",
-            "omp_wait_policy", "trained_as", "error")
+            "omp_wait_policy", "trained_as", "et_min_voxels", "error")
+OFFICIAL_N_KEYS = tuple(f"official_cases_{r}" for r in official.REGIONS)  # cases with an official number
+OFFICIAL_ROW_KEYS = (*official.COLUMNS, *OFFICIAL_N_KEYS)
+METRIC_CHOICES = ("legacy", "official", "both")
 GAP_REGIONS = ("wt", "tc", "et", "mean")
 HONEST_NOTE = (
     "On this CPU, INT8 alone does not make a 3D network fast: the stem and spatial-reduction "
@@ -183,8 +197,19 @@ def _empty_row(found: Found) -> dict:
 
 
 def evaluate_artifact(found: Found, cfg: Config, cache, cases: list[str], default_scheme: str,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, **options) -> dict:
     """One table row: size, compute, accuracy on `cases`, latency. Raises on any failure."""
+    return score_artifact(found, cfg, cache, cases, default_scheme, progress, **options)[0]
+
+
+def score_artifact(found: Found, cfg: Config, cache, cases: list[str], default_scheme: str,
+                   progress: bool = True, *, metrics: str = "legacy", on_case=None) -> tuple[dict, list[dict]]:
+    """(table row, per-case score rows) of one artifact; see `evaluate_artifact`.
+
+    `metrics` official / both: each case also goes to the official package (the cache's spacing);
+    the row gets the means of its columns over the cases where it gives a number. `on_case` sees
+    every case as `brats.scoring.score_cases` passes it.
+    """
     from brats.inference import predict_case
     from brats.scoring import score_cases
     from model.macs import count_macs
@@ -196,7 +221,8 @@ def evaluate_artifact(found: Found, cfg: Config, cache, cases: list[str], defaul
     row["size_mb"] = found.path.stat().st_size / 1e6
     window = check_window(rep.window or cfg.train.window, art.spec, "report window")
     overlap = cfg.train.overlap if rep.overlap is None else rep.overlap
-    et_min = et_min_voxels(cfg)
+    et_min = et_min_voxels(cfg, art)
+    row["et_min_voxels"] = et_min
     size = check_window(rep.input, art.spec, "report.input")
     scheme = artifact_scheme(art, default_scheme)
 
@@ -214,12 +240,32 @@ def evaluate_artifact(found: Found, cfg: Config, cache, cases: list[str], defaul
     scoring = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, scheme=scheme), train=dataclasses.replace(
         cfg.train, window=list(window), overlap=overlap, sw_batch=rep.sw_batch, et_min_voxels=et_min))
     first: list[torch.Tensor] = []
+    raw_official: list[dict] = []
+
+    def seen(case: str, image: torch.Tensor, truth: np.ndarray, pred: np.ndarray) -> None:
+        if not first:
+            first.append(image)
+        if metrics != "legacy":
+            raw_official.append(official.evaluate_official(case, pred, truth, cache.meta(case).spacing))
+        if on_case is not None:
+            on_case(case, image, truth, pred)
+
     scores = score_cases(predict, cache, cases, scoring, desc=f"  {found.stage} cases" if progress else None,
-                         on_case=lambda case, image, truth, pred: first.append(image) if not first else None)
+                         on_case=seen)
     first_image = first[0] if first else None
-    summary = summarize(scores)
+    if raw_official:
+        by_case = {r["case"]: r for r in official.parse_official(raw_official)}
+        for score in scores:
+            score.update({k: v for k, v in by_case[score["case"]].items() if k != "case"})
+    with np.errstate(invalid="ignore"):  # an inf official lesion-wise HD95 has no std
+        summary = summarize(scores)
     for key in METRIC_KEYS:
         row[key] = summary[key]["mean"]
+    if raw_official:
+        for key in official.COLUMNS:
+            row[key] = summary[key]["mean"] if key in summary else None
+        for region, key in zip(official.REGIONS, OFFICIAL_N_KEYS):
+            row[key] = summary.get(f"global_dsc_{region}", {"n": 0})["n"]
     row["cases"] = len(scores)
     row["et_missed_cases"] = int(sum(r.get("et_missed", 0.0) for r in scores))
 
@@ -227,7 +273,7 @@ def evaluate_artifact(found: Found, cfg: Config, cache, cases: list[str], defaul
         run = lambda: predict_case(predict, first_image, scheme, window, overlap, rep.sw_batch,  # noqa: E731
                                    et_min)
         row["latency_s_case"] = median_seconds(run, rep.latency_runs, warmup=0)
-    return row
+    return row, scores
 
 
 def add_ratios(rows: list[dict], reference: dict | None) -> None:
@@ -243,12 +289,18 @@ def _num(v: Any) -> bool:
 
 
 def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path, *,
-                data: DataConfig | None = None, progress: bool = True) -> ReportResult:
+                data: DataConfig | None = None, progress: bool = True, metrics: str = "legacy") -> ReportResult:
     """Find, score and time every artifact; write report.md/.csv/.json and plots into `out_dir`.
 
     `data` None: score the validation split of the data the teacher artifact was trained on
-    (its stored config), falling back to `cfg.data`.
+    (its stored config), falling back to `cfg.data`. `metrics`: "legacy" (ours only), "official"
+    or "both" (ours, and the official package's beside them; `OfficialMetricsError` before any
+    scoring when the package is missing).
     """
+    if metrics not in METRIC_CHOICES:
+        raise ValueError(f"metrics must be one of {', '.join(METRIC_CHOICES)}, got {metrics!r}")
+    if metrics != "legacy":
+        official.require()
     found = find_artifacts(sources)
     if not found:
         raise ArtifactError(f"no artifact (*.pt) found in {', '.join(map(str, sources))}")
@@ -264,13 +316,15 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
     if progress:
         print(rt.line("report"), file=sys.stderr)
     note = {**runtime_note(), "resolved": rt.to_dict()}
-    rows = []
+    rows, per_case, slices = [], {}, {}
     for f in tqdm(found, desc="report", unit="artifact", disable=not progress, file=sys.stderr):
         if f.artifact is None:
             rows.append(_empty_row(f))
             continue
         try:
-            row = evaluate_artifact(f, cfg, cache, cases, data_used.scheme, progress)
+            row, scores = score_artifact(f, cfg, cache, cases, data_used.scheme, progress, metrics=metrics,
+                                         on_case=slice_keeper(slices, str(f.path)) if cfg.report.plots else None)
+            per_case[str(f.path)] = {s["case"]: s for s in scores}
         except Exception as e:  # one bad artifact must not cost the others their row
             row = _empty_row(f)
             row["error"] = f"{f.path}: {type(e).__name__}: {e}"
@@ -287,23 +341,33 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
 
         result.files["dice_vs_params"] = plots.dice_vs_params(rows, out_dir / "dice_vs_params.png")
         size = "x".join(map(str, cfg.report.input))
-        result.files["dice_vs_latency"] = plots.dice_vs_latency(
-            rows, out_dir / "dice_vs_latency.png", label=f"CPU latency per {size} window (ms, {note['threads']} thread(s))"
-        )
+        latency_label = f"CPU latency per {size} window (ms, {note['threads']} thread(s))"
+        result.files["dice_vs_latency"] = plots.dice_vs_latency(rows, out_dir / "dice_vs_latency.png",
+                                                                label=latency_label)
+        result.files["dice_vs_latency_regions"] = plots.dice_vs_latency_regions(
+            rows, out_dir / "dice_vs_latency_regions.png", label=latency_label)
+    figures = []
+    if cfg.report.plots and ref_row is not None:
+        figures = write_case_figures(out_dir, rows, ref_row, per_case, slices)
+        result.files.update({f"case_{fig['role']}": fig["path"] for fig in figures})
     meta = {
         "cases": cases,
         "data": data_used,
         "cache": str(cache.root) if cache is not None else None,
         "window": rep_window(cfg),
         "overlap": cfg.train.overlap if cfg.report.overlap is None else cfg.report.overlap,
-        "et_min_voxels": et_min_voxels(cfg),
+        "et_min_voxels": None if cfg.report.et_min_voxels is None else int(cfg.report.et_min_voxels),
         "input": list(cfg.report.input),
         "runtime": note,
         "reference": ref_row,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "metrics": metrics,
+        "official": official.versions() if metrics != "legacy" else None,
+        "case_figures": figures,
     }
+    keys = ROW_KEYS + (OFFICIAL_ROW_KEYS if metrics != "legacy" else ())
     result.files["json"] = atomic_write_text(out_dir / "report.json", json.dumps(_json_rows(rows), indent=1) + "\n")
-    result.files["csv"] = atomic_write_text(out_dir / "report.csv", rows_to_csv(rows))
+    result.files["csv"] = atomic_write_text(out_dir / "report.csv", rows_to_csv(rows, keys))
     result.files["md"] = atomic_write_text(
         out_dir / "report.md", render_markdown(rows, found, meta, cfg, [p.name for k, p in result.files.items()
                                                                     if k.startswith("dice_vs")])
@@ -311,14 +375,96 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
     return result
 
 
+# ----------------------------------------------------------------------------- case figures
+
+
+@dataclass
+class CaseSlices:
+    """One axial slice (through the truth's tumour) of a held-out case, and every artifact's on it."""
+
+    z: int
+    flair: np.ndarray  # (X, Y) of the cached (cropped, normalised) image
+    t1ce: np.ndarray
+    truth: np.ndarray  # (X, Y) BraTS labels
+    preds: dict[str, np.ndarray] = field(default_factory=dict)  # artifact path -> (X, Y) labels
+
+
+def slice_keeper(slices: dict[str, CaseSlices], key: str):
+    """An `on_case` for `score_cases` that keeps in `slices` one axial slice per case (the first
+    artifact's call picks it from the truth) and the prediction `key` makes on it: a few kB per
+    case and artifact, whichever cases are drawn in the end."""
+    flair, t1ce = MODALITIES.index("flair"), MODALITIES.index("t1ce")
+
+    def keep(case: str, image, truth: np.ndarray, pred: np.ndarray) -> None:
+        kept = slices.get(case)
+        if kept is None:
+            z = axial_slice(truth)
+            plane = torch.as_tensor(image[..., z]).float().numpy()  # (4, X, Y)
+            kept = slices[case] = CaseSlices(z, plane[flair].copy(), plane[t1ce].copy(), np.array(truth[:, :, z]))
+        kept.preds[key] = np.array(pred[:, :, kept.z])
+
+    return keep
+
+
+def choose_cases(scores: list[dict], key: str = "dice_mean") -> dict[str, str]:
+    """{"median": case, "worst": case} by per-case `key` (ties: by case name; an even count: the
+    upper median); {} without scores. One case is both."""
+    ranked = sorted((r for r in scores if _num(r.get(key))), key=lambda r: (r[key], r["case"]))
+    if not ranked:
+        return {}
+    return {"median": ranked[len(ranked) // 2]["case"], "worst": ranked[0]["case"]}
+
+
+def _panel_title(row: dict, score: dict | None, duplicate: bool) -> str:
+    name = row["stage"] + (f" ({Path(row['artifact']).name})" if duplicate else "")
+    if not score:
+        return name
+    return name + "\n" + " ".join(f"{r.upper()} {score[f'dice_{r}']:.2f}" for r in ("wt", "tc", "et"))
+
+
+def write_case_figures(out_dir: Path, rows: list[dict], ref_row: dict, per_case: dict[str, dict],
+                       slices: dict[str, CaseSlices]) -> list[dict]:
+    """case_median.png and case_worst.png (one file when they are the same case), chosen by the
+    reference row's per-case mean Dice; one column per scored artifact. Returns what the Markdown
+    needs: [{"role", "case", "dice_mean", "z", "path"}]."""
+    reference = per_case.get(ref_row["artifact"], {})
+    chosen = choose_cases(list(reference.values()))
+    stages = [r["stage"] for r in rows]
+    figures: list[dict] = []
+    for role, case in chosen.items():
+        if case not in slices:
+            continue
+        same = next((f for f in figures if f["case"] == case), None)
+        if same is not None:
+            same["role"] = f"{same['role']}_and_{role}"
+            continue
+        kept = slices[case]
+        panels = [(_panel_title(r, per_case.get(r["artifact"], {}).get(case), stages.count(r["stage"]) > 1),
+                   kept.preds[r["artifact"]]) for r in rows if not r.get("error") and r["artifact"] in kept.preds]
+        figures.append({"role": role, "case": case, "dice_mean": reference[case]["dice_mean"], "z": kept.z,
+                        "panels": panels})
+    for fig in figures:
+        fig["path"] = out_dir / f"case_{fig['role']}.png"
+        kept = slices[fig["case"]]
+        title = (f"{fig['case']}: {fig['role'].replace('_', ' ')} held-out case by the {ref_row['stage']}'s "
+                 f"mean Dice ({fig['dice_mean']:.3f}); axial slice {kept.z} of the cropped grid")
+        case_figure(fig["path"], kept.flair, kept.t1ce, fig.pop("panels"), truth=kept.truth, title=title)
+    return figures
+
+
 def rep_window(cfg: Config) -> list[int]:
     return list(cfg.report.window or cfg.train.window)
 
 
-def et_min_voxels(cfg: Config) -> int:
-    """ET post-processing threshold of the report: report.et_min_voxels, else the training one."""
-    value = cfg.train.et_min_voxels if cfg.report.et_min_voxels is None else cfg.report.et_min_voxels
-    return int(value)
+def et_min_voxels(cfg: Config, art: Artifact | None = None) -> int:
+    """ET post-processing threshold for an artifact's row: report.et_min_voxels when set, else the
+    threshold calibrated for the artifact on its validation cases (extra["et_rule"]), else the
+    training one (train.et_min_voxels)."""
+    if cfg.report.et_min_voxels is not None:
+        return int(cfg.report.et_min_voxels)
+    if art is not None and art.extra.get("et_rule"):
+        return artifact_et_rule(art)
+    return int(cfg.train.et_min_voxels)
 
 
 # ----------------------------------------------------------------------------- output
@@ -329,9 +475,9 @@ def _json_rows(rows: list[dict]) -> list[dict]:
     return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows]
 
 
-def rows_to_csv(rows: list[dict]) -> str:
+def rows_to_csv(rows: list[dict], keys: Sequence[str] = ROW_KEYS) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(ROW_KEYS), extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=list(keys), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
@@ -507,8 +653,11 @@ EXTRA_SECTIONS = {
 }
 
 
-def _et_rule(min_voxels: int) -> str:
-    if min_voxels and min_voxels > 0:
+def _et_rule(min_voxels: int | None) -> str:
+    if min_voxels is None:
+        return ("the BraTS ET rule per artifact (column \"ET rule\": a predicted ET of fewer voxels in a case is "
+                "relabelled NCR/NET; calibrated on the validation cases, so slightly optimistic there)")
+    if min_voxels > 0:
         return f"a predicted ET of fewer than {min_voxels} voxels in a case is relabelled NCR/NET"
     return "no ET post-processing"
 
@@ -534,9 +683,11 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
         f"Created {meta['created']}. Held-out cases: {len(meta['cases'])} from the validation split of "
         f"{src} (cache {meta['cache']}): {', '.join(meta['cases']) or 'none'}.",
         f"Whole-case sliding window {'x'.join(map(str, meta['window']))}, overlap {meta['overlap']}, "
-        f"Gaussian weighting; {_et_rule(meta.get('et_min_voxels', 0))}; metrics on the cropped brain grid, "
+        f"Gaussian weighting; {_et_rule(meta.get('et_min_voxels'))}; metrics on the cropped brain grid, "
         "averaged over cases (empty-region "
-        "conventions of brats.metrics: both empty -> Dice 1, HD95 0; one empty -> Dice 0, HD95 373.13 mm).",
+        "conventions of brats.metrics: both empty -> Dice 1, HD95 0; one empty -> Dice 0, HD95 373.13 mm; "
+        "HD95 as medpy, in mm)." + (" The official BraTS metrics are in their own section below."
+                                    if meta.get("official") else ""),
         f"G MACs at 1x4x{size} ({MACS_CONVENTION}); INT8/ONNX rows are counted on their float base "
         "model, and their parameters are the count of weights.",
         f"CPU latency: median of {cfg.report.latency_runs} runs after {cfg.report.warmup_runs} warm-up, "
@@ -569,9 +720,10 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
         "the held-out cases whose truth has ET but whose prediction has none (a mean over cases hides them):",
         "",
         markdown_table(
-            ["stage", "gap WT", "gap TC", "gap ET", "gap mean", "ET predicted empty"],
+            ["stage", "gap WT", "gap TC", "gap ET", "gap mean", "ET predicted empty", "ET rule"],
             ([r["stage"], *[_gap(ref, r, g) for g in GAP_REGIONS],
-              "-" if r.get("et_missed_cases") is None else f"{r['et_missed_cases']} of {r['cases']}"] for r in rows),
+              "-" if r.get("et_missed_cases") is None else f"{r['et_missed_cases']} of {r['cases']}",
+              "-" if r.get("et_min_voxels") is None else f"< {r['et_min_voxels']} voxels"] for r in rows),
         ),
         "",
         "Published reference (other data, not comparable row by row): SegFormer3D, 4.5M parameters, "
@@ -585,8 +737,12 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
         lines += ["## Artifacts that could not be reported", ""]
         lines += [f"- {r['stage']}: {r['error']}" for r in errors]  # errors name the file
         lines.append("")
+    if meta.get("official"):
+        lines += official_section(rows, meta["official"])
     if plot_files:
         lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plot_files] + [""]
+    if meta.get("case_figures"):
+        lines += case_section(meta["case_figures"], ref)
     for f in found:
         extra = f.artifact.extra if f.artifact is not None else {}
         for key, (title, render) in EXTRA_SECTIONS.items():
@@ -594,6 +750,56 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
             if value:
                 lines += [f"## {f.stage}: {title}", "", f"From `{f.path}`.", "", *render(value), ""]
     return "\n".join(lines)
+
+
+def official_section(rows: list[dict], versions: str) -> list[str]:
+    """The official package's figures per stage: global, then lesion-wise and detection."""
+    regions = official.REGIONS
+    good = [r for r in rows if not r.get("error")]
+
+    def cells(r: dict, metric: str, spec: str) -> list[str]:
+        values = [r.get(f"{metric}_{g}") for g in regions]
+        return ["inf" if v == math.inf else _fmt(v, spec) for v in values]  # inf: the package's, not missing
+
+    def counted(r: dict) -> str:
+        return "/".join("–" if r.get(k) is None else str(r[k]) for k in OFFICIAL_N_KEYS)
+
+    return [
+        "## Official BraTS metrics", "",
+        f"Computed by {versions}, the package the BraTS challenges rank with since 2023 (glioma config; "
+        "BraTS 2017 ET, label 4, passed as its ET, label 3), on the same held-out predictions. Its conventions "
+        "differ from ours: a region empty in both prediction and truth is NaN and left out of the mean "
+        "(n: cases counted, WT/TC/ET); the global HD95 is 373 whenever prediction and truth share no voxel, "
+        "and is in voxels (spacing ignored). Lesion-wise values are means over matched lesions (connected "
+        "components): an unmatched lesion lowers the detection F1, not the lesion-wise Dice; a case with no "
+        "lesion matched has lesion-wise HD95 inf, which makes the mean inf.", "",
+        markdown_table(
+            ["stage", "n", "global Dice WT", "TC", "ET", "global HD95 WT", "TC", "ET"],
+            ([r["stage"], counted(r), *cells(r, "global_dsc", ".3f"), *cells(r, "global_hd95", ".2f")]
+             for r in good)),
+        "",
+        markdown_table(
+            ["stage", "lesion-wise Dice WT", "TC", "ET", "lesion-wise HD95 WT", "TC", "ET", "detection F1 WT",
+             "TC", "ET"],
+            ([r["stage"], *cells(r, "lesionwise_dsc_mean", ".3f"), *cells(r, "lesionwise_hd95_mean", ".2f"),
+              *cells(r, "all_instance_f1", ".3f")] for r in good)),
+        "",
+    ]
+
+
+def case_section(figures: list[dict], ref: dict | None) -> list[str]:
+    """Links to the case figures, with why each case was chosen."""
+    by = f"the {ref['stage']} row's" if ref else "the reference row's"
+    lines = ["## Cases to look at", "",
+             f"Chosen by {by} per-case mean Dice: the median and the worst held-out case. One axial slice through "
+             "the middle of the true tumour, one column per stage (its Dice WT/TC/ET on this case); FLAIR with "
+             "WT (green) and TC (yellow), T1ce with TC and ET (red); a stage's contours solid, the truth's "
+             "dashed.", ""]
+    for fig in figures:
+        name = Path(fig["path"]).name
+        lines += [f"{fig['role'].replace('_', ' ').capitalize()}: {fig['case']} (mean Dice {fig['dice_mean']:.3f}).",
+                  "", f"![{fig['case']}]({name})", ""]
+    return lines
 
 
 def format_profile(p: dict) -> str:

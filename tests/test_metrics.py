@@ -217,3 +217,43 @@ def test_summarize():
     assert s["dice_wt"]["std"] == pytest.approx(math.sqrt((0.04 + 0 + 0.04) / 3))
     assert s["dice_wt"]["median"] == pytest.approx(0.7)
     assert s["hd95_wt"] == pytest.approx({"mean": 3.0, "std": 1.0, "median": 3.0, "n": 2})
+
+
+# ---- other libraries' HD95 (optional; skipped when not installed) -------------------------------
+
+def _sphere_with_spurious_cube() -> tuple[np.ndarray, np.ndarray]:
+    """Truth: a ball of radius 9. Prediction: the same ball and a 4^3 cube 11 voxels away, whose
+    surface is 6.6 % of the prediction's surface but 3.4 % of both surfaces pooled."""
+    g = np.indices((48, 48, 48)) - 16
+    truth = (g ** 2).sum(0) <= 81
+    pred = truth.copy()
+    pred[36:40, 14:18, 14:18] = True
+    return pred, truth
+
+
+def test_medpy_hd95_is_ours():
+    binary = pytest.importorskip("medpy.metric.binary", reason="optional medpy not installed")
+    pred, truth = _sphere_with_spurious_cube()
+    for spacing in ((1.0, 1.0, 1.0), (1.0, 1.5, 2.0)):
+        assert binary.hd95(pred, truth, voxelspacing=spacing) == pytest.approx(hd95(pred, truth, spacing), abs=1e-9)
+    with pytest.raises(RuntimeError):  # medpy has no convention for an empty mask; ours is HD95_EMPTY
+        binary.hd95(np.zeros_like(truth), truth)
+
+
+def test_monai_hd95_takes_the_larger_directed_percentile():
+    pytest.importorskip("monai", reason="optional monai not installed")
+    import torch
+    from monai.metrics import compute_hausdorff_distance
+
+    def monai_hd95(p, t):
+        return compute_hausdorff_distance(torch.as_tensor(p)[None, None], torch.as_tensor(t)[None, None],
+                                          percentile=95).item()
+
+    pred, truth = _sphere_with_spurious_cube()
+    distances = metrics.surface_distances(pred, truth)
+    n_pred = int(metrics.surface(pred).sum())  # pred -> truth first, then truth -> pred
+    directed = (np.percentile(distances[:n_pred], 95), np.percentile(distances[n_pred:], 95))
+    assert monai_hd95(pred, truth) == pytest.approx(max(directed))
+    assert hd95(pred, truth) == 0.0 < directed[0]  # pooled: the cube is under 5 % of the distances
+    with pytest.warns(UserWarning):
+        assert math.isnan(monai_hd95(np.zeros_like(truth), truth))

@@ -1,5 +1,6 @@
 import json
 
+import matplotlib.image as mpimg
 import nibabel as nib
 import numpy as np
 import pytest
@@ -9,9 +10,11 @@ import predict as predict_cli
 from brats.cache import uncrop
 from brats.inference import predict_case
 from brats.layout import DataError, discover_cases
+from brats.overlay import FIGURE_DPI, PANEL_INCHES
 from brats.phantom import write_phantom_dataset
 from brats.prepare import prepare, run_prepare
 from common.artifact import Artifact, build_model
+from common.errors import UserInputError
 from compress.quant.convert import int8_spec, prepare_float
 from pipeline.predict import (artifact_scheme, base_spec, check_window, inference_model, predict_folder, predict_fn,
                                select_cases, split_cases)
@@ -211,3 +214,23 @@ def test_constant_modality_fails_as_in_prepare_unless_allowed(setup, tmp_path, c
                              "--allow-constant-modality"])
     assert code == 0 and (tmp_path / "out" / f"{victim.case}.nii.gz").is_file()
     assert f"warning: case {victim.case}: {victim.files['t1ce']}: t1ce is constant" in capsys.readouterr().err
+
+
+def test_overlay_pictures_with_truth_when_the_case_has_one(setup, tmp_path):
+    root, data, artifact, _ = setup
+    refs = discover_cases(data)
+    out, pictures = tmp_path / "out", tmp_path / "overlay"
+    code = predict_cli.main([str(artifact), "--input", str(data), "--output", str(out), "--overlay", str(pictures),
+                             "--window", *map(str, WINDOW), "--quiet"])
+    assert code == 0
+    assert sorted(p.name for p in pictures.iterdir()) == sorted(f"{r.case}.png" for r in refs)
+    for ref in refs:  # a training case: truth and prediction; the validation case: the prediction alone
+        width = mpimg.imread(pictures / f"{ref.case}.png").shape[1]
+        assert width == round((2 if ref.has_label else 1) * PANEL_INCHES * FIGURE_DPI), ref.case
+    assert any(r.has_label for r in refs) and not all(r.has_label for r in refs)
+    # pictures are outputs too: not replaced without --overwrite
+    with pytest.raises(UserInputError, match="already holds 3 of the overlays"):
+        predict_folder(artifact, data, tmp_path / "other", WINDOW, progress=False, overlay_dir=pictures)
+    result = predict_folder(artifact, data, tmp_path / "other", WINDOW, progress=False, overlay_dir=pictures,
+                            overwrite=True, cases=[refs[0].case])
+    assert list(result.overlays) == [refs[0].case] and not result.failed

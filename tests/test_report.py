@@ -16,8 +16,10 @@ from common.artifact import Artifact, ArtifactError
 from common.config import Config, DataConfig, to_dict
 import brats.inference
 import brats.scoring
-from pipeline.report import (ROW_KEYS, et_min_voxels, evaluate_artifact, find_artifacts, growth_section,
-                             held_out_cases, int8_section, lowrank_section, make_report, profile_arch)
+from brats.overlay import FIGURE_DPI, PANEL_INCHES
+from pipeline.report import (ROW_KEYS, choose_cases, et_min_voxels, evaluate_artifact, find_artifacts,
+                             growth_section, held_out_cases, int8_section, lowrank_section, make_report,
+                             profile_arch)
 from model.macs import count_macs
 from model.refineformer3d import ModelSpec, RefineFormer3D, count_params, preset_spec
 
@@ -199,7 +201,7 @@ def test_files_written(built):
         assert "From `" + str(root / "runs" / "student" / "student.pt") + "`." in section
         assert all(row in section.splitlines() for row in rows), title
     assert "metrics_before_finetune" not in md and "fuse_dim" not in md  # no raw dumps of nested data
-    assert "no ET post-processing" in md
+    assert "the BraTS ET rule per artifact" in md and "| < 0 voxels |" in md  # no rule recorded: train's 0
     assert f"| teacher | {result.rows[0]['params']:,} |" in md
 
 
@@ -291,4 +293,28 @@ def test_et_min_voxels_reaches_predict_case(built, monkeypatch):
     evaluate_artifact(found, cfg, cache, cases, "regions", progress=False)
     cfg.report.et_min_voxels = 0  # the report's own setting wins, 0 included
     evaluate_artifact(found, cfg, cache, cases, "regions", progress=False)
-    assert seen == [7, 0]
+    found.artifact.extra["et_rule"] = {"et_min_voxels": 25}  # calibrated for the artifact by its stage
+    cfg.report.et_min_voxels = None
+    row = evaluate_artifact(found, cfg, cache, cases, "regions", progress=False)
+    assert seen == [7, 0, 25] and row["et_min_voxels"] == 25
+
+
+def test_case_figures_median_and_worst_one_column_per_stage(built):
+    root, cfg, result, *_ = built
+    out = root / "out"
+    figures = {k: p for k, p in result.files.items() if k.startswith("case_")}
+    assert sorted(figures) == ["case_median", "case_worst"]  # 2 held-out cases: two different ones
+    good = [r for r in result.rows if not r["error"]]
+    for path in figures.values():
+        assert path.parent == out and path.read_bytes().startswith(PNG_MAGIC)
+        # the truth, then teacher and student (the broken lowrank has no column)
+        assert mpimg.imread(path).shape[1] == round((1 + len(good)) * PANEL_INCHES * FIGURE_DPI)
+    md = (out / "report.md").read_text()
+    assert "## Cases to look at" in md and "![" in md and "(case_median.png)" in md and "(case_worst.png)" in md
+    assert "(dice_vs_latency_regions.png)" in md and (out / "dice_vs_latency_regions.png").exists()
+    assert "Official BraTS metrics" not in md  # legacy only unless asked
+    # median: the upper one of an even count; worst: the lowest; ties by name; one case is both
+    scores = [{"case": "b", "dice_mean": 0.5}, {"case": "a", "dice_mean": 0.9}, {"case": "c", "dice_mean": 0.5},
+              {"case": "d", "dice_mean": 0.7}]
+    assert choose_cases(scores) == {"median": "d", "worst": "b"}
+    assert choose_cases(scores[:1]) == {"median": "b", "worst": "b"} and choose_cases([]) == {}

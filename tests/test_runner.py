@@ -53,3 +53,26 @@ def test_teacher_lookup_and_source_checks(tmp_path):
     int8 = Artifact(stage="int8", spec={"kind": "int8-torch"}, state_dict={}, path=tmp_path / "q.pt")
     with pytest.raises(ArtifactError, match="needs a fp32 artifact, got kind 'int8-torch'"):
         check_source(int8, Config(), ("fp32",), "grown")
+
+
+def test_et_rule_calibration_picks_the_threshold_that_helps_et_dice(monkeypatch):
+    """Case a: true ET of 30 voxels, found. Case b: no ET, 12 false ET voxels. Thresholds up to 12
+    keep b's false ET (Dice 0 there); 25 removes it and keeps a's; 50 and up also remove a's."""
+    import numpy as np
+
+    import brats.scoring as scoring
+    from brats.dataset import ValCase
+
+    truth_a = np.zeros((8, 8, 8), np.int64)
+    truth_a.flat[:30] = 4
+    pred_a = truth_a.astype(np.uint8)
+    pred_b = np.zeros((8, 8, 8), np.uint8)
+    pred_b.flat[100:112] = 4
+    cases = [ValCase("a", torch.zeros(4, 8, 8, 8), torch.from_numpy(truth_a), None),
+             ValCase("b", torch.zeros(4, 8, 8, 8), torch.zeros(8, 8, 8, dtype=torch.int64), None)]
+    monkeypatch.setattr(scoring, "iter_cases", lambda cache, ids: iter(cases))
+    preds = {id(cases[0].image): pred_a, id(cases[1].image): pred_b}
+    monkeypatch.setattr(scoring, "predict_case", lambda predict, image, *a, **k: preds[id(image)])
+    out = scoring.calibrate_et_rule(None, None, ["a", "b"], Config(), grid=(0, 10, 25, 50))
+    assert out["dice_et"] == pytest.approx([0.5, 0.5, 1.0, 0.5]) and out["et_min_voxels"] == 25
+    assert out["cases"] == 2

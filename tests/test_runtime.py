@@ -95,7 +95,7 @@ def test_resolve_runtime_applies_and_describes_itself():
         rt = resolve_runtime("cpu", "auto", 1, cpu=AVX512_VNNI)
         assert torch.get_num_threads() == 1 and torch.backends.quantized.engine == rt.int8_engine
         assert (rt.train_precision, rt.eval_precision, rt.autocast_dtype, rt.grad_scaler) == ("fp32", "fp32", None, False)
-        assert rt.channels_last_tail and rt.cpu_kind == "avx512-vnni" and rt.torch == torch.__version__
+        assert rt.cpu_kind == "avx512-vnni" and rt.torch == torch.__version__
         line = rt.line("teacher")
         for part in ("teacher:", "device cpu", "precision fp32 train", "1 thread", "avx512-vnni", "torch "):
             assert part in line, part

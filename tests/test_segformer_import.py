@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from common.artifact import ArtifactError, load_model
-from model.segformer_import import import_checkpoint, load_segformer3d_state, map_key
+from model.segformer_import import import_checkpoint, load_segformer3d_state, main, map_key
 
 DIMS, HEADS, SR, KERNELS = [32, 64, 160, 256], [1, 2, 5, 8], [4, 2, 1, 1], [7, 3, 3, 3]
 
@@ -108,3 +108,13 @@ def test_import_writes_a_teacher_artifact(tmp_path):
     model.eval()
     assert art.stage == "teacher" and art.spec["decoder"] == "allmlp"
     assert model(torch.randn(1, 4, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
+
+
+def test_help_says_which_scale_the_published_weights_need(capsys):
+    assert len(official_state_dict()) == 232  # the entry count the help quotes
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "published SegFormer3D weights (BraTS 2017)" in text and "--attn-scale num_heads" in text
+    assert "all 232 state_dict entries map" in text and "any size divisible by 32" in text
