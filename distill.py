@@ -17,7 +17,7 @@ import os
 # Spin-waiting OpenMP threads make torch several times slower on a shared machine; set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from common.cli import config_from_args, out_dir, run_main, stage_parser  # noqa: E402
+from common.cli import config_from_args, data_given, out_dir, run_main, stage_parser  # noqa: E402
 
 
 def main() -> int:
@@ -40,7 +40,7 @@ def main() -> int:
     from engine.runner import exit_code
     from student.distill import distill_student
 
-    art = distill_student(cfg, out, resume=args.resume)
+    art = distill_student(cfg, out, resume=args.resume, data_given=data_given(args))
     m = art.metrics
     print(f"student: {art.path}")
     print(f"  val Dice WT {m['dice_wt']:.4f}  TC {m['dice_tc']:.4f}  ET {m['dice_et']:.4f}  mean {m['dice_mean']:.4f}"

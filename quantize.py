@@ -22,7 +22,7 @@ import os
 # Spin-waiting OpenMP threads make torch several times slower on a shared machine; set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from common.cli import config_from_args, out_dir, run_main, stage_parser  # noqa: E402
+from common.cli import config_from_args, data_given, out_dir, run_main, stage_parser  # noqa: E402
 
 
 def main() -> int:
@@ -49,7 +49,7 @@ def main() -> int:
     from compress.quant.stage import run_quantize
     from engine.runner import exit_code
 
-    path = run_quantize(args.artifact, cfg, out, backend=backend, resume=args.resume)
+    path = run_quantize(args.artifact, cfg, out, backend=backend, resume=args.resume, data_given=data_given(args))
     return exit_code(Artifact.load(path))
 
 

@@ -22,7 +22,8 @@ def stage_parser(prog: str, description: str, default_config: str | None = None)
     config = str(project_path(default_config)) if default_config else None
     p.add_argument("--config", default=config,
                    help=f"YAML config (default: the project's {default_config})" if default_config else "YAML config")
-    p.add_argument("--data", default=None, help="BraTS-layout data folder (default: built-in synthetic cases)")
+    p.add_argument("--data", default=None, help="BraTS-layout data folder (default: a compression stage takes its "
+                   "source artifact's data and split; train.py the built-in synthetic cases)")
     p.add_argument("--out", default=None, help="output folder; the stage's artifact (.pt) is written there")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (without it, a folder holding a run is refused)")
@@ -38,6 +39,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if getattr(args, "data", None):
         cfg.data.dir = args.data
     return cfg
+
+
+def data_given(args: argparse.Namespace) -> bool:
+    """True when the user named the data (--data, or --set data.dir / data.cache / data.split_file /
+    data.fold...): otherwise a stage takes the data set and split of the artifact it starts from."""
+    named = ("data.dir", "data.cache", "data.split_file", "data.fold", "data.folds", "data.val_fraction",
+             "data.split_seed", "data.synthetic")
+    return bool(getattr(args, "data", None)) or any(o.startswith(named) for o in getattr(args, "overrides", []))
 
 
 def run_main(main: Callable[[], int | None]) -> None:

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from common.artifact import Artifact
-from common.cli import config_from_args, out_dir, run_main, stage_parser
+from common.cli import config_from_args, data_given, out_dir, run_main, stage_parser
 from common.config import Config, ConfigError, parse_count
 from engine.loop import Stage
 from engine.runner import StageContext, StageDef, exit_code, run_stage
@@ -795,14 +795,15 @@ GROWN = StageDef(STAGE, step=record_start, finetune=grow_trainer, finish=record_
 
 
 def grow_stage(artifact: str | Path, cfg: Config, out: str | Path, teacher: str | None = None,
-               resume: bool = False) -> Artifact:
+               resume: bool = False, data_given: bool = True) -> Artifact:
     """Artifact -> distillation fine-tune that grows the model -> `<out>/grown.pt`.
 
     The grown model is the best epoch (best validation Dice over the run, so possibly from before
     the last growth event); extra["growth"] holds every event of the run. `resume` continues an
     interrupted run from `<out>/last.pt` (grown architecture, schedule, history, best epoch).
     """
-    return run_stage(artifact, GROWN, cfg, out, teacher=teacher or cfg.grow.teacher, resume=resume)
+    return run_stage(artifact, GROWN, cfg, out, teacher=teacher or cfg.grow.teacher, resume=resume,
+                     data_given=data_given)
 
 
 def format_history(history: Sequence[dict]) -> str:
@@ -826,7 +827,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     cfg.guard.strict = cfg.guard.strict or args.strict
-    art = grow_stage(args.artifact, cfg, out_dir(args, "runs/grow"), teacher=args.teacher, resume=args.resume)
+    art = grow_stage(args.artifact, cfg, out_dir(args, "runs/grow"), teacher=args.teacher, resume=args.resume,
+                     data_given=data_given(args))
     m = art.metrics
     size = "x".join(map(str, cfg.grow.reference_input))
     print(format_history(art.extra["growth"]))

@@ -32,7 +32,7 @@ from torch import nn
 
 from brats.scoring import evaluate
 from common.artifact import Artifact
-from common.cli import config_from_args, out_dir, run_main, stage_parser
+from common.cli import config_from_args, data_given, out_dir, run_main, stage_parser
 from common.config import Config, ConfigError, LowRankConfig, parse_count
 from engine.runner import StageContext, StageDef, exit_code, run_stage
 from model.layers import LowRankConv3d, LowRankLinear
@@ -402,9 +402,9 @@ LOWRANK = StageDef(STAGE, step=factorise_step, finetune=distill_trainer, finish=
                    needs_teacher=True, check=_check)
 
 
-def lowrank_stage(artifact: str | Path, cfg: Config, folder: str | Path) -> Artifact:
+def lowrank_stage(artifact: str | Path, cfg: Config, folder: str | Path, data_given: bool = True) -> Artifact:
     """Artifact -> factorised model -> optional distillation fine-tune -> `<folder>/lowrank.pt`."""
-    return run_stage(artifact, LOWRANK, cfg, folder, teacher=cfg.lowrank.teacher)
+    return run_stage(artifact, LOWRANK, cfg, folder, teacher=cfg.lowrank.teacher, data_given=data_given)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -437,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.train.epochs = args.epochs
     if args.teacher:
         lr.teacher = args.teacher
-    art = lowrank_stage(args.artifact, cfg, out_dir(args, "runs/lowrank"))
+    art = lowrank_stage(args.artifact, cfg, out_dir(args, "runs/lowrank"), data_given=data_given(args))
     m = art.metrics
     print(f"wrote {art.path}: {m['params_before']:,} -> {m['params_after']:,} parameters, "
           f"dice_mean {m['dice_mean_before_finetune']:.3f} before fine-tune, {m.get('dice_mean', math.nan):.3f} after")

@@ -155,15 +155,45 @@ def exit_code(art: Artifact) -> int:
     return 3 if g.get("strict") and g.get("violations") else 0
 
 
+# DataConfig fields that say which cases and which split (not how crops are drawn)
+DATA_IDENTITY = ("dir", "cache", "split_file", "fold", "folds", "val_fraction", "split_seed", "max_val_cases",
+                 "synthetic_cases", "synthetic_val_cases", "synthetic_shape", "synthetic_seed")
+
+
+def inherit_data(art: Artifact, cfg: Config, given: bool) -> str:
+    """Make the stage use the data set and split its source was trained and validated on (lineage),
+    unless the user named other data (`given`); returns the plan line's data part. A named data set
+    that differs from the source's is allowed, with a warning: the gap to the source is then
+    measured on other cases."""
+    stored = art.config.get("data") or {}
+    what = lambda d: d.get("dir") or f"synthetic cases (seed {d.get('synthetic_seed')})"  # noqa: E731
+    if not stored:
+        return f"data: {what(vars(cfg.data))} (the source records none)"
+    if given:
+        keys = ("dir", "cache", "split_file", "fold", "folds", "val_fraction", "split_seed")
+        if stored.get("dir") is None and cfg.data.dir is None:
+            keys += ("synthetic_cases", "synthetic_val_cases", "synthetic_shape", "synthetic_seed")
+        differs = [k for k in keys if k in stored and stored[k] != getattr(cfg.data, k)]
+        if differs:
+            return (f"WARNING: data differs from the source's ({', '.join(differs)}): {what(vars(cfg.data))} "
+                    f"instead of {what(stored)}; the comparison with the source uses the cases given here")
+        return f"data: {what(vars(cfg.data))} (as the source's)"
+    for key in DATA_IDENTITY:
+        if key in stored:
+            setattr(cfg.data, key, stored[key])
+    return f"data: {what(stored)}, fold {cfg.data.fold}, from the source artifact {art.path} (lineage)"
+
+
 def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path, *, teacher: str | None = None,
-              resume: bool = False) -> Artifact:
+              resume: bool = False, data_given: bool = True) -> Artifact:
     """Apply `stage` to the artifact at `source`; return the artifact written to `<out>/<stage.name>.pt`.
 
     Errors found before any work (ArtifactError, ConfigError): a missing or unreadable source, a
     kind or label scheme the stage cannot take, no teacher where the fine-tune needs one, nothing
-    to resume.
+    to resume. `data_given` False: the data set and split are the source's (`inherit_data`).
     """
     art = Artifact.load(source)
+    data_line = inherit_data(art, cfg, data_given)
     check_source(art, cfg, stage.kinds, stage.name)
     if stage.check is not None:
         stage.check(art, cfg)
@@ -178,6 +208,8 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
         raise ArtifactError(f"{ckpt_dir / LAST}: nothing to resume (no {LAST} in {ckpt_dir})")
 
     info = init_distributed(cfg.train.device)  # before the data, so rank 0 alone prepares the cache
+    if info.main:
+        tqdm.write(f"{stage.name}: {data_line}")
     try:
         seed_everything(cfg.train.seed)
         data = make_data(cfg)

@@ -324,8 +324,9 @@ def _check_student(art: Artifact, cfg: Config) -> None:
 STUDENT = StageDef(STAGE, step=thin_step, finetune=distill_trainer, finish=add_teacher_gap, check=_check_student)
 
 
-def distill_student(cfg: Config, out_dir: str | Path, resume: bool = False) -> Artifact:
+def distill_student(cfg: Config, out_dir: str | Path, resume: bool = False, data_given: bool = True) -> Artifact:
     """Teacher artifact (`distill.teacher`) -> thinned student, distilled -> <out_dir>/student.pt."""
     if not cfg.distill.teacher:
         raise ConfigError("no teacher artifact: pass --teacher PATH (or set distill.teacher)")
-    return run_stage(cfg.distill.teacher, STUDENT, cfg, out_dir, teacher=cfg.distill.teacher, resume=resume)
+    return run_stage(cfg.distill.teacher, STUDENT, cfg, out_dir, teacher=cfg.distill.teacher, resume=resume,
+                     data_given=data_given)

@@ -91,3 +91,20 @@ def test_predict_refuses_to_replace_label_maps(elsewhere):
     assert (preds / f"{case}.nii.gz").read_bytes() == b"someone else's segmentation"
     out = run(elsewhere, *args, "--overwrite")
     assert out.returncode == 0 and (preds / f"{case}.nii.gz").read_bytes()[:2] == b"\x1f\x8b"  # a gzip NIfTI now
+
+
+def test_without_data_a_stage_uses_the_data_its_source_was_trained_on(elsewhere):
+    data = elsewhere / "brats"
+    write_phantom_dataset(data, cases=4, val_cases=0, shape=(48, 48, 32), seed=0)
+    torch.manual_seed(0)
+    model = RefineFormer3D(preset_spec("refineformer3d", **TINY))
+    Artifact(stage="teacher", spec=model.spec.to_dict(), state_dict=model.state_dict(),
+             config={"data": {"scheme": "regions", "dir": str(data), "val_fraction": 0.5}}).save(elsewhere / "best.pt")
+    small = ["data.crop=[32,32,32]", "train.window=[32,32,32]", "train.sw_batch=1", "train.threads=1",
+             "train.amp=off", "train.epochs=0", "distill.width=0.5"]
+    out = run(elsewhere, "distill.py", "--teacher", "best.pt", "--out", "student", *[a for s in small for a in ("--set", s)])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"student: data: {data}, fold 0, from the source artifact best.pt (lineage)" in out.stdout + out.stderr
+    student = Artifact.load(elsewhere / "student" / "student.pt")
+    assert student.config["data"]["dir"] == str(data) and student.config["data"]["val_fraction"] == 0.5
+    assert student.extra["et_rule"]["cases"] == 2  # scored on the teacher's split: half of the 4 cases held out

@@ -76,3 +76,23 @@ def test_et_rule_calibration_picks_the_threshold_that_helps_et_dice(monkeypatch)
     out = scoring.calibrate_et_rule(None, None, ["a", "b"], Config(), grid=(0, 10, 25, 50))
     assert out["dice_et"] == pytest.approx([0.5, 0.5, 1.0, 0.5]) and out["et_min_voxels"] == 25
     assert out["cases"] == 2
+
+
+def test_a_stage_takes_its_sources_data_and_split_unless_told(tmp_path):
+    from engine.runner import inherit_data
+
+    stored = {"dir": "/data/brats17", "fold": 1, "folds": 5, "val_fraction": 0.2, "split_seed": 3,
+              "crop": [128, 128, 128], "max_val_cases": None}
+    art = Artifact(stage="teacher", spec={}, state_dict={}, config={"data": stored}, path=tmp_path / "best.pt")
+    cfg = Config()
+    cfg.data.crop = [64, 64, 64]  # how crops are drawn stays the stage's own
+    line = inherit_data(art, cfg, given=False)
+    assert (cfg.data.dir, cfg.data.fold, cfg.data.folds, cfg.data.split_seed) == ("/data/brats17", 1, 5, 3)
+    assert cfg.data.crop == [64, 64, 64] and "from the source artifact" in line and "/data/brats17" in line
+    other = Config()
+    other.data.dir = "/data/other"
+    line = inherit_data(art, other, given=True)
+    assert other.data.dir == "/data/other" and line.startswith("WARNING: data differs from the source's (dir, fold")
+    same = Config()
+    same.data.dir, same.data.fold, same.data.folds, same.data.split_seed = "/data/brats17", 1, 5, 3
+    assert inherit_data(art, same, given=True) == "data: /data/brats17 (as the source's)"

@@ -157,7 +157,7 @@ def _check(art: Artifact, cfg: Config) -> None:
 
 
 def run_quantize(artifact_path: str | Path, cfg: Config, out: Path, backend: str = "torch",
-                 resume: bool = False) -> Path:
+                 resume: bool = False, data_given: bool = True) -> Path:
     """The `quantize.py` command: writes <out>/int8.pt (and int8.onnx / fp32.onnx for onnxruntime).
 
     resume: continue the QAT fine-tune from <out>/qat/last.pt (same layers, scales and schedule)."""
@@ -167,7 +167,7 @@ def run_quantize(artifact_path: str | Path, cfg: Config, out: Path, backend: str
         raise ConfigError("--resume continues a QAT fine-tune: train.epochs must be >= 1")
     stage = StageDef(STAGE, step=qat_step, finetune=qat_trainer, finish=to_int8(backend), checkpoint_dir=QAT_DIR,
                      check=_check)
-    art = run_stage(artifact_path, stage, cfg, out, teacher=cfg.quant.teacher, resume=resume)
+    art = run_stage(artifact_path, stage, cfg, out, teacher=cfg.quant.teacher, resume=resume, data_given=data_given)
     print(f"wrote {art.path}")
     return art.path
 
