@@ -30,11 +30,12 @@ def elsewhere(tmp_path) -> Path:
     return folder
 
 
-def tiny_artifact(path: Path, stage: str = "teacher") -> Path:
+def tiny_artifact(path: Path, stage: str = "teacher", data: dict | None = None, **overrides) -> Path:
+    """A seeded tiny RefineFormer3D artifact (untrained) whose stored config names `data`."""
     torch.manual_seed(0)
-    model = RefineFormer3D(preset_spec("refineformer3d", **TINY))
+    model = RefineFormer3D(preset_spec("refineformer3d", **{**TINY, **overrides}))
     Artifact(stage=stage, spec=model.spec.to_dict(), state_dict=model.state_dict(),
-             config={"data": {"scheme": "regions"}}).save(path)
+             config={"data": {"scheme": "regions", **(data or {})}}, metrics={"dice_mean": 0.5}).save(path)
     return path
 
 
@@ -96,10 +97,7 @@ def test_predict_refuses_to_replace_label_maps(elsewhere):
 def test_without_data_a_stage_uses_the_data_its_source_was_trained_on(elsewhere):
     data = elsewhere / "brats"
     write_phantom_dataset(data, cases=4, val_cases=0, shape=(48, 48, 32), seed=0)
-    torch.manual_seed(0)
-    model = RefineFormer3D(preset_spec("refineformer3d", **TINY))
-    Artifact(stage="teacher", spec=model.spec.to_dict(), state_dict=model.state_dict(),
-             config={"data": {"scheme": "regions", "dir": str(data), "val_fraction": 0.5}}).save(elsewhere / "best.pt")
+    tiny_artifact(elsewhere / "best.pt", data={"dir": str(data), "val_fraction": 0.5})
     small = ["data.crop=[32,32,32]", "train.window=[32,32,32]", "train.sw_batch=1", "train.threads=1",
              "train.amp=off", "train.epochs=0", "distill.width=0.5"]
     out = run(elsewhere, "distill.py", "--teacher", "best.pt", "--out", "student", *[a for s in small for a in ("--set", s)])

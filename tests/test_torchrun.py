@@ -5,15 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 
 from brats.phantom import write_phantom_dataset
 from common.artifact import Artifact
-from model.refineformer3d import RefineFormer3D, preset_spec
+from test_cli import tiny_artifact
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(embed_dims=[8, 16, 16, 16], num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1], decoder_dim=16, fuse_dim=16,
-            refine_dim=4)
 SMALL = ["data.crop=[32,32,32]", "data.samples_per_epoch=4", "data.val_fraction=0.5", "train.batch_size=2",
          "train.epochs=1", "train.steps_per_epoch=1", "train.window=[32,32,32]", "train.sw_batch=1",
          "train.threads=1", "train.amp=off", "train.log_images=false"]
@@ -33,10 +30,7 @@ def torchrun(log: Path, *args: str) -> list[str]:
 def test_torchrun_prepares_the_cache_once_and_writes_each_artifact_once(tmp_path):
     data = tmp_path / "data"
     write_phantom_dataset(data, cases=4, val_cases=0, shape=(48, 48, 32), seed=0)
-    torch.manual_seed(0)
-    teacher = RefineFormer3D(preset_spec("refineformer3d", **TINY))
-    Artifact(stage="teacher", spec=teacher.spec.to_dict(), state_dict=teacher.state_dict(),
-             config={"data": {"scheme": "regions"}}, metrics={"dice_mean": 0.5}).save(tmp_path / "teacher.pt")
+    tiny_artifact(tmp_path / "teacher.pt", decoder_dim=16, fuse_dim=16)
     sets = [arg for item in SMALL for arg in ("--set", item)]
     log = tmp_path / "probe.log"
 
