@@ -38,6 +38,7 @@ from brats.layout import DataError, find_label, is_case_folder
 from brats.metrics import REGIONS, score_case, summarize
 from brats.nifti import align_to_grid, load_label
 from common.atomic import atomic_write_text
+from common.progress import bar_off
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CSV_COLUMNS = ["case"] + [f"{m}_{r}" for m in ("dice", "hd95", "iou", "sens", "spec") for r in REGIONS] + [
@@ -189,7 +190,7 @@ def evaluate_dirs(
     cases = match_cases(preds, truths, subset)
     return [
         evaluate_case(case, preds[case], truths[case], metrics)
-        for case in tqdm(cases, desc="evaluate", unit="case", disable=not progress)
+        for case in tqdm(cases, desc="evaluate", unit="case", disable=bar_off(progress))
     ]
 
 

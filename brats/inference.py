@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from brats.labels import is_softmax, probs_to_brats, suppress_small_et
+from common.progress import bar_off
 
 Predict = Callable[[torch.Tensor], torch.Tensor]  # (B, C, *window) -> (B, K, *window)
 
@@ -95,7 +96,7 @@ def sliding_window(
     total = torch.zeros((1, *padded), dtype=torch.float32, device=out_device)
     batches = [corners[i:i + sw_batch] for i in range(0, len(corners), sw_batch)]
     with torch.no_grad():
-        for batch in tqdm(batches, desc="sliding window", unit="batch", disable=not progress, leave=False):
+        for batch in tqdm(batches, desc="sliding window", unit="batch", disable=bar_off(progress), leave=False):
             slices = [tuple(slice(c, c + w) for c, w in zip(corner, window)) for corner in batch]
             x = torch.stack([image[(slice(None), *s)] for s in slices])  # (B, C, *window)
             y = predict(x)

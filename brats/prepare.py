@@ -25,6 +25,7 @@ from brats.cache import CACHE_VERSION, MANIFEST, Cache, CaseMeta, open_cache, re
 from brats.layout import CaseRef, DataError, discover_cases, warn
 from brats.nifti import LoadedCase, load_case
 from common.atomic import atomic_path, atomic_write_text
+from common.progress import bar_off
 
 CASES_DIR = "cases"
 
@@ -169,7 +170,7 @@ def run_prepare(data_dir: str | Path, cache_dir: str | Path, progress: bool = Tr
     report = PrepareReport(cache_dir)
     entries: dict[str, dict] = {}
     (cache_dir / CASES_DIR).mkdir(parents=True, exist_ok=True)
-    for ref in tqdm(refs, desc="prepare", unit="case", disable=not progress, file=sys.stderr):
+    for ref in tqdm(refs, desc="prepare", unit="case", disable=bar_off(progress), file=sys.stderr):
         stamps = source_stamps(ref)
         meta = _reusable(old["cases"].get(ref.case), ref, stamps, cache_dir, allow_constant_modality)
         if meta is not None:

@@ -18,6 +18,7 @@ from brats.dataset import iter_cases
 from brats.inference import predict_case
 from brats.metrics import dice, score_case
 from common.config import Config, ConfigError
+from common.progress import bar_off
 
 
 def score_cases(
@@ -32,7 +33,7 @@ def score_cases(
     """
     t, rows = cfg.train, []
     cases = iter_cases(cache, case_ids)
-    for case, image, label, meta in tqdm(cases, total=len(case_ids), desc=desc, leave=False, disable=desc is None):
+    for case, image, label, meta in tqdm(cases, total=len(case_ids), desc=desc, leave=False, disable=bar_off(desc is not None)):
         if label is None:
             continue
         pred = predict_case(predict, image, cfg.data.scheme, t.window, t.overlap, t.sw_batch,

@@ -39,6 +39,7 @@ from brats.scoring import mean_rows, score_cases
 from common.artifact import Artifact, ArtifactError, build_model
 from common.atomic import atomic_write_text
 from common.config import Config, ConfigError, to_dict
+from common.progress import bar_off
 from engine.data import TrainData, make_data
 from engine.losses import segmentation_loss
 from engine.runtime import (DistInfo, Runtime, init_distributed, resolve_runtime, rng_state, seed_everything,
@@ -456,7 +457,7 @@ class Trainer:
         self.ddp_model.train()
         sums: dict[str, float] = {}
         bar = tqdm(total=self.steps_per_epoch, desc=f"{self.stage_name} {epoch + 1}/{t.epochs}", unit="step",
-                   disable=not self.dist.main, leave=False, dynamic_ncols=True)
+                   disable=bar_off(self.dist.main), leave=False, dynamic_ncols=True)
         for batch in self._batches(epoch):
             batch = _to_device(batch, self.device)
             with self._autocast():

@@ -32,6 +32,7 @@ from brats.splits import read_splits
 import compress.quant  # noqa: F401  (registers the int8-torch, int8-qat and onnx artifact kinds)
 from common.artifact import Artifact, build_model
 from common.errors import UserInputError
+from common.progress import bar_off
 from model.refineformer3d import ModelSpec, model_from_spec
 from model.rewrites import inference_graph
 
@@ -227,7 +228,7 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
             _refuse_existing(overlay_dir, [f"{ref.case}.png" for ref in refs], "overlays", "--overlay folder")
     output_dir.mkdir(parents=True, exist_ok=True)
     result = PredictResult()
-    bar = tqdm(refs, desc=f"predict ({art.stage})", unit="case", disable=not progress, file=sys.stderr)
+    bar = tqdm(refs, desc=f"predict ({art.stage})", unit="case", disable=bar_off(progress), file=sys.stderr)
     for ref in bar:
         bar.set_postfix_str(ref.case)
         try:

@@ -38,6 +38,7 @@ from brats.overlay import axial_slice, case_figure
 from common.artifact import Artifact, ArtifactError, build_model
 from common.atomic import atomic_write_text
 from common.config import Config, ConfigError, DataConfig, from_dict
+from common.progress import bar_off
 from engine.loop import LAST
 from engine.runtime import resolve_runtime, runtime_summary
 from common.timing import median_seconds
@@ -317,7 +318,7 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
         print(rt.line("report"), file=sys.stderr)
     note = {**runtime_note(), "resolved": rt.to_dict()}
     rows, per_case, slices = [], {}, {}
-    for f in tqdm(found, desc="report", unit="artifact", disable=not progress, file=sys.stderr):
+    for f in tqdm(found, desc="report", unit="artifact", disable=bar_off(progress), file=sys.stderr):
         if f.artifact is None:
             rows.append(_empty_row(f))
             continue

@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from common.atomic import atomic_write_text
-from engine.runtime import probe_cpu
+from common.progress import bar_off
 from common.timing import median_seconds
 from compress.quant.convert import empty_int8_like
 from compress.quant.lsq import quantizable
+from engine.runtime import probe_cpu
 
 MODES = ("measure", "all", "none", "table")
 
@@ -134,7 +135,7 @@ def decide(
     rows, dirty = [], False
     names = list(shapes)
     from tqdm import tqdm
-    for name in tqdm(names, desc="int8 decisions", disable=not progress, leave=False):
+    for name in tqdm(names, desc="int8 decisions", disable=bar_off(progress), leave=False):
         module = model.get_submodule(name)
         row: dict[str, Any] = {"layer": name, "type": type(module).__name__, "shape": list(shapes[name]),
                                "fp32_ms": None, "int8_ms": None}
