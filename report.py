@@ -23,7 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import sys  # noqa: E402
 
-from common.cli import config_from_args, run_main, stage_parser  # noqa: E402
+from common.cli import config_from_args, data_given, run_main, stage_parser  # noqa: E402
 from common.paths import project_path  # noqa: E402
 
 
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(format_profile(profile))
         return 0
-    user_data = bool(args.data or args.config or any(o.startswith("data.") for o in args.overrides))
-    result = make_report(args.sources, cfg, args.out, data=cfg.data if user_data else None,
+    # a --config that sets only report.* keys must not switch the data: only naming data does
+    result = make_report(args.sources, cfg, args.out, data=cfg.data if data_given(args) else None,
                          progress=not args.quiet, metrics=args.metrics)
     print(f"{len(result.rows)} artifact(s) on {len(result.cases)} held-out case(s); wrote "
           + ", ".join(str(p) for p in result.files.values()))

@@ -289,6 +289,17 @@ def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def pick_reference(found: list[Found]) -> Found | None:
+    """The row the ratios and gaps are measured against: the teacher that the other artifacts descend
+    from (most often named in their lineages), else the first teacher, else the first artifact."""
+    teachers = [f for f in found if f.stage == "teacher"]
+    if len(teachers) > 1:
+        named = [str(Path(e["path"]).resolve()) for f in found if f.stage != "teacher"
+                 for e in f.artifact.lineage if e.get("stage") == "teacher" and e.get("path")]
+        return max(teachers, key=lambda t: named.count(str(t.path.resolve())))  # ties: the first
+    return teachers[0] if teachers else (found[0] if found else None)
+
+
 def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path, *,
                 data: DataConfig | None = None, progress: bool = True, metrics: str = "legacy") -> ReportResult:
     """Find, score and time every artifact; write report.md/.csv/.json and plots into `out_dir`.
@@ -306,13 +317,17 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
     if not found:
         raise ArtifactError(f"no artifact (*.pt) found in {', '.join(map(str, sources))}")
     good = [f for f in found if f.artifact is not None]
-    reference = next((f for f in good if f.stage == "teacher"), good[0] if good else None)
+    reference = pick_reference(good)
 
     cache, cases, data_used = None, [], data or cfg.data
     if good:
         cache, cases, data_used = held_out_cases(
             cfg, data, cfg.report.max_cases, reference.artifact if reference else None
         )
+        if progress:
+            origin = "as named" if data is not None else f"the data {reference.path} was trained on"
+            print(f"report: data: {data_used.dir or 'built-in synthetic cases'} ({origin}); "
+                  f"{len(cases)} held-out case(s); reference row {reference.path}", file=sys.stderr)
     rt = resolve_runtime("cpu", "off", cfg.train.threads)  # latency and Dice: fp32 on this CPU
     if progress:
         print(rt.line("report"), file=sys.stderr)

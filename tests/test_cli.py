@@ -106,3 +106,22 @@ def test_without_data_a_stage_uses_the_data_its_source_was_trained_on(elsewhere)
     student = Artifact.load(elsewhere / "student" / "student.pt")
     assert student.config["data"]["dir"] == str(data) and student.config["data"]["val_fraction"] == 0.5
     assert student.extra["et_rule"]["cases"] == 2  # scored on the teacher's split: half of the 4 cases held out
+
+
+def test_only_naming_data_switches_a_commands_data():
+    from argparse import Namespace
+
+    from common.cli import data_given
+
+    assert not data_given(Namespace(data=None, overrides=["report.max_cases=2"], config="report.yaml"))
+    assert data_given(Namespace(data="brats", overrides=[]))
+    assert data_given(Namespace(data=None, overrides=["data.dir=/x"]))
+    assert not data_given(Namespace(data=None, overrides=["data.crop=[64,64,64]"]))  # how, not which
+
+
+def test_module_commands_run_from_any_folder(elsewhere):
+    """`make setup` installs the project editable, so `python -m ...` needs no PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-m", "brats.phantom", "--help"], cwd=elsewhere, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "usage: python -m brats.phantom" in out.stdout

@@ -318,3 +318,16 @@ def test_case_figures_median_and_worst_one_column_per_stage(built):
               {"case": "d", "dice_mean": 0.7}]
     assert choose_cases(scores) == {"median": "d", "worst": "b"}
     assert choose_cases(scores[:1]) == {"median": "b", "worst": "b"} and choose_cases([]) == {}
+
+
+def test_the_reference_is_the_teacher_the_others_descend_from(tmp_path):
+    from pipeline.report import Found, pick_reference
+
+    def art(stage, path, lineage=()):
+        a = Artifact(stage=stage, spec={}, state_dict={}, lineage=list(lineage), path=path)
+        return Found(path, stage, artifact=a)
+
+    t1, t2 = art("teacher", tmp_path / "a" / "best.pt"), art("teacher", tmp_path / "b" / "best.pt")
+    child = art("student", tmp_path / "s.pt", [{"stage": "teacher", "path": str(tmp_path / "b" / "best.pt")}])
+    assert pick_reference([t1, t2, child]) is t2  # runs/ holding a second, unrelated teacher
+    assert pick_reference([t1, t2]) is t1 and pick_reference([child]) is child and pick_reference([]) is None
