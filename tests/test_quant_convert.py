@@ -124,3 +124,17 @@ def test_int8_artifact_reloads_weights_only_and_predicts(tmp_path):
     int8_bytes = sum(v.numel() for k, v in art.state_dict.items() if k.endswith("weight_int8"))
     assert int8_bytes * 4 == fp32_bytes
     assert (tmp_path / "int8.pt").stat().st_size < 0.5 * (tmp_path / "fp32.pt").stat().st_size
+
+
+def test_decisions_say_what_was_measured_and_what_came_from_the_cache(tmp_path, capsys):
+    from torch import nn
+
+    from compress.quant.decide import decide
+
+    model = nn.Sequential(nn.Conv3d(4, 8, 1), nn.ReLU(), nn.Conv3d(8, 8, 1))
+    cache = tmp_path / "int8_decisions.json"
+    first = decide(model, (1, 4, 8, 8, 8), "measure", runs=1, cache=cache, progress=True)
+    assert "2 layer(s) measured on this CPU, 0 reused" in capsys.readouterr().out
+    again = decide(model, (1, 4, 8, 8, 8), "measure", runs=1, cache=cache, progress=True)
+    assert f"0 layer(s) measured on this CPU, 2 reused from the cache {cache}" in capsys.readouterr().out
+    assert [r["fp32_ms"] for r in again] == [r["fp32_ms"] for r in first]  # the cached timings, not new ones

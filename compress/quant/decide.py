@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from common.atomic import atomic_write_text
 from common.progress import bar_off
@@ -132,9 +133,8 @@ def decide(
     path = cache or cache_path()
     store = _load_cache(path) if mode == "measure" else {}
     machine = store.setdefault(machine_key(), {}) if mode == "measure" else {}
-    rows, dirty = [], False
+    rows, dirty, measured = [], False, 0
     names = list(shapes)
-    from tqdm import tqdm
     for name in tqdm(names, desc="int8 decisions", disable=bar_off(progress), leave=False):
         module = model.get_submodule(name)
         row: dict[str, Any] = {"layer": name, "type": type(module).__name__, "shape": list(shapes[name]),
@@ -143,7 +143,7 @@ def decide(
             sig = signature(module, shapes[name])
             if sig not in machine:
                 machine[sig] = list(measure_layer(module, shapes[name], runs))
-                dirty = True
+                dirty, measured = True, measured + 1
             row["fp32_ms"], row["int8_ms"] = machine[sig]
         if name in force:
             row["choice"], row["why"] = force[name], "forced"
@@ -157,6 +157,9 @@ def decide(
         rows.append(row)
     if dirty:
         atomic_write_text(path, json.dumps(store, indent=1, sort_keys=True))
+    if progress and mode == "measure":
+        tqdm.write(f"int8 decisions: {measured} layer(s) measured on this CPU, {len(names) - measured} reused "
+                   f"from the cache {path}")
     return rows
 
 
