@@ -185,8 +185,11 @@ class Trainer:
         self.sampler = DistributedSampler(
             self.data.train_set, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=t.seed
         )
+        if self.dist.main:
+            warn_large_crop(cfg.data.crop, [self.data.cache.meta(c).shape for c in self.data.train_ids])
+        workers = loader_workers(cfg.data.num_workers, self.runtime.threads, self.dist.main)
         self.loader = DataLoader(
-            self.data.train_set, batch_size=t.batch_size, sampler=self.sampler, num_workers=cfg.data.num_workers,
+            self.data.train_set, batch_size=t.batch_size, sampler=self.sampler, num_workers=workers,
             pin_memory=self.device.type == "cuda",
             drop_last=deepest_voxels == 1,  # a lone crop of one deepest voxel would break BatchNorm
         )
@@ -215,6 +218,7 @@ class Trainer:
         self.last_metrics: dict = {}
         self.history: list[dict] = []
         self.stale = 0  # validations since the best one (early stopping with train.patience)
+        self.run_steps = 0  # optimiser steps taken by this process (not restored on resume)
         self.stopped = False
         self._writer = None
 
@@ -456,6 +460,8 @@ class Trainer:
         t = self.cfg.train
         self.ddp_model.train()
         sums: dict[str, float] = {}
+        first_step = self.run_steps == 0
+        started = time.time()
         bar = tqdm(total=self.steps_per_epoch, desc=f"{self.stage_name} {epoch + 1}/{t.epochs}", unit="step",
                    disable=bar_off(self.dist.main), leave=False, dynamic_ncols=True)
         for batch in self._batches(epoch):
@@ -488,6 +494,10 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()
             self.global_step += 1
+            if first_step:
+                first_step = False
+                self._plan_line(time.time() - started)
+            self.run_steps += 1
             logs = {"loss": float(loss.detach()), **logs}
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -496,6 +506,18 @@ class Trainer:
             bar.update()
         bar.close()
         return {k: v / self.steps_per_epoch for k, v in sums.items()}
+
+    def _plan_line(self, first_step_s: float) -> None:
+        """After the first step: the plan and a duration estimate from that step's time (the first
+        step includes warm-up, so the estimate errs long; validation passes are not included)."""
+        t = self.cfg.train
+        left = self.total_steps - self.global_step + 1
+        if self.dist.main:
+            tqdm.write(f"{self.stage_name}: plan {t.epochs} epoch(s) x {self.steps_per_epoch} step(s) of "
+                       f"{t.batch_size} crop(s) {'x'.join(map(str, self.cfg.data.crop))}, validation every "
+                       f"{max(1, t.val_every)} epoch(s) on {len(self.data.val_ids)} case(s); first step "
+                       f"{first_step_s:.1f} s -> about {left * first_step_s / 60:.1f} min of training steps left"
+                       + (f" (at most; train.patience={t.patience})" if t.patience else ""))
 
     # -- validation
 
@@ -639,6 +661,32 @@ def best_epoch(art: Artifact) -> Artifact:
     if saved is None:
         return art
     return Artifact(stage=art.stage, config=art.config, lineage=art.lineage, path=art.path, **saved)
+
+
+def warn_large_crop(crop: Sequence[int], shapes: Sequence[Sequence[int]]) -> bool:
+    """Warn (True) when the crop is larger than every brain-cropped training case along an axis: the
+    crops are then mostly zero padding (a real-data recipe run on small phantoms, say)."""
+    largest = [max(s[a] for s in shapes) for a in range(3)] if shapes else list(crop)
+    if any(c > m for c, m in zip(crop, largest)):
+        tqdm.write(f"warning: data.crop={list(crop)} is larger than every brain-cropped training case along an "
+                   f"axis (largest {largest}): the crops are mostly padding; use a smaller data.crop")
+        return True
+    return False
+
+
+def loader_workers(requested: int, threads: int, main: bool = True) -> int:
+    """DataLoader workers: `requested`, clamped to the CPUs this process may use (more workers than
+    CPUs only compete with the training threads); says so when it clamps."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    limit = max(0, cpus - 1) if requested else 0  # leave a CPU to the main process
+    if requested > limit:
+        if main:
+            tqdm.write(f"data.num_workers={requested} on {cpus} CPU(s): using {limit} loader worker(s)")
+        return limit
+    return requested
 
 
 def _check_crop(cfg: Config, model: nn.Module) -> int | None:

@@ -549,3 +549,25 @@ def test_crops_the_model_cannot_train_on_are_rejected_early():
         _check_crop(load_config(None, ["data.crop=[32,32,32]", "train.batch_size=1"]), model)
     assert _check_crop(load_config(None, ["data.crop=[32,32,32]", "train.batch_size=2"]), model) == 1
     assert _check_crop(load_config(None, ["data.crop=[64,64,32]", "train.batch_size=1"]), model) == 4
+
+
+def test_loader_workers_are_clamped_to_the_cpus_and_the_plan_is_said(phantom, tmp_path, monkeypatch, capsys):
+    from engine import loop
+
+    monkeypatch.setattr(loop.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert loop.loader_workers(4, threads=2) == 1 and "data.num_workers=4 on 2 CPU(s)" in capsys.readouterr().out
+    assert loop.loader_workers(1, threads=2) == 1 and loop.loader_workers(0, threads=2) == 0
+    cfg = tiny_cfg(phantom, epochs=1, log_images=False)
+    fit(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="teacher")
+    out = capsys.readouterr().out
+    assert "teacher: plan 1 epoch(s) x 2 step(s) of 2 crop(s) 32x32x32, validation every 1 epoch(s) on 2 case(s)" in out
+    assert "min of training steps left" in out
+
+
+def test_a_crop_larger_than_the_cases_is_a_warning_with_the_sizes(capsys):
+    from engine.loop import warn_large_crop
+
+    assert warn_large_crop([128, 128, 128], [(96, 100, 60), (80, 110, 64)])
+    assert "data.crop=[128, 128, 128] is larger than every" in capsys.readouterr().out
+    assert not warn_large_crop([64, 64, 64], [(96, 100, 60), (80, 110, 64)])  # 64 fits the largest along z
+    assert capsys.readouterr().out == ""
