@@ -77,6 +77,7 @@ import numpy as np  # noqa: E402
 from brats.evaluate import find_predictions, find_truth  # noqa: E402
 from brats.nifti import load_label  # noqa: E402
 from brats.phantom import FAMILIES  # noqa: E402
+from common.machine import usable_cpus  # noqa: E402
 
 REGIONS = ("wt", "tc", "et", "mean")
 STAMP = "bench_step.json"
@@ -369,13 +370,6 @@ def family_table(family: str, summary: dict, args: argparse.Namespace, failed: l
 
 # ---- main -----------------------------------------------------------------------------------------
 
-def available_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def estimate_seconds(plan: dict[str, list[Step]], args: argparse.Namespace) -> float:
     """Rough wall time from scratch, from each training command's optimizer steps (its config with the
     bench's overrides: loading them also rejects an unknown key before anything runs)."""
@@ -412,7 +406,7 @@ def main() -> int:
     args.cases = args.cases if args.cases is not None else (8 if args.quick else 24)
     args.val_cases = args.val_cases if args.val_cases is not None else (4 if args.quick else 8)
     args.shape = args.shape or ([64, 64, 48] if args.quick else [96, 96, 64])
-    args.threads = args.threads or available_threads()
+    args.threads = args.threads or usable_cpus()
     if not 1 <= args.val_cases < args.cases:
         p.error("need 1 <= --val-cases < --cases")
     if min(args.shape) < 32:

@@ -36,12 +36,11 @@ from typing import Sequence
 
 import numpy as np
 
-from brats.metrics import BRATS_LABELS
+from brats.metrics import BRATS_LABELS, REGIONS
 from common.errors import UserInputError
 
 EXTRA = "brats-evaluation"
 CONFIG = "gli"  # the bundled glioma config: the task BraTS 2017 belongs to
-REGIONS = ("wt", "tc", "et")
 METRICS = ("global_dsc", "global_hd95", "lesionwise_dsc_mean", "lesionwise_hd95_mean", "all_instance_f1")
 COLUMNS = [f"{m}_{r}" for m in METRICS for r in REGIONS]
 ET_2017, ET_OFFICIAL = 4, 3

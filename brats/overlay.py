@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from common.atomic import atomic_write
+
 
 def contour_overlay(flair: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """RGB uint8 (3, H, 2W): a FLAIR slice with reference (left) and predicted (right) contours.
@@ -74,7 +76,6 @@ def case_figure(path, flair: np.ndarray, t1ce: np.ndarray, panels, truth: np.nda
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    from common.atomic import atomic_write
 
     columns = ([("truth", None)] if truth is not None else []) + [(str(n), np.asarray(p)) for n, p in panels]
     if not columns:

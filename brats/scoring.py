@@ -91,7 +91,8 @@ def calibrate_et_rule(predict, cache: Cache, case_ids: Sequence[str], cfg: Confi
         if label is None:
             continue
         pred = predict_case(predict, image, cfg.data.scheme, t.window, t.overlap, t.sw_batch, et_min_voxels=0)
-        kept.append((pred == 4, int((pred == 4).sum()), label.numpy() == 4))
+        et = pred == 4
+        kept.append((et, int(et.sum()), label.numpy() == 4))
     if not kept:
         raise ConfigError("ET rule calibration: no labelled case to score")
     means = []

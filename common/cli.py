@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from common.config import Config, load_config
+from common.config import DATA_IDENTITY, Config, load_config
 from common.errors import UserInputError
 from common.paths import project_path
 
@@ -44,8 +44,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def data_given(args: argparse.Namespace) -> bool:
     """True when the user named the data (--data, or --set data.dir / data.cache / data.split_file /
     data.fold...): otherwise a stage takes the data set and split of the artifact it starts from."""
-    named = ("data.dir", "data.cache", "data.split_file", "data.fold", "data.folds", "data.val_fraction",
-             "data.split_seed", "data.synthetic")
+    named = tuple(f"data.{key}" for key in DATA_IDENTITY if key != "max_val_cases")  # how many to score: not which
     return bool(getattr(args, "data", None)) or any(o.startswith(named) for o in getattr(args, "overrides", []))
 
 

@@ -46,6 +46,12 @@ class DataConfig:
     synthetic_seed: int = 0
 
 
+# DataConfig fields that say which cases and which split (not how crops are drawn): a compression
+# stage takes them from its source artifact unless the user names data (engine.runner.inherit_data)
+DATA_IDENTITY = ("dir", "cache", "split_file", "fold", "folds", "val_fraction", "split_seed", "max_val_cases",
+                 "synthetic_cases", "synthetic_val_cases", "synthetic_shape", "synthetic_seed")
+
+
 @dataclass
 class ModelConfig:
     preset: str = "refineformer3d"

@@ -39,6 +39,7 @@ from brats.scoring import mean_rows, score_cases
 from common.artifact import Artifact, ArtifactError, build_model
 from common.atomic import atomic_write_text
 from common.config import Config, ConfigError, to_dict
+from common.machine import usable_cpus
 from common.progress import bar_off
 from engine.data import TrainData, make_data
 from engine.losses import segmentation_loss
@@ -187,7 +188,7 @@ class Trainer:
         )
         if self.dist.main:
             warn_large_crop(cfg.data.crop, [self.data.cache.meta(c).shape for c in self.data.train_ids])
-        workers = loader_workers(cfg.data.num_workers, self.runtime.threads, self.dist.main)
+        workers = loader_workers(cfg.data.num_workers, self.dist.main)
         self.loader = DataLoader(
             self.data.train_set, batch_size=t.batch_size, sampler=self.sampler, num_workers=workers,
             pin_memory=self.device.type == "cuda",
@@ -674,13 +675,10 @@ def warn_large_crop(crop: Sequence[int], shapes: Sequence[Sequence[int]]) -> boo
     return False
 
 
-def loader_workers(requested: int, threads: int, main: bool = True) -> int:
+def loader_workers(requested: int, main: bool = True) -> int:
     """DataLoader workers: `requested`, clamped to the CPUs this process may use (more workers than
     CPUs only compete with the training threads); says so when it clamps."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
+    cpus = usable_cpus()
     limit = max(0, cpus - 1) if requested else 0  # leave a CPU to the main process
     if requested > limit:
         if main:

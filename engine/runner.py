@@ -24,9 +24,10 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from brats.metrics import REGIONS
 from brats.scoring import calibrate_et_rule, evaluate
 from common.artifact import Artifact, ArtifactError, build_model
-from common.config import Config, ConfigError, to_dict
+from common.config import DATA_IDENTITY, Config, ConfigError, to_dict
 from engine.data import TrainData, make_data
 from engine.loop import LAST, FitResult, Stage, fit
 from engine.runtime import DistInfo, init_distributed, resolve_runtime, seed_everything
@@ -106,18 +107,15 @@ class StageDef:
     check: Callable[[Artifact, Config], None] | None = None  # more checks of config x source, before any work
 
 
-REGIONS = ("wt", "tc", "et")
-
-
 def guard(metrics: dict, source_metrics: dict, source_stage: str, cfg: Config) -> dict:
     """Per-region Dice drop of a stage's result below its source, both scored in this run on the same
     cases; regions dropping more than `guard.max_region_drop` are violations. Plain data for extra."""
     limit = cfg.guard.max_region_drop
-    drops = {r: float(source_metrics.get(f"dice_{r}", math.nan)) - float(metrics.get(f"dice_{r}", math.nan))
-             for r in REGIONS}
+    source_dice = {r: float(source_metrics.get(f"dice_{r}", math.nan)) for r in REGIONS}
+    drops = {r: source_dice[r] - float(metrics.get(f"dice_{r}", math.nan)) for r in REGIONS}
     return {
         "source": source_stage, "limit": limit, "strict": cfg.guard.strict, "drops": drops,
-        "source_dice": {r: float(source_metrics.get(f"dice_{r}", math.nan)) for r in REGIONS},
+        "source_dice": source_dice,
         "et_missed_cases": metrics.get("et_missed_cases"), "source_et_missed_cases": source_metrics.get("et_missed_cases"),
         "violations": [r for r, d in drops.items() if d > limit],
     }
@@ -155,11 +153,6 @@ def exit_code(art: Artifact) -> int:
     return 3 if g.get("strict") and g.get("violations") else 0
 
 
-# DataConfig fields that say which cases and which split (not how crops are drawn)
-DATA_IDENTITY = ("dir", "cache", "split_file", "fold", "folds", "val_fraction", "split_seed", "max_val_cases",
-                 "synthetic_cases", "synthetic_val_cases", "synthetic_shape", "synthetic_seed")
-
-
 def inherit_data(art: Artifact, cfg: Config, given: bool) -> str:
     """Make the stage use the data set and split its source was trained and validated on (lineage),
     unless the user named other data (`given`); returns the plan line's data part. A named data set
@@ -170,9 +163,8 @@ def inherit_data(art: Artifact, cfg: Config, given: bool) -> str:
     if not stored:
         return f"data: {what(vars(cfg.data))} (the source records none)"
     if given:
-        keys = ("dir", "cache", "split_file", "fold", "folds", "val_fraction", "split_seed")
-        if stored.get("dir") is None and cfg.data.dir is None:
-            keys += ("synthetic_cases", "synthetic_val_cases", "synthetic_shape", "synthetic_seed")
+        synthetic = stored.get("dir") is None and cfg.data.dir is None  # synthetic_* matter only then
+        keys = [k for k in DATA_IDENTITY if k != "max_val_cases" and (synthetic or not k.startswith("synthetic"))]
         differs = [k for k in keys if k in stored and stored[k] != getattr(cfg.data, k)]
         if differs:
             return (f"WARNING: data differs from the source's ({', '.join(differs)}): {what(vars(cfg.data))} "

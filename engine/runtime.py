@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from common.config import ConfigError
+from common.machine import usable_cpus
 
 AMP_CHOICES = ("auto", "off", "fp16", "bf16")
 INT8_ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")  # preference order
@@ -164,11 +165,7 @@ def resolve_threads(requested: int | None = None, local_world: int = 1) -> int:
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable = os.cpu_count() or 1
-    return max(1, usable // max(1, local_world))
+    return max(1, usable_cpus() // max(1, local_world))
 
 
 def int8_engine(supported: list[str] | tuple[str, ...] | None = None) -> str:

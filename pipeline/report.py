@@ -32,16 +32,22 @@ import torch
 from tqdm import tqdm
 
 from brats import official
+from brats.inference import predict_case
 from brats.layout import MODALITIES
-from brats.metrics import summarize
+from brats.metrics import REGIONS, summarize
 from brats.overlay import axial_slice, case_figure
+from brats.scoring import score_cases
 from common.artifact import Artifact, ArtifactError, build_model
 from common.atomic import atomic_write_text
 from common.config import Config, ConfigError, DataConfig, from_dict
 from common.progress import bar_off
+from common.timing import median_seconds
+from engine.data import make_data
 from engine.loop import LAST
 from engine.runtime import resolve_runtime, runtime_summary
-from common.timing import median_seconds
+from model.macs import count_macs
+from model.refineformer3d import RefineFormer3D, count_params, preset_spec
+from pipeline import plots
 from pipeline.latency import runtime_note, window_latency_ms
 from pipeline.predict import (FP32_KINDS, artifact_et_rule, artifact_scheme, check_window, fp32_model,
                               inference_model, predict_fn)
@@ -63,7 +69,7 @@ ROW_KEYS = ("stage", "artifact", "kind", "params", "gmacs", "size_mb", *METRIC_K
 OFFICIAL_N_KEYS = tuple(f"official_cases_{r}" for r in official.REGIONS)  # cases with an official number
 OFFICIAL_ROW_KEYS = (*official.COLUMNS, *OFFICIAL_N_KEYS)
 METRIC_CHOICES = ("legacy", "official", "both")
-GAP_REGIONS = ("wt", "tc", "et", "mean")
+GAP_REGIONS = (*REGIONS, "mean")
 HONEST_NOTE = (
     "On this CPU, INT8 alone does not make a 3D network fast: the stem and spatial-reduction "
     "convolutions, softmax and trilinear upsampling are as slow or slower in INT8, and the cost of "
@@ -148,7 +154,6 @@ def held_out_cases(cfg: Config, data: DataConfig | None, max_cases: int | None,
     `data` None: the data section stored in the reference (teacher) artifact, so the report scores
     the split the pipeline held out; `cfg.data` when the artifact has none.
     """
-    from engine.data import make_data
 
     run_cfg = copy.deepcopy(cfg)
     if data is not None:
@@ -172,8 +177,6 @@ def held_out_cases(cfg: Config, data: DataConfig | None, max_cases: int | None,
 
 def profile_arch(arch: str, width: float = 1.0, input_size: Sequence[int] = (128, 128, 128)) -> dict:
     """Parameters and G multiply-adds of a preset architecture, without weights."""
-    from model.macs import count_macs
-    from model.refineformer3d import RefineFormer3D, count_params, preset_spec
 
     model = RefineFormer3D(preset_spec(arch, width))
     shape = (1, model.spec.in_chans, *[int(s) for s in input_size])
@@ -211,10 +214,6 @@ def score_artifact(found: Found, cfg: Config, cache, cases: list[str], default_s
     the row gets the means of its columns over the cases where it gives a number. `on_case` sees
     every case as `brats.scoring.score_cases` passes it.
     """
-    from brats.inference import predict_case
-    from brats.scoring import score_cases
-    from model.macs import count_macs
-    from model.refineformer3d import count_params
 
     art, rep = found.artifact, cfg.report
     assert art is not None
@@ -353,8 +352,6 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     result = ReportResult(rows, cases=cases)
     if cfg.report.plots:
-        from pipeline import plots
-
         result.files["dice_vs_params"] = plots.dice_vs_params(rows, out_dir / "dice_vs_params.png")
         size = "x".join(map(str, cfg.report.input))
         latency_label = f"CPU latency per {size} window (ms, {note['threads']} thread(s))"

@@ -555,8 +555,8 @@ def test_loader_workers_are_clamped_to_the_cpus_and_the_plan_is_said(phantom, tm
     from engine import loop
 
     monkeypatch.setattr(loop.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    assert loop.loader_workers(4, threads=2) == 1 and "data.num_workers=4 on 2 CPU(s)" in capsys.readouterr().out
-    assert loop.loader_workers(1, threads=2) == 1 and loop.loader_workers(0, threads=2) == 0
+    assert loop.loader_workers(4) == 1 and "data.num_workers=4 on 2 CPU(s)" in capsys.readouterr().out
+    assert loop.loader_workers(1) == 1 and loop.loader_workers(0) == 0
     cfg = tiny_cfg(phantom, epochs=1, log_images=False)
     fit(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="teacher")
     out = capsys.readouterr().out
