@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.artifact import Artifact  # noqa: E402
 from common.config import load_config  # noqa: E402
 from brats.scoring import evaluate  # noqa: E402
-from student.distill import DistillStage, dice_gap, load_teacher, make_student  # noqa: E402
+from student.distill import distill_setup, dice_gap, load_teacher, make_student  # noqa: E402
 from engine.data import make_data  # noqa: E402
 from engine.loop import SupervisedStage, fit  # noqa: E402
 from engine.runtime import seed_everything  # noqa: E402
@@ -63,10 +63,10 @@ def main() -> None:
         seed_everything(cfg.train.seed)
         cfg.distill.init = "pruned" if arm == "distilled" else "scratch"
         student = make_student(teacher, cfg, data)
-        stage = DistillStage(teacher, cfg, perturb=cfg.distill.perturb_input) if arm == "distilled" else \
-            SupervisedStage(cfg.data.scheme, cfg.train.dice_weight, cfg.train.ce_weight)
+        trainee, stage = distill_setup(student, teacher, cfg, perturb=cfg.distill.perturb_input) if arm == "distilled" \
+            else (student, SupervisedStage(cfg.data.scheme, cfg.train.dice_weight, cfg.train.ce_weight))
         t0 = time.time()
-        result = fit(student, stage, cfg, Path(args.out) / arm, stage_name=f"bench_{arm}", lineage=lineage, data=data)
+        result = fit(trainee, stage, cfg, Path(args.out) / arm, stage_name=f"bench_{arm}", lineage=lineage, data=data)
         rows[arm] = (result.best_metrics, time.time() - t0)
 
     def fmt(m: dict) -> str:

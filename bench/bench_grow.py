@@ -4,8 +4,8 @@ One run at demo scale (configs/demo/grow.yaml, synthetic cases), all scored on t
 cases: the low-rank student as it is; after a distillation fine-tune that grows it (compress.grow,
 cost-aware: units ranked by gradient score per multiply-add, within grow.macs_budget); optionally
 (--params-arm) after the same growth ranked by gradient score alone with no MACs budget; and after
-the same fine-tune at fixed width for the same number of steps (same schedule, same data, same
-seed). The claim under test: growth buys Dice where the gradients ask for width, for a modest
+a plain distillation fit at fixed width for as many epochs as the grown arm trained (same data,
+same seed). The claim under test: growth buys Dice where the gradients ask for width, for a modest
 increase in parameters and, with cost "macs", in multiply-adds at grow.reference_input.
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_grow.py [--model runs/demo/lowrank/lowrank.pt]
@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.artifact import Artifact, build_model  # noqa: E402
 from common.config import load_config  # noqa: E402
-from compress.grow import GrowStage, format_history, spec_macs  # noqa: E402
+from compress.grow import format_history, grow_stage, spec_macs  # noqa: E402
 from brats.scoring import evaluate  # noqa: E402
-from student.distill import DistillStage, distill_finetune, load_teacher  # noqa: E402
+from engine.loop import fit  # noqa: E402
+from student.distill import distill_setup, load_teacher  # noqa: E402
 from engine.runtime import resolve_device  # noqa: E402
 from engine.data import make_data  # noqa: E402
 from engine.runtime import seed_everything  # noqa: E402
@@ -37,17 +38,6 @@ from model.refineformer3d import ModelSpec, count_params  # noqa: E402
 
 DEMO_STUDENT = Path("runs/demo/student/student.pt")
 KEYS = ("dice_wt", "dice_tc", "dice_et", "dice_mean")
-
-
-class StopAt(DistillStage):
-    """The fixed-width arm: plain distillation that stops after the grown arm's last epoch."""
-
-    def __init__(self, *args, last_epoch: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.last_epoch = last_epoch
-
-    def on_epoch_end(self, trainer, epoch, val_metrics) -> bool:
-        return epoch >= self.last_epoch
 
 
 def demo_lowrank(path: Path) -> Path:
@@ -101,25 +91,21 @@ def main() -> None:
         arms["grown params"] = load_config(args.config, overrides + ["grow.cost=params", "grow.macs_budget=null"])
     for arm, arm_cfg in arms.items():
         t0 = time.time()
-        grow = GrowStage(DistillStage(teacher, arm_cfg, perturb=arm_cfg.distill.perturb_input), arm_cfg.grow,
-                         seed=arm_cfg.train.seed)
         seed_everything(arm_cfg.train.seed)
-        res = distill_finetune(build_model(art), teacher, arm_cfg, out / arm.replace(" ", "_"), stage_name="grown",
-                               lineage=art.child_lineage(), stage=grow, data=data)
-        best = Artifact.load(res.best_path)
-        results[arm] = (count_params(build_model(best)), gmacs(best.spec), best.metrics, time.time() - t0,
-                        res.history[-1]["step"])
-        histories[arm] = (grow.history, len([h for h in res.history if not h.get("start")]))
+        grown = grow_stage(model_path, arm_cfg, out / arm.replace(" ", "_"), teacher=teacher_path)
+        events = grown.extra["growth"]
+        epochs = sum(e["epochs"] for e in events)
+        results[arm] = (count_params(build_model(grown)), gmacs(grown.spec), grown.metrics, time.time() - t0, epochs)
+        histories[arm] = (events, epochs)
     epochs_run = histories["grown"][1]
 
     t0 = time.time()
-    fixed = StopAt(teacher, cfg, perturb=cfg.distill.perturb_input, last_epoch=epochs_run - 1)
+    fixed_cfg = load_config(args.config, overrides + [f"train.epochs={epochs_run}", "train.patience=null"])
     seed_everything(cfg.train.seed)
-    res_fixed = distill_finetune(build_model(art), teacher, cfg, out / "fixed", stage_name="fixed",
-                                 lineage=art.child_lineage(), stage=fixed, data=data)
+    res_fixed = fit(*distill_setup(build_model(art), teacher, fixed_cfg, perturb=cfg.distill.perturb_input), fixed_cfg,
+                    out / "fixed", stage_name="fixed", lineage=art.child_lineage(), data=data)
     best_fixed = Artifact.load(res_fixed.best_path)
-    results["fixed width"] = (start_params, gmacs(art.spec), best_fixed.metrics, time.time() - t0,
-                              res_fixed.history[-1]["step"])
+    results["fixed width"] = (start_params, gmacs(art.spec), best_fixed.metrics, time.time() - t0, epochs_run)
 
     g = cfg.grow
     print(f"\nprogressive growth of {model_path} (teacher {teacher_path}; {epochs_run}/{cfg.train.epochs} epochs, "
@@ -127,11 +113,11 @@ def main() -> None:
     for arm, (history, _) in histories.items():
         print(f"{arm}:\n{format_history(history)}")
     size_text = "x".join(map(str, size))
-    print(f"  {'':12} {'params':>10} {'GMACs':>8} {'steps':>6} {'seconds':>8} " + " ".join(f"{k:>10}" for k in KEYS))
+    print(f"  {'':12} {'params':>10} {'GMACs':>8} {'epochs':>6} {'seconds':>8} " + " ".join(f"{k:>10}" for k in KEYS))
     print(f"  {'start':12} {start_params:>10,} {gmacs(art.spec):>8.3f} {0:>6} {0:>8} "
           + " ".join(f"{start_dice[k]:>10.4f}" for k in KEYS))
-    for arm, (params, arm_gmacs, metrics, seconds, steps) in results.items():
-        print(f"  {arm:12} {params:>10,} {arm_gmacs:>8.3f} {steps:>6} {seconds:>8.0f} "
+    for arm, (params, arm_gmacs, metrics, seconds, epochs) in results.items():
+        print(f"  {arm:12} {params:>10,} {arm_gmacs:>8.3f} {epochs:>6} {seconds:>8.0f} "
               + " ".join(f"{metrics.get(k, float('nan')):>10.4f}" for k in KEYS))
     print(f"  (GMACs: G multiply-adds of one forward pass at {size_text}, grow.reference_input)")
     for arm in histories:

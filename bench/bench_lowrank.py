@@ -36,7 +36,8 @@ from common.artifact import Artifact, build_model  # noqa: E402
 from common.config import Config, load_config  # noqa: E402
 from compress.lowrank import factorise, find_teacher, lowrank_stage  # noqa: E402
 from brats.scoring import evaluate  # noqa: E402
-from student.distill import DistillStage, distill_finetune, load_teacher  # noqa: E402
+from engine.loop import fit  # noqa: E402
+from student.distill import distill_setup, load_teacher  # noqa: E402
 from engine.runtime import resolve_device  # noqa: E402
 from engine.data import make_data  # noqa: E402
 from engine.runtime import seed_everything  # noqa: E402
@@ -122,11 +123,8 @@ def main() -> None:
         seed_everything(cfg.train.seed)
         teacher = load_teacher(find_teacher(student_art, cfg.lowrank))
         t0 = time.time()
-        result = distill_finetune(
-            build_model(student_art), teacher, cfg, out / "control", stage_name="control",
-            lineage=student_art.child_lineage(), stage=DistillStage(teacher, cfg, perturb=cfg.distill.perturb_input),
-            data=data,
-        )
+        result = fit(*distill_setup(build_model(student_art), teacher, cfg, perturb=cfg.distill.perturb_input), cfg,
+                     out / "control", stage_name="control", lineage=student_art.child_lineage(), data=data)
         control_seconds = time.time() - t0
         models["control"] = build_model(Artifact.load(result.best_path)).to(device)
     t0 = time.time()

@@ -142,12 +142,11 @@ class GrowConfig:
     cost: str = "macs"  # ranking: macs (gradient score per multiply-add of an added channel) | params (score)
     macs_budget: str | None = None  # multiply-adds at reference_input never exceeded, e.g. "3G"
     reference_input: list[int] = field(default_factory=lambda: [128, 128, 128])  # (D, H, W) for MACs
-    window: int = 20  # steps over which gradient norms are accumulated
-    patience: int = 2  # epochs without relative loss change before growth
-    min_rel_change: float = 0.01
+    window: int = 20  # training batches whose gradients score the units after a phase
+    patience: int = 2  # validations without a better Dice that end a phase (its fit's train.patience)
     min_delta: float = 0.002  # Dice improvement that counts
-    stop_after: int = 2  # events without improvement before stopping
-    max_events: int = 4
+    stop_after: int = 2  # phases without improvement before stopping
+    max_events: int = 4  # growth events at most
     kinds: list[str] = field(
         default_factory=lambda: ["mlp_hidden", "attn_dims", "ranks", "fuse_dim", "refine_dim"]
     )  # which unit kinds may grow

@@ -1,8 +1,9 @@
 """Progressive channel growth: start narrow, widen only where the gradient asks for it.
 
-During a distillation fine-tune, every time the training loss plateaus while validation Dice has
-risen since the last growth event, the top-k growable units are widened by `factor` (within a
-parameter budget and a multiply-add budget). Growth stops when Dice no longer moves. The result is a
+The fine-tune is an outer loop of ordinary engine fits (phases) around a pure widening step:
+distil until validation Dice stops rising, score every growable unit by the gradient of the
+distillation loss, widen the top-k units by `factor` (within a parameter budget and a multiply-add
+budget; `grow_step`), distil again. Growth stops when Dice no longer moves. The result is a
 "just-enough" width network that rebuilds from its spec.
 
 Growth is cost-aware, because the goal is a fast CPU student: a channel's price depends on the grid
@@ -33,27 +34,28 @@ all channels of a token, so adding a channel changes the mean and variance seen 
 no choice of new weights keeps the output unchanged in general.
 
 Widening goes through the spec: `widen(model, unit, width)` builds `RefineFormer3D(new_spec)` and
-loads a mapped state_dict strictly. At a growth event the engine's `trainer.replace_model` rebuilds
-the optimizer at the same schedule position; Adam moments carry over for parameters whose shape is
-unchanged, widened parameters start with fresh moments (simpler than mapping them, and harmless:
-their old slices are re-estimated within a few steps).
+loads a mapped state_dict strictly. Each phase is a fresh fit (new optimiser, warm-up and cosine over
+the epochs left), starting from the previous phase's best epoch, widened.
 """
 from __future__ import annotations
 
-import dataclasses
+import copy
+import json
 import math
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from common.artifact import Artifact
+from common.artifact import Artifact, build_model
+from common.atomic import atomic_write_text
 from common.cli import config_from_args, data_given, out_dir, run_main, stage_parser
-from common.config import Config, ConfigError, parse_count
-from engine.loop import Stage
+from common.config import Config, ConfigError, parse_count, to_dict
+from engine.data import TrainData
+from engine.loop import LAST, FitResult, Stage, best_epoch, fit
 from engine.runner import StageContext, StageDef, exit_code, run_stage
 from model.layers import LowRankConv3d, LowRankLinear
 from model.refineformer3d import ModelSpec, RefineFormer3D, count_params, get_module
@@ -434,22 +436,17 @@ def widen(
 
 class GradientScorer:
     """Mean squared gradient per unit (sum ||grad||^2 / sum numel over its parameters), averaged
-    over the last `window` steps. Call `record()` after each backward (the engine's
-    `after_backward` hook: gradients unscaled and clipped; clipping scales every unit alike).
-    """
+    over the recorded backward passes. `bind(model)`, then `record()` after each backward."""
 
-    def __init__(self, units: Sequence[str], window: int):
-        if window < 1:
-            raise ValueError(f"grow: scorer window must be >= 1, got {window}")
-        self.units, self.window = list(units), window
-        self.history: dict[str, deque] = {u: deque(maxlen=window) for u in self.units}
+    def __init__(self, units: Sequence[str]):
+        self.units = list(units)
+        self.history: dict[str, list[float]] = {u: [] for u in self.units}
         self.model: nn.Module | None = None
         self._params: list[tuple[torch.Tensor, list[int]]] = []  # parameter, indices of its units
         self._numel = [0] * len(self.units)
 
-    def bind(self, model: nn.Module, restart: bool = True) -> None:
-        """Attach to a (new) model; the window restarts unless `restart` is False (a resumed run's
-        rebuilt model: same units, same scores so far)."""
+    def bind(self, model: nn.Module) -> None:
+        """Attach to `model` (whose units these are)."""
         self.model = model
         members: dict[str, list[int]] = {}
         self._numel = [0] * len(self.units)
@@ -459,9 +456,6 @@ class GradientScorer:
                 members.setdefault(name, []).append(k)
                 self._numel[k] += params[name].numel()
         self._params = [(params[name], idx) for name, idx in members.items()]
-        if restart:
-            for h in self.history.values():
-                h.clear()
 
     def record(self) -> None:
         """Read the bound model's current `.grad`s as one step (one device sync)."""
@@ -481,11 +475,28 @@ class GradientScorer:
     def scores(self) -> dict[str, float]:
         return {u: (sum(h) / len(h) if h else 0.0) for u, h in self.history.items()}
 
-    def state_dict(self) -> dict[str, list[float]]:
-        return {u: list(h) for u, h in self.history.items()}
 
-    def load_state_dict(self, state: dict[str, list[float]]) -> None:
-        self.history = {u: deque(state.get(u, ()), maxlen=self.window) for u in self.units}
+def gradient_scores(trainee: nn.Module, model: RefineFormer3D, stage: Stage, batches: Iterable[dict],
+                    kinds: Sequence[str] = KINDS) -> dict[str, float]:
+    """Each growable unit's mean squared gradient of the fine-tune's loss over `batches` (no step):
+    `stage.loss(trainee, batch)` in training mode, where `trainee` is `model` or a training wrapper
+    around it. Nothing of the model changes (BatchNorm running statistics are put back)."""
+    scorer = GradientScorer(growable_units(model.spec, kinds))
+    scorer.bind(model)
+    was_training = trainee.training
+    buffers = {name: b.detach().clone() for name, b in trainee.named_buffers()}
+    trainee.train()
+    for batch in batches:
+        trainee.zero_grad(set_to_none=True)
+        loss, _ = stage.loss(trainee, batch)
+        loss.backward()
+        scorer.record()
+    trainee.zero_grad(set_to_none=True)
+    trainee.train(was_training)
+    with torch.no_grad():
+        for name, b in trainee.named_buffers():
+            b.copy_(buffers[name])
+    return scorer.scores()
 
 
 COSTS = ("params", "macs")
@@ -533,31 +544,28 @@ def select_units(
     return chosen
 
 
-def grow_step(
-    model: RefineFormer3D, scores: dict[str, float], top_k: int, factor: float, budget: int | None = None,
-    *, cost: str = "macs", macs_budget: int | None = None, input_size: Sequence[int] = (128, 128, 128),
-    init: str = "copy", noise: float = 0.01, generator: torch.Generator | None = None,
-) -> tuple[RefineFormer3D, list[tuple[str, int, int]]]:
-    """One growth event: widen the selected units; returns the new model and what grew."""
-    chosen = select_units(model, scores, top_k, factor, budget, cost=cost, macs_budget=macs_budget,
-                          input_size=input_size)
+@dataclass
+class Growth:
+    """What one growth event did: the widened model and [(unit, old width, new width)]."""
+
+    model: RefineFormer3D
+    grown: list[tuple[str, int, int]]
+
+
+def grow_step(model: RefineFormer3D, cfg: Any, scores: dict[str, float],
+              generator: torch.Generator | None = None) -> Growth:
+    """One growth event (`cfg`: common.config.GrowConfig): widen the units `select_units` picks from
+    `scores` within the budgets; `model` is unchanged. `grown` is empty when nothing fits."""
+    chosen = select_units(model, scores, cfg.top_k, cfg.factor, parse_count(cfg.budget, what="grow.budget"),
+                          cost=cfg.cost, macs_budget=parse_count(cfg.macs_budget, what="grow.macs_budget"),
+                          input_size=tuple(cfg.reference_input))
     gen = generator or torch.Generator().manual_seed(0)
     for unit, _, new in chosen:
-        model = widen(model, unit, new, init=init, noise=noise, generator=gen)
-    return model, chosen
+        model = widen(model, unit, new, init=cfg.init, noise=cfg.noise, generator=gen)
+    return Growth(model, chosen)
 
 
 # ----------------------------------------------------------------------------- schedule (pure rules)
-
-
-def is_plateau(losses: Sequence[float], patience: int, min_rel_change: float) -> bool:
-    """True when none of the last `patience` losses improved on the one before them by
-    `min_rel_change` (relative). Needs `patience + 1` losses."""
-    if len(losses) < patience + 1:
-        return False
-    base = losses[-patience - 1]
-    best = min(losses[-patience:])
-    return (base - best) / max(abs(base), 1e-12) < min_rel_change
 
 
 def dice_stalled(event_dice: Sequence[float], min_delta: float, stop_after: int) -> bool:
@@ -567,54 +575,7 @@ def dice_stalled(event_dice: Sequence[float], min_delta: float, stop_after: int)
     return max(event_dice[-stop_after:]) < max(event_dice[:-stop_after]) + min_delta
 
 
-@dataclass
-class GrowthSchedule:
-    """When to grow and when to stop, from one (train loss, val Dice) pair per validated epoch.
-
-    An event is a loss plateau. At an event: stop if Dice stalled over the last `stop_after`
-    events or `max_events` growths already happened; grow if Dice rose by `min_delta` since the
-    previous event (the first event always may); otherwise hold and keep training.
-    """
-
-    patience: int = 2
-    min_rel_change: float = 0.01
-    min_delta: float = 0.002
-    stop_after: int = 2
-    max_events: int = 4
-    losses: list[float] = field(default_factory=list)  # since the last event
-    event_dice: list[float] = field(default_factory=list)
-    growths: int = 0
-
-    def step(self, loss: float, dice: float) -> tuple[str, str]:
-        """-> (action, reason); action is train | grow | hold | stop."""
-        self.losses.append(float(loss))
-        if not is_plateau(self.losses, self.patience, self.min_rel_change):
-            return "train", ""
-        self.losses = [float(loss)]
-        previous = self.event_dice[-1] if self.event_dice else None
-        self.event_dice.append(float(dice))
-        if dice_stalled(self.event_dice, self.min_delta, self.stop_after):
-            return "stop", f"Dice did not improve by {self.min_delta} over {self.stop_after} events"
-        if self.growths >= self.max_events:
-            return "stop", f"{self.max_events} growth events done"
-        if previous is None or dice >= previous + self.min_delta:
-            self.growths += 1
-            return "grow", "loss plateau, Dice rose"
-        return "hold", "loss plateau, Dice did not rise"
-
-    def state_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
-
-
-# ----------------------------------------------------------------------------- engine stage
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)  # DDP
+# ----------------------------------------------------------------------------- the fine-tune: fits around widenings
 
 
 def check_config(cfg: Any, spec: ModelSpec | None = None) -> None:
@@ -624,6 +585,9 @@ def check_config(cfg: Any, spec: ModelSpec | None = None) -> None:
         raise ConfigError(f"grow.cost must be one of {', '.join(COSTS)}, got {cfg.cost!r}")
     for key in ("budget", "macs_budget"):
         parse_count(getattr(cfg, key), what=f"grow.{key}")
+    for key in ("window", "patience", "stop_after"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"grow.{key} must be >= 1, got {getattr(cfg, key)}")
     size = list(cfg.reference_input)
     if len(size) != 3 or any(n < 1 for n in size):
         raise ConfigError(f"grow.reference_input must be three positive sizes (D, H, W), got {size}")
@@ -631,134 +595,131 @@ def check_config(cfg: Any, spec: ModelSpec | None = None) -> None:
         raise ConfigError(f"grow.reference_input {size} must be multiples of the model's stride {spec.downsample}")
 
 
-class GrowStage(Stage):
-    """Wraps a training Stage (normally `student.distill.DistillStage`) and grows the model at
-    loss plateaus through `trainer.replace_model`. Growth history goes to `artifact_extra()["growth"]`.
+PROGRESS, START = "growth.json", "start.pt"
 
-    The engine's `replace_model` carries Adam moments over for parameters whose shape did not change;
-    widened parameters start with fresh moments. The state (schedule, history, score window, loss
-    since the last validation, growth noise generator) goes into last.pt, and `rebuild_on_resume`
-    asks the engine to rebuild the model from last.pt's (grown) spec, so a run resumes exactly.
+
+def score_batches(data: TrainData, cfg: Config, phase: int) -> list[dict[str, torch.Tensor]]:
+    """`grow.window` batches of training crops (image, label) for the gradient scores after `phase`
+    (the same on every rank)."""
+    data.train_set.set_epoch(10_000 + phase)
+    n, b = cfg.grow.window, cfg.train.batch_size
+    items = [data.train_set[i % len(data.train_set)] for i in range(n * b)]
+    return [{"image": torch.stack([c["image"] for c in items[i: i + b]]),
+             "label": torch.stack([c["label"] for c in items[i: i + b]])} for i in range(0, len(items), b)]
+
+
+def _agreed(scores: dict[str, float], ctx: StageContext) -> dict[str, float]:
+    """Rank 0's scores on every rank, so all ranks grow the same units."""
+    if not ctx.dist.enabled:
+        return scores
+    box = [scores]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _phase_config(cfg: Config, epochs: int) -> Config:
+    phase = copy.deepcopy(cfg)
+    phase.train.epochs, phase.train.patience = epochs, cfg.grow.patience
+    return phase
+
+
+def phase_decision(events: Sequence[dict], entry: dict, g: Any, epochs_left: int) -> tuple[str, str]:
+    """After a phase: (grow | stop, reason), from the phases' best Dice so far."""
+    dice = [e["dice"] for e in events] + [entry["dice"]]
+    if dice_stalled(dice, g.min_delta, g.stop_after):
+        return "stop", f"Dice did not improve by {g.min_delta} over {g.stop_after} phase(s)"
+    if sum(1 for e in events if e["grown"]) >= g.max_events:
+        return "stop", f"{g.max_events} growth event(s) done"
+    if epochs_left < 1:
+        return "stop", "train.epochs used up"
+    return "grow", f"validation Dice stopped rising (grow.patience={g.patience})"
+
+
+def _phase_result(pdir: Path) -> FitResult:
+    """A finished phase's result, from its last.pt (the best epoch rides in it)."""
+    last = Artifact.load(pdir / LAST)
+    best = best_epoch(last)
+    state = last.extra["train_state"]
+    return FitResult(None, pdir / LAST, dict(state["best_metrics"]), list(state["history"]), None, best)
+
+
+def _best_of(results: Sequence[FitResult]) -> FitResult:
+    """One result for the whole growth fine-tune: the best epoch of all phases, every phase's history."""
+    best = max(results, key=lambda r: r.best_metrics.get("dice_mean", -math.inf))
+    history = [{**h, "phase": i} for i, r in enumerate(results) for h in r.history]
+    return FitResult(None, results[-1].last_path, dict(best.best_metrics), history, results[-1].model, best.best)
+
+
+def grow_fits(model: RefineFormer3D, ctx: StageContext, stage: StageDef, ckpt_dir: Path) -> FitResult:
+    """The growth fine-tune: ordinary engine fits (phases, `<ckpt_dir>/phase<k>/`) around pure widenings.
+
+    A phase is a distillation fit (`stage.finetune`) over the epochs left of `train.epochs`, ended
+    early when validation Dice did not improve in `grow.patience` validations. After it: stop when
+    the last `grow.stop_after` phases did not beat the best before them by `grow.min_delta`, when
+    `grow.max_events` growths are done, or when no epoch is left; otherwise gradient scores on
+    `grow.window` training batches pick the units to widen (`grow_step`), from the phase's best
+    epoch. The result is the best epoch over all phases. Each phase's decision goes into
+    `<ckpt_dir>/growth.json`; `ctx.resume` continues the last phase begun (a widened model waits in
+    its `start.pt`).
     """
-
-    name = STAGE
-    rebuild_on_resume = True
-
-    def __init__(self, inner: Stage, cfg: Any, seed: int = 0):
-        check_config(cfg)
-        self.inner, self.cfg = inner, cfg  # cfg: common.config.GrowConfig
-        self.budget = parse_count(cfg.budget, what="grow.budget")
-        self.macs_budget = parse_count(cfg.macs_budget, what="grow.macs_budget")
-        self.input_size = tuple(cfg.reference_input)
-        self.schedule = GrowthSchedule(cfg.patience, cfg.min_rel_change, cfg.min_delta, cfg.stop_after, cfg.max_events)
-        self.history: list[dict] = []
-        self.scorer: GradientScorer | None = None
-        self.gen = torch.Generator().manual_seed(seed)
-        self._losses: list[float] = []
-        self._restored_scores: dict | None = None  # from load_state_dict before any scorer exists
-
-    def _bind(self, model: nn.Module, restart: bool = False) -> None:
-        """Score `model`'s units; `restart` empties the score window (after a growth event)."""
-        model = _unwrap(model)
-        if self.scorer is not None and self.scorer.model is model:
-            return
-        units = growable_units(model.spec, self.cfg.kinds)
-        if self.scorer is None or self.scorer.units != units:
-            self.scorer = GradientScorer(units, self.cfg.window)
-        self.scorer.bind(model, restart=restart)
-        if self._restored_scores is not None:
-            self.scorer.load_state_dict(self._restored_scores)
-            self._restored_scores = None
-
-    def gmacs(self, model: nn.Module) -> float:
-        """G multiply-adds at the reference input."""
-        return spec_macs(_unwrap(model).spec, self.input_size) / 1e9
-
-    def setup(self, trainer: Any) -> None:
-        self.inner.setup(trainer)
-        self._bind(trainer.model)
-
-    def parameters(self) -> list[nn.Parameter]:
-        return self.inner.parameters()
-
-    def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
-        return self.inner.no_weight_decay(name, param)
-
-    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        loss, logs = self.inner.loss(model, batch)
-        self._losses.append(float(loss.detach()))
-        return loss, logs
-
-    def after_backward(self, trainer: Any) -> None:
-        self.inner.after_backward(trainer)
-        self._bind(trainer.model)
-        self.scorer.record()
-
-    def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return self.inner.predict(model, x)
-
-    def on_epoch_end(self, trainer: Any, epoch: int, val_metrics: dict | None) -> bool:
-        stop = bool(self.inner.on_epoch_end(trainer, epoch, val_metrics))
-        if not val_metrics or "dice_mean" not in val_metrics or not self._losses:
-            return stop  # decisions only on validated epochs
-        loss, dice = sum(self._losses) / len(self._losses), float(val_metrics["dice_mean"])
-        self._losses = []
-        action, reason = self.schedule.step(loss, dice)
-        if action == "train":
-            return stop
-        model = _unwrap(trainer.model)
-        entry = {"event": len(self.history), "epoch": epoch, "action": action, "reason": reason,
-                 "dice": dice, "loss": loss, "params": count_params(model), "gmacs": self.gmacs(model), "grown": []}
+    g, total = ctx.cfg.grow, ctx.cfg.train.epochs
+    progress = ckpt_dir / PROGRESS
+    events: list[dict] = []
+    if ctx.resume and progress.is_file():
+        events = json.loads(progress.read_text())["events"]
+    k = 0
+    if ctx.resume:  # the last phase begun
+        k = max([i for i in range(len(events) + 1) if (ckpt_dir / f"phase{i}").is_dir()], default=0)
+        events = events[:k]
+        start = ckpt_dir / f"phase{k}" / (LAST if (ckpt_dir / f"phase{k}" / LAST).is_file() else START)
+        if k > 0 or start.name == LAST:
+            model = build_model(Artifact.load(start))
+    results: list[FitResult] = [_phase_result(ckpt_dir / f"phase{i}") for i in range(k)]
+    ctx.extra["growth"] = events
+    while True:
+        pdir = ckpt_dir / f"phase{k}"
+        used = sum(e["epochs"] for e in events)
+        resume = ctx.resume and (pdir / LAST).is_file()
+        if k > 0 and not resume and ctx.dist.main and not (pdir / START).is_file():
+            pdir.mkdir(parents=True, exist_ok=True)
+            Artifact(stage=f"{stage.name}-start", spec=model.artifact_spec(), state_dict=model.state_dict(),
+                     config=to_dict(ctx.cfg), lineage=ctx.source.child_lineage()).save(pdir / START)
+        trainee, engine_stage = stage.finetune(model, ctx)
+        res = fit(trainee, engine_stage, _phase_config(ctx.cfg, total - used), pdir, stage_name=stage.name,
+                  lineage=ctx.source.child_lineage(), extra={k_: v for k_, v in ctx.extra.items() if k_ != "growth"},
+                  data=ctx.data, resume=resume, best_name=None)
+        results.append(res)
+        epochs = sum(1 for h in res.history if not h.get("start"))
+        device = next(res.model.parameters()).device  # the training device
+        best = (build_model(res.best) if res.best is not None else model).to(device)
+        dice = float(res.best_metrics.get("dice_mean", math.nan))
+        entry = {"event": k, "epoch": used + epochs - 1, "epochs": epochs, "dice": dice,
+                 "loss": next((h["train"].get("loss", math.nan) for h in reversed(res.history) if h["train"]), math.nan),
+                 "params": count_params(best), "gmacs": spec_macs(best.spec, g.reference_input) / 1e9, "grown": []}
+        action, reason = phase_decision(events, entry, g, total - used - epochs)
         if action == "grow":
-            self._bind(model)
-            scores = self.scorer.scores()
-            c = self.cfg
-            new, chosen = grow_step(model, scores, c.top_k, c.factor, self.budget, cost=c.cost,
-                                    macs_budget=self.macs_budget, input_size=self.input_size,
-                                    init=c.init, noise=c.noise, generator=self.gen)
-            if not chosen:
-                entry.update(action="stop", reason="no unit can grow within the parameter and MACs budgets")
-                self.history.append(entry)
-                return True
-            entry["grown"] = [{"unit": u, "old": o, "new": n, "score": scores.get(u, 0.0),
-                               "macs_per_channel": unit_macs(model.spec, u, self.input_size)} for u, o, n in chosen]
-            entry["scores"] = dict(scores)
-            entry["params_after"] = count_params(new)
-            entry["gmacs_after"] = self.gmacs(new)
-            trainer.replace_model(new)
-            self._bind(trainer.model, restart=True)
-        self.history.append(entry)
-        return stop or action == "stop"
-
-    def artifact_spec(self, model: nn.Module) -> dict:
-        return _unwrap(model).spec.to_dict()
-
-    def artifact_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return self.inner.artifact_state(model)
-
-    def artifact_extra(self) -> dict:
-        return {**self.inner.artifact_extra(), "growth": list(self.history)}
-
-    def state_dict(self) -> dict:
-        return {"inner": self.inner.state_dict(), "schedule": self.schedule.state_dict(),
-                "history": list(self.history), "losses": list(self._losses),
-                "scores": self.scorer.state_dict() if self.scorer is not None else self._restored_scores,
-                "generator": self.gen.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state.get("inner", {}))
-        self.schedule.load_state_dict(state.get("schedule", {}))
-        self.history = list(state.get("history", []))
-        self._losses = list(state.get("losses", []))
-        if state.get("generator") is not None:
-            self.gen.set_state(state["generator"])
-        scores = state.get("scores")
-        if scores is not None and self.scorer is not None:
-            self.scorer.load_state_dict(scores)
-        else:
-            self._restored_scores = scores
-
-
+            trainee, engine_stage = stage.finetune(best, ctx)
+            engine_stage.to(device)
+            batches = [{k_: v.to(device) for k_, v in b.items()} for b in score_batches(ctx.data, ctx.cfg, k)]
+            scores = _agreed(gradient_scores(trainee, best, engine_stage, batches, g.kinds), ctx)
+            grown = grow_step(best, g, scores, torch.Generator().manual_seed(ctx.cfg.train.seed + k))
+            if grown.grown:
+                entry["grown"] = [{"unit": u, "old": o, "new": n, "score": scores.get(u, 0.0),
+                                   "macs_per_channel": unit_macs(best.spec, u, g.reference_input)}
+                                  for u, o, n in grown.grown]
+                entry.update(scores=dict(scores), params_after=count_params(grown.model),
+                             gmacs_after=spec_macs(grown.model.spec, g.reference_input) / 1e9)
+                model = grown.model
+            else:
+                action, reason = "stop", "no unit can grow within the parameter and MACs budgets"
+        entry.update(action=action, reason=reason)
+        events.append(entry)
+        if ctx.dist.main:
+            atomic_write_text(progress, json.dumps({"events": events}, indent=1) + "\n")
+        if action == "stop":
+            break
+        k += 1
+    return _best_of(results)
 # ----------------------------------------------------------------------------- command
 
 
@@ -769,38 +730,33 @@ def _check_grow(art: Artifact, cfg: Config) -> None:
 
 
 def record_start(model: nn.Module, ctx: StageContext) -> nn.Module:
-    """Step of the growth stage: none (growth happens during the fine-tune); records the start size."""
+    """Step of the growth stage: none (growth happens between the fine-tune's fits); records the start size."""
     ctx.metrics.update(params_before=count_params(model),
                        gmacs_before=spec_macs(model.spec, ctx.cfg.grow.reference_input) / 1e9)
     return model
-
-
-def grow_trainer(model: nn.Module, ctx: StageContext) -> "GrowStage":
-    """Distillation from the lineage's teacher, growing the model where its gradients ask for width."""
-    return GrowStage(distill_trainer(model, ctx), ctx.cfg.grow, seed=ctx.cfg.train.seed)
 
 
 def record_growth(model: nn.Module, art: Artifact, ctx: StageContext) -> Artifact:
     """Finish of the growth stage: sizes after, every growth event, the epoch kept."""
     art.metrics = {**art.metrics, "params_after": count_params(model),
                    "gmacs_after": spec_macs(ModelSpec.from_dict(art.spec), ctx.cfg.grow.reference_input) / 1e9}
-    art.extra = {"growth": ctx.engine_stage.history, "teacher": str(ctx.teacher_path),
-                 "best_epoch": art.extra.get("epoch"), "reference_input": list(ctx.cfg.grow.reference_input),
-                 "runtime": art.extra.get("runtime")}
+    art.extra = {**{k: v for k, v in art.extra.items() if k != "epoch"}, "growth": ctx.extra["growth"],
+                 "teacher": str(ctx.teacher_path), "best_epoch": art.extra.get("epoch"),
+                 "reference_input": list(ctx.cfg.grow.reference_input)}
     return art
 
 
-GROWN = StageDef(STAGE, step=record_start, finetune=grow_trainer, finish=record_growth, needs_teacher=True,
-                 check=_check_grow)
+GROWN = StageDef(STAGE, step=record_start, finetune=distill_trainer, train=grow_fits, finish=record_growth,
+                 needs_teacher=True, check=_check_grow, resume_file=f"phase0/{LAST}")
 
 
 def grow_stage(artifact: str | Path, cfg: Config, out: str | Path, teacher: str | None = None,
                resume: bool = False, data_given: bool = True) -> Artifact:
     """Artifact -> distillation fine-tune that grows the model -> `<out>/grown.pt`.
 
-    The grown model is the best epoch (best validation Dice over the run, so possibly from before
-    the last growth event); extra["growth"] holds every event of the run. `resume` continues an
-    interrupted run from `<out>/last.pt` (grown architecture, schedule, history, best epoch).
+    The grown model is the best epoch (best validation Dice over all phases, so possibly from
+    before the last growth event); extra["growth"] holds every phase's decision. `resume` continues
+    an interrupted run (`grow_fits`).
     """
     return run_stage(artifact, GROWN, cfg, out, teacher=teacher or cfg.grow.teacher, resume=resume,
                      data_given=data_given)
@@ -811,9 +767,9 @@ def format_history(history: Sequence[dict]) -> str:
     for e in history:
         units = ", ".join(f"{g['unit']} {g['old']}->{g['new']}" for g in e["grown"]) or "-"
         gmacs = f" {e['gmacs']:.3f} GMACs" if "gmacs" in e else ""  # (absent in runs from before costs)
-        lines.append(f"  event {e['event']} (epoch {e['epoch'] + 1}): {e['action']} - {e['reason']}; "
+        lines.append(f"  phase {e['event']} (to epoch {e['epoch'] + 1}): {e['action']} - {e['reason']}; "
                      f"dice {e['dice']:.4f} loss {e['loss']:.4f} params {e['params']:,}{gmacs}; grown: {units}")
-    return "\n".join(lines) or "  no growth event (the loss never plateaued)"
+    return "\n".join(lines) or "  no phase recorded"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

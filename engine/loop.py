@@ -1,6 +1,8 @@
 """The one training engine: loop, mixed precision, DDP, checkpoints, validation, TensorBoard, progress.
 
-A `Stage` supplies the loss (and optional hooks); `fit` does everything else:
+A `Stage` supplies the loss; the model describes itself (`artifact_spec()`, optionally
+`no_weight_decay()`), or a `TrainingWrapper` around it carries what training adds; `fit` does
+everything else:
 
     fit(model, SupervisedStage("regions"), cfg, "runs/teacher", stage_name="teacher")
 
@@ -18,7 +20,6 @@ gathered so every rank sees the same means, and only rank 0 writes logs and chec
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from tqdm import tqdm
 
 from brats.overlay import axial_slice, contour_overlay
 from brats.scoring import mean_rows, score_cases
-from common.artifact import Artifact, ArtifactError, build_model
+from common.artifact import Artifact, ArtifactError
 from common.atomic import atomic_write_text
 from common.config import Config, ConfigError, to_dict
 from common.machine import usable_cpus
@@ -55,60 +56,68 @@ LOG_IMAGE_CASES = 2  # validation cases per epoch drawn into TensorBoard
 
 
 class Stage:
-    """What a training stage supplies; every hook but `loss` has a do-nothing default.
+    """What a training stage supplies: the loss (required) and, where it has any, frozen helpers and
+    random state of its own. Everything else is the model's business (see `TrainingWrapper`).
 
     `model` in `loss` is what to call for the forward pass: under torchrun it is the
-    DistributedDataParallel wrapper, and only its `model(x)` call synchronises gradients (reach
-    intermediate features with forward hooks on `trainer.model`, not by calling its methods).
-    Every other hook receives the bare model (`trainer.model`).
+    DistributedDataParallel wrapper, and only its `model(x)` call synchronises gradients, so every
+    trained module (distillation projections included) must run inside that call.
     """
 
     name: str = "stage"
-    # fit(resume=True) rebuilds the model from last.pt's spec (for stages that change its shape)
-    rebuild_on_resume: bool = False
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    def setup(self, trainer: "Trainer") -> None:
-        """Called once, with the model on `trainer.device`, before the optimiser is built (so
-        parameters created here can be returned by `parameters`), e.g. move a frozen teacher."""
+    def to(self, device: torch.device) -> None:
+        """Move frozen helpers (a distillation teacher) to the training device; called once."""
 
-    def parameters(self) -> list[nn.Parameter]:
-        """The stage's own trainable parameters (not the model's): the engine trains them in a
-        separate AdamW group on the same lr schedule, saves and restores them in last.pt, and keeps
-        them across `trainer.replace_model`. They are not part of any artifact's weights."""
-        return []
-
-    def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
-        """True for model parameters (by `named_parameters` name) to train without weight decay."""
-        return False
-
-    def after_backward(self, trainer: "Trainer") -> None:
-        """Called after each backward pass, gradients unscaled and clipped, before the step."""
-
-    def on_epoch_end(self, trainer: "Trainer", epoch: int, val_metrics: dict | None) -> bool:
-        """After validation and best.pt; return True to stop. May call `trainer.replace_model`."""
-        return False
-
-    def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, K, *window) for validation."""
-        return model(x)
+    def set_epoch(self, epoch: int) -> None:
+        """Called before training epoch `epoch` (0-based), e.g. for a perturbation warm-up."""
 
     def state_dict(self) -> dict:
+        """The stage's own state (a random generator) for an exact resume; plain data or tensors."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    def artifact_spec(self, model: nn.Module) -> dict:
-        return model.spec.to_dict()
 
-    def artifact_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return model.state_dict()
+class TrainingWrapper(nn.Module):
+    """A model trained around a product: `product` is what artifacts hold (its `artifact_spec()` and
+    weights); the wrapper's other modules (distillation projections, say) are trained, synchronised
+    by DDP, and checkpointed in last.pt like any parameter, but never shipped. `forward(x)` returns
+    the product's logits (validation calls it); subclasses add what their loss needs."""
 
-    def artifact_extra(self) -> dict:
-        return {}
+    def __init__(self, product: nn.Module):
+        super().__init__()
+        self.product = product
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.product(x)
+
+
+def product_of(model: nn.Module) -> nn.Module:
+    """The model an artifact holds: `model` itself, or a `TrainingWrapper`'s product."""
+    return model.product if isinstance(model, TrainingWrapper) else model
+
+
+def artifact_spec(model: nn.Module) -> dict:
+    """The spec an artifact of `model` records: the product's `artifact_spec()` (every model kind
+    the engine trains describes itself; see `model.refineformer3d.RefineFormer3D.artifact_spec`)."""
+    product = product_of(model)
+    describe = getattr(type(product), "artifact_spec", None)
+    if describe is None:
+        raise TypeError(f"{type(product).__name__} cannot be saved as an artifact: it has no artifact_spec()")
+    return describe(product)
+
+
+def no_decay_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters trained without weight decay: those the product names in its
+    `no_weight_decay()` (the timm convention: a set of parameter names), e.g. LSQ step sizes."""
+    product = product_of(model)
+    names = product.no_weight_decay() if hasattr(type(product), "no_weight_decay") else set()
+    return {id(p) for n, p in product.named_parameters() if n in names}
 
 
 class SupervisedStage(Stage):
@@ -133,7 +142,7 @@ class FitResult:
     last_path: Path
     best_metrics: dict
     history: list[dict]  # one entry per epoch ({"epoch": 0, "start": True, ...} first with val_at_start)
-    model: nn.Module | None = None  # the model trained last (another object after replace_model / rebuild)
+    model: nn.Module | None = None  # the product as trained last (not the best epoch)
     best: Artifact | None = None  # the best epoch's artifact (what best.pt holds, or would hold)
 
 
@@ -156,7 +165,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 class Trainer:
-    """State of one `fit` call; stages reach it through their hooks."""
+    """State of one `fit` call."""
 
     def __init__(self, model: nn.Module, stage: Stage, cfg: Config, out_dir: str | Path, *, stage_name: str,
                  lineage: Sequence[dict] = (), extra: dict | None = None, data: TrainData | None = None,
@@ -203,13 +212,9 @@ class Trainer:
         self.model = model
         self.ddp_model: nn.Module = model
         self._attach_model(model)
-        self.stage.setup(self)
-        self.stage_params: list[nn.Parameter] = []
-        self.optimizer = self._make_optimizer(model)
+        self.stage.to(self.device)
+        self.optimizer = torch.optim.AdamW(self.make_param_groups(model), lr=t.lr)
         self.scheduler = self._make_scheduler(self.optimizer)
-        if self.dist.enabled:  # every rank starts from rank 0's stage parameters (DDP does the model's)
-            for p in self.stage_params:
-                dist.broadcast(p.data, src=0)
 
         self.epoch = 0  # next epoch to run
         self.global_step = 0
@@ -235,29 +240,20 @@ class Trainer:
             self.ddp_model = model
 
     def make_param_groups(self, model: nn.Module) -> list[dict]:
-        """AdamW groups, empty ones left out: "model" (train.weight_decay), "model_no_decay" (the
-        model parameters `stage.no_weight_decay` exempts; 0), "stage" (`stage.parameters()`)."""
+        """AdamW groups, empty ones left out: "model" (train.weight_decay) and "model_no_decay" (the
+        parameters the product names in `no_weight_decay()`; 0)."""
         wd = self.cfg.train.weight_decay
+        exempt = no_decay_parameters(model)
         decay, no_decay = [], []
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
-                (no_decay if self.stage.no_weight_decay(name, p) else decay).append(p)
-        own = {id(p) for p in decay + no_decay}
-        stage_params = [p for p in self.stage.parameters() if p.requires_grad]
-        if any(id(p) in own for p in stage_params):
-            raise ValueError(f"stage {self.stage.name!r}: parameters() returns parameters of the model; "
-                             "return only the stage's own")
-        self.stage_params = stage_params
+                (no_decay if id(p) in exempt else decay).append(p)
         groups = [{"name": "model", "params": decay, "weight_decay": wd},
-                  {"name": "model_no_decay", "params": no_decay, "weight_decay": 0.0},
-                  {"name": "stage", "params": stage_params, "weight_decay": wd}]
+                  {"name": "model_no_decay", "params": no_decay, "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
         if not groups:
             raise ConfigError(f"stage {self.stage.name!r}: nothing to train (no parameter requires grad)")
         return groups
-
-    def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.make_param_groups(model), lr=self.cfg.train.lr)
 
     def _make_scheduler(self, optimizer: torch.optim.Optimizer, step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
         """Warm-up + cosine on every group, positioned before optimiser step `step`."""
@@ -272,27 +268,8 @@ class Trainer:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=step - 1)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Everything the optimiser updates: the model's and the stage's parameters."""
+        """Everything the optimiser updates (a training wrapper's modules included)."""
         return [p for g in self.optimizer.param_groups for p in g["params"]]
-
-    def replace_model(self, new_model: nn.Module) -> None:
-        """Train `new_model` from here on (e.g. after growing a layer).
-
-        Fresh optimiser (groups as `make_param_groups`) and scheduler at the same schedule position;
-        Adam moments are carried over for every model parameter whose name and shape are unchanged,
-        and for the stage's own parameters.
-        """
-        old_params = dict(self.model.named_parameters())
-        old_opt, step = self.optimizer, self.scheduler.last_epoch
-        self._attach_model(new_model)
-        opt = self._make_optimizer(new_model)
-        carry = [(p, old_params.get(name)) for name, p in new_model.named_parameters()]
-        carry += [(p, p) for p in self.stage_params]
-        for p, old in carry:
-            if old is not None and old.shape == p.shape and old in old_opt.state:
-                opt.state[p] = {k: v.clone() if isinstance(v, torch.Tensor) else v
-                                for k, v in old_opt.state[old].items()}
-        self.optimizer, self.scheduler = opt, self._make_scheduler(opt, step)
 
     # -- checkpoints
 
@@ -307,12 +284,12 @@ class Trainer:
     def _artifact(self, metrics: dict, extra: dict) -> Artifact:
         return Artifact(
             stage=self.stage_name,
-            spec=self.stage.artifact_spec(self.model),
-            state_dict=self.stage.artifact_state(self.model),
+            spec=artifact_spec(self.model),
+            state_dict=product_of(self.model).state_dict(),
             config=to_dict(self.cfg),
             metrics=dict(metrics),
             lineage=list(self.lineage),
-            extra={**self.extra, **self.stage.artifact_extra(), "runtime": self.runtime.to_dict(), **extra},
+            extra={**self.extra, "runtime": self.runtime.to_dict(), **extra},
         )
 
     def _train_state(self) -> dict:
@@ -329,10 +306,9 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "stage": self.stage.state_dict(),
-            "stage_parameters": [p.detach().cpu() for p in self.stage_params],
             "rng": rng_state(),
         }
-        if type(self.stage).artifact_state is not Stage.artifact_state:  # artifact weights differ from the live model's
+        if isinstance(self.model, TrainingWrapper):  # the artifact holds the product only: keep the rest
             state["model"] = self.model.state_dict()
         if self.best_name is None and self.best is not None:  # no best file: the best epoch travels here
             b = self.best
@@ -365,28 +341,18 @@ class Trainer:
             raise ArtifactError(f"{path}: holds no training state (not a last.pt written by the engine)")
         if art.stage != self.stage_name:
             raise ArtifactError(f"{path}: written by stage {art.stage!r}, cannot resume stage {self.stage_name!r}")
-        spec = self.stage.artifact_spec(self.model)
-        weights = state.get("model", art.state_dict)
+        spec = artifact_spec(self.model)
         if art.spec != spec:
-            if not getattr(self.stage, "rebuild_on_resume", False):
-                diff = sorted(k for k in set(spec) | set(art.spec) if spec.get(k) != art.spec.get(k))
-                raise ArtifactError(
-                    f"{path}: saved model has another architecture (spec fields differ: {', '.join(diff)}); "
-                    "resume with the same model config or start a new --out folder"
-                )
-            # the model changed shape during the run (growth): continue with the one saved
-            self.replace_model(build_model(dataclasses.replace(art, state_dict=weights)))
-        saved_params = state.get("stage_parameters", [])
-        if [tuple(p.shape) for p in saved_params] != [tuple(p.shape) for p in self.stage_params]:
+            diff = sorted(k for k in set(spec) | set(art.spec) if spec.get(k) != art.spec.get(k))
             raise ArtifactError(
-                f"{path}: stage {self.stage.name!r} parameters do not fit: saved shapes "
-                f"{[tuple(p.shape) for p in saved_params]}, now {[tuple(p.shape) for p in self.stage_params]}"
+                f"{path}: saved model has another architecture (spec fields differ: {', '.join(diff)}); "
+                "resume with the same model config or start a new --out folder"
             )
+        wrapped = isinstance(self.model, TrainingWrapper)
+        if wrapped and "model" not in state:
+            raise ArtifactError(f"{path}: holds no training wrapper state (written by another kind of run)")
         try:
-            self.model.load_state_dict(weights)
-            with torch.no_grad():
-                for p, saved in zip(self.stage_params, saved_params):
-                    p.copy_(saved)
+            self.model.load_state_dict(state["model"] if wrapped else art.state_dict)
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
         except (RuntimeError, ValueError, KeyError) as e:
@@ -447,19 +413,10 @@ class Trainer:
                 if n == self.steps_per_epoch:
                     return
 
-    def _reduce_stage_grads(self) -> None:
-        """Average the stage parameters' gradients over ranks (DDP does only the model's)."""
-        if not (self.dist.enabled and self.stage_params):
-            return
-        for p in self.stage_params:
-            if p.grad is None:  # every rank must join the all-reduce
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad.div_(self.dist.world)
-
     def train_epoch(self, epoch: int) -> dict[str, float]:
         t = self.cfg.train
         self.ddp_model.train()
+        self.stage.set_epoch(epoch)
         sums: dict[str, float] = {}
         first_step = self.run_steps == 0
         started = time.time()
@@ -479,14 +436,12 @@ class Trainer:
                 self.scaler.scale(loss).backward()
             else:
                 loss.backward()
-            self._reduce_stage_grads()
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             if t.grad_clip and t.grad_clip > 0:
                 grad_norm = float(nn.utils.clip_grad_norm_(self.trainable_parameters(), t.grad_clip))
                 if math.isfinite(grad_norm):  # fp16 overflow: the scaler skips this step anyway
                     logs = {**logs, "grad_norm": grad_norm}
-            self.stage.after_backward(self)
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -531,7 +486,7 @@ class Trainer:
         model.eval()
 
         def predict(x: torch.Tensor) -> torch.Tensor:  # fp32, as report.py and predict.py measure
-            return self.stage.predict(model, x.to(self.device)).float()
+            return model(x.to(self.device)).float()
 
         images = []
 
@@ -602,11 +557,7 @@ class Trainer:
             metrics = self.validate(epoch) if due else None
             if metrics is not None:
                 self._consider_best(metrics, epoch)
-            self.stopped = bool(self.stage.on_epoch_end(self, epoch, metrics)) or (
-                metrics is not None and self._out_of_patience())
-            if self.stopped and metrics is None:
-                metrics = self.validate(epoch)
-                self._consider_best(metrics, epoch)
+            self.stopped = metrics is not None and self._out_of_patience()
             entry = {"epoch": epoch + 1, "step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"],
                      "train": train_logs, "val": metrics, "seconds": round(time.time() - start, 2)}
             self.history.append(entry)
@@ -617,8 +568,8 @@ class Trainer:
             self.writer.flush()
         if self.dist.enabled:
             dist.barrier()
-        return FitResult(self.best_path, self.last_path, dict(self.best_metrics), list(self.history), self.model,
-                         self.best)
+        return FitResult(self.best_path, self.last_path, dict(self.best_metrics), list(self.history),
+                         product_of(self.model), self.best)
 
     def validate_start(self) -> None:
         """Score the initial weights: history entry epoch 0 ("start"), a candidate for best.pt."""

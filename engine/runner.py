@@ -29,7 +29,7 @@ from brats.scoring import calibrate_et_rule, evaluate
 from common.artifact import Artifact, ArtifactError, build_model
 from common.config import DATA_IDENTITY, Config, ConfigError, to_dict
 from engine.data import TrainData, make_data
-from engine.loop import LAST, FitResult, Stage, fit
+from engine.loop import LAST, FitResult, Stage, artifact_spec, fit
 from engine.runtime import DistInfo, init_distributed, resolve_runtime, seed_everything
 
 
@@ -81,7 +81,6 @@ class StageContext:
     metrics: dict = field(default_factory=dict)  # figures for the artifact's metrics
     source_metrics: dict = field(default_factory=dict)  # the source model scored on the same cases, this run
     fit: FitResult | None = None  # the fine-tune's result, once it ran
-    engine_stage: Stage | None = None  # the fine-tune's engine stage, once made
     _teacher: nn.Module | None = None
 
     def teacher(self) -> nn.Module:
@@ -99,12 +98,24 @@ class StageDef:
 
     name: str  # artifact stage and file name: <out>/<name>.pt
     step: Callable[[nn.Module, StageContext], nn.Module]
-    finetune: Callable[[nn.Module, StageContext], Stage] | None = None  # the engine stage; None: no fine-tune
+    # what the fine-tune trains (the model, or a TrainingWrapper around it) and its engine Stage; None: no fine-tune
+    finetune: Callable[[nn.Module, StageContext], tuple[nn.Module, Stage]] | None = None
+    # the whole fine-tune when it is more than one engine fit (growth: fits around widenings); default `fit_once`
     finish: Callable[[nn.Module, Artifact, StageContext], Artifact] | None = None
     kinds: tuple[str, ...] = ("fp32",)  # source kinds the step accepts
     needs_teacher: bool = False  # the fine-tune distils: a teacher must be found before any work
     checkpoint_dir: str = ""  # sub-folder of out for the fine-tune's last.pt ("": out itself)
     check: Callable[[Artifact, Config], None] | None = None  # more checks of config x source, before any work
+    train: Callable[[nn.Module, StageContext, "StageDef", Path], FitResult] | None = None
+    resume_file: str = LAST  # under the checkpoint folder: what --resume needs to find
+
+
+def fit_once(model: nn.Module, ctx: StageContext, stage: StageDef, ckpt_dir: Path) -> FitResult:
+    """The usual fine-tune: one engine `fit` of `stage.finetune(model, ctx)` in `ckpt_dir`, keeping
+    the best epoch in last.pt (`best_name=None`)."""
+    trainee, engine_stage = stage.finetune(model, ctx)
+    return fit(trainee, engine_stage, ctx.cfg, ckpt_dir, stage_name=stage.name, lineage=ctx.source.child_lineage(),
+               extra=ctx.extra, data=ctx.data, resume=ctx.resume, best_name=None)
 
 
 def guard(metrics: dict, source_metrics: dict, source_stage: str, cfg: Config) -> dict:
@@ -196,8 +207,8 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
                             "(or --epochs 0 for no fine-tune)")
     out = Path(out)
     ckpt_dir = out / stage.checkpoint_dir if stage.checkpoint_dir else out
-    if resume and not (ckpt_dir / LAST).is_file():
-        raise ArtifactError(f"{ckpt_dir / LAST}: nothing to resume (no {LAST} in {ckpt_dir})")
+    if resume and not (ckpt_dir / stage.resume_file).is_file():
+        raise ArtifactError(f"{ckpt_dir / stage.resume_file}: nothing to resume (no {stage.resume_file} in {ckpt_dir})")
 
     info = init_distributed(cfg.train.device)  # before the data, so rank 0 alone prepares the cache
     if info.main:
@@ -210,9 +221,7 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
         ctx.source_metrics = evaluate(source, data.cache, data.val_ids, cfg, desc=f"source ({art.stage})")
         model = stage.step(source, ctx)
         if finetune:
-            ctx.engine_stage = stage.finetune(model, ctx)
-            ctx.fit = fit(model, ctx.engine_stage, cfg, ckpt_dir, stage_name=stage.name,
-                          lineage=art.child_lineage(), extra=ctx.extra, data=data, resume=resume, best_name=None)
+            ctx.fit = (stage.train or fit_once)(model, ctx, stage, ckpt_dir)
             best = ctx.fit.best
             if best is None:
                 raise RuntimeError(f"{stage.name}: the fine-tune validated no epoch")
@@ -226,7 +235,7 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
                 tqdm.write(rt.line(stage.name))
             model.to(rt.device)
             metrics = evaluate(model, data.cache, data.val_ids, cfg, desc=f"{stage.name} validation")
-            product = Artifact(stage=stage.name, spec=model.spec.to_dict(), state_dict=model.state_dict(),
+            product = Artifact(stage=stage.name, spec=artifact_spec(model), state_dict=model.state_dict(),
                                config=to_dict(cfg), metrics={**metrics, **ctx.metrics},
                                lineage=art.child_lineage(), extra={**ctx.extra, "runtime": rt.to_dict()})
         if stage.finish is not None:

@@ -340,6 +340,11 @@ class RefineFormer3D(nn.Module):
         """(B, in_chans, D, H, W) -> logits (B, num_classes, D, H, W)."""
         return self.decoder(self.forward_features(x), tuple(x.shape[2:]))
 
+    def artifact_spec(self) -> dict[str, Any]:
+        """What an artifact records to rebuild this model (kind "fp32"); subclasses made by other
+        stages (the QAT model) describe themselves as their own kind."""
+        return self.spec.to_dict()
+
 
 @register_builder("fp32")
 def model_from_spec(spec: dict[str, Any] | ModelSpec) -> RefineFormer3D:

@@ -43,6 +43,7 @@ from common.config import Config, ConfigError, DataConfig, from_dict
 from common.progress import bar_off
 from common.timing import median_seconds
 from engine.data import make_data
+from compress.grow import START as GROWTH_START
 from engine.loop import LAST
 from engine.runtime import resolve_runtime, runtime_summary
 from model.macs import count_macs
@@ -120,11 +121,11 @@ def _guess_stage(path: Path) -> str:
 
 
 def _scan(root: Path) -> list[Found]:
-    """Artifacts under a runs folder, one row each: every `*.pt` but the engine's resumable
-    checkpoints (`last.pt`). Each stage folder holds its one artifact (`<stage>.pt`, the
-    teacher's `best.pt`) next to its `last.pt`."""
+    """Artifacts under a runs folder, one row each: every `*.pt` but the resumable checkpoints
+    (the engine's `last.pt`, a growth phase's `start.pt`). Each stage folder holds its one artifact
+    (`<stage>.pt`, the teacher's `best.pt`) next to its checkpoints."""
     paths = sorted(p for p in root.rglob("*.pt")
-                   if p.is_file() and p.name != LAST
+                   if p.is_file() and p.name not in (LAST, GROWTH_START)
                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
     return [_load(p, _guess_stage(p)) for p in paths]
 
@@ -602,7 +603,8 @@ def _grown_units(grown: Any) -> str:
 
 
 def growth_section(events: Any) -> list[str]:
-    """extra["growth"]: one row per growth decision (grow or stop) with the units grown."""
+    """extra["growth"]: one row per phase (a fit that ended when Dice stopped rising) with its decision
+    (grow or stop), its best Dice and the units grown after it."""
     if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
         return [dict_table(events)]
 
@@ -611,7 +613,7 @@ def growth_section(events: Any) -> list[str]:
         return _count(e.get("params")) + (f" -> {_count(after)}" if _num(after) else "")
 
     return [markdown_table(
-        ["event", "epoch", "action", "reason", "Dice mean", "params", "units grown (old->new)"],
+        ["phase", "last epoch", "action", "reason", "best Dice mean", "params", "units grown (old->new)"],
         ([str(e.get("event", i)), str(e.get("epoch", "–")), str(e.get("action", "–")), str(e.get("reason", "–")),
           _fmt(e.get("dice"), ".3f"), params(e), _grown_units(e.get("grown"))] for i, e in enumerate(events)),
     )]

@@ -10,11 +10,13 @@ Loss per batch (teacher on the clean crop, student on a perturbed copy, see `stu
                     (the voxel-mean KD above is dominated by background; this term weighs ET like WT)
   + feature_weight * mean over stages of MSE(proj_i(student stage i), teacher stage i)
 
-The 1x1x1 feature projections (student dims -> teacher dims) live in the stage, not the model, so
-the saved student has none of them.
+The 1x1x1 feature projections (student dims -> teacher dims) live in `DistillModel`, a training
+wrapper around the student: DDP, the optimiser and last.pt treat them as any parameter, and the
+saved student has none of them.
 
 `distill_student` is the `distill.py` command, one `engine.runner.run_stage` of the `STUDENT` stage:
-thin (or re-initialise) the teacher to a width, fine-tune with `DistillStage`, and write
+thin (or re-initialise) the teacher to a width, fine-tune with `DistillStage` (the student wrapped in
+a `DistillModel` when features are distilled), and write
 `<out>/student.pt` with the teacher-vs-student Dice gap.
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ from brats.labels import is_softmax
 from common.artifact import Artifact, ArtifactError
 from common.config import Config, ConfigError, PerturbConfig
 from engine.data import TrainData
-from engine.loop import FitResult, Stage, fit
+from engine.loop import Stage, TrainingWrapper
 from engine.losses import SMOOTH, segmentation_loss
 from engine.runner import StageContext, StageDef, freeze, load_teacher, run_stage  # noqa: F401 (load_teacher: re-export)
 from student.perturb import perturb_batch
@@ -85,23 +87,19 @@ def kd_dice_loss(student: torch.Tensor, teacher: torch.Tensor, scheme: str,
     return (1 - dice).mean()
 
 
-def feature_loss(
-    projections: nn.ModuleList, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]
-) -> torch.Tensor:
-    """Mean over stages of the MSE between projected student features and teacher features."""
-    terms = [F.mse_loss(p(s.float()), t.float()) for p, s, t in zip(projections, student, teacher)]
-    return torch.stack(terms).mean()
+def feature_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean over stages of the MSE between (projected) student features and teacher features."""
+    return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student, teacher)]).mean()
 
 
 class _StageTaps:
-    """Forward hooks that keep the outputs of `encoder.stages.*` (works through DDP wrappers)."""
+    """Forward hooks that keep the outputs of `encoder.stages.*`."""
 
     def __init__(self, model: nn.Module):
-        bare = getattr(model, "module", model)
         try:
-            stages = bare.encoder.stages
+            stages = model.encoder.stages
         except AttributeError:
-            raise TypeError(f"feature distillation needs a model with encoder.stages, got {type(bare).__name__}") from None
+            raise TypeError(f"feature distillation needs a model with encoder.stages, got {type(model).__name__}") from None
         self.outputs: list[torch.Tensor] = []
         self.handles = [s.register_forward_hook(lambda m, i, o: self.outputs.append(o)) for s in stages]
 
@@ -113,11 +111,48 @@ class _StageTaps:
             h.remove()
 
 
+def stage_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits of `model(x)` and the outputs of its encoder stages, (B, C_i, ...) each."""
+    with _StageTaps(model) as taps:
+        logits = model(x)
+    return logits, list(taps.outputs)
+
+
+# ----------------------------------------------------------------------------- the trained model
+
+
+class DistillModel(TrainingWrapper):
+    """A student with the 1x1x1 projections of feature distillation (student stage i dims ->
+    teacher stage i dims), seeded. `forward(x)` is the student's logits; `forward(x, features=True)`
+    also returns the projected stage outputs, inside the one call DDP synchronises."""
+
+    def __init__(self, student: nn.Module, teacher_dims: Sequence[int], seed: int = 0):
+        super().__init__(student)
+        s_dims = student.spec.embed_dims
+        if len(s_dims) != len(teacher_dims):
+            raise ValueError(f"feature distillation: student has {len(s_dims)} stages, teacher {len(teacher_dims)}")
+        gen = torch.Generator().manual_seed(seed)
+        self.projections = nn.ModuleList(nn.Conv3d(s, t, 1) for s, t in zip(s_dims, teacher_dims))
+        for p in self.projections:  # seeded init, independent of the global RNG
+            bound = 1 / math.sqrt(p.in_channels)
+            with torch.no_grad():
+                p.weight.copy_(torch.rand(p.weight.shape, generator=gen) * 2 * bound - bound)
+                p.bias.zero_()
+        ref = next(student.parameters())
+        self.projections.to(device=ref.device, dtype=ref.dtype)
+
+    def forward(self, x: torch.Tensor, features: bool = False):
+        if not features:
+            return self.product(x)
+        logits, feats = stage_features(self.product, x)
+        return logits, [p(f) for p, f in zip(self.projections, feats)]
+
+
 # ----------------------------------------------------------------------------- the stage
 
 
 class DistillStage(Stage):
-    """Supervised + logit KD (+ optional feature KD) against a frozen teacher, for `engine.loop.fit`."""
+    """Supervised + logit KD (+ feature KD, for a `DistillModel`) against a frozen teacher, for `engine.loop.fit`."""
 
     name = "distill"
 
@@ -127,56 +162,31 @@ class DistillStage(Stage):
         self.scheme = cfg.data.scheme
         self.perturb = perturb
         self.generator = torch.Generator().manual_seed(cfg.train.seed + 7919)
-        self.projections: nn.ModuleList | None = None
-        self.trainer = None
+        self.epoch: int | None = None
         if self.d.temperature <= 0:
             raise ConfigError(f"distill.temperature must be > 0, got {self.d.temperature}")
 
     # -- engine hooks
 
-    def setup(self, trainer) -> None:
-        self.trainer = trainer  # for the epoch (perturbation warm-up)
-        self.teacher.to(trainer.device)
-        if self.d.feature_weight > 0:
-            self.build_projections(trainer.model, trainer.device)
+    def to(self, device: torch.device) -> None:
+        self.teacher.to(device)
 
-    def parameters(self) -> list[nn.Parameter]:
-        """The feature projections: the engine trains, saves and restores them with the model."""
-        return list(self.projections.parameters()) if self.projections is not None else []
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch  # for the perturbation warm-up
 
     def perturb_config(self) -> PerturbConfig:
         """`distill.perturb` with its probability ramped up over `warmup_epochs` (epoch 1: clean)."""
-        cfg, epoch = self.d.perturb, None if self.trainer is None else self.trainer.epoch
+        cfg, epoch = self.d.perturb, self.epoch
         if not cfg.warmup_epochs or epoch is None or epoch >= cfg.warmup_epochs:
             return cfg
         return dataclasses.replace(cfg, prob=cfg.prob * epoch / cfg.warmup_epochs)
-
-    def build_projections(self, student: nn.Module, device: torch.device | str = "cpu") -> nn.ModuleList:
-        s_dims = getattr(student, "module", student).spec.embed_dims
-        t_dims = self.teacher.spec.embed_dims
-        if len(s_dims) != len(t_dims):
-            raise ValueError(f"feature distillation: student has {len(s_dims)} stages, teacher {len(t_dims)}")
-        gen = torch.Generator().manual_seed(self.cfg.train.seed)
-        projs = nn.ModuleList(nn.Conv3d(s, t, 1) for s, t in zip(s_dims, t_dims))
-        for p in projs:  # seeded init, independent of the global RNG
-            bound = 1 / math.sqrt(p.in_channels)
-            with torch.no_grad():
-                p.weight.copy_(torch.rand(p.weight.shape, generator=gen) * 2 * bound - bound)
-                p.bias.zero_()
-        self.projections = projs.to(device)
-        return self.projections
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         x, label = batch["image"], batch["label"]
         use_feat = self.d.feature_weight > 0
         self.teacher.eval()
         with torch.no_grad():
-            if use_feat:
-                with _StageTaps(self.teacher) as taps:
-                    t_logits = self.teacher(x)
-                t_feats = list(taps.outputs)
-            else:
-                t_logits, t_feats = self.teacher(x), None
+            t_logits, t_feats = stage_features(self.teacher, x) if use_feat else (self.teacher(x), None)
         if self.perturb:
             p = perturb_batch(x, t_logits.float(), label, self.perturb_config(), self.generator,
                               features=[f.float() for f in t_feats] if t_feats else None)
@@ -184,11 +194,7 @@ class DistillStage(Stage):
         else:
             x_s, target, label_s, mask = x, t_logits, label, None
         if use_feat:
-            if self.projections is None:
-                self.build_projections(model, x.device)
-            with _StageTaps(model) as taps:
-                s_logits = model(x_s)
-            s_feats = list(taps.outputs)
+            s_logits, s_feats = model(x_s, features=True)
         else:
             s_logits = model(x_s)
         sup, logs = segmentation_loss(s_logits, label_s, self.scheme, self.cfg.train.dice_weight,
@@ -201,36 +207,35 @@ class DistillStage(Stage):
             total = total + self.d.kd_dice_weight * kd_dice
             out["kd_dice"] = float(kd_dice.detach())
         if use_feat:
-            feat = feature_loss(self.projections, s_feats, t_feats)
+            feat = feature_loss(s_feats, t_feats)
             total = total + self.d.feature_weight * feat
             out["feat"] = float(feat.detach())
         out["loss"] = float(total.detach())
         return total, out
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}  # the projections travel as `parameters()`
+        return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         if "generator" in state:
             self.generator.set_state(state["generator"])
 
-    def artifact_extra(self) -> dict:
-        d = self.d
-        return {"distill": {"temperature": d.temperature, "supervised_weight": d.supervised_weight,
-                            "kd_weight": d.kd_weight, "feature_weight": d.feature_weight,
-                            "perturb": self.perturb,
-                            "perturb_config": dataclasses.asdict(d.perturb) if self.perturb else None}}
+
+def distill_setup(model: nn.Module, teacher: nn.Module, cfg: Config, perturb: bool = True) -> tuple[nn.Module, DistillStage]:
+    """What a distillation fine-tune trains and with which stage: the student (wrapped in a
+    `DistillModel` when `distill.feature_weight` > 0) and a `DistillStage` against `teacher`."""
+    stage = DistillStage(teacher, cfg, perturb=perturb)
+    if cfg.distill.feature_weight > 0:
+        return DistillModel(model, teacher.spec.embed_dims, seed=cfg.train.seed), stage
+    return model, stage
 
 
-def distill_finetune(
-    model: nn.Module, teacher: nn.Module, cfg: Config, out_dir: str | Path, *, stage_name: str,
-    lineage: Sequence[dict] = (), extra: dict | None = None, stage: Stage | None = None,
-    data: TrainData | None = None, resume: bool = False,
-) -> FitResult:
-    """Fine-tune `model` against the frozen `teacher` through the engine (best.pt / last.pt in out_dir)."""
-    stage = stage if stage is not None else DistillStage(teacher, cfg, perturb=True)
-    return fit(model, stage, cfg, out_dir, stage_name=stage_name, lineage=lineage, resume=resume,
-               extra=extra, data=data)
+def distill_record(cfg: Config, perturb: bool) -> dict:
+    """The distillation recipe as plain data, for the artifact's extra["distill"]."""
+    d = cfg.distill
+    return {"temperature": d.temperature, "supervised_weight": d.supervised_weight, "kd_weight": d.kd_weight,
+            "kd_dice_weight": d.kd_dice_weight, "feature_weight": d.feature_weight, "perturb": perturb,
+            "perturb_config": dataclasses.asdict(d.perturb) if perturb else None}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -297,9 +302,12 @@ def thin_step(teacher: nn.Module, ctx: StageContext) -> nn.Module:
     return make_student(freeze(teacher), ctx.cfg, ctx.data)
 
 
-def distill_trainer(model: nn.Module, ctx: StageContext) -> DistillStage:
-    """The engine stage of every distillation fine-tune: against the frozen teacher of the lineage."""
-    return DistillStage(ctx.teacher(), ctx.cfg, perturb=ctx.cfg.distill.perturb_input)
+def distill_trainer(model: nn.Module, ctx: StageContext) -> tuple[nn.Module, DistillStage]:
+    """The fine-tune of every distillation stage: against the frozen teacher of the lineage (the
+    recipe goes into the artifact's extra["distill"])."""
+    perturb = ctx.cfg.distill.perturb_input
+    ctx.extra["distill"] = distill_record(ctx.cfg, perturb)
+    return distill_setup(model, ctx.teacher(), ctx.cfg, perturb=perturb)
 
 
 def add_teacher_gap(model: nn.Module, art: Artifact, ctx: StageContext) -> Artifact:

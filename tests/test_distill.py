@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from brats.phantom import write_phantom_dataset
 from common.artifact import Artifact, build_model
 from common.config import Config
-from student.distill import DistillStage, dice_gap, distill_student, kd_dice_loss, kd_loss, load_teacher
+from engine.loop import artifact_spec, product_of
+from student.distill import (DistillModel, DistillStage, dice_gap, distill_record, distill_student, kd_dice_loss,
+                             kd_loss, load_teacher)
 from student.thin import thin
 from model.refineformer3d import RefineFormer3D, count_params, preset_spec
 
@@ -53,15 +55,16 @@ def test_teacher_gets_no_gradient_and_does_not_change_during_a_step():
     cfg = Config()
     cfg.distill.feature_weight = 0.5
     stage = DistillStage(teacher, cfg, perturb=True)
-    projections = stage.build_projections(student)
+    model = DistillModel(student, teacher.spec.embed_dims, seed=0)
+    projections = model.projections
     assert [p.in_channels for p in projections] == [8, 16, 16, 16]
     assert [p.out_channels for p in projections] == [16, 32, 32, 32]
-    opt = torch.optim.SGD([*student.parameters(), *projections.parameters()], lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(0)
     batch = {"image": torch.randn(2, 4, 32, 32, 32, generator=g),
              "label": torch.tensor([0, 1, 2, 4])[torch.randint(0, 4, (2, 32, 32, 32), generator=g)]}
     student_before = student.decoder.fuse.weight.detach().clone()
-    loss, logs = stage.loss(student, batch)
+    loss, logs = stage.loss(model, batch)
     loss.backward()
     opt.step()
     assert set(logs) >= {"loss", "sup", "kd", "kd_dice", "feat"} and logs["kd"] > 0 and logs["feat"] > 0
@@ -71,12 +74,16 @@ def test_teacher_gets_no_gradient_and_does_not_change_during_a_step():
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert not torch.equal(student.decoder.fuse.weight, student_before)
     assert projections[0].weight.grad is not None and projections[0].weight.grad.abs().sum() > 0
-    # the projections stay out of the student: its artifact state is the plain model's
-    assert set(stage.artifact_state(student)) == set(student.state_dict())
-    # ...they are the stage's own parameters, which the engine trains in a group of their own
-    assert [tuple(p.shape) for p in stage.parameters()] == [
-        shape for s, t in zip([8, 16, 16, 16], [16, 32, 32, 32]) for shape in ((t, s, 1, 1, 1), (t,))]
-    assert all(a is b for a, b in zip(stage.parameters(), projections.parameters()))
+    # the projections stay out of the student: an artifact holds the product, the plain model
+    assert product_of(model) is student and artifact_spec(model) == student.spec.to_dict()
+    # ...they are the wrapper's parameters, trained and checkpointed with it
+    extra = {k for k in model.state_dict() if not k.startswith("product.")}
+    assert extra == {f"projections.{i}.{w}" for i in range(4) for w in ("weight", "bias")}
+    with torch.no_grad():  # validation calls the wrapper: the student's logits
+        assert torch.equal(model.eval()(batch["image"]), student.eval()(batch["image"]))
+    # feature distillation needs the wrapper
+    with pytest.raises(TypeError):
+        stage.loss(student, batch)
 
 
 def test_dice_gap_is_teacher_minus_student():
@@ -116,15 +123,15 @@ def test_distill_student_end_to_end(tmp_path):
     assert student.spec.embed_dims == [8, 16, 16, 16]
     assert loaded.extra["width"] == 0.5 and loaded.extra["init"] == "pruned"
     assert art.metrics == loaded.metrics
-    # the feature projections trained in the optimiser's "stage" group and were saved in last.pt
+    # the feature projections trained inside the DistillModel wrapper and were saved in last.pt
     state = Artifact.load(tmp_path / "student" / "last.pt").extra["train_state"]
-    assert [g["name"] for g in state["optimizer"]["param_groups"]] == ["model", "stage"]
-    assert len(state["optimizer"]["param_groups"][1]["params"]) == 8
-    saved = state["stage_parameters"]
-    assert [tuple(p.shape) for p in saved[:2]] == [(16, 8, 1, 1, 1), (16,)]
-    fresh = DistillStage(tiny_teacher(), cfg).build_projections(student)  # the seeded initial projections
-    assert not torch.equal(saved[1], fresh[0].bias)  # the bias starts at 0 and was trained
-    assert torch.count_nonzero(fresh[0].bias) == 0
+    assert [g["name"] for g in state["optimizer"]["param_groups"]] == ["model"]
+    saved = state["model"]
+    assert tuple(saved["projections.0.weight"].shape) == (16, 8, 1, 1, 1)
+    fresh = DistillModel(student, teacher.spec.embed_dims, seed=cfg.train.seed)  # the seeded initial projections
+    assert torch.count_nonzero(fresh.projections[0].bias) == 0
+    assert not torch.equal(saved["projections.0.bias"], fresh.projections[0].bias)  # starts at 0, was trained
+    assert loaded.extra["distill"]["feature_weight"] == 0.1
     frozen = load_teacher(tmp_path / "teacher.pt")
     assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
 
@@ -143,8 +150,8 @@ def test_perturb_prob_zero_gives_exactly_the_clean_loss_and_is_recorded():
     cfg.distill.perturb.prob = 1.0
     always, _ = DistillStage(teacher, cfg, perturb=True).loss(student, batch)
     assert abs(float(always.detach()) - float(clean.detach())) > 1e-4  # the perturbed input changes the loss
-    assert DistillStage(teacher, cfg).artifact_extra()["distill"]["perturb_config"]["prob"] == 1.0
-    assert DistillStage(teacher, cfg, perturb=False).artifact_extra()["distill"]["perturb_config"] is None
+    assert distill_record(cfg, perturb=True)["perturb_config"]["prob"] == 1.0
+    assert distill_record(cfg, perturb=False)["perturb_config"] is None
 
 
 def test_kd_dice_weighs_a_small_region_like_a_large_one():

@@ -12,7 +12,8 @@ from common.artifact import Artifact, ArtifactError, build_model
 from common.config import Config, ConfigError
 from brats.overlay import contour_overlay
 from engine.data import make_data
-from engine.loop import BEST, LAST, Stage, SupervisedStage, Trainer, fit, lr_factor
+from engine.loop import (BEST, LAST, Stage, SupervisedStage, Trainer, TrainingWrapper, artifact_spec, fit, lr_factor,
+                         product_of)
 from engine.runtime import rng_state, set_rng_state
 from engine.losses import segmentation_loss
 from model.refineformer3d import RefineFormer3D, preset_spec
@@ -267,108 +268,74 @@ def test_resume_errors(straight, phantom, tmp_path):
         fit(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="teacher", resume=True)
 
 
-class StopAtFirstEpoch(SupervisedStage):
-    def __init__(self):
-        super().__init__()
-        self.seen: list = []
+class ZerosInEval(TrainingWrapper):
+    """Validation sees the same (all-background) logits every epoch: Dice never improves."""
 
-    def on_epoch_end(self, trainer, epoch, val_metrics):
-        self.seen.append(val_metrics)
-        return True
-
-    def state_dict(self):
-        return {"seen": len(self.seen)}
-
-
-def test_early_stop_validates_and_is_final(phantom, tmp_path):
-    cfg = tiny_cfg(phantom, epochs=4, val_every=3, log_images=False)
-    stage = StopAtFirstEpoch()
-    result = fit(tiny_model(), stage, cfg, tmp_path, stage_name="teacher")
-    assert stage.seen == [None]  # epoch 1 was not a validation epoch...
-    assert len(result.history) == 1 and result.history[0]["val"] is not None  # ...but stopping validates
-    assert (tmp_path / BEST).is_file()
-    last = Artifact.load(tmp_path / LAST)
-    assert last.extra["train_state"]["stopped"] is True and last.extra["train_state"]["stage"] == {"seen": 1}
-    again = fit(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="teacher", resume=True)
-    assert len(again.history) == 1  # a stopped run stays stopped
+    def forward(self, x):
+        if self.training:
+            return self.product(x)
+        return torch.zeros(x.shape[0], 3, *x.shape[2:])
 
 
 def test_patience_stops_after_validations_without_a_better_dice(phantom, tmp_path):
-    class SameEveryTime(SupervisedStage):  # validation predicts the same logits each epoch: no improvement
-        def predict(self, model, x):
-            return torch.zeros(x.shape[0], 3, *x.shape[2:])
-
     cfg = tiny_cfg(phantom, epochs=6, val_every=1, log_images=False, patience=2)
-    result = fit(tiny_model(), SameEveryTime(), cfg, tmp_path, stage_name="teacher")
+    result = fit(ZerosInEval(tiny_model()), SupervisedStage(), cfg, tmp_path, stage_name="teacher")
     assert len(result.history) == 3  # best at epoch 1, then 2 stale validations: epochs is only a maximum
     state = Artifact.load(tmp_path / LAST).extra["train_state"]
     assert state["stopped"] is True and state["stale"] == 2
+    again = fit(ZerosInEval(tiny_model()), SupervisedStage(), cfg, tmp_path, stage_name="teacher", resume=True)
+    assert len(again.history) == 3  # a stopped run stays stopped
     cfg.train.patience = None
-    assert len(fit(tiny_model(), SameEveryTime(), cfg, tmp_path / "all", stage_name="teacher").history) == 6
+    assert len(fit(ZerosInEval(tiny_model()), SupervisedStage(), cfg, tmp_path / "all",
+                   stage_name="teacher").history) == 6
 
 
-def test_replace_model_keeps_schedule_and_adam_state(phantom, tmp_path):
-    cfg = tiny_cfg(phantom, epochs=4)
-    trainer = Trainer(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="teacher")
-    trainer.train_epoch(0)  # 2 steps
-    lr_before = trainer.optimizer.param_groups[0]["lr"]
-    old_state = {n: trainer.optimizer.state[p] for n, p in trainer.model.named_parameters()}
-    grown = tiny_model(seed=5, fuse_dim=24)  # decoder fuse/refine layers change shape
-    trainer.replace_model(grown)
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr_before)
-    assert trainer.scheduler.last_epoch == 2
-    new_params = dict(grown.named_parameters())
-    carried = trainer.optimizer.state
-    name = "encoder.stages.0.patch_embed.proj.weight"
-    assert torch.equal(carried[new_params[name]]["exp_avg"], old_state[name]["exp_avg"])
-    assert new_params["decoder.fuse.weight"] not in carried  # shape changed: fresh moments
-    trainer.train_epoch(1)
-    assert trainer.global_step == 4
-    expected = cfg.train.lr * lr_factor(4, 2, 8, cfg.train.min_lr / cfg.train.lr)
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
-    assert all(p.device.type == "cpu" for p in grown.parameters())
+class Counting(SupervisedStage):
+    """Records the engine's calls: `to` once, `set_epoch` before every epoch; checks clipped gradients."""
+
+    def __init__(self, clip: float):
+        super().__init__()
+        self.clip, self.devices, self.epochs, self.steps = clip, [], [], 0
+        self.trained = None
+
+    def to(self, device):
+        self.devices.append(device)
+
+    def set_epoch(self, epoch):
+        if self.trained is not None:  # the previous epoch's last step was clipped to grad_clip
+            norm = torch.norm(torch.stack([p.grad.norm() for p in self.trained.parameters() if p.grad is not None]))
+            assert norm <= self.clip + 1e-4
+        self.epochs.append(epoch)
+
+    def loss(self, model, batch):
+        self.trained, self.steps = model, self.steps + 1
+        return super().loss(model, batch)
 
 
-def test_stage_hooks_are_called(phantom, tmp_path):
-    class Counting(SupervisedStage):
-        def __init__(self):
-            super().__init__()
-            self.backward_calls, self.setup_calls, self.predict_calls = 0, 0, 0
-
-        def setup(self, trainer):
-            self.setup_calls += 1
-
-        def after_backward(self, trainer):
-            # gradients are present and already clipped to grad_clip
-            norm = torch.norm(torch.stack([p.grad.norm() for p in trainer.model.parameters() if p.grad is not None]))
-            assert norm <= trainer.cfg.train.grad_clip + 1e-4
-            self.backward_calls += 1
-
-        def predict(self, model, x):
-            self.predict_calls += 1
-            return model(x)
-
-    stage = Counting()
-    fit(tiny_model(), stage, tiny_cfg(phantom, epochs=1, log_images=False), tmp_path, stage_name="teacher")
-    assert (stage.setup_calls, stage.backward_calls) == (1, 2)
-    assert stage.predict_calls == 4  # 2 val cases x (2x2x1 windows / sw_batch 2)
+def test_stage_calls(phantom, tmp_path):
+    stage = Counting(clip=tiny_cfg(phantom).train.grad_clip)
+    fit(tiny_model(), stage, tiny_cfg(phantom, epochs=2, log_images=False), tmp_path, stage_name="teacher")
+    assert [d.type for d in stage.devices] == ["cpu"] and stage.epochs == [0, 1] and stage.steps == 4
 
 
-def test_base_stage_needs_a_loss():
+def test_base_stage_needs_a_loss_and_a_model_that_describes_itself(phantom, tmp_path):
     with pytest.raises(NotImplementedError):
         Stage().loss(None, {})
-    assert math.isclose(Stage().predict(lambda x: x * 2, torch.ones(1)).item(), 2.0)
+    with pytest.raises(TypeError, match="artifact_spec"):
+        artifact_spec(torch.nn.Conv3d(4, 3, 1))
+    wrapped = TrainingWrapper(tiny_model())
+    assert product_of(wrapped) is wrapped.product and artifact_spec(wrapped) == wrapped.product.spec.to_dict()
 
 
 # ----------------------------------------------------------------------------- fine-tune hooks
 
 
 class Ascent(SupervisedStage):
-    """Gradient ascent on the supervised loss (training only makes Dice worse); counts predictions."""
+    """Gradient ascent on the supervised loss (training only makes Dice worse)."""
 
     def __init__(self, interrupt_after: int | None = None):
         super().__init__()
-        self.calls, self.interrupt_after, self.predict_calls = 0, interrupt_after, 0
+        self.calls, self.interrupt_after = 0, interrupt_after
 
     def loss(self, model, batch):
         self.calls += 1
@@ -377,23 +344,28 @@ class Ascent(SupervisedStage):
         loss, logs = super().loss(model, batch)
         return -loss, logs
 
-    def predict(self, model, x):
-        self.predict_calls += 1
-        return model(x)
+
+class CountsValidation(TrainingWrapper):
+    def __init__(self, product):
+        super().__init__(product)
+        self.eval_calls = 0
+
+    def forward(self, x):
+        self.eval_calls += not self.training
+        return self.product(x)
 
 
 def test_val_at_start_keeps_the_initial_weights_and_is_not_repeated_on_resume(phantom, tmp_path):
     cfg = tiny_cfg(phantom, val_at_start=True, lr=2e-2, log_images=False)
-    model = tiny_model()
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
-    stage = Ascent()
-    result = fit(model, stage, cfg, tmp_path / "a", stage_name="lowrank")
+    model = CountsValidation(tiny_model())
+    initial = {k: v.clone() for k, v in model.product.state_dict().items()}
+    result = fit(model, Ascent(), cfg, tmp_path / "a", stage_name="lowrank")
     assert [(h["epoch"], h.get("start", False)) for h in result.history] == [(0, True), (1, False), (2, False)]
     start = result.history[0]
     assert start["step"] == 0 and start["train"] == {}
     dice = [h["val"]["dice_mean"] for h in result.history]
     assert dice[1] < dice[0] and dice[2] < dice[0], dice  # the premise: training made it worse
-    assert stage.predict_calls == 3 * 4  # start + 2 epochs, 4 windows each
+    assert model.eval_calls == 3 * 4  # start + 2 epochs, 4 windows each
     best = Artifact.load(tmp_path / "a" / BEST)
     assert best.metrics == start["val"] == result.best_metrics and best.extra["epoch"] == 0
     for k, v in initial.items():
@@ -401,51 +373,51 @@ def test_val_at_start_keeps_the_initial_weights_and_is_not_repeated_on_resume(ph
 
     # killed in epoch 2, resumed: the start is not validated again and the run matches
     with pytest.raises(KeyboardInterrupt):
-        fit(tiny_model(), Ascent(interrupt_after=3), cfg, tmp_path / "b", stage_name="lowrank")
-    again = Ascent()
-    resumed = fit(tiny_model(seed=9), again, cfg, tmp_path / "b", stage_name="lowrank", resume=True)
-    assert again.predict_calls == 4  # epoch 2 only
+        fit(CountsValidation(tiny_model()), Ascent(interrupt_after=3), cfg, tmp_path / "b", stage_name="lowrank")
+    again = CountsValidation(tiny_model(seed=9))
+    resumed = fit(again, Ascent(), cfg, tmp_path / "b", stage_name="lowrank", resume=True)
+    assert again.eval_calls == 4  # epoch 2 only
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
     assert [h["val"]["dice_mean"] for h in resumed.history] == pytest.approx(dice, abs=1e-6)
     assert resumed.best_metrics == pytest.approx(result.best_metrics, abs=1e-6)
 
 
-class Gain(SupervisedStage):
-    """Logits times a learnable per-region gain: a parameter of the stage, not of the model."""
+class NormsUndecayed(RefineFormer3D):
+    """A product that names parameters to train without weight decay (the timm convention)."""
 
-    def __init__(self, interrupt_after: int | None = None):
-        super().__init__()
+    def no_weight_decay(self):
+        return {n for n, _ in self.named_parameters() if n.endswith(".bias") or ".norm" in n}
+
+
+class Gain(TrainingWrapper):
+    """Logits times a learnable per-region gain: trained with the model, never part of its artifact."""
+
+    def __init__(self, product):
+        super().__init__(product)
         self.gain = torch.nn.Parameter(torch.ones(3))
-        self.calls, self.interrupt_after = 0, interrupt_after
 
-    def parameters(self):
-        return [self.gain]
+    def forward(self, x):
+        return self.product(x) * self.gain.view(1, 3, 1, 1, 1)
 
-    def no_weight_decay(self, name, param):
-        return name.endswith(".bias") or ".norm" in name
 
-    def loss(self, model, batch):
-        self.calls += 1
-        if self.interrupt_after is not None and self.calls > self.interrupt_after:
-            raise KeyboardInterrupt
-        logits = model(batch["image"]) * self.gain.view(1, 3, 1, 1, 1)
-        return segmentation_loss(logits, batch["label"], "regions", 1.0, 1.0)
+def undecayed_model(seed: int = 0) -> NormsUndecayed:
+    torch.manual_seed(seed)
+    return NormsUndecayed(preset_spec("refineformer3d", **TINY))
 
 
 def test_weight_decay_groups(phantom, tmp_path):
     cfg = tiny_cfg(phantom, weight_decay=0.1, lr=1e-2)
-    model = tiny_model()
-    stage = Gain()
-    trainer = Trainer(model, stage, cfg, tmp_path, stage_name="teacher")
+    model = Gain(undecayed_model())
+    trainer = Trainer(model, SupervisedStage(), cfg, tmp_path, stage_name="teacher")
     groups = {g["name"]: g for g in trainer.optimizer.param_groups}
-    assert list(groups) == ["model", "model_no_decay", "stage"]
-    assert [g["weight_decay"] for g in groups.values()] == [0.1, 0.0, 0.1]
+    assert list(groups) == ["model", "model_no_decay"]
+    assert [g["weight_decay"] for g in groups.values()] == [0.1, 0.0]
     names = {id(p): n for n, p in model.named_parameters()}
-    exempt = {n for n in names.values() if n.endswith(".bias") or ".norm" in n}
+    exempt = {f"product.{n}" for n in model.product.no_weight_decay()}
     assert {names[id(p)] for p in groups["model_no_decay"]["params"]} == exempt
     assert {names[id(p)] for p in groups["model"]["params"]} == set(names.values()) - exempt
-    assert len(exempt) > 10 and "encoder.stages.0.patch_embed.norm.weight" in exempt
-    assert groups["stage"]["params"] == [stage.gain]
+    assert len(exempt) > 10 and "product.encoder.stages.0.patch_embed.norm.weight" in exempt and "gain" in {
+        names[id(p)] for p in groups["model"]["params"]}
     # one AdamW step on zero gradients is pure decoupled weight decay: p *= 1 - lr * wd
     params = trainer.trainable_parameters()
     before = [p.detach().clone() for p in params]
@@ -455,50 +427,11 @@ def test_weight_decay_groups(phantom, tmp_path):
     lr = trainer.optimizer.param_groups[0]["lr"]  # warm-up step 0: lr / 2
     assert lr == pytest.approx(0.5e-2)
     for p, old in zip(params, before):
-        expected = old if names.get(id(p)) in exempt else old * (1 - lr * 0.1)
-        assert torch.allclose(p.detach(), expected, rtol=0, atol=1e-7), names.get(id(p), "gain")
-    with pytest.raises(ValueError, match="parameters of the model"):
-        bad = Gain()
-        bad.parameters = lambda: [next(model.parameters())]
-        Trainer(model, bad, cfg, tmp_path, stage_name="teacher")
+        expected = old if names[id(p)] in exempt else old * (1 - lr * 0.1)
+        assert torch.allclose(p.detach(), expected, rtol=0, atol=1e-7), names[id(p)]
 
 
-def test_stage_parameters_train_save_resume_and_survive_replace_model(phantom, tmp_path):
-    cfg = tiny_cfg(phantom, log_images=False)
-    stage = Gain()
-    model = tiny_model()
-    result = fit(model, stage, cfg, tmp_path / "a", stage_name="teacher")
-    assert not torch.equal(stage.gain.detach(), torch.ones(3))  # it trained
-    state = Artifact.load(tmp_path / "a" / LAST).extra["train_state"]
-    assert torch.equal(state["stage_parameters"][0], stage.gain.detach())
-    assert "gain" not in " ".join(Artifact.load(tmp_path / "a" / BEST).state_dict)  # not in the model
-
-    with pytest.raises(KeyboardInterrupt):
-        fit(tiny_model(), Gain(interrupt_after=3), cfg, tmp_path / "b", stage_name="teacher")
-    resumed_stage = Gain()
-    resumed = fit(tiny_model(seed=4), resumed_stage, cfg, tmp_path / "b", stage_name="teacher", resume=True)
-    assert torch.allclose(resumed_stage.gain, stage.gain, atol=1e-6)
-    for k, v in resumed.model.state_dict().items():
-        assert torch.allclose(v, model.state_dict()[k], atol=1e-6), k
-
-    # replace_model: the gain keeps its group, its value and its Adam moments
-    trainer = Trainer(tiny_model(), Gain(), cfg, tmp_path / "c", stage_name="teacher")
-    trainer.train_epoch(0)
-    gain = trainer.stage.gain
-    moments = trainer.optimizer.state[gain]["exp_avg"].clone()
-    trainer.replace_model(tiny_model(seed=5, fuse_dim=24))
-    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
-    assert groups["stage"]["params"] == [gain] and groups["model_no_decay"]["weight_decay"] == 0.0
-    assert torch.equal(trainer.optimizer.state[gain]["exp_avg"], moments)
-    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx(
-        [cfg.train.lr * lr_factor(2, 2, 4, cfg.train.min_lr / cfg.train.lr)] * 3)
-
-
-class GrowAtFirstEpoch(SupervisedStage):
-    """Swaps in a model with a wider decoder after epoch 1, as growth does."""
-
-    rebuild_on_resume = True
-
+class InterruptAfterSteps(SupervisedStage):
     def __init__(self, interrupt_after: int | None = None):
         super().__init__()
         self.calls, self.interrupt_after = 0, interrupt_after
@@ -509,31 +442,34 @@ class GrowAtFirstEpoch(SupervisedStage):
             raise KeyboardInterrupt
         return super().loss(model, batch)
 
-    def on_epoch_end(self, trainer, epoch, val_metrics):
-        if epoch == 0:
-            with torch.random.fork_rng():
-                trainer.replace_model(tiny_model(seed=5, fuse_dim=24))
-        return False
 
-
-def test_resume_rebuilds_a_model_that_grew(phantom, tmp_path):
+def test_a_training_wrapper_trains_saves_and_resumes_but_only_its_product_ships(phantom, tmp_path):
     cfg = tiny_cfg(phantom, log_images=False)
-    straight = fit(tiny_model(), GrowAtFirstEpoch(), cfg, tmp_path / "a", stage_name="grown")
-    assert straight.model.spec.fuse_dim == 24
-    with pytest.raises(KeyboardInterrupt):  # dies in epoch 2, after growing
-        fit(tiny_model(), GrowAtFirstEpoch(interrupt_after=3), cfg, tmp_path / "b", stage_name="grown")
-    assert Artifact.load(tmp_path / "b" / LAST).spec["fuse_dim"] == 24
-    given = tiny_model()  # the spec the run started with: rebuilt from last.pt instead
-    resumed = fit(given, GrowAtFirstEpoch(), cfg, tmp_path / "b", stage_name="grown", resume=True)
-    assert resumed.model is not given and resumed.model.spec.fuse_dim == 24
-    assert [h["val"]["dice_mean"] for h in resumed.history] == pytest.approx(
-        [h["val"]["dice_mean"] for h in straight.history], abs=1e-6)
-    final = straight.model.state_dict()
-    for k, v in resumed.model.state_dict().items():
-        assert torch.equal(v, final[k]), k  # fp32, same kernels and threads: bit for bit
-    # without the flag the spec must match
-    with pytest.raises(ArtifactError, match="architecture.*fuse_dim"):
-        fit(tiny_model(), SupervisedStage(), cfg, tmp_path / "b", stage_name="grown", resume=True)
+    model = Gain(tiny_model())
+    result = fit(model, SupervisedStage(), cfg, tmp_path / "a", stage_name="teacher")
+    assert not torch.equal(model.gain.detach(), torch.ones(3))  # it trained
+    assert result.model is model.product
+    state = Artifact.load(tmp_path / "a" / LAST).extra["train_state"]
+    assert torch.equal(state["model"]["gain"], model.gain.detach())
+    best = Artifact.load(tmp_path / "a" / BEST)
+    assert set(best.state_dict) == set(model.product.state_dict())  # the product only
+    build_model(best)  # strict: rebuilds as a plain model
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(Gain(tiny_model()), InterruptAfterSteps(3), cfg, tmp_path / "b", stage_name="teacher")
+    resumed_model = Gain(tiny_model(seed=4))
+    fit(resumed_model, SupervisedStage(), cfg, tmp_path / "b", stage_name="teacher", resume=True)
+    assert torch.allclose(resumed_model.gain, model.gain, atol=1e-6)
+    for k, v in resumed_model.state_dict().items():
+        assert torch.allclose(v, model.state_dict()[k], atol=1e-6), k
+    with pytest.raises(ArtifactError, match="no training wrapper state"):  # a plain run's last.pt
+        fit(Gain(tiny_model()), SupervisedStage(), cfg, tmp_path / "a2", stage_name="teacher",
+            resume=_plain_last(phantom, tmp_path / "a2"))
+
+
+def _plain_last(phantom, out: Path) -> bool:
+    fit(tiny_model(), SupervisedStage(), tiny_cfg(phantom, epochs=1, log_images=False), out, stage_name="teacher")
+    return True
 
 
 def test_crops_the_model_cannot_train_on_are_rejected_early():

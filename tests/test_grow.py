@@ -10,15 +10,16 @@ from brats.phantom import write_phantom_dataset
 from common.artifact import Artifact, ArtifactError
 from common.config import Config, ConfigError, GrowConfig
 from compress.grow import (
+    GROWN,
     GradientScorer,
-    GrowStage,
-    GrowthSchedule,
     check_config,
     dice_stalled,
+    gradient_scores,
+    grow_step,
     grown_width,
     growable_units,
-    is_plateau,
     main,
+    phase_decision,
     parse_count,
     select_units,
     spec_params,
@@ -29,7 +30,8 @@ from compress.grow import (
     unit_width,
     widen,
 )
-from engine.loop import Stage, SupervisedStage, fit
+from engine.loop import LAST, Stage, SupervisedStage, TrainingWrapper
+from engine.runner import StageDef, run_stage
 from model.layers import LowRankConv3d, LowRankLinear
 from model.macs import count_macs
 from model.refineformer3d import ModelSpec, RefineFormer3D, count_params, get_module, model_from_spec
@@ -152,18 +154,18 @@ def _unit_push_loss(model, unit: str, weight: float) -> torch.Tensor:
 def test_scorer_ranks_the_unit_with_the_largest_gradient():
     model = tiny("refine")
     units = growable_units(model.spec)
-    scorer = GradientScorer(units, window=3)
+    scorer = GradientScorer(units)
     scorer.bind(model)
     for target in ["fuse_dim", "mlp_hidden.2.0", "mlp_hidden.2.0", "mlp_hidden.2.0"]:
         model.zero_grad(set_to_none=True)
         _unit_push_loss(model, target, 10.0).backward()
         scorer.record()
     scores = scorer.scores()
-    # the window (3) forgot the fuse_dim step: every kept step pushed mlp_hidden.2.0 with gradient 10
+    # three of four steps pushed mlp_hidden.2.0 with gradient 10 (mean squared gradient 100 * 3/4)
     assert max(scores, key=scores.get) == "mlp_hidden.2.0"
-    assert scores["mlp_hidden.2.0"] == pytest.approx(100.0, rel=0.05)
-    assert scores["fuse_dim"] < 1.0
-    assert len(scorer.history["fuse_dim"]) == 3
+    assert scores["mlp_hidden.2.0"] == pytest.approx(75.0, rel=0.05)
+    assert scores["fuse_dim"] < 30.0
+    assert len(scorer.history["fuse_dim"]) == 4
 
 
 def test_select_units_respects_top_k_and_budget():
@@ -262,21 +264,6 @@ def test_macs_budget_blocks_a_widening_that_exceeds_it():
 
 
 @pytest.mark.parametrize(
-    "losses, patience, expected",
-    [
-        ([1.0, 0.9], 2, False),  # too short
-        ([1.0, 0.9, 0.8], 2, False),  # 20% better
-        ([1.0, 0.995, 0.999], 2, True),  # < 1% better over 2 epochs
-        ([1.0, 1.02, 1.01], 2, True),  # worse counts as flat
-        ([1.0, 0.995, 0.98], 2, False),  # exactly 2% better in the window
-        ([2.0, 1.0, 0.999], 1, True),  # only the last step counts with patience 1
-    ],
-)
-def test_is_plateau(losses, patience, expected):
-    assert is_plateau(losses, patience, 0.01) is expected
-
-
-@pytest.mark.parametrize(
     "dice, stop_after, expected",
     [
         ([0.5, 0.6], 2, False),  # not enough events yet
@@ -291,24 +278,17 @@ def test_dice_stalled(dice, stop_after, expected):
     assert dice_stalled(dice, 0.002, stop_after) is expected
 
 
-@pytest.mark.parametrize(
-    "steps, expected",
-    [
-        # (loss, dice) per epoch -> actions; patience 2, min_rel 1%, min_delta 0.002, stop_after 2, max_events 2
-        ([(1.0, 0.1), (0.8, 0.2), (0.6, 0.3)], ["train", "train", "train"]),
-        ([(1.0, 0.1), (1.0, 0.2), (1.0, 0.3)], ["train", "train", "grow"]),
-        # after an event the window restarts: two more flat epochs before the next one, Dice fell -> hold
-        ([(1.0, 0.1), (1.0, 0.2), (1.0, 0.3), (1.0, 0.3), (1.0, 0.29)], ["train", "train", "grow", "train", "hold"]),
-        # Dice stalls over two events after the first -> stop
-        ([(1, .3)] * 7, ["train", "train", "grow", "train", "hold", "train", "stop"]),
-        # max_events 2 growths, then the next plateau stops
-        ([(1, .1), (1, .1), (1, .2), (1, .2), (1, .3), (1, .3), (1, .4)],
-         ["train", "train", "grow", "train", "grow", "train", "stop"]),
-    ],
-)
-def test_growth_schedule(steps, expected):
-    schedule = GrowthSchedule(patience=2, min_rel_change=0.01, min_delta=0.002, stop_after=2, max_events=2)
-    assert [schedule.step(loss, dice)[0] for loss, dice in steps] == expected
+def test_phase_decision():
+    g = GrowConfig(min_delta=0.002, stop_after=2, max_events=2)
+    grown, held = {"grown": [1]}, {"grown": []}
+    assert phase_decision([], {"dice": 0.3}, g, epochs_left=4)[0] == "grow"
+    assert phase_decision([{**grown, "dice": 0.3}], {"dice": 0.4}, g, 4)[0] == "grow"
+    # two phases in a row without a 0.002 gain over the best before them
+    assert phase_decision([{**grown, "dice": 0.5}, {**grown, "dice": 0.501}], {"dice": 0.5015}, g, 4) == (
+        "stop", "Dice did not improve by 0.002 over 2 phase(s)")
+    assert phase_decision([{**grown, "dice": 0.1}, {**grown, "dice": 0.2}], {"dice": 0.3}, g, 4)[1] == (
+        "2 growth event(s) done")
+    assert phase_decision([{**held, "dice": 0.1}], {"dice": 0.3}, g, 0) == ("stop", "train.epochs used up")
 
 
 @pytest.mark.parametrize(
@@ -332,15 +312,14 @@ def test_parse_count_rejects_garbage():
         ("budget", "-5k", "grow.budget '-5k' is not a count"),
         ("reference_input", [128, 128], "three positive sizes"),
         ("reference_input", [96, 128, 100], r"\[96, 128, 100\] must be multiples of the model's stride 32"),
+        ("window", 0, "grow.window must be >= 1"),
+        ("patience", 0, "grow.patience must be >= 1"),
     ],
 )
 def test_bad_grow_config_fails_before_training(field, value, message):
     cfg = GrowConfig(**{field: value})
     with pytest.raises(ConfigError, match=message):
         check_config(cfg, tiny("refine").spec)
-    if field != "reference_input" or len(value) != 3:  # the stride check needs the model
-        with pytest.raises(ConfigError, match=message):
-            GrowStage(_Inner(), cfg)
 
 
 class _Inner(Stage):
@@ -354,115 +333,32 @@ class _Inner(Stage):
         return {"kd": 1}
 
 
-class _Trainer:
-    def __init__(self, model):
-        self.model = model
-        self.replaced = []
-
-    def replace_model(self, new):
-        self.model = new
-        self.replaced.append(new)
-
-
-def test_grow_stage_grows_at_a_plateau_and_records_history():
+def test_gradient_scores_pick_what_grow_step_widens_and_the_function_is_kept():
     model = tiny("allmlp")
-    cfg = GrowConfig(top_k=2, factor=2.0, window=4, patience=1, min_rel_change=0.5, max_events=1)
-    stage = GrowStage(_Inner(), cfg)
-    trainer = _Trainer(model)
-    stage.setup(trainer)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    batch = {"image": x_input()}
-    x = batch["image"]
-    actions = []
-    for epoch, dice in enumerate([0.2, 0.3, 0.3]):
-        for _ in range(2):
-            opt.zero_grad()
-            loss, _ = stage.loss(trainer.model, batch)
-            loss.backward()
-            stage.after_backward(trainer)
-        before = trainer.model
-        with torch.no_grad():
-            out_before = before.eval()(x)
-        stop = stage.on_epoch_end(trainer, epoch, {"dice_mean": dice})
-        actions.append(stop)
-        if trainer.model is not before:  # grown: same function, more parameters
-            with torch.no_grad():
-                torch.testing.assert_close(trainer.model.eval()(x), out_before, atol=1e-5, rtol=1e-5)
-            opt = torch.optim.SGD(trainer.model.parameters(), lr=0.0)
-        trainer.model.train()
-    # lr 0: flat loss -> with patience 1 an event at epoch 1 (grow) and epoch 2 (max_events reached -> stop)
-    assert actions == [False, False, True]
-    assert len(trainer.replaced) == 1
-    grown = trainer.model
-    history = stage.artifact_extra()["growth"]
-    assert stage.artifact_extra()["kd"] == 1
-    assert [(e["epoch"], e["action"]) for e in history] == [(1, "grow"), (2, "stop")]
-    event = history[0]
-    assert len(event["grown"]) == 2 and event["params"] == count_params(model)
-    assert event["params_after"] == count_params(grown)
-    for g in event["grown"]:
-        assert unit_width(grown.spec, g["unit"]) == g["new"] > g["old"] == unit_width(model.spec, g["unit"])
-    assert stage.artifact_spec(grown) == grown.spec.to_dict()
-    # the scorer follows the new model, and the units grown were the two best scored before growth
-    assert stage.scorer.model is grown
-    scores = event["scores"]
+    cfg = GrowConfig(top_k=2, factor=2.0)
+    batches = [{"image": x_input()} for _ in range(2)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = gradient_scores(model, model, _Inner(), batches)
+    assert set(scores) == set(growable_units(model.spec)) and max(scores.values()) > 0
+    assert all(p.grad is None for p in model.parameters())  # no step, no gradient left behind
+    growth = grow_step(model, cfg, scores)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the input is unchanged
+    grown = growth.model
     # default cost "macs": ranked by score per multiply-add of an added channel at 128^3
     per_mac = {u: s / unit_macs(model.spec, u, (128, 128, 128)) for u, s in scores.items()}
-    assert [g["unit"] for g in event["grown"]] == sorted(per_mac, key=per_mac.get, reverse=True)[:2]
-    assert [g["macs_per_channel"] for g in event["grown"]] == [unit_macs(model.spec, g["unit"], (128,) * 3)
-                                                             for g in event["grown"]]
-    assert scores[event["grown"][0]["unit"]] > 0
-    assert event["gmacs"] == spec_macs(model.spec, (128,) * 3) / 1e9
-    assert event["gmacs_after"] == spec_macs(grown.spec, (128,) * 3) / 1e9 > event["gmacs"]
-    assert len(stage.scorer.history[event["grown"][0]["unit"]]) == 2  # the window restarted: one epoch since growth
-    state = copy.deepcopy(stage.state_dict())
-    other = GrowStage(_Inner(), cfg)
-    other.load_state_dict(state)
-    assert other.history == history and other.schedule.growths == 1
+    assert [u for u, _, _ in growth.grown] == sorted(per_mac, key=per_mac.get, reverse=True)[:2]
+    for unit, old, new in growth.grown:
+        assert unit_width(grown.spec, unit) == new > old == unit_width(model.spec, unit)
+    x = x_input()
+    with torch.no_grad():
+        torch.testing.assert_close(grown.eval()(x), model.eval()(x), atol=1e-5, rtol=1e-5)
+    full = GrowConfig(top_k=2, factor=2.0, budget=str(count_params(model)))
+    assert grow_step(model, full, scores).grown == [] and grow_step(model, full, scores).model is model
 
 
 def test_main_reports_missing_artifact(tmp_path):
     with pytest.raises(ArtifactError, match="nope.pt"):
         main([str(tmp_path / "nope.pt"), "--out", str(tmp_path / "out"), "--config", "configs/grow.yaml"])
-
-
-def test_grow_stage_state_survives_last_pt_and_a_rebuilt_model(tmp_path):
-    """What a resumed run needs: schedule, history, score window, pending losses and the growth
-    noise generator round-trip through a weights-only checkpoint, and a rebuilt model keeps the window."""
-    model = tiny("refine")
-    cfg = GrowConfig(window=4, patience=2, min_rel_change=0.5)
-    stage = GrowStage(_Inner(), cfg, seed=5)
-    trainer = _Trainer(model)
-    stage.setup(trainer)
-    batch = {"image": x_input()}
-    for _ in range(3):
-        model.zero_grad()
-        stage.loss(trainer.model, batch)[0].backward()
-        stage.after_backward(trainer)
-    assert stage.on_epoch_end(trainer, 0, {"dice_mean": 0.1}) is False  # one loss: no event yet
-    stage.loss(trainer.model, batch)  # a step into the next epoch: a pending loss
-    torch.randn(3, generator=stage.gen)  # advance the generator (as a growth event does)
-    torch.save(stage.state_dict(), tmp_path / "state.pt")
-    state = torch.load(tmp_path / "state.pt", weights_only=True)
-
-    other = GrowStage(_Inner(), cfg, seed=0)
-    other.load_state_dict(state)  # before setup, as the engine does when it rebuilds the model
-    rebuilt = model_from_spec(model.spec.to_dict())
-    rebuilt.load_state_dict(model.state_dict())
-    other.setup(_Trainer(rebuilt))
-    assert other.scorer.model is rebuilt
-    assert other.scorer.scores() == stage.scorer.scores() and max(stage.scorer.scores().values()) > 0
-    assert len(other.scorer.history["refine_dim"]) == 3
-    assert other._losses == stage._losses and len(other._losses) == 1
-    assert other.schedule.losses == stage.schedule.losses and len(other.schedule.losses) == 1
-    assert torch.equal(torch.randn(5, generator=other.gen), torch.randn(5, generator=stage.gen))
-    # loaded into a stage that already scores a model: the window is replaced, then kept on rebinding
-    third = GrowStage(_Inner(), cfg)
-    third.setup(_Trainer(tiny("refine", seed=1)))
-    third.load_state_dict(state)
-    third._bind(rebuilt)
-    assert third.scorer.scores() == stage.scorer.scores()
-    assert GrowStage.rebuild_on_resume is True
 
 
 class _InterruptAfter(Stage):
@@ -478,40 +374,74 @@ class _InterruptAfter(Stage):
         return self.sup.loss(model, batch)
 
 
-def test_resumed_growth_run_matches_an_uninterrupted_one(tmp_path):
-    """Grow at epochs 2 and 3 of 3; killed in epoch 3 (after one growth), the resumed run rebuilds
-    the grown model from last.pt and ends where the straight run ends: same units, same weights."""
+class _Killable(Stage):
+    """Supervised loss; a kill (KeyboardInterrupt) on loss call `n + 1` of the whole run."""
+
+    def __init__(self, counter: list, n: int | None = None):
+        self.sup, self.n, self.counter = SupervisedStage(), n, counter
+
+    def loss(self, model, batch):
+        self.counter.append(1)
+        if self.n is not None and len(self.counter) > self.n:
+            raise KeyboardInterrupt
+        return self.sup.loss(model, batch)
+
+
+class _FlatValidation(TrainingWrapper):
+    """Validation Dice never moves (all-background logits in eval), so with patience 1 every phase
+    ends after one epoch and its best epoch is its start."""
+
+    def forward(self, x):
+        return self.product(x) if self.training else torch.zeros(x.shape[0], 3, *x.shape[2:])
+
+
+def test_growth_is_fits_around_widenings_and_a_killed_run_resumes_exactly(tmp_path):
+    """Three one-epoch phases, growth after the first two; killed in phase 1, the resumed run finds
+    the grown model in phase1/last.pt and ends where the straight run ends: same units, same weights."""
     write_phantom_dataset(tmp_path / "data", cases=4, val_cases=0, shape=(48, 48, 32), seed=0)
     cfg = Config()
     cfg.data.dir, cfg.data.crop, cfg.data.val_fraction, cfg.data.max_val_cases = str(tmp_path / "data"), [32] * 3, 0.5, 1
     t = cfg.train
     t.window, t.overlap, t.sw_batch, t.threads, t.amp = [32] * 3, 0.25, 1, 1, "off"  # pinned: exact resume
     t.epochs, t.steps_per_epoch, t.batch_size, t.warmup_epochs, t.lr = 3, 2, 2, 0, 3e-3
-    # every validated epoch after the first is a plateau, every event may grow: growth at epochs 2 and 3
-    grow = GrowConfig(top_k=1, window=4, patience=1, min_rel_change=10.0, min_delta=-1.0, max_events=2,
-                      reference_input=[32, 32, 32])
-
-    def micro() -> RefineFormer3D:
-        torch.manual_seed(0)
-        return RefineFormer3D(ModelSpec(embed_dims=[8, 16, 16, 16], num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1],
-                                        decoder_dim=8, fuse_dim=8, refine_dim=4))
+    t.val_at_start, t.log_images = True, False
+    cfg.grow = GrowConfig(top_k=1, window=2, patience=1, min_delta=-1.0, max_events=2, reference_input=[32] * 3)
+    torch.manual_seed(0)
+    micro = RefineFormer3D(ModelSpec(embed_dims=[8, 16, 16, 16], num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1],
+                                     decoder_dim=8, fuse_dim=8, refine_dim=4))
+    Artifact(stage="student", spec=micro.spec.to_dict(), state_dict=micro.state_dict(),
+             config={"data": {"scheme": "regions"}}).save(tmp_path / "student.pt")
 
     def run(out, n=None, resume=False):
-        stage = GrowStage(_InterruptAfter(n), grow, seed=0)
-        return fit(micro(), stage, cfg, tmp_path / out, stage_name="grown", resume=resume), stage
+        counter: list = []
+        stage = StageDef("grown", step=GROWN.step, finetune=lambda m, ctx: (_FlatValidation(m), _Killable(counter, n)),
+                         train=GROWN.train, finish=GROWN.finish, check=GROWN.check, resume_file=GROWN.resume_file)
+        return run_stage(tmp_path / "student.pt", stage, copy.deepcopy(cfg), tmp_path / out, resume=resume)
 
-    straight, s_stage = run("straight")
-    with pytest.raises(KeyboardInterrupt):
-        run("resumed", n=5)  # dies in epoch 3
-    last = Artifact.load(tmp_path / "resumed" / "last.pt")
-    assert last.extra["train_state"]["epoch"] == 2 and len(last.extra["growth"]) == 1
-    resumed, r_stage = run("resumed", resume=True)
-    grown = [[g["unit"] for g in e["grown"]] for e in s_stage.history]
-    assert len(grown) == 2 and all(len(g) == 1 for g in grown)
-    assert [[g["unit"] for g in e["grown"]] for e in r_stage.history] == grown
-    assert resumed.model.spec == straight.model.spec != micro().spec
-    final = straight.model.state_dict()
-    for k, v in resumed.model.state_dict().items():
-        assert torch.equal(v, final[k]), k  # fp32, same kernels and threads: bit for bit
-    assert [h["val"]["dice_mean"] for h in resumed.history] == pytest.approx(
-        [h["val"]["dice_mean"] for h in straight.history], abs=1e-6)
+    straight = run("straight")
+    events = straight.extra["growth"]
+    assert [(e["event"], e["epochs"], e["action"]) for e in events] == [(0, 1, "grow"), (1, 1, "grow"), (2, 1, "stop")]
+    assert all(len(e["grown"]) == 1 for e in events[:2]) and events[2]["reason"] == "2 growth event(s) done"
+    # validation Dice tied across phases: the earliest (smallest) best epoch is kept
+    assert ModelSpec.from_dict(straight.spec) == micro.spec
+    assert straight.metrics["params_after"] == straight.metrics["params_before"]
+    last = {run: Artifact.load(tmp_path / run / "phase2" / LAST) for run in ("straight",)}
+    assert ModelSpec.from_dict(last["straight"].spec) != micro.spec  # phase 2 trained the twice-grown model
+    assert count_params(model_from_spec(last["straight"].spec)) == events[1]["params_after"]
+    assert sorted(p.name for p in (tmp_path / "straight").iterdir()) == [
+        "grown.pt", "growth.json", "phase0", "phase1", "phase2"]
+    assert (tmp_path / "straight" / "phase1" / "start.pt").is_file()
+
+    with pytest.raises(KeyboardInterrupt):  # phase 0: 2 steps + 2 scoring passes; dies in phase 1's epoch
+        run("resumed", n=5)
+    assert (tmp_path / "resumed" / "phase1" / LAST).is_file() and not (tmp_path / "resumed" / "phase2").exists()
+    resumed = run("resumed", resume=True)
+    assert [[g["unit"] for g in e["grown"]] for e in resumed.extra["growth"]] == [
+        [g["unit"] for g in e["grown"]] for e in events]
+    final = Artifact.load(tmp_path / "resumed" / "phase2" / LAST)
+    assert final.spec == last["straight"].spec
+    for k, v in final.state_dict.items():
+        assert torch.equal(v, last["straight"].state_dict[k]), k  # fp32, same kernels and threads: bit for bit
+    assert [e["dice"] for e in resumed.extra["growth"]] == pytest.approx([e["dice"] for e in events], abs=1e-6)
+    with pytest.raises(ArtifactError, match="nothing to resume"):
+        run("never", resume=True)

@@ -144,8 +144,6 @@ def test_rotations_stay_in_the_axial_plane_by_default():
 
 
 def test_perturbation_warms_up_from_clean():
-    from types import SimpleNamespace
-
     from common.config import Config
     from student.distill import DistillStage
     from model.refineformer3d import RefineFormer3D, preset_spec
@@ -158,6 +156,6 @@ def test_perturbation_warms_up_from_clean():
     assert stage.perturb_config().prob == 0.8  # outside the engine: no epoch, no ramp
     probs = []
     for epoch in range(6):
-        stage.trainer = SimpleNamespace(epoch=epoch)
+        stage.set_epoch(epoch)  # the engine calls it before each epoch
         probs.append(stage.perturb_config().prob)
     assert probs == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 0.8])

@@ -48,7 +48,7 @@ def pipeline(tmp_path_factory):
     run("-m", "compress.lowrank", str(runs / "student/student.pt"), "--config", "configs/demo/lowrank.yaml",
         "--ratio", "0.5", "--out", str(runs / "lowrank"), *common)
     run("-m", "compress.grow", str(runs / "lowrank/lowrank.pt"), "--config", "configs/demo/grow.yaml",
-        "--out", str(runs / "grow"), *common, *sets("train.epochs=2", "grow.budget=null", "grow.min_rel_change=10"))
+        "--out", str(runs / "grow"), *common, *sets("train.epochs=2", "grow.budget=null", "grow.patience=1"))
     run("quantize.py", str(runs / "grow/grown.pt"), "--config", "configs/demo/quantize.yaml", "--out", str(runs / "int8"),
         *common, *sets("quant.decide=all", "quant.calib=1", "quant.input=[32,32,32]"))
     run("predict.py", str(runs / "int8/int8.pt"), "--input", str(data / "Brats17ValidationData"),

@@ -12,7 +12,8 @@ from common.config import Config
 from compress.quant.convert import convert
 from compress.quant.lsq import QUANT_LAYERS
 from compress.quant.qat import is_quantizer_param, qat_spec
-from compress.quant.stage import QATSupervisedStage, quantize_step, run_quantize
+from compress.quant.stage import quantize_step, run_quantize
+from engine.loop import artifact_spec, no_decay_parameters
 from engine.loop import LAST, best_epoch
 from model.refineformer3d import ModelSpec, RefineFormer3D
 
@@ -46,12 +47,12 @@ def tiny_qat(decoder="refine", reassoc=True, act_qmax=127, force=None):
 ])
 def test_qat_checkpoint_rebuilds_the_fake_quant_model(tmp_path, decoder, reassoc, act_qmax, force):
     qat, rows = tiny_qat(decoder, reassoc, act_qmax, force)
-    stage = QATSupervisedStage()
     x = torch.randn(SHAPE)
     with torch.no_grad():
         expected = qat(x)
-    spec = stage.artifact_spec(qat)
-    Artifact(stage="int8-qat", spec=spec, state_dict=stage.artifact_state(qat)).save(tmp_path / "best.pt")
+    spec = artifact_spec(qat)  # what the engine records: the fake-quant model describes itself
+    assert spec["kind"] == "int8-qat"
+    Artifact(stage="int8-qat", spec=spec, state_dict=qat.state_dict()).save(tmp_path / "best.pt")
 
     art = Artifact.load(tmp_path / "best.pt")  # weights_only=True
     rebuilt = build_model(art)  # strict load
@@ -88,11 +89,11 @@ def test_wrong_weights_for_a_qat_spec_are_refused(tmp_path):
 
 def test_lsq_steps_get_no_weight_decay():
     qat, rows = tiny_qat()
-    stage = QATSupervisedStage()
-    no_decay = [n for n, p in qat.named_parameters() if stage.no_weight_decay(n, p)]
+    exempt = no_decay_parameters(qat)  # what the engine's AdamW groups exempt
+    no_decay = [n for n, p in qat.named_parameters() if id(p) in exempt]
     assert len(no_decay) == 3 * len(rows) - 3  # w_fq, in_fq, out_fq steps of every INT8 layer (all but the head)
     assert all(n.endswith(("w_fq.step", "in_fq.step", "out_fq.step")) for n in no_decay)
-    assert not stage.no_weight_decay("decoder.refine_pw.weight", qat.decoder.refine_pw.weight)
+    assert id(qat.decoder.refine_pw.weight) not in exempt
     assert is_quantizer_param("module.encoder.stages.0.blocks.0.attn.q.in_fq.zero_point")  # DDP prefix
     assert not is_quantizer_param("decoder.fuse_bias")
 

@@ -259,7 +259,7 @@ def test_lowrank_section_rule_line_and_layer_table():
 def test_growth_section_events_and_units():
     (table,) = growth_section(GROWTH)
     lines = table.splitlines()
-    assert lines[0] == "| event | epoch | action | reason | Dice mean | params | units grown (old->new) |"
+    assert lines[0] == "| phase | last epoch | action | reason | best Dice mean | params | units grown (old->new) |"
     assert lines[2:] == GROWTH_ROWS
 
 

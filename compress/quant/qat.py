@@ -10,8 +10,9 @@ Their spec names everything needed to rebuild it before loading the weights stri
 (`prepare_float`), then `quantize_` of exactly `quant_layers`. Calibration is not replayed: the
 steps, zero points and ranges are all in the state_dict.
 
-`QATHooks` is the Stage mixin of the QAT fine-tune: that spec for every checkpoint, and no weight
-decay on the quantizers' parameters (decaying a step size shrinks the quantisation range for no reason).
+The fake-quant model is a `QATRefineFormer3D`, so the engine trains it like any model: it describes
+itself with that spec (`artifact_spec`), and names its quantizers' parameters in `no_weight_decay`
+(decaying a step size shrinks the quantisation range for no reason).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from torch import nn
 from common.artifact import register_builder
 from compress.quant.convert import prepare_float
 from compress.quant.lsq import QUANT_LAYERS, LSQConfig, quantizable, quantize_
-from model.refineformer3d import model_from_spec as fp32_from_spec
+from model.refineformer3d import ModelSpec, RefineFormer3D
 from model.rewrites import ReassociatedDecoder, bn_pairs
 
 KIND = "int8-qat"
@@ -66,10 +67,29 @@ def qat_spec(model: nn.Module) -> dict[str, Any]:
     }
 
 
+class QATRefineFormer3D(RefineFormer3D):
+    """A RefineFormer3D made for fake quantisation (`as_qat_model`, then `prepare_float` + `quantize_`):
+    an artifact of it is kind "int8-qat", and its quantizers train without weight decay."""
+
+    def artifact_spec(self) -> dict[str, Any]:
+        return qat_spec(self)
+
+    def no_weight_decay(self) -> set[str]:
+        return {name for name, _ in self.named_parameters() if is_quantizer_param(name)}
+
+
+def as_qat_model(model: RefineFormer3D) -> QATRefineFormer3D:
+    """A `QATRefineFormer3D` copy of an FP32 `model` (same spec, weights, device and mode)."""
+    qat = QATRefineFormer3D(model.spec)
+    qat.load_state_dict(model.state_dict())
+    ref = next(model.parameters())
+    return qat.to(device=ref.device, dtype=ref.dtype).train(model.training)
+
+
 @register_builder("int8-qat")
 def model_from_spec(spec: dict[str, Any]) -> nn.Module:
     """Builder for kind "int8-qat": FP32 base, the exact rewrites, LSQ layers (values to be loaded)."""
-    model = prepare_float(fp32_from_spec(spec["base"]), reassoc=spec.get("reassoc", True))
+    model = prepare_float(QATRefineFormer3D(ModelSpec.from_dict(spec["base"])), reassoc=spec.get("reassoc", True))
     lsq = dict(spec.get("lsq", {}))
     cfg = LSQConfig(**{**lsq, "final": set(lsq.get("final", ()))})
     wanted = list(spec["quant_layers"])
@@ -85,17 +105,3 @@ def model_from_spec(spec: dict[str, Any]) -> nn.Module:
 def is_quantizer_param(name: str) -> bool:
     """True for a FakeQuant's step (and zero point / range, should they ever become parameters)."""
     return name.rsplit(".", 1)[-1] in QUANTIZER_FIELDS
-
-
-class QATHooks:
-    """Stage mixin for fine-tuning a fake-quant model: self-describing checkpoints, no decay on steps.
-
-        class QATSupervisedStage(QATHooks, SupervisedStage): ...
-    """
-
-    def artifact_spec(self, model: nn.Module) -> dict:
-        return qat_spec(model)
-
-    def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
-        base = getattr(super(), "no_weight_decay", None)  # the engine's default (e.g. biases, norms), if any
-        return is_quantizer_param(name) or bool(base is not None and base(name, param))

@@ -25,27 +25,15 @@ from compress.quant.convert import convert, int8_spec, prepare_float, set_engine
 from compress.quant.decide import decide, format_table, int8_layers
 from compress.quant.lsq import LSQConfig, calibrate, quantize_
 from compress.quant.onnx_export import OrtModel, export_onnx, onnx_spec
-from compress.quant.qat import KIND as QAT_KIND, QATHooks
+from compress.quant.qat import KIND as QAT_KIND, as_qat_model
 from engine.loop import LAST, Stage, SupervisedStage
 from engine.runner import StageContext, StageDef, run_stage
 from model.rewrites import final_layer
-from student.distill import DistillStage
+from student.distill import distill_trainer
 
 STAGE = "int8"
 BACKENDS = ("torch", "onnxruntime")
 QAT_DIR = "qat"  # the QAT fine-tune's last.pt (resumable, carries the best epoch), under <out>
-
-
-class QATDistillStage(QATHooks, DistillStage):
-    """Distillation from the lineage's teacher, for a fake-quant student."""
-
-    name = "int8-qat-distill"
-
-
-class QATSupervisedStage(QATHooks, SupervisedStage):
-    """Supervised fine-tune of a fake-quant model (no teacher in the lineage)."""
-
-    name = "int8-qat"
 
 
 def input_shape(cfg: Config) -> tuple[int, ...]:
@@ -59,7 +47,7 @@ def quantize_step(model: nn.Module, cfg: Config, calib: Iterable[torch.Tensor], 
                   shape: tuple[int, ...] | None = None) -> tuple[nn.Module, list[dict]]:
     """Pure model surgery: (float model) -> (calibrated fake-quant model, decision rows)."""
     q = cfg.quant
-    model = prepare_float(model, reassoc=q.reassoc)  # a rewritten copy
+    model = prepare_float(as_qat_model(model), reassoc=q.reassoc)  # a rewritten copy that describes itself
     rows = decide(model, shape or input_shape(cfg), q.decide, q.force, runs=q.bench_runs, min_speedup=q.min_speedup,
                   progress=progress, final={final_layer(model)})
     chosen = set(int8_layers(rows))
@@ -104,14 +92,14 @@ def qat_step(fp32: nn.Module, ctx: StageContext) -> nn.Module:
     return qat
 
 
-def qat_trainer(qat: nn.Module, ctx: StageContext) -> Stage:
+def qat_trainer(qat: nn.Module, ctx: StageContext) -> tuple[nn.Module, Stage]:
     """Distillation from the lineage's teacher (supervised when there is none), for a fake-quant model."""
     cfg = ctx.cfg
     if ctx.teacher_path:
-        return QATDistillStage(ctx.teacher(), cfg, perturb=cfg.distill.perturb_input)
+        return distill_trainer(qat, ctx)
     if ctx.dist.main:
         print("no teacher in the lineage (quant.teacher unset): supervised QAT fine-tune")
-    return QATSupervisedStage(cfg.data.scheme, cfg.train.dice_weight, cfg.train.ce_weight)
+    return qat, SupervisedStage(cfg.data.scheme, cfg.train.dice_weight, cfg.train.ce_weight)
 
 
 def to_int8(backend: str):
