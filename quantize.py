@@ -11,8 +11,8 @@ in FP32 and INT8 at its real input shape on this CPU and runs INT8 only where th
 (quant.decide: measure | all | none | table; quant.force overrides); the chosen layers get LSQ fake
 quantisation, calibrated, then a few epochs of distillation from the lineage's teacher; finally
 real INT8 layers (PyTorch quantized kernels) or a QDQ ONNX graph with the learned scales.
-Writes <out>/int8.pt with the per-layer decision table in extra["int8"] and the INT8 model's
-validation Dice in its metrics; the QAT fine-tune's checkpoint <out>/qat/last.pt (kind "int8-qat",
+Writes <out>/int8.pt with the per-layer decision table in extra["int8"] (shown by report.py, and
+here with --verbose) and the INT8 model's validation Dice in its metrics; the QAT fine-tune's checkpoint <out>/qat/last.pt (kind "int8-qat",
 resumable with --resume) carries its best epoch (engine.loop.best_epoch rebuilds it).
 """
 from __future__ import annotations
@@ -32,6 +32,8 @@ def main() -> int:
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default=None, help="default: quant.backend")
     p.add_argument("--calib", type=int, default=None, help="calibration crops (default: quant.calib)")
     p.add_argument("--resume", action="store_true", help="continue the QAT fine-tune from <out>/qat/last.pt")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print the per-layer INT8/FP32 decision table (always stored in the artifact and report)")
     p.add_argument("--strict", action="store_true",
                    help="exit 3 when a region's Dice falls more than guard.max_region_drop below the FP32 model's")
     args = p.parse_args()
@@ -49,7 +51,8 @@ def main() -> int:
     from compress.quant.stage import run_quantize
     from engine.runner import exit_code
 
-    path = run_quantize(args.artifact, cfg, out, backend=backend, resume=args.resume, data_given=data_given(args))
+    path = run_quantize(args.artifact, cfg, out, backend=backend, resume=args.resume, data_given=data_given(args),
+                        verbose=args.verbose)
     return exit_code(Artifact.load(path))
 
 

@@ -125,3 +125,27 @@ def test_module_commands_run_from_any_folder(elsewhere):
     out = subprocess.run([sys.executable, "-m", "brats.phantom", "--help"], cwd=elsewhere, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "usage: python -m brats.phantom" in out.stdout
+
+
+def test_quantize_prints_a_summary_and_keeps_the_layer_table_in_the_artifact(elsewhere):
+    data = elsewhere / "brats"
+    write_phantom_dataset(data, cases=2, val_cases=0, shape=(40, 40, 32), seed=0)
+    tiny_artifact(elsewhere / "student.pt", stage="student", data={"dir": str(data), "val_fraction": 0.5})
+    small = ["data.crop=[32,32,32]", "train.window=[32,32,32]", "train.sw_batch=1", "train.threads=1", "train.amp=off",
+             "train.epochs=0", "quant.decide=all", "quant.calib=1", "quant.input=[32,32,32]"]
+    args = ("quantize.py", "student.pt", "--out", "int8", *[a for s in small for a in ("--set", s)])
+    out = run(elsewhere, *args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    art = Artifact.load(elsewhere / "int8" / "int8.pt")
+    rows = art.extra["int8"]["decisions"]
+    n_int8 = len(art.extra["int8"]["int8_layers"])
+    assert len(rows) > n_int8 > 0 and {"layer", "fp32_ms", "int8_ms", "choice", "why"} <= set(rows[0])
+    assert f"int8: {n_int8} of {len(rows)} layers INT8, {len(rows) - n_int8} FP32 (torch backend" in out.stdout
+    dice, fp32 = art.metrics["dice_mean"], art.metrics["fp32_dice_mean"]
+    assert f"int8: dice_mean {dice:.4f} INT8 vs {fp32:.4f} FP32, on the same 1 validation case(s)" in out.stdout
+    assert f"int8: wrote {(elsewhere / 'int8' / 'int8.pt').resolve()}, " in out.stdout and "MB (FP32 source " in out.stdout
+    assert "fp32 ms" not in out.stdout + out.stderr  # the table's header
+    assert not any(r["layer"] in out.stdout + out.stderr for r in rows)
+    out = run(elsewhere, *args, "--overwrite", "--verbose")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "fp32 ms" in out.stdout and all(r["layer"] in out.stdout for r in rows)
