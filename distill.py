@@ -48,5 +48,10 @@ def main() -> int:
     return exit_code(art)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `rf3d-distill` console script: user errors are one line and exit 2."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -56,5 +56,10 @@ def main() -> int:
     return exit_code(Artifact.load(path))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `rf3d-quantize` console script: user errors are one line and exit 2."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

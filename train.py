@@ -42,5 +42,10 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `rf3d-train` console script: user errors are one line and exit 2."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -838,5 +838,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return exit_code(art)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `rf3d-grow` console script: user errors are one line and exit 2."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

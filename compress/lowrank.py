@@ -22,7 +22,6 @@ the best epoch, so a fine-tune that does not help on validation is not kept
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -444,5 +443,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return exit_code(art)
 
 
+def cli() -> None:
+    """The `rf3d-lowrank` console script: user errors are one line and exit 2."""
+    run_main(main)
+
+
 if __name__ == "__main__":
-    run_main(lambda: main(sys.argv[1:]))
+    cli()

@@ -1,5 +1,6 @@
 """The commands as a user types them, from a folder outside the project: checks before any work,
 nothing overwritten, project defaults found from anywhere."""
+import importlib
 import os
 import subprocess
 import sys
@@ -149,3 +150,46 @@ def test_quantize_prints_a_summary_and_keeps_the_layer_table_in_the_artifact(els
     out = run(elsewhere, *args, "--overwrite", "--verbose")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "fp32 ms" in out.stdout and all(r["layer"] in out.stdout for r in rows)
+
+
+def console_scripts() -> dict[str, str]:
+    """name -> "module:function" from pyproject.toml's [project.scripts]."""
+    return pyproject()["project"]["scripts"]
+
+
+def pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_every_command_has_a_console_script_that_resolves(tmp_path):
+    scripts = console_scripts()
+    setuptools = pyproject()["tool"]["setuptools"]
+    installed = set(setuptools["packages"]) | set(setuptools["py-modules"])
+    commands = {str(p.relative_to(ROOT).with_suffix("")).replace(os.sep, ".") for p in ROOT.rglob("*.py")
+                if p.relative_to(ROOT).parts[0] not in ("bench", "scripts", "tests", ".venv")
+                and 'if __name__ == "__main__":' in p.read_text()}
+    targets = {}
+    for name, target in scripts.items():
+        assert name.startswith("rf3d-"), name
+        module, _, function = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), function)), target
+        assert module in installed or module.rpartition(".")[0] in installed, f"{module} is not installed"
+        targets[module] = name
+    assert set(targets) == commands and len(commands) == 11  # one script per command, none left out
+    # each as its console script calls it (sys.exit(function())), with --help, from a folder outside the project
+    probe = """import contextlib, importlib, io, sys
+for name, target in [arg.split("=") for arg in sys.argv[1:]]:
+    module, function = target.split(":")
+    sys.argv, out = [name, "--help"], io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            code = getattr(importlib.import_module(module), function)()
+        except SystemExit as e:
+            code = e.code
+    assert code in (0, None) and out.getvalue().startswith("usage: "), (name, code, out.getvalue()[:200])
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", probe, *(f"{k}={v}" for k, v in scripts.items())], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
