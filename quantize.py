@@ -26,10 +26,12 @@ from common.cli import config_from_args, data_given, out_dir, run_main, stage_pa
 
 
 def main() -> int:
-    p = stage_parser("quantize.py", __doc__, default_config="configs/quantize.yaml")
+    p = stage_parser("quantize.py", __doc__, default_config="configs/quantize.yaml", default_out="runs/int8")
     p.add_argument("artifact", help="FP32 artifact to quantize (student, lowrank or grown)")
     p.add_argument("--epochs", type=int, default=None, help="QAT epochs (default: train.epochs; 0: calibration only)")
-    p.add_argument("--backend", choices=["torch", "onnxruntime"], default=None, help="default: quant.backend")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default=None,
+                   help="torch: real INT8 layers run by PyTorch (int8.pt); onnxruntime: a QDQ ONNX graph for ONNX "
+                        "Runtime (int8.onnx and fp32.onnx beside int8.pt) (default: quant.backend, torch)")
     p.add_argument("--calib", type=int, default=None, help="calibration crops (default: quant.calib)")
     p.add_argument("--resume", action="store_true", help="continue the QAT fine-tune from <out>/qat/last.pt")
     p.add_argument("--verbose", action="store_true",
@@ -44,7 +46,7 @@ def main() -> int:
     if args.calib is not None:
         cfg.quant.calib = args.calib
     backend = args.backend or cfg.quant.backend
-    out = out_dir(args, "runs/int8")
+    out = out_dir(args)
 
     # deferred: torch loads only once the command line and config are good
     from common.artifact import Artifact

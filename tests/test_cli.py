@@ -1,5 +1,6 @@
 """The commands as a user types them, from a folder outside the project: checks before any work,
 nothing overwritten, project defaults found from anywhere."""
+import argparse
 import importlib
 import os
 import subprocess
@@ -193,3 +194,43 @@ for name, target in [arg.split("=") for arg in sys.argv[1:]]:
     out = subprocess.run([sys.executable, "-c", probe, *(f"{k}={v}" for k, v in scripts.items())], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+class _Parsed(Exception):
+    """Raised instead of parsing, carrying the parser a command built."""
+
+
+def command_parsers(monkeypatch) -> dict[str, argparse.ArgumentParser]:
+    """console script name -> the argument parser its function builds (stopped before it parses)."""
+    def stop(parser, args=None, namespace=None):
+        raise _Parsed(parser)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", stop)
+    parsers = {}
+    for name, target in console_scripts().items():
+        module, _, function = target.partition(":")
+        monkeypatch.setattr(sys, "argv", [name])
+        with pytest.raises(_Parsed) as parsed:
+            getattr(importlib.import_module(module), function)()
+        parsers[name] = parsed.value.args[0]
+    return parsers
+
+
+def test_every_option_says_what_it_does_and_its_default(monkeypatch):
+    checked = 0
+    for name, parser in command_parsers(monkeypatch).items():
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            what = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help and len(action.help.split()) >= 3, f"{what}: no help text"
+            default = action.default
+            if default not in (None, False, [], argparse.SUPPRESS):  # a value the user should know about
+                assert "default" in action.help, f"{what}: help does not say the default ({default!r})"
+            checked += 1
+    assert checked > 80
+    parsers = command_parsers(monkeypatch)
+    out = {a.dest: a.help for a in parsers["rf3d-report"]._actions}["out"]
+    assert out.startswith("report folder") and "default: the project's report/" in out
+    out = {a.dest: a for a in parsers["rf3d-distill"]._actions}["out"]
+    assert "(default: the project's runs/student)" in out.help and out.default.endswith(os.path.join("runs", "student"))
