@@ -21,10 +21,12 @@ from common.cli import config_from_args, data_given, out_dir, run_main, stage_pa
 
 
 def main() -> int:
-    p = stage_parser("distill.py", __doc__, default_config="configs/distill.yaml")
+    p = stage_parser("distill.py", __doc__, default_config="configs/distill.yaml", default_out="runs/student")
     p.add_argument("--teacher", default=None, help="teacher artifact (default: distill.teacher)")
     p.add_argument("--width", type=float, default=None, help="student width, e.g. 0.25 (default: distill.width)")
-    p.add_argument("--init", choices=["pruned", "scratch"], default=None, help="default: distill.init")
+    p.add_argument("--init", choices=["pruned", "scratch"], default=None,
+                   help="student start: pruned (the teacher's most important channels and their weights) or scratch "
+                        "(random weights, same shape) (default: distill.init, pruned)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     p.add_argument("--strict", action="store_true",
                    help="exit 3 when a region's Dice falls more than guard.max_region_drop below the teacher's")
@@ -34,7 +36,7 @@ def main() -> int:
     for key in ("teacher", "width", "init"):
         if getattr(args, key) is not None:
             setattr(cfg.distill, key, getattr(args, key))
-    out = out_dir(args, "runs/student")
+    out = out_dir(args)
 
     # deferred: torch loads only once the command line and config are good
     from engine.runner import exit_code
@@ -48,5 +50,10 @@ def main() -> int:
     return exit_code(art)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `rf3d-distill` console script: user errors are one line and exit 2."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -87,5 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `rf3d-predict` console script: user errors are one line and exit 2."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="runs folder(s) to search and/or artifact files (default: the project's runs/)")
     parser.add_argument("--arch", default=None, help="profile a preset architecture without weights "
                         "(segformer3d | refineformer3d)")
-    parser.add_argument("--width", type=float, default=1.0, help="width multiplier for --arch")
+    parser.add_argument("--width", type=float, default=1.0,
+                        help="width multiplier in (0, 1] for --arch, as distill.py --width (default 1.0: full width)")
     parser.add_argument("--input", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
                         help="input size for --arch (default: report.input, 128 128 128)")
     parser.add_argument("--metrics", choices=["legacy", "official", "both"], default="legacy",
@@ -74,5 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if result.failed else 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `rf3d-report` console script: user errors are one line and exit 2."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

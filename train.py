@@ -18,15 +18,16 @@ from common.cli import config_from_args, out_dir, run_main, stage_parser  # noqa
 
 
 def main() -> int:
-    p = stage_parser("train.py", __doc__, default_config="configs/teacher.yaml")
+    p = stage_parser("train.py", __doc__, default_config="configs/teacher.yaml", default_out="runs/teacher")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     p.add_argument("--amp", choices=["auto", "off", "fp16", "bf16"], default=None,
-                   help="mixed precision (overrides train.amp)")
+                   help="training precision: auto (bf16 autocast on a CPU with native bf16, fp16 on CUDA, else fp32), off "
+                        "(fp32), fp16 (CUDA only) or bf16; validation is always fp32 (default: train.amp, auto)")
     args = p.parse_args()
     cfg = config_from_args(args)
     if args.amp:
         cfg.train.amp = args.amp
-    out = out_dir(args, "runs/teacher")
+    out = out_dir(args)
 
     # deferred: torch loads only once the command line and config are good
     from teacher.train import train_teacher
@@ -42,5 +43,10 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `rf3d-train` console script: user errors are one line and exit 2."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

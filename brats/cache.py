@@ -3,6 +3,7 @@
 Layout of a cache folder:
 
     manifest.json          written last, atomically; the only thing that makes a case trusted
+    .lock                  held (flock) by the one prepare writing the cache
     cases/<case>.<token>.image.npy   float16 (4, d, h, w), z-scored, cropped to the brain bbox
     cases/<case>.<token>.label.npy   uint8 (d, h, w) BraTS values (labelled cases only)
 
@@ -21,6 +22,7 @@ import torch
 from brats.layout import DataError
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 CACHE_VERSION = 2  # 2: cases checked for constant modalities and alternative label names (issue #11)
 
 

@@ -252,7 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m brats.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("pred_dir", help="folder of <case>.nii.gz or <case>_seg.nii.gz predictions")
     parser.add_argument("truth_dir", help="BraTS-layout or flat folder holding <case>_seg.nii.gz")
-    parser.add_argument("--out", default=None, help="per-case CSV to write (atomically)")
+    parser.add_argument("--out", default=None,
+                        help="per-case CSV file to write (atomically) (default: none; the summary is printed either way)")
     parser.add_argument(
         "--subset", action="store_true",
         help="score only the predicted cases (e.g. the held-out split); truth cases without a prediction are skipped",

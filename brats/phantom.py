@@ -410,10 +410,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("out", help="output folder (gets Brats17TrainingData/ and Brats17ValidationData/)")
     parser.add_argument("--cases", type=int, default=12,
-                        help="training cases (demo: about 2/3 HGG; lgg-rich: 45%% LGG, 35%% without ET)")
-    parser.add_argument("--val-cases", type=int, default=2, help="validation-release cases (no seg)")
-    parser.add_argument("--shape", type=int, nargs=3, default=[96, 96, 64], metavar=("X", "Y", "Z"))
-    parser.add_argument("--seed", type=int, default=0)
+                        help="training cases (default 12; demo: about 2/3 HGG; lgg-rich: 45%% LGG, 35%% without ET)")
+    parser.add_argument("--val-cases", type=int, default=2, help="validation-release cases (no seg) (default 2)")
+    parser.add_argument("--shape", type=int, nargs=3, default=[96, 96, 64], metavar=("X", "Y", "Z"),
+                        help="volume size in voxels (default 96 96 64)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed; the same seed and family give byte-identical files (default 0)")
     parser.add_argument("--family", choices=FAMILIES, default="demo",
                         help="kind of case (module docstring): demo (default) | lgg-rich (LGG-rich, small ET, "
                              "low contrast, other anatomy)")

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from brats.cache import CACHE_VERSION, MANIFEST, Cache, CaseMeta, open_cache, read_manifest
+from brats.cache import CACHE_VERSION, LOCK, MANIFEST, Cache, CaseMeta, open_cache, read_manifest
 from brats.layout import CaseRef, DataError, discover_cases, warn
 from brats.nifti import LoadedCase, load_case
-from common.atomic import atomic_path, atomic_write_text
+from common.atomic import atomic_path, atomic_write_text, exclusive_lock
 from common.progress import bar_off
 
 CASES_DIR = "cases"
@@ -163,9 +163,17 @@ def run_prepare(data_dir: str | Path, cache_dir: str | Path, progress: bool = Tr
 
     The manifest lists the good cases only (bad ones under "bad"), and is written last.
     `allow_constant_modality`: a modality constant inside the brain is a warning, not a bad case.
+    One writer at a time: a second prepare (or training job) on the same cache waits for the
+    first, then reuses what it built, so neither removes files the other is writing.
     """
     data_dir, cache_dir = Path(data_dir), Path(cache_dir)
     refs = discover_cases(data_dir)
+    with exclusive_lock(cache_dir / LOCK, on_wait=lambda: warn(f"waiting for another prepare of {cache_dir}")):
+        return _update(refs, data_dir, cache_dir, progress, allow_constant_modality)
+
+
+def _update(refs: list[CaseRef], data_dir: Path, cache_dir: Path, progress: bool,
+            allow_constant_modality: bool) -> PrepareReport:
     old = read_manifest(cache_dir) or {"cases": {}}
     report = PrepareReport(cache_dir)
     entries: dict[str, dict] = {}
@@ -197,6 +205,7 @@ def run_prepare(data_dir: str | Path, cache_dir: str | Path, progress: bool = Tr
 
 
 def _remove_unreferenced(cache_dir: Path, entries: dict[str, dict]) -> None:
+    """Old arrays and temp files left by killed writers; safe only under the cache lock."""
     keep = {Path(e[k]).name for e in entries.values() for k in ("image_file", "label_file") if e.get(k)}
     for path in (cache_dir / CASES_DIR).iterdir():
         if path.name not in keep and path.suffix in (".npy", ".tmp"):

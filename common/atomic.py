@@ -1,10 +1,11 @@
-"""Atomic file writes: write to a temporary sibling, fsync, rename.
+"""Atomic file writes: write to a temporary sibling, fsync, rename; and an exclusive folder lock.
 
 A kill at any moment leaves either the previous good file or the new one, never a partial file.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
 from pathlib import Path
@@ -40,6 +41,28 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Pat
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text))
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive `flock` on `path` (created if absent) for the block.
+
+    `on_wait()` is called once when another process holds the lock, before waiting for it. The
+    kernel drops the lock when its holder dies, so a killed writer never leaves the folder locked.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _umask() -> int:

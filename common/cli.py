@@ -17,14 +17,20 @@ from common.errors import UserInputError
 from common.paths import project_path
 
 
-def stage_parser(prog: str, description: str, default_config: str | None = None) -> argparse.ArgumentParser:
+def stage_parser(prog: str, description: str, default_config: str | None = None,
+                 default_out: str | None = None) -> argparse.ArgumentParser:
+    """The shared options; `default_config` / `default_out` name project files (e.g. configs/distill.yaml,
+    runs/student), resolved against the project."""
     p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     config = str(project_path(default_config)) if default_config else None
     p.add_argument("--config", default=config,
-                   help=f"YAML config (default: the project's {default_config})" if default_config else "YAML config")
+                   help=f"YAML config (default: the project's {default_config})" if default_config
+                   else "YAML config (default: none, the built-in settings of common/config.py)")
     p.add_argument("--data", default=None, help="BraTS-layout data folder (default: a compression stage takes its "
                    "source artifact's data and split; train.py the built-in synthetic cases)")
-    p.add_argument("--out", default=None, help="output folder; the stage's artifact (.pt) is written there")
+    p.add_argument("--out", default=str(project_path(default_out)) if default_out else None,
+                   help="output folder; the stage's artifact (.pt) is written there"
+                        + (f" (default: the project's {default_out})" if default_out else ""))
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (without it, a folder holding a run is refused)")
     p.add_argument(
@@ -62,15 +68,15 @@ def run_main(main: Callable[[], int | None]) -> None:
     sys.exit(code or 0)
 
 
-def out_dir(args: argparse.Namespace, default: str) -> Path:
-    """The output folder (`--out`, else `default` in the project), checked before any work.
+def out_dir(args: argparse.Namespace) -> Path:
+    """The output folder (`--out`, whose default `stage_parser` set), checked before any work.
 
     UserInputError when it cannot be written (a file in the way, no write permission), or when it
     already holds a run (any *.pt) and neither --resume nor --overwrite was given: nothing already
     written is replaced silently. The folder itself is created by the first write, so a command that
     fails its checks leaves none behind.
     """
-    path = Path(args.out) if args.out else project_path(default)
+    path = Path(args.out)
     writable_folder(path)
     existing = sorted(str(p.relative_to(path)) for p in path.rglob("*.pt")) if path.is_dir() else []
     if existing and not (getattr(args, "resume", False) or getattr(args, "overwrite", False)):

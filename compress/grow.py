@@ -774,7 +774,7 @@ def format_history(history: Sequence[dict]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = stage_parser("python -m compress.grow", "Grow a (low-rank) student where its gradients ask for width.",
-                     "configs/grow.yaml")
+                     "configs/grow.yaml", default_out="runs/grow")
     p.add_argument("artifact", help="input artifact (e.g. runs/lowrank/lowrank.pt)")
     p.add_argument("--teacher", default=None, help="teacher artifact (default: grow.teacher, then the lineage's)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>/last.pt")
@@ -783,7 +783,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     cfg.guard.strict = cfg.guard.strict or args.strict
-    art = grow_stage(args.artifact, cfg, out_dir(args, "runs/grow"), teacher=args.teacher, resume=args.resume,
+    art = grow_stage(args.artifact, cfg, out_dir(args), teacher=args.teacher, resume=args.resume,
                      data_given=data_given(args))
     m = art.metrics
     size = "x".join(map(str, cfg.grow.reference_input))
@@ -794,5 +794,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return exit_code(art)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `rf3d-grow` console script: user errors are one line and exit 2."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

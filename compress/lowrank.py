@@ -22,7 +22,6 @@ the best epoch, so a fine-tune that does not help on validation is not kept
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -412,14 +411,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "python -m compress.lowrank",
         "Factorise a model's Linear/Conv3d layers by truncated SVD, then distil-fine-tune briefly.\n"
         "Rank rule: --params N (global budget, e.g. 200k, or a share: 65%, the default) | --energy E | --ratio R.",
-        default_config="configs/lowrank.yaml",
+        default_config="configs/lowrank.yaml", default_out="runs/lowrank",
     )
     p.add_argument("artifact", help="model artifact (.pt) to factorise, e.g. runs/student/student.pt")
     rule = p.add_mutually_exclusive_group()
-    rule.add_argument("--energy", type=float, help="keep this share of each layer's spectral energy")
-    rule.add_argument("--ratio", type=float, help="rank = ratio x full rank in every layer")
-    rule.add_argument("--params", help="parameter budget for the whole model: 200k, 1.2M, or a share of it: 65%%")
-    p.add_argument("--epochs", type=int, default=None, help="fine-tune epochs (0: no fine-tune)")
+    rule.add_argument("--energy", type=float, help="rank rule: keep this share of each layer's spectral energy, "
+                      "e.g. 0.9 (default: the config's rule, lowrank.params=65%% unless set)")
+    rule.add_argument("--ratio", type=float, help="rank rule: rank = ratio x full rank in every layer, e.g. 0.5 "
+                      "(default: the config's rule)")
+    rule.add_argument("--params", help="rank rule: parameter budget for the whole model: 200k, 1.2M, or a share of "
+                      "it: 65%% (default: the config's rule)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="distillation fine-tune epochs (0: no fine-tune) (default: train.epochs)")
     p.add_argument("--teacher", default=None, help="teacher artifact (default: the teacher in the lineage)")
     p.add_argument("--strict", action="store_true",
                    help="exit 3 when a region's Dice falls more than guard.max_region_drop below the source's")
@@ -437,12 +440,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.train.epochs = args.epochs
     if args.teacher:
         lr.teacher = args.teacher
-    art = lowrank_stage(args.artifact, cfg, out_dir(args, "runs/lowrank"), data_given=data_given(args))
+    art = lowrank_stage(args.artifact, cfg, out_dir(args), data_given=data_given(args))
     m = art.metrics
     print(f"wrote {art.path}: {m['params_before']:,} -> {m['params_after']:,} parameters, "
           f"dice_mean {m['dice_mean_before_finetune']:.3f} before fine-tune, {m.get('dice_mean', math.nan):.3f} after")
     return exit_code(art)
 
 
+def cli() -> None:
+    """The `rf3d-lowrank` console script: user errors are one line and exit 2."""
+    run_main(main)
+
+
 if __name__ == "__main__":
-    run_main(lambda: main(sys.argv[1:]))
+    cli()

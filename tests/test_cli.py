@@ -1,5 +1,7 @@
 """The commands as a user types them, from a folder outside the project: checks before any work,
 nothing overwritten, project defaults found from anywhere."""
+import argparse
+import importlib
 import os
 import subprocess
 import sys
@@ -125,3 +127,110 @@ def test_module_commands_run_from_any_folder(elsewhere):
     out = subprocess.run([sys.executable, "-m", "brats.phantom", "--help"], cwd=elsewhere, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "usage: python -m brats.phantom" in out.stdout
+
+
+def test_quantize_prints_a_summary_and_keeps_the_layer_table_in_the_artifact(elsewhere):
+    data = elsewhere / "brats"
+    write_phantom_dataset(data, cases=2, val_cases=0, shape=(40, 40, 32), seed=0)
+    tiny_artifact(elsewhere / "student.pt", stage="student", data={"dir": str(data), "val_fraction": 0.5})
+    small = ["data.crop=[32,32,32]", "train.window=[32,32,32]", "train.sw_batch=1", "train.threads=1", "train.amp=off",
+             "train.epochs=0", "quant.decide=all", "quant.calib=1", "quant.input=[32,32,32]"]
+    args = ("quantize.py", "student.pt", "--out", "int8", *[a for s in small for a in ("--set", s)])
+    out = run(elsewhere, *args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    art = Artifact.load(elsewhere / "int8" / "int8.pt")
+    rows = art.extra["int8"]["decisions"]
+    n_int8 = len(art.extra["int8"]["int8_layers"])
+    assert len(rows) > n_int8 > 0 and {"layer", "fp32_ms", "int8_ms", "choice", "why"} <= set(rows[0])
+    assert f"int8: {n_int8} of {len(rows)} layers INT8, {len(rows) - n_int8} FP32 (torch backend" in out.stdout
+    dice, fp32 = art.metrics["dice_mean"], art.metrics["fp32_dice_mean"]
+    assert f"int8: dice_mean {dice:.4f} INT8 vs {fp32:.4f} FP32, on the same 1 validation case(s)" in out.stdout
+    assert f"int8: wrote {(elsewhere / 'int8' / 'int8.pt').resolve()}, " in out.stdout and "MB (FP32 source " in out.stdout
+    assert "fp32 ms" not in out.stdout + out.stderr  # the table's header
+    assert not any(r["layer"] in out.stdout + out.stderr for r in rows)
+    out = run(elsewhere, *args, "--overwrite", "--verbose")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "fp32 ms" in out.stdout and all(r["layer"] in out.stdout for r in rows)
+
+
+def console_scripts() -> dict[str, str]:
+    """name -> "module:function" from pyproject.toml's [project.scripts]."""
+    return pyproject()["project"]["scripts"]
+
+
+def pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_every_command_has_a_console_script_that_resolves(tmp_path):
+    scripts = console_scripts()
+    setuptools = pyproject()["tool"]["setuptools"]
+    installed = set(setuptools["packages"]) | set(setuptools["py-modules"])
+    commands = {str(p.relative_to(ROOT).with_suffix("")).replace(os.sep, ".") for p in ROOT.rglob("*.py")
+                if p.relative_to(ROOT).parts[0] not in ("bench", "scripts", "tests", ".venv")
+                and 'if __name__ == "__main__":' in p.read_text()}
+    targets = {}
+    for name, target in scripts.items():
+        assert name.startswith("rf3d-"), name
+        module, _, function = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), function)), target
+        assert module in installed or module.rpartition(".")[0] in installed, f"{module} is not installed"
+        targets[module] = name
+    assert set(targets) == commands and len(commands) == 11  # one script per command, none left out
+    # each as its console script calls it (sys.exit(function())), with --help, from a folder outside the project
+    probe = """import contextlib, importlib, io, sys
+for name, target in [arg.split("=") for arg in sys.argv[1:]]:
+    module, function = target.split(":")
+    sys.argv, out = [name, "--help"], io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            code = getattr(importlib.import_module(module), function)()
+        except SystemExit as e:
+            code = e.code
+    assert code in (0, None) and out.getvalue().startswith("usage: "), (name, code, out.getvalue()[:200])
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", probe, *(f"{k}={v}" for k, v in scripts.items())], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+class _Parsed(Exception):
+    """Raised instead of parsing, carrying the parser a command built."""
+
+
+def command_parsers(monkeypatch) -> dict[str, argparse.ArgumentParser]:
+    """console script name -> the argument parser its function builds (stopped before it parses)."""
+    def stop(parser, args=None, namespace=None):
+        raise _Parsed(parser)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", stop)
+    parsers = {}
+    for name, target in console_scripts().items():
+        module, _, function = target.partition(":")
+        monkeypatch.setattr(sys, "argv", [name])
+        with pytest.raises(_Parsed) as parsed:
+            getattr(importlib.import_module(module), function)()
+        parsers[name] = parsed.value.args[0]
+    return parsers
+
+
+def test_every_option_says_what_it_does_and_its_default(monkeypatch):
+    checked = 0
+    for name, parser in command_parsers(monkeypatch).items():
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            what = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help and len(action.help.split()) >= 3, f"{what}: no help text"
+            default = action.default
+            if default not in (None, False, [], argparse.SUPPRESS):  # a value the user should know about
+                assert "default" in action.help, f"{what}: help does not say the default ({default!r})"
+            checked += 1
+    assert checked > 80
+    parsers = command_parsers(monkeypatch)
+    out = {a.dest: a.help for a in parsers["rf3d-report"]._actions}["out"]
+    assert out.startswith("report folder") and "default: the project's report/" in out
+    out = {a.dest: a for a in parsers["rf3d-distill"]._actions}["out"]
+    assert "(default: the project's runs/student)" in out.help and out.default.endswith(os.path.join("runs", "student"))

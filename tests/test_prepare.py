@@ -2,6 +2,10 @@ import json
 import re
 import os
 import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -14,6 +18,18 @@ from brats.phantom import write_phantom_dataset
 from brats.prepare import PrepareError, brain_bbox, main, prepare, run_prepare
 
 SHAPE = (32, 32, 24)
+ROOT = Path(__file__).resolve().parents[1]
+# `python -m brats.prepare` whose array writes each take 0.3 s longer: its temp files stay in flight
+SLOW_PREPARE = """import sys, time
+import numpy as np
+save = np.save
+def slow_save(*args, **kwargs):
+    save(*args, **kwargs)
+    time.sleep(0.3)
+np.save = slow_save
+from brats.prepare import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +187,34 @@ def test_interrupted_prepare_is_not_trusted(data, tmp_path):
     assert run_prepare(data, cache_dir, progress=False).built == [victim]
     with pytest.raises(DataError, match="no usable manifest.json"):
         open_cache(tmp_path / "nowhere")
+
+
+def test_two_prepares_on_one_cache_both_succeed(data, tmp_path):
+    """The second waits for the first instead of deleting its in-flight temp files."""
+    cache_dir = tmp_path / "cache"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    args = [str(data), "--out", str(cache_dir), "--quiet"]
+
+    def start(*cmd):
+        return subprocess.Popen([sys.executable, *cmd, *args], cwd=tmp_path, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    slow = start("-c", SLOW_PREPARE)
+    deadline = time.monotonic() + 120
+    while not any((cache_dir / "cases").glob("*")) and slow.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the slow one is writing its first array
+    fast = start("-m", "brats.prepare")
+    (slow_out, slow_err), (fast_out, fast_err) = slow.communicate(timeout=300), fast.communicate(timeout=300)
+    assert slow.returncode == 0, slow_err[-2000:]
+    assert fast.returncode == 0, fast_err[-2000:]
+    assert slow_out.startswith("8 case(s)") and "8 built, 0 reused" in slow_out
+    assert f"waiting for another prepare of {cache_dir}" in fast_err and "0 built, 8 reused" in fast_out
+    cache = open_cache(cache_dir)
+    assert len(cache) == 8 and len(cache.labelled()) == 7
+    files = {m.image_file for m in cache.cases} | {m.label_file for m in cache.cases if m.label_file}
+    assert {f"cases/{p.name}" for p in (cache_dir / "cases").iterdir()} == files  # no temp file left
+    for meta in cache.cases:
+        assert cache.image(meta.case).shape == (4, *meta.shape)
 
 
 def test_save_label_map_keeps_affine_and_header(pristine, tmp_path):

@@ -1,5 +1,10 @@
 """Real INT8 layers agree with the LSQ fake quantisation; forced decisions; the INT8 artifact reloads."""
 import copy
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +21,7 @@ from model.refineformer3d import ModelSpec, RefineFormer3D
 TINY = dict(embed_dims=[16, 32, 32, 32], num_heads=[1, 2, 2, 2], depths=[1, 1, 1, 1], decoder_dim=16, fuse_dim=16,
             refine_dim=4)
 SHAPE = (1, 4, 32, 32, 32)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("layer, shape", [
@@ -138,3 +144,48 @@ def test_decisions_say_what_was_measured_and_what_came_from_the_cache(tmp_path, 
     again = decide(model, (1, 4, 8, 8, 8), "measure", runs=1, cache=cache, progress=True)
     assert f"0 layer(s) measured on this CPU, 2 reused from the cache {cache}" in capsys.readouterr().out
     assert [r["fp32_ms"] for r in again] == [r["fp32_ms"] for r in first]  # the cached timings, not new ones
+
+
+def test_int8_layers_run_without_torchs_dtype_deprecation_warning_and_unchanged_numerics(tmp_path):
+    """torch 2.13 warns once per process at the first quantized tensor (pytorch#184982): a fresh
+    process, warnings as errors, through convert, forward and a reload (repacking); the outputs are
+    those of the quantized kernels called directly."""
+    script = """
+import warnings
+warnings.simplefilter("error")
+import torch
+from torch import nn
+from compress.quant.convert import convert, empty_int8_like
+from compress.quant.lsq import LSQConfig, calibrate, quantize_
+torch.manual_seed(0)
+floats = [nn.Conv3d(4, 8, 3, padding=1), nn.Conv3d(8, 8, 3, padding=1, groups=8)]
+layers = nn.Sequential(*floats)
+quantize_(layers, LSQConfig())
+x = torch.randn(1, 4, 8, 8, 8)
+calibrate(layers, [x])
+reloaded = nn.Sequential(*map(empty_int8_like, floats))
+with torch.no_grad():
+    y = convert(layers)(x)
+    reloaded.load_state_dict(layers.state_dict())
+    assert torch.equal(reloaded(x), y)
+torch.save({"y": y, "x": x, "layers": layers.state_dict()}, "out.pt")
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "deprecated" not in out.stderr
+    saved = torch.load(tmp_path / "out.pt")
+    x = saved["x"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, (groups, channels) in enumerate([(1, 8), (8, 8)]):
+            state = {k.split(".", 1)[1]: v for k, v in saved["layers"].items() if k.startswith(f"{i}.")}
+            w = torch.quantize_per_channel(state["weight_int8"].float() * state["weight_scale"].view(-1, 1, 1, 1, 1),
+                                           state["weight_scale"].double(), torch.zeros(channels, dtype=torch.int64),
+                                           0, torch.qint8)
+            packed = torch.ops.quantized.conv3d_prepack(w, state["bias"], [1, 1, 1], [1, 1, 1], [1, 1, 1], groups)
+            scale, zp, qmax = float(state["in_scale"]), int(state["in_zero_point"]), int(state["in_qmax"])
+            qx = torch.quantize_per_tensor(x.clamp(-zp * scale, (qmax - zp) * scale), scale, zp, torch.quint8)
+            x = torch.ops.quantized.conv3d(qx, packed, float(state["out_scale"]), int(state["out_zero_point"])).dequantize()
+    assert torch.equal(saved["y"], x)

@@ -8,10 +8,19 @@ see float tensors: mixed precision per layer.
 Storage: the quantized kernels' packed parameters are TorchScript objects that
 `torch.load(weights_only=True)` rejects, so the state_dict holds plain tensors (int8 weights, float
 scales, zero points) and the packed parameters are rebuilt after every load.
+
+torch 2.13 deprecates the quantized dtypes (quint8, qint8; pytorch#184982) and warns once per process
+at the first quantized tensor, from `quantize_per_channel` at packing as from `quantize_per_tensor` in
+every forward. These kernels still need them: oneDNN's plain-dtype kernels (`onednn::qconv_pointwise`,
+`qlinear_pointwise`) give the same integers, but torch has no fused non-deprecated float -> uint8
+quantize, and the same rounding from eager ops costs more than many INT8 layers save. So the
+quantized tensors stay, created inside `_quantized_dtypes()`, which silences that one warning.
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import warnings
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -21,6 +30,17 @@ from engine.runtime import int8_engine
 from compress.quant.lsq import W_QMAX, QuantConv3d, QuantLinear
 from model.refineformer3d import get_module, model_from_spec as fp32_from_spec, set_module
 from model.rewrites import inference_graph
+
+
+_DTYPE_DEPRECATION = r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized tensor creation"
+
+
+@contextlib.contextmanager
+def _quantized_dtypes() -> Iterator[None]:
+    """Create quantized tensors without torch's dtype deprecation warning (see the module docstring)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_DTYPE_DEPRECATION, category=UserWarning)
+        yield
 
 
 def set_engine() -> str:
@@ -66,7 +86,8 @@ class _Int8Layer(nn.Module):
     def qweight(self) -> torch.Tensor:
         zeros = torch.zeros(self.weight_scale.numel(), dtype=torch.int64)
         w = self.weight_int8.float() * self.weight_scale.view([-1] + [1] * (self.weight_int8.ndim - 1))
-        return torch.quantize_per_channel(w, self.weight_scale.double(), zeros, 0, torch.qint8)
+        with _quantized_dtypes():
+            return torch.quantize_per_channel(w, self.weight_scale.double(), zeros, 0, torch.qint8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is None:
@@ -74,8 +95,9 @@ class _Int8Layer(nn.Module):
         scale, zp, qmax = float(self.in_scale), int(self.in_zero_point), int(self.in_qmax)
         if qmax < 255:  # reduce_range: the fake quantisation clipped at qmax, quint8 would not
             x = x.clamp(-zp * scale, (qmax - zp) * scale)
-        qx = torch.quantize_per_tensor(x.contiguous(), scale, zp, torch.quint8)
-        return self.run(qx).dequantize()
+        with _quantized_dtypes():  # the input and the kernel's output
+            qx = torch.quantize_per_tensor(x.contiguous(), scale, zp, torch.quint8)
+            return self.run(qx).dequantize()
 
     def _extra_repr_q(self) -> str:
         return f"in_scale={float(self.in_scale):.4g}, out_scale={float(self.out_scale):.4g}"

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 from pathlib import Path
 from typing import Iterable
 
@@ -76,17 +77,17 @@ def resume_qat(fp32: nn.Module, out: Path) -> tuple[nn.Module, list[dict]]:
     return build_model(last), list(last.extra["int8"]["decisions"])
 
 
-def qat_step(fp32: nn.Module, ctx: StageContext) -> nn.Module:
+def qat_step(fp32: nn.Module, ctx: StageContext, verbose: bool = False) -> nn.Module:
     """Step of the INT8 stage: exact rewrites, per-layer decisions, LSQ fake quantisation, calibrated
     on training crops (or, resuming, the fake-quant model of `<out>/qat/last.pt`). The decision rows
-    go into ctx.extra["int8"]."""
+    go into ctx.extra["int8"] (and, `verbose`, to the console as a table)."""
     cfg = ctx.cfg
     if ctx.resume:
         qat, rows = resume_qat(fp32.eval(), ctx.out)
     else:
         qat, rows = quantize_step(fp32.eval(), cfg, calib_images(ctx.data, cfg.quant.calib),
                                   progress=ctx.dist.main, shape=input_shape(cfg))
-    if ctx.dist.main:
+    if verbose and ctx.dist.main:
         print(format_table(rows))
     ctx.extra["int8"] = {"decisions": rows}
     return qat
@@ -114,7 +115,8 @@ def to_int8(backend: str):
                           "input_shape": list(shape), "act_qmax": cfg.quant.act_qmax,
                           "qat_metrics": dict(art.metrics) if ctx.fit is not None else {},
                           "qat_checkpoint": str(out / QAT_DIR / LAST) if ctx.fit is not None else None,
-                          "cpu_threads": torch.get_num_threads()}, "runtime": art.extra.get("runtime")}
+                          "cpu_threads": torch.get_num_threads(), "val_cases": len(ctx.data.val_ids)},
+                 "runtime": art.extra.get("runtime")}
         if backend == "torch":
             model = convert(copy.deepcopy(qat))
             spec = int8_spec(source.spec, layers, cfg.quant.reassoc, engine)
@@ -130,9 +132,6 @@ def to_int8(backend: str):
             extra["int8"]["onnx_bytes"] = {"fp32": len(fp32_bytes), "int8": len(int8_bytes)}
         metrics = evaluate(model, ctx.data.cache, ctx.data.val_ids, cfg, desc="int8 validation")
         metrics["fp32_dice_mean"] = float(ctx.source_metrics["dice_mean"])  # this run, the same cases
-        if ctx.dist.main:
-            print(f"INT8 ({backend}): {len(layers)} of {len(rows)} layers INT8; dice_mean {metrics['dice_mean']:.4f} "
-                  f"(FP32 {metrics['fp32_dice_mean']:.4f})")
         return Artifact(stage=STAGE, spec=spec, state_dict=model.state_dict(), config=to_dict(cfg), metrics=metrics,
                         lineage=source.child_lineage(), extra=extra)
     return finish
@@ -145,19 +144,42 @@ def _check(art: Artifact, cfg: Config) -> None:
 
 
 def run_quantize(artifact_path: str | Path, cfg: Config, out: Path, backend: str = "torch",
-                 resume: bool = False, data_given: bool = True) -> Path:
-    """The `quantize.py` command: writes <out>/int8.pt (and int8.onnx / fp32.onnx for onnxruntime).
+                 resume: bool = False, data_given: bool = True, verbose: bool = False) -> Path:
+    """The `quantize.py` command: writes <out>/int8.pt (and int8.onnx / fp32.onnx for onnxruntime) and
+    prints a short summary; the per-layer decision table goes to the console only when `verbose`.
 
     resume: continue the QAT fine-tune from <out>/qat/last.pt (same layers, scales and schedule)."""
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if resume and cfg.train.epochs < 1:
         raise ConfigError("--resume continues a QAT fine-tune: train.epochs must be >= 1")
-    stage = StageDef(STAGE, step=qat_step, finetune=qat_trainer, finish=to_int8(backend), checkpoint_dir=QAT_DIR,
-                     check=_check)
+    stage = StageDef(STAGE, step=partial(qat_step, verbose=verbose), finetune=qat_trainer, finish=to_int8(backend),
+                     checkpoint_dir=QAT_DIR, check=_check)
     art = run_stage(artifact_path, stage, cfg, out, teacher=cfg.quant.teacher, resume=resume, data_given=data_given)
-    print(f"wrote {art.path}")
+    for line in summary_lines(art, Path(artifact_path)):
+        print(line)
     return art.path
+
+
+def summary_lines(art: Artifact, source: Path) -> list[str]:
+    """What quantize.py says at the end: layers INT8 vs FP32, Dice INT8 vs FP32 on the same cases,
+    size, where the artifact and its per-layer decisions are."""
+    info, m = art.extra["int8"], art.metrics
+    rows = info["decisions"]
+    n_int8 = len(info["int8_layers"])
+    where = f"{info['backend']} backend" + (f", {info['engine']} engine" if info["backend"] == "torch" else "")
+    size = _mb(art.path) + (f" (FP32 source {_mb(source)})" if source.is_file() else "")
+    return [
+        f"{STAGE}: {n_int8} of {len(rows)} layers INT8, {len(rows) - n_int8} FP32 ({where})",
+        f"{STAGE}: dice_mean {m['dice_mean']:.4f} INT8 vs {m['fp32_dice_mean']:.4f} FP32, on the same "
+        f"{info['val_cases']} validation case(s)",
+        f"{STAGE}: wrote {Path(art.path).resolve()}, {size}; per-layer decisions in its extra['int8']['decisions'], in report.md "
+        "(report.py), or on the console with --verbose",
+    ]
+
+
+def _mb(path: Path) -> str:
+    return f"{path.stat().st_size / 2**20:.2f} MB" if Path(path).is_file() else "size unknown"
 
 
 def _write(path: Path, data: bytes) -> None:
