@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.artifact import Artifact, build_model  # noqa: E402
 from common.config import load_config  # noqa: E402
-from compress.grow import format_history, grow_stage, spec_macs  # noqa: E402
+from compress.grow import format_history, grow_stage  # noqa: E402
+from model.macs import spec_macs  # noqa: E402
 from brats.scoring import evaluate  # noqa: E402
 from engine.loop import fit  # noqa: E402
 from student.distill import distill_setup, load_teacher  # noqa: E402

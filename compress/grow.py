@@ -10,7 +10,7 @@ Growth is cost-aware, because the goal is a fast CPU student: a channel's price 
 it lives on. One refine_dim channel runs at full resolution (about 189 M multiply-adds at 128^3 in
 the demo student), one stage-3 MLP channel on 4^3 tokens (about 8 k). With `cost: macs` (default)
 units are ranked by gradient score per multiply-add of one added channel at `reference_input`;
-with `cost: params` by gradient score alone. `spec_macs` prices a spec analytically (exactly what
+with `cost: params` by gradient score alone. `model.macs.spec_macs` prices a spec analytically (exactly what
 `model.macs.count_macs` counts, in microseconds instead of seconds), so every candidate widening
 is checked against `macs_budget` exactly.
 
@@ -58,6 +58,7 @@ from engine.data import TrainData
 from engine.loop import LAST, FitResult, Stage, best_epoch, fit
 from engine.runner import StageContext, StageDef, exit_code, run_stage
 from model.layers import LowRankConv3d, LowRankLinear
+from model.macs import spec_macs
 from model.refineformer3d import ModelSpec, RefineFormer3D, count_params, get_module
 from student.distill import distill_trainer
 
@@ -183,62 +184,6 @@ def spec_params(spec: ModelSpec) -> int:
     """Parameter count of the model a spec describes (a CPU build: faster than meta tensors here)."""
     with torch.no_grad():
         return count_params(RefineFormer3D(spec))
-
-
-# ----------------------------------------------------------------------------- compute cost
-
-
-def _conv_out(size: Sequence[int], kernel: int, stride: int, padding: int) -> list[int]:
-    return [(n + 2 * padding - kernel) // stride + 1 for n in size]
-
-
-def spec_macs(spec: ModelSpec, input_size: Sequence[int]) -> int:
-    """Multiply-adds of one forward pass (batch 1) at spatial `input_size`, from the spec alone.
-
-    Counts what `model.macs.count_macs` counts (fvcore convention, in eval mode): Linear/Conv3d
-    weights (low-rank layers as down + up), scaled dot-product attention, LayerNorm 5 and BatchNorm
-    2 per element, trilinear upsampling 8 per output element; activations, adds and biases are free.
-    Pure arithmetic, so every candidate widening is priced in microseconds.
-    """
-    s = spec.resolve()
-    macs = 0
-
-    def layer(name: str, c_in: int, c_out: int, voxels: int, kvol: int = 1) -> int:
-        # a dense layer costs c_in * kvol * c_out per output voxel; its low-rank twin goes through rank r
-        r = s.ranks.get(name)
-        return voxels * (c_in * kvol * c_out if r is None else c_in * kvol * r + r * c_out)
-
-    size, c_in, grids = list(input_size), s.in_chans, []
-    for i, c in enumerate(s.embed_dims):
-        stage = f"encoder.stages.{i}"
-        k = s.patch_kernels[i]
-        size = _conv_out(size, k, s.patch_strides[i], s.patch_paddings[i])
-        n, a, sr = math.prod(size), s.attn_dims[i], s.sr_ratios[i]
-        m = math.prod(x // sr for x in size) if sr > 1 else n  # tokens of the reduced key/value grid
-        macs += layer(f"{stage}.patch_embed.proj", c_in, c, n, k ** 3) + 5 * n * c
-        for j, hidden in enumerate(s.mlp_hidden[i]):
-            block = f"{stage}.blocks.{j}"
-            macs += 5 * n * c + layer(f"{block}.attn.q", c, a, n)
-            if sr > 1:
-                macs += layer(f"{block}.attn.sr", c, c, m, sr ** 3) + 5 * m * c
-            macs += layer(f"{block}.attn.kv", c, 2 * a, m) + n * m * 2 * a + layer(f"{block}.attn.proj", a, c, n)
-            macs += 5 * n * c + layer(f"{block}.mlp.fc1", c, hidden, n) + 27 * n * hidden + 2 * n * hidden
-            macs += layer(f"{block}.mlp.fc2", hidden, c, n)
-        macs += 5 * n * c  # stage norm
-        grids.append(n)
-        c_in = c
-    n0, d, f = grids[0], s.decoder_dim, s.fuse_dim
-    for i, (c, n) in enumerate(zip(s.embed_dims, grids)):
-        macs += layer(f"decoder.projections.{i}.proj", c, d, n) + 5 * n * d + (8 * d * n0 if i else 0)
-    macs += layer("decoder.fuse", len(grids) * d, f, n0) + 2 * n0 * f
-    volume, classes = math.prod(input_size), s.num_classes
-    if s.decoder == "refine":
-        r = s.refine_dim
-        macs += 27 * n0 * f + 2 * n0 * f + layer("decoder.refine_pw", f, r, n0) + 2 * n0 * r
-        macs += 8 * r * volume + layer("decoder.head", r, classes, volume, 27)
-    else:
-        macs += layer("decoder.pred", f, classes, n0) + 8 * classes * volume
-    return macs
 
 
 def width_step(spec: ModelSpec, unit: str) -> int:

@@ -1,4 +1,5 @@
-"""Multiply-add counting with fvcore, plus the handlers fvcore lacks.
+"""Multiply-add counting: fvcore on a built model (`count_macs`, plus the handlers fvcore lacks), and
+its analytic twin on a spec (`spec_macs`, for pricing many candidate widths; tested equal).
 
 Convention: fvcore counts one multiply-add as one "flop"; we call the unit G multiply-adds (GMACs)
 to avoid the factor-2 ambiguity (PyTorch's FlopCounter reports twice as much). fvcore has no handler
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
+
+from model.refineformer3d import ModelSpec
 
 
 def _shape(v: Any) -> list[int]:
@@ -59,3 +62,56 @@ def count_macs(
         total = analysis.total()
     model.train(was_training)
     return total / 1e9
+
+
+def _conv_out(size: Sequence[int], kernel: int, stride: int, padding: int) -> list[int]:
+    return [(n + 2 * padding - kernel) // stride + 1 for n in size]
+
+
+def spec_macs(spec: ModelSpec, input_size: Sequence[int]) -> int:
+    """Multiply-adds of one forward pass (batch 1) at spatial `input_size`, from the spec alone.
+
+    Counts what `model.macs.count_macs` counts (fvcore convention, in eval mode): Linear/Conv3d
+    weights (low-rank layers as down + up), scaled dot-product attention, LayerNorm 5 and BatchNorm
+    2 per element, trilinear upsampling 8 per output element; activations, adds and biases are free.
+    Pure arithmetic, so every candidate widening is priced in microseconds.
+    """
+    s = spec.resolve()
+    macs = 0
+
+    def layer(name: str, c_in: int, c_out: int, voxels: int, kvol: int = 1) -> int:
+        # a dense layer costs c_in * kvol * c_out per output voxel; its low-rank twin goes through rank r
+        r = s.ranks.get(name)
+        return voxels * (c_in * kvol * c_out if r is None else c_in * kvol * r + r * c_out)
+
+    size, c_in, grids = list(input_size), s.in_chans, []
+    for i, c in enumerate(s.embed_dims):
+        stage = f"encoder.stages.{i}"
+        k = s.patch_kernels[i]
+        size = _conv_out(size, k, s.patch_strides[i], s.patch_paddings[i])
+        n, a, sr = math.prod(size), s.attn_dims[i], s.sr_ratios[i]
+        m = math.prod(x // sr for x in size) if sr > 1 else n  # tokens of the reduced key/value grid
+        macs += layer(f"{stage}.patch_embed.proj", c_in, c, n, k ** 3) + 5 * n * c
+        for j, hidden in enumerate(s.mlp_hidden[i]):
+            block = f"{stage}.blocks.{j}"
+            macs += 5 * n * c + layer(f"{block}.attn.q", c, a, n)
+            if sr > 1:
+                macs += layer(f"{block}.attn.sr", c, c, m, sr ** 3) + 5 * m * c
+            macs += layer(f"{block}.attn.kv", c, 2 * a, m) + n * m * 2 * a + layer(f"{block}.attn.proj", a, c, n)
+            macs += 5 * n * c + layer(f"{block}.mlp.fc1", c, hidden, n) + 27 * n * hidden + 2 * n * hidden
+            macs += layer(f"{block}.mlp.fc2", hidden, c, n)
+        macs += 5 * n * c  # stage norm
+        grids.append(n)
+        c_in = c
+    n0, d, f = grids[0], s.decoder_dim, s.fuse_dim
+    for i, (c, n) in enumerate(zip(s.embed_dims, grids)):
+        macs += layer(f"decoder.projections.{i}.proj", c, d, n) + 5 * n * d + (8 * d * n0 if i else 0)
+    macs += layer("decoder.fuse", len(grids) * d, f, n0) + 2 * n0 * f
+    volume, classes = math.prod(input_size), s.num_classes
+    if s.decoder == "refine":
+        r = s.refine_dim
+        macs += 27 * n0 * f + 2 * n0 * f + layer("decoder.refine_pw", f, r, n0) + 2 * n0 * r
+        macs += 8 * r * volume + layer("decoder.head", r, classes, volume, 27)
+    else:
+        macs += layer("decoder.pred", f, classes, n0) + 8 * classes * volume
+    return macs

@@ -24,7 +24,6 @@ from compress.grow import (
     select_units,
     spec_params,
     rank_units,
-    spec_macs,
     unit_macs,
     unit_parameters,
     unit_width,
@@ -33,7 +32,7 @@ from compress.grow import (
 from engine.loop import LAST, Stage, SupervisedStage, TrainingWrapper
 from engine.runner import StageDef, run_stage
 from model.layers import LowRankConv3d, LowRankLinear
-from model.macs import count_macs
+from model.macs import count_macs, spec_macs
 from model.refineformer3d import ModelSpec, RefineFormer3D, count_params, get_module, model_from_spec
 
 RANKS_COMMON = {
