@@ -2,13 +2,15 @@
 
     python predict.py ARTIFACT --input DIR --output DIR [--window 128 128 128] [--overlap 0.5]
         [--cases NAME ... | --split splits.json [--fold K]] [--et-min-voxels N] [--threads N]
-        [--allow-constant-modality] [--overlay DIR]
+        [--allow-constant-modality] [--overlay DIR] [--no-skip-background]
 
 DIR may be one case folder or any BraTS layout (the validation release included). Writes
 <case>.nii.gz label maps (uint8, BraTS values 0/1/2/4) on each input's grid with its affine and
 header. A bad case is reported and skipped; the exit code is 1 if any case failed. --overlay DIR
 also writes DIR/<case>.png: an axial slice through the tumour with the prediction's contours over
 FLAIR (WT, TC) and T1ce (TC, ET), beside the truth's when the case has one (as the report draws).
+Windows without a brain voxel are not run (their logits are one all-zero window's, so the label maps
+are the same); it says how many it skipped. --no-skip-background runs every window.
 
 --split takes the held-out ("val") cases of a fold of a splits.json (e.g. <cache>/splits.json), so
 a run's held-out training cases can be predicted and then scored with `python -m brats.evaluate`:
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlay", default=None, metavar="DIR",
                         help="also write DIR/<case>.png: the prediction's contours on an axial slice through the "
                              "tumour, over FLAIR and T1ce, beside the truth's when the case has one")
+    parser.add_argument("--no-skip-background", dest="skip_background", action="store_false",
+                        help="run every window (default: windows without a brain voxel reuse one all-zero "
+                             "window's logits; the same label maps)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace label maps already in --output (and pictures already in --overlay)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -70,13 +75,13 @@ def main(argv: list[str] | None = None) -> int:
                                 args.sw_batch, progress=not args.quiet, cases=cases,
                                 et_min_voxels=args.et_min_voxels,
                                 allow_constant_modality=args.allow_constant_modality, overwrite=args.overwrite,
-                                overlay_dir=args.overlay)
+                                overlay_dir=args.overlay, skip_background=args.skip_background)
     except UserInputError:
         raise  # bad data or artifact: run_main reports it
     except ValueError as e:  # window / overlap that the model cannot use
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {len(result.written)} label map(s) to {args.output}")
+    print(f"wrote {len(result.written)} label map(s) to {args.output}; {result.windows.line()}")
     if args.overlay:
         print(f"wrote {len(result.overlays)} overlay(s) to {args.overlay}")
     if result.failed:

@@ -3,11 +3,22 @@
 The model only ever sees tensors of exactly the window size (so a model that needs sizes divisible
 by 32 works whatever the case size): windows tile the volume with the requested overlap, the last
 one flush with the end, and a volume smaller than the window is zero-padded up to it.
+
+Background windows (`skip_background`): a window in which every modality is 0 at every voxel holds no
+brain (the cache and predict z-score brain voxels and leave everything outside the brain exactly 0,
+`brats.prepare.zscore`), so the model sees the same all-zero tensor there whatever the window's
+place. Its logits are computed once per case, from one all-zero window, and added wherever such a
+window lies, in the windows' usual order: the Gaussian blend, and so the label map, is the same as
+without skipping (bit for bit with `sw_batch` 1; with larger batches the other windows are batched
+differently, which can move logits by float rounding, ~1e-6). A constant "confident background"
+would not be: it would change the blend at the brain's edge, where skipped and computed windows
+overlap.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +61,21 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
     return [int(round(i * step)) for i in range(count)]
 
 
+@dataclass
+class WindowCount:
+    """Windows of one or more sliding-window passes: how many, and how many were skipped as background."""
+
+    windows: int = 0
+    skipped: int = 0
+
+    def add(self, other: "WindowCount") -> None:
+        self.windows += other.windows
+        self.skipped += other.skipped
+
+    def line(self) -> str:
+        return f"skipped {self.skipped} of {self.windows} windows (background)"
+
+
 def _check_args(image: torch.Tensor, window: Sequence[int], overlap: float, sw_batch: int) -> tuple[int, ...]:
     if image.ndim != 4:
         raise ValueError(f"image must be (C, D, H, W), got shape {tuple(image.shape)}")
@@ -73,11 +99,15 @@ def sliding_window(
     sigma_scale: float = 0.125,
     progress: bool = False,
     out_device: str | torch.device = "cpu",
+    skip_background: bool = True,
+    count: WindowCount | None = None,
 ) -> torch.Tensor:
     """(K, D, H, W) float32: importance-weighted average of `predict` over windows of `image`.
 
     `image` (C, D, H, W) stays on its device; windows are cut from it `sw_batch` at a time and
-    the outputs accumulate on `out_device`.
+    the outputs accumulate on `out_device`. `skip_background`: all-zero windows are not run but
+    take the logits of one all-zero window (module docstring). `count`, when given, is increased by
+    this pass's windows and skipped windows.
     """
     image = torch.as_tensor(image)
     window = _check_args(image, window, overlap, sw_batch)
@@ -89,32 +119,72 @@ def sliding_window(
             pad += [0, p - s]
         image = torch.nn.functional.pad(image, pad)
     starts = [window_starts(p, w, overlap) for p, w in zip(padded, window)]
-    corners = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
+    slices = [tuple(slice(c, c + w) for c, w in zip((z, y, x), window))
+              for z in starts[0] for y in starts[1] for x in starts[2]]
+    brain = image.ne(0).any(dim=0) if skip_background else None  # (D, H, W)
+    run = [brain is None or bool(brain[s].any()) for s in slices]
+    if count is not None:
+        count.add(WindowCount(len(slices), run.count(False)))
     weight = gaussian_importance(window, sigma_scale) if gaussian else torch.ones(window)
     weight = weight.to(out_device)
     out: torch.Tensor | None = None
     total = torch.zeros((1, *padded), dtype=torch.float32, device=out_device)
-    batches = [corners[i:i + sw_batch] for i in range(0, len(corners), sw_batch)]
     with torch.no_grad():
-        for batch in tqdm(batches, desc="sliding window", unit="batch", disable=bar_off(progress), leave=False):
-            slices = [tuple(slice(c, c + w) for c, w in zip(corner, window)) for corner in batch]
-            x = torch.stack([image[(slice(None), *s)] for s in slices])  # (B, C, *window)
-            y = predict(x)
-            if y.ndim != 5 or y.shape[0] != len(batch) or tuple(y.shape[2:]) != window:
-                raise ValueError(
-                    f"predict returned shape {tuple(y.shape)} for input {tuple(x.shape)}; "
-                    f"expected ({len(batch)}, K, {', '.join(map(str, window))})"
-                )
-            y = y.to(device=out_device, dtype=torch.float32)
+        for s, logits in _window_logits(predict, image, slices, run, sw_batch, progress):
+            logits = logits.to(device=out_device, dtype=torch.float32)
             if out is None:
-                out = torch.zeros((y.shape[1], *padded), dtype=torch.float32, device=out_device)
-            for logits, s in zip(y, slices):
-                out[(slice(None), *s)] += logits * weight
-                total[(slice(None), *s)] += weight
+                out = torch.zeros((logits.shape[0], *padded), dtype=torch.float32, device=out_device)
+            out[(slice(None), *s)] += logits * weight
+            total[(slice(None), *s)] += weight
     assert out is not None  # at least one window always exists
     out /= total
     d, h, w = spatial
     return out[:, :d, :h, :w].contiguous()
+
+
+def _window_logits(predict: Predict, image: torch.Tensor, slices: list[tuple[slice, ...]], run: list[bool],
+                   sw_batch: int, progress: bool) -> Iterator[tuple[tuple[slice, ...], torch.Tensor]]:
+    """(window slices, logits (K, *window)) for every window, in the order of `slices` (so sums over
+    windows add up in the same order, skipped or not): the windows with `run` go through `predict`
+    `sw_batch` at a time; the others get the logits of one all-zero window, computed once."""
+    window = tuple(s.stop - s.start for s in slices[0])
+    background: torch.Tensor | None = None
+    waiting: list[int] = []  # windows in order, up to the last one of the batch being filled
+    batch: list[int] = []
+    bar = tqdm(total=sum(run), desc="sliding window", unit="window", disable=bar_off(progress), leave=False)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = predict(x)
+        if y.ndim != 5 or y.shape[0] != x.shape[0] or tuple(y.shape[2:]) != window:
+            raise ValueError(
+                f"predict returned shape {tuple(y.shape)} for input {tuple(x.shape)}; "
+                f"expected ({x.shape[0]}, K, {', '.join(map(str, window))})"
+            )
+        return y
+
+    def flush() -> Iterator[tuple[tuple[slice, ...], torch.Tensor]]:
+        nonlocal background
+        done = {}
+        if batch:
+            y = forward(torch.stack([image[(slice(None), *slices[i])] for i in batch]))  # (B, C, *window)
+            done = dict(zip(batch, y))
+            bar.update(len(batch))
+        for i in waiting:
+            if i not in done and background is None:
+                background = forward(torch.zeros((1, image.shape[0], *window), dtype=image.dtype,
+                                                 device=image.device))[0]
+            yield slices[i], done.get(i, background)
+        waiting.clear()
+        batch.clear()
+
+    with bar:
+        for i, runs in enumerate(run):
+            waiting.append(i)
+            if runs:
+                batch.append(i)
+                if len(batch) == sw_batch:
+                    yield from flush()
+        yield from flush()
 
 
 def predict_case(

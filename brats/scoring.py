@@ -15,21 +15,24 @@ from tqdm import tqdm
 
 from brats.cache import Cache
 from brats.dataset import iter_cases
-from brats.inference import predict_case
+from brats.inference import WindowCount, predict_case
 from brats.metrics import dice, score_case
 from common.config import Config, ConfigError
 from common.progress import bar_off
 
 
 def score_cases(
-    predict, cache, case_ids: Sequence[str], cfg: Config, *, on_case=None, desc: str | None = None
+    predict, cache, case_ids: Sequence[str], cfg: Config, *, on_case=None, desc: str | None = None,
+    count: WindowCount | None = None,
 ) -> list[dict]:
     """The one scoring loop (validation, stages, benchmarks): sliding-window prediction of every
-    labelled case with `cfg.train`'s window, overlap, batch and ET rule, then `score_case`.
+    labelled case with `cfg.train`'s window, overlap, batch, ET rule and background skipping, then
+    `score_case`.
 
     `predict` maps a (B, 4, *window) batch to logits; `on_case(case, image, truth, pred)` sees each
-    case's arrays. Rows are {"case": name, dice_wt, ..., hd95_et, ..., et_missed (1.0: the truth has
-    ET, the prediction none)}; unlabelled cases are skipped.
+    case's arrays; `count` adds up the windows and skipped background windows of every case. Rows
+    are {"case": name, dice_wt, ..., hd95_et, ..., et_missed (1.0: the truth has ET, the prediction
+    none)}; unlabelled cases are skipped.
     """
     t, rows = cfg.train, []
     cases = iter_cases(cache, case_ids)
@@ -37,7 +40,7 @@ def score_cases(
         if label is None:
             continue
         pred = predict_case(predict, image, cfg.data.scheme, t.window, t.overlap, t.sw_batch,
-                            et_min_voxels=t.et_min_voxels)
+                            et_min_voxels=t.et_min_voxels, skip_background=t.skip_background, count=count)
         truth = label.numpy()
         # a case whose truth has ET but whose prediction has none: a mean over cases hides it
         et_missed = float(bool((truth == 4).any()) and not bool((pred == 4).any()))
@@ -90,7 +93,8 @@ def calibrate_et_rule(predict, cache: Cache, case_ids: Sequence[str], cfg: Confi
     for case, image, label, meta in iter_cases(cache, case_ids):
         if label is None:
             continue
-        pred = predict_case(predict, image, cfg.data.scheme, t.window, t.overlap, t.sw_batch, et_min_voxels=0)
+        pred = predict_case(predict, image, cfg.data.scheme, t.window, t.overlap, t.sw_batch, et_min_voxels=0,
+                            skip_background=t.skip_background)
         et = pred == 4
         kept.append((et, int(et.sum()), label.numpy() == 4))
     if not kept:

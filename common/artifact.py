@@ -44,6 +44,10 @@ class ArtifactError(UserInputError, RuntimeError):
     """An artifact that is missing, unreadable, or not what the caller needs."""
 
 
+class SpecError(ArtifactError, ValueError):
+    """An artifact whose spec its kind's builder cannot build (a ValueError, as builders raise)."""
+
+
 @dataclass
 class Artifact:
     stage: str
@@ -128,13 +132,18 @@ def register_builder(kind: str):
 def build_model(artifact: Artifact, strict: bool = True) -> torch.nn.Module:
     """Rebuild the model an artifact describes and load its weights.
 
-    ArtifactError when no imported package registered the kind, or the weights do not fit."""
+    ArtifactError when no imported package registered the kind, the spec does not build, or the weights
+    do not fit."""
     kind = artifact.spec.get("kind", "fp32")
     if kind not in BUILDERS:
         hint = f"; import {KNOWN_PROVIDERS[kind]} first" if kind in KNOWN_PROVIDERS else ""
         raise ArtifactError(f"{artifact.path}: no builder registered for model kind {kind!r} "
                             f"(registered: {', '.join(sorted(BUILDERS)) or 'none'}{hint})")
-    model = BUILDERS[kind](artifact.spec)
+    try:
+        model = BUILDERS[kind](artifact.spec)
+    except (KeyError, TypeError, ValueError) as e:
+        raise SpecError(f"{artifact.path}: its {kind!r} spec does not describe a model: "
+                            f"{type(e).__name__}: {e}") from None
     try:
         model.load_state_dict(artifact.state_dict, strict=strict)
     except RuntimeError as e:

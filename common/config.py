@@ -78,6 +78,7 @@ class TrainConfig:
     overlap: float = 0.5
     sw_batch: int = 2
     et_min_voxels: int = 0  # inference: a case with fewer ET voxels gets them relabelled NCR (0: off)
+    skip_background: bool = True  # inference: all-zero (no brain) windows reuse one zero window's logits (same output)
     steps_per_epoch: int | None = None  # None: len(loader)
     log_images: bool = True
     threads: int | None = None  # torch.set_num_threads; None: leave as is

@@ -8,6 +8,7 @@ and checked by `brats.nifti.load_case`, as for the cache: a modality constant in
 bad case unless `allow_constant_modality` (then a warning). With `overlay_dir`, each case also
 gets `<case>.png`: an axial slice through its tumour with the prediction's contours over FLAIR and
 T1ce, beside the truth's when the case has one (`brats.overlay.case_figure`, as the report draws).
+Windows without a brain voxel are skipped unless told (`brats.inference`: the same label maps).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from brats.inference import predict_case, to_full_grid
+from brats.inference import WindowCount, predict_case, to_full_grid
 from brats.layout import MODALITIES, CaseRef, DataError, discover_cases, warn
 from brats.metrics import REGIONS, dice, region_masks
 from brats.nifti import LoadedCase, load_case, save_label_map
@@ -44,6 +45,7 @@ class PredictResult:
     written: dict[str, Path] = field(default_factory=dict)  # case -> label map
     failed: dict[str, str] = field(default_factory=dict)  # case -> message naming case and file
     overlays: dict[str, Path] = field(default_factory=dict)  # case -> PNG (with overlay_dir)
+    windows: WindowCount = field(default_factory=WindowCount)  # over the cases predicted
 
 
 def artifact_scheme(art: Artifact, default: str = "regions") -> str:
@@ -138,13 +140,14 @@ def select_cases(refs: Sequence[CaseRef], cases: Sequence[str], source: str | Pa
 
 
 def predict_ref(model: nn.Module, ref: CaseRef, scheme: str, window: Sequence[int], overlap: float,
-                sw_batch: int = 1, et_min_voxels: int = 0,
-                allow_constant_modality: bool = False) -> tuple[np.ndarray, LoadedCase]:
-    """(full-grid uint8 BraTS label map (X, Y, Z), LoadedCase) for one case; the seg is not read."""
+                sw_batch: int = 1, et_min_voxels: int = 0, allow_constant_modality: bool = False,
+                skip_background: bool = True, count: WindowCount | None = None) -> tuple[np.ndarray, LoadedCase]:
+    """(full-grid uint8 BraTS label map (X, Y, Z), LoadedCase) for one case; the seg is not read.
+    `skip_background` and `count`: as `brats.inference.sliding_window` takes them."""
     loaded = load_case(dataclasses.replace(ref, has_label=False), allow_constant_modality)
     image, _, bbox = preprocess_case(loaded)  # float16 (4, d, h, w), as stored in the cache
     label = predict_case(predict_fn(model), image.astype(np.float32), scheme, window, overlap, sw_batch,
-                         et_min_voxels)
+                         et_min_voxels, skip_background=skip_background, count=count)
     full = to_full_grid(label, bbox, loaded.image.shape[1:])
     return full, loaded
 
@@ -194,7 +197,8 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
                    window: Sequence[int] = (128, 128, 128), overlap: float = 0.5, sw_batch: int = 1,
                    progress: bool = True, cases: Sequence[str] | None = None,
                    et_min_voxels: int | None = None, allow_constant_modality: bool = False,
-                   overwrite: bool = False, overlay_dir: str | Path | None = None) -> PredictResult:
+                   overwrite: bool = False, overlay_dir: str | Path | None = None,
+                   skip_background: bool = True) -> PredictResult:
     """Predict every case under `input_dir` (any BraTS layout, or one case folder), or only `cases`.
 
     Writes `<output_dir>/<case>.nii.gz` atomically. `et_min_voxels` None: the threshold calibrated
@@ -205,6 +209,8 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
     An output file that already exists is an error (UserInputError, before any prediction) unless
     `overwrite`. `overlay_dir`: also `<overlay_dir>/<case>.png` per case (`write_overlay`; the
     truth drawn when the case has one); a picture that fails is reported, its label map kept.
+    `skip_background`: windows without a brain voxel reuse one all-zero window's logits (the same
+    label maps, less work); `result.windows` counts them.
     """
     art = Artifact.load(artifact)
     window = check_window(window, art.spec)
@@ -233,7 +239,7 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
         bar.set_postfix_str(ref.case)
         try:
             full, loaded = predict_ref(model, ref, scheme, window, overlap, sw_batch, et_min_voxels,
-                                       allow_constant_modality)
+                                       allow_constant_modality, skip_background, result.windows)
             path = save_label_map(output_dir / f"{ref.case}.nii.gz", full, loaded.affine, loaded.header)
         except DataError as e:
             result.failed[ref.case] = str(e)

@@ -3,6 +3,9 @@
 Per artifact (teacher, student, lowrank, grown, int8, then any other stage): parameters, G
 multiply-adds (fvcore convention), size on disk, Dice / HD95 / IoU on held-out cases by
 sliding window over whole cases, CPU latency per window and per case, and ratios to the teacher.
+With `train.skip_background` (the default) windows without a brain voxel are skipped when scoring
+and timing (`brats.inference`: the same label maps); the whole-case time is then also measured with
+every window run, interleaved, and the skipped windows are counted over the held-out cases.
 Writes report.md, report.csv, report.json and PNG plots into one folder, all atomically.
 
 `metrics="official"` or `"both"` adds the official BraTS metrics (the optional `brats-evaluation`
@@ -32,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from brats import official
-from brats.inference import predict_case
+from brats.inference import WindowCount, predict_case
 from brats.layout import MODALITIES
 from brats.metrics import REGIONS, summarize
 from brats.overlay import axial_slice, case_figure
@@ -41,7 +44,7 @@ from common.artifact import Artifact, ArtifactError, build_model
 from common.atomic import atomic_write_text
 from common.config import Config, ConfigError, DataConfig, from_dict
 from common.progress import bar_off
-from common.timing import median_seconds
+from common.timing import interleaved_medians
 from engine.data import make_data
 from compress.grow import START as GROWTH_START
 from engine.loop import LAST
@@ -66,7 +69,8 @@ RATIO_KEYS = {  # ratio key -> measured key, each row divided by the reference (
 }
 ROW_KEYS = ("stage", "artifact", "kind", "params", "gmacs", "size_mb", *METRIC_KEYS,
             "latency_ms_window", "latency_s_case", *RATIO_KEYS, "cases", "et_missed_cases", "threads",
-            "omp_wait_policy", "trained_as", "et_min_voxels", "error")
+            "omp_wait_policy", "trained_as", "et_min_voxels", "windows", "windows_skipped", "latency_s_case_noskip",
+            "error")
 OFFICIAL_N_KEYS = tuple(f"official_cases_{r}" for r in official.REGIONS)  # cases with an official number
 OFFICIAL_ROW_KEYS = (*official.COLUMNS, *OFFICIAL_N_KEYS)
 METRIC_CHOICES = ("legacy", "official", "both")
@@ -251,8 +255,10 @@ def score_artifact(found: Found, cfg: Config, cache, cases: list[str], default_s
         if on_case is not None:
             on_case(case, image, truth, pred)
 
+    count = WindowCount()
     scores = score_cases(predict, cache, cases, scoring, desc=f"  {found.stage} cases" if progress else None,
-                         on_case=seen)
+                         on_case=seen, count=count)
+    row["windows"], row["windows_skipped"] = count.windows, count.skipped
     first_image = first[0] if first else None
     if raw_official:
         by_case = {r["case"]: r for r in official.parse_official(raw_official)}
@@ -271,9 +277,15 @@ def score_artifact(found: Found, cfg: Config, cache, cases: list[str], default_s
     row["et_missed_cases"] = int(sum(r.get("et_missed", 0.0) for r in scores))
 
     if rep.case_latency and first_image is not None:
-        run = lambda: predict_case(predict, first_image, scheme, window, overlap, rep.sw_batch,  # noqa: E731
-                                   et_min)
-        row["latency_s_case"] = median_seconds(run, rep.latency_runs, warmup=0)
+        def run(skip: bool):
+            return lambda: predict_case(predict, first_image, scheme, window, overlap, rep.sw_batch, et_min,
+                                        skip_background=skip)
+
+        skip = scoring.train.skip_background
+        ways = {"skip": run(True), "all": run(False)} if skip else {"all": run(False)}
+        times = interleaved_medians(ways, rep.latency_runs, warmup=0)
+        row["latency_s_case"] = times["skip" if skip else "all"]
+        row["latency_s_case_noskip"] = times["all"] if skip else None
     return row, scores
 
 
@@ -741,6 +753,7 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
               "-" if r.get("et_min_voxels") is None else f"< {r['et_min_voxels']} voxels"] for r in rows),
         ),
         "",
+        *skip_section(rows, cfg.train.skip_background),
         "Published reference (other data, not comparable row by row): SegFormer3D, 4.5M parameters, "
         "mean Dice 0.821 (WT 89.9, TC 82.2, ET 74.2) on MSD Task01 with its own validation split.",
         "",
@@ -765,6 +778,24 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
             if value:
                 lines += [f"## {f.stage}: {title}", "", f"From `{f.path}`.", "", *render(value), ""]
     return "\n".join(lines)
+
+
+def skip_section(rows: list[dict], skip: bool) -> list[str]:
+    """Skipped background windows over the held-out cases, and the whole-case time both ways."""
+    if not skip:
+        return ["Background windows were not skipped (train.skip_background=false): every window was run.", ""]
+    return [
+        "Background windows skipped (train.skip_background): a window without a brain voxel reuses the logits "
+        "of one all-zero window, so the label maps are the same as with every window run; whole-case time "
+        "both ways on the first held-out case, interleaved:", "",
+        markdown_table(
+            ["stage", "windows skipped", "s / case", "s / case, every window"],
+            ([r["stage"], "-" if r.get("windows") is None else f"{r['windows_skipped']} of {r['windows']}",
+              _fmt(r.get("latency_s_case"), ".2f"), _fmt(r.get("latency_s_case_noskip"), ".2f")]
+             for r in rows if not r.get("error")),
+        ),
+        "",
+    ]
 
 
 def official_section(rows: list[dict], versions: str) -> list[str]:

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from brats.inference import MIN_WEIGHT, gaussian_importance, predict_case, sliding_window, to_full_grid, window_starts
+from brats.inference import (MIN_WEIGHT, WindowCount, gaussian_importance, predict_case, sliding_window, to_full_grid,
+                             window_starts)
+from model.refineformer3d import ModelSpec, RefineFormer3D
 
 WINDOW = (8, 8, 8)
 
@@ -91,7 +93,7 @@ def test_overlap_average_weighted_by_gaussian():
         seen.extend(ids.tolist())
         return ids.view(-1, 1, 1, 1, 1).expand(-1, 1, *x.shape[2:])
 
-    out = sliding_window(predict, image, WINDOW, overlap=0.5, sw_batch=1)
+    out = sliding_window(predict, image, WINDOW, overlap=0.5, sw_batch=1, skip_background=False)  # zeros: run anyway
     g = gaussian_importance(WINDOW)
     assert seen == [1.0, 2.0]
     # voxel z=5: index 5 in window 1 (weight g[5]) and index 1 in window 2 (weight g[1])
@@ -169,3 +171,81 @@ def test_predict_case_suppresses_small_et():
     assert (kept == 4).sum() == 3
     relabelled = predict_case(predict, image, "regions", window=(8, 8, 8), overlap=0.0, et_min_voxels=4)
     assert (relabelled == 4).sum() == 0 and (relabelled == 1).sum() == 3
+
+
+TINY = dict(embed_dims=[8, 16, 16, 16], num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1], decoder_dim=8, fuse_dim=8,
+            refine_dim=4)
+
+
+def _tiny_predict(seed: int = 0):
+    """A tiny RefineFormer3D whose logits on an all-zero window are far from constant background
+    (random weights), so a skipped window's contribution is only right if it is the model's own."""
+    torch.manual_seed(seed)
+    model = RefineFormer3D(ModelSpec(**TINY)).eval()
+    calls = []
+
+    def predict(x):
+        calls.append(x.shape[0])
+        with torch.no_grad():
+            return model(x)
+
+    return predict, calls
+
+
+BOX = (slice(30, 50), slice(20, 44), slice(10, 30))
+
+
+def _brain_in_zeros(shape=(4, 96, 80, 48), brain=BOX, seed=0):
+    """(C, D, H, W): z-scored noise in a box, exactly 0 outside it (as the cache stores background)."""
+    image = torch.zeros(shape)
+    g = torch.Generator().manual_seed(seed)
+    image[(slice(None), *brain)] = torch.randn((shape[0], *[s.stop - s.start for s in brain]), generator=g)
+    return image
+
+
+@pytest.mark.parametrize("sw_batch", [1, 3])
+def test_skipping_zero_windows_keeps_the_segmentation(sw_batch):
+    image = _brain_in_zeros()
+    window = (32, 32, 32)
+    predict, calls = _tiny_predict()
+    full = sliding_window(predict, image, window, 0.5, sw_batch, skip_background=False)
+    n_full = sum(calls)
+    calls.clear()
+    count = WindowCount()
+    skipped = sliding_window(predict, image, window, 0.5, sw_batch, count=count)
+    starts = [window_starts(s, w, 0.5) for s, w in zip(image.shape[1:], window)]
+    n_windows = math.prod(map(len, starts))
+    # windows reaching into the brain box [30, 50) x [20, 44) x [10, 30): 4 of 5, 3 of 4, 2 of 2 along the axes
+    assert [sum(a < b.stop and a + w > b.start for a in st) for st, w, b in zip(starts, window, BOX)] == [4, 3, 2]
+    assert count.windows == n_windows == n_full == 40 and count.skipped == 40 - 4 * 3 * 2
+    assert sum(calls) == n_windows - count.skipped + 1  # one all-zero window stands in for every skipped one
+    if sw_batch == 1:  # same windows, same order, same batches: bit for bit
+        assert torch.equal(skipped, full)
+    else:  # the computed windows are batched differently: float rounding only
+        torch.testing.assert_close(skipped, full, atol=1e-5, rtol=1e-5)
+    for scheme in ("regions", "seed3"):
+        a = predict_case(predict, image, scheme, window, 0.5, sw_batch)
+        b = predict_case(predict, image, scheme, window, 0.5, sw_batch, skip_background=False)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_no_window_skipped_where_every_window_holds_brain():
+    image = torch.randn((4, 48, 40, 40), generator=torch.Generator().manual_seed(1))
+    image[:, :8] = 0.0  # a zero slab thinner than a window
+    predict, calls = _tiny_predict()
+    count = WindowCount()
+    out = sliding_window(predict, image, (32, 32, 32), 0.5, 1, count=count)
+    assert count.skipped == 0 and count.windows == sum(calls) == 2 * 2 * 2
+    assert torch.equal(out, sliding_window(predict, image, (32, 32, 32), 0.5, 1, skip_background=False))
+
+
+def test_window_count_adds_up_over_cases_and_says_it():
+    count = WindowCount()
+    predict = lambda x: torch.zeros((x.shape[0], 3, *x.shape[2:]))  # noqa: E731
+    for brain in ((slice(0, 4), slice(0, 4), slice(0, 4)), (slice(20, 22), slice(20, 22), slice(20, 22))):
+        predict_case(predict, _brain_in_zeros((4, 24, 24, 24), brain), "regions", (8, 8, 8), 0.0, count=count)
+    assert (count.windows, count.skipped) == (2 * 27, 2 * 26)
+    assert count.line() == "skipped 52 of 54 windows (background)"
+    empty = WindowCount()
+    sliding_window(predict, torch.zeros((4, 8, 8, 8)), (8, 8, 8), 0.0, count=empty)  # all background: one window
+    assert (empty.windows, empty.skipped) == (1, 1)

@@ -76,6 +76,21 @@ def test_predictions_on_input_grid_and_equal_to_cache_pipeline(setup, tmp_path):
     assert len(seen) >= 3  # a real mix of labels, not a constant map
 
 
+def test_background_skipping_counted_and_switchable(setup, tmp_path, capsys):
+    root, data, artifact, _ = setup
+    case = discover_cases(data)[0].case
+    code = predict_cli.main([str(artifact), "--input", str(data), "--output", str(tmp_path / "skip"),
+                             "--window", *map(str, WINDOW), "--cases", case, "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0 and "windows (background)" in out
+    every = predict_folder(artifact, data, tmp_path / "all", WINDOW, cases=[case], progress=False,
+                           skip_background=False)
+    assert every.windows.skipped == 0 and every.windows.windows >= 1
+    assert f"skipped 0 of {every.windows.windows} windows (background)" in out  # a brain-cropped phantom: none
+    skip = np.asanyarray(nib.load(str(tmp_path / "skip" / f"{case}.nii.gz")).dataobj)
+    np.testing.assert_array_equal(skip, np.asanyarray(nib.load(str(every.written[case])).dataobj))
+
+
 def test_bad_case_reported_and_skipped_others_written(setup, tmp_path):
     root, data, artifact, _ = setup
     import shutil

@@ -10,13 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from common.artifact import Artifact, build_model
+from common.artifact import Artifact, ArtifactError, build_model
 from common.config import Config
-from compress.quant.convert import Int8Conv3d, Int8Linear, convert, int8_spec
+from compress.quant.convert import (Int8Conv3d, Int8Linear, Int8WeightConv3d, Int8WeightLinear, convert, int8_spec,
+                                     int8_state_bytes, int8_weight_layers, prepare_float)
 from compress.quant.decide import decide, int8_layers
 from compress.quant.lsq import LSQConfig, calibrate, quantize_
 from compress.quant.stage import quantize_step
-from model.refineformer3d import ModelSpec, RefineFormer3D
+from model.refineformer3d import ModelSpec, RefineFormer3D, preset_spec
 
 TINY = dict(embed_dims=[16, 32, 32, 32], num_heads=[1, 2, 2, 2], depths=[1, 1, 1, 1], decoder_dim=16, fuse_dim=16,
             refine_dim=4)
@@ -87,8 +88,10 @@ def test_decision_honours_forced_table():
     chosen = {r["layer"]: r["choice"] for r in rows}
     assert sorted(int8_layers(rows)) == ["decoder.head", "encoder.stages.1.blocks.0.mlp.dwconv"]
     assert chosen["decoder.fuse_parts.0"] == "fp32" and all(r["fp32_ms"] is None for r in rows)
-    quant_names = [n for n, m in qat.named_modules() if hasattr(m, "w_fq")]
+    quant_names = [n for n, m in qat.named_modules() if hasattr(m, "w_fq") and not m.weight_only]
     assert sorted(quant_names) == sorted(int8_layers(rows))
+    weight_only = [n for n, m in qat.named_modules() if hasattr(m, "w_fq") and m.weight_only]
+    assert sorted(weight_only) == sorted(set(chosen) - set(int8_layers(rows)))  # the rest: weights only
     # "all" keeps the logits layer float unless forced, and a forced fp32 entry keeps that layer float
     _, _, rows = _tiny_qat("all", {"decoder.refine_dw": "fp32"})
     chosen = {r["layer"]: (r["choice"], r["why"]) for r in rows}
@@ -189,3 +192,83 @@ torch.save({"y": y, "x": x, "layers": layers.state_dict()}, "out.pt")
             qx = torch.quantize_per_tensor(x.clamp(-zp * scale, (qmax - zp) * scale), scale, zp, torch.quint8)
             x = torch.ops.quantized.conv3d(qx, packed, float(state["out_scale"]), int(state["out_zero_point"])).dequantize()
     assert torch.equal(saved["y"], x)
+
+
+def _save_int8(path, model, qat, rows):
+    """The INT8 artifact as the INT8 stage writes it (compress.quant.stage.to_int8)."""
+    int8 = convert(copy.deepcopy(qat))
+    spec = int8_spec(model.spec.to_dict(), int8_layers(rows), True, torch.backends.quantized.engine,
+                     int8_weight_layers(int8))
+    Artifact(stage="int8", spec=spec, state_dict=int8.state_dict()).save(path)
+    return int8
+
+
+@pytest.mark.parametrize("force", [{}, {"decoder.refine_pw": "int8", "encoder.stages.1.blocks.0.mlp.fc1": "int8"}])
+def test_every_weight_stored_int8_and_fp32_layers_run_the_qat_weights(tmp_path, force):
+    """decide "table": only the forced layers run INT8; every other Linear/Conv3d runs FP32 on the int8
+    weights QAT trained (weight-only fake quantisation), so the loaded model is the fake-quant model:
+    to float rounding with no INT8 kernel, to an INT8 output step where some run INT8."""
+    model, qat, rows = _tiny_qat("table", force)
+    assert sorted(int8_layers(rows)) == sorted(force)
+    int8 = _save_int8(tmp_path / "int8.pt", model, qat, rows)
+    art = Artifact.load(tmp_path / "int8.pt")
+    assert sorted(art.spec["int8_weights"]) == sorted({r["layer"] for r in rows} - set(force))
+    # no float weight left: every >= 2-D tensor of the state (conv / linear weights) is int8
+    assert all(v.dtype == torch.int8 for v in art.state_dict.values() if v.ndim >= 2)
+    rebuilt = build_model(art)
+    assert isinstance(rebuilt.decoder.head, Int8WeightConv3d) and isinstance(rebuilt.decoder.head, nn.Conv3d)
+    assert isinstance(rebuilt.encoder.stages[0].blocks[0].mlp.fc1, Int8WeightLinear)
+    x = torch.randn(SHAPE)
+    with torch.no_grad():
+        fq, before, after = qat(x), int8(x), rebuilt(x)
+    assert torch.equal(after, before)  # loaded == pre-save
+    scale = float(fq.abs().max())
+    if not force:
+        torch.testing.assert_close(after, fq, atol=1e-5 * scale, rtol=0)
+    else:
+        assert float((after - fq).abs().mean()) < 1e-3 * scale and float((after - fq).abs().max()) < 0.05 * scale
+
+
+def test_int8_state_is_under_a_third_of_the_fp32_student():
+    """Width 0.25 (the demo student's size): weights int8 + one float scale per output channel; biases and
+    LayerNorms stay FP32. Measured 0.273 of the FP32 model's state bytes (BatchNorm unfolded there)."""
+    torch.manual_seed(0)
+    fp32 = RefineFormer3D(preset_spec("refineformer3d", 0.25)).eval()
+    cfg = Config()
+    cfg.quant.decide = "table"
+    qat, _ = quantize_step(fp32, cfg, [torch.randn(SHAPE)], shape=SHAPE)
+    ratio = int8_state_bytes(convert(qat)) / int8_state_bytes(fp32)
+    assert 0.2 < ratio <= 0.3
+
+
+def test_int8_artifact_before_int8_weights_still_loads(tmp_path):
+    """An artifact written before `int8_weights` existed: FP32-run layers stored as float, no such key."""
+    model, _, rows = _tiny_qat("table", {"decoder.refine_pw": "int8"})
+    old = prepare_float(model)  # the old INT8 stage: LSQ (and int8 storage) on the INT8 layers only
+    quantize_(old, LSQConfig(final={"decoder.head"}), lambda name, m: name == "decoder.refine_pw")
+    calibrate(old, [torch.randn(SHAPE)])
+    convert(old)
+    spec = int8_spec(model.spec.to_dict(), ["decoder.refine_pw"], True, torch.backends.quantized.engine)
+    del spec["int8_weights"]
+    Artifact(stage="int8", spec=spec, state_dict=old.state_dict()).save(tmp_path / "old.pt")
+    rebuilt = build_model(Artifact.load(tmp_path / "old.pt"))
+    assert type(rebuilt.decoder.head) is nn.Conv3d and "decoder.head.weight" in rebuilt.state_dict()  # FP32-stored
+    x = torch.randn(SHAPE)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), old(x))
+
+
+def test_bad_int8_artifacts_are_refused_with_the_reason(tmp_path):
+    model, qat, rows = _tiny_qat("table", {})
+    _save_int8(tmp_path / "int8.pt", model, qat, rows)
+    art = Artifact.load(tmp_path / "int8.pt")
+    float_state = build_model(art).state_dict()
+    float_state["decoder.head.weight"] = float_state.pop("decoder.head.weight_int8").float()  # FP32 weights
+    with pytest.raises(ArtifactError, match="(?s)weights do not fit.*decoder.head.weight_int8"):
+        build_model(Artifact(stage="int8", spec=art.spec, state_dict=float_state))
+    bad = {**art.spec, "int8_weights": [*art.spec["int8_weights"], "decoder.no_such"]}
+    with pytest.raises(ArtifactError, match="not Linear/Conv3d of its base model: \\['decoder.no_such'\\]"):
+        build_model(Artifact(stage="int8", spec=bad, state_dict=art.state_dict))
+    both = {**art.spec, "int8_layers": ["decoder.head"]}
+    with pytest.raises(ArtifactError, match="both as INT8 and as FP32 on int8 weights: \\['decoder.head'\\]"):
+        build_model(Artifact(stage="int8", spec=both, state_dict=art.state_dict))

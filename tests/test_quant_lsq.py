@@ -82,3 +82,21 @@ def test_quant_linear_equals_float_linear_on_grid_values():
         q.in_fq.zero_point.fill_(8)
     x = torch.tensor([[-2.0, -0.25, 0.0, 1.5]])
     assert torch.allclose(q(x), lin(x), atol=1e-6)
+
+
+def test_weight_only_layer_quantizes_its_weight_and_nothing_else():
+    """A weight-only layer (runs FP32, its weight stored int8): the float op on the fake-quantized weight;
+    its input and output pass unquantized, and calibration leaves its activation quantizers alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 3, 1))
+    quantize_(model, LSQConfig(weight_only={"2"}))
+    assert model[2].weight_only and not model[0].weight_only
+    assert not model[2].in_fq.enabled and not model[2].out_fq.enabled
+    x = torch.randn(2, 2, 4, 4, 4)
+    calibrate(model, [x])
+    assert float(model[2].in_fq.hi) == 0.0 and float(model[0].in_fq.hi) > 0.0  # never observed
+    h = model[1](model[0](x))
+    w = model[2].w_fq(model[2].weight)
+    step = model[2].w_fq.step.view(-1, 1, 1, 1, 1)
+    assert torch.allclose(w / step, (w / step).round(), atol=1e-4) and not torch.equal(w, model[2].weight)
+    assert torch.equal(model[2](h), nn.functional.conv3d(h, w, model[2].bias))

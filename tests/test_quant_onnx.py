@@ -34,7 +34,8 @@ def test_fp32_and_int8_onnx(tmp_path):
     data = export_onnx(qat, SHAPE)
     graph = onnx.load_from_string(data).graph
     int8_weights = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
-    assert len(int8_weights) == 40  # every INT8 layer's weight stored as int8, none left as float + Quantize
+    # every layer's weight stored as int8 (40 INT8 ones and the weight-only head), none left as float + Quantize
+    assert len(int8_weights) == 41
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] in {i.name for i in graph.initializer}
                    for n in graph.node)
     # rebuilt through the artifact (kind "onnx"), weights_only load

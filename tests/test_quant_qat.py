@@ -59,15 +59,18 @@ def test_qat_checkpoint_rebuilds_the_fake_quant_model(tmp_path, decoder, reassoc
     with torch.no_grad():
         assert torch.equal(rebuilt(x), expected)
     names = [n for n, m in rebuilt.named_modules() if isinstance(m, QUANT_LAYERS)]
+    int8 = [n for n, m in rebuilt.named_modules() if isinstance(m, QUANT_LAYERS) and not m.weight_only]
     chosen = [r["layer"] for r in rows if r["choice"] == "int8"]
     assert art.spec["kind"] == "int8-qat" and names == art.spec["quant_layers"]
-    assert sorted(names) == sorted(chosen)  # decisions are in execution order, modules in definition order
-    # encoder: 4 stems + 4 x (q, kv, proj, fc1, dwconv, fc2) + 2 sr = 30; refine decoder (re-associated):
-    # 4 projections + 4 fuse_parts + refine_dw, refine_pw, head; allmlp: 4 projections (fuse forced
-    # fp32, the logits layer pred stays float unless forced)
-    assert len(names) == (30 + 11 if decoder == "refine" else 30 + 4)
+    assert sorted(int8) == sorted(chosen)  # decisions are in execution order, modules in definition order
+    assert art.spec["lsq"]["weight_only"] == sorted(set(names) - set(chosen))  # the rest: weights only
+    # every Linear/Conv3d. encoder: 4 stems + 4 x (q, kv, proj, fc1, dwconv, fc2) + 2 sr = 30; refine decoder
+    # (re-associated): 4 projections + 4 fuse_parts + refine_dw, refine_pw, head, all INT8; allmlp:
+    # 4 projections INT8, fuse (forced fp32) and the logits layer pred (float unless forced) weight only
+    assert len(names) == 30 + (11 if decoder == "refine" else 6)
+    assert len(int8) == 30 + (11 if decoder == "refine" else 4)
     assert art.spec["lsq"]["act_qmax"] == act_qmax and art.spec["reassoc"] is reassoc
-    assert art.spec["lsq"]["final"] == (["decoder.head"] if decoder == "refine" else [])
+    assert art.spec["lsq"]["final"] == (["decoder.head"] if decoder == "refine" else ["decoder.pred"])
     assert {m.in_fq.qmax for m in rebuilt.modules() if isinstance(m, QUANT_LAYERS)} == {act_qmax}
     assert qat_spec(rebuilt) == spec  # a rebuilt model describes itself identically (resume checks this)
     # the rebuilt logits layer keeps its float output, every inner one requantizes
@@ -91,7 +94,7 @@ def test_lsq_steps_get_no_weight_decay():
     qat, rows = tiny_qat()
     exempt = no_decay_parameters(qat)  # what the engine's AdamW groups exempt
     no_decay = [n for n, p in qat.named_parameters() if id(p) in exempt]
-    assert len(no_decay) == 3 * len(rows) - 3  # w_fq, in_fq, out_fq steps of every INT8 layer (all but the head)
+    assert len(no_decay) == 3 * len(rows)  # w_fq, in_fq, out_fq steps of every layer (the head's: weight only)
     assert all(n.endswith(("w_fq.step", "in_fq.step", "out_fq.step")) for n in no_decay)
     assert id(qat.decoder.refine_pw.weight) not in exempt
     assert is_quantizer_param("module.encoder.stages.0.blocks.0.attn.q.in_fq.zero_point")  # DDP prefix
@@ -132,7 +135,8 @@ def test_quantize_resumes_an_interrupted_qat_run(phantom, tmp_path):
     groups = last.extra["train_state"]["optimizer"]["param_groups"]
     no_decay = [g for g in groups if g["weight_decay"] == 0.0]
     steps = [k for k in last.state_dict if k.endswith(".step")]
-    assert len(no_decay) == 1 and len(no_decay[0]["params"]) == len(steps) == 3 * 40  # all INT8 but the head
+    # every layer INT8 but the head, weight only: its activation steps are not trained
+    assert len(no_decay) == 1 and len(no_decay[0]["params"]) == len(steps) - 2 == 3 * 41 - 2
     moved = [k for k, v in first.state_dict.items() if not torch.equal(v, last.state_dict[k])]
     assert any(k.endswith(".step") for k in moved) and any(k.endswith(".weight") for k in moved)
     int8 = Artifact.load(path)

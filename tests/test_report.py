@@ -171,6 +171,23 @@ def test_numbers_and_ratios(built):
     assert f"| student | {t['dice_wt'] - s['dice_wt']:+.3f} |" in md and f"{with_et} of {s['cases']} |" in md
 
 
+def test_background_windows_counted_and_case_timed_both_ways(built):
+    root, cfg, result, *_ = built
+    from brats.cache import open_cache
+    from brats.inference import window_starts
+
+    cache = open_cache(root / "cache")
+    expected = sum(np.prod([len(window_starts(max(n, 32), 32, 0.5)) for n in cache.meta(c).shape])
+                   for c in result.cases)
+    for row in result.rows[:2]:
+        assert row["windows"] == expected and 0 <= row["windows_skipped"] < row["windows"]
+        assert row["latency_s_case_noskip"] > 0 and row["latency_s_case"] > 0
+    md = (root / "out" / "report.md").read_text()
+    t = result.rows[0]
+    assert "| stage | windows skipped | s / case | s / case, every window |" in md
+    assert f"| teacher | {t['windows_skipped']} of {t['windows']} | {t['latency_s_case']:.2f} |" in md
+
+
 def test_files_written(built):
     root, cfg, result, *_ = built
     out = root / "out"

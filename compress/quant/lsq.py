@@ -15,6 +15,10 @@ QuantLinear / QuantConv3d that fake-quantizes, with learned step sizes:
   stops before the probabilities); their output quantizer only records the calibrated range the
   converted kernel needs.
 
+The layers named in `LSQConfig.weight_only` quantize their weight only (input and output stay float):
+they run FP32 kernels, yet the INT8 artifact stores their weights as int8 with the learned step
+(`compress.quant.convert`), so the fine-tune trains them towards the weights they will have.
+
 The step gradient is LSQ's: inside the range d(out)/ds = round(v) - v (v = x/s), below/above it
 qmin - zp / qmax - zp, all times g = 1/sqrt(n * Qp), where n is the number of values one step
 quantizes (weights: elements per output channel; activations: elements per sample).
@@ -40,6 +44,7 @@ class LSQConfig:
     out_qmax: int = 255  # requantized outputs 0..out_qmax
     percentile: float = 99.99  # calibration range of activations: [100 - p, p] percentiles
     final: set[str] = field(default_factory=set)  # layers whose output stays float
+    weight_only: set[str] = field(default_factory=set)  # layers that quantize their weight only (run FP32)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -70,7 +75,9 @@ class FakeQuant(nn.Module):
         super().__init__()
         self.qmin, self.qmax, self.axis, self.symmetric = qmin, qmax, axis, symmetric
         self.percentile, self.enabled = percentile, enabled
-        self.step = nn.Parameter(torch.ones(channels if channels else ()))
+        # a disabled quantizer never runs, so its step gets no gradient: not trainable (DDP waits for
+        # a gradient of every trainable parameter)
+        self.step = nn.Parameter(torch.ones(channels if channels else ()), requires_grad=enabled)
         self.register_buffer("zero_point", torch.zeros(()))
         self.register_buffer("lo", torch.zeros(()))  # calibrated range (activations)
         self.register_buffer("hi", torch.zeros(()))
@@ -133,12 +140,12 @@ class FakeQuant(nn.Module):
 class _QuantLayer(nn.Module):
     """Shared parts of QuantLinear / QuantConv3d: weight, input and output quantizers."""
 
-    def _make_quantizers(self, out_channels: int, cfg: LSQConfig, final: bool) -> None:
+    def _make_quantizers(self, out_channels: int, cfg: LSQConfig, final: bool, weight_only: bool) -> None:
         self.w_fq = FakeQuant(-W_QMAX, W_QMAX, channels=out_channels, axis=0, symmetric=True)
         self.w_fq.init_from_weight(self.weight)
-        self.in_fq = FakeQuant(0, cfg.act_qmax, percentile=cfg.percentile)
-        self.out_fq = FakeQuant(0, cfg.out_qmax, percentile=cfg.percentile, enabled=not final)
-        self.final = final
+        self.in_fq = FakeQuant(0, cfg.act_qmax, percentile=cfg.percentile, enabled=not weight_only)
+        self.out_fq = FakeQuant(0, cfg.out_qmax, percentile=cfg.percentile, enabled=not (final or weight_only))
+        self.final, self.weight_only = final, weight_only
 
     def quantized_weight(self) -> torch.Tensor:
         return self.w_fq(self.weight)
@@ -148,19 +155,19 @@ class _QuantLayer(nn.Module):
 
 
 class QuantLinear(_QuantLayer):
-    def __init__(self, linear: nn.Linear, cfg: LSQConfig, final: bool = False):
+    def __init__(self, linear: nn.Linear, cfg: LSQConfig, final: bool = False, weight_only: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(linear.weight.detach().clone())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
-        self._make_quantizers(self.out_features, cfg, final)
+        self._make_quantizers(self.out_features, cfg, final, weight_only)
 
     def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.linear(x, w, self.bias)
 
 
 class QuantConv3d(_QuantLayer):
-    def __init__(self, conv: nn.Conv3d, cfg: LSQConfig, final: bool = False):
+    def __init__(self, conv: nn.Conv3d, cfg: LSQConfig, final: bool = False, weight_only: bool = False):
         super().__init__()
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("QuantConv3d needs explicit zero padding")
@@ -169,13 +176,23 @@ class QuantConv3d(_QuantLayer):
         self.dilation, self.groups = conv.dilation, conv.groups
         self.weight = nn.Parameter(conv.weight.detach().clone())
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
-        self._make_quantizers(self.out_channels, cfg, final)
+        self._make_quantizers(self.out_channels, cfg, final, weight_only)
 
     def op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.conv3d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 QUANT_LAYERS = (QuantLinear, QuantConv3d)
+
+
+@torch.no_grad()
+def int8_weight(layer: QuantLinear | QuantConv3d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, float per-output-channel step): the layer's weight on its learned grid, so that
+    int8 * step is the weight its fake quantisation computes."""
+    step = layer.w_fq.step.detach().clamp_min(1e-8).clone()
+    view = [-1] + [1] * (layer.weight.ndim - 1)
+    q = torch.clamp(torch.round(layer.weight.detach() / step.view(view)), -W_QMAX, W_QMAX).to(torch.int8)
+    return q, step
 FilterFn = Callable[[str, nn.Module], bool]
 
 
@@ -184,14 +201,14 @@ def quantizable(module: nn.Module) -> bool:
 
 
 def quantize_(model: nn.Module, cfg: LSQConfig | None = None, filter_fn: FilterFn | None = None) -> nn.Module:
-    """Swap, in place, every nn.Linear / nn.Conv3d accepted by filter_fn(name, module) for its LSQ twin."""
+    """Swap, in place, every nn.Linear / nn.Conv3d accepted by filter_fn(name, module) for its LSQ twin
+    (weight only for the layers in `cfg.weight_only`)."""
     cfg = cfg or LSQConfig()
     for name, module in list(model.named_modules()):
         if not quantizable(module) or (filter_fn is not None and not filter_fn(name, module)):
             continue
-        final = name in cfg.final
-        new = QuantLinear(module, cfg, final) if isinstance(module, nn.Linear) else QuantConv3d(module, cfg, final)
-        set_module(model, name, new)
+        twin = QuantLinear if isinstance(module, nn.Linear) else QuantConv3d
+        set_module(model, name, twin(module, cfg, name in cfg.final, name in cfg.weight_only))
     return model
 
 
@@ -201,8 +218,10 @@ def fake_quants(model: nn.Module) -> Iterable[FakeQuant]:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
-    """Initialise activation steps and zero points from a few forward passes; returns batches used."""
-    acts = [fq for layer in model.modules() if isinstance(layer, QUANT_LAYERS) for fq in (layer.in_fq, layer.out_fq)]
+    """Initialise activation steps and zero points from a few forward passes; returns batches used.
+    Weight-only layers have no activation quantizers to calibrate."""
+    acts = [fq for layer in model.modules() if isinstance(layer, QUANT_LAYERS) and not layer.weight_only
+            for fq in (layer.in_fq, layer.out_fq)]
     was_training = model.training
     model.eval()
     for fq in acts:

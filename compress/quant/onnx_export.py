@@ -3,7 +3,9 @@
 The INT8 graph is exported from the fake-quant model itself: in export mode each LSQ layer emits
 QuantizeLinear/DequantizeLinear pairs with its learned steps (activation: per tensor uint8; weight:
 per output channel int8), which ORT fuses into QLinearConv / QLinearMatMul. Weight QuantizeLinear
-nodes on constants are then folded into int8 initializers, so the file stores int8 weights.
+nodes on constants are then folded into int8 initializers, so the file stores int8 weights; a
+weight-only layer (`LSQConfig.weight_only`) gets only its weight's pair, and runs float after ORT
+dequantizes it.
 Linear weights are exported transposed (in, out) with the channel axis 1, so the DequantizeLinear
 feeds MatMul directly (a Transpose in between would stop ORT's QDQ fusion).
 
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.artifact import register_builder
-from compress.quant.lsq import W_QMAX, QuantConv3d, QuantLinear
+from compress.quant.lsq import QuantConv3d, QuantLinear, int8_weight
 
 OPSET = 17
 
@@ -33,11 +35,8 @@ OPSET = 17
 
 def _int_weight(layer: QuantLinear | QuantConv3d) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight on the INT8 grid, per-channel step), as plain tensors the tracer bakes as constants."""
-    with torch.no_grad():
-        step = layer.w_fq.step.detach().clamp_min(1e-8).clone()
-        view = [-1] + [1] * (layer.weight.ndim - 1)
-        w = torch.clamp(torch.round(layer.weight / step.view(view)), -W_QMAX, W_QMAX) * step.view(view)
-    return w.clone(), step
+    q, step = int8_weight(layer)
+    return q.float() * step.view([-1] + [1] * (q.ndim - 1)), step
 
 
 def _export_forward(layer: QuantLinear | QuantConv3d, x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,8 @@ Their spec names everything needed to rebuild it before loading the weights stri
     {"kind": "int8-qat", "base": <FP32 ModelSpec dict>, "fold_bn": True, "reassoc": bool,
      "quant_layers": [layer names with LSQ fake quantisation], "lsq": {LSQConfig as plain data}}
 
+(`lsq["weight_only"]`: the layers that fake-quantize only their weight; absent in older checkpoints.)
+
 `model_from_spec(spec)` replays the same surgery on a fresh FP32 model: the exact rewrites
 (`prepare_float`), then `quantize_` of exactly `quant_layers`. Calibration is not replayed: the
 steps, zero points and ranges are all in the state_dict.
@@ -46,6 +48,7 @@ def lsq_config_of(model: nn.Module) -> LSQConfig:
         out_qmax=_one({m.out_fq.qmax for m in layers.values()}, "output ranges (out_qmax)", default.out_qmax),
         percentile=_one({m.in_fq.percentile for m in layers.values()}, "calibration percentiles", default.percentile),
         final={name for name, m in layers.items() if m.final},
+        weight_only={name for name, m in layers.items() if m.weight_only},
     )
 
 
@@ -63,7 +66,7 @@ def qat_spec(model: nn.Module) -> dict[str, Any]:
         "reassoc": isinstance(model.decoder, ReassociatedDecoder),
         "quant_layers": [name for name, m in model.named_modules() if isinstance(m, QUANT_LAYERS)],
         "lsq": {"act_qmax": lsq.act_qmax, "out_qmax": lsq.out_qmax, "percentile": lsq.percentile,
-                "final": sorted(lsq.final)},
+                "final": sorted(lsq.final), "weight_only": sorted(lsq.weight_only)},
     }
 
 
@@ -91,7 +94,7 @@ def model_from_spec(spec: dict[str, Any]) -> nn.Module:
     """Builder for kind "int8-qat": FP32 base, the exact rewrites, LSQ layers (values to be loaded)."""
     model = prepare_float(QATRefineFormer3D(ModelSpec.from_dict(spec["base"])), reassoc=spec.get("reassoc", True))
     lsq = dict(spec.get("lsq", {}))
-    cfg = LSQConfig(**{**lsq, "final": set(lsq.get("final", ()))})
+    cfg = LSQConfig(**{**lsq, "final": set(lsq.get("final", ())), "weight_only": set(lsq.get("weight_only", ()))})
     wanted = list(spec["quant_layers"])
     candidates = {name for name, m in model.named_modules() if quantizable(m)}
     unknown = sorted(set(wanted) - candidates)

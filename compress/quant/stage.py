@@ -2,7 +2,8 @@
 
     prepare_float   BatchNorm folding + decoder re-association + channels-last tail (exact; model.rewrites)
     decide          which layers run INT8 (measured on this CPU, or forced)
-    quantize_       LSQ fake quantisation of exactly those layers, calibrated
+    quantize_       LSQ fake quantisation of exactly those layers, calibrated; the other layers quantize their
+                    weights only (they run FP32 on the int8 weights the artifact stores)
     distill         a few epochs of distillation from the lineage's teacher (engine); its checkpoint
                     <out>/qat/last.pt is kind "int8-qat" (compress.quant.qat), so it rebuilds with
                     build_model and the fine-tune resumes (`resume=True`)
@@ -22,7 +23,7 @@ from brats.scoring import evaluate
 from common.artifact import Artifact, ArtifactError, build_model
 from common.atomic import atomic_write
 from common.config import Config, ConfigError, to_dict
-from compress.quant.convert import convert, int8_spec, prepare_float, set_engine
+from compress.quant.convert import convert, int8_spec, int8_weight_layers, prepare_float, set_engine
 from compress.quant.decide import decide, format_table, int8_layers
 from compress.quant.lsq import LSQConfig, calibrate, quantize_
 from compress.quant.onnx_export import OrtModel, export_onnx, onnx_spec
@@ -51,9 +52,10 @@ def quantize_step(model: nn.Module, cfg: Config, calib: Iterable[torch.Tensor], 
     model = prepare_float(as_qat_model(model), reassoc=q.reassoc)  # a rewritten copy that describes itself
     rows = decide(model, shape or input_shape(cfg), q.decide, q.force, runs=q.bench_runs, min_speedup=q.min_speedup,
                   progress=progress, final={final_layer(model)})
-    chosen = set(int8_layers(rows))
-    lsq = LSQConfig(act_qmax=q.act_qmax, percentile=q.percentile, final={final_layer(model)})
-    quantize_(model, lsq, lambda name, m: name in chosen)
+    chosen, every = set(int8_layers(rows)), {r["layer"] for r in rows}
+    lsq = LSQConfig(act_qmax=q.act_qmax, percentile=q.percentile, final={final_layer(model)},
+                    weight_only=every - chosen)  # FP32 on int8-stored weights
+    quantize_(model, lsq, lambda name, m: name in every)
     calibrate(model, calib)
     return model, rows
 
@@ -119,7 +121,7 @@ def to_int8(backend: str):
                  "runtime": art.extra.get("runtime")}
         if backend == "torch":
             model = convert(copy.deepcopy(qat))
-            spec = int8_spec(source.spec, layers, cfg.quant.reassoc, engine)
+            spec = int8_spec(source.spec, layers, cfg.quant.reassoc, engine, int8_weight_layers(model))
         else:
             fp32 = build_model(source).eval()
             fp32_bytes = export_onnx(prepare_float(fp32, reassoc=cfg.quant.reassoc), shape)
