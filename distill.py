@@ -17,7 +17,7 @@ import os
 # Spin-waiting OpenMP threads make torch several times slower on a shared machine; set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from common.cli import config_from_args, data_given, out_dir, run_main, stage_parser  # noqa: E402
+from common.cli import add_strict, config_from_args, data_given, out_dir, run_main, stage_parser  # noqa: E402
 
 
 def main() -> int:
@@ -28,11 +28,9 @@ def main() -> int:
                    help="student start: pruned (the teacher's most important channels and their weights) or scratch "
                         "(random weights, same shape) (default: distill.init, pruned)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
-    p.add_argument("--strict", action="store_true",
-                   help="exit 3 when a region's Dice falls more than guard.max_region_drop below the teacher's")
+    add_strict(p, "teacher's")
     args = p.parse_args()
     cfg = config_from_args(args)
-    cfg.guard.strict = cfg.guard.strict or args.strict
     for key in ("teacher", "width", "init"):
         if getattr(args, key) is not None:
             setattr(cfg.distill, key, getattr(args, key))

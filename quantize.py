@@ -22,7 +22,7 @@ import os
 # Spin-waiting OpenMP threads make torch several times slower on a shared machine; set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from common.cli import config_from_args, data_given, out_dir, run_main, stage_parser  # noqa: E402
+from common.cli import add_strict, config_from_args, data_given, out_dir, run_main, stage_parser  # noqa: E402
 
 
 def main() -> int:
@@ -36,11 +36,9 @@ def main() -> int:
     p.add_argument("--resume", action="store_true", help="continue the QAT fine-tune from <out>/qat/last.pt")
     p.add_argument("--verbose", action="store_true",
                    help="also print the per-layer INT8/FP32 decision table (always stored in the artifact and report)")
-    p.add_argument("--strict", action="store_true",
-                   help="exit 3 when a region's Dice falls more than guard.max_region_drop below the FP32 model's")
+    add_strict(p, "FP32 model's")
     args = p.parse_args()
     cfg = config_from_args(args)
-    cfg.guard.strict = cfg.guard.strict or args.strict
     if args.epochs is not None:
         cfg.train.epochs = args.epochs
     if args.calib is not None:

@@ -40,10 +40,18 @@ def stage_parser(prog: str, description: str, default_config: str | None = None,
     return p
 
 
+def add_strict(p: argparse.ArgumentParser, source: str = "source's") -> None:
+    """--strict of a compression stage (guard.strict; `config_from_args` applies it)."""
+    p.add_argument("--strict", action="store_true",
+                   help=f"exit 3 when a region's Dice falls more than guard.max_region_drop below the {source}")
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "data", None):
         cfg.data.dir = args.data
+    if getattr(args, "strict", False):
+        cfg.guard.strict = True
     return cfg
 
 

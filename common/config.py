@@ -156,6 +156,17 @@ class GrowConfig:
 
 
 @dataclass
+class SlimConfig:
+    teacher: str | None = None
+    steps: list[str] = field(default_factory=lambda: ["decoder", "stem"])  # compress.slim.STEPS, in this order
+    macs_budget: str | None = None  # e.g. "1G" at reference_input: apply as few steps as reach it (largest saving first)
+    reference_input: list[int] = field(default_factory=lambda: [128, 128, 128])  # (D, H, W) for multiply-adds
+    refine_dim: int = 16  # decoder: channels feeding the 1/4-resolution head (widened to this, never narrowed)
+    stem_kernel: int = 4  # stem: stage-1 patch-embedding kernel (stride kept)
+    sr_ratios: list[int] = field(default_factory=lambda: [8, 4])  # stem: key/value reductions of the first stages
+
+
+@dataclass
 class QuantConfig:
     teacher: str | None = None
     backend: str = "torch"  # torch | onnxruntime
@@ -202,6 +213,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     lowrank: LowRankConfig = field(default_factory=LowRankConfig)
     grow: GrowConfig = field(default_factory=GrowConfig)
+    slim: SlimConfig = field(default_factory=SlimConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)

@@ -52,7 +52,7 @@ from torch import nn
 
 from common.artifact import Artifact, build_model
 from common.atomic import atomic_write_text
-from common.cli import config_from_args, data_given, out_dir, run_main, stage_parser
+from common.cli import add_strict, config_from_args, data_given, out_dir, run_main, stage_parser
 from common.config import Config, ConfigError, parse_count, to_dict
 from engine.data import TrainData
 from engine.loop import LAST, FitResult, Stage, best_epoch, fit
@@ -723,11 +723,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("artifact", help="input artifact (e.g. runs/lowrank/lowrank.pt)")
     p.add_argument("--teacher", default=None, help="teacher artifact (default: grow.teacher, then the lineage's)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>/last.pt")
-    p.add_argument("--strict", action="store_true",
-                   help="exit 3 when a region's Dice falls more than guard.max_region_drop below the source's")
+    add_strict(p)
     args = p.parse_args(argv)
     cfg = config_from_args(args)
-    cfg.guard.strict = cfg.guard.strict or args.strict
     art = grow_stage(args.artifact, cfg, out_dir(args), teacher=args.teacher, resume=args.resume,
                      data_given=data_given(args))
     m = art.metrics

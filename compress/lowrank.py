@@ -31,7 +31,7 @@ from torch import nn
 
 from brats.scoring import evaluate
 from common.artifact import Artifact
-from common.cli import config_from_args, data_given, out_dir, run_main, stage_parser
+from common.cli import add_strict, config_from_args, data_given, out_dir, run_main, stage_parser
 from common.config import Config, ConfigError, LowRankConfig, parse_count
 from engine.runner import StageContext, StageDef, exit_code, run_stage
 from model.layers import LowRankConv3d, LowRankLinear
@@ -424,11 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None,
                    help="distillation fine-tune epochs (0: no fine-tune) (default: train.epochs)")
     p.add_argument("--teacher", default=None, help="teacher artifact (default: the teacher in the lineage)")
-    p.add_argument("--strict", action="store_true",
-                   help="exit 3 when a region's Dice falls more than guard.max_region_drop below the source's")
+    add_strict(p)
     args = p.parse_args(argv)
     cfg = config_from_args(args)
-    cfg.guard.strict = cfg.guard.strict or args.strict
     lr = cfg.lowrank
     if args.energy is not None:
         lr.energy, lr.ratio, lr.params = args.energy, None, None

@@ -111,7 +111,10 @@ def spec_macs(spec: ModelSpec, input_size: Sequence[int]) -> int:
     if s.decoder == "refine":
         r = s.refine_dim
         macs += 27 * n0 * f + 2 * n0 * f + layer("decoder.refine_pw", f, r, n0) + 2 * n0 * r
-        macs += 8 * r * volume + layer("decoder.head", r, classes, volume, 27)
+        if s.head_at == "quarter":  # head at 1/4, the logits upsampled
+            macs += layer("decoder.head", r, classes, n0, 27) + 8 * classes * volume
+        else:
+            macs += 8 * r * volume + layer("decoder.head", r, classes, volume, 27)
     else:
         macs += layer("decoder.pred", f, classes, n0) + 8 * classes * volume
     return macs

@@ -27,6 +27,9 @@ from common.config import ConfigError
 from model.layers import LowRankConv3d, LowRankLinear
 
 
+HEAD_AT = ("full", "quarter")  # where the refine decoder's 3x3x3 head runs
+
+
 @dataclass
 class ModelSpec:
     decoder: str = "refine"  # refine | allmlp
@@ -46,7 +49,8 @@ class ModelSpec:
     mlp_hidden: list[list[int]] | None = None
     decoder_dim: int = 256  # per-stage projection width
     fuse_dim: int = 256  # output of the fusion convolution
-    refine_dim: int = 16  # refine decoder: channels upsampled to full resolution
+    refine_dim: int = 16  # refine decoder: channels feeding the 3x3x3 head
+    head_at: str = "full"  # refine decoder: the head runs at full resolution, or at 1/4 ("quarter", logits upsampled)
     qkv_bias: bool = True
     ranks: dict[str, int] = field(default_factory=dict)  # low-rank layers: module name -> rank
     kind: str = "fp32"
@@ -79,6 +83,8 @@ class ModelSpec:
                 raise ValueError(f"model spec: stage {i} has {d} blocks but {len(hid)} MLP hidden sizes")
         if s.decoder not in ("refine", "allmlp"):
             raise ValueError(f"model spec: unknown decoder {s.decoder!r} (refine | allmlp)")
+        if s.head_at not in HEAD_AT:
+            raise ValueError(f"model spec: head_at {s.head_at!r} is not one of {', '.join(HEAD_AT)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -291,11 +297,13 @@ class AllMLPDecoder(nn.Module):
 
 
 class RefineDecoder(AllMLPDecoder):
-    """All-MLP fusion, then 3D-convolution refinement at 1/4 resolution and a full-resolution 3x3x3 head.
+    """All-MLP fusion, then 3D-convolution refinement at 1/4 resolution and a 3x3x3 head.
 
     refine: depthwise 3x3x3 Conv3d + BN + ReLU (spatial fusion across the four scales), 1x1x1 Conv3d
-    down to `refine_dim` + BN + ReLU; trilinear x4; head: Conv3d 3x3x3 (refine_dim -> classes).
-    Only `refine_dim` channels reach full resolution, which keeps memory and compute bounded.
+    down to `refine_dim` + BN + ReLU; then (`head_at` "full") trilinear x4 and the head Conv3d 3x3x3
+    (refine_dim -> classes) at full resolution, where only `refine_dim` channels arrive; or
+    (`head_at` "quarter") the head at 1/4 resolution and the logits upsampled x4, as SegFormer3D
+    predicts: 64x fewer head multiply-adds (about half of a width-0.25 student's at 128^3).
     """
 
     def __init__(self, spec: ModelSpec):
@@ -307,13 +315,20 @@ class RefineDecoder(AllMLPDecoder):
         self.refine_pw = nn.Conv3d(f, r, 1, bias=False)
         self.refine_pw_bn = nn.BatchNorm3d(r)
         self.head = nn.Conv3d(r, spec.num_classes, 3, padding=1)
+        self.head_at = spec.head_at
 
     def forward(self, features: list[torch.Tensor], out_size: tuple[int, ...]) -> torch.Tensor:
-        x = self.fused(features)
-        x = F.relu(self.refine_dw_bn(self.refine_dw(x)))
-        x = F.relu(self.refine_pw_bn(self.refine_pw(x)))  # (B, refine_dim, D/4, H/4, W/4)
-        x = F.interpolate(x, size=out_size, mode="trilinear", align_corners=False)
-        return self.head(x)
+        return refine_tail(self, self.fused(features), out_size)
+
+
+def refine_tail(decoder: nn.Module, x: torch.Tensor, out_size: tuple[int, ...]) -> torch.Tensor:
+    """A refine decoder after fusion: (B, fuse_dim, D/4, H/4, W/4) -> logits (B, classes, *out_size).
+    Shared by `RefineDecoder` and its exact rewrites (`model.rewrites`), which hold the same modules."""
+    x = F.relu(decoder.refine_dw_bn(decoder.refine_dw(x)))
+    x = F.relu(decoder.refine_pw_bn(decoder.refine_pw(x)))  # (B, refine_dim, D/4, H/4, W/4)
+    if decoder.head_at == "quarter":
+        return F.interpolate(decoder.head(x), size=out_size, mode="trilinear", align_corners=False)
+    return decoder.head(F.interpolate(x, size=out_size, mode="trilinear", align_corners=False))
 
 
 # ----------------------------------------------------------------------------- model

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.layers import LowRankConv3d
-from model.refineformer3d import get_module, set_module
+from model.refineformer3d import get_module, refine_tail, set_module
 
 
 # ----------------------------------------------------------------------------- BatchNorm folding
@@ -117,7 +117,7 @@ class ReassociatedDecoder(nn.Module):
         if self.kind == "refine":
             self.refine_dw, self.refine_dw_bn = decoder.refine_dw, decoder.refine_dw_bn
             self.refine_pw, self.refine_pw_bn = decoder.refine_pw, decoder.refine_pw_bn
-            self.head = decoder.head
+            self.head, self.head_at = decoder.head, decoder.head_at
         else:
             self.pred = decoder.pred
 
@@ -137,10 +137,7 @@ class ReassociatedDecoder(nn.Module):
         x = self.fused(features)
         if self.kind == "allmlp":
             return F.interpolate(self.pred(x), size=out_size, mode="trilinear", align_corners=False)
-        x = F.relu(self.refine_dw_bn(self.refine_dw(x)))
-        x = F.relu(self.refine_pw_bn(self.refine_pw(x)))
-        x = F.interpolate(x, size=out_size, mode="trilinear", align_corners=False)
-        return self.head(x)
+        return refine_tail(self, x, out_size)
 
 
 def reassociate_decoder(model: nn.Module) -> nn.Module:
@@ -186,7 +183,7 @@ def _default_layout(decoder: nn.Module, args: tuple, logits: torch.Tensor) -> to
 
 
 def tail_channels(decoder: nn.Module) -> int:
-    """Channels that reach full resolution (the head's input): refine_dim."""
+    """The head's input channels (refine_dim): those that reach full resolution when `head_at` is "full"."""
     head = decoder.head
     return head.in_channels if hasattr(head, "in_channels") else head.down.in_channels  # plain or LowRankConv3d
 
@@ -203,6 +200,8 @@ def channels_last_tail(model: nn.Module) -> nn.Module:
     decoder = model.decoder
     slot = CHANNELS_LAST_SLOTS.get(decoder_kind(decoder))
     if slot is None or has_channels_last_tail(model) or tail_channels(decoder) < MIN_TAIL_CHANNELS:
+        return model
+    if decoder.head_at != "full":  # the upsample carries the 3 logit channels, as in allmlp: no gain
         return model
     current = getattr(decoder, slot)
     if type(current) is not nn.Identity:

@@ -56,7 +56,7 @@ from pipeline.latency import runtime_note, window_latency_ms
 from pipeline.predict import (FP32_KINDS, artifact_et_rule, artifact_scheme, check_window, fp32_model,
                               inference_model, predict_fn)
 
-STAGE_ORDER = ("teacher", "student", "lowrank", "grown", "int8")
+STAGE_ORDER = ("teacher", "student", "slim", "lowrank", "grown", "int8")
 ENGINE_FILES = ("best", "last")  # the engine's file names: the stage is the folder's name
 MACS_CONVENTION = "fvcore, 1 multiply-add = 1; attention and trilinear upsampling included"
 METRIC_KEYS = ("dice_wt", "dice_tc", "dice_et", "dice_mean", "hd95_wt", "hd95_tc", "hd95_et", "iou_mean")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -198,6 +199,8 @@ def test_spec_macs_and_unit_costs_match_count_macs():
     for decoder, factorised in [("refine", False), ("allmlp", True)]:
         model = tiny(decoder, factorised)
         assert spec_macs(model.spec, size) == fvcore(model, size), (decoder, factorised)
+    quarter = RefineFormer3D(dataclasses.replace(tiny("refine", True).spec, head_at="quarter"))  # head at 1/4
+    assert spec_macs(quarter.spec, size) == fvcore(quarter, size)
     model = tiny("refine", factorised=True)
     base = fvcore(model, size)
     assert spec_macs(model.spec, size) == base

@@ -20,9 +20,10 @@ RANKS = {"encoder.stages.0.blocks.0.mlp.fc1": 8, "encoder.stages.1.blocks.0.attn
 ALLMLP_RANKS = {"encoder.stages.0.blocks.0.mlp.fc1": 8, "decoder.fuse": 6, "decoder.pred": 2}
 
 
-def tiny_model(decoder: str, seed: int = 0, ranks: dict[str, int] | None = None) -> RefineFormer3D:
+def tiny_model(decoder: str, seed: int = 0, ranks: dict[str, int] | None = None,
+               head_at: str = "full") -> RefineFormer3D:
     torch.manual_seed(seed)
-    model = RefineFormer3D(ModelSpec(decoder=decoder, **TINY, ranks=dict(ranks or {})))
+    model = RefineFormer3D(ModelSpec(decoder=decoder, **TINY, ranks=dict(ranks or {}), head_at=head_at))
     with torch.no_grad():  # non-trivial BatchNorm statistics, else folding is nearly the identity
         for m in model.modules():
             if isinstance(m, nn.BatchNorm3d):
@@ -152,16 +153,17 @@ def test_channels_last_tail_skips_narrow_tails():
     assert layouts(model, torch.randn(1, 4, 32, 32, 32)) == {"refine_pw": "std", "head": "std", "logits": "std"}
 
 
-@pytest.mark.parametrize("decoder, ranks", [("refine", None), ("allmlp", None), ("refine", RANKS),
-                                            ("allmlp", ALLMLP_RANKS)])
-def test_inference_graph_matches_the_plain_model(decoder, ranks):
+@pytest.mark.parametrize("decoder, ranks, head_at", [("refine", None, "full"), ("allmlp", None, "full"),
+                                                     ("refine", RANKS, "full"), ("allmlp", ALLMLP_RANKS, "full"),
+                                                     ("refine", None, "quarter")])
+def test_inference_graph_matches_the_plain_model(decoder, ranks, head_at):
     """Same function, different rounding: folding scales the conv weights before the sum instead of the
     sum after it, and re-association adds the four stages' convs after upsampling each instead of
     convolving their concatenation. Each float32 op rounds at ~6e-8 relative; the logits are sums of a
     few hundred such terms through a few dozen layers, so 1e-5 of the largest logit bounds the
     difference with room to spare (measured: 1e-7 to 6e-7), while any wiring mistake (a block or
     a BatchNorm statistic out of place) is off by far more than that."""
-    model = tiny_model(decoder, seed=6, ranks=ranks)
+    model = tiny_model(decoder, seed=6, ranks=ranks, head_at=head_at)
     if ranks:
         assert {n for n, m in model.named_modules() if isinstance(m, (LowRankLinear, LowRankConv3d))} == set(ranks)
     before = copy.deepcopy(model.state_dict())
@@ -172,13 +174,13 @@ def test_inference_graph_matches_the_plain_model(decoder, ranks):
     assert max_error(out, ref) < 1e-5
     assert out.is_contiguous() and not fast.training
     assert isinstance(fast.decoder, ReassociatedDecoder) and not bn_pairs(fast)
-    assert has_channels_last_tail(fast) == (decoder == "refine")
+    assert has_channels_last_tail(fast) == (decoder == "refine" and head_at == "full")  # quarter: 3 channels upsampled
     # the plain model is untouched: same modules, same weights, still unfolded
     assert not isinstance(model.decoder, ReassociatedDecoder) and bn_pairs(model)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     # idempotent: a rewritten model comes back with the same graph and the same numbers
     again = inference_graph(fast)
-    assert sum(isinstance(m, ChannelsLast3d) for m in again.modules()) == int(decoder == "refine")
+    assert sum(isinstance(m, ChannelsLast3d) for m in again.modules()) == int(has_channels_last_tail(fast))
     assert len(again.decoder._forward_hooks) == len(fast.decoder._forward_hooks)
     with torch.no_grad():
         assert torch.equal(again(x), out)

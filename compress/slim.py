@@ -1,0 +1,245 @@
+"""Latency-aware slimming: cut multiply-adds where a thinned student spends them, then distil.
+
+Thinning scales every width, but a width-0.25 student still spends most of its multiply-adds where
+no width acts (fvcore by module, 128^3, the demo student: 4.24 G in all): the full-resolution 3x3x3
+head 2.04 G (48 %), the 7x7x7 stem 0.36 G, stage-1 attention over 32^3 tokens with 8^3 keys 0.65 G.
+Two steps, each `step(model, cfg) -> model` (cfg: common.config.SlimConfig) on a copy:
+
+    decoder  the refine head moves to 1/4 resolution and its logits are upsampled (as SegFormer3D
+             predicts; `ModelSpec.head_at = "quarter"`); the channels feeding it (refine_dim) are
+             widened to `slim.refine_dim` first, function-preservingly (Net2Net, `compress.grow.widen`),
+             because at 1/4 resolution they are cheap and small regions such as ET need them.
+    stem     stage 1 gets a patchifying stem (`slim.stem_kernel`, stride kept, the padding that keeps
+             the grid) and the first stages larger key/value reductions (`slim.sr_ratios`); the new
+             kernels start from the old ones (the overlapping taps of the stem; the reduction conv
+             resampled and scaled, so a smooth input gives the same keys).
+
+Neither step is exact: the stage fine-tunes the result by distillation from the teacher in the
+lineage (the teacher's full decoder is the target). With `slim.macs_budget` the steps are chosen
+from the model's own spec (`model.macs.spec_macs` at `slim.reference_input`), largest saving first,
+until the budget is met; the artifact records what each step saved.
+
+    python -m compress.slim runs/student/student.pt --out runs/slim [--steps decoder,stem] [--macs-budget 1G]
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from common.artifact import Artifact
+from common.cli import add_strict, config_from_args, data_given, out_dir, run_main, stage_parser
+from common.config import Config, ConfigError, parse_count
+from compress.grow import widen
+from engine.runner import StageContext, StageDef, exit_code, run_stage
+from model.macs import spec_macs
+from model.refineformer3d import ModelSpec, RefineFormer3D, count_params
+from student.distill import distill_trainer
+
+STAGE = "slim"
+
+
+def _copy_into(model: RefineFormer3D, spec: ModelSpec, new_weights: dict[str, torch.Tensor]) -> RefineFormer3D:
+    """`RefineFormer3D(spec)` with `model`'s weights, `new_weights` replacing those that changed shape."""
+    ref = next(model.parameters())
+    out = RefineFormer3D(spec)
+    out.load_state_dict({**model.state_dict(), **new_weights}, strict=True)
+    return out.to(device=ref.device, dtype=ref.dtype).train(model.training)
+
+
+def slim_decoder(model: RefineFormer3D, cfg: Any) -> RefineFormer3D:
+    """The refine head at 1/4 resolution, `refine_dim` first widened to `cfg.refine_dim` (never narrowed).
+    ValueError for an allmlp decoder (it predicts at 1/4 already) or a head there already."""
+    spec = model.spec
+    if spec.decoder != "refine" or spec.head_at != "full":
+        raise ValueError(f"slim decoder: needs a refine decoder with its head at full resolution "
+                         f"(decoder {spec.decoder!r}, head_at {spec.head_at!r})")
+    if cfg.refine_dim > spec.refine_dim:
+        model = widen(model, "refine_dim", cfg.refine_dim)
+    return _copy_into(model, ModelSpec.from_dict({**model.spec.to_dict(), "head_at": "quarter"}), {})
+
+
+def _stem_kernel(weight: torch.Tensor, pad_old: int, pad_new: int, k_new: int) -> torch.Tensor:
+    """A k_new^3 kernel that sees the same input offsets as the old one where they overlap: new tap j
+    reads the input at stride * i - pad_new + j, which the old kernel read with tap j + pad_old - pad_new."""
+    k_old = weight.shape[-1]
+    out = weight.new_zeros(*weight.shape[:2], k_new, k_new, k_new)
+    shift = pad_old - pad_new
+    src = [j + shift for j in range(k_new)]
+    keep = [j for j, s in enumerate(src) if 0 <= s < k_old]
+    idx_new, idx_old = torch.tensor(keep), torch.tensor([src[j] for j in keep])
+    out[:, :, idx_new[:, None, None], idx_new[None, :, None], idx_new[None, None, :]] = \
+        weight[:, :, idx_old[:, None, None], idx_old[None, :, None], idx_old[None, None, :]]
+    return out
+
+
+def _sr_kernel(weight: torch.Tensor, sr_new: int) -> torch.Tensor:
+    """The spatial-reduction conv (kernel = stride = sr) resampled to sr_new, nearest tap, scaled by
+    (sr / sr_new)^3: on an input constant over the larger patch it gives the old conv's output."""
+    sr = weight.shape[-1]
+    idx = torch.tensor([a * sr // sr_new for a in range(sr_new)])
+    return weight[:, :, idx[:, None, None], idx[None, :, None], idx[None, None, :]] * (sr / sr_new) ** 3
+
+
+def slim_stem(model: RefineFormer3D, cfg: Any) -> RefineFormer3D:
+    """The stem and the early stages' token mixing: stage-1 patch-embedding kernel `cfg.stem_kernel`
+    (stride kept; padding (k - stride + 1) // 2, so a size divisible by the stride keeps its grid) and
+    key/value reductions `cfg.sr_ratios` for the first stages (stages without a reduction keep none).
+    ValueError when those layers are factorised, a reduction would drop to 1, or nothing would change."""
+    spec = model.spec
+    stride, k_old, pad_old = spec.patch_strides[0], spec.patch_kernels[0], spec.patch_paddings[0]
+    k_new = int(cfg.stem_kernel)
+    if k_new < stride:
+        raise ValueError(f"slim stem: stem_kernel {k_new} is smaller than the stem's stride {stride} (voxels skipped)")
+    if len(cfg.sr_ratios) > len(spec.sr_ratios) or any(int(r) < 1 for r in cfg.sr_ratios):
+        raise ValueError(f"slim stem: sr_ratios {list(cfg.sr_ratios)} must be >= 1, at most one per stage "
+                         f"({len(spec.sr_ratios)})")
+    sr_new = [int(r) if old > 1 else 1 for r, old in zip(cfg.sr_ratios, spec.sr_ratios)]
+    changed = [i for i, r in enumerate(sr_new) if r != spec.sr_ratios[i]]
+    if any(sr_new[i] < 2 for i in changed):
+        raise ValueError(f"slim stem: a key/value reduction cannot drop to 1 (asked {list(cfg.sr_ratios)})")
+    touched = ("encoder.stages.0.patch_embed", *(f"encoder.stages.{i}.blocks" for i in changed))
+    factorised = [n for n in spec.ranks if n.startswith(touched) and (".patch_embed" in n or ".attn.sr" in n)]
+    if factorised:
+        raise ValueError(f"slim stem: layers to change are factorised ({', '.join(factorised)}): slim before low-rank")
+    if k_new == k_old and not changed:
+        raise ValueError(f"slim stem: the stem kernel is {k_old} and the reductions {spec.sr_ratios} already")
+    pad_new = (k_new - stride + 1) // 2
+    d = spec.to_dict()
+    d["patch_kernels"][0], d["patch_paddings"][0] = k_new, pad_new
+    state = model.state_dict()
+    new = {"encoder.stages.0.patch_embed.proj.weight":
+           _stem_kernel(state["encoder.stages.0.patch_embed.proj.weight"], pad_old, pad_new, k_new)}
+    for i in changed:
+        d["sr_ratios"][i] = sr_new[i]
+        for j in range(len(spec.mlp_hidden[i])):
+            key = f"encoder.stages.{i}.blocks.{j}.attn.sr.weight"
+            new[key] = _sr_kernel(state[key], sr_new[i])
+    return _copy_into(model, ModelSpec.from_dict(d), new)
+
+
+STEPS: dict[str, Callable[[RefineFormer3D, Any], RefineFormer3D]] = {"decoder": slim_decoder, "stem": slim_stem}
+
+
+def _gmacs(spec: ModelSpec, size: Sequence[int]) -> float:
+    return spec_macs(spec, size) / 1e9
+
+
+def choose_steps(model: RefineFormer3D, cfg: Any) -> tuple[list[str], dict[str, float]]:
+    """The steps to apply and the G multiply-adds each saves at `cfg.reference_input` (alone, from the
+    input model). Without `cfg.macs_budget`: `cfg.steps`. With it: of `cfg.steps`, largest saving first,
+    as few as reach the budget (all of them when even all do not; the caller says so)."""
+    size = tuple(cfg.reference_input)
+    base = _gmacs(model.spec, size)
+    savings = {name: base - _gmacs(STEPS[name](model, cfg).spec, size) for name in cfg.steps}
+    budget = parse_count(cfg.macs_budget, what="slim.macs_budget")
+    if budget is None:
+        return list(cfg.steps), savings
+    chosen: list[str] = []
+    for name in sorted(savings, key=savings.get, reverse=True):
+        if base - sum(savings[c] for c in chosen) <= budget / 1e9:
+            break
+        chosen.append(name)
+    return [s for s in cfg.steps if s in chosen], savings
+
+
+def slim(model: RefineFormer3D, cfg: Any) -> RefineFormer3D:
+    """`cfg.steps` (or those `choose_steps` picks for `cfg.macs_budget`) applied in order; a copy."""
+    steps, _ = choose_steps(model, cfg)
+    for name in steps:
+        model = STEPS[name](model, cfg)
+    return model
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def check_config(cfg: Any) -> None:
+    """Fail before any work on a bad `slim` section (cfg: common.config.SlimConfig)."""
+    unknown = [s for s in cfg.steps if s not in STEPS]
+    if unknown or not cfg.steps:
+        raise ConfigError(f"slim.steps={list(cfg.steps)}: each one of {', '.join(STEPS)}, at least one")
+    parse_count(cfg.macs_budget, what="slim.macs_budget")
+    if cfg.refine_dim < 1 or cfg.stem_kernel < 1 or any(r < 1 for r in cfg.sr_ratios):
+        raise ConfigError("slim.refine_dim, slim.stem_kernel and slim.sr_ratios must be >= 1")
+    if len(cfg.reference_input) != 3 or any(n < 1 for n in cfg.reference_input):
+        raise ConfigError(f"slim.reference_input must be three positive sizes, got {list(cfg.reference_input)}")
+
+
+def _check(art: Artifact, cfg: Config) -> None:
+    check_config(cfg.slim)
+    try:  # every step on the source's spec, before any data: a step that cannot apply fails here
+        probe = RefineFormer3D(ModelSpec.from_dict(art.spec))
+        choose_steps(probe, cfg.slim)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"{art.path}: {e}") from None
+
+
+def slim_step(model: RefineFormer3D, ctx: StageContext) -> RefineFormer3D:
+    """Step of the slim stage: the chosen steps; what each saved goes into ctx.extra["slim"]."""
+    c, size = ctx.cfg.slim, tuple(ctx.cfg.slim.reference_input)
+    steps, savings = choose_steps(model, c)
+    slimmed = slim(model, c)
+    before, after = _gmacs(model.spec, size), _gmacs(slimmed.spec, size)
+    budget = parse_count(c.macs_budget, what="slim.macs_budget")
+    ctx.extra["slim"] = {"steps": steps, "gmacs_saved_alone": savings, "reference_input": list(size),
+                         "macs_budget": budget, "refine_dim": slimmed.spec.refine_dim,
+                         "stem_kernel": slimmed.spec.patch_kernels[0], "sr_ratios": list(slimmed.spec.sr_ratios)}
+    ctx.metrics.update(params_before=count_params(model), params_after=count_params(slimmed),
+                       gmacs_before=before, gmacs_after=after)
+    if ctx.dist.main:
+        print(f"slim: {', '.join(steps) or 'nothing'}: {before:.3f} -> {after:.3f} G multiply-adds at "
+              f"{'x'.join(map(str, size))} (alone: " + ", ".join(f"{k} -{v:.3f}" for k, v in savings.items()) + ")")
+        if budget is not None and after * 1e9 > budget:
+            print(f"WARNING: slim.macs_budget {budget / 1e9:.3f} G is not met by every step ({after:.3f} G)")
+    return slimmed
+
+
+SLIM = StageDef(STAGE, step=slim_step, finetune=distill_trainer, needs_teacher=True, check=_check)
+
+
+def slim_stage(artifact: str | Path, cfg: Config, out: str | Path, teacher: str | None = None,
+               resume: bool = False, data_given: bool = True) -> Artifact:
+    """Artifact -> slimmed model -> distillation fine-tune from the lineage's teacher -> `<out>/slim.pt`."""
+    return run_stage(artifact, SLIM, cfg, out, teacher=teacher or cfg.slim.teacher, resume=resume,
+                     data_given=data_given)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = stage_parser("python -m compress.slim",
+                     "Cut multiply-adds where a student spends them (head at 1/4 resolution, a patchifying stem and a "
+                     "larger stage-1 key/value reduction), then distil from the teacher.",
+                     default_config="configs/slim.yaml", default_out="runs/slim")
+    p.add_argument("artifact", help="model artifact (.pt) to slim, e.g. runs/student/student.pt")
+    p.add_argument("--steps", default=None,
+                   help=f"comma-separated steps of {', '.join(STEPS)} (default: slim.steps, all of them)")
+    p.add_argument("--macs-budget", default=None,
+                   help="G multiply-adds at slim.reference_input to reach, e.g. 1G: the steps are chosen, largest "
+                   "saving first (default: slim.macs_budget, none: every step in --steps)")
+    p.add_argument("--teacher", default=None, help="teacher artifact (default: slim.teacher, then the lineage's)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>/last.pt")
+    add_strict(p)
+    args = p.parse_args(argv)
+    cfg = config_from_args(args)
+    if args.steps is not None:
+        cfg.slim.steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    if args.macs_budget is not None:
+        cfg.slim.macs_budget = args.macs_budget
+    art = slim_stage(args.artifact, cfg, out_dir(args), teacher=args.teacher, resume=args.resume,
+                     data_given=data_given(args))
+    m = art.metrics
+    print(f"wrote {art.path}: {m['gmacs_before']:.3f} -> {m['gmacs_after']:.3f} G multiply-adds, "
+          f"{m['params_before']:,} -> {m['params_after']:,} parameters, "
+          f"dice_mean {m.get('dice_mean', math.nan):.4f}")
+    return exit_code(art)
+
+
+def cli() -> None:
+    """The `rf3d-slim` console script: user errors are one line and exit 2."""
+    run_main(main)
+
+
+if __name__ == "__main__":
+    cli()
