@@ -408,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m brats.phantom",
         description="Write synthetic BraTS-like cases in the BraTS 2017 folder layout.",
     )
-    parser.add_argument("out", help="output folder (gets Brats17TrainingData/ and Brats17ValidationData/)")
+    parser.add_argument("out", help="output folder (gets Brats17TrainingData/ and Brats17ValidationData/); a folder of "
+                        "phantoms with other settings is replaced whole, a folder holding anything else is refused")
     parser.add_argument("--cases", type=int, default=12,
                         help="training cases (default 12; demo: about 2/3 HGG; lgg-rich: 45%% LGG, 35%% without ET)")
     parser.add_argument("--val-cases", type=int, default=2, help="validation-release cases (no seg) (default 2)")
@@ -422,8 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cases < 0 or args.val_cases < 0 or min(args.shape) < 16:
         parser.error("case counts must be >= 0 and every shape size >= 16")
-    folders = write_phantom_dataset(args.out, args.cases, args.val_cases, tuple(args.shape), args.seed, args.family)
-    print(f"wrote {len(folders)} {args.family} case(s) under {args.out}")
+    from brats.synthetic import ensure_synthetic  # it builds on this module
+
+    ensure_synthetic(args.out, args.cases, args.val_cases, tuple(args.shape), args.seed, args.family)
+    print(f"{args.cases} training and {args.val_cases} validation {args.family} case(s) under {args.out} "
+          "(an existing phantom folder with other settings is replaced whole)")
     return 0
 
 

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from brats.layout import DataError
 from brats.phantom import write_phantom_dataset
 from brats.prepare import prepare
 from common.atomic import atomic_write_text
@@ -21,24 +22,31 @@ PARAMS_FILE = "phantom.json"
 PHANTOM_VERSION = 1
 
 
-def _params(cases: int, val_cases: int, shape, seed: int) -> dict:
-    return {"version": PHANTOM_VERSION, "cases": int(cases), "val_cases": int(val_cases),
-            "shape": [int(s) for s in shape], "seed": int(seed)}
+def _params(cases: int, val_cases: int, shape, seed: int, family: str = "demo") -> dict:
+    params = {"version": PHANTOM_VERSION, "cases": int(cases), "val_cases": int(val_cases),
+              "shape": [int(s) for s in shape], "seed": int(seed)}
+    return params if family == "demo" else {**params, "family": family}  # demo folders stay as written before
 
 
 def ensure_synthetic(root: str | Path = "data/synthetic", cases: int = 12, val_cases: int = 2,
-                     shape=(96, 96, 64), seed: int = 0) -> Path:
+                     shape=(96, 96, 64), seed: int = 0, family: str = "demo") -> Path:
     """Synthetic BraTS-layout data under `root`, generated unless `root/phantom.json` already
-    records these parameters. Generation goes to a temporary sibling folder that is renamed into
-    place at the end, so an interrupted run leaves no half-written dataset behind."""
+    records these parameters; a phantom folder with other parameters is replaced whole (its cases
+    and `.cache`), so two sets never mix. Generation goes to a temporary sibling folder that is
+    renamed into place at the end, so an interrupted run leaves no half-written dataset behind.
+    DataError, before anything is written, when `root` holds anything but phantoms (no phantom.json)."""
     root = Path(root)
-    want = _params(cases, val_cases, shape, seed)
-    if _recorded(root) == want:
+    want = _params(cases, val_cases, shape, seed, family)
+    recorded = _recorded(root)
+    if recorded == want:
         return root
+    if recorded is None and root.is_dir() and any(root.iterdir()):
+        raise DataError(f"{root}: holds files that are not synthetic cases written here (no {PARAMS_FILE}); "
+                        "nothing was changed: choose an empty or new folder")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
-        write_phantom_dataset(tmp, cases, val_cases, tuple(shape), seed)
+        write_phantom_dataset(tmp, cases, val_cases, tuple(shape), seed, family)
         atomic_write_text(tmp / PARAMS_FILE, json.dumps(want, indent=1) + "\n")
         if root.exists():
             if _recorded(root) == want:  # someone else finished first

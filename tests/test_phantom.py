@@ -1,4 +1,5 @@
 import hashlib
+import json
 import re
 
 import nibabel as nib
@@ -8,9 +9,10 @@ from scipy import ndimage
 
 from brats.cache import open_cache
 from brats.labels import region_masks
-from brats.layout import discover_cases
+from brats.layout import DataError, discover_cases
 from brats.nifti import load_case
 from brats.phantom import FAMILIES, main, make_case, training_plan, write_phantom_dataset
+from brats.prepare import prepare
 from brats.synthetic import ensure_synthetic, resolve_data
 from common.config import DataConfig
 
@@ -236,3 +238,23 @@ def test_unknown_family_is_refused(tmp_path):
         write_phantom_dataset(tmp_path, cases=2, val_cases=0, shape=(24, 24, 20), family="nope")
     with pytest.raises(SystemExit):
         main([str(tmp_path / "x"), "--family", "nope"])
+
+
+def test_the_phantom_command_replaces_a_phantom_folder_whole_and_refuses_other_data(tmp_path, capsys):
+    """`make demo` after a run that generated other synthetic cases in the same folder: the two sets
+    must not mix (the same case name would appear under HGG and LGG)."""
+    root = tmp_path / "synthetic"
+    ensure_synthetic(root, cases=3, val_cases=1, shape=(32, 32, 24), seed=0)
+    (root / ".cache").mkdir()
+    assert main([str(root), "--cases", "5", "--val-cases", "1", "--shape", "32", "32", "24"]) == 0
+    assert len(list(root.rglob("*_seg.nii.gz"))) == 5 and not (root / ".cache").exists()  # replaced whole
+    prepare(root, root / ".cache", progress=False)  # one case per name: the layout check passes
+    assert main([str(root), "--cases", "2", "--family", "lgg-rich", "--shape", "32", "32", "24"]) == 0
+    assert json.loads((root / "phantom.json").read_text())["family"] == "lgg-rich"
+    assert len(list(root.rglob("*_seg.nii.gz"))) == 2
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not synthetic cases written here"):
+        main([str(other), "--cases", "2"])
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
