@@ -616,12 +616,16 @@ def best_epoch(art: Artifact) -> Artifact:
 
 
 def warn_large_crop(crop: Sequence[int], shapes: Sequence[Sequence[int]]) -> bool:
-    """Warn (True) when the crop is larger than every brain-cropped training case along an axis: the
-    crops are then mostly zero padding (a real-data recipe run on small phantoms, say)."""
-    largest = [max(s[a] for s in shapes) for a in range(3)] if shapes else list(crop)
-    if any(c > m for c, m in zip(crop, largest)):
-        tqdm.write(f"warning: data.crop={list(crop)} is larger than every brain-cropped training case along an "
-                   f"axis (largest {largest}): the crops are mostly padding; use a smaller data.crop")
+    """Warn (True) when at least half of every crop is zero padding: the crop is larger than the
+    brain-cropped training cases (a real-data recipe run on small phantoms, say). A crop a little
+    larger along one axis (64 on 57 slices) pads little and is not worth a word."""
+    if not shapes:
+        return False
+    largest = [max(s[a] for s in shapes) for a in range(3)]
+    filled = max(math.prod(min(c, n) for c, n in zip(crop, s)) for s in shapes) / math.prod(crop)
+    if filled < 0.5:
+        tqdm.write(f"warning: data.crop={list(crop)} is larger than the brain-cropped training cases (largest "
+                   f"{largest}): {100 * (1 - filled):.0f}% or more of every crop is padding; use a smaller data.crop")
         return True
     return False
 

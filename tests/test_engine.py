@@ -504,6 +504,10 @@ def test_a_crop_larger_than_the_cases_is_a_warning_with_the_sizes(capsys):
     from engine.loop import warn_large_crop
 
     assert warn_large_crop([128, 128, 128], [(96, 100, 60), (80, 110, 64)])
-    assert "data.crop=[128, 128, 128] is larger than every" in capsys.readouterr().out
-    assert not warn_large_crop([64, 64, 64], [(96, 100, 60), (80, 110, 64)])  # 64 fits the largest along z
-    assert capsys.readouterr().out == ""
+    out = capsys.readouterr().out
+    assert "data.crop=[128, 128, 128] is larger than the brain-cropped training cases (largest [96, 110, 64])" in out
+    assert "73% or more of every crop is padding" in out  # 96 x 100 x 60 filled of 128^3: 27% at best
+    assert not warn_large_crop([64, 64, 64], [(96, 100, 60), (80, 110, 64)])  # fits the largest
+    assert not warn_large_crop([64, 64, 64], [(87, 87, 57)])  # the demo: 11% padding along z only
+    assert warn_large_crop([64, 64, 64], [(30, 40, 57)])
+    assert capsys.readouterr().out.count("warning") == 1
