@@ -108,6 +108,7 @@ class Candidate:
     in_dim: int  # i * k^3 for a Conv3d
     bias: int  # bias parameters (kept as they are)
     s: torch.Tensor  # singular values, descending, float64
+    min_rank: int = 1  # the lowest rank allowed (REGION_TAIL layers: one per output region)
 
     @property
     def full_rank(self) -> int:
@@ -126,13 +127,13 @@ def budget_ranks(
     leaves the model above budget.
     """
     floor = total_params - sum(
-        c.out_dim * c.in_dim - lowrank_params(c.out_dim, c.in_dim, 1)
+        c.out_dim * c.in_dim - lowrank_params(c.out_dim, c.in_dim, c.min_rank)
         for c in layers
-        if max_saving_rank(c.out_dim, c.in_dim, min_saving) >= 1
+        if max_saving_rank(c.out_dim, c.in_dim, min_saving) >= c.min_rank
     )
     if floor > budget:
         raise BudgetError(
-            f"parameter budget {budget:,} is unreachable: rank 1 in all {len(layers)} factorisable layers "
+            f"parameter budget {budget:,} is unreachable: the lowest rank in all {len(layers)} factorisable layers "
             f"still leaves {floor:,} parameters (the model has {total_params:,}); raise --params or use "
             "--energy/--ratio"
         )
@@ -151,15 +152,15 @@ def budget_ranks(
         c = layers[k]
         old = ranks.get(c.name)
         top = max_saving_rank(c.out_dim, c.in_dim, min_saving) if old is None else old - 1
-        if top < 1:
+        if top < c.min_rank:
             return None
-        r = torch.arange(1, top + 1)
+        r = torch.arange(c.min_rank, top + 1)
         saved = layer_params(c) - r * (c.in_dim + c.out_dim)
-        lost = (1.0 if old is None else float(kept[k][old - 1])) - kept[k][:top]
+        lost = (1.0 if old is None else float(kept[k][old - 1])) - kept[k][c.min_rank - 1:top]
         cost = lost.clamp(min=0) / saved
         # Ties go to the larger rank (the smaller step).
-        i = top - 1 - int(torch.argmin(cost.flip(0)))
-        return float(cost[i]), i + 1
+        i = len(r) - 1 - int(torch.argmin(cost.flip(0)))
+        return float(cost[i]), int(r[i])
 
     moves = {k: best_move(k) for k in range(len(layers))}
     params = total_params
@@ -197,9 +198,19 @@ def _factorisable(module: nn.Module) -> bool:
     return False
 
 
+# Layers after the fusion that feed the logits: a rank below the number of output regions would
+# force at least two regions to share a direction, and the one with the least energy (ET, a small
+# region, issue 13) is what truncation drops. They keep rank >= num_classes, so the logits layer
+# itself (num_classes rows: no rank below that saves anything) is never factorised.
+REGION_TAIL = ("decoder.refine_pw", "decoder.head", "decoder.pred")
+
+
 def candidates(model: nn.Module, filter: ModuleFilter | None = None) -> list[Candidate]:
-    """Every Linear/Conv3d the surgery may factorise (not depthwise, not already low-rank), with spectra."""
+    """Every Linear/Conv3d the surgery may factorise (not depthwise, not already low-rank), with
+    spectra; REGION_TAIL layers with `min_rank` = the number of output regions, the others 1."""
     lowrank = [n for n, m in model.named_modules() if isinstance(m, (LowRankLinear, LowRankConv3d))]
+    spec = getattr(model, "spec", None)
+    regions = spec.num_classes if spec is not None else 1
     found = []
     for name, m in model.named_modules():
         if not name or not _factorisable(m) or any(name.startswith(p + ".") for p in lowrank):
@@ -215,6 +226,7 @@ def candidates(model: nn.Module, filter: ModuleFilter | None = None) -> list[Can
             in_dim=w.shape[1],
             bias=0 if m.bias is None else m.bias.numel(),
             s=torch.linalg.svdvals(w.double()),
+            min_rank=regions if name in REGION_TAIL else 1,
         ))
     return found
 
@@ -252,8 +264,8 @@ def choose_ranks(found: Sequence[Candidate], cfg: LowRankConfig, total_params: i
     if rule["mode"] == "params":
         return budget_ranks(found, total_params, rule["params"], cfg.min_saving)
     if rule["mode"] == "ratio":
-        return {c.name: rank_for_ratio(c.full_rank, cfg.ratio) for c in found}
-    return {c.name: rank_for_energy(c.s, cfg.energy) for c in found}
+        return {c.name: max(c.min_rank, rank_for_ratio(c.full_rank, cfg.ratio)) for c in found}
+    return {c.name: max(c.min_rank, rank_for_energy(c.s, cfg.energy)) for c in found}
 
 
 def factorise(

@@ -13,6 +13,7 @@ from brats.phantom import write_phantom_dataset
 from common.artifact import Artifact, ArtifactError, build_model
 from common.config import ConfigError, LowRankConfig
 from compress.lowrank import (
+    REGION_TAIL,
     BudgetError,
     Candidate,
     budget_ranks,
@@ -260,12 +261,15 @@ def test_energy_mode_keeps_energy_per_layer():
     _, table = factorise(model, LowRankConfig(params=None, energy=0.5))
     done = [r for r in table if r["factorised"]]
     assert done and all(r["energy_kept"] >= 0.5 for r in done)
-    # ... and the smallest such rank: one singular value fewer would fall short.
+    # ... and the smallest such rank: one singular value fewer would fall short (the layers feeding
+    # the logits: at least one direction per region, 3)
     original = tiny_model()
     for r in done:
         s = _spectrum(original, r["layer"])
-        assert r["rank"] == rank_for_energy(s, 0.5)
-        assert float((s[: r["rank"] - 1] ** 2).sum() / (s**2).sum()) < 0.5
+        floor = 3 if r["layer"] in REGION_TAIL else 1
+        assert r["rank"] == max(floor, rank_for_energy(s, 0.5))
+        if r["rank"] > floor:
+            assert float((s[: r["rank"] - 1] ** 2).sum() / (s**2).sum()) < 0.5
 
 
 def _spectrum(model: nn.Module, name: str) -> torch.Tensor:
@@ -375,3 +379,22 @@ def test_finetune_scores_the_start_once_and_records_it(tmp_path, monkeypatch, ti
     # the better of the factorised weights and the fine-tuned ones is kept, and says which it is
     assert art.metrics["dice_mean"] == pytest.approx(max(after, info["dice_mean_before_finetune"]))
     assert info["best_epoch"] == (0 if info["dice_mean_before_finetune"] >= after else 1)
+
+
+@pytest.mark.parametrize("rule", [dict(params="40%"), dict(params=None, ratio=0.1), dict(params=None, energy=0.3)])
+def test_layers_feeding_the_logits_keep_a_direction_per_region(rule):
+    """Issue 13: truncation drops the smallest singular directions first, and with fewer directions
+    than regions one region (ET, small, little energy) loses its own. The logits layer is never
+    factorised (3 rows: only a rank below 3 would save anything), refine_pw keeps rank >= 3."""
+    model = tiny_model()
+    model.decoder.refine_pw = nn.Conv3d(16, 8, 1, bias=False)  # a tail wide enough to factorise
+    model.spec.refine_dim = 8
+    model.decoder.head = nn.Conv3d(8, 3, 3, padding=1)
+    found = {c.name: c for c in candidates(model)}
+    assert found["decoder.head"].min_rank == found["decoder.refine_pw"].min_rank == 3
+    assert found["encoder.stages.0.patch_embed.proj"].min_rank == 1
+    _, table = factorise(model, LowRankConfig(**{"energy": None, **rule}))
+    rows = {r["layer"]: r for r in table}
+    assert not rows["decoder.head"]["factorised"]
+    assert rows["decoder.refine_pw"]["rank"] is None or rows["decoder.refine_pw"]["rank"] >= 3
+    assert any(r["factorised"] and r["rank"] < 3 for r in table)  # elsewhere the rule goes below 3
