@@ -1,5 +1,5 @@
 """The whole chain, through the real command lines, at a tiny size: phantom cases -> teacher ->
-distilled student -> low-rank -> growth -> INT8 -> predict -> evaluate -> report.
+distilled student -> slim (head at 1/4, patchifying stem) -> low-rank -> growth -> INT8 -> predict -> evaluate -> report.
 
 Every stage reads only the previous stage's artifact (plus data), as a user would run it.
 """
@@ -14,6 +14,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import compress.quant  # noqa: F401  (registers the INT8 kinds; model registers fp32)
+import model.refineformer3d  # noqa: F401
 from common.artifact import Artifact, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +47,9 @@ def pipeline(tmp_path_factory):
     run("train.py", "--config", "configs/demo/teacher.yaml", "--out", str(runs / "teacher"), *common, *sets(TINY_MODEL))
     run("distill.py", "--config", "configs/demo/distill.yaml", "--teacher", str(runs / "teacher/best.pt"),
         "--width", "0.5", "--out", str(runs / "student"), *common)
-    run("-m", "compress.lowrank", str(runs / "student/student.pt"), "--config", "configs/demo/lowrank.yaml",
+    run("-m", "compress.slim", str(runs / "student/student.pt"), "--config", "configs/demo/slim.yaml",
+        "--out", str(runs / "slim"), *common, *sets("slim.reference_input=[32,32,32]", "slim.refine_dim=6"))
+    run("-m", "compress.lowrank", str(runs / "slim/slim.pt"), "--config", "configs/demo/lowrank.yaml",
         "--ratio", "0.5", "--out", str(runs / "lowrank"), *common)
     run("-m", "compress.grow", str(runs / "lowrank/lowrank.pt"), "--config", "configs/demo/grow.yaml",
         "--out", str(runs / "grow"), *common, *sets("train.epochs=2", "grow.budget=null", "grow.patience=1"))
@@ -61,12 +65,13 @@ def pipeline(tmp_path_factory):
     return tmp
 
 
-STAGES = ["teacher", "student", "lowrank", "grown", "int8"]
+STAGES = ["teacher", "student", "slim", "lowrank", "grown", "int8"]
 
 
 def test_every_artifact_loads_and_links_to_its_parent(pipeline):
     paths = {
-        "teacher": "teacher/best.pt", "student": "student/student.pt", "lowrank": "lowrank/lowrank.pt",
+        "teacher": "teacher/best.pt", "student": "student/student.pt", "slim": "slim/slim.pt",
+        "lowrank": "lowrank/lowrank.pt",
         "grown": "grow/grown.pt", "int8": "int8/int8.pt",
     }
     for i, stage in enumerate(STAGES):
@@ -81,6 +86,11 @@ def test_every_artifact_loads_and_links_to_its_parent(pipeline):
         with torch.no_grad():
             out = model(torch.zeros(1, 4, 32, 32, 32))
         assert out.shape == (1, 3, 32, 32, 32) and torch.isfinite(out).all()
+    slim = Artifact.load(pipeline / "runs/slim/slim.pt")  # the later stages keep the slimmed architecture
+    assert slim.metrics["gmacs_after"] < slim.metrics["gmacs_before"]
+    for path in ("slim/slim.pt", "lowrank/lowrank.pt", "grow/grown.pt"):
+        spec = Artifact.load(pipeline / "runs" / path).spec
+        assert (spec["head_at"], spec["patch_kernels"][0], spec["refine_dim"] >= 6) == ("quarter", 4, True), path
     lowrank = Artifact.load(pipeline / "runs/lowrank/lowrank.pt")
     assert lowrank.spec["ranks"], "low-rank stage factorised nothing"
     assert lowrank.metrics["params_after"] < lowrank.metrics["params_before"]
