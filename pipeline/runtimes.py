@@ -123,21 +123,26 @@ def measure_runtimes(art: Artifact, served: nn.Module, size: Sequence[int], runs
     `runtimes`; every runtime is built and run once on the window (its first warm-up) before the interleaved
     timing, so one that fails (an operator it lacks, too little memory) is a note, not an error."""
     models, notes = {}, {}
-    x = torch.zeros((1, _in_chans(art), *map(int, size)))
     for name in runtimes:
         try:
-            model = runtime_model(art, served, name, threads)
-            with torch.inference_mode():
-                model.eval()(x)
+            models[name] = ready_model(art, served, name, size, threads)
         except RuntimeUnavailable as e:
             notes[name] = str(e)
-        except Exception as e:
-            notes[name] = f"failed on this model ({_one_line(e)})"
-        else:
-            models[name] = model
-    # the run above was each model's first warm-up
-    ms = window_latencies_ms(models, size, runs, max(0, warmup - 1), x.shape[1]) if models else {}
+    # the run in ready_model was each model's first warm-up
+    ms = window_latencies_ms(models, size, runs, max(0, warmup - 1), _in_chans(art)) if models else {}
     return models, ms, notes
+
+
+def ready_model(art: Artifact, served: nn.Module, runtime: str, size: Sequence[int],
+                threads: int | None = None) -> nn.Module:
+    """`runtime_model`, run once on a (1, C, *size) window; RuntimeUnavailable, one line, when that fails."""
+    model = runtime_model(art, served, runtime, threads)
+    try:
+        with torch.inference_mode():
+            model.eval()(torch.zeros((1, _in_chans(art), *map(int, size))))
+    except Exception as e:  # an operator the runtime lacks, too little memory, a window the graph was not made for
+        raise RuntimeUnavailable(f"failed on this model ({_one_line(e)})") from None
+    return model
 
 
 def _in_chans(art: Artifact) -> int:
@@ -206,7 +211,7 @@ def choose_runtime(art: Artifact, served: nn.Module, window: Sequence[int], requ
                    path: str | Path | None = None, runs: int = RUNS, threads: int | None = None
                    ) -> tuple[RuntimeChoice, nn.Module]:
     """(the choice, the model to run): `requested` itself, or for "auto" the fastest runtime measured on one
-    window here; with the artifact's `path` the choice is cached (a cached runtime that no longer builds is
+    window here; with the artifact's `path` the choice is cached (a cached runtime that no longer runs is
     measured again). RuntimeUnavailable when the requested runtime cannot run the artifact, or none can."""
     if requested not in CHOICES:
         raise ValueError(f"runtime must be one of {', '.join(CHOICES)}, got {requested!r}")
@@ -220,9 +225,9 @@ def choose_runtime(art: Artifact, served: nn.Module, window: Sequence[int], requ
         hit = store.get(key)
         if isinstance(hit, dict) and hit.get("runtime") in RUNTIMES:
             try:
-                model = runtime_model(art, served, hit["runtime"], threads)
+                model = ready_model(art, served, hit["runtime"], window, threads)
             except RuntimeUnavailable:
-                pass
+                pass  # uninstalled or broken since: measure again
             else:
                 return RuntimeChoice(hit["runtime"], window, "cached", dict(hit.get("ms") or {}),
                                      dict(hit.get("notes") or {}), int(hit.get("runs", runs)), threads), model

@@ -157,3 +157,10 @@ def test_auto_takes_the_fastest_and_caches_it(fp32, monkeypatch):
     # threads are part of the key
     choose_runtime(art, served, (32, 32, 32), "auto", path=path, threads=torch.get_num_threads() + 1)
     assert len(measured) == 3
+    # the cached runtime no longer imports (uninstalled since): measured again, among the others
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    del fake["onnxruntime"]
+    again, model = choose_runtime(art, served, (32, 32, 32), "auto", path=path)
+    assert (again.runtime, again.how, len(measured)) == ("openvino", "measured", 4)
+    with pytest.raises(RuntimeUnavailable, match="pip install onnxruntime"):
+        choose_runtime(art, served, (32, 32, 32), "onnxruntime", path=path)
