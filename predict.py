@@ -1,8 +1,9 @@
-"""Segment BraTS cases with any artifact (FP32 or INT8, PyTorch or ONNX Runtime).
+"""Segment BraTS cases with any artifact (FP32 or INT8; PyTorch, ONNX Runtime or OpenVINO).
 
     python predict.py ARTIFACT --input DIR --output DIR [--window 128 128 128] [--overlap 0.5]
         [--cases NAME ... | --split splits.json [--fold K]] [--et-min-voxels N] [--threads N]
         [--allow-constant-modality] [--overlay DIR] [--no-skip-background]
+        [--runtime auto|torch|onnxruntime|openvino]
 
 DIR may be one case folder or any BraTS layout (the validation release included). Writes
 <case>.nii.gz label maps (uint8, BraTS values 0/1/2/4) on each input's grid with its affine and
@@ -11,6 +12,9 @@ also writes DIR/<case>.png: an axial slice through the tumour with the predictio
 FLAIR (WT, TC) and T1ce (TC, ET), beside the truth's when the case has one (as the report draws).
 Windows without a brain voxel are not run (their logits are one all-zero window's, so the label maps
 are the same); it says how many it skipped. --no-skip-background runs every window.
+--runtime auto (the default) times each runtime that can run the artifact on one window on this
+machine, uses the fastest and says which, with each one's time; the choice is cached per artifact and
+machine (~/.cache/refineformer3d/runtimes.json), so the next run does not measure again.
 
 --split takes the held-out ("val") cases of a fold of a splits.json (e.g. <cache>/splits.json), so
 a run's held-out training cases can be predicted and then scored with `python -m brats.evaluate`:
@@ -21,7 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.cli import run_main
+from common.cli import RUNTIME_CHOICES, run_main
 from common.errors import UserInputError
 
 
@@ -56,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-skip-background", dest="skip_background", action="store_false",
                         help="run every window (default: windows without a brain voxel reuse one all-zero "
                              "window's logits; the same label maps)")
+    parser.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto",
+                        help="where the model runs: PyTorch eager, ONNX Runtime or OpenVINO; auto (default): the "
+                             "fastest measured here on one window (cached per artifact and machine)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace label maps already in --output (and pictures already in --overlay)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -75,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                                 args.sw_batch, progress=not args.quiet, cases=cases,
                                 et_min_voxels=args.et_min_voxels,
                                 allow_constant_modality=args.allow_constant_modality, overwrite=args.overwrite,
-                                overlay_dir=args.overlay, skip_background=args.skip_background)
+                                overlay_dir=args.overlay, skip_background=args.skip_background,
+                                runtime=args.runtime)
     except UserInputError:
         raise  # bad data or artifact: run_main reports it
     except ValueError as e:  # window / overlap that the model cannot use

@@ -1,7 +1,7 @@
 """Compare every stage's artifact on the same held-out cases: one table, CSV, JSON and plots.
 
     python report.py [RUNS_DIR | ARTIFACT ...] [--data DIR] [--out report/] [--metrics legacy|official|both]
-        [--config ...] [--set ...]
+        [--runtime auto|torch|onnxruntime|openvino] [--profile] [--config ...] [--set ...]
     python report.py --arch segformer3d [--width 0.25] [--input 128 128 128]
 
 RUNS_DIR (default runs/) is searched for artifacts (*.pt): every file but the engine's resumable
@@ -13,6 +13,11 @@ without weights (parameters and G multiply-adds) to size a student before traini
 --metrics official|both adds the official BraTS metrics (the optional brats-evaluation package) beside
 ours. With report.plots, the median and the worst held-out case (by the teacher's mean Dice) are
 drawn with every stage's contours (case_median.png, case_worst.png).
+Every artifact is timed per window in each runtime that can run it (PyTorch eager, ONNX Runtime,
+OpenVINO: one row each in report.md) and scored in --runtime (report.runtime; auto: the fastest measured
+here). --profile (report.profile) adds per stage where a window's time goes: top operators and modules by
+time in PyTorch's profiler, their multiply-adds and achieved G multiply-adds/s against this CPU's fp32
+GEMM peak (a 2048x2048 matrix product, measured once per report).
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import sys  # noqa: E402
 
-from common.cli import config_from_args, data_given, run_main, stage_parser  # noqa: E402
+from common.cli import RUNTIME_CHOICES, config_from_args, data_given, run_main, stage_parser  # noqa: E402
 from common.paths import project_path  # noqa: E402
 
 
@@ -47,9 +52,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="legacy: ours only (BraTS 2017 era, medpy HD95 in mm; the default); official / both: "
                              "also the brats-evaluation package's lesion-wise and global values, in their own "
                              "section (an optional extra: pip install brats-evaluation)")
+    parser.add_argument("--runtime", choices=RUNTIME_CHOICES, default=None,
+                        help="runtime each row is scored and timed in (report.runtime, default auto: the fastest "
+                             "measured here); every runtime's time is in the report either way")
+    parser.add_argument("--profile", action="store_true", default=None,
+                        help="add per stage where a window's time goes (report.profile): top operators and modules, "
+                             "their multiply-adds and achieved rate against this CPU's fp32 GEMM peak")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
+    if args.runtime is not None:
+        cfg.report.runtime = args.runtime
+    if args.profile:
+        cfg.report.profile = True
 
     # deferred: torch loads only once the command line and config are good
     from pipeline.report import format_profile, make_report, profile_arch

@@ -16,6 +16,9 @@ from common.config import DATA_IDENTITY, Config, load_config
 from common.errors import UserInputError
 from common.paths import project_path
 
+# where predict.py / report.py run a model (pipeline.runtimes), named here so that the CLIs need no torch
+RUNTIME_CHOICES = ("auto", "torch", "onnxruntime", "openvino")
+
 
 def stage_parser(prog: str, description: str, default_config: str | None = None,
                  default_out: str | None = None) -> argparse.ArgumentParser:

@@ -195,6 +195,9 @@ class ReportConfig:
     case_latency: bool = True  # also time whole-case sliding-window inference
     plots: bool = True
     et_min_voxels: int | None = None  # ET smaller than this in a case -> NCR/NET; None: train.et_min_voxels
+    runtime: str = "auto"  # auto | torch | onnxruntime | openvino: scores and times each row (auto: the fastest)
+    profile: bool = False  # a "where the time goes" table per stage (PyTorch profiler, fvcore multiply-adds)
+    profile_top: int = 10  # operators and modules shown per profile table
 
 
 @dataclass

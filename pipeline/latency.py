@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from common.timing import median_seconds
+from common.timing import interleaved_medians
 
 
 def runtime_note() -> dict:
@@ -26,7 +26,22 @@ def runtime_note() -> dict:
 def window_latency_ms(model: nn.Module, size: Sequence[int], runs: int, warmup: int = 1,
                       in_chans: int = 4) -> float:
     """Median ms of one forward pass on a (1, in_chans, *size) zero input, no autograd."""
+    return window_latencies_ms({"model": model}, size, runs, warmup, in_chans)["model"]
+
+
+def window_latencies_ms(models: dict[str, nn.Module], size: Sequence[int], runs: int, warmup: int = 1,
+                        in_chans: int = 4) -> dict[str, float]:
+    """Median ms per model of one forward pass on the same (1, in_chans, *size) zero input, the models
+    called in turn (A B C A B C ...) so that a machine getting busier hits them alike."""
     x = torch.zeros((1, in_chans, *[int(s) for s in size]))
-    model.eval()
-    with torch.inference_mode():
-        return 1e3 * median_seconds(lambda: model(x), runs, warmup)
+    for model in models.values():
+        model.eval()
+
+    def call(model: nn.Module):
+        def forward() -> None:
+            with torch.inference_mode():
+                model(x)
+        return forward
+
+    seconds = interleaved_medians({name: call(m) for name, m in models.items()}, runs, warmup)
+    return {name: 1e3 * s for name, s in seconds.items()}

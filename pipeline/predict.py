@@ -9,6 +9,8 @@ bad case unless `allow_constant_modality` (then a warning). With `overlay_dir`, 
 gets `<case>.png`: an axial slice through its tumour with the prediction's contours over FLAIR and
 T1ce, beside the truth's when the case has one (`brats.overlay.case_figure`, as the report draws).
 Windows without a brain voxel are skipped unless told (`brats.inference`: the same label maps).
+`runtime` runs the artifact in PyTorch, ONNX Runtime or OpenVINO, or ("auto") in the one measured fastest
+on this machine (`pipeline.runtimes`).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from common.errors import UserInputError
 from common.progress import bar_off
 from model.refineformer3d import ModelSpec, model_from_spec
 from model.rewrites import inference_graph
+from pipeline.runtimes import RuntimeChoice, RuntimeUnavailable, choose_runtime
 
 FP32_KINDS = ("fp32",)
 
@@ -46,6 +49,7 @@ class PredictResult:
     failed: dict[str, str] = field(default_factory=dict)  # case -> message naming case and file
     overlays: dict[str, Path] = field(default_factory=dict)  # case -> PNG (with overlay_dir)
     windows: WindowCount = field(default_factory=WindowCount)  # over the cases predicted
+    runtime: RuntimeChoice | None = None  # where the model ran (None: the artifact's own module)
 
 
 def artifact_scheme(art: Artifact, default: str = "regions") -> str:
@@ -198,7 +202,7 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
                    progress: bool = True, cases: Sequence[str] | None = None,
                    et_min_voxels: int | None = None, allow_constant_modality: bool = False,
                    overwrite: bool = False, overlay_dir: str | Path | None = None,
-                   skip_background: bool = True) -> PredictResult:
+                   skip_background: bool = True, runtime: str | None = None) -> PredictResult:
     """Predict every case under `input_dir` (any BraTS layout, or one case folder), or only `cases`.
 
     Writes `<output_dir>/<case>.nii.gz` atomically. `et_min_voxels` None: the threshold calibrated
@@ -210,7 +214,10 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
     `overwrite`. `overlay_dir`: also `<overlay_dir>/<case>.png` per case (`write_overlay`; the
     truth drawn when the case has one); a picture that fails is reported, its label map kept.
     `skip_background`: windows without a brain voxel reuse one all-zero window's logits (the same
-    label maps, less work); `result.windows` counts them.
+    label maps, less work); `result.windows` counts them. `runtime` None: the artifact's own module
+    (`inference_model`); torch / onnxruntime / openvino: that runtime (UserInputError when it cannot run
+    the artifact); auto: the fastest measured on one window here (cached per artifact and machine). The
+    choice is printed to stderr and kept in `result.runtime`.
     """
     art = Artifact.load(artifact)
     window = check_window(window, art.spec)
@@ -232,8 +239,14 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
         overlay_dir = Path(overlay_dir)
         if not overwrite:
             _refuse_existing(overlay_dir, [f"{ref.case}.png" for ref in refs], "overlays", "--overlay folder")
-    output_dir.mkdir(parents=True, exist_ok=True)
     result = PredictResult()
+    if runtime is not None:
+        try:
+            result.runtime, model = choose_runtime(art, model, window, runtime, path=artifact)
+        except RuntimeUnavailable as e:
+            raise UserInputError(f"{artifact}: runtime {runtime}: {e}") from None
+        print(result.runtime.line(), file=sys.stderr)
+    output_dir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(refs, desc=f"predict ({art.stage})", unit="case", disable=bar_off(progress), file=sys.stderr)
     for ref in bar:
         bar.set_postfix_str(ref.case)

@@ -8,6 +8,12 @@ and timing (`brats.inference`: the same label maps); the whole-case time is then
 every window run, interleaved, and the skipped windows are counted over the held-out cases.
 Writes report.md, report.csv, report.json and PNG plots into one folder, all atomically.
 
+Every artifact is timed in each runtime that can run it (`pipeline.runtimes`: PyTorch eager, ONNX
+Runtime, OpenVINO; interleaved, one row per runtime in report.md) and scored in one of them:
+`report.runtime` (auto: the fastest measured). `report.profile` adds, per stage, where the window's
+time goes (`pipeline.profile`: top operators and modules by time, their multiply-adds and achieved
+G multiply-adds/s against this CPU's fp32 GEMM peak, measured once per report).
+
 `metrics="official"` or `"both"` adds the official BraTS metrics (the optional `brats-evaluation`
 package, `brats.official`) per stage beside ours; ours stay in the main table (ratios, gaps and
 plots use them). Two held-out cases are drawn (`case_figure`): the median and the worst by the
@@ -52,9 +58,11 @@ from engine.runtime import resolve_runtime, runtime_summary
 from model.macs import count_macs
 from model.refineformer3d import RefineFormer3D, count_params, preset_spec
 from pipeline import plots
-from pipeline.latency import runtime_note, window_latency_ms
+from pipeline.latency import runtime_note
 from pipeline.predict import (FP32_KINDS, artifact_et_rule, artifact_scheme, check_window, fp32_model,
                               inference_model, predict_fn)
+from pipeline.profile import gemm_peak, profile_artifact
+from pipeline.runtimes import CHOICES as RUNTIME_CHOICES, RUNTIMES, measure_runtimes, pick_runtime
 
 STAGE_ORDER = ("teacher", "student", "slim", "lowrank", "grown", "int8")
 ENGINE_FILES = ("best", "last")  # the engine's file names: the stage is the folder's name
@@ -67,8 +75,10 @@ RATIO_KEYS = {  # ratio key -> measured key, each row divided by the reference (
     "latency_ratio": "latency_ms_window",
     "latency_case_ratio": "latency_s_case",
 }
+RUNTIME_KEYS = {name: f"latency_ms_{name}" for name in RUNTIMES}  # runtime -> its ms / window column
 ROW_KEYS = ("stage", "artifact", "kind", "params", "gmacs", "size_mb", *METRIC_KEYS,
-            "latency_ms_window", "latency_s_case", *RATIO_KEYS, "cases", "et_missed_cases", "threads",
+            "latency_ms_window", "runtime", *RUNTIME_KEYS.values(), "latency_s_case", *RATIO_KEYS, "cases",
+            "et_missed_cases", "threads",
             "omp_wait_policy", "trained_as", "et_min_voxels", "windows", "windows_skipped", "latency_s_case_noskip",
             "error")
 OFFICIAL_N_KEYS = tuple(f"official_cases_{r}" for r in official.REGIONS)  # cases with an official number
@@ -212,12 +222,16 @@ def evaluate_artifact(found: Found, cfg: Config, cache, cases: list[str], defaul
 
 
 def score_artifact(found: Found, cfg: Config, cache, cases: list[str], default_scheme: str,
-                   progress: bool = True, *, metrics: str = "legacy", on_case=None) -> tuple[dict, list[dict]]:
+                   progress: bool = True, *, metrics: str = "legacy", on_case=None,
+                   peak: dict | None = None) -> tuple[dict, list[dict]]:
     """(table row, per-case score rows) of one artifact; see `evaluate_artifact`.
 
     `metrics` official / both: each case also goes to the official package (the cache's spacing);
     the row gets the means of its columns over the cases where it gives a number. `on_case` sees
-    every case as `brats.scoring.score_cases` passes it.
+    every case as `brats.scoring.score_cases` passes it. Every runtime that can run the artifact is
+    timed per window (row[RUNTIME_KEYS[...]], row["runtime_notes"] for the others); the row's window
+    latency, scores and case times are `report.runtime`'s (auto: the fastest). With `peak`
+    (`gemm_peak`), row["profile"] is where the window's time goes in PyTorch (`profile_artifact`).
     """
 
     art, rep = found.artifact, cfg.report
@@ -239,7 +253,14 @@ def score_artifact(found: Found, cfg: Config, cache, cases: list[str], default_s
     del counted
     model = inference_model(art, model)  # FP32: timed and scored as served (model.rewrites); INT8 has it built in
 
-    row["latency_ms_window"] = window_latency_ms(model, size, rep.latency_runs, rep.warmup_runs)
+    models, ms, notes = measure_runtimes(art, model, size, rep.latency_runs, rep.warmup_runs)
+    runtime, why = pick_runtime(ms, rep.runtime, notes)
+    row["runtime"], row["latency_ms_window"] = runtime, ms[runtime]
+    row.update({key: ms.get(name) for name, key in RUNTIME_KEYS.items()})
+    row["runtime_notes"] = {**notes, **({runtime: why} if why else {})}
+    if peak is not None:
+        row["profile"] = profile_artifact(art, model, (1, 4, *size), peak["gmacs_per_s"], rep.profile_top)
+    model = models[runtime]
 
     predict = predict_fn(model)
     scoring = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, scheme=scheme), train=dataclasses.replace(
@@ -325,6 +346,8 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
         raise ValueError(f"metrics must be one of {', '.join(METRIC_CHOICES)}, got {metrics!r}")
     if metrics != "legacy":
         official.require()
+    if cfg.report.runtime not in RUNTIME_CHOICES:
+        raise ConfigError(f"report.runtime must be one of {', '.join(RUNTIME_CHOICES)}, got {cfg.report.runtime!r}")
     found = find_artifacts(sources)
     if not found:
         raise ArtifactError(f"no artifact (*.pt) found in {', '.join(map(str, sources))}")
@@ -344,6 +367,10 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
     if progress:
         print(rt.line("report"), file=sys.stderr)
     note = {**runtime_note(), "resolved": rt.to_dict()}
+    peak = gemm_peak() if cfg.report.profile else None
+    if peak is not None and progress:
+        print(f"report: fp32 GEMM peak {peak['gmacs_per_s']:.1f} G multiply-adds/s ({peak['n']}x{peak['n']} "
+              f"torch.mm, median of {peak['runs']}, {peak['threads']} thread(s))", file=sys.stderr)
     rows, per_case, slices = [], {}, {}
     for f in tqdm(found, desc="report", unit="artifact", disable=bar_off(progress), file=sys.stderr):
         if f.artifact is None:
@@ -351,7 +378,8 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
             continue
         try:
             row, scores = score_artifact(f, cfg, cache, cases, data_used.scheme, progress, metrics=metrics,
-                                         on_case=slice_keeper(slices, str(f.path)) if cfg.report.plots else None)
+                                         on_case=slice_keeper(slices, str(f.path)) if cfg.report.plots else None,
+                                         peak=peak)
             per_case[str(f.path)] = {s["case"]: s for s in scores}
         except Exception as e:  # one bad artifact must not cost the others their row
             row = _empty_row(f)
@@ -390,6 +418,7 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
         "metrics": metrics,
         "official": official.versions() if metrics != "legacy" else None,
         "case_figures": figures,
+        "gemm_peak": peak,
     }
     keys = ROW_KEYS + (OFFICIAL_ROW_KEYS if metrics != "legacy" else ())
     result.files["json"] = atomic_write_text(out_dir / "report.json", json.dumps(_json_rows(rows), indent=1) + "\n")
@@ -728,11 +757,12 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
         "",
         markdown_table(
             ["stage", "params", "G MACs", "size MB", "Dice WT", "Dice TC", "Dice ET", "Dice mean",
-             "HD95 WT", "HD95 TC", "HD95 ET", "IoU mean", f"ms / {size}", "s / case", "trained as"],
+             "HD95 WT", "HD95 TC", "HD95 ET", "IoU mean", f"ms / {size}", "runtime", "s / case", "trained as"],
             ([r["stage"], _fmt(r["params"], ","), _fmt(r["gmacs"], ".2f"), _fmt(r["size_mb"], ".2f"),
               *[_fmt(r[k], ".3f") for k in ("dice_wt", "dice_tc", "dice_et", "dice_mean")],
               *[_fmt(r[k], ".2f") for k in ("hd95_wt", "hd95_tc", "hd95_et")], _fmt(r["iou_mean"], ".3f"),
-              _fmt(r["latency_ms_window"], ".1f"), _fmt(r["latency_s_case"], ".2f"), r.get("trained_as") or "-"]
+              _fmt(r["latency_ms_window"], ".1f"), r.get("runtime") or "–", _fmt(r["latency_s_case"], ".2f"),
+              r.get("trained_as") or "-"]
              for r in rows),
         ),
         "",
@@ -754,6 +784,7 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
         ),
         "",
         *skip_section(rows, cfg.train.skip_background),
+        *runtime_section(rows, size, cfg),
         "Published reference (other data, not comparable row by row): SegFormer3D, 4.5M parameters, "
         "mean Dice 0.821 (WT 89.9, TC 82.2, ET 74.2) on MSD Task01 with its own validation split.",
         "",
@@ -771,6 +802,9 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
         lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plot_files] + [""]
     if meta.get("case_figures"):
         lines += case_section(meta["case_figures"], ref)
+    for r in rows:
+        if r.get("profile"):
+            lines += profile_section(r, meta["gemm_peak"])
     for f in found:
         extra = f.artifact.extra if f.artifact is not None else {}
         for key, (title, render) in EXTRA_SECTIONS.items():
@@ -778,6 +812,73 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
             if value:
                 lines += [f"## {f.stage}: {title}", "", f"From `{f.path}`.", "", *render(value), ""]
     return "\n".join(lines)
+
+
+def runtime_section(rows: list[dict], size: str, cfg: Config) -> list[str]:
+    """One row per artifact and runtime: its time per window, against the runtime the row was scored in."""
+    rep = cfg.report
+    how = ("the fastest measured" if rep.runtime == "auto"
+           else f"{rep.runtime} where it can run the artifact, else the fastest")
+    lines = [
+        "## Runtimes", "",
+        f"Each artifact in every runtime that can run it, per {size} window: median of {rep.latency_runs} runs, "
+        "the runtimes of one artifact called in turn (interleaved) after a warm-up, the same threads each "
+        "(PyTorch intra-op threads, ONNX Runtime intra_op_num_threads, OpenVINO INFERENCE_NUM_THREADS). FP32: "
+        "PyTorch runs the exact rewrites, ONNX Runtime and OpenVINO their ONNX export (OpenVINO in f32 precision); "
+        "INT8 (QDQ ONNX): both run the same stored graph with the QAT's own scales. The row's scores and case "
+        f"times above use the runtime marked used (report.runtime={rep.runtime}: {how}).", "",
+    ]
+    table = []
+    for r in rows:
+        if r.get("error"):
+            continue
+        used, notes = r.get("runtime"), r.get("runtime_notes") or {}
+        for name, key in RUNTIME_KEYS.items():
+            ms = r.get(key)
+            vs = f"{ms / r['latency_ms_window']:.2f}x" if _num(ms) and _num(r.get("latency_ms_window")) else "–"
+            table.append([r["stage"], name, _fmt(ms, ".1f"), vs, "used" if name == used else "",
+                          notes.get(name, "")])
+    return lines + [markdown_table(["stage", "runtime", f"ms / {size}", "vs used", "", "note"], table), ""]
+
+
+def _share(v: Any) -> str:
+    return "–" if not _num(v) else f"{100 * v:.1f} %"
+
+
+def profile_section(row: dict, peak: dict | None) -> list[str]:
+    """Where one window's forward time goes in PyTorch: top operators, then top modules, with multiply-adds."""
+    p = row["profile"]
+    lines = [f"## {row['stage']}: where the time goes", ""]
+    if p.get("error"):
+        return lines + [f"Not profiled: {p['error']}", ""]
+    size = "x".join(map(str, p["input"]))
+    peak_text = (f"{p['peak_gmacs_per_s']:.1f} G multiply-adds/s, measured on a {peak['n']}x{peak['n']} fp32 "
+                 f"torch.mm (median of {peak['runs']}, {peak['threads']} thread(s))" if peak else "not measured")
+    ops, modules = p["ops"], p["modules"]
+    lines += [
+        f"PyTorch eager, one {size} window after {p['warmup']} warm-up forward(s), under torch.profiler: "
+        f"{p['forward_ms']:.1f} ms ({p['threads']} thread(s); this row's other figures use {row.get('runtime')}). "
+        f"{p['gmacs']:.3f} G multiply-adds in all (fvcore on the same graph). This CPU's peak: {peak_text}; "
+        "\"of peak\" is the achieved rate over it.", "",
+        f"Operators as the model's code calls them (each with everything it dispatches to), top {len(ops)} of "
+        f"{p['ops_count']} by time; together {_share(sum(o['share'] for o in ops))} of the forward:", "",
+        markdown_table(
+            ["operator", "calls", "ms", "share", "G MACs", "G MACs/s", "of peak"],
+            ([o["op"], str(o["calls"]), _fmt(o["total_ms"], ".2f"), _share(o["share"]), _fmt(o["gmacs"], ".3f"),
+              _fmt(o["gmacs_per_s"], ".1f"), _share(o["peak_share"])] for o in ops)),
+        "",
+        f"Modules by self time (their total less their child modules': the operators a module calls itself), top "
+        f"{len(modules)} of {p['modules_count']}; together {_share(sum(m['self_share'] for m in modules))} of the "
+        "forward. Multiply-adds and rate are the self part's:", "",
+        markdown_table(
+            ["module", "type", "calls", "self ms", "self share", "total ms", "total share", "G MACs", "G MACs/s",
+             "of peak"],
+            ([m["module"], m["type"], str(m["calls"]), _fmt(m["self_ms"], ".2f"), _share(m["self_share"]),
+              _fmt(m["total_ms"], ".2f"), _share(m["total_share"]), _fmt(m["gmacs_self"], ".3f"),
+              _fmt(m["gmacs_per_s"], ".1f"), _share(m["peak_share"])] for m in modules)),
+        "",
+    ]
+    return lines
 
 
 def skip_section(rows: list[dict], skip: bool) -> list[str]:

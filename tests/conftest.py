@@ -60,3 +60,9 @@ def write_tiny_case():
 
     write.images, write.label = tiny_images, tiny_label
     return write
+
+
+@pytest.fixture(autouse=True)
+def measurement_cache(tmp_path_factory, monkeypatch):
+    """Per-machine measurement caches (INT8 decisions, runtime choices) in a temporary folder, never the user's."""
+    monkeypatch.setenv("REFINEFORMER3D_CACHE", str(tmp_path_factory.getbasetemp() / "measurement_cache"))

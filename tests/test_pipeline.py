@@ -14,8 +14,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import compress.quant  # noqa: F401  (registers the INT8 kinds; model registers fp32)
-import model.refineformer3d  # noqa: F401
+import compress.quant  # noqa: F401  (registers the INT8 / ONNX artifact kinds build_model rebuilds)
+import model.refineformer3d  # noqa: F401  (registers the fp32 kind)
 from common.artifact import Artifact, build_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 
 import matplotlib.image as mpimg
@@ -16,6 +17,8 @@ from brats.prepare import prepare, run_prepare
 from common.artifact import Artifact, build_model
 from common.errors import UserInputError
 from compress.quant.convert import int8_spec, prepare_float
+from compress.quant.onnx_export import OrtModel, export_onnx, onnx_spec
+from pipeline.runtimes import RUNTIMES
 from pipeline.predict import (artifact_scheme, base_spec, check_window, inference_model, predict_folder, predict_fn,
                                select_cases, split_cases)
 from model.refineformer3d import ModelSpec, RefineFormer3D
@@ -80,7 +83,7 @@ def test_background_skipping_counted_and_switchable(setup, tmp_path, capsys):
     root, data, artifact, _ = setup
     case = discover_cases(data)[0].case
     code = predict_cli.main([str(artifact), "--input", str(data), "--output", str(tmp_path / "skip"),
-                             "--window", *map(str, WINDOW), "--cases", case, "--quiet"])
+                             "--window", *map(str, WINDOW), "--cases", case, "--quiet", "--runtime", "torch"])
     out = capsys.readouterr().out
     assert code == 0 and "windows (background)" in out
     every = predict_folder(artifact, data, tmp_path / "all", WINDOW, cases=[case], progress=False,
@@ -157,6 +160,40 @@ def test_fp32_artifacts_run_as_their_inference_graph_and_int8_ones_as_built(setu
     assert sum(isinstance(m, ChannelsLast3d) for m in built.modules()) == 1 and len(built.decoder._forward_hooks) == 1
 
 
+def test_runtime_auto_says_what_it_measured_and_every_runtime_writes_the_same_maps(setup, tmp_path, capsys,
+                                                                                    monkeypatch):
+    _, data, artifact, _ = setup
+    monkeypatch.setenv("REFINEFORMER3D_CACHE", str(tmp_path / "cache"))  # nothing measured yet
+    case = discover_cases(data)[0].case
+    args = [str(artifact), "--input", str(data), "--window", *map(str, WINDOW), "--cases", case, "--quiet"]
+
+    def run(folder: str, *more: str) -> str:
+        assert predict_cli.main([*args, "--output", str(tmp_path / folder), *more]) == 0
+        return next(line for line in capsys.readouterr().err.splitlines() if line.startswith("runtime: "))
+
+    line = run("auto")  # the default
+    assert "the fastest here per 32x32x32 window (torch " in line and " onnxruntime " in line
+    assert "measured now" in line and "median of 5, interleaved" in line
+    assert "cached in" in run("again", "--runtime", "auto")  # measured once per artifact and machine
+    maps = {}
+    for runtime in RUNTIMES:
+        if runtime != "torch" and importlib.util.find_spec(runtime) is None:
+            continue
+        assert run(runtime, "--runtime", runtime) == f"runtime: {runtime} (as asked)"
+        maps[runtime] = np.asanyarray(nib.load(str(tmp_path / runtime / f"{case}.nii.gz")).dataobj)
+    assert len(maps) >= 2
+    for runtime, label in maps.items():  # FP32 logits agree to 1e-4 of their scale: the same labels
+        assert (label != maps["torch"]).mean() < 1e-4, runtime
+    # an ONNX artifact cannot run in PyTorch: said before anything is written
+    onnx = Artifact.load(artifact)
+    data_bytes = export_onnx(inference_model(onnx), (1, 4, *WINDOW))
+    path = Artifact("int8", onnx_spec([1, 4, *WINDOW], len(data_bytes), onnx.spec, "fp32"),
+                    OrtModel.from_bytes(data_bytes, [1, 4, *WINDOW]).state_dict()).save(tmp_path / "onnx.pt")
+    with pytest.raises(UserInputError, match="runtime torch: an ONNX artifact .* has no PyTorch graph"):
+        predict_folder(path, data, tmp_path / "refused", WINDOW, cases=[case], progress=False, runtime="torch")
+    assert not (tmp_path / "refused").exists()
+
+
 def written_cases(folder) -> list[str]:
     return sorted(p.name[: -len(".nii.gz")] for p in folder.iterdir())
 
@@ -199,7 +236,7 @@ def test_et_min_voxels_relabels_small_et_as_ncr(setup, tmp_path):
     # fewer ET voxels than N: all ET becomes NCR/NET (1), the rest of the map unchanged
     code = predict_cli.main([str(artifact), "--input", str(data), "--output", str(tmp_path / "big"),
                              "--window", *map(str, WINDOW), "--cases", case, "--et-min-voxels", str(n_et + 1),
-                             "--quiet"])
+                             "--quiet", "--runtime", "torch"])
     assert code == 0
     big = np.asanyarray(nib.load(str(tmp_path / "big" / f"{case}.nii.gz")).dataobj)
     np.testing.assert_array_equal(big, np.where(label == 4, 1, label))

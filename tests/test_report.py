@@ -1,5 +1,6 @@
 import copy
 import csv
+import dataclasses
 import json
 import math
 
@@ -17,7 +18,10 @@ from common.config import Config, DataConfig, to_dict
 import brats.inference
 import brats.scoring
 from brats.overlay import FIGURE_DPI, PANEL_INCHES
-from pipeline.report import (ROW_KEYS, choose_cases, et_min_voxels, evaluate_artifact, find_artifacts,
+from compress.quant.onnx_export import OrtModel, export_onnx, onnx_spec
+from model.rewrites import inference_graph
+from pipeline.runtimes import RUNTIMES
+from pipeline.report import (ROW_KEYS, RUNTIME_KEYS, choose_cases, et_min_voxels, evaluate_artifact, find_artifacts,
                              growth_section, held_out_cases, int8_section, lowrank_section, make_report,
                              profile_arch)
 from model.macs import count_macs
@@ -220,6 +224,54 @@ def test_files_written(built):
     assert "metrics_before_finetune" not in md and "fuse_dim" not in md  # no raw dumps of nested data
     assert "the BraTS ET rule per artifact" in md and "| < 0 voxels |" in md  # no rule recorded: train's 0
     assert f"| teacher | {result.rows[0]['params']:,} |" in md
+
+
+def test_every_runtime_timed_and_the_fastest_used(built):
+    root, cfg, result, *_ = built
+    md = (root / "out" / "report.md").read_text()
+    stored = json.loads((root / "out" / "report.json").read_text())
+    runtimes = md.split("## Runtimes\n")[1].split("\n## ")[0]
+    for row, saved in zip(result.rows[:2], stored):
+        timed = {name: row[key] for name, key in RUNTIME_KEYS.items() if row[key] is not None}
+        assert {"torch", "onnxruntime"} <= set(timed)  # FP32 always exports; openvino where installed
+        assert set(timed) | set(row["runtime_notes"]) == set(RUNTIMES)
+        assert row["runtime"] == min(timed, key=timed.get) and row["latency_ms_window"] == timed[row["runtime"]]
+        assert saved["runtime"] == row["runtime"] and saved["runtime_notes"] == row["runtime_notes"]
+        for name in RUNTIMES:
+            ms = row[RUNTIME_KEYS[name]]
+            cells = f"| {row['stage']} | {name} | " + ("–" if ms is None else f"{ms:.1f} | {ms / timed[row['runtime']]:.2f}x")
+            assert cells in runtimes, cells
+        assert f"| {row['stage']} | {row['runtime']} | {timed[row['runtime']]:.1f} | 1.00x | used |" in runtimes
+    assert "lowrank" not in runtimes  # the broken artifact has no runtime rows
+
+
+def test_profile_per_stage_and_an_onnx_artifact_says_why_not(built, tmp_path):
+    root, cfg, _, _, student, _ = built
+    shape = (1, 4, *cfg.report.input)
+    data = export_onnx(inference_graph(student), shape)
+    onnx = Artifact("int8", onnx_spec(list(shape), len(data), student.spec.to_dict(), "fp32"),
+                    OrtModel.from_bytes(data, list(shape)).state_dict(), config=to_dict(cfg)).save(tmp_path / "int8.pt")
+    rep = dataclasses.replace(cfg.report, profile=True, profile_top=4, plots=False, case_latency=False, max_cases=1,
+                              runtime="torch")
+    result = make_report([root / "runs" / "teacher" / "best.pt", onnx], Config(report=rep, train=cfg.train),
+                         tmp_path / "out", progress=False)
+    teacher, int8 = result.rows
+    assert teacher["runtime"] == "torch" and not teacher["runtime_notes"]  # as asked
+    assert int8["runtime"] in ("onnxruntime", "openvino")  # torch cannot run it: the fastest, and why
+    assert "torch asked for, not usable" in int8["runtime_notes"][int8["runtime"]]
+    prof = teacher["profile"]
+    assert len(prof["ops"]) == 4 and len(prof["modules"]) == 4 and prof["peak_gmacs_per_s"] > 0
+    assert 0 < sum(o["share"] for o in prof["ops"]) <= 1 and 0 < sum(m["self_share"] for m in prof["modules"]) <= 1
+    assert prof["gmacs"] == pytest.approx(teacher["gmacs"], rel=0.2)  # rewritten graph: fewer at most
+    md = (tmp_path / "out" / "report.md").read_text()
+    section = md.split("## teacher: where the time goes\n")[1].split("\n## ")[0]
+    assert f"{prof['peak_gmacs_per_s']:.1f} G multiply-adds/s, measured on a 2048x2048 fp32 torch.mm" in section
+    op = prof["ops"][0]
+    assert f"| {op['op']} | {op['calls']} | {op['total_ms']:.2f} | {100 * op['share']:.1f} % |" in section
+    assert f"| {prof['modules'][0]['module']} | {prof['modules'][0]['type']} |" in section
+    assert "## int8: where the time goes\n\nNot profiled: an ONNX artifact runs inside ONNX Runtime" in md
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved[0]["profile"]["ops"][0]["op"] == op["op"] and "error" in saved[1]["profile"]
 
 
 def test_discovery_skips_only_resumable_checkpoints(built):

@@ -13,8 +13,6 @@ table: unlisted layers stay FP32). A forced {layer: int8 | fp32} entry always wi
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from common.atomic import atomic_write_text
+from common.cache import cache_file, read_cache, write_cache
 from common.progress import bar_off
 from common.timing import median_seconds
 from compress.quant.convert import empty_int8_like
@@ -33,8 +31,7 @@ MODES = ("measure", "all", "none", "table")
 
 
 def cache_path() -> Path:
-    root = os.environ.get("REFINEFORMER3D_CACHE") or Path.home() / ".cache" / "refineformer3d"
-    return Path(root) / "int8_decisions.json"
+    return cache_file("int8_decisions.json")
 
 
 def layer_inputs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
@@ -101,13 +98,6 @@ def measure_layer(module: nn.Module, shape: tuple[int, ...], runs: int = 5) -> t
     return min(fp32), min(q)
 
 
-def _load_cache(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def decide(
     model: nn.Module,
     input_shape: tuple[int, ...],
@@ -131,7 +121,7 @@ def decide(
     if unknown:
         raise ValueError(f"quant.force names layers the model does not have (or never runs): {unknown}")
     path = cache or cache_path()
-    store = _load_cache(path) if mode == "measure" else {}
+    store = read_cache(path) if mode == "measure" else {}
     machine = store.setdefault(machine_key(), {}) if mode == "measure" else {}
     rows, dirty, measured = [], False, 0
     names = list(shapes)
@@ -156,7 +146,7 @@ def decide(
             row["choice"], row["why"] = ("int8" if mode == "all" else "fp32"), mode
         rows.append(row)
     if dirty:
-        atomic_write_text(path, json.dumps(store, indent=1, sort_keys=True))
+        write_cache(path, store)
     if progress and mode == "measure":
         tqdm.write(f"int8 decisions: {measured} layer(s) measured on this CPU, {len(names) - measured} reused "
                    f"from the cache {path}")

@@ -10,14 +10,15 @@ Linear weights are exported transposed (in, out) with the channel axis 1, so the
 feeds MatMul directly (a Transpose in between would stop ORT's QDQ fusion).
 
 `OrtModel` wraps an ORT session as an nn.Module holding the ONNX bytes as a uint8 buffer, so an
-artifact of kind "onnx" rebuilds through `common.artifact.build_model`.
+artifact of kind "onnx" rebuilds through `common.artifact.build_model`. `onnx_runner` runs the same bytes
+in ONNX Runtime or OpenVINO (`pipeline.runtimes` picks between them and PyTorch).
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import warnings
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -127,6 +128,9 @@ def fold_weight_quantizers(data: bytes) -> bytes:
 # ----------------------------------------------------------------------------- runtime
 
 
+ONNX_RUNTIMES = ("onnxruntime", "openvino")
+
+
 def ort_session(data: bytes, threads: int | None = None):
     import onnxruntime as ort
 
@@ -138,6 +142,38 @@ def ort_session(data: bytes, threads: int | None = None):
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
 
+def ov_compiled(data: bytes, threads: int | None = None):
+    """ONNX bytes (FP32, or QDQ INT8: OpenVINO turns Q/DQ pairs into its own INT8 kernels) compiled for the CPU."""
+    import openvino as ov
+
+    config = {
+        "PERFORMANCE_HINT": "LATENCY",  # one window at a time
+        "INFERENCE_PRECISION_HINT": "f32",  # else bf16 by default on AVX512-BF16 / AMX CPUs: not the FP32 model
+        "ENABLE_CPU_PINNING": False,  # unpinned like PyTorch and ORT threads: the cores are shared
+    }
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    core = ov.Core()
+    return core.compile_model(core.read_model(data), "CPU", config)
+
+
+def onnx_runner(data: bytes, runtime: str, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """(1, C, *window) float32 array -> logits array, by ONNX Runtime or OpenVINO on the CPU."""
+    if runtime == "onnxruntime":
+        session = ort_session(data, threads)
+        return lambda image: session.run(None, {"image": image})[0]
+    if runtime == "openvino":
+        request = ov_compiled(data, threads).create_infer_request()
+        return lambda image: request.infer({0: image})[0]  # copied out of the request (share_outputs=False)
+    raise ValueError(f"ONNX runtime must be one of {', '.join(ONNX_RUNTIMES)}, got {runtime!r}")
+
+
+def run_items(run: Callable[[np.ndarray], np.ndarray], x: torch.Tensor) -> torch.Tensor:
+    """(B, C, *window) tensor -> logits, one item at a time (the graphs are exported for batch 1)."""
+    outs = [run(np.ascontiguousarray(item[None].detach().float().numpy())) for item in x]
+    return torch.from_numpy(np.concatenate(outs))
+
+
 class OrtModel(nn.Module):
     """An ONNX Runtime session as a module: (B, C, *window) float tensor -> logits, one item at a time."""
 
@@ -145,8 +181,8 @@ class OrtModel(nn.Module):
         super().__init__()
         self.input_shape, self.threads = list(input_shape), threads
         self.register_buffer("onnx", torch.zeros(nbytes, dtype=torch.uint8))
-        self._session = None
-        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_session", None))
+        self._run = None
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_run", None))
 
     @classmethod
     def from_bytes(cls, data: bytes, input_shape: list[int], threads: int | None = None) -> "OrtModel":
@@ -154,19 +190,21 @@ class OrtModel(nn.Module):
         m.onnx.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
         return m
 
-    def session(self):
-        if self._session is None:
-            self._session = ort_session(self.onnx.numpy().tobytes(), self.threads)
-        return self._session
+    def onnx_bytes(self) -> bytes:
+        return self.onnx.numpy().tobytes()
+
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        """ValueError unless a (B, *shape[1:]) input fits the window this graph was exported for."""
+        expected = tuple(self.input_shape[1:])
+        if tuple(shape[1:]) != expected:
+            raise ValueError(f"this ONNX model was exported for inputs (B, {', '.join(map(str, expected))}), "
+                             f"got {tuple(shape)}; use the same window size")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expected = tuple(self.input_shape[1:])
-        if tuple(x.shape[1:]) != expected:
-            raise ValueError(f"this ONNX model was exported for inputs (B, {', '.join(map(str, expected))}), "
-                             f"got {tuple(x.shape)}; use the same window size")
-        sess = self.session()
-        outs = [sess.run(None, {"image": item[None].detach().float().numpy()})[0] for item in x]
-        return torch.from_numpy(np.concatenate(outs))
+        self.check_shape(tuple(x.shape))
+        if self._run is None:
+            self._run = onnx_runner(self.onnx_bytes(), "onnxruntime", self.threads)
+        return run_items(self._run, x)
 
 
 def onnx_spec(input_shape: list[int], nbytes: int, base_spec: dict, precision: str, threads: int | None = None) -> dict[str, Any]:

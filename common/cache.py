@@ -1,0 +1,26 @@
+"""Measurements cached per machine: JSON files under ~/.cache/refineformer3d (REFINEFORMER3D_CACHE overrides
+the folder), read as {} when missing or unreadable and rewritten atomically, so a cache never breaks a run."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from common.atomic import atomic_write_text
+
+
+def cache_file(name: str) -> Path:
+    root = os.environ.get("REFINEFORMER3D_CACHE") or Path.home() / ".cache" / "refineformer3d"
+    return Path(root) / name
+
+
+def read_cache(path: Path) -> dict:
+    try:
+        store = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return store if isinstance(store, dict) else {}
+
+
+def write_cache(path: Path, store: dict) -> None:
+    atomic_write_text(path, json.dumps(store, indent=1, sort_keys=True))
