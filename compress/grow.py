@@ -60,6 +60,7 @@ from engine.runner import StageContext, StageDef, exit_code, run_stage
 from model.layers import LowRankConv3d, LowRankLinear
 from model.macs import spec_macs
 from model.refineformer3d import ModelSpec, RefineFormer3D, count_params, get_module
+from model.widths import group_keys
 from student.distill import distill_trainer
 
 STAGE = "grown"
@@ -160,21 +161,21 @@ def grown_width(model: RefineFormer3D, unit: str, factor: float) -> int | None:
 
 
 def unit_parameters(model: nn.Module, unit: str) -> list[str]:
-    """Parameter names whose gradients score `unit`."""
+    """Parameter names whose gradients score `unit`: those of its width groups (`model.widths`), or
+    a factorised layer's two factors for a rank."""
     kind, rest = _parse(unit)
-    if kind == "mlp_hidden":
-        i, j = rest.split(".")
-        prefixes = [f"encoder.stages.{i}.blocks.{j}.mlp."]
-    elif kind == "attn_dims":
-        blocks = len(get_module(model, f"encoder.stages.{rest}.blocks"))
-        prefixes = [f"encoder.stages.{rest}.blocks.{j}.attn.{p}." for j in range(blocks) for p in ("q", "kv", "proj")]
-    elif kind == "ranks":
-        prefixes = [f"{rest}."]
-    elif kind == "fuse_dim":
-        prefixes = ["decoder.fuse.", "decoder.fuse_bn."]
+    params = [n for n, _ in model.named_parameters()]
+    if kind == "ranks":
+        names = [n for n in params if n.startswith(f"{rest}.")]
     else:
-        prefixes = ["decoder.refine_pw.", "decoder.refine_pw_bn."]
-    names = [n for n, _ in model.named_parameters() if n.startswith(tuple(prefixes))]
+        spec = model.spec.resolve()
+        if kind == "mlp_hidden":
+            groups = [f"hidden.{rest}"]
+        elif kind == "attn_dims":
+            groups = [f"{g}.{rest}.{j}" for j in range(spec.depths[int(rest)]) for g in ("qk", "v")]
+        else:
+            groups = ["fuse" if kind == "fuse_dim" else "refine"]
+        names = group_keys(spec, groups, set(params))
     if not names:
         raise ValueError(f"grow: unit {unit} has no parameters in this model")
     return names

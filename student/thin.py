@@ -36,6 +36,7 @@ import torch_pruning as tp
 from torch import nn
 
 from model.refineformer3d import ModelSpec, RefineFormer3D, scale_width
+from model.widths import width_uses
 
 IMPORTANCE = ("magnitude", "taylor")
 
@@ -250,67 +251,41 @@ def _region_balanced(decoder: nn.Module, order: torch.Tensor, keep: int) -> torc
 # ----------------------------------------------------------------------------- slicing
 
 
+def group_indices(sel: Selection) -> dict[str, torch.Tensor]:
+    """The teacher indices each width group (`model.widths`) keeps."""
+    out: dict[str, torch.Tensor] = {}
+    for i, res in enumerate(sel.res):
+        out[f"embed.{i}"] = res
+        for j, hid in enumerate(sel.hidden[i]):
+            if sel.sr[i][j] is not None:
+                out[f"sr.{i}.{j}"] = sel.sr[i][j]
+            out[f"qk.{i}.{j}"], out[f"v.{i}.{j}"], out[f"hidden.{i}.{j}"] = sel.qk[i][j], sel.v[i][j], hid
+        out[f"decoder.{i}"] = sel.dec[i]
+    out["fuse"] = sel.fuse
+    if sel.refine is not None:
+        out["refine"] = sel.refine
+    return out
+
+
 def parameter_slices(teacher_spec: ModelSpec, sel: Selection) -> dict[str, Slices]:
-    """For every state_dict entry of the student: the teacher indices kept along each dim."""
+    """For every state_dict entry of the student: the teacher indices kept along each dim (None: all),
+    from the width groups of `model.widths` (one declaration of the wiring for thinning and growth)."""
     t = teacher_spec.resolve()
+    with torch.device("meta"):
+        dims = {k: v.ndim for k, v in RefineFormer3D(t).state_dict().items()}
+    kept = group_indices(sel)
+    pieces: dict[tuple[str, int], list[tuple[int, torch.Tensor]]] = {}
+    for group, uses in width_uses(t).items():
+        for u in uses:
+            if u.key in dims:
+                pieces.setdefault((u.key, u.dim), []).append((u.offset, kept[group]))
     out: dict[str, Slices] = {}
-
-    def add(prefix: str, weight: Slices, bias: bool = True) -> None:
-        out[f"{prefix}.weight"] = weight
-        if bias:  # a bias follows the weight's output dim
-            out[f"{prefix}.bias"] = (weight[0],)
-
-    def norm(prefix: str, idx: torch.Tensor) -> None:
-        add(prefix, (idx,))
-
-    def batchnorm(prefix: str, idx: torch.Tensor) -> None:
-        norm(prefix, idx)
-        out[f"{prefix}.running_mean"] = (idx,)
-        out[f"{prefix}.running_var"] = (idx,)
-        out[f"{prefix}.num_batches_tracked"] = ()
-
-    for i in range(len(t.embed_dims)):
-        p = f"encoder.stages.{i}"
-        r = sel.res[i]
-        add(f"{p}.patch_embed.proj", (r, sel.res[i - 1] if i else None))
-        norm(f"{p}.patch_embed.norm", r)
-        for j in range(t.depths[i]):
-            b = f"{p}.blocks.{j}"
-            a = t.attn_dims[i]
-            qk, v = sel.qk[i][j], sel.v[i][j]
-            kv_out = torch.cat([qk, a + v])  # kv rows: [k (A) | v (A)]
-            kv_in = sel.sr[i][j] if t.sr_ratios[i] > 1 else r
-            norm(f"{b}.norm1", r)
-            add(f"{b}.attn.q", (qk, r), bias=t.qkv_bias)
-            add(f"{b}.attn.kv", (kv_out, kv_in), bias=t.qkv_bias)
-            add(f"{b}.attn.proj", (r, v))
-            if t.sr_ratios[i] > 1:
-                add(f"{b}.attn.sr", (sel.sr[i][j], r))
-                norm(f"{b}.attn.sr_norm", sel.sr[i][j])
-            norm(f"{b}.norm2", r)
-            h = sel.hidden[i][j]
-            add(f"{b}.mlp.fc1", (h, r))
-            add(f"{b}.mlp.dwconv", (h, None))  # depthwise: (hidden, 1, 3, 3, 3)
-            batchnorm(f"{b}.mlp.bn", h)
-            add(f"{b}.mlp.fc2", (r, h))
-        norm(f"{p}.norm", r)
-
-    n = len(t.embed_dims)
-    for i in range(n):
-        add(f"decoder.projections.{i}.proj", (sel.dec[i], sel.res[i]))
-        norm(f"decoder.projections.{i}.norm", sel.dec[i])
-    # fuse input is the concatenation deepest stage first: block k holds stage n-1-k
-    fuse_in = torch.cat([k * t.decoder_dim + sel.dec[n - 1 - k] for k in range(n)])
-    add("decoder.fuse", (sel.fuse, fuse_in), bias=False)
-    batchnorm("decoder.fuse_bn", sel.fuse)
-    if t.decoder == "allmlp":
-        add("decoder.pred", (None, sel.fuse))  # all classes kept: bias whole
-    else:
-        add("decoder.refine_dw", (sel.fuse, None), bias=False)
-        batchnorm("decoder.refine_dw_bn", sel.fuse)
-        add("decoder.refine_pw", (sel.refine, sel.fuse), bias=False)
-        batchnorm("decoder.refine_pw_bn", sel.refine)
-        add("decoder.head", (None, sel.refine))
+    for key, ndim in dims.items():
+        out[key] = tuple(
+            torch.cat([off + idx for off, idx in sorted(pieces[key, d], key=lambda p: p[0])])
+            if (key, d) in pieces else None
+            for d in range(ndim)
+        )
     return out
 
 
