@@ -133,7 +133,7 @@ def main() -> None:
     m, info = art.metrics, art.extra["lowrank"]
     assert m["params_before"] == count_params(student)
     # The same deterministic surgery again, for the factorised model's scores on the eval set.
-    models["factorised"] = factorise(build_model(student_art), cfg.lowrank)[0].to(device)
+    models["factorised"] = factorise_(build_model(student_art), cfg.lowrank)[0].to(device)
     models["fine-tuned"] = build_model(art).to(device)
     assert count_params(models["factorised"]) == count_params(models["fine-tuned"]) == m["params_after"]
 

@@ -13,7 +13,7 @@ the model, `65%`, the default) spent greedily where the least spectral energy is
 ratio; or a share of spectral energy per layer.
 
 The rank of each factorised layer goes into `model.spec.ranks`, so the model rebuilds from its spec.
-The surgery is `factorise(model, cfg, filter) -> (model, table)`; the `LOWRANK` stage (run by
+The surgery is `factorise_(model, cfg, filter) -> (model, table)` (in place, hence the underscore, as torchao names its in-place transforms); the `LOWRANK` stage (run by
 `engine.runner.run_stage`) adds an optional distillation fine-tune from the teacher in the artifact's
 lineage. With `train.val_at_start` (on in configs/lowrank.yaml) the factorised weights compete for
 the best epoch, so a fine-tune that does not help on validation is not kept
@@ -268,7 +268,7 @@ def choose_ranks(found: Sequence[Candidate], cfg: LowRankConfig, total_params: i
     return {c.name: max(c.min_rank, rank_for_energy(c.s, cfg.energy)) for c in found}
 
 
-def factorise(
+def factorise_(
     model: nn.Module, cfg: LowRankConfig, filter: ModuleFilter | None = None
 ) -> tuple[nn.Module, list[dict]]:
     """Factorise `model` in place by truncated SVD; returns it and one table row per candidate layer.
@@ -368,7 +368,7 @@ def factorise_step(model: nn.Module, ctx: StageContext) -> nn.Module:
     model.eval()
     params_before = count_params(model)
     rule = selection(cfg.lowrank, params_before)
-    model, table = factorise(model, cfg.lowrank)
+    model, table = factorise_(model, cfg.lowrank)
     params_after = count_params(model)
     if ctx.dist.main:
         print(format_table(table))

@@ -18,7 +18,7 @@ from compress.lowrank import (
     Candidate,
     budget_ranks,
     candidates,
-    factorise,
+    factorise_,
     factorise_layer,
     format_table,
     lowrank_params,
@@ -189,7 +189,7 @@ def test_depthwise_untouched_and_unsaving_layers_skipped():
     assert "encoder.stages.0.blocks.0.mlp.dwconv" not in names
     assert "decoder.refine_dw" not in names
     assert "encoder.stages.0.patch_embed.proj" in names and "decoder.fuse" in names
-    _, table = factorise(model, LowRankConfig(params=None, ratio=1.0))
+    _, table = factorise_(model, LowRankConfig(params=None, ratio=1.0))
     rows = {r["layer"]: r for r in table}
     # Full rank never saves: nothing is factorised, nothing changes.
     assert not any(r["factorised"] for r in table) and model.spec.ranks == {}
@@ -201,7 +201,7 @@ def test_depthwise_untouched_and_unsaving_layers_skipped():
 
 def test_min_saving_threshold():
     model = tiny_model()
-    _, table = factorise(model, LowRankConfig(params=None, ratio=0.5, min_saving=0.4))
+    _, table = factorise_(model, LowRankConfig(params=None, ratio=0.5, min_saving=0.4))
     rows = {r["layer"]: r for r in table}
     # patch_embed 0: 16 x 1372, rank 8 -> 11,104 of 21,952 weights: saves 49.4% > 40%
     assert rows["encoder.stages.0.patch_embed.proj"]["rank"] == 8
@@ -215,7 +215,7 @@ def test_min_saving_threshold():
 def test_factorise_tiny_model_ratio_and_table():
     model = tiny_model()
     before = count_params(model)
-    _, table = factorise(model, LowRankConfig(params=None, ratio=0.25))
+    _, table = factorise_(model, LowRankConfig(params=None, ratio=0.25))
     rows = {r["layer"]: r for r in table}
     fc1 = rows["encoder.stages.1.blocks.0.mlp.fc1"]  # Linear 32 -> 128: full rank 32, rank 8
     assert (fc1["rank"], fc1["full_rank"], fc1["shape"]) == (8, 32, [128, 32])
@@ -239,17 +239,17 @@ def test_factorise_with_filter_and_budget():
     model = tiny_model()
     before = count_params(model)
     only_linear = lambda m, name: isinstance(m, nn.Linear)  # noqa: E731
-    _, table = factorise(model, LowRankConfig(energy=None, params=str(before - 5000)), filter=only_linear)
+    _, table = factorise_(model, LowRankConfig(energy=None, params=str(before - 5000)), filter=only_linear)
     assert all(r["kind"] == "linear" for r in table)
     assert before - 5000 - 200 < count_params(model) <= before - 5000  # a move saves at most a few hundred here
     with pytest.raises(BudgetError, match="unreachable"):
-        factorise(tiny_model(), LowRankConfig(params="10k"))
+        factorise_(tiny_model(), LowRankConfig(params="10k"))
 
 
 def test_share_budget_is_a_share_of_the_model():
     model = tiny_model()
     before = count_params(model)
-    _, table = factorise(model, LowRankConfig(params="80%"))
+    _, table = factorise_(model, LowRankConfig(params="80%"))
     budget = round(0.8 * before)  # 140,070
     # under budget by less than 1%: a layer's first factorisation may save more than is needed
     assert budget - 0.01 * before < count_params(model) <= budget
@@ -258,7 +258,7 @@ def test_share_budget_is_a_share_of_the_model():
 
 def test_energy_mode_keeps_energy_per_layer():
     model = tiny_model()
-    _, table = factorise(model, LowRankConfig(params=None, energy=0.5))
+    _, table = factorise_(model, LowRankConfig(params=None, energy=0.5))
     done = [r for r in table if r["factorised"]]
     assert done and all(r["energy_kept"] >= 0.5 for r in done)
     # ... and the smallest such rank: one singular value fewer would fall short (the layers feeding
@@ -279,7 +279,7 @@ def _spectrum(model: nn.Module, name: str) -> torch.Tensor:
 
 def test_round_trip_through_artifact(tmp_path):
     model = tiny_model()
-    factorise(model, LowRankConfig(params=None, ratio=0.5))
+    factorise_(model, LowRankConfig(params=None, ratio=0.5))
     assert model.spec.ranks
     x = torch.randn(1, 4, 32, 32, 32)
     with torch.no_grad():
@@ -393,7 +393,7 @@ def test_layers_feeding_the_logits_keep_a_direction_per_region(rule):
     found = {c.name: c for c in candidates(model)}
     assert found["decoder.head"].min_rank == found["decoder.refine_pw"].min_rank == 3
     assert found["encoder.stages.0.patch_embed.proj"].min_rank == 1
-    _, table = factorise(model, LowRankConfig(**{"energy": None, **rule}))
+    _, table = factorise_(model, LowRankConfig(**{"energy": None, **rule}))
     rows = {r["layer"]: r for r in table}
     assert not rows["decoder.head"]["factorised"]
     assert rows["decoder.refine_pw"]["rank"] is None or rows["decoder.refine_pw"]["rank"] >= 3
