@@ -158,12 +158,14 @@ class GrowConfig:
 @dataclass
 class SlimConfig:
     teacher: str | None = None
-    steps: list[str] = field(default_factory=lambda: ["decoder", "stem"])  # compress.slim.STEPS, in this order
+    steps: list[str] = field(default_factory=lambda: ["head", "stem", "widths"])  # compress.slim.STEPS, in this order
     macs_budget: str | None = None  # e.g. "1G" at reference_input: apply as few steps as reach it (largest saving first)
     reference_input: list[int] = field(default_factory=lambda: [128, 128, 128])  # (D, H, W) for multiply-adds
-    refine_dim: int = 16  # decoder: channels feeding the 1/4-resolution head (widened to this, never narrowed)
+    refine_dim: int = 16  # head: channels feeding the 1/4-resolution head (widened to this, never narrowed)
     stem_kernel: int = 4  # stem: stage-1 patch-embedding kernel (stride kept)
     sr_ratios: list[int] = field(default_factory=lambda: [8, 4])  # stem: key/value reductions of the first stages
+    decoder_dim: int | None = 32  # widths: stage projection width (None: kept)
+    fuse_dim: int | None = 32  # widths: fusion width (None: kept)
 
 
 @dataclass

@@ -3,9 +3,9 @@
 Thinning scales every width, but a width-0.25 student still spends most of its multiply-adds where
 no width acts (fvcore by module, 128^3, the demo student: 4.24 G in all): the full-resolution 3x3x3
 head 2.04 G (48 %), the 7x7x7 stem 0.36 G, stage-1 attention over 32^3 tokens with 8^3 keys 0.65 G.
-Two steps, each `step(model, cfg) -> model` (cfg: common.config.SlimConfig) on a copy:
+Three steps, each `step(model, cfg) -> model` (cfg: common.config.SlimConfig) on a copy:
 
-    decoder  the refine head moves to 1/4 resolution and its logits are upsampled (as SegFormer3D
+    head     the refine head moves to 1/4 resolution and its logits are upsampled (as SegFormer3D
              predicts; `ModelSpec.head_at = "quarter"`); the channels feeding it (refine_dim) are
              widened to `slim.refine_dim` first, function-preservingly (Net2Net, `compress.grow.widen`),
              because at 1/4 resolution they are cheap and small regions such as ET need them.
@@ -13,13 +13,17 @@ Two steps, each `step(model, cfg) -> model` (cfg: common.config.SlimConfig) on a
              the grid) and the first stages larger key/value reductions (`slim.sr_ratios`); the new
              kernels start from the old ones (the overlapping taps of the stem; the reduction conv
              resampled and scaled, so a smooth input gives the same keys).
+    widths   the decoder's projection and fusion widths (`slim.decoder_dim`, `slim.fuse_dim`; a
+             width-0.25 student keeps 64 of each, and at 1/4 resolution they cost more than the
+             encoder's first stage) narrowed by group magnitude over `model.widths`' groups, never
+             below the region floors of `student.thin.HEAD_FLOORS`.
 
 Neither step is exact: the stage fine-tunes the result by distillation from the teacher in the
 lineage (the teacher's full decoder is the target). With `slim.macs_budget` the steps are chosen
 from the model's own spec (`model.macs.spec_macs` at `slim.reference_input`), largest saving first,
 until the budget is met; the artifact records what each step saved.
 
-    python -m compress.slim runs/student/student.pt --out runs/slim [--steps decoder,stem] [--macs-budget 1G]
+    python -m compress.slim runs/student/student.pt --out runs/slim [--steps head,stem,widths] [--macs-budget 1G]
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ from compress.grow import widen
 from engine.runner import StageContext, StageDef, exit_code, run_stage
 from model.macs import spec_macs
 from model.refineformer3d import ModelSpec, RefineFormer3D, count_params
+from model.widths import group_magnitude, group_slices, slice_state
+from student.thin import HEAD_FLOORS
 from student.distill import distill_trainer
 
 STAGE = "slim"
@@ -49,12 +55,12 @@ def _copy_into(model: RefineFormer3D, spec: ModelSpec, new_weights: dict[str, to
     return out.to(device=ref.device, dtype=ref.dtype).train(model.training)
 
 
-def slim_decoder(model: RefineFormer3D, cfg: Any) -> RefineFormer3D:
+def slim_head(model: RefineFormer3D, cfg: Any) -> RefineFormer3D:
     """The refine head at 1/4 resolution, `refine_dim` first widened to `cfg.refine_dim` (never narrowed).
     ValueError for an allmlp decoder (it predicts at 1/4 already) or a head there already."""
     spec = model.spec
     if spec.decoder != "refine" or spec.head_at != "full":
-        raise ValueError(f"slim decoder: needs a refine decoder with its head at full resolution "
+        raise ValueError(f"slim head: needs a refine decoder with its head at full resolution "
                          f"(decoder {spec.decoder!r}, head_at {spec.head_at!r})")
     if cfg.refine_dim > spec.refine_dim:
         model = widen(model, "refine_dim", cfg.refine_dim)
@@ -120,7 +126,37 @@ def slim_stem(model: RefineFormer3D, cfg: Any) -> RefineFormer3D:
     return _copy_into(model, ModelSpec.from_dict(d), new)
 
 
-STEPS: dict[str, Callable[[RefineFormer3D, Any], RefineFormer3D]] = {"decoder": slim_decoder, "stem": slim_stem}
+def slim_widths(model: RefineFormer3D, cfg: Any) -> RefineFormer3D:
+    """The decoder's widths narrowed: `decoder_dim` (every stage projection) and `fuse_dim` to
+    `cfg.decoder_dim` / `cfg.fuse_dim` (None or not smaller: kept), keeping in each width group
+    (`model.widths`) the channels of largest group magnitude. ValueError below the region floors
+    (`student.thin.HEAD_FLOORS` x regions) or when nothing would change."""
+    spec = model.spec
+    floors = {k: per * spec.num_classes for k, per in HEAD_FLOORS.items()}
+    targets = {k: int(v) for k in ("decoder_dim", "fuse_dim")
+               if (v := getattr(cfg, k)) is not None and int(v) < getattr(spec, k)}
+    for k, v in targets.items():
+        if v < floors[k]:
+            raise ValueError(f"slim widths: {k} {v} is below its floor of {floors[k]} "
+                             f"({HEAD_FLOORS[k]} per region, so small regions keep channels)")
+    if not targets:
+        raise ValueError(f"slim widths: decoder_dim {spec.decoder_dim} and fuse_dim {spec.fuse_dim} are "
+                         f"not above the targets {cfg.decoder_dim} / {cfg.fuse_dim}")
+
+    def top(group: str, k: int) -> torch.Tensor:
+        return torch.sort(torch.topk(group_magnitude(model, group), k).indices).values
+
+    kept = {}
+    if "decoder_dim" in targets:
+        kept.update({f"decoder.{i}": top(f"decoder.{i}", targets["decoder_dim"]) for i in range(len(spec.embed_dims))})
+    if "fuse_dim" in targets:
+        kept["fuse"] = top("fuse", targets["fuse_dim"])
+    state = slice_state(model.state_dict(), group_slices(spec, kept))
+    return _copy_into(model, ModelSpec.from_dict({**spec.to_dict(), **targets}), state)
+
+
+STEPS: dict[str, Callable[[RefineFormer3D, Any], RefineFormer3D]] = {
+    "head": slim_head, "stem": slim_stem, "widths": slim_widths}
 
 
 def _gmacs(spec: ModelSpec, size: Sequence[int]) -> float:

@@ -27,7 +27,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.refineformer3d import ModelSpec
+import torch
+from torch import nn
+
+from model.refineformer3d import ModelSpec, RefineFormer3D
+
+Slices = tuple[torch.Tensor | None, ...]  # per dim of a tensor: the indices kept along it, or None (all)
 
 NORM_FIELDS = ("weight", "bias")
 BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
@@ -105,3 +110,60 @@ def group_keys(spec: ModelSpec, names: list[str], present: set[str] | None = Non
         raise KeyError(f"no width group {unknown} in this spec (groups: {', '.join(uses)})")
     keys = dict.fromkeys(u.key for g in names for u in uses[g])
     return [k for k in keys if present is None or k in present]
+
+
+def group_slices(spec: ModelSpec, kept: dict[str, torch.Tensor]) -> dict[str, Slices]:
+    """For every state_dict entry of a model of `spec`: the indices kept along each dim when the width
+    groups in `kept` keep those channels (sorted indices into the group) and every other width is kept
+    whole. Where a consumer reads several groups side by side, their indices are joined by offset."""
+    s = spec.resolve()
+    with torch.device("meta"):
+        dims = {k: v.ndim for k, v in RefineFormer3D(s).state_dict().items()}
+    uses = width_uses(s)
+    unknown = [g for g in kept if g not in uses]
+    if unknown:
+        raise KeyError(f"no width group {unknown} in this spec (groups: {', '.join(uses)})")
+    pieces: dict[tuple[str, int], list[tuple[int, torch.Tensor]]] = {}
+    for group, idx in kept.items():
+        for u in uses[group]:
+            if u.key in dims:
+                pieces.setdefault((u.key, u.dim), []).append((u.offset, idx))
+    return {key: tuple(torch.cat([off + idx for off, idx in sorted(pieces[key, d], key=lambda p: p[0])])
+                       if (key, d) in pieces else None for d in range(ndim))
+            for key, ndim in dims.items()}
+
+
+def slice_state(state: dict[str, torch.Tensor], slices: dict[str, Slices]) -> dict[str, torch.Tensor]:
+    """Every tensor of `state` restricted to `slices` (copies). KeyError naming what `state` lacks."""
+    missing = sorted(set(slices) - set(state))
+    if missing:
+        raise KeyError(f"state_dict lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    out = {}
+    for key, dims in slices.items():
+        x = state[key]
+        for dim, idx in enumerate(dims):
+            if idx is not None:
+                x = x.index_select(dim, idx.to(x.device))
+        out[key] = x.clone()
+    return out
+
+
+def group_magnitude(model: nn.Module, group: str) -> torch.Tensor:
+    """L2 norm per channel of a width group over every weight and bias it indexes (the group
+    magnitude Torch-Pruning ranks by, over the whole coupled group): (channels,)."""
+    state = model.state_dict()
+    sq = None
+    for u in width_uses(model.spec)[group]:
+        if u.key not in state or not u.key.endswith((".weight", ".bias")):
+            continue
+        w = state[u.key].detach().float().transpose(0, u.dim)
+        part = w.flatten(1).pow(2).sum(1) if w.ndim > 1 else w.pow(2)
+        part = part[u.offset:]
+        if sq is None:
+            sq = part.clone()
+        else:
+            n = min(len(sq), len(part))
+            sq[:n] += part[:n]
+    if sq is None:
+        raise KeyError(f"width group {group} indexes no weight of this model")
+    return sq.sqrt()

@@ -36,12 +36,11 @@ import torch_pruning as tp
 from torch import nn
 
 from model.refineformer3d import ModelSpec, RefineFormer3D, scale_width
-from model.widths import width_uses
+from model.widths import Slices, group_slices, slice_state
 
 IMPORTANCE = ("magnitude", "taylor")
 
 # kept indices per dim of a tensor; None keeps the whole dim
-Slices = tuple[torch.Tensor | None, ...]
 
 
 @dataclass
@@ -270,41 +269,17 @@ def group_indices(sel: Selection) -> dict[str, torch.Tensor]:
 def parameter_slices(teacher_spec: ModelSpec, sel: Selection) -> dict[str, Slices]:
     """For every state_dict entry of the student: the teacher indices kept along each dim (None: all),
     from the width groups of `model.widths` (one declaration of the wiring for thinning and growth)."""
-    t = teacher_spec.resolve()
-    with torch.device("meta"):
-        dims = {k: v.ndim for k, v in RefineFormer3D(t).state_dict().items()}
-    kept = group_indices(sel)
-    pieces: dict[tuple[str, int], list[tuple[int, torch.Tensor]]] = {}
-    for group, uses in width_uses(t).items():
-        for u in uses:
-            if u.key in dims:
-                pieces.setdefault((u.key, u.dim), []).append((u.offset, kept[group]))
-    out: dict[str, Slices] = {}
-    for key, ndim in dims.items():
-        out[key] = tuple(
-            torch.cat([off + idx for off, idx in sorted(pieces[key, d], key=lambda p: p[0])])
-            if (key, d) in pieces else None
-            for d in range(ndim)
-        )
-    return out
-
-
-def slice_tensor(x: torch.Tensor, slices: Slices) -> torch.Tensor:
-    for dim, idx in enumerate(slices):
-        if idx is not None:
-            x = x.index_select(dim, idx.to(x.device))
-    return x.clone()
+    return group_slices(teacher_spec, group_indices(sel))
 
 
 def slice_state_dict(
     teacher_state: dict[str, torch.Tensor], teacher_spec: ModelSpec, sel: Selection
 ) -> dict[str, torch.Tensor]:
     """The student's state_dict: every teacher tensor restricted to the kept indices."""
-    slices = parameter_slices(teacher_spec, sel)
-    missing = sorted(set(slices) - set(teacher_state))
-    if missing:
-        raise KeyError(f"thin: teacher state lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-    return {name: slice_tensor(teacher_state[name], s) for name, s in slices.items()}
+    try:
+        return slice_state(teacher_state, parameter_slices(teacher_spec, sel))
+    except KeyError as e:
+        raise KeyError(f"thin: teacher {e.args[0]}") from None
 
 
 # ----------------------------------------------------------------------------- the step

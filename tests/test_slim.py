@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from brats.phantom import write_phantom_dataset
 from common.artifact import Artifact, build_model
 from common.config import Config, ConfigError, SlimConfig
-from compress.slim import _sr_kernel, _stem_kernel, choose_steps, main, slim, slim_decoder, slim_stem
+from compress.slim import _sr_kernel, _stem_kernel, choose_steps, main, slim, slim_head, slim_stem, slim_widths
 from model.macs import count_macs, spec_macs
 from model.refineformer3d import ModelSpec, RefineFormer3D, count_params
+from model.widths import group_magnitude
 
 TINY = dict(embed_dims=[8, 16, 16, 16], num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1], decoder_dim=16, fuse_dim=16,
             refine_dim=4)
@@ -23,10 +24,10 @@ def tiny(seed: int = 0, **overrides) -> RefineFormer3D:
     return RefineFormer3D(ModelSpec(**{**TINY, **overrides})).eval()
 
 
-def test_decoder_step_moves_the_head_to_a_quarter_and_widens_what_feeds_it():
+def test_head_step_moves_the_head_to_a_quarter_and_widens_what_feeds_it():
     model = tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    slimmed = slim_decoder(model, SlimConfig(refine_dim=8))
+    slimmed = slim_head(model, SlimConfig(refine_dim=8))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the input is unchanged
     assert (slimmed.spec.head_at, slimmed.spec.refine_dim) == ("quarter", 8)
     assert slimmed.decoder.head.weight.shape == (3, 8, 3, 3, 3)
@@ -37,7 +38,7 @@ def test_decoder_step_moves_the_head_to_a_quarter_and_widens_what_feeds_it():
     with torch.no_grad():
         out = slimmed.eval()(x)
         # the same logits as the wide head applied at 1/4 resolution, upsampled: nothing else changed
-        wide = slim_decoder(model, SlimConfig(refine_dim=8))
+        wide = slim_head(model, SlimConfig(refine_dim=8))
         dec = wide.decoder
         feats = dec.fused(wide.forward_features(x))
         feats = F.relu(dec.refine_pw_bn(dec.refine_pw(F.relu(dec.refine_dw_bn(dec.refine_dw(feats))))))
@@ -46,11 +47,11 @@ def test_decoder_step_moves_the_head_to_a_quarter_and_widens_what_feeds_it():
     size = (128, 128, 128)
     assert spec_macs(slimmed.spec, size) < 0.65 * spec_macs(model.spec, size)  # the full-resolution head was 42%
     assert spec_macs(slimmed.spec, size) == round(count_macs(slimmed, (1, 4, *size)) * 1e9)
-    never_narrower = slim_decoder(tiny(refine_dim=12), SlimConfig(refine_dim=8))
+    never_narrower = slim_head(tiny(refine_dim=12), SlimConfig(refine_dim=8))
     assert never_narrower.spec.refine_dim == 12
     for bad in (tiny(decoder="allmlp"), slimmed):
         with pytest.raises(ValueError, match="refine decoder with its head at full resolution"):
-            slim_decoder(bad, SlimConfig())
+            slim_head(bad, SlimConfig())
 
 
 @pytest.mark.parametrize("kernel", [4, 5, 3, 7])
@@ -111,16 +112,39 @@ def test_stem_step_rebuilds_with_the_new_kernels_and_checks_what_it_cannot_do():
 def test_a_macs_budget_picks_the_largest_saving_first():
     model = tiny(sr_ratios=[4, 2, 1, 1])
     size = (64, 64, 64)
-    cfg = SlimConfig(reference_input=list(size))
+    cfg = SlimConfig(reference_input=list(size), steps=["head", "stem"])
     steps, saved = choose_steps(model, cfg)
-    assert steps == ["decoder", "stem"] and all(v > 0 for v in saved.values())
+    assert steps == ["head", "stem"] and all(v > 0 for v in saved.values())
     base = spec_macs(model.spec, size)
     best = max(saved, key=saved.get)
     one = dataclasses.replace(cfg, macs_budget=str(int(base - saved[best] * 1e9 + 1)))
     assert choose_steps(model, one)[0] == [best]
     assert choose_steps(model, dataclasses.replace(cfg, macs_budget=str(int(base + 1))))[0] == []
-    assert choose_steps(model, dataclasses.replace(cfg, macs_budget="1"))[0] == ["decoder", "stem"]  # unmet: all
+    assert choose_steps(model, dataclasses.replace(cfg, macs_budget="1"))[0] == ["head", "stem"]  # unmet: all
     assert slim(model, dataclasses.replace(cfg, steps=["stem"])).spec.head_at == "full"
+
+
+def test_widths_step_keeps_the_strongest_channels_of_each_group_and_the_floors():
+    model = tiny(decoder_dim=32, fuse_dim=32)
+    with torch.no_grad():  # make two fuse channels and one stage-2 projection channel stand out
+        model.decoder.fuse.weight[[3, 17]] *= 50
+        model.decoder.projections[2].proj.weight[5] *= 50
+    slimmed = slim_widths(model, SlimConfig(decoder_dim=24, fuse_dim=24))
+    assert (slimmed.spec.decoder_dim, slimmed.spec.fuse_dim) == (24, 24)
+    assert torch.equal(slimmed.decoder.fuse_bn.running_mean, model.decoder.fuse_bn.running_mean[
+        torch.sort(torch.topk(group_magnitude(model, "fuse"), 24).indices).values])
+    assert any(torch.equal(row, model.decoder.projections[2].proj.weight[5]) for row in slimmed.decoder.projections[2].proj.weight)
+    big = {3, 17}  # both strong fuse channels survive (their refine_dw filters with them)
+    kept = torch.sort(torch.topk(group_magnitude(model, "fuse"), 24).indices).values.tolist()
+    assert big <= set(kept)
+    x = torch.randn(1, 4, 64, 64, 32)
+    with torch.no_grad():
+        assert slimmed.eval()(x).shape == (1, 3, 64, 64, 32)
+    assert spec_macs(slimmed.spec, (128,) * 3) < spec_macs(model.spec, (128,) * 3)
+    with pytest.raises(ValueError, match="below its floor of 24"):
+        slim_widths(model, SlimConfig(decoder_dim=16, fuse_dim=None))
+    with pytest.raises(ValueError, match="not above the targets"):
+        slim_widths(slimmed, SlimConfig(decoder_dim=24, fuse_dim=24))
 
 
 def test_slim_command_end_to_end_and_bad_input_before_work(tmp_path, capsys):
@@ -138,14 +162,14 @@ def test_slim_command_end_to_end_and_bad_input_before_work(tmp_path, capsys):
               "--set", "train.threads=1", "--set", "train.log_images=false", "--set", "slim.reference_input=[64,64,64]",
               "--set", "data.num_workers=0"]
     with pytest.raises(ConfigError, match="slim.steps"):
-        main([str(tmp_path / "student.pt"), "--out", str(tmp_path / "bad"), "--steps", "decoder,nose", *common])
+        main([str(tmp_path / "student.pt"), "--out", str(tmp_path / "bad"), "--steps", "head,nose", *common])
     assert not (tmp_path / "bad").exists()  # refused before any work
-    assert main([str(tmp_path / "student.pt"), "--out", str(tmp_path / "slim"), *common]) == 0
+    assert main([str(tmp_path / "student.pt"), "--out", str(tmp_path / "slim"), "--steps", "head,stem", *common]) == 0
     art = Artifact.load(tmp_path / "slim" / "slim.pt")
     assert art.stage == "slim" and [e["stage"] for e in art.lineage] == ["teacher", "student"]
     assert art.spec["head_at"] == "quarter" and art.spec["patch_kernels"][0] == 4
     assert art.metrics["gmacs_after"] < art.metrics["gmacs_before"]
-    assert art.extra["slim"]["steps"] == ["decoder", "stem"] and "guard" in art.extra
+    assert art.extra["slim"]["steps"] == ["head", "stem"] and "guard" in art.extra
     assert art.extra["distill"]["kd_dice_weight"] == 1.0
     build_model(art)  # strict
     assert "G multiply-adds" in capsys.readouterr().out
