@@ -35,7 +35,6 @@ Same seed and family -> byte-identical files.
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -421,15 +420,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="kind of case (module docstring): demo (default) | lgg-rich (LGG-rich, small ET, "
                              "low contrast, other anatomy)")
     args = parser.parse_args(argv)
-    if args.cases < 0 or args.val_cases < 0 or min(args.shape) < 16:
-        parser.error("case counts must be >= 0 and every shape size >= 16")
+    if args.cases < 0 or args.val_cases < 0 or args.cases + args.val_cases == 0 or min(args.shape) < 16:
+        parser.error("case counts must be >= 0, at least one case in all, and every shape size >= 16")
     from brats.synthetic import ensure_synthetic  # it builds on this module
 
     ensure_synthetic(args.out, args.cases, args.val_cases, tuple(args.shape), args.seed, args.family)
-    print(f"{args.cases} training and {args.val_cases} validation {args.family} case(s) under {args.out} "
-          "(an existing phantom folder with other settings is replaced whole)")
+    print(f"{args.cases} training and {args.val_cases} validation {args.family} case(s) under {args.out}")
     return 0
 
 
+def cli() -> None:
+    """`python -m brats.phantom` and the `rf3d-phantom` console script: user errors are one line, exit 2."""
+    from common.cli import run_main
+
+    run_main(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

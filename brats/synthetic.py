@@ -7,6 +7,7 @@ to run twice at once on one cache.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -37,12 +38,16 @@ def ensure_synthetic(root: str | Path = "data/synthetic", cases: int = 12, val_c
     DataError, before anything is written, when `root` holds anything but phantoms (no phantom.json)."""
     root = Path(root)
     want = _params(cases, val_cases, shape, seed, family)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{root}: is a file, not a folder for synthetic cases")
     recorded = _recorded(root)
     if recorded == want:
         return root
-    if recorded is None and root.is_dir() and any(root.iterdir()):
-        raise DataError(f"{root}: holds files that are not synthetic cases written here (no {PARAMS_FILE}); "
-                        "nothing was changed: choose an empty or new folder")
+    foreign = _foreign_files(root)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise DataError(f"{root}: holds files that are not synthetic cases written here ({shown}); nothing was "
+                        "changed: choose an empty or new folder")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
@@ -61,6 +66,25 @@ def ensure_synthetic(root: str | Path = "data/synthetic", cases: int = 12, val_c
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+# What a phantom folder holds: its parameters, the two releases' case files, and the cache.
+_PHANTOM_FILE = re.compile(r"(Brats17TrainingData/(HGG|LGG)|Brats17ValidationData)/(?P<case>[^/]+)/"
+                           r"(?P=case)_(flair|t1|t1ce|t2|seg)\.nii\.gz")
+
+
+def _foreign_files(root: Path) -> list[str]:
+    """Files under `root` (relative paths) that a phantom folder does not hold: replacing the folder
+    would lose them. Empty for a missing folder."""
+    if not root.is_dir():
+        return []
+    out = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_dir() or rel == PARAMS_FILE or rel.startswith(".cache/") or _PHANTOM_FILE.fullmatch(rel):
+            continue
+        out.append(rel)
+    return out
 
 
 def _recorded(root: Path) -> dict | None:

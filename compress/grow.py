@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -65,6 +66,7 @@ from student.distill import distill_trainer
 
 STAGE = "grown"
 KINDS = ("mlp_hidden", "attn_dims", "ranks", "fuse_dim", "refine_dim")
+INITS = ("copy", "random")  # new channels: duplicates of existing ones (plus noise), or a random init
 LowRank = (LowRankLinear, LowRankConv3d)
 
 
@@ -265,7 +267,7 @@ class _Widener:
     """Edits a CPU copy of a state_dict, layer by layer, for one unit."""
 
     def __init__(self, model: nn.Module, init: str, noise: float, gen: torch.Generator):
-        if init not in ("copy", "random"):
+        if init not in INITS:
             raise ValueError(f"grow: init must be copy | random, got {init!r}")
         self.model, self.copy, self.noise, self.gen = model, init == "copy", noise, gen
         self.sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -531,9 +533,17 @@ def check_config(cfg: Any, spec: ModelSpec | None = None) -> None:
         raise ConfigError(f"grow.cost must be one of {', '.join(COSTS)}, got {cfg.cost!r}")
     for key in ("budget", "macs_budget"):
         parse_count(getattr(cfg, key), what=f"grow.{key}")
-    for key in ("window", "patience", "stop_after"):
+    for key in ("window", "patience", "stop_after", "top_k"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"grow.{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.max_events < 0 or cfg.noise < 0:
+        raise ConfigError(f"grow.max_events and grow.noise must be >= 0, got {cfg.max_events}, {cfg.noise}")
+    if cfg.factor <= 1:
+        raise ConfigError(f"grow.factor must be > 1 (a widening multiplies a width by it), got {cfg.factor}")
+    if cfg.init not in INITS:
+        raise ConfigError(f"grow.init must be one of {', '.join(INITS)}, got {cfg.init!r}")
+    if not cfg.kinds or set(cfg.kinds) - set(KINDS):
+        raise ConfigError(f"grow.kinds={list(cfg.kinds)}: one or more of {', '.join(KINDS)}")
     size = list(cfg.reference_input)
     if len(size) != 3 or any(n < 1 for n in size):
         raise ConfigError(f"grow.reference_input must be three positive sizes (D, H, W), got {size}")
@@ -610,6 +620,12 @@ def grow_fits(model: RefineFormer3D, ctx: StageContext, stage: StageDef, ckpt_di
     """
     g, total = ctx.cfg.grow, ctx.cfg.train.epochs
     progress = ckpt_dir / PROGRESS
+    if not ctx.resume and ctx.dist.main:  # a new run (--overwrite): no phase of an earlier one may be resumed later
+        for stale in ckpt_dir.glob("phase[0-9]*"):
+            shutil.rmtree(stale)
+        progress.unlink(missing_ok=True)
+    if ctx.dist.enabled:
+        dist.barrier()
     events: list[dict] = []
     if ctx.resume and progress.is_file():
         events = json.loads(progress.read_text())["events"]
@@ -670,9 +686,19 @@ def grow_fits(model: RefineFormer3D, ctx: StageContext, stage: StageDef, ckpt_di
 
 
 def _check_grow(art: Artifact, cfg: Config) -> None:
+    """Before any work: the `grow` section, its units on this model, budgets the model is not already over."""
     spec = ModelSpec.from_dict(art.spec)
-    check_config(cfg.grow, spec)  # a bad budget or reference input fails before training
-    growable_units(spec, cfg.grow.kinds)
+    g = cfg.grow
+    check_config(g, spec)
+    if not growable_units(spec, g.kinds):
+        raise ConfigError(f"{art.path}: no unit of grow.kinds={list(g.kinds)} in this model")
+    budget, macs_budget = parse_count(g.budget, what="grow.budget"), parse_count(g.macs_budget, what="grow.macs_budget")
+    params, macs = spec_params(spec), spec_macs(spec, g.reference_input)
+    if budget is not None and budget <= params:
+        raise ConfigError(f"grow.budget {budget:,} is not above the model's {params:,} parameters: nothing can grow")
+    if macs_budget is not None and macs_budget <= macs:
+        raise ConfigError(f"grow.macs_budget {macs_budget / 1e9:.3f} G is not above the model's {macs / 1e9:.3f} G "
+                          f"multiply-adds at {g.reference_input}: nothing can grow")
 
 
 def record_start(model: nn.Module, ctx: StageContext) -> nn.Module:
@@ -723,7 +749,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "configs/grow.yaml", default_out="runs/grow")
     p.add_argument("artifact", help="input artifact (e.g. runs/lowrank/lowrank.pt)")
     p.add_argument("--teacher", default=None, help="teacher artifact (default: grow.teacher, then the lineage's)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>/last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run: the last phase begun (<out>/phase<k>/), grown model included")
     add_strict(p)
     args = p.parse_args(argv)
     cfg = config_from_args(args)

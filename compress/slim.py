@@ -111,7 +111,8 @@ def slim_stem(model: RefineFormer3D, cfg: Any) -> RefineFormer3D:
     if factorised:
         raise ValueError(f"slim stem: layers to change are factorised ({', '.join(factorised)}): slim before low-rank")
     if k_new == k_old and not changed:
-        raise ValueError(f"slim stem: the stem kernel is {k_old} and the reductions {spec.sr_ratios} already")
+        raise ValueError(f"slim stem: nothing to change: the stem kernel is {k_old} and the reductions are "
+                         f"{spec.sr_ratios} already")
     pad_new = (k_new - stride + 1) // 2
     d = spec.to_dict()
     d["patch_kernels"][0], d["patch_paddings"][0] = k_new, pad_new
@@ -195,8 +196,10 @@ def slim(model: RefineFormer3D, cfg: Any) -> RefineFormer3D:
 def check_config(cfg: Any) -> None:
     """Fail before any work on a bad `slim` section (cfg: common.config.SlimConfig)."""
     unknown = [s for s in cfg.steps if s not in STEPS]
-    if unknown or not cfg.steps:
-        raise ConfigError(f"slim.steps={list(cfg.steps)}: each one of {', '.join(STEPS)}, at least one")
+    if unknown or not cfg.steps or len(set(cfg.steps)) != len(cfg.steps):
+        raise ConfigError(f"slim.steps={list(cfg.steps)}: each one of {', '.join(STEPS)} at most once, at least one")
+    if isinstance(cfg.macs_budget, str) and cfg.macs_budget.strip().endswith("%"):
+        raise ConfigError(f"slim.macs_budget={cfg.macs_budget!r}: a count of multiply-adds such as 1G, not a share")
     parse_count(cfg.macs_budget, what="slim.macs_budget")
     if cfg.refine_dim < 1 or cfg.stem_kernel < 1 or any(r < 1 for r in cfg.sr_ratios):
         raise ConfigError("slim.refine_dim, slim.stem_kernel and slim.sr_ratios must be >= 1")
@@ -205,12 +208,30 @@ def check_config(cfg: Any) -> None:
 
 
 def _check(art: Artifact, cfg: Config) -> None:
+    """Before any work: the `slim` section, every step on the source's spec (one that cannot apply, or
+    would add multiply-adds, fails here), the new reductions on the training crops and windows, a
+    budget that leaves something to do."""
     check_config(cfg.slim)
-    try:  # every step on the source's spec, before any data: a step that cannot apply fails here
+    try:
         probe = RefineFormer3D(ModelSpec.from_dict(art.spec))
-        choose_steps(probe, cfg.slim)
+        steps, savings = choose_steps(probe, cfg.slim)
+        slimmed = slim(probe, cfg.slim)
     except (ValueError, KeyError) as e:
         raise ConfigError(f"{art.path}: {e}") from None
+    worse = [name for name, saved in savings.items() if saved <= 0]
+    if worse:
+        raise ConfigError(f"{art.path}: slim step(s) {', '.join(worse)} would not save multiply-adds with these settings "
+                          f"({', '.join(f'{k} {-v:+.3f} G' for k, v in savings.items())}); leave them out of --steps")
+    if not steps:
+        raise ConfigError(f"{art.path}: the model already meets slim.macs_budget={cfg.slim.macs_budget}: nothing to do")
+    s = slimmed.spec
+    for what, size in (("data.crop", cfg.data.crop), ("train.window", cfg.train.window)):
+        grid = list(size)
+        for i, (stride, sr) in enumerate(zip(s.patch_strides, s.sr_ratios)):
+            grid = [g // stride for g in grid]
+            if sr > 1 and any(g < sr for g in grid):
+                raise ConfigError(f"slim: stage {i + 1}'s key/value reduction {sr} is larger than its token grid "
+                                  f"{grid} for {what}={list(size)}: lower slim.sr_ratios")
 
 
 def slim_step(model: RefineFormer3D, ctx: StageContext) -> RefineFormer3D:
@@ -226,8 +247,8 @@ def slim_step(model: RefineFormer3D, ctx: StageContext) -> RefineFormer3D:
     ctx.metrics.update(params_before=count_params(model), params_after=count_params(slimmed),
                        gmacs_before=before, gmacs_after=after)
     if ctx.dist.main:
-        print(f"slim: {', '.join(steps) or 'nothing'}: {before:.3f} -> {after:.3f} G multiply-adds at "
-              f"{'x'.join(map(str, size))} (alone: " + ", ".join(f"{k} -{v:.3f}" for k, v in savings.items()) + ")")
+        print(f"slim: {', '.join(steps)}: {before:.3f} -> {after:.3f} G multiply-adds at "
+              f"{'x'.join(map(str, size))} (each alone: " + ", ".join(f"{k} {-v:+.3f}" for k, v in savings.items()) + ")")
         if budget is not None and after * 1e9 > budget:
             print(f"WARNING: slim.macs_budget {budget / 1e9:.3f} G is not met by every step ({after:.3f} G)")
     return slimmed
@@ -245,8 +266,8 @@ def slim_stage(artifact: str | Path, cfg: Config, out: str | Path, teacher: str 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = stage_parser("python -m compress.slim",
-                     "Cut multiply-adds where a student spends them (head at 1/4 resolution, a patchifying stem and a "
-                     "larger stage-1 key/value reduction), then distil from the teacher.",
+                     "Cut multiply-adds where a student spends them (head at 1/4 resolution, a patchifying stem and "
+                     "larger stage-1/2 key/value reductions, narrower decoder widths), then distil from the teacher.",
                      default_config="configs/slim.yaml", default_out="runs/slim")
     p.add_argument("artifact", help="model artifact (.pt) to slim, e.g. runs/student/student.pt")
     p.add_argument("--steps", default=None,

@@ -316,6 +316,12 @@ def test_parse_count_rejects_garbage():
         ("reference_input", [96, 128, 100], r"\[96, 128, 100\] must be multiples of the model's stride 32"),
         ("window", 0, "grow.window must be >= 1"),
         ("patience", 0, "grow.patience must be >= 1"),
+        ("top_k", 0, "grow.top_k must be >= 1"),
+        ("factor", 1.0, "grow.factor must be > 1"),
+        ("init", "bogus", "grow.init must be one of copy, random"),
+        ("kinds", ["bogus"], "grow.kinds"),
+        ("kinds", [], "grow.kinds"),
+        ("max_events", -1, "grow.max_events and grow.noise must be >= 0"),
     ],
 )
 def test_bad_grow_config_fails_before_training(field, value, message):
@@ -447,3 +453,8 @@ def test_growth_is_fits_around_widenings_and_a_killed_run_resumes_exactly(tmp_pa
     assert [e["dice"] for e in resumed.extra["growth"]] == pytest.approx([e["dice"] for e in events], abs=1e-6)
     with pytest.raises(ArtifactError, match="nothing to resume"):
         run("never", resume=True)
+    # a new run in the same folder (--overwrite) leaves no phase of the old one to be resumed later
+    cfg.grow.max_events = 0
+    again = run("straight")
+    assert [e["action"] for e in again.extra["growth"]] == ["stop"]
+    assert sorted(p.name for p in (tmp_path / "straight").iterdir()) == ["grown.pt", "growth.json", "phase0"]

@@ -258,3 +258,10 @@ def test_the_phantom_command_replaces_a_phantom_folder_whole_and_refuses_other_d
     with pytest.raises(DataError, match="not synthetic cases written here"):
         main([str(other), "--cases", "2"])
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+    # a user's file inside a phantom folder: refused too, nothing lost (settings differ, so it would be replaced)
+    (root / "Brats17TrainingData" / "README").write_text("mine")
+    with pytest.raises(DataError, match=r"Brats17TrainingData/README"):
+        main([str(root), "--cases", "3", "--shape", "32", "32", "24"])
+    assert (root / "Brats17TrainingData" / "README").read_text() == "mine"
+    with pytest.raises(DataError, match="is a file"):
+        main([str(other / "notes.txt"), "--cases", "2"])

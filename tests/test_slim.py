@@ -161,8 +161,13 @@ def test_slim_command_end_to_end_and_bad_input_before_work(tmp_path, capsys):
               "--set", "train.window=[32,32,32]", "--set", "train.epochs=1", "--set", "train.steps_per_epoch=1",
               "--set", "train.threads=1", "--set", "train.log_images=false", "--set", "slim.reference_input=[64,64,64]",
               "--set", "data.num_workers=0"]
-    with pytest.raises(ConfigError, match="slim.steps"):
-        main([str(tmp_path / "student.pt"), "--out", str(tmp_path / "bad"), "--steps", "head,nose", *common])
+    for bad, message in ((["--steps", "head,nose"], "slim.steps"), (["--steps", "head,head"], "at most once"),
+                         (["--steps", "widths"], "not above the targets"),  # the tiny decoder is at its floor
+                         (["--steps", "stem", "--set", "slim.sr_ratios=[64,64]"], "larger than its token grid"),
+                         (["--steps", "head", "--macs-budget", "100G"], "already meets"),
+                         (["--macs-budget", "50%"], "not a share")):
+        with pytest.raises(ConfigError, match=message):
+            main([str(tmp_path / "student.pt"), "--out", str(tmp_path / "bad"), *bad, *common])
     assert not (tmp_path / "bad").exists()  # refused before any work
     assert main([str(tmp_path / "student.pt"), "--out", str(tmp_path / "slim"), "--steps", "head,stem", *common]) == 0
     art = Artifact.load(tmp_path / "slim" / "slim.pt")
