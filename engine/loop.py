@@ -289,7 +289,7 @@ class Trainer:
             config=to_dict(self.cfg),
             metrics=dict(metrics),
             lineage=list(self.lineage),
-            extra={**self.extra, "runtime": self.runtime.to_dict(), **extra},
+            extra={**self.extra, "runtime": self.runtime.to_dict(), "val_cases": list(self.data.val_ids), **extra},
         )
 
     def _train_state(self) -> dict:

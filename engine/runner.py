@@ -158,6 +158,18 @@ def et_rule(product: Artifact, data: TrainData, cfg: Config) -> dict:
     return calibrate_et_rule(predict, data.cache, data.val_ids, cfg)
 
 
+def changed_cases(art: Artifact, val_ids: list[str]) -> str | None:
+    """A warning when the source artifact recorded other validation cases than the data gives today
+    (the data folder was regenerated or edited since): its figures and this run's are not comparable."""
+    recorded = art.extra.get("val_cases")
+    if recorded is None or sorted(recorded) == sorted(val_ids):
+        return None
+    common = len(set(recorded) & set(val_ids))
+    return (f"WARNING: {art.path} was validated on {len(recorded)} case(s), {common} of them among today's "
+            f"{len(val_ids)}: the data changed since it was made; its recorded scores and this run's are not "
+            "comparable (the comparison below scores both models on today's cases)")
+
+
 def exit_code(art: Artifact) -> int:
     """3 when the artifact's guard record has violations and was made with guard.strict, else 0."""
     g = art.extra.get("guard") or {}
@@ -216,6 +228,8 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
     try:
         seed_everything(cfg.train.seed)
         data = make_data(cfg)
+        if info.main and (warning := changed_cases(art, data.val_ids)):
+            tqdm.write(warning)
         ctx = StageContext(cfg, art, out, data, info, teacher_path, resume)
         source = build_model(art)
         ctx.source_metrics = evaluate(source, data.cache, data.val_ids, cfg, desc=f"source ({art.stage})")
@@ -237,7 +251,8 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
             metrics = evaluate(model, data.cache, data.val_ids, cfg, desc=f"{stage.name} validation")
             product = Artifact(stage=stage.name, spec=artifact_spec(model), state_dict=model.state_dict(),
                                config=to_dict(cfg), metrics={**metrics, **ctx.metrics},
-                               lineage=art.child_lineage(), extra={**ctx.extra, "runtime": rt.to_dict()})
+                               lineage=art.child_lineage(),
+                               extra={**ctx.extra, "runtime": rt.to_dict(), "val_cases": list(data.val_ids)})
         if stage.finish is not None:
             product = stage.finish(model, product, ctx)
         product.extra["et_rule"] = et_rule(product, data, cfg)

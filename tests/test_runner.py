@@ -1,5 +1,6 @@
 """engine.runner: guard rails, teacher lookup and source checks of the one stage runner."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,3 +97,13 @@ def test_a_stage_takes_its_sources_data_and_split_unless_told(tmp_path):
     same = Config()
     same.data.dir, same.data.fold, same.data.folds, same.data.split_seed = "/data/brats17", 1, 5, 3
     assert inherit_data(art, same, given=True) == "data: /data/brats17 (as the source's)"
+
+
+def test_a_source_validated_on_other_cases_is_a_warning():
+    from engine.runner import changed_cases
+
+    art = Artifact(stage="teacher", spec={}, state_dict={}, extra={"val_cases": ["a", "b"]}, path=Path("best.pt"))
+    assert changed_cases(art, ["b", "a"]) is None
+    assert changed_cases(Artifact(stage="teacher", spec={}, state_dict={}), ["x"]) is None  # older artifacts: no record
+    line = changed_cases(art, ["b", "c", "d"])
+    assert line.startswith("WARNING: best.pt was validated on 2 case(s), 1 of them among today's 3")
