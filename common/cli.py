@@ -53,6 +53,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "data", None):
         cfg.data.dir = args.data
+    for key in ("dir", "cache"):  # recorded in artifacts: absolute, so a later stage finds them from any folder
+        value = getattr(cfg.data, key, None)
+        if value:
+            setattr(cfg.data, key, str(Path(value).resolve()))
     if getattr(args, "strict", False):
         cfg.guard.strict = True
     return cfg

@@ -28,6 +28,7 @@ from brats.metrics import REGIONS
 from brats.scoring import calibrate_et_rule, evaluate
 from common.artifact import Artifact, ArtifactError, build_model
 from common.config import DATA_IDENTITY, Config, ConfigError, to_dict
+from common.paths import project_path
 from engine.data import TrainData, make_data
 from engine.loop import LAST, FitResult, Stage, artifact_spec, fit
 from engine.runtime import DistInfo, init_distributed, resolve_runtime, seed_everything
@@ -196,7 +197,11 @@ def inherit_data(art: Artifact, cfg: Config, given: bool) -> str:
     for key in DATA_IDENTITY:
         if key in stored:
             setattr(cfg.data, key, stored[key])
-    return f"data: {what(stored)}, fold {cfg.data.fold}, from the source artifact {art.path} (lineage)"
+    for key in ("dir", "cache"):  # artifacts written before paths were recorded absolute: relative to the project
+        value = getattr(cfg.data, key, None)
+        if value and not Path(value).is_absolute() and not Path(value).exists() and project_path(value).exists():
+            setattr(cfg.data, key, str(project_path(value)))
+    return f"data: {what(vars(cfg.data))}, fold {cfg.data.fold}, from the source artifact {art.path} (lineage)"
 
 
 def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path, *, teacher: str | None = None,

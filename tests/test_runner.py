@@ -107,3 +107,19 @@ def test_a_source_validated_on_other_cases_is_a_warning():
     assert changed_cases(Artifact(stage="teacher", spec={}, state_dict={}), ["x"]) is None  # older artifacts: no record
     line = changed_cases(art, ["b", "c", "d"])
     assert line.startswith("WARNING: best.pt was validated on 2 case(s), 1 of them among today's 3")
+
+
+def test_data_paths_are_recorded_absolute_and_old_relative_ones_found_from_any_folder(tmp_path, monkeypatch):
+    from common.cli import config_from_args, stage_parser
+    from common.paths import project_path
+    from engine.runner import inherit_data
+
+    monkeypatch.chdir(tmp_path)
+    args = stage_parser("x", "x").parse_args(["--data", "mydata", "--set", "data.cache=c"])
+    cfg = config_from_args(args)
+    assert (cfg.data.dir, cfg.data.cache) == (str(tmp_path / "mydata"), str(tmp_path / "c"))
+    # an artifact written by an older version from the project folder (the demo's data/synthetic)
+    art = Artifact(stage="teacher", spec={}, state_dict={}, config={"data": {"dir": "configs"}}, path=tmp_path / "b.pt")
+    fresh = Config()
+    inherit_data(art, fresh, given=False)
+    assert fresh.data.dir == str(project_path("configs"))
