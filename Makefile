@@ -30,4 +30,4 @@ demo: setup
 	bash scripts/demo.sh
 
 clean:
-	rm -rf runs/demo report/demo data/synthetic
+	rm -rf runs/demo report/demo data/demo data/synthetic

@@ -110,7 +110,9 @@ class Artifact:
 
     def child_lineage(self) -> list[dict]:
         """Lineage for an artifact derived from this one."""
-        here = {"stage": self.stage, "path": str(self.path) if self.path else None, "metrics": dict(self.metrics)}
+        # absolute, so a later stage finds its ancestors (the teacher to distil from) from any folder
+        here = {"stage": self.stage, "path": str(Path(self.path).resolve()) if self.path else None,
+                "metrics": dict(self.metrics)}
         return [*self.lineage, here]
 
     def ancestor(self, stage: str) -> str | None:

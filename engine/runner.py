@@ -52,8 +52,9 @@ def find_teacher(art: Artifact, explicit: str | None = None) -> str | None:
     artifact itself when it is a teacher, else None."""
     if explicit:
         return str(explicit)
-    if art.ancestor("teacher"):
-        return art.ancestor("teacher")
+    found = art.ancestor("teacher")
+    if found:  # recorded relative by an older version, from the project folder: look there too
+        return str(project_path(found)) if not Path(found).exists() and project_path(found).exists() else found
     return str(art.path) if art.stage == "teacher" and art.path else None
 
 

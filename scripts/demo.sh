@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 RUNS=${RUNS:-runs/demo}
-DATA=${DATA:-data/synthetic}
+DATA=${DATA:-data/demo}  # its own folder: train.py's built-in synthetic cases (data/synthetic) have other settings
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 start=$(date +%s)
 step() { echo; echo "=== [$(( $(date +%s) - start ))s] $*"; }

@@ -20,7 +20,8 @@ def torchrun(log: Path, *args: str) -> list[str]:
     env = {**os.environ, "DDP_PROBE_LOG": str(log), "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tests" / "ddp_probe.py"), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    # its own session: torchrun signals its process group when it shuts down, which must not reach pytest's worker
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
     assert proc.returncode == 0, f"{' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     lines = log.read_text().splitlines() if log.exists() else []
     log.unlink(missing_ok=True)
