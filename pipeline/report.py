@@ -858,7 +858,8 @@ def profile_section(row: dict, peak: dict | None) -> list[str]:
     lines += [
         f"PyTorch eager, one {size} window after {p['warmup']} warm-up forward(s), under torch.profiler: "
         f"{p['forward_ms']:.1f} ms ({p['threads']} thread(s); this row's other figures use {row.get('runtime')}). "
-        f"{p['gmacs']:.3f} G multiply-adds in all (fvcore on the same graph). This CPU's peak: {peak_text}; "
+        f"{p['gmacs']:.3f} G multiply-adds in all (fvcore on the graph that runs: the exact inference rewrites, so "
+        f"fewer than the results table's count of the model as trained). This CPU's peak: {peak_text}; "
         "\"of peak\" is the achieved rate over it.", "",
         f"Operators as the model's code calls them (each with everything it dispatches to), top {len(ops)} of "
         f"{p['ops_count']} by time; together {_share(sum(o['share'] for o in ops))} of the forward:", "",
