@@ -258,6 +258,7 @@ def score_artifact(found: Found, cfg: Config, cache, cases: list[str], default_s
     row["runtime"], row["latency_ms_window"] = runtime, ms[runtime]
     row.update({key: ms.get(name) for name, key in RUNTIME_KEYS.items()})
     row["runtime_notes"] = {**notes, **({runtime: why} if why else {})}
+    row["runtime_asked"] = None if rep.runtime in ("auto", runtime) else rep.runtime  # shown next to the one used
     if peak is not None:
         row["profile"] = profile_artifact(art, model, (1, 4, *size), peak["gmacs_per_s"], rep.profile_top)
     model = models[runtime]
@@ -761,7 +762,9 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
             ([r["stage"], _fmt(r["params"], ","), _fmt(r["gmacs"], ".2f"), _fmt(r["size_mb"], ".2f"),
               *[_fmt(r[k], ".3f") for k in ("dice_wt", "dice_tc", "dice_et", "dice_mean")],
               *[_fmt(r[k], ".2f") for k in ("hd95_wt", "hd95_tc", "hd95_et")], _fmt(r["iou_mean"], ".3f"),
-              _fmt(r["latency_ms_window"], ".1f"), r.get("runtime") or "–", _fmt(r["latency_s_case"], ".2f"),
+              _fmt(r["latency_ms_window"], ".1f"),
+              (r.get("runtime") or "–") + (f" ({r['runtime_asked']} cannot run it)" if r.get("runtime_asked") else ""),
+              _fmt(r["latency_s_case"], ".2f"),
               r.get("trained_as") or "-"]
              for r in rows),
         ),

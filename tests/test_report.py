@@ -259,6 +259,7 @@ def test_profile_per_stage_and_an_onnx_artifact_says_why_not(built, tmp_path):
     assert teacher["runtime"] == "torch" and not teacher["runtime_notes"]  # as asked
     assert int8["runtime"] in ("onnxruntime", "openvino")  # torch cannot run it: the fastest, and why
     assert "torch asked for, not usable" in int8["runtime_notes"][int8["runtime"]]
+    assert (teacher["runtime_asked"], int8["runtime_asked"]) == (None, "torch")
     prof = teacher["profile"]
     assert len(prof["ops"]) == 4 and len(prof["modules"]) == 4 and prof["peak_gmacs_per_s"] > 0
     assert 0 < sum(o["share"] for o in prof["ops"]) <= 1 and 0 < sum(m["self_share"] for m in prof["modules"]) <= 1
@@ -270,6 +271,7 @@ def test_profile_per_stage_and_an_onnx_artifact_says_why_not(built, tmp_path):
     assert f"| {op['op']} | {op['calls']} | {op['total_ms']:.2f} | {100 * op['share']:.1f} % |" in section
     assert f"| {prof['modules'][0]['module']} | {prof['modules'][0]['type']} |" in section
     assert "## int8: where the time goes\n\nNot profiled: an ONNX artifact runs inside ONNX Runtime" in md
+    assert f"| {int8['runtime']} (torch cannot run it) |" in md  # the results table says it was not the one asked
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved[0]["profile"]["ops"][0]["op"] == op["op"] and "error" in saved[1]["profile"]
 
