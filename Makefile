@@ -22,8 +22,11 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 AVX2_TESTS := tests/test_runtime.py tests/test_engine.py tests/test_quant_convert.py tests/test_quant_graph.py \
 	tests/test_quant_lsq.py tests/test_quant_onnx.py tests/test_quant_qat.py
 
+# test_torchrun.py runs in an interpreter of its own: inside an xdist worker that had run the other tests it
+# crashed that worker now and then (about one full run in three on 2 cores; alone it never did; cause not found).
 test: setup
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	$(PY) -m pytest -q -n 2 --durations=15 tests --ignore=tests/test_torchrun.py
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_torchrun.py
 	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q -n 2 -p no:cacheprovider $(AVX2_TESTS)
 
 demo: setup
