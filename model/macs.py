@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -42,10 +42,11 @@ HANDLERS = {
 }
 
 
-def count_macs(
-    model: nn.Module, input_shape: tuple[int, ...] = (1, 4, 128, 128, 128), upsample: bool = True
-) -> float:
-    """G multiply-adds of one forward pass at `input_shape`, fvcore convention."""
+def fvcore_count(model: nn.Module, input_shape: tuple[int, ...], read: Callable[[Any], Any],
+                 upsample: bool = True) -> Any:
+    """`read(analysis)` of fvcore's FlopCountAnalysis of one eval-mode forward at `input_shape` on a zero
+    input, with this module's handlers (`upsample=False`: trilinear upsampling counts 0), fvcore's
+    warnings silenced; the model's mode is restored. `read` runs inside, where fvcore traces lazily."""
     from fvcore.nn import FlopCountAnalysis
 
     handlers = dict(HANDLERS)
@@ -59,9 +60,16 @@ def count_macs(
         warnings.simplefilter("ignore")
         analysis = FlopCountAnalysis(model, x).set_op_handle(**handlers)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        total = analysis.total()
+        out = read(analysis)
     model.train(was_training)
-    return total / 1e9
+    return out
+
+
+def count_macs(
+    model: nn.Module, input_shape: tuple[int, ...] = (1, 4, 128, 128, 128), upsample: bool = True
+) -> float:
+    """G multiply-adds of one forward pass at `input_shape`, fvcore convention."""
+    return fvcore_count(model, input_shape, lambda analysis: analysis.total(), upsample) / 1e9
 
 
 def _conv_out(size: Sequence[int], kernel: int, stride: int, padding: int) -> list[int]:

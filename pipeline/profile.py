@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import statistics
 import time
-import warnings
 from typing import Any, Sequence
 
 import torch
@@ -27,7 +26,7 @@ from torch.autograd.profiler import record_function
 
 from common.artifact import Artifact
 from compress.quant.onnx_export import OrtModel
-from model.macs import HANDLERS
+from model.macs import fvcore_count
 from model.rewrites import inference_graph
 from pipeline.predict import FP32_KINDS, fp32_model
 
@@ -61,14 +60,7 @@ def gemm_peak(n: int = GEMM_N, runs: int = GEMM_RUNS) -> dict[str, Any]:
 def module_macs(model: nn.Module, shape: Sequence[int]) -> dict[str, dict[str, float]]:
     """{module name: {fvcore operator key: G multiply-adds}} of one forward at `shape`, each module's
     including its children's, as `model.macs.count_macs` counts them ("" is the whole model)."""
-    from fvcore.nn import FlopCountAnalysis
-
-    model.eval()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        analysis = FlopCountAnalysis(model, torch.zeros(tuple(shape))).set_op_handle(**HANDLERS)
-        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        counts = analysis.by_module_and_operator()
+    counts = fvcore_count(model, tuple(shape), lambda analysis: analysis.by_module_and_operator())
     return {name: {op: n / 1e9 for op, n in ops.items()} for name, ops in counts.items()}
 
 
