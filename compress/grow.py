@@ -55,12 +55,12 @@ from common.artifact import Artifact, build_model
 from common.atomic import atomic_write_text
 from common.cli import add_strict, config_from_args, data_given, out_dir, run_main, stage_parser
 from common.config import Config, ConfigError, parse_count, to_dict
-from engine.data import TrainData
+from engine.data import TrainData, stack_batches
 from engine.loop import LAST, FitResult, Stage, best_epoch, fit
 from engine.runner import StageContext, StageDef, exit_code, run_stage
 from model.layers import LowRankConv3d, LowRankLinear
 from model.macs import spec_macs
-from model.refineformer3d import ModelSpec, RefineFormer3D, count_params, get_module
+from model.refineformer3d import ModelSpec, RefineFormer3D, count_params, get_module, rebuilt
 from model.widths import group_keys
 from student.distill import distill_trainer
 
@@ -373,10 +373,7 @@ def widen(
         w.out_side("decoder.refine_pw", plan)
         w.batchnorm("decoder.refine_pw_bn", plan)
         w.in_side("decoder.head", plan)
-    ref = next(model.parameters())
-    new = RefineFormer3D(new_spec)
-    new.load_state_dict(w.sd, strict=True)
-    return new.to(device=ref.device, dtype=ref.dtype).train(model.training)
+    return rebuilt(model, new_spec, w.sd)
 
 
 # ----------------------------------------------------------------------------- scoring and selection
@@ -554,14 +551,13 @@ def check_config(cfg: Any, spec: ModelSpec | None = None) -> None:
 PROGRESS, START = "growth.json", "start.pt"
 
 
-def score_batches(data: TrainData, cfg: Config, phase: int) -> list[dict[str, torch.Tensor]]:
+def score_batches(data: TrainData, cfg: Config, phase: int,
+                  device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
     """`grow.window` batches of training crops (image, label) for the gradient scores after `phase`
     (the same on every rank)."""
     data.train_set.set_epoch(10_000 + phase)
     n, b = cfg.grow.window, cfg.train.batch_size
-    items = [data.train_set[i % len(data.train_set)] for i in range(n * b)]
-    return [{"image": torch.stack([c["image"] for c in items[i: i + b]]),
-             "label": torch.stack([c["label"] for c in items[i: i + b]])} for i in range(0, len(items), b)]
+    return stack_batches([data.train_set[i % len(data.train_set)] for i in range(n * b)], b, device)
 
 
 def _agreed(scores: dict[str, float], ctx: StageContext) -> dict[str, float]:
@@ -662,7 +658,7 @@ def grow_fits(model: RefineFormer3D, ctx: StageContext, stage: StageDef, ckpt_di
         if action == "grow":
             trainee, engine_stage = stage.finetune(best, ctx)
             engine_stage.to(device)
-            batches = [{k_: v.to(device) for k_, v in b.items()} for b in score_batches(ctx.data, ctx.cfg, k)]
+            batches = score_batches(ctx.data, ctx.cfg, k, device)
             scores = _agreed(gradient_scores(trainee, best, engine_stage, batches, g.kinds), ctx)
             grown = grow_step(best, g, scores, torch.Generator().manual_seed(ctx.cfg.train.seed + k))
             if grown.grown:
@@ -682,6 +678,8 @@ def grow_fits(model: RefineFormer3D, ctx: StageContext, stage: StageDef, ckpt_di
             break
         k += 1
     return _best_of(results)
+
+
 # ----------------------------------------------------------------------------- command
 
 

@@ -39,7 +39,7 @@ from common.config import Config, ConfigError, parse_count
 from compress.grow import widen
 from engine.runner import StageContext, StageDef, exit_code, run_stage
 from model.macs import spec_macs
-from model.refineformer3d import ModelSpec, RefineFormer3D, count_params
+from model.refineformer3d import ModelSpec, RefineFormer3D, count_params, rebuilt
 from model.widths import group_magnitude, group_slices, slice_state
 from student.thin import HEAD_FLOORS
 from student.distill import distill_trainer
@@ -49,10 +49,7 @@ STAGE = "slim"
 
 def _copy_into(model: RefineFormer3D, spec: ModelSpec, new_weights: dict[str, torch.Tensor]) -> RefineFormer3D:
     """`RefineFormer3D(spec)` with `model`'s weights, `new_weights` replacing those that changed shape."""
-    ref = next(model.parameters())
-    out = RefineFormer3D(spec)
-    out.load_state_dict({**model.state_dict(), **new_weights}, strict=True)
-    return out.to(device=ref.device, dtype=ref.dtype).train(model.training)
+    return rebuilt(model, spec, {**model.state_dict(), **new_weights})
 
 
 def slim_head(model: RefineFormer3D, cfg: Any) -> RefineFormer3D:

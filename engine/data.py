@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
+import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
@@ -23,6 +25,14 @@ class TrainData:
     train_ids: list[str]
     val_ids: list[str]
     train_set: Dataset
+
+
+def stack_batches(items: Sequence[dict], batch_size: int,
+                  device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
+    """Crops ({"image": (C, D, H, W), "label": (D, H, W)}, as the datasets give them) stacked into batches
+    of `batch_size` on `device`; the last batch may be smaller."""
+    return [{key: torch.stack([c[key] for c in items[i: i + batch_size]]).to(device) for key in ("image", "label")}
+            for i in range(0, len(items), batch_size)]
 
 
 def make_data(cfg: Config) -> TrainData:

@@ -368,6 +368,16 @@ def model_from_spec(spec: dict[str, Any] | ModelSpec) -> RefineFormer3D:
     return RefineFormer3D(spec)
 
 
+def rebuilt(like: nn.Module, spec: ModelSpec, state: dict[str, torch.Tensor],
+            cls: type[RefineFormer3D] | None = None) -> RefineFormer3D:
+    """`cls(spec)` (default RefineFormer3D) with `state` loaded strictly, on `like`'s device and dtype and
+    in its train/eval mode: what a step that changes a model's shape returns."""
+    ref = next(like.parameters())
+    model = (cls or RefineFormer3D)(spec)
+    model.load_state_dict(state, strict=True)
+    return model.to(device=ref.device, dtype=ref.dtype).train(like.training)
+
+
 def build_from_config(cfg: Any) -> RefineFormer3D:
     """From a `common.config.ModelConfig`; ConfigError for a spec that does not fit together."""
     try:

@@ -35,7 +35,7 @@ from brats.dataset import region_centred_crops
 from brats.labels import is_softmax
 from common.artifact import Artifact, ArtifactError
 from common.config import Config, ConfigError, PerturbConfig
-from engine.data import TrainData
+from engine.data import TrainData, stack_batches
 from engine.loop import Stage, TrainingWrapper
 from engine.losses import SMOOTH, segmentation_loss
 from engine.runner import StageContext, StageDef, freeze, load_teacher, run_stage  # noqa: F401 (load_teacher: re-export)
@@ -262,10 +262,7 @@ def _calibration_batches(data: TrainData, cfg: Config, device: torch.device):
         raise ConfigError(f"distill.calib_cases must be >= 1, got {cfg.distill.calib_cases}")
     items = region_centred_crops(data.cache, data.train_ids[: cfg.distill.calib_cases], cfg.data.crop,
                                  seed=cfg.train.seed)
-    for i in range(0, len(items), cfg.train.batch_size):
-        chunk = items[i: i + cfg.train.batch_size]
-        yield {"image": torch.stack([c["image"] for c in chunk]).to(device),
-               "label": torch.stack([c["label"] for c in chunk]).to(device)}
+    yield from stack_batches(items, cfg.train.batch_size, device)
 
 
 def make_student(teacher: nn.Module, cfg: Config, data: TrainData | None = None) -> nn.Module:

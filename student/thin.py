@@ -35,7 +35,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from model.refineformer3d import ModelSpec, RefineFormer3D, scale_width
+from model.refineformer3d import ModelSpec, RefineFormer3D, rebuilt, scale_width
 from model.widths import Slices, group_slices, slice_state
 
 IMPORTANCE = ("magnitude", "taylor")
@@ -299,9 +299,7 @@ def thin_with_selection(
         raise TypeError(f"thin: expected a RefineFormer3D, got {type(teacher).__name__}")
     target = student_spec(teacher.spec, width, keep_attn_scale, floors)
     sel = select_channels(teacher, target, importance)
-    student = RefineFormer3D(target).to(next(teacher.parameters()).device)
-    student.load_state_dict(slice_state_dict(teacher.state_dict(), teacher.spec, sel), strict=True)
-    return student.train(teacher.training), sel
+    return rebuilt(teacher, target, slice_state_dict(teacher.state_dict(), teacher.spec, sel)), sel
 
 
 def thin(teacher: RefineFormer3D, width: float, **kwargs) -> RefineFormer3D:

@@ -25,7 +25,7 @@ from torch import nn
 from common.artifact import register_builder
 from compress.quant.convert import prepare_float
 from compress.quant.lsq import QUANT_LAYERS, LSQConfig, quantizable, quantize_
-from model.refineformer3d import ModelSpec, RefineFormer3D
+from model.refineformer3d import ModelSpec, RefineFormer3D, rebuilt
 from model.rewrites import ReassociatedDecoder, bn_pairs
 
 KIND = "int8-qat"
@@ -83,10 +83,7 @@ class QATRefineFormer3D(RefineFormer3D):
 
 def as_qat_model(model: RefineFormer3D) -> QATRefineFormer3D:
     """A `QATRefineFormer3D` copy of an FP32 `model` (same spec, weights, device and mode)."""
-    qat = QATRefineFormer3D(model.spec)
-    qat.load_state_dict(model.state_dict())
-    ref = next(model.parameters())
-    return qat.to(device=ref.device, dtype=ref.dtype).train(model.training)
+    return rebuilt(model, model.spec, model.state_dict(), QATRefineFormer3D)
 
 
 @register_builder("int8-qat")
