@@ -179,10 +179,10 @@ def choose_steps(model: RefineFormer3D, cfg: Any) -> tuple[list[str], dict[str, 
     return [s for s in cfg.steps if s in chosen], savings
 
 
-def slim(model: RefineFormer3D, cfg: Any) -> RefineFormer3D:
-    """`cfg.steps` (or those `choose_steps` picks for `cfg.macs_budget`) applied in order; a copy."""
-    steps, _ = choose_steps(model, cfg)
-    for name in steps:
+def slim(model: RefineFormer3D, cfg: Any, steps: Sequence[str] | None = None) -> RefineFormer3D:
+    """`steps` (default: `cfg.steps`, or those `choose_steps` picks for `cfg.macs_budget`) applied in
+    order; a copy."""
+    for name in choose_steps(model, cfg)[0] if steps is None else steps:
         model = STEPS[name](model, cfg)
     return model
 
@@ -212,7 +212,7 @@ def _check(art: Artifact, cfg: Config) -> None:
     try:
         probe = RefineFormer3D(ModelSpec.from_dict(art.spec))
         steps, savings = choose_steps(probe, cfg.slim)
-        slimmed = slim(probe, cfg.slim)
+        slimmed = slim(probe, cfg.slim, steps)
     except (ValueError, KeyError) as e:
         raise ConfigError(f"{art.path}: {e}") from None
     worse = [name for name, saved in savings.items() if saved <= 0]
@@ -235,7 +235,7 @@ def slim_step(model: RefineFormer3D, ctx: StageContext) -> RefineFormer3D:
     """Step of the slim stage: the chosen steps; what each saved goes into ctx.extra["slim"]."""
     c, size = ctx.cfg.slim, tuple(ctx.cfg.slim.reference_input)
     steps, savings = choose_steps(model, c)
-    slimmed = slim(model, c)
+    slimmed = slim(model, c, steps)
     before, after = _gmacs(model.spec, size), _gmacs(slimmed.spec, size)
     budget = parse_count(c.macs_budget, what="slim.macs_budget")
     ctx.extra["slim"] = {"steps": steps, "gmacs_saved_alone": savings, "reference_input": list(size),
