@@ -152,18 +152,12 @@ def group_magnitude(model: nn.Module, group: str) -> torch.Tensor:
     """L2 norm per channel of a width group over every weight and bias it indexes (the group
     magnitude Torch-Pruning ranks by, over the whole coupled group): (channels,)."""
     state = model.state_dict()
-    sq = None
+    parts = []  # per use: squared norms of its slices from the use's offset on
     for u in width_uses(model.spec)[group]:
-        if u.key not in state or not u.key.endswith((".weight", ".bias")):
-            continue
-        w = state[u.key].detach().float().transpose(0, u.dim)
-        part = w.flatten(1).pow(2).sum(1) if w.ndim > 1 else w.pow(2)
-        part = part[u.offset:]
-        if sq is None:
-            sq = part.clone()
-        else:
-            n = min(len(sq), len(part))
-            sq[:n] += part[:n]
-    if sq is None:
+        if u.key in state and u.key.endswith((".weight", ".bias")):
+            w = state[u.key].detach().float().transpose(0, u.dim)
+            parts.append((w.flatten(1).pow(2).sum(1) if w.ndim > 1 else w.pow(2))[u.offset:])
+    if not parts:
         raise KeyError(f"width group {group} indexes no weight of this model")
-    return sq.sqrt()
+    width = min(len(p) for p in parts)  # the producer's rows; a consumer reading several groups has more after it
+    return torch.stack([p[:width] for p in parts]).sum(0).sqrt()
