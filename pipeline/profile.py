@@ -16,8 +16,6 @@ against the CPU's measured fp32 GEMM peak, which is what a well-blocked large ma
 """
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any, Sequence
 
 import torch
@@ -25,6 +23,7 @@ from torch import nn
 from torch.autograd.profiler import record_function
 
 from common.artifact import Artifact
+from common.timing import median_seconds
 from compress.quant.onnx_export import OrtModel
 from model.macs import fvcore_count
 from model.rewrites import inference_graph
@@ -46,13 +45,7 @@ def gemm_peak(n: int = GEMM_N, runs: int = GEMM_RUNS) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
     out = torch.empty(n, n)
-    torch.mm(a, b, out=out)
-    seconds = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        seconds.append(time.perf_counter() - start)
-    s = statistics.median(seconds)
+    s = median_seconds(lambda: torch.mm(a, b, out=out), runs, warmup=1)
     return {"gmacs_per_s": n ** 3 / s / 1e9, "n": n, "runs": runs, "ms": 1e3 * s,
             "threads": torch.get_num_threads()}
 
