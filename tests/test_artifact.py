@@ -105,3 +105,65 @@ def test_builders_are_registered_by_the_model_modules_and_unknown_kinds_named(tm
     art.spec = {**art.spec, "kind": "mystery"}
     with pytest.raises(ArtifactError, match="'mystery'"):
         build_model(art)
+
+
+def test_packed_state_round_trips_every_dtype_and_layout_exactly(tmp_path):
+    """One buffer per dtype in the file; back out: the same names, order, dtypes, shapes and values."""
+    state = {
+        "w": torch.randn(3, 4).t(),  # not contiguous
+        "q": torch.randint(-128, 127, (5, 2, 2), dtype=torch.int8),
+        "n": torch.tensor(7),  # 0-d int64 (num_batches_tracked)
+        "e": torch.empty(0, 3),
+        "h": torch.randn(6, dtype=torch.bfloat16),
+        "m": torch.tensor([True, False]),
+        "b": torch.randn(2),
+    }
+    Artifact("x", {"kind": "fp32"}, state).save(tmp_path / "a.pt")
+    raw = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert "state_dict" not in raw and sorted(raw["state"]["buffers"]) == ["bfloat16", "bool", "float32", "int64", "int8"]
+    back = Artifact.load(tmp_path / "a.pt").state_dict
+    assert list(back) == list(state)
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
+    back["b"].add_(1)  # each tensor is its own copy, not a view of the shared buffer
+    assert torch.equal(back["w"], state["w"])
+
+
+def test_packing_saves_the_per_tensor_overhead(tmp_path):
+    """Many small tensors: the packed file is within 8 KiB of its bytes; torch.save of the plain dict is not."""
+    state = {f"layer{i}.bias": torch.randn(16) for i in range(300)}
+    payload = 300 * 16 * 4
+    Artifact("x", {"kind": "fp32"}, state).save(tmp_path / "packed.pt")
+    torch.save(state, tmp_path / "plain.pt")
+    packed, plain = (tmp_path / "packed.pt").stat().st_size, (tmp_path / "plain.pt").stat().st_size
+    assert packed < payload + 8192
+    assert plain - payload > 2 * (packed - payload)
+
+
+def test_version_1_artifacts_still_load(tmp_path):
+    """Written before packing: the state_dict stored as a dict of tensors."""
+    model, art = _artifact()
+    torch.save({"format": "refineformer3d-artifact", "version": 1, "stage": "teacher", "spec": art.spec,
+                "state_dict": model.state_dict()}, tmp_path / "v1.pt")
+    loaded, _ = load_model(tmp_path / "v1.pt")
+    x = torch.randn(1, 4, 32, 32, 32)
+    assert torch.equal(loaded.eval()(x), model(x))
+
+
+def test_malformed_packed_state_and_newer_versions_are_named(tmp_path):
+    _, art = _artifact()
+    art.save(tmp_path / "a.pt")
+    raw = torch.load(tmp_path / "a.pt", weights_only=True)
+    buffers = raw["state"]["buffers"]
+    buffers["float32"] = buffers["float32"][:-1]  # one element short
+    torch.save(raw, tmp_path / "short.pt")
+    with pytest.raises(ArtifactError, match=r"short\.pt: its packed weights are malformed.*outside its float32 buffer"):
+        Artifact.load(tmp_path / "short.pt")
+    buffers["float32"] = torch.zeros(buffers["float32"].numel() + 2)  # two too many
+    torch.save(raw, tmp_path / "long.pt")
+    with pytest.raises(ArtifactError, match=r"long\.pt: .*elements left over: \{'float32': 1\}"):
+        Artifact.load(tmp_path / "long.pt")
+    raw["version"] = 3
+    torch.save(raw, tmp_path / "new.pt")
+    with pytest.raises(ArtifactError, match=r"new\.pt: artifact version 3.*newer release"):
+        Artifact.load(tmp_path / "new.pt")
