@@ -16,7 +16,7 @@ from tqdm import tqdm
 from brats.cache import Cache
 from brats.dataset import iter_cases
 from brats.inference import WindowCount, predict_case
-from brats.metrics import dice, score_case
+from brats.metrics import REGIONS, dice, region_masks, score_case
 from common.config import Config, ConfigError
 from common.progress import bar_off
 
@@ -32,7 +32,8 @@ def score_cases(
     `predict` maps a (B, 4, *window) batch to logits; `on_case(case, image, truth, pred)` sees each
     case's arrays; `count` adds up the windows and skipped background windows of every case. Rows
     are {"case": name, dice_wt, ..., hd95_et, ..., et_missed (1.0: the truth has ET, the prediction
-    none)}; unlabelled cases are skipped.
+    none), vox_tp_wt, vox_fp_wt, vox_fn_wt, ... (voxel counts for `pooled_dice`)}; unlabelled cases
+    are skipped.
     """
     t, rows = cfg.train, []
     cases = iter_cases(cache, case_ids)
@@ -44,10 +45,40 @@ def score_cases(
         truth = label.numpy()
         # a case whose truth has ET but whose prediction has none: a mean over cases hides it
         et_missed = float(bool((truth == 4).any()) and not bool((pred == 4).any()))
-        rows.append({"case": case, **score_case(pred, truth, meta.spacing), "et_missed": et_missed})
+        rows.append({"case": case, **score_case(pred, truth, meta.spacing), "et_missed": et_missed,
+                     **voxel_counts(pred, truth)})
         if on_case is not None:
             on_case(case, image, truth, pred)
     return rows
+
+
+def voxel_counts(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """True/false positive and false negative voxels per region: {"vox_tp_wt", "vox_fp_wt", "vox_fn_wt", ...}."""
+    p, t = region_masks(pred), region_masks(truth)
+    out = {}
+    for r in REGIONS:
+        out[f"vox_tp_{r}"] = float(np.count_nonzero(p[r] & t[r]))
+        out[f"vox_fp_{r}"] = float(np.count_nonzero(p[r] & ~t[r]))
+        out[f"vox_fn_{r}"] = float(np.count_nonzero(~p[r] & t[r]))
+    return out
+
+
+def pooled_dice(metrics: dict) -> dict[str, float]:
+    """Dice per region over all cases' voxels at once, 2 TP / (2 TP + FP + FN) with the counts summed
+    (here: averaged, the same ratio) over cases, and their mean: {"pooled_dice_wt", ..., "pooled_dice_mean"}.
+
+    nnU-Net's "pseudo Dice" for checkpoint selection (Isensee et al., Nat. Methods 2021). Unlike the
+    BraTS per-case mean, a case without ET scores no free 1.0 for predicting nothing, so a model that
+    never predicts ET cannot win on the cases without ET; false ET there costs its voxels. A region
+    absent from every truth and prediction scores 1. {} when the counts are missing."""
+    if any(f"vox_tp_{r}" not in metrics for r in REGIONS):
+        return {}
+    out = {}
+    for r in REGIONS:
+        tp, fp, fn = (metrics[f"vox_{k}_{r}"] for k in ("tp", "fp", "fn"))
+        out[f"pooled_dice_{r}"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn > 0 else 1.0
+    out["pooled_dice_mean"] = float(np.mean([out[f"pooled_dice_{r}"] for r in REGIONS]))
+    return out
 
 
 def evaluate(model: nn.Module, cache: Cache, case_ids: Sequence[str], cfg: Config,
@@ -65,7 +96,8 @@ def evaluate(model: nn.Module, cache: Cache, case_ids: Sequence[str], cfg: Confi
 
 def mean_rows(rows: list[dict]) -> dict[str, float]:
     """Mean of every numeric key over per-case rows (NaNs skipped); `et_missed` is also counted
-    (`et_missed_cases`: cases whose truth has ET and whose prediction has none)."""
+    (`et_missed_cases`: cases whose truth has ET and whose prediction has none); with voxel counts,
+    `pooled_dice` too."""
     keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     out = {}
     for k in keys:
@@ -73,6 +105,7 @@ def mean_rows(rows: list[dict]) -> dict[str, float]:
         out[k] = float(np.mean(vals)) if vals else math.nan
     if "et_missed" in out:
         out["et_missed_cases"] = float(sum(r.get("et_missed", 0.0) for r in rows))
+    out.update(pooled_dice(out))
     return out
 
 

@@ -83,7 +83,11 @@ class TrainConfig:
     log_images: bool = True
     threads: int | None = None  # torch.set_num_threads; None: leave as is
     val_at_start: bool = False  # validate the initial weights first; they count for best.pt (fine-tunes)
-    patience: int | None = None  # stop after this many validations without a better mean Dice (epochs: a maximum)
+    patience: int | None = None  # stop after this many validations without a better `select` (epochs: a maximum)
+    # the validation figure that chooses the best epoch (and counts patience): pooled_dice_mean (Dice over
+    # all cases' voxels at once, nnU-Net's pseudo Dice: never predicting ET scores 0, not 1 on the cases
+    # without ET) or dice_mean (the BraTS per-case mean, which rewards an empty ET on those cases)
+    select: str = "pooled_dice_mean"
 
 
 @dataclass

@@ -595,9 +595,10 @@ def _phase_result(pdir: Path) -> FitResult:
     return FitResult(None, pdir / LAST, dict(state["best_metrics"]), list(state["history"]), None, best)
 
 
-def _best_of(results: Sequence[FitResult]) -> FitResult:
-    """One result for the whole growth fine-tune: the best epoch of all phases, every phase's history."""
-    best = max(results, key=lambda r: r.best_metrics.get("dice_mean", -math.inf))
+def _best_of(results: Sequence[FitResult], select: str) -> FitResult:
+    """One result for the whole growth fine-tune: the best epoch of all phases by `select` (the engine's
+    `train.select`), every phase's history."""
+    best = max(results, key=lambda r: r.best_metrics.get(select, -math.inf))
     history = [{**h, "phase": i} for i, r in enumerate(results) for h in r.history]
     return FitResult(None, results[-1].last_path, dict(best.best_metrics), history, results[-1].model, best.best)
 
@@ -650,7 +651,7 @@ def grow_fits(model: RefineFormer3D, ctx: StageContext, stage: StageDef, ckpt_di
         epochs = sum(1 for h in res.history if not h.get("start"))
         device = next(res.model.parameters()).device  # the training device
         best = (build_model(res.best) if res.best is not None else model).to(device)
-        dice = float(res.best_metrics.get("dice_mean", math.nan))
+        dice = float(res.best_metrics.get(ctx.cfg.train.select, math.nan))  # what chose the phase's best epoch
         entry = {"event": k, "epoch": used + epochs - 1, "epochs": epochs, "dice": dice,
                  "loss": next((h["train"].get("loss", math.nan) for h in reversed(res.history) if h["train"]), math.nan),
                  "params": count_params(best), "gmacs": spec_macs(best.spec, g.reference_input) / 1e9, "grown": []}
@@ -677,7 +678,7 @@ def grow_fits(model: RefineFormer3D, ctx: StageContext, stage: StageDef, ckpt_di
         if action == "stop":
             break
         k += 1
-    return _best_of(results)
+    return _best_of(results, ctx.cfg.train.select)
 
 
 # ----------------------------------------------------------------------------- command

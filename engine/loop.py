@@ -9,8 +9,8 @@ everything else:
 Per epoch: random crops -> AdamW steps (linear warm-up, then cosine to `min_lr`, per step; gradient
 clipping; the training precision `engine.runtime` resolves: fp32, bf16 autocast or fp16 + GradScaler)
 -> every `val_every` epochs (and after the last) fp32 sliding-window validation on whole held-out
-cases, scored per region -> `best.pt` (highest mean
-Dice) and `last.pt` (with the full training state, so `resume=True` continues bit-for-bit).
+cases, scored per region -> `best.pt` (highest `train.select`: by default
+the pooled Dice over all cases' voxels, `brats.scoring.pooled_dice`) and `last.pt` (with the full training state, so `resume=True` continues bit-for-bit).
 With `train.val_at_start` the initial weights are validated first and compete for `best.pt`, so a
 fine-tune never returns something worse on validation than what it started from.
 
@@ -48,6 +48,7 @@ from engine.runtime import (DistInfo, Runtime, init_distributed, resolve_runtime
                             set_rng_state)
 
 BEST, LAST = "best.pt", "last.pt"
+SELECT_CHOICES = ("pooled_dice_mean", "dice_mean")  # train.select: the figure that picks the best epoch
 SCHEDULE_KEYS = ("epochs", "lr", "min_lr", "warmup_epochs", "steps_per_epoch", "batch_size")
 LOG_IMAGE_CASES = 2  # validation cases per epoch drawn into TensorBoard
 
@@ -178,6 +179,8 @@ class Trainer:
         t = cfg.train
         if t.epochs < 1 or t.batch_size < 1:
             raise ConfigError(f"train.epochs and train.batch_size must be >= 1 (got {t.epochs}, {t.batch_size})")
+        if t.select not in SELECT_CHOICES:
+            raise ConfigError(f"train.select={t.select!r}: choose one of {', '.join(SELECT_CHOICES)}")
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world))
         self.runtime: Runtime = resolve_runtime(t.device, t.amp, t.threads, local_rank=self.dist.local_rank,
                                                 local_world=local_world)
@@ -297,6 +300,7 @@ class Trainer:
             "epoch": self.epoch,
             "global_step": self.global_step,
             "best_score": self.best_score,
+            "select": self.cfg.train.select,
             "best_metrics": self.best_metrics,
             "last_metrics": self.last_metrics,
             "history": self.history,
@@ -366,6 +370,8 @@ class Trainer:
         self.stage.load_state_dict(state["stage"])
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.best_score, self.best_metrics = float(state["best_score"]), dict(state["best_metrics"])
+        if state.get("select", "dice_mean") != self.cfg.train.select:  # the best epoch so far, by the new figure
+            self.best_score = float(self.best_metrics.get(self.cfg.train.select, -math.inf))
         saved_best = state.get("best_artifact")
         if saved_best is not None:
             self.best = Artifact(stage=self.stage_name, config=art.config, lineage=list(self.lineage), **saved_best)
@@ -377,7 +383,7 @@ class Trainer:
         set_rng_state(state["rng"])
         if self.dist.main:
             tqdm.write(f"{self.stage_name}: resuming {path} after epoch {self.epoch} of {self.cfg.train.epochs} "
-                       f"(step {self.global_step}, best mean Dice {self.best_score:.4f})")
+                       f"(step {self.global_step}, best {self.cfg.train.select} {self.best_score:.4f})")
 
     # -- logging
 
@@ -392,7 +398,7 @@ class Trainer:
     def log_scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
             for k, v in values.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
+                if isinstance(v, (int, float)) and math.isfinite(v) and not k.startswith("vox_"):  # not the raw counts
                     self.writer.add_scalar(f"{prefix}/{k}", v, step)
 
     # -- training
@@ -520,7 +526,7 @@ class Trainer:
 
     def _consider_best(self, metrics: dict, epoch: int) -> None:
         self.last_metrics = dict(metrics)
-        score = metrics.get("dice_mean", -math.inf)
+        score = metrics.get(self.cfg.train.select, -math.inf)
         if score > self.best_score:
             self.best_score, self.best_metrics = float(score), dict(metrics)
             self.stale = 0
@@ -533,7 +539,7 @@ class Trainer:
         if patience and self.stale >= patience:
             if self.dist.main:
                 tqdm.write(f"{self.stage_name}: no better validation Dice in {self.stale} validation(s) "
-                           f"(train.patience={patience}): stopping early, keeping the best epoch")
+                           f"(train.patience={patience}, train.select={self.cfg.train.select}): stopping early, keeping the best epoch")
             return True
         return False
 
@@ -597,7 +603,8 @@ class Trainer:
             self.log_scalars("val", val, entry["step"])
             line += (f" | val dice wt {val['dice_wt']:.3f} tc {val['dice_tc']:.3f} et {val['dice_et']:.3f}"
                      f" mean {val['dice_mean']:.3f} hd95 {val.get('hd95_mean', math.nan):.1f}"
-                     f" (best {self.best_score:.3f})")
+                     f" | pooled {val.get('pooled_dice_mean', math.nan):.3f}, ET missed {val.get('et_missed_cases', 0):.0f}"
+                     f" (best {self.cfg.train.select} {self.best_score:.3f})")
         tqdm.write(f"{line} | {entry['seconds']:.1f} s")
 
     def close(self) -> None:

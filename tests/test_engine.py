@@ -124,7 +124,8 @@ def test_fit_writes_best_and_last(straight, phantom):
     assert result.best_path == out / BEST and result.last_path == out / LAST
     assert len(result.history) == 2 and [h["step"] for h in result.history] == [2, 4]
     dice = [h["val"]["dice_mean"] for h in result.history]
-    assert result.best_metrics["dice_mean"] == max(dice)
+    pooled = [h["val"]["pooled_dice_mean"] for h in result.history]  # train.select's default
+    assert result.best_metrics["pooled_dice_mean"] == max(pooled)
     assert result.best_metrics["val_cases"] == 2
     assert 0.0 <= result.best_metrics["dice_mean"] <= 1.0
     for h in result.history:  # mean Dice is the mean of the three regions
@@ -137,7 +138,7 @@ def test_fit_writes_best_and_last(straight, phantom):
     assert best.config["train"]["epochs"] == 2 and best.spec == model.spec.to_dict()
     state = last.extra["train_state"]
     assert state["epoch"] == 2 and state["global_step"] == 4
-    assert state["best_score"] == pytest.approx(max(dice))
+    assert state["best_score"] == pytest.approx(max(pooled)) and state["select"] == "pooled_dice_mean"
     assert last.metrics == result.history[-1]["val"]
     # last.pt holds the final weights
     for k, v in model.state_dict().items():
@@ -508,3 +509,23 @@ def test_a_crop_larger_than_the_cases_is_a_warning_with_the_sizes(capsys):
     assert not warn_large_crop([64, 64, 64], [(87, 87, 57)])  # the demo: 11% padding along z only
     assert warn_large_crop([64, 64, 64], [(30, 40, 57)])
     assert capsys.readouterr().out.count("warning") == 1
+
+
+@pytest.mark.parametrize("select, best_epoch", [("pooled_dice_mean", 2), ("dice_mean", 1)])
+def test_train_select_chooses_the_best_epoch_and_patience_counts_it(phantom, tmp_path, monkeypatch, select, best_epoch):
+    """Epoch 1 scores the BraTS per-case mean higher (an empty ET scored 1 on the cases without ET), epoch 2
+    the pooled Dice: `train.select` decides which one best.pt keeps."""
+    scripted = iter([{"dice_wt": 0.7, "dice_tc": 0.6, "dice_et": 0.5, "dice_mean": 0.60, "pooled_dice_mean": 0.40},
+                     {"dice_wt": 0.8, "dice_tc": 0.7, "dice_et": 0.2, "dice_mean": 0.57, "pooled_dice_mean": 0.55}])
+    monkeypatch.setattr(Trainer, "validate", lambda self, epoch: dict(next(scripted)))
+    cfg = tiny_cfg(phantom, epochs=2, val_every=1, log_images=False, select=select)
+    fit(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="teacher")
+    best = Artifact.load(tmp_path / BEST)
+    assert best.extra["epoch"] == best_epoch
+    assert Artifact.load(tmp_path / LAST).extra["train_state"]["stale"] == (0 if best_epoch == 2 else 1)
+
+
+def test_an_unknown_train_select_is_refused_before_training(phantom, tmp_path):
+    with pytest.raises(ConfigError, match="train.select='dice'.*pooled_dice_mean, dice_mean"):
+        fit(tiny_model(), SupervisedStage(), tiny_cfg(phantom, select="dice"), tmp_path, stage_name="teacher")
+    assert not (tmp_path / LAST).exists()

@@ -2,10 +2,12 @@
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from brats.scoring import mean_rows
+from brats.metrics import score_case
+from brats.scoring import mean_rows, pooled_dice, voxel_counts
 from common.artifact import Artifact, ArtifactError
 from common.config import Config, ConfigError
 from engine.runner import check_source, exit_code, find_teacher, guard, guard_lines
@@ -123,3 +125,28 @@ def test_data_paths_are_recorded_absolute_and_old_relative_ones_found_from_any_f
     fresh = Config()
     inherit_data(art, fresh, given=False)
     assert fresh.data.dir == str(project_path("configs"))
+
+
+def test_pooled_dice_gives_no_free_score_for_never_predicting_et():
+    """Two cases, one with ET. Never predicting ET: per-case ET Dice 0.5 (the case without ET scores 1),
+    pooled 0. Finding the ET with a 10-voxel false blob on the other case: per-case 0.4, pooled 0.8."""
+    truth_et, truth_none = np.zeros((10, 10, 10), np.uint8), np.zeros((10, 10, 10), np.uint8)
+    truth_et[2:6, 2:6, 2:6], truth_none[2:6, 2:6, 2:6] = 2, 2  # edema 4^3 in both
+    truth_et[3:5, 3:5, 2:7] = 4  # 20 ET voxels
+    never = [truth_et.copy(), truth_none.copy()]
+    never[0][never[0] == 4] = 1
+    finds = [truth_et.copy(), truth_none.copy()]
+    finds[0][3:5, 3:5, 2:4] = 1  # 8 of the 20 ET voxels missed: 12 found
+    finds[1][3:5, 3:5, 2:5] = 4  # 12 false ET voxels...
+    finds[1][3, 3, 2:4] = 2  # ...10 after this
+    rows = {}
+    for name, preds in (("never", never), ("finds", finds)):
+        rows[name] = mean_rows([{"case": str(i), **score_case(p, t), **voxel_counts(p, t)}
+                                for i, (p, t) in enumerate(zip(preds, (truth_et, truth_none)))])
+    assert math.isclose(rows["never"]["dice_et"], 0.5) and rows["never"]["pooled_dice_et"] == 0.0
+    assert math.isclose(rows["finds"]["dice_et"], 2 * 12 / (12 + 20) / 2)  # 0.375: below "never"
+    assert math.isclose(rows["finds"]["pooled_dice_et"], 2 * 12 / (2 * 12 + 10 + 8))  # 0.571: above it
+    assert rows["never"]["pooled_dice_wt"] == rows["finds"]["pooled_dice_wt"] == 1.0
+    assert math.isclose(rows["finds"]["pooled_dice_mean"],
+                        np.mean([rows["finds"][f"pooled_dice_{r}"] for r in ("wt", "tc", "et")]))
+    assert pooled_dice({"dice_mean": 0.5}) == {}  # rows scored without voxel counts
