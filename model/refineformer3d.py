@@ -25,6 +25,7 @@ from torch import nn
 from common.artifact import register_builder
 from common.config import ConfigError
 from model.layers import LowRankConv3d, LowRankLinear
+from model.resample import upsample
 
 
 HEAD_AT = ("full", "quarter")  # where the refine decoder's 3x3x3 head runs
@@ -285,7 +286,7 @@ class AllMLPDecoder(nn.Module):
     def fused(self, features: list[torch.Tensor]) -> torch.Tensor:
         size = features[0].shape[2:]
         parts = [
-            F.interpolate(p(f), size=size, mode="trilinear", align_corners=False) if i else p(f)
+            upsample(p(f), size) if i else p(f)
             for i, (p, f) in enumerate(zip(self.projections, features))
         ]
         # Concatenated deepest first, as the reference implementation does (weights stay compatible).
@@ -293,7 +294,7 @@ class AllMLPDecoder(nn.Module):
 
     def forward(self, features: list[torch.Tensor], out_size: tuple[int, ...]) -> torch.Tensor:
         logits = self.pred(self.fused(features))
-        return F.interpolate(logits, size=out_size, mode="trilinear", align_corners=False)
+        return upsample(logits, out_size)
 
 
 class RefineDecoder(AllMLPDecoder):
@@ -327,8 +328,8 @@ def refine_tail(decoder: nn.Module, x: torch.Tensor, out_size: tuple[int, ...]) 
     x = F.relu(decoder.refine_dw_bn(decoder.refine_dw(x)))
     x = F.relu(decoder.refine_pw_bn(decoder.refine_pw(x)))  # (B, refine_dim, D/4, H/4, W/4)
     if decoder.head_at == "quarter":
-        return F.interpolate(decoder.head(x), size=out_size, mode="trilinear", align_corners=False)
-    return decoder.head(F.interpolate(x, size=out_size, mode="trilinear", align_corners=False))
+        return upsample(decoder.head(x), out_size)
+    return decoder.head(upsample(x, out_size))
 
 
 # ----------------------------------------------------------------------------- model

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.layers import LowRankConv3d
+from model.resample import upsample
 from model.refineformer3d import get_module, refine_tail, set_module
 
 
@@ -127,7 +128,7 @@ class ReassociatedDecoder(nn.Module):
         for i, (proj, part, f) in enumerate(zip(self.projections, self.fuse_parts, features)):
             y = part(proj(f))  # (B, k, *grid_i): the conv runs on stage i's grid
             if i:
-                y = F.interpolate(y, size=size, mode="trilinear", align_corners=False)
+                y = upsample(y, size)
             out = y if out is None else out + y
         if self.fuse_bias is not None:
             out = out + self.fuse_bias.view(1, -1, 1, 1, 1)
@@ -136,7 +137,7 @@ class ReassociatedDecoder(nn.Module):
     def forward(self, features: list[torch.Tensor], out_size: tuple[int, ...]) -> torch.Tensor:
         x = self.fused(features)
         if self.kind == "allmlp":
-            return F.interpolate(self.pred(x), size=out_size, mode="trilinear", align_corners=False)
+            return upsample(self.pred(x), out_size)
         return refine_tail(self, x, out_size)
 
 
