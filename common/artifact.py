@@ -12,7 +12,7 @@ An artifact is a `torch.save`d dict of plain data and tensors, so it loads with
              concatenated in index order. Stored one by one, each tensor cost ~300 bytes (zip record,
              64-byte alignment, pickled storage reference) and the plain index of names ~85 more: a
              quarter of the demo's 250k-parameter INT8 artifact (316 tensors: 402,267 bytes one by one,
-             278,148 of them weights; packed 307 kB). `Artifact.state_dict` is the unpacked dict.
+             278,148 of them weights; packed: 305,786). `Artifact.state_dict` is the unpacked dict.
     config   the run's config as a dict
     metrics  validation figures (dice_wt, dice_tc, dice_et, dice_mean, ...)
     lineage  list of ancestors, oldest first: {"stage", "path", "metrics"}
