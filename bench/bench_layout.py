@@ -31,7 +31,6 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -40,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from common.timing import interleaved_medians  # noqa: E402
+from common.timing import interleaved_medians, micro_bench_args  # noqa: E402
 from model.refineformer3d import tokens_to_grid  # noqa: E402
 
 # (label, conv, grid size): the student's shapes at 128^3 input
@@ -53,13 +52,7 @@ CONVS = [
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=int, default=7, help="timed rounds (default 7)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"{torch.get_num_threads()} thread(s), OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, median of {args.runs}")
+    args = micro_bench_args(__doc__)
     print(f"{'conv':<34} {'B':>2} {'transpose.reshape':>18} {'tokens_to_grid':>15}")
     torch.manual_seed(0)
     with torch.inference_mode():

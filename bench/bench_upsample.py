@@ -27,7 +27,6 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -36,20 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common.timing import interleaved_medians  # noqa: E402
+from common.timing import interleaved_medians, micro_bench_args  # noqa: E402
 from model.resample import separable_trilinear  # noqa: E402
 
 SHAPES = [(3, 32, 128), (3, 24, 96), (16, 32, 128), (24, 16, 32), (24, 8, 32), (24, 4, 32), (64, 16, 32)]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=int, default=7, help="timed rounds (default 7)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"{torch.get_num_threads()} thread(s), OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, median of {args.runs}")
+    args = micro_bench_args(__doc__)
     print(f"{'shape':<22} {'interpolate':>11} {'channels_last_3d':>16} {'matrices':>9}  max|diff|")
     torch.manual_seed(0)
     with torch.inference_mode():

@@ -26,3 +26,23 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], runs: int, warmup:
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def micro_bench_args(doc: str, runs: int = 7):
+    """The shared command line of the operator micro-benchmarks (`bench/bench_layout.py`,
+    `bench/bench_upsample.py`): --runs and --threads parsed, torch's threads set, and the conditions
+    printed (threads, OMP_WAIT_POLICY, rounds). Returns the parsed arguments."""
+    import argparse
+    import os
+
+    import torch
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=runs, help=f"timed rounds (default {runs})")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"{torch.get_num_threads()} thread(s), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+          f"interleaved, median of {args.runs} after a warm-up round")
+    return args
