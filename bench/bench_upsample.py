@@ -8,18 +8,21 @@ and the largest |difference| between the matrix products and F.interpolate. Rows
 head at 1/4 resolution (3 channels, 32^3 -> 128^3, and 24^3 -> 96^3), a full-resolution refine tail
 (16 channels), the decoder's fused stage outputs (24 and 64 channels at 4^3-16^3 -> 32^3).
 
-Measured on this project's VM (Intel Xeon @ 2.80GHz, AVX-512 VNNI, 2 threads, quiet), ms:
+Measured on this project's VM (`python bench/bench_upsample.py --runs 5`; Intel Xeon @ 2.80GHz, AVX-512
+VNNI, 2 threads, while another job used the cores: absolute times high, the ratios are the point), ms:
 
-    shape                  interpolate  channels_last_3d  matrices  max|diff|
-    3 x 32^3 -> 128^3            37.5             67.8        5.7    7.2e-07
-    3 x 24^3 -> 96^3             15.6             28.5        2.5    6.0e-07
-    16 x 32^3 -> 128^3          232.2            102.4       87.3    7.2e-07
-    24 x 16^3 -> 32^3             5.5              1.3        1.8    4.8e-07
-    64 x 16^3 -> 32^3            14.2              2.1        3.3    4.8e-07
+    shape                  interpolate channels_last_3d  matrices  max|diff|
+    3 x 32^3 -> 128^3             51.4            107.8       7.5  7.2e-07
+    3 x 24^3 -> 96^3              33.3             61.0       4.3  7.2e-07
+    16 x 32^3 -> 128^3           448.9            116.3     150.0  7.2e-07
+    24 x 16^3 -> 32^3             10.3              1.3       1.3  4.8e-07
+    24 x 8^3 -> 32^3              10.9              1.3       0.9  4.8e-07
+    24 x 4^3 -> 32^3              10.6              1.4       0.8  7.2e-07
+    64 x 16^3 -> 32^3             29.5              2.5       3.8  4.8e-07
 
-So `model.resample.upsample` uses the matrices for at most 4 channels (the logits) and leaves many
-channels to F.interpolate (the channels-last tail, `model.rewrites`, gives the 16-channel case its
-layout).
+So `model.resample.upsample` uses the matrices for the 3 logit channels only and leaves more channels
+to F.interpolate, which the inference rewrites (`model.rewrites`) hand channels_last_3d tensors: the
+re-associated decoder's fused stage outputs and the refine tail's 16 channels.
 """
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ tests/test_resample.py pins 1e-5), and runs on BLAS instead of ATen's per-voxel 
 Measured (`python bench/bench_upsample.py`, the table in its docstring): on the 3 logit channels of a
 head at 1/4 resolution (32^3 -> 128^3, 2 threads) it is several times faster than `F.interpolate` in
 either memory layout; on many channels at low resolution (the decoder's fused parts, 24-64 channels)
-channels_last_3d `F.interpolate` is faster, so `upsample` uses the matrices only up to
-`SEPARABLE_MAX_CHANNELS` channels. Traced graphs see the one trilinear operator: under ONNX export a
+channels_last_3d `F.interpolate` is faster (the re-associated decoder of `model.rewrites` feeds it that
+layout), so `upsample` uses the matrices only up to `SEPARABLE_MAX_CHANNELS` channels. Traced graphs see the one trilinear operator: under ONNX export a
 plain Resize (what ONNX Runtime and OpenVINO optimise), and under fvcore's trace (`model.macs`) the
 operation's 8 multiply-adds per output voxel, not the dense matrices' products, so multiply-add counts
 do not depend on how the upsampling is computed.
@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-SEPARABLE_MAX_CHANNELS = 4  # logits (3 regions); more channels: F.interpolate (see the module docstring)
+SEPARABLE_MAX_CHANNELS = 3  # the logits (3 regions); more channels: F.interpolate (see the module docstring)
 
 
 @functools.lru_cache(maxsize=64)
@@ -36,26 +36,32 @@ def _matrix(n_in: int, n_out: int, dtype: torch.dtype, device: str) -> torch.Ten
 
 def separable_trilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """(B, C, D, H, W) -> (B, C, *size), trilinear with align_corners=False, as three matrix products.
-    Returns x's dtype in x's memory format (channels_last_3d stays so, as with F.interpolate; anything
-    else comes back contiguous). ValueError unless x is 5-D and `size` has 3 entries."""
+
+    W first (the smallest output), then H, then D, each a batched product whose result is already
+    contiguous: (..., W) @ (W, W'), then (H', H) @ (B*C*D, H, W'), then (D', D) @ (B*C, D, H'*W').
+    Returns a contiguous tensor of x's dtype, whatever x's layout (logits are read per channel: a
+    channels_last_3d copy of 3 channels costs more than the products). ValueError unless x is 5-D and
+    `size` has 3 entries."""
     if x.ndim != 5 or len(size) != 3:
         raise ValueError(f"separable_trilinear: needs (B, C, D, H, W) and 3 sizes, got {tuple(x.shape)} and {tuple(size)}")
-    layout = torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous() \
-        else torch.contiguous_format
-    y = x
-    for axis, n_out in zip((2, 3, 4), size):
-        n_in = y.shape[axis]
-        if n_in == n_out:
-            continue
-        m = _matrix(n_in, int(n_out), y.dtype, str(y.device))
-        y = torch.movedim(torch.movedim(y, axis, -1) @ m, -1, axis)  # (..., n_in) @ (n_in, n_out)
-    return y.contiguous(memory_format=layout)
+    b, c, d, h, w = x.shape
+    d2, h2, w2 = (int(n) for n in size)
+    kw = dict(dtype=x.dtype, device=str(x.device))
+    y = x.contiguous()
+    if w2 != w:
+        y = y @ _matrix(w, w2, **kw)  # (B, C, D, H, W')
+    if h2 != h:
+        y = (_matrix(h, h2, **kw).t() @ y.reshape(b * c * d, h, w2)).reshape(b, c, d, h2, w2)
+    if d2 != d:
+        y = (_matrix(d, d2, **kw).t() @ y.reshape(b * c, d, h2 * w2)).reshape(b, c, d2, h2, w2)
+    return y
 
 
 def upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Trilinear upsampling (align_corners=False) to `size`, by whichever way is faster here: the
-    separable matrix products for at most SEPARABLE_MAX_CHANNELS channels (e.g. logits), otherwise
-    `F.interpolate`; when traced (ONNX export, fvcore) always `F.interpolate`: one operator in the graph."""
+    separable matrix products for at most SEPARABLE_MAX_CHANNELS channels (the logits), otherwise
+    `F.interpolate` (in the input's layout: the inference rewrites hand it channels_last_3d tensors,
+    `model.rewrites`); when traced (ONNX export, fvcore) always `F.interpolate`: one operator in the graph."""
     size = tuple(int(s) for s in size)
     traced = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
     if x.shape[1] <= SEPARABLE_MAX_CHANNELS and not traced and tuple(x.shape[2:]) != size:

@@ -5,6 +5,7 @@ Each rewrite is one verb `step(model) -> model` that changes the model in place 
     fold_bn               every eval-mode BatchNorm3d folded into the conv before it
     reassociate_decoder   the decoder's 1x1x1 fusion conv moved in front of the trilinear upsampling
     channels_last_tail    the refine decoder's full-resolution tail run in channels_last_3d
+    onednn_convs          Conv3d layers with kernels > 1 call oneDNN directly (ATen's batch-1 choice is slow)
 
 `inference_graph(model)` applies them, in that order, to a copy. The model's own `forward` never
 switches layouts or kernels by mode or device: an inference rewrite is always one of these named steps,
@@ -127,8 +128,8 @@ class ReassociatedDecoder(nn.Module):
         out = None
         for i, (proj, part, f) in enumerate(zip(self.projections, self.fuse_parts, features)):
             y = part(proj(f))  # (B, k, *grid_i): the conv runs on stage i's grid
-            if i:
-                y = upsample(y, size)
+            if i:  # channels_last_3d: ATen's trilinear kernel is 4-8x faster so for 24-64 channels
+                y = upsample(to_channels_last(y), size)
             out = y if out is None else out + y
         if self.fuse_bias is not None:
             out = out + self.fuse_bias.view(1, -1, 1, 1, 1)
@@ -155,17 +156,19 @@ def reassociate_decoder(model: nn.Module) -> nn.Module:
 # Only strides change, never values.
 
 
-class ChannelsLast3d(nn.Module):
-    """Identity on values that returns the channels_last_3d layout (C fastest in memory); no parameters.
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x in the channels_last_3d layout (C fastest in memory), values unchanged; under `torch.onnx`
+    export x itself: ONNX has no memory formats (and the TorchScript exporter rejects channels_last_3d)."""
+    if torch.onnx.is_in_onnx_export():
+        return x
+    return x.contiguous(memory_format=torch.channels_last_3d)
 
-    Exporters see the identity: ONNX has no memory formats (and the TorchScript exporter rejects
-    channels_last_3d), so under `torch.onnx` export the input passes through unchanged.
-    """
+
+class ChannelsLast3d(nn.Module):
+    """`to_channels_last` as a parameter-free module (a slot in the decoder's tail)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export():
-            return x
-        return x.contiguous(memory_format=torch.channels_last_3d)
+        return to_channels_last(x)
 
 
 # decoder kind -> the folded (nn.Identity) BatchNorm slot from which on the tail runs channels_last_3d.
@@ -217,19 +220,55 @@ def has_channels_last_tail(model: nn.Module) -> bool:
     return any(isinstance(m, ChannelsLast3d) for m in model.decoder.modules())
 
 
+# ----------------------------------------------------------------------------- oneDNN convolutions
+# ATen runs a float32 CPU Conv3d in oneDNN unless the input is small: with groups 1, a kernel of at most
+# 3 and batch 1, it takes its reference im2col kernel (`slow_conv3d`) whenever batch x channels x D x H
+# is at most 20480 (aten/src/ATen/native/Convolution.cpp, `use_mkldnn`), which every batch-1 window of a
+# slim student hits: its 3x3x3 head (16 -> 3 channels, 32^3) took 73.4 ms there and 7.6 ms in oneDNN
+# (`python bench/bench_layout.py`: the table in its docstring). Batches of 2 and more already get oneDNN.
+
+
+class OneDNNConv3d(nn.Conv3d):
+    """An nn.Conv3d (same parameters, same state_dict) whose float32 CPU forward is oneDNN's
+    convolution whatever the batch size; equal to nn.Conv3d to float rounding. Traced graphs (ONNX
+    export, fvcore counts) and other devices, dtypes or padding modes get nn.Conv3d's forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and self.padding_mode == "zeros"
+                and not isinstance(self.padding, str) and torch.backends.mkldnn.is_available()
+                and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()):
+            return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride,
+                                                     self.dilation, self.groups)
+        return super().forward(x)
+
+
+def onednn_convs(model: nn.Module) -> nn.Module:
+    """Make every plain Conv3d with a kernel larger than 1 and groups 1 an OneDNNConv3d, in place (the
+    module's class changes; parameters, names and state_dict do not); returns the model. 1x1x1 and
+    depthwise convs are left to ATen, which already picks well for them."""
+    for m in model.modules():
+        if type(m) is nn.Conv3d and m.kernel_size != (1, 1, 1) and m.groups == 1:
+            m.__class__ = OneDNNConv3d
+    return model
+
+
 # ----------------------------------------------------------------------------- all of them
 
 
-def inference_graph(model: nn.Module, *, reassoc: bool = True, channels_last: bool = True) -> nn.Module:
+def inference_graph(model: nn.Module, *, reassoc: bool = True, channels_last: bool = True,
+                    onednn: bool = True) -> nn.Module:
     """A copy of `model` in eval mode with the exact inference rewrites applied; `model` is unchanged.
 
     reassoc: re-associate the decoder's fusion (fewer multiply-adds at 1/4 resolution).
     channels_last: run the refine decoder's tail in channels_last_3d (PyTorch eager on CPU: 1.3-1.9x
-    faster there; exporters see an identity). Idempotent: a rewritten model comes back rewritten once.
+    faster there; exporters see an identity). onednn: `onednn_convs` (exporters see nn.Conv3d).
+    Idempotent: a rewritten model comes back rewritten once.
     """
     model = fold_bn(copy.deepcopy(model).eval())
     if reassoc:
         reassociate_decoder(model)
     if channels_last:
         channels_last_tail(model)
+    if onednn:
+        onednn_convs(model)
     return model

@@ -36,7 +36,7 @@ MODULE = "module::"  # profiler range names of module forwards
 ROOT = "(model)"
 # profiler operator (without "aten::") -> fvcore's operator key, where they differ (fvcore's convolution
 # handler names its count "conv")
-FVCORE_OP = {"conv1d": "conv", "conv2d": "conv", "conv3d": "conv", "convolution": "conv"}
+FVCORE_OP = {"conv1d": "conv", "conv2d": "conv", "conv3d": "conv", "convolution": "conv", "mkldnn_convolution": "conv"}
 
 
 def gemm_peak(n: int = GEMM_N, runs: int = GEMM_RUNS) -> dict[str, Any]:

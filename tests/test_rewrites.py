@@ -1,5 +1,5 @@
-"""Inference rewrites (model.rewrites): BatchNorm folding, decoder re-association and the channels_last_3d tail
-leave outputs equal; `inference_graph` applies them to a copy, once."""
+"""Inference rewrites (model.rewrites): BatchNorm folding, decoder re-association, the channels_last_3d tail
+and oneDNN convolutions leave outputs equal; `inference_graph` applies them to a copy, once."""
 import copy
 
 import pytest
@@ -8,8 +8,9 @@ from torch import nn
 
 from model.layers import LowRankConv3d, LowRankLinear
 from model.refineformer3d import ModelSpec, RefineFormer3D, factorise_module
-from model.rewrites import (ChannelsLast3d, ReassociatedDecoder, bn_pairs, channels_last_tail, fold_bn,
-                            has_channels_last_tail, inference_graph, reassociate_decoder)
+from compress.quant.lsq import quantizable
+from model.rewrites import (ChannelsLast3d, OneDNNConv3d, ReassociatedDecoder, bn_pairs, channels_last_tail, fold_bn,
+                            has_channels_last_tail, inference_graph, onednn_convs, reassociate_decoder)
 
 TINY = dict(embed_dims=[16, 32, 32, 32], num_heads=[1, 2, 2, 2], depths=[1, 1, 1, 1], decoder_dim=16, fuse_dim=16,
             refine_dim=4)
@@ -185,3 +186,33 @@ def test_inference_graph_matches_the_plain_model(decoder, ranks, head_at):
     with torch.no_grad():
         assert torch.equal(again(x), out)
 
+
+
+@pytest.mark.parametrize("batch, stride, channels_last", [(1, 1, False), (1, 2, True), (2, 1, True)])
+def test_onednn_conv3d_equals_conv3d_and_traces_as_one(batch, stride, channels_last):
+    torch.manual_seed(0)
+    plain = nn.Conv3d(8, 3, 3, stride=stride, padding=1).eval()
+    fast = copy.deepcopy(plain)
+    onednn_convs(fast)
+    assert type(fast) is OneDNNConv3d and fast.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(batch, 8, 16, 16, 16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), atol=1e-5, rtol=0)
+        with torch.profiler.profile() as prof:
+            fast(x)
+        assert any(e.name == "aten::mkldnn_convolution" for e in prof.events())  # what the swap is for
+        graph = str(torch.jit.trace(fast, x).graph)
+    assert "mkldnn_convolution" not in graph and "aten::_convolution" in graph  # exporters, fvcore: a Conv3d
+
+
+def test_onednn_convs_swaps_only_plain_convs_with_kernels_above_one():
+    model = nn.Sequential(nn.Conv3d(4, 4, 3, padding=1), nn.Conv3d(4, 4, 1), nn.Conv3d(4, 4, 3, padding=1, groups=4),
+                          nn.Linear(4, 4))
+    onednn_convs(model)
+    assert [type(m) for m in model] == [OneDNNConv3d, nn.Conv3d, nn.Conv3d, nn.Linear]
+    assert quantizable(model[0])  # the INT8 stage still sees a Conv3d to quantize
+    graph = inference_graph(tiny_model("refine", seed=1))
+    assert isinstance(graph.decoder.head, OneDNNConv3d)
+    assert not any(type(m) is OneDNNConv3d for m in inference_graph(tiny_model("refine"), onednn=False).modules())

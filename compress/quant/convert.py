@@ -38,7 +38,7 @@ from common.artifact import register_builder
 from engine.runtime import int8_engine
 from compress.quant.lsq import QUANT_LAYERS, QuantConv3d, QuantLinear, int8_weight, quantizable
 from model.refineformer3d import get_module, model_from_spec as fp32_from_spec, set_module
-from model.rewrites import inference_graph
+from model.rewrites import OneDNNConv3d, inference_graph
 
 
 _DTYPE_DEPRECATION = r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized tensor creation"
@@ -185,7 +185,7 @@ class Int8WeightLinear(_Int8Weight, nn.Linear):
         self._store_int8()
 
 
-class Int8WeightConv3d(_Int8Weight, nn.Conv3d):
+class Int8WeightConv3d(_Int8Weight, OneDNNConv3d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)

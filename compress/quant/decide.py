@@ -66,7 +66,9 @@ def machine_key() -> str:
     """Cache key: timings depend on the CPU, the kernels ATen may use (ATEN_CPU_CAPABILITY), torch and threads."""
     cpu = probe_cpu()
     isa = f"|onednn {cpu.onednn_max_isa}" if cpu.onednn_max_isa else ""
-    return f"{cpu.model}|{cpu.capability}{isa}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    # "conv3d onednn": FP32 Conv3d timings of `model.rewrites.onednn_convs` layers (older entries timed ATen's choice)
+    return (f"{cpu.model}|{cpu.capability}{isa}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+            "|conv3d onednn")
 
 
 def _median_ms(fn, x: torch.Tensor, runs: int) -> float:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.refineformer3d import set_module
+from model.rewrites import OneDNNConv3d
 
 W_QMAX = 127  # symmetric INT8 weights, -127..127
 MAX_CALIB_SAMPLES = 1 << 20  # values per batch kept for percentiles (torch.quantile limit is 16M)
@@ -197,7 +198,7 @@ FilterFn = Callable[[str, nn.Module], bool]
 
 
 def quantizable(module: nn.Module) -> bool:
-    return type(module) in (nn.Linear, nn.Conv3d)
+    return type(module) in (nn.Linear, nn.Conv3d, OneDNNConv3d)
 
 
 def quantize_(model: nn.Module, cfg: LSQConfig | None = None, filter_fn: FilterFn | None = None) -> nn.Module:
