@@ -144,9 +144,13 @@ def pack_state(state_dict: dict[str, torch.Tensor]) -> dict:
     """A state_dict as one flat buffer per dtype plus a compressed index (see the module docstring).
 
     Tensors are copied to CPU and made contiguous; values are kept exactly. Inverse: `unpack_state`.
+    ValueError for a quantized tensor (torch.qint8...), whose scale a flat buffer cannot hold.
     """
     index, parts = [], {}
     for name, tensor in state_dict.items():
+        if tensor.is_quantized:  # its scale and zero point would be lost in the flat buffer
+            raise ValueError(f"{name}: a quantized ({tensor.dtype}) tensor; store its int8 values and scales "
+                             "as plain tensors")
         t = tensor.detach().to("cpu").contiguous()
         dtype = str(t.dtype).removeprefix("torch.")
         index.append([name, dtype, list(t.shape)])

@@ -41,6 +41,8 @@ def micro_bench_args(doc: str, runs: int = 7):
     p.add_argument("--runs", type=int, default=runs, help=f"timed rounds (default {runs})")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args()
+    if args.runs < 1:
+        p.error("--runs must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"{torch.get_num_threads()} thread(s), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "

@@ -626,6 +626,12 @@ def grow_fits(model: RefineFormer3D, ctx: StageContext, stage: StageDef, ckpt_di
     events: list[dict] = []
     if ctx.resume and progress.is_file():
         events = json.loads(progress.read_text())["events"]
+        run_select = events[0].get("select", "dice_mean") if events else ctx.cfg.train.select
+        if run_select != ctx.cfg.train.select:  # phases are compared by one figure for the whole run
+            if ctx.dist.main:
+                print(f"warning: {progress} compared its phases by {run_select}; the resumed run goes on doing "
+                      f"so (train.select={ctx.cfg.train.select} ignored)", flush=True)
+            ctx.cfg.train.select = run_select
     k = 0
     if ctx.resume:  # the last phase begun
         k = max([i for i in range(len(events) + 1) if (ckpt_dir / f"phase{i}").is_dir()], default=0)
@@ -653,6 +659,7 @@ def grow_fits(model: RefineFormer3D, ctx: StageContext, stage: StageDef, ckpt_di
         best = (build_model(res.best) if res.best is not None else model).to(device)
         dice = float(res.best_metrics.get(ctx.cfg.train.select, math.nan))  # what chose the phase's best epoch
         entry = {"event": k, "epoch": used + epochs - 1, "epochs": epochs, "dice": dice,
+                 "select": ctx.cfg.train.select,
                  "loss": next((h["train"].get("loss", math.nan) for h in reversed(res.history) if h["train"]), math.nan),
                  "params": count_params(best), "gmacs": spec_macs(best.spec, g.reference_input) / 1e9, "grown": []}
         action, reason = phase_decision(events, entry, g, total - used - epochs)

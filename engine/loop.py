@@ -221,6 +221,7 @@ class Trainer:
 
         self.epoch = 0  # next epoch to run
         self.global_step = 0
+        self.select = t.select  # may become a resumed run's own (load_last)
         self.best_score = -math.inf
         self.best_metrics: dict = {}
         self.best: Artifact | None = None
@@ -300,7 +301,7 @@ class Trainer:
             "epoch": self.epoch,
             "global_step": self.global_step,
             "best_score": self.best_score,
-            "select": self.cfg.train.select,
+            "select": self.select,
             "best_metrics": self.best_metrics,
             "last_metrics": self.last_metrics,
             "history": self.history,
@@ -370,8 +371,15 @@ class Trainer:
         self.stage.load_state_dict(state["stage"])
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.best_score, self.best_metrics = float(state["best_score"]), dict(state["best_metrics"])
-        if state.get("select", "dice_mean") != self.cfg.train.select:  # the best epoch so far, by the new figure
-            self.best_score = float(self.best_metrics.get(self.cfg.train.select, -math.inf))
+        saved = state.get("select", "dice_mean")  # written before train.select existed: the per-case mean
+        if saved != self.select:
+            if self.select in self.best_metrics or not self.best_metrics:  # the best so far, by the new figure
+                self.best_score = float(self.best_metrics.get(self.select, -math.inf))
+            else:  # its validations lack the new figure: comparing by it would let any next epoch win
+                if self.dist.main:
+                    tqdm.write(f"warning: {path} chose its best epoch by {saved}, whose checkpoints lack "
+                               f"{self.select}; this run goes on choosing by {saved} (train.select)")
+                self.select = saved
         saved_best = state.get("best_artifact")
         if saved_best is not None:
             self.best = Artifact(stage=self.stage_name, config=art.config, lineage=list(self.lineage), **saved_best)
@@ -383,7 +391,7 @@ class Trainer:
         set_rng_state(state["rng"])
         if self.dist.main:
             tqdm.write(f"{self.stage_name}: resuming {path} after epoch {self.epoch} of {self.cfg.train.epochs} "
-                       f"(step {self.global_step}, best {self.cfg.train.select} {self.best_score:.4f})")
+                       f"(step {self.global_step}, best {self.select} {self.best_score:.4f})")
 
     # -- logging
 
@@ -526,7 +534,7 @@ class Trainer:
 
     def _consider_best(self, metrics: dict, epoch: int) -> None:
         self.last_metrics = dict(metrics)
-        score = metrics.get(self.cfg.train.select, -math.inf)
+        score = metrics.get(self.select, -math.inf)
         if score > self.best_score:
             self.best_score, self.best_metrics = float(score), dict(metrics)
             self.stale = 0
@@ -539,7 +547,7 @@ class Trainer:
         if patience and self.stale >= patience:
             if self.dist.main:
                 tqdm.write(f"{self.stage_name}: no better validation Dice in {self.stale} validation(s) "
-                           f"(train.patience={patience}, train.select={self.cfg.train.select}): stopping early, keeping the best epoch")
+                           f"(train.patience={patience}, train.select={self.select}): stopping early, keeping the best epoch")
             return True
         return False
 
@@ -604,7 +612,7 @@ class Trainer:
             line += (f" | val dice wt {val['dice_wt']:.3f} tc {val['dice_tc']:.3f} et {val['dice_et']:.3f}"
                      f" mean {val['dice_mean']:.3f} hd95 {val.get('hd95_mean', math.nan):.1f}"
                      f" | pooled {val.get('pooled_dice_mean', math.nan):.3f}, ET missed {val.get('et_missed_cases', 0):.0f}"
-                     f" (best {self.cfg.train.select} {self.best_score:.3f})")
+                     f" (best {self.select} {self.best_score:.3f})")
         tqdm.write(f"{line} | {entry['seconds']:.1f} s")
 
     def close(self) -> None:

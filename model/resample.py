@@ -29,9 +29,11 @@ SEPARABLE_MAX_CHANNELS = 3  # the logits (3 regions); more channels: F.interpola
 @functools.lru_cache(maxsize=64)
 def _matrix(n_in: int, n_out: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     """(n_in, n_out): column j holds the weights of output sample j (linear, align_corners=False),
-    built by interpolating the identity, so it follows `F.interpolate`'s own index arithmetic."""
-    eye = torch.eye(n_in, dtype=torch.float64)[None]  # (1, n_in, n_in): n_in unit signals
-    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].to(dtype=dtype, device=device)
+    built by interpolating the identity, so it follows `F.interpolate`'s own index arithmetic. Built
+    outside inference mode: a cached inference tensor could not be saved for a later backward pass."""
+    with torch.inference_mode(False), torch.no_grad():
+        eye = torch.eye(n_in, dtype=torch.float64)[None]  # (1, n_in, n_in): n_in unit signals
+        return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].to(dtype=dtype, device=device)
 
 
 def separable_trilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -61,9 +63,11 @@ def upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Trilinear upsampling (align_corners=False) to `size`, by whichever way is faster here: the
     separable matrix products for at most SEPARABLE_MAX_CHANNELS channels (the logits), otherwise
     `F.interpolate` (in the input's layout: the inference rewrites hand it channels_last_3d tensors,
-    `model.rewrites`); when traced (ONNX export, fvcore) always `F.interpolate`: one operator in the graph."""
+    `model.rewrites`); when traced (ONNX export, fvcore) always `F.interpolate`: one operator in the
+    graph; under autocast too (matrix products would run in its lower precision)."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.is_autocast_enabled(x.device.type):
+        return F.interpolate(x, size=size, mode="trilinear", align_corners=False)
     size = tuple(int(s) for s in size)
-    traced = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-    if x.shape[1] <= SEPARABLE_MAX_CHANNELS and not traced and tuple(x.shape[2:]) != size:
+    if x.shape[1] <= SEPARABLE_MAX_CHANNELS and tuple(x.shape[2:]) != size:
         return separable_trilinear(x, size)
     return F.interpolate(x, size=size, mode="trilinear", align_corners=False)

@@ -128,7 +128,7 @@ class ReassociatedDecoder(nn.Module):
         out = None
         for i, (proj, part, f) in enumerate(zip(self.projections, self.fuse_parts, features)):
             y = part(proj(f))  # (B, k, *grid_i): the conv runs on stage i's grid
-            if i:  # channels_last_3d: ATen's trilinear kernel is 4-8x faster so for 24-64 channels
+            if i:  # channels_last_3d: ATen's trilinear kernel is 4-12x faster so for 24-64 channels
                 y = upsample(to_channels_last(y), size)
             out = y if out is None else out + y
         if self.fuse_bias is not None:
@@ -229,13 +229,17 @@ def has_channels_last_tail(model: nn.Module) -> bool:
 
 
 class OneDNNConv3d(nn.Conv3d):
-    """An nn.Conv3d (same parameters, same state_dict) whose float32 CPU forward is oneDNN's
-    convolution whatever the batch size; equal to nn.Conv3d to float rounding. Traced graphs (ONNX
-    export, fvcore counts) and other devices, dtypes or padding modes get nn.Conv3d's forward."""
+    """An nn.Conv3d (same parameters, same state_dict) whose float32 CPU forward on a batched input is
+    oneDNN's convolution whatever the batch size, when its kernel is larger than 1 and groups is 1 (the
+    convs ATen may send to its reference kernel); equal to nn.Conv3d to float rounding. Traced graphs
+    (ONNX export, fvcore counts), autocast, unbatched inputs, 1x1x1 or grouped kernels and other
+    devices, dtypes or padding modes get nn.Conv3d's forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and self.padding_mode == "zeros"
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5 and self.groups == 1
+                and self.kernel_size != (1, 1, 1) and self.padding_mode == "zeros"
                 and not isinstance(self.padding, str) and torch.backends.mkldnn.is_available()
+                and not torch.is_autocast_enabled("cpu")
                 and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()):
             return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride,
                                                      self.dilation, self.groups)

@@ -655,9 +655,11 @@ def growth_section(events: Any) -> list[str]:
         return _count(e.get("params")) + (f" -> {_count(after)}" if _num(after) else "")
 
     return [markdown_table(
-        ["phase", "last epoch", "action", "reason", "best Dice mean", "params", "units grown (old->new)"],
+        ["phase", "last epoch", "action", "reason", "best validation Dice (train.select)", "params",
+         "units grown (old->new)"],
         ([str(e.get("event", i)), str(e.get("epoch", "–")), str(e.get("action", "–")), str(e.get("reason", "–")),
-          _fmt(e.get("dice"), ".3f"), params(e), _grown_units(e.get("grown"))] for i, e in enumerate(events)),
+          f"{_fmt(e.get('dice'), '.3f')} ({e.get('select', 'dice_mean')})", params(e), _grown_units(e.get("grown"))]
+         for i, e in enumerate(events)),
     )]
 
 

@@ -167,3 +167,10 @@ def test_malformed_packed_state_and_newer_versions_are_named(tmp_path):
     torch.save(raw, tmp_path / "new.pt")
     with pytest.raises(ArtifactError, match=r"new\.pt: artifact version 3.*newer release"):
         Artifact.load(tmp_path / "new.pt")
+
+
+def test_quantized_tensors_are_refused_by_name(tmp_path):
+    q = torch.quantize_per_tensor(torch.tensor([0.5, 1.0]), 0.5, 0, torch.qint8)
+    with pytest.raises(ValueError, match="w: a quantized"):
+        Artifact("x", {"kind": "fp32"}, {"w": q}).save(tmp_path / "q.pt")
+    assert not (tmp_path / "q.pt").exists()

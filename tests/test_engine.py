@@ -529,3 +529,22 @@ def test_an_unknown_train_select_is_refused_before_training(phantom, tmp_path):
     with pytest.raises(ConfigError, match="train.select='dice'.*pooled_dice_mean, dice_mean"):
         fit(tiny_model(), SupervisedStage(), tiny_cfg(phantom, select="dice"), tmp_path, stage_name="teacher")
     assert not (tmp_path / LAST).exists()
+
+
+def test_resuming_a_run_from_before_train_select_keeps_its_own_figure(phantom, tmp_path, monkeypatch, capsys):
+    """A last.pt written before train.select existed: its best epoch was chosen by dice_mean and its
+    validations have no pooled Dice, so the resumed run goes on choosing by dice_mean (a later, worse
+    epoch must not replace best.pt because the old best has no pooled figure to compare)."""
+    regions = {"dice_wt": 0.5, "dice_tc": 0.5, "dice_et": 0.5}
+    scripted = iter([{**regions, "dice_mean": 0.60}, {**regions, "dice_mean": 0.50, "pooled_dice_mean": 0.90}])
+    monkeypatch.setattr(Trainer, "validate", lambda self, epoch: dict(next(scripted)))
+    cfg = tiny_cfg(phantom, epochs=1, val_every=1, log_images=False, select="dice_mean")  # the old rule
+    fit(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="teacher")
+    last = Artifact.load(tmp_path / LAST)
+    del last.extra["train_state"]["select"]  # as written before the key existed
+    last.save(tmp_path / LAST)
+    cfg.train.epochs, cfg.train.select = 2, "pooled_dice_mean"  # today's default
+    fit(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="teacher", resume=True)
+    assert "goes on choosing by dice_mean" in capsys.readouterr().out
+    assert Artifact.load(tmp_path / BEST).extra["epoch"] == 1
+    assert Artifact.load(tmp_path / LAST).extra["train_state"]["select"] == "dice_mean"

@@ -69,9 +69,9 @@ LOWRANK_ROWS = [
     "| encoder.stages.0.blocks.0.attn.q | linear | 8x8 | – | 8 | 1.000 | 72 | 72 |",
 ]
 GROWTH_ROWS = [
-    "| 0 | 2 | grow | loss plateau, Dice rose | 0.693 | 291,259 -> 291,919 "
+    "| 0 | 2 | grow | loss plateau, Dice rose | 0.693 (dice_mean) | 291,259 -> 291,919 "
     "| refine_dim 4->8, ranks.decoder.projections.0.proj 7->8 |",
-    "| 1 | 4 | stop | 2 growth events done | 0.708 | 293,215 | – |",
+    "| 1 | 4 | stop | 2 growth events done | 0.708 (dice_mean) | 293,215 | – |",
 ]
 INT8_ROWS = [
     "| encoder.stages.0.patch_embed.proj.down | Conv3d | 1x4x96x96x64 | 4.000 | 16.000 | 0.25x | fp32 |",
@@ -330,7 +330,7 @@ def test_lowrank_section_rule_line_and_layer_table():
 def test_growth_section_events_and_units():
     (table,) = growth_section(GROWTH)
     lines = table.splitlines()
-    assert lines[0] == "| phase | last epoch | action | reason | best Dice mean | params | units grown (old->new) |"
+    assert lines[0] == "| phase | last epoch | action | reason | best validation Dice (train.select) | params | units grown (old->new) |"
     assert lines[2:] == GROWTH_ROWS
 
 

@@ -58,3 +58,20 @@ def test_onnx_export_sees_one_resize_not_matrix_products():
     torch.onnx.export(Head(), (torch.randn(1, 3, 4, 4, 4),), buf, opset_version=17, dynamo=False)
     ops = [n.op_type for n in onnx.load_from_string(buf.getvalue()).graph.node]
     assert "Resize" in ops and "MatMul" not in ops
+
+
+def test_upsample_after_an_inference_mode_call_still_trains():
+    """The interpolation matrices are cached: one built under inference_mode must not poison autograd."""
+    x = torch.randn(1, 3, 5, 6, 7)
+    with torch.inference_mode():
+        upsample(x, (10, 12, 14))
+    leaf = x.clone().requires_grad_()
+    upsample(leaf, (10, 12, 14)).sum().backward()
+    assert leaf.grad is not None and leaf.grad.shape == x.shape
+
+
+def test_upsample_under_autocast_is_f_interpolate():
+    x = torch.randn(1, 3, 4, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = upsample(x, (8, 8, 8))
+    assert torch.equal(out, _reference(x, (8, 8, 8)))

@@ -216,3 +216,13 @@ def test_onednn_convs_swaps_only_plain_convs_with_kernels_above_one():
     graph = inference_graph(tiny_model("refine", seed=1))
     assert isinstance(graph.decoder.head, OneDNNConv3d)
     assert not any(type(m) is OneDNNConv3d for m in inference_graph(tiny_model("refine"), onednn=False).modules())
+
+
+def test_onednn_conv3d_leaves_unbatched_and_autocast_inputs_to_conv3d():
+    plain = nn.Conv3d(4, 3, 3, padding=1).eval()
+    fast = onednn_convs(copy.deepcopy(plain))
+    x = torch.randn(4, 8, 8, 8)  # unbatched, as nn.Conv3d accepts
+    with torch.no_grad():
+        assert torch.equal(fast(x), plain(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert fast(x[None]).dtype == plain(x[None]).dtype == torch.bfloat16

@@ -129,7 +129,8 @@ def test_data_paths_are_recorded_absolute_and_old_relative_ones_found_from_any_f
 
 def test_pooled_dice_gives_no_free_score_for_never_predicting_et():
     """Two cases, one with ET. Never predicting ET: per-case ET Dice 0.5 (the case without ET scores 1),
-    pooled 0. Finding the ET with a 10-voxel false blob on the other case: per-case 0.4, pooled 0.8."""
+    pooled 0. Finding 12 of the 20 ET voxels with a 10-voxel false blob on the other case: per-case
+    0.375, pooled 0.571."""
     truth_et, truth_none = np.zeros((10, 10, 10), np.uint8), np.zeros((10, 10, 10), np.uint8)
     truth_et[2:6, 2:6, 2:6], truth_none[2:6, 2:6, 2:6] = 2, 2  # edema 4^3 in both
     truth_et[3:5, 3:5, 2:7] = 4  # 20 ET voxels

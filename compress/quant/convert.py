@@ -185,7 +185,7 @@ class Int8WeightLinear(_Int8Weight, nn.Linear):
         self._store_int8()
 
 
-class Int8WeightConv3d(_Int8Weight, OneDNNConv3d):
+class Int8WeightConv3d(_Int8Weight, OneDNNConv3d):  # oneDNN where OneDNNConv3d says so (kernels > 1, groups 1)
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
