@@ -87,6 +87,8 @@ def test_every_artifact_loads_and_links_to_its_parent(pipeline):
         with torch.no_grad():
             out = model(torch.zeros(1, 4, 32, 32, 32))
         assert out.shape == (1, 3, 32, 32, 32) and torch.isfinite(out).all()
+        rule = art.extra["et_rule"]  # every artifact, the teacher's included, records its calibrated ET rule
+        assert rule["cases"] == 1 and rule["et_min_voxels"] in rule["grid"], stage
     slim = Artifact.load(pipeline / "runs/slim/slim.pt")  # the later stages keep the slimmed architecture
     assert slim.metrics["gmacs_after"] < slim.metrics["gmacs_before"]
     for path in ("slim/slim.pt", "lowrank/lowrank.pt", "grow/grown.pt"):
