@@ -168,8 +168,8 @@ class SlimConfig:
     refine_dim: int = 16  # head: channels feeding the 1/4-resolution head (widened to this, never narrowed)
     stem_kernel: int = 4  # stem: stage-1 patch-embedding kernel (stride kept)
     sr_ratios: list[int] = field(default_factory=lambda: [8, 4])  # stem: key/value reductions of the first stages
-    decoder_dim: int | None = 24  # widths: stage projection width (None: kept)
-    fuse_dim: int | None = 24  # widths: fusion width (None: kept)
+    decoder_dim: int | None = 32  # widths: stage projection width (None: kept)
+    fuse_dim: int | None = 32  # widths: fusion width (None: kept)
 
 
 @dataclass
