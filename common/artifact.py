@@ -40,6 +40,9 @@ from common.errors import UserInputError
 FORMAT = "refineformer3d-artifact"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
+# the payload's fields and their types (checked at load: a hand-edited file fails here, naming the field)
+FIELD_TYPES = {"stage": str, "spec": dict, "state_dict": dict, "state": dict, "config": dict, "metrics": dict,
+               "lineage": list, "extra": dict}
 
 # spec["kind"] -> builder(spec) -> nn.Module, filled bottom-up: each model module registers its own
 # kind on import (`@register_builder("fp32")`), so this module names nothing above it.
@@ -94,7 +97,9 @@ class Artifact:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for truncated or foreign files
-            raise ArtifactError(f"{path}: not a readable artifact (corrupted or truncated?): {e}") from None
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"{path}: not a readable artifact (corrupted, truncated or not a torch file): "
+                                f"{type(e).__name__}: {why}") from None
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ArtifactError(
                 f"{path}: not a {FORMAT} file (a bare state_dict? use model.segformer_import for "
@@ -102,13 +107,19 @@ class Artifact:
             )
         version = payload.get("version")
         if version not in READABLE_VERSIONS:
-            raise ArtifactError(f"{path}: artifact version {version}, expected one of {READABLE_VERSIONS}"
+            raise ArtifactError(f"{path}: artifact version {version!r}, expected one of {READABLE_VERSIONS}"
                                 + (" (written by a newer release of this project?)" if isinstance(version, int)
                                    and version > VERSION else ""))
         weights = "state_dict" if version == 1 else "state"
         missing = [k for k in ("stage", "spec", weights) if k not in payload]
         if missing:
             raise ArtifactError(f"{path}: artifact lacks {', '.join(missing)}")
+        for key, kind in FIELD_TYPES.items():  # a hand-edited field of the wrong type: say so here, not deep inside
+            if key in payload and payload[key] is not None and not isinstance(payload[key], kind):
+                raise ArtifactError(f"{path}: its {key!r} is a {type(payload[key]).__name__}, expected a "
+                                    f"{kind.__name__}")
+            if key in ("config", "metrics", "lineage", "extra") and key in payload and payload[key] is None:
+                raise ArtifactError(f"{path}: its {key!r} is None, expected a {kind.__name__}")
         try:
             state_dict = payload["state_dict"] if version == 1 else unpack_state(payload["state"])
         except (KeyError, TypeError, ValueError, RuntimeError, zlib.error) as e:

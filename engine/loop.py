@@ -375,11 +375,14 @@ class Trainer:
         if saved != self.select:
             if self.select in self.best_metrics or not self.best_metrics:  # the best so far, by the new figure
                 self.best_score = float(self.best_metrics.get(self.select, -math.inf))
+                if self.dist.main:
+                    tqdm.write(f"warning: resuming with train.select={self.select} (the run chose by {saved} "
+                               f"so far); its best epoch so far now scores {self.best_score:.4f} by it")
             else:  # its validations lack the new figure: comparing by it would let any next epoch win
                 if self.dist.main:
                     tqdm.write(f"warning: {path} chose its best epoch by {saved}, whose checkpoints lack "
                                f"{self.select}; this run goes on choosing by {saved} (train.select)")
-                self.select = saved
+                self.select = self.cfg.train.select = saved  # what the artifacts' config records too
         saved_best = state.get("best_artifact")
         if saved_best is not None:
             self.best = Artifact(stage=self.stage_name, config=art.config, lineage=list(self.lineage), **saved_best)

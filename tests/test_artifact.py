@@ -174,3 +174,22 @@ def test_quantized_tensors_are_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="w: a quantized"):
         Artifact("x", {"kind": "fp32"}, {"w": q}).save(tmp_path / "q.pt")
     assert not (tmp_path / "q.pt").exists()
+
+
+@pytest.mark.parametrize("field, value", [("extra", None), ("spec", [1, 2]), ("lineage", None), ("config", "x")])
+def test_hand_edited_fields_of_the_wrong_type_are_named(tmp_path, field, value):
+    _, art = _artifact()
+    art.save(tmp_path / "a.pt")
+    raw = torch.load(tmp_path / "a.pt", weights_only=True)
+    raw[field] = value
+    torch.save(raw, tmp_path / "edited.pt")
+    with pytest.raises(ArtifactError, match=rf"edited\.pt: its '{field}' is (a )?\w+, expected a"):
+        Artifact.load(tmp_path / "edited.pt")
+
+
+def test_empty_and_text_files_say_what_they_are(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "notes.pt").write_text("these are notes\n")
+    for name in ("empty.pt", "notes.pt"):
+        with pytest.raises(ArtifactError, match=rf"{name}: not a readable artifact .*: \w+Error: \S"):
+            Artifact.load(tmp_path / name)

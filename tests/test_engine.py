@@ -265,7 +265,7 @@ def test_resume_errors(straight, phantom, tmp_path):
     with pytest.raises(ArtifactError, match="stage 'teacher'"):
         fit(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="student", resume=True)
     (tmp_path / LAST).write_bytes((out / LAST).read_bytes()[:5000])  # truncated
-    with pytest.raises(ArtifactError, match="corrupted or truncated"):
+    with pytest.raises(ArtifactError, match="corrupted, truncated"):
         fit(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="teacher", resume=True)
 
 
@@ -547,4 +547,18 @@ def test_resuming_a_run_from_before_train_select_keeps_its_own_figure(phantom, t
     fit(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="teacher", resume=True)
     assert "goes on choosing by dice_mean" in capsys.readouterr().out
     assert Artifact.load(tmp_path / BEST).extra["epoch"] == 1
-    assert Artifact.load(tmp_path / LAST).extra["train_state"]["select"] == "dice_mean"
+    last = Artifact.load(tmp_path / LAST)
+    assert last.extra["train_state"]["select"] == last.config["train"]["select"] == "dice_mean"  # what it did
+
+
+def test_resuming_with_another_train_select_says_so_and_rescores_the_best(phantom, tmp_path, monkeypatch, capsys):
+    regions = {"dice_wt": 0.5, "dice_tc": 0.5, "dice_et": 0.5}
+    scripted = iter([{**regions, "dice_mean": 0.60, "pooled_dice_mean": 0.40},
+                     {**regions, "dice_mean": 0.50, "pooled_dice_mean": 0.45}])
+    monkeypatch.setattr(Trainer, "validate", lambda self, epoch: dict(next(scripted)))
+    cfg = tiny_cfg(phantom, epochs=1, val_every=1, log_images=False, select="dice_mean")
+    fit(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="teacher")
+    cfg.train.epochs, cfg.train.select = 2, "pooled_dice_mean"
+    fit(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="teacher", resume=True)
+    assert "resuming with train.select=pooled_dice_mean (the run chose by dice_mean so far)" in capsys.readouterr().out
+    assert Artifact.load(tmp_path / BEST).extra["epoch"] == 2  # 0.45 beats the first epoch's 0.40, by the new figure
