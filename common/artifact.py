@@ -115,11 +115,9 @@ class Artifact:
         if missing:
             raise ArtifactError(f"{path}: artifact lacks {', '.join(missing)}")
         for key, kind in FIELD_TYPES.items():  # a hand-edited field of the wrong type: say so here, not deep inside
-            if key in payload and payload[key] is not None and not isinstance(payload[key], kind):
+            if key in payload and not isinstance(payload[key], kind):
                 raise ArtifactError(f"{path}: its {key!r} is a {type(payload[key]).__name__}, expected a "
                                     f"{kind.__name__}")
-            if key in ("config", "metrics", "lineage", "extra") and key in payload and payload[key] is None:
-                raise ArtifactError(f"{path}: its {key!r} is None, expected a {kind.__name__}")
         try:
             state_dict = payload["state_dict"] if version == 1 else unpack_state(payload["state"])
         except (KeyError, TypeError, ValueError, RuntimeError, zlib.error) as e:

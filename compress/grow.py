@@ -56,7 +56,7 @@ from common.atomic import atomic_write_text
 from common.cli import add_strict, config_from_args, data_given, out_dir, run_main, stage_parser
 from common.config import Config, ConfigError, parse_count, to_dict
 from engine.data import TrainData, stack_batches
-from engine.loop import LAST, FitResult, Stage, best_epoch, fit
+from engine.loop import LAST, LEGACY_SELECT, FitResult, Stage, best_epoch, fit
 from engine.runner import StageContext, StageDef, exit_code, run_stage
 from model.layers import LowRankConv3d, LowRankLinear
 from model.macs import spec_macs
@@ -626,7 +626,7 @@ def grow_fits(model: RefineFormer3D, ctx: StageContext, stage: StageDef, ckpt_di
     events: list[dict] = []
     if ctx.resume and progress.is_file():
         events = json.loads(progress.read_text())["events"]
-        run_select = events[0].get("select", "dice_mean") if events else ctx.cfg.train.select
+        run_select = events[0].get("select", LEGACY_SELECT) if events else ctx.cfg.train.select
         if run_select != ctx.cfg.train.select:  # phases are compared by one figure for the whole run
             if ctx.dist.main:
                 print(f"warning: {progress} compared its phases by {run_select}; the resumed run goes on doing "

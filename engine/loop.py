@@ -49,6 +49,7 @@ from engine.runtime import (DistInfo, Runtime, init_distributed, resolve_runtime
 
 BEST, LAST = "best.pt", "last.pt"
 SELECT_CHOICES = ("pooled_dice_mean", "dice_mean")  # train.select: the figure that picks the best epoch
+LEGACY_SELECT = "dice_mean"  # what runs written before train.select existed chose by
 SCHEDULE_KEYS = ("epochs", "lr", "min_lr", "warmup_epochs", "steps_per_epoch", "batch_size")
 LOG_IMAGE_CASES = 2  # validation cases per epoch drawn into TensorBoard
 
@@ -371,7 +372,7 @@ class Trainer:
         self.stage.load_state_dict(state["stage"])
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.best_score, self.best_metrics = float(state["best_score"]), dict(state["best_metrics"])
-        saved = state.get("select", "dice_mean")  # written before train.select existed: the per-case mean
+        saved = state.get("select", LEGACY_SELECT)
         if saved != self.select:
             if self.select in self.best_metrics or not self.best_metrics:  # the best so far, by the new figure
                 self.best_score = float(self.best_metrics.get(self.select, -math.inf))

@@ -59,13 +59,19 @@ def separable_trilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return y
 
 
+def tracing() -> bool:
+    """True while a graph is traced (TorchScript tracing: fvcore's counts; ONNX export): rewrites then
+    leave the plain operator in the graph."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Trilinear upsampling (align_corners=False) to `size`, by whichever way is faster here: the
     separable matrix products for at most SEPARABLE_MAX_CHANNELS channels (the logits), otherwise
     `F.interpolate` (in the input's layout: the inference rewrites hand it channels_last_3d tensors,
     `model.rewrites`); when traced (ONNX export, fvcore) always `F.interpolate`: one operator in the
     graph; under autocast too (matrix products would run in its lower precision)."""
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.is_autocast_enabled(x.device.type):
+    if tracing() or torch.is_autocast_enabled(x.device.type):
         return F.interpolate(x, size=size, mode="trilinear", align_corners=False)
     size = tuple(int(s) for s in size)
     if x.shape[1] <= SEPARABLE_MAX_CHANNELS and tuple(x.shape[2:]) != size:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.layers import LowRankConv3d
-from model.resample import upsample
+from model.resample import tracing, upsample
 from model.refineformer3d import get_module, refine_tail, set_module
 
 
@@ -236,22 +236,25 @@ class OneDNNConv3d(nn.Conv3d):
     devices, dtypes or padding modes get nn.Conv3d's forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5 and self.groups == 1
-                and self.kernel_size != (1, 1, 1) and self.padding_mode == "zeros"
-                and not isinstance(self.padding, str) and torch.backends.mkldnn.is_available()
-                and not torch.is_autocast_enabled("cpu")
-                and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()):
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5 and onednn_pays(self)
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu") and not tracing()):
             return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride,
                                                      self.dilation, self.groups)
         return super().forward(x)
 
 
+def onednn_pays(conv: nn.Conv3d) -> bool:
+    """A conv ATen may send to its reference kernel: a kernel larger than 1 and groups 1 (1x1x1 and
+    depthwise convs are left to ATen, which already picks well for them)."""
+    return conv.kernel_size != (1, 1, 1) and conv.groups == 1
+
+
 def onednn_convs(model: nn.Module) -> nn.Module:
-    """Make every plain Conv3d with a kernel larger than 1 and groups 1 an OneDNNConv3d, in place (the
-    module's class changes; parameters, names and state_dict do not); returns the model. 1x1x1 and
-    depthwise convs are left to ATen, which already picks well for them."""
+    """Make every plain Conv3d that `onednn_pays` for an OneDNNConv3d, in place (the module's class
+    changes; parameters, names and state_dict do not); returns the model."""
     for m in model.modules():
-        if type(m) is nn.Conv3d and m.kernel_size != (1, 1, 1) and m.groups == 1:
+        if type(m) is nn.Conv3d and onednn_pays(m):
             m.__class__ = OneDNNConv3d
     return model
 

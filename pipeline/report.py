@@ -53,7 +53,7 @@ from common.progress import bar_off
 from common.timing import interleaved_medians
 from engine.data import make_data
 from compress.grow import START as GROWTH_START
-from engine.loop import LAST
+from engine.loop import LAST, LEGACY_SELECT
 from engine.runtime import resolve_runtime, runtime_summary
 from model.macs import count_macs
 from model.refineformer3d import RefineFormer3D, count_params, preset_spec
@@ -658,7 +658,7 @@ def growth_section(events: Any) -> list[str]:
         ["phase", "last epoch", "action", "reason", "best validation Dice (train.select)", "params",
          "units grown (old->new)"],
         ([str(e.get("event", i)), str(e.get("epoch", "–")), str(e.get("action", "–")), str(e.get("reason", "–")),
-          f"{_fmt(e.get('dice'), '.3f')} ({e.get('select', 'dice_mean')})", params(e), _grown_units(e.get("grown"))]
+          f"{_fmt(e.get('dice'), '.3f')} ({e.get('select', LEGACY_SELECT)})", params(e), _grown_units(e.get("grown"))]
          for i, e in enumerate(events)),
     )]
 

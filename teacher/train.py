@@ -24,9 +24,9 @@ def train_teacher(cfg: Config, out_dir: str | Path, resume: bool = False) -> Fit
     model = build_from_config(cfg.model)
     stage = SupervisedStage(cfg.data.scheme, cfg.train.dice_weight, cfg.train.ce_weight)
     result = fit(model, stage, cfg, out_dir, stage_name=STAGE, resume=resume)
-    data = make_data(cfg)  # every rank: under torchrun it synchronises (the cache is already prepared)
     if result.best is not None and result.best_path is not None and int(os.environ.get("RANK", "0")) == 0:
-        rule = et_rule(result.best, data, cfg)
+        # rank 0 alone (fit has left the process group): the cache and split it prepared are only read
+        rule = et_rule(result.best, make_data(cfg), cfg)
         result.best.extra["et_rule"] = rule
         result.best.save(result.best_path)
         print(f"{STAGE}: ET rule calibrated on {rule['cases']} validation case(s): predicted ET under "
