@@ -10,3 +10,11 @@ def project_path(relative: str | Path) -> Path:
     """`relative` inside the project (configs/, data/synthetic/, runs/, report/); absolute paths pass."""
     path = Path(relative)
     return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def recorded_path(recorded: str) -> str:
+    """A path an artifact recorded: as recorded when it exists (or nothing better does), else the same
+    relative path inside the project (older versions recorded data and lineage paths relative to it)."""
+    if Path(recorded).exists() or not project_path(recorded).exists():
+        return recorded
+    return str(project_path(recorded))

@@ -28,7 +28,7 @@ from brats.metrics import REGIONS
 from brats.scoring import calibrate_et_rule, evaluate
 from common.artifact import Artifact, ArtifactError, build_model
 from common.config import DATA_IDENTITY, Config, ConfigError, to_dict
-from common.paths import project_path
+from common.paths import recorded_path
 from engine.data import TrainData, make_data
 from engine.loop import LAST, FitResult, Stage, artifact_spec, fit
 from engine.runtime import DistInfo, init_distributed, resolve_runtime, seed_everything
@@ -54,7 +54,7 @@ def find_teacher(art: Artifact, explicit: str | None = None) -> str | None:
         return str(explicit)
     found = art.ancestor("teacher")
     if found:  # recorded relative by an older version, from the project folder: look there too
-        return str(project_path(found)) if not Path(found).exists() and project_path(found).exists() else found
+        return recorded_path(found)
     return str(art.path) if art.stage == "teacher" and art.path else None
 
 
@@ -200,8 +200,8 @@ def inherit_data(art: Artifact, cfg: Config, given: bool) -> str:
             setattr(cfg.data, key, stored[key])
     for key in ("dir", "cache"):  # artifacts written before paths were recorded absolute: relative to the project
         value = getattr(cfg.data, key, None)
-        if value and not Path(value).is_absolute() and not Path(value).exists() and project_path(value).exists():
-            setattr(cfg.data, key, str(project_path(value)))
+        if value:
+            setattr(cfg.data, key, recorded_path(value))
     return f"data: {what(vars(cfg.data))}, fold {cfg.data.fold}, from the source artifact {art.path} (lineage)"
 
 
