@@ -17,10 +17,11 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# The second pass runs the engine and INT8 tests again on AVX2 kernels (ATen and oneDNN limited), so
-# both CPU code paths are exercised on any machine (an AVX-512 CI host included).
-AVX2_TESTS := tests/test_runtime.py tests/test_engine.py tests/test_quant_convert.py tests/test_quant_graph.py \
-	tests/test_quant_lsq.py tests/test_quant_onnx.py tests/test_quant_qat.py
+# The second pass runs the engine, inference-rewrite (oneDNN convolutions, upsampling) and INT8 tests again
+# on AVX2 kernels (ATen and oneDNN limited), so both CPU code paths are exercised on any machine (an AVX-512
+# CI host included).
+AVX2_TESTS := tests/test_runtime.py tests/test_engine.py tests/test_rewrites.py tests/test_resample.py tests/test_quant_convert.py \
+	tests/test_quant_graph.py tests/test_quant_lsq.py tests/test_quant_onnx.py tests/test_quant_qat.py
 
 # test_torchrun.py runs in an interpreter of its own: inside an xdist worker that had run the other tests it
 # crashed that worker now and then (about one full run in three on 2 cores; alone it never did; cause not found).
