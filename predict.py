@@ -2,7 +2,7 @@
 
     python predict.py ARTIFACT --input DIR --output DIR [--window 128 128 128] [--overlap 0.5]
         [--cases NAME ... | --split splits.json [--fold K]] [--et-min-voxels N] [--threads N]
-        [--allow-constant-modality] [--overlay DIR] [--no-skip-background]
+        [--allow-constant-modality] [--overlay DIR] [--no-skip-background] [--coarse F]
         [--runtime auto|torch|onnxruntime|openvino]
 
 DIR may be one case folder or any BraTS layout (the validation release included). Writes
@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-skip-background", dest="skip_background", action="store_false",
                         help="run every window (default: windows without a brain voxel reuse one all-zero "
                              "window's logits; the same label maps)")
+    parser.add_argument("--coarse", type=int, default=0, metavar="F",
+                        help="coarse-to-fine: a first pass on the image pooled by F (e.g. 2) finds the tumour's box, "
+                             "only that box is predicted at full resolution, the rest is background (faster on "
+                             "whole cases; not the same label maps; default 0: off)")
     parser.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto",
                         help="where the model runs: PyTorch eager, ONNX Runtime or OpenVINO; auto (default): the "
                              "fastest measured here on one window (cached per artifact and machine)")
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                                 et_min_voxels=args.et_min_voxels,
                                 allow_constant_modality=args.allow_constant_modality, overwrite=args.overwrite,
                                 overlay_dir=args.overlay, skip_background=args.skip_background,
-                                runtime=args.runtime)
+                                runtime=args.runtime, coarse=args.coarse)
     except UserInputError:
         raise  # bad data or artifact: run_main reports it
     except ValueError as e:  # window / overlap that the model cannot use

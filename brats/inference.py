@@ -13,6 +13,15 @@ without skipping (bit for bit with `sw_batch` 1; with larger batches the other w
 differently, which can move logits by float rounding, ~1e-6). A constant "confident background"
 would not be: it would change the blend at the brain's edge, where skipped and computed windows
 overlap.
+
+Coarse-to-fine (`coarse=f`, off by default): on a brain-cropped case every 50 %-overlap window reaches
+the brain, so skipping saves nothing there (bench/bench_skip.py). A first pass of the same model on the
+image average-pooled by f (one or a few windows) gives a whole-tumour probability; the box of voxels
+above COARSE_THRESHOLD, grown by COARSE_MARGIN voxels and to at least one window per axis (so the
+model sees real context, not padding), is then predicted at full resolution and everything outside it
+is background. This is not the same label map as the full pass (other window positions inside the box;
+a tumour the coarse pass misses is lost): `bench/bench_targets.py` measures time, and Dice on/off where
+held-out cases are larger than a window. When the coarse pass finds nothing, the full pass runs.
 """
 from __future__ import annotations
 
@@ -61,19 +70,32 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
     return [int(round(i * step)) for i in range(count)]
 
 
+# Coarse-to-fine: whole-tumour probability that marks the box, and the box's margin in full-resolution voxels.
+COARSE_THRESHOLD = 0.25
+COARSE_MARGIN = 16
+
+
 @dataclass
 class WindowCount:
-    """Windows of one or more sliding-window passes: how many, and how many were skipped as background."""
+    """Windows of one or more sliding-window passes: how many, and how many were skipped as background;
+    with coarse-to-fine also the coarse windows run and the full-resolution windows the box saved."""
 
     windows: int = 0
     skipped: int = 0
+    coarse: int = 0
+    saved: int = 0
 
     def add(self, other: "WindowCount") -> None:
         self.windows += other.windows
         self.skipped += other.skipped
+        self.coarse += other.coarse
+        self.saved += other.saved
 
     def line(self) -> str:
-        return f"skipped {self.skipped} of {self.windows} windows (background)"
+        line = f"skipped {self.skipped} of {self.windows} windows (background)"
+        if self.coarse:
+            line += f"; coarse-to-fine: {self.coarse} coarse window(s) run, {self.saved} full-resolution window(s) saved"
+        return line
 
 
 def _check_args(image: torch.Tensor, window: Sequence[int], overlap: float, sw_batch: int) -> tuple[int, ...]:
@@ -118,11 +140,7 @@ def sliding_window(
         for s, p in reversed(list(zip(spatial, padded))):
             pad += [0, p - s]
         image = torch.nn.functional.pad(image, pad)
-    starts = [window_starts(p, w, overlap) for p, w in zip(padded, window)]
-    slices = [tuple(slice(c, c + w) for c, w in zip((z, y, x), window))
-              for z in starts[0] for y in starts[1] for x in starts[2]]
-    brain = image.ne(0).any(dim=0) if skip_background else None  # (D, H, W)
-    run = [brain is None or bool(brain[s].any()) for s in slices]
+    slices, run = _window_plan(image, window, overlap, skip_background)
     if count is not None:
         count.add(WindowCount(len(slices), run.count(False)))
     weight = gaussian_importance(window, sigma_scale) if gaussian else torch.ones(window)
@@ -140,6 +158,17 @@ def sliding_window(
     out /= total
     d, h, w = spatial
     return out[:, :d, :h, :w].contiguous()
+
+
+def _window_plan(image: torch.Tensor, window: tuple[int, ...], overlap: float,
+                 skip_background: bool) -> tuple[list[tuple[slice, ...]], list[bool]]:
+    """The windows' slices of `image` (C, D, H, W; each axis at least the window) in their order, and
+    whether each is run (False: all-zero, skipped)."""
+    starts = [window_starts(n, w, overlap) for n, w in zip(image.shape[1:], window)]
+    slices = [tuple(slice(c, c + w) for c, w in zip((z, y, x), window))
+              for z in starts[0] for y in starts[1] for x in starts[2]]
+    brain = image.ne(0).any(dim=0) if skip_background else None  # (D, H, W)
+    return slices, [brain is None or bool(brain[s].any()) for s in slices]
 
 
 def _window_logits(predict: Predict, image: torch.Tensor, slices: list[tuple[slice, ...]], run: list[bool],
@@ -195,18 +224,76 @@ def predict_case(
     overlap: float = 0.5,
     sw_batch: int = 2,
     et_min_voxels: int = 0,
+    coarse: int = 0,
     **kwargs,
 ) -> np.ndarray:
     """BraTS label map (D, H, W) uint8 (values 0/1/2/4) of one case's image (C, D, H, W).
 
     regions: sigmoid on channels [TC, WT, ET]; seed3: softmax, class 1 core -> 1, 2 edema -> 2.
     `et_min_voxels` > 0: a case with fewer ET voxels than that gets them relabelled NCR/NET
-    (`brats.labels.suppress_small_et`). Extra keyword arguments go to `sliding_window`.
+    (`brats.labels.suppress_small_et`). `coarse` >= 2: coarse-to-fine with that pooling factor (module
+    docstring; 0: off). Extra keyword arguments go to `sliding_window`.
     """
-    logits = sliding_window(predict, torch.as_tensor(image), window, overlap, sw_batch, **kwargs)
-    probs = torch.softmax(logits, dim=0) if is_softmax(scheme) else torch.sigmoid(logits)
-    label = np.asarray(probs_to_brats(probs.cpu().numpy(), scheme), dtype=np.uint8)
+    image = torch.as_tensor(image)
+    box = tumour_box(predict, image, scheme, window, coarse, sw_batch, **kwargs) if coarse else None
+    if box is None:
+        logits = sliding_window(predict, image, window, overlap, sw_batch, **kwargs)
+        return suppress_small_et(_labels(logits, scheme), et_min_voxels)
+    count = kwargs.get("count")
+    if count is not None:  # the full pass's windows, counted without running it, minus the box's
+        full, inside = WindowCount(), WindowCount()
+        _grid(image, window, overlap, kwargs.get("skip_background", True), full)
+        _grid(image[(slice(None), *box)], window, overlap, kwargs.get("skip_background", True), inside)
+        count.saved += (full.windows - full.skipped) - (inside.windows - inside.skipped)
+    logits = sliding_window(predict, image[(slice(None), *box)], window, overlap, sw_batch, **kwargs)
+    label = np.zeros(tuple(image.shape[1:]), dtype=np.uint8)
+    label[box] = _labels(logits, scheme)
     return suppress_small_et(label, et_min_voxels)
+
+
+def _labels(logits: torch.Tensor, scheme: str) -> np.ndarray:
+    probs = torch.softmax(logits, dim=0) if is_softmax(scheme) else torch.sigmoid(logits)
+    return np.asarray(probs_to_brats(probs.cpu().numpy(), scheme), dtype=np.uint8)
+
+
+def _grid(image: torch.Tensor, window: Sequence[int], overlap: float, skip_background: bool,
+          count: WindowCount) -> None:
+    """Count the windows `sliding_window` would run on `image` (and skip) without running any."""
+    pad = []
+    for n, w in reversed(list(zip(image.shape[1:], window))):
+        pad += [0, max(0, w - n)]
+    slices, run = _window_plan(torch.nn.functional.pad(image, pad), tuple(window), overlap, skip_background)
+    count.add(WindowCount(len(slices), run.count(False)))
+
+
+def tumour_box(predict: Predict, image: torch.Tensor, scheme: str, window: Sequence[int], factor: int,
+               sw_batch: int = 1, **kwargs) -> tuple[slice, slice, slice] | None:
+    """Coarse pass (module docstring): the (D, H, W) slices of `image` (C, D, H, W) to predict at full
+    resolution, or None when no voxel of the 1/`factor` pass reaches COARSE_THRESHOLD (predict all).
+    The coarse windows are counted in `kwargs["count"].coarse` when given. ValueError for factor < 2."""
+    if factor < 2:
+        raise ValueError(f"coarse must be a pooling factor >= 2 (or 0: off), got {factor}")
+    spatial = tuple(image.shape[1:])
+    low = torch.nn.functional.avg_pool3d(image[None].float(), factor, ceil_mode=True)[0]
+    passed = WindowCount()
+    logits = sliding_window(predict, low, window, 0.5, sw_batch, count=passed,
+                            **{k: v for k, v in kwargs.items() if k != "count"})
+    if kwargs.get("count") is not None:
+        kwargs["count"].coarse += passed.windows - passed.skipped
+    # whole tumour: 1 - p(background) for softmax schemes, the WT channel ([TC, WT, ET]) for regions
+    wt = 1 - torch.softmax(logits, dim=0)[0] if is_softmax(scheme) else torch.sigmoid(logits[1])
+    found = (wt >= COARSE_THRESHOLD).nonzero()
+    if found.numel() == 0:
+        return None
+    box = []
+    for axis, (n, w) in enumerate(zip(spatial, window)):
+        lo = max(0, int(found[:, axis].min()) * factor - COARSE_MARGIN)
+        hi = min(n, (int(found[:, axis].max()) + 1) * factor + COARSE_MARGIN)
+        if hi - lo < w:  # grow to one window (centred, inside the image) so the model sees real context
+            lo = max(0, min(lo - (w - (hi - lo)) // 2, n - w))
+            hi = min(n, lo + w)
+        box.append(slice(lo, hi))
+    return tuple(box)
 
 
 def to_full_grid(

@@ -170,6 +170,7 @@ class SlimConfig:
     sr_ratios: list[int] = field(default_factory=lambda: [8, 4])  # stem: key/value reductions of the first stages
     decoder_dim: int | None = 32  # widths: stage projection width (None: kept)
     fuse_dim: int | None = 32  # widths: fusion width (None: kept)
+    mlp_hidden: list[int | None] = field(default_factory=lambda: [16])  # mlp: Mix-FFN hidden width per stage from stage 1
 
 
 @dataclass

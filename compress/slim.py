@@ -3,7 +3,7 @@
 Thinning scales every width, but a width-0.25 student still spends most of its multiply-adds where
 no width acts (fvcore by module, 128^3, the demo student: 4.24 G in all): the full-resolution 3x3x3
 head 2.04 G (48 %), the 7x7x7 stem 0.36 G, stage-1 attention over 32^3 tokens with 8^3 keys 0.65 G.
-Three steps, each `step(model, cfg) -> model` (cfg: common.config.SlimConfig) on a copy:
+Four steps, each `step(model, cfg) -> model` (cfg: common.config.SlimConfig) on a copy:
 
     head     the refine head moves to 1/4 resolution and its logits are upsampled (as SegFormer3D
              predicts; `ModelSpec.head_at = "quarter"`); the channels feeding it (refine_dim) are
@@ -17,8 +17,10 @@ Three steps, each `step(model, cfg) -> model` (cfg: common.config.SlimConfig) on
              width-0.25 student keeps 64 of each, and at 1/4 resolution they cost more than the
              encoder's first stage) narrowed by group magnitude over `model.widths`' groups, never
              below the region floors of `student.thin.HEAD_FLOORS`.
+    mlp      stage 1's Mix-FFN hidden width (`slim.mlp_hidden`, per stage) narrowed by group magnitude.
+             Not in the default steps: on the demo it saves 0.047 G but ~1 % of latency (configs/slim.yaml).
 
-Neither step is exact: the stage fine-tunes the result by distillation from the teacher in the
+No step is exact: the stage fine-tunes the result by distillation from the teacher in the
 lineage (the teacher's full decoder is the target). With `slim.macs_budget` the steps are chosen
 from the model's own spec (`model.macs.spec_macs` at `slim.reference_input`), largest saving first,
 until the budget is met; the artifact records what each step saved.
@@ -153,8 +155,36 @@ def slim_widths(model: RefineFormer3D, cfg: Any) -> RefineFormer3D:
     return _copy_into(model, ModelSpec.from_dict({**spec.to_dict(), **targets}), state)
 
 
+def slim_mlp(model: RefineFormer3D, cfg: Any) -> RefineFormer3D:
+    """The Mix-FFN hidden widths of the first stages narrowed to `cfg.mlp_hidden` (one width per stage from
+    stage 1; None or not smaller: kept), keeping in each block's hidden group (`model.widths`) the channels
+    of largest group magnitude. Stage 1's MLPs run on 32^3 tokens at 128^3, where their 3x3x3 depthwise
+    conv is the largest encoder cost of a slimmed student (0.094 of its 0.61 G at ratio 4). ValueError when
+    a width is below 1, more widths than stages are given, those layers are factorised, or nothing changes."""
+    spec = model.spec
+    widths = list(cfg.mlp_hidden or [])
+    if len(widths) > len(spec.mlp_hidden) or any(w is not None and int(w) < 1 for w in widths):
+        raise ValueError(f"slim mlp: mlp_hidden {widths} must be >= 1 (or null), at most one per stage "
+                         f"({len(spec.mlp_hidden)})")
+    kept, hidden = {}, [list(h) for h in spec.mlp_hidden]
+    for i, w in enumerate(widths):
+        for j, old in enumerate(spec.mlp_hidden[i]):
+            if w is not None and int(w) < old:
+                kept[f"hidden.{i}.{j}"] = torch.sort(torch.topk(group_magnitude(model, f"hidden.{i}.{j}"), int(w)).indices).values
+                hidden[i][j] = int(w)
+    if not kept:
+        raise ValueError(f"slim mlp: nothing to change: the MLP hidden widths are {spec.mlp_hidden} "
+                         f"(asked {widths})")
+    factorised = [n for n in spec.ranks
+                  if any(n.startswith(f"encoder.stages.{g.split('.')[1]}.blocks.{g.split('.')[2]}.mlp") for g in kept)]
+    if factorised:
+        raise ValueError(f"slim mlp: layers to change are factorised ({', '.join(factorised)}): slim before low-rank")
+    state = slice_state(model.state_dict(), group_slices(spec, kept))
+    return _copy_into(model, ModelSpec.from_dict({**spec.to_dict(), "mlp_hidden": hidden}), state)
+
+
 STEPS: dict[str, Callable[[RefineFormer3D, Any], RefineFormer3D]] = {
-    "head": slim_head, "stem": slim_stem, "widths": slim_widths}
+    "head": slim_head, "stem": slim_stem, "widths": slim_widths, "mlp": slim_mlp}
 
 
 def _gmacs(spec: ModelSpec, size: Sequence[int]) -> float:
@@ -240,7 +270,8 @@ def slim_step(model: RefineFormer3D, ctx: StageContext) -> RefineFormer3D:
     budget = parse_count(c.macs_budget, what="slim.macs_budget")
     ctx.extra["slim"] = {"steps": steps, "gmacs_saved_alone": savings, "reference_input": list(size),
                          "macs_budget": budget, "refine_dim": slimmed.spec.refine_dim,
-                         "stem_kernel": slimmed.spec.patch_kernels[0], "sr_ratios": list(slimmed.spec.sr_ratios)}
+                         "stem_kernel": slimmed.spec.patch_kernels[0], "sr_ratios": list(slimmed.spec.sr_ratios),
+                         "mlp_hidden": [list(h) for h in slimmed.spec.mlp_hidden]}
     ctx.metrics.update(params_before=count_params(model), params_after=count_params(slimmed),
                        gmacs_before=before, gmacs_after=after)
     if ctx.dist.main:
@@ -268,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      default_config="configs/slim.yaml", default_out="runs/slim")
     p.add_argument("artifact", help="model artifact (.pt) to slim, e.g. runs/student/student.pt")
     p.add_argument("--steps", default=None,
-                   help=f"comma-separated steps of {', '.join(STEPS)} (default: slim.steps, all of them)")
+                   help=f"comma-separated steps of {', '.join(STEPS)} (default: slim.steps: head, stem, widths)")
     p.add_argument("--macs-budget", default=None,
                    help="G multiply-adds at slim.reference_input to reach, e.g. 1G: the steps are chosen, largest "
                    "saving first (default: slim.macs_budget, none: every step in --steps)")

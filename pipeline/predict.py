@@ -145,13 +145,15 @@ def select_cases(refs: Sequence[CaseRef], cases: Sequence[str], source: str | Pa
 
 def predict_ref(model: nn.Module, ref: CaseRef, scheme: str, window: Sequence[int], overlap: float,
                 sw_batch: int = 1, et_min_voxels: int = 0, allow_constant_modality: bool = False,
-                skip_background: bool = True, count: WindowCount | None = None) -> tuple[np.ndarray, LoadedCase]:
+                skip_background: bool = True, count: WindowCount | None = None,
+                coarse: int = 0) -> tuple[np.ndarray, LoadedCase]:
     """(full-grid uint8 BraTS label map (X, Y, Z), LoadedCase) for one case; the seg is not read.
-    `skip_background` and `count`: as `brats.inference.sliding_window` takes them."""
+    `skip_background` and `count`: as `brats.inference.sliding_window` takes them; `coarse`: as
+    `brats.inference.predict_case`."""
     loaded = load_case(dataclasses.replace(ref, has_label=False), allow_constant_modality)
     image, _, bbox = preprocess_case(loaded)  # float16 (4, d, h, w), as stored in the cache
     label = predict_case(predict_fn(model), image.astype(np.float32), scheme, window, overlap, sw_batch,
-                         et_min_voxels, skip_background=skip_background, count=count)
+                         et_min_voxels, coarse, skip_background=skip_background, count=count)
     full = to_full_grid(label, bbox, loaded.image.shape[1:])
     return full, loaded
 
@@ -202,7 +204,7 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
                    progress: bool = True, cases: Sequence[str] | None = None,
                    et_min_voxels: int | None = None, allow_constant_modality: bool = False,
                    overwrite: bool = False, overlay_dir: str | Path | None = None,
-                   skip_background: bool = True, runtime: str | None = None) -> PredictResult:
+                   skip_background: bool = True, runtime: str | None = None, coarse: int = 0) -> PredictResult:
     """Predict every case under `input_dir` (any BraTS layout, or one case folder), or only `cases`.
 
     Writes `<output_dir>/<case>.nii.gz` atomically. `et_min_voxels` None: the threshold calibrated
@@ -217,7 +219,9 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
     label maps, less work); `result.windows` counts them. `runtime` None: the artifact's own module
     (`inference_model`); torch / onnxruntime / openvino: that runtime (UserInputError when it cannot run
     the artifact); auto: the fastest measured on one window here (cached per artifact and machine). The
-    choice is printed to stderr and kept in `result.runtime`.
+    choice is printed to stderr and kept in `result.runtime`. `coarse` >= 2: coarse-to-fine
+    (`brats.inference`: a first pass at 1/coarse resolution, then only the tumour's box; not the same
+    label maps as the full pass). The ET rule applied is printed to stderr.
     """
     art = Artifact.load(artifact)
     window = check_window(window, art.spec)
@@ -225,10 +229,13 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     model = inference_model(art)
     scheme = artifact_scheme(art)
+    given_rule = et_min_voxels is not None
     if et_min_voxels is None:
         et_min_voxels = artifact_et_rule(art)
     if et_min_voxels < 0:
         raise ValueError(f"et_min_voxels must be >= 0, got {et_min_voxels}")
+    if coarse and coarse < 2:
+        raise ValueError(f"coarse must be a pooling factor >= 2 (or 0: off), got {coarse}")
     refs = discover_cases(input_dir)
     if cases is not None:
         refs = select_cases(refs, cases, input_dir)
@@ -246,13 +253,16 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
         except RuntimeUnavailable as e:
             raise UserInputError(f"{artifact}: runtime {runtime}: {e}") from None
         print(result.runtime.line(), file=sys.stderr)
+    print(f"ET rule: {f'a case with fewer than {et_min_voxels} predicted ET voxels gets them relabelled NCR/NET' if et_min_voxels else 'off'} "
+          f"({'given' if given_rule else 'calibrated for this artifact' if 'et_rule' in art.extra else 'none recorded'})",
+          file=sys.stderr)
     output_dir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(refs, desc=f"predict ({art.stage})", unit="case", disable=bar_off(progress), file=sys.stderr)
     for ref in bar:
         bar.set_postfix_str(ref.case)
         try:
             full, loaded = predict_ref(model, ref, scheme, window, overlap, sw_batch, et_min_voxels,
-                                       allow_constant_modality, skip_background, result.windows)
+                                       allow_constant_modality, skip_background, result.windows, coarse)
             path = save_label_map(output_dir / f"{ref.case}.nii.gz", full, loaded.affine, loaded.header)
         except DataError as e:
             result.failed[ref.case] = str(e)

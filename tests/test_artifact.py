@@ -1,6 +1,8 @@
+import json
 import os
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
@@ -150,10 +152,25 @@ def test_version_1_artifacts_still_load(tmp_path):
     assert torch.equal(loaded.eval()(x), model(x))
 
 
-def test_malformed_packed_state_and_newer_versions_are_named(tmp_path):
-    _, art = _artifact()
-    art.save(tmp_path / "a.pt")
-    raw = torch.load(tmp_path / "a.pt", weights_only=True)
+def _v2_payload(art: Artifact) -> dict:
+    """The payload version 2 wrote: flat buffers as tensors, no byte planes, no checksum."""
+    index, parts = [], {}
+    for name, t in art.state_dict.items():
+        dtype = str(t.dtype).removeprefix("torch.")
+        index.append([name, dtype, list(t.shape)])
+        parts.setdefault(dtype, []).append(t.reshape(-1))
+    return {"format": "refineformer3d-artifact", "version": 2, "stage": art.stage, "spec": art.spec,
+            "state": {"index": zlib.compress(json.dumps(index).encode()),
+                      "buffers": {d: torch.cat(ts) for d, ts in parts.items()}}}
+
+
+def test_version_2_artifacts_still_load_and_malformed_buffers_are_named(tmp_path):
+    model, art = _artifact()
+    raw = _v2_payload(art)
+    torch.save(raw, tmp_path / "v2.pt")
+    loaded, _ = load_model(tmp_path / "v2.pt")
+    x = torch.randn(1, 4, 32, 32, 32)
+    assert torch.equal(loaded.eval()(x), model(x))
     buffers = raw["state"]["buffers"]
     buffers["float32"] = buffers["float32"][:-1]  # one element short
     torch.save(raw, tmp_path / "short.pt")
@@ -163,10 +180,60 @@ def test_malformed_packed_state_and_newer_versions_are_named(tmp_path):
     torch.save(raw, tmp_path / "long.pt")
     with pytest.raises(ArtifactError, match=r"long\.pt: .*elements left over: \{'float32': 1\}"):
         Artifact.load(tmp_path / "long.pt")
-    raw["version"] = 3
+    raw["version"] = 4
     torch.save(raw, tmp_path / "new.pt")
-    with pytest.raises(ArtifactError, match=r"new\.pt: artifact version 3.*newer release"):
+    with pytest.raises(ArtifactError, match=r"new\.pt: artifact version 4.*newer release"):
         Artifact.load(tmp_path / "new.pt")
+
+
+def test_byte_planes_compress_what_compresses_and_keep_noise_raw(tmp_path):
+    """int8 weights near zero (as QAT leaves them) are zlib'd; float32 noise keeps its mantissa planes raw
+    but its sign/exponent plane zlib'd; the file is smaller than the values' bytes; values come back exactly."""
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randn(200_000, generator=g) * 6).round().clamp(-127, 127).to(torch.int8)
+    w = torch.randn(100_000, generator=g) * 0.02
+    Artifact("x", {"kind": "fp32"}, {"q": q, "w": w}).save(tmp_path / "a.pt")
+    raw = torch.load(tmp_path / "a.pt", weights_only=True)
+    codecs = {d: [c for c, _ in planes] for d, planes in raw["state"]["buffers"].items()}
+    assert codecs["int8"] == ["zlib"]
+    assert codecs["float32"][:3] == ["raw", "raw", "raw"] and codecs["float32"][3] == "zlib"  # little-endian
+    assert (tmp_path / "a.pt").stat().st_size < 0.85 * (200_000 + 4 * 100_000)
+    back = Artifact.load(tmp_path / "a.pt").state_dict
+    assert torch.equal(back["q"], q) and torch.equal(back["w"], w)
+
+
+def test_altered_weights_or_index_fail_the_checksum(tmp_path):
+    """A flipped byte in a raw plane, two index entries swapped (same dtype and shape), a damaged zlib
+    plane, a plane cut short: each is refused at load with the file named, never loaded silently."""
+    state = {"a": torch.randn(64), "b": torch.randn(64), "q": torch.randint(-3, 3, (4096,), dtype=torch.int8)}
+    Artifact("x", {"kind": "fp32"}, state).save(tmp_path / "a.pt")
+    good = torch.load(tmp_path / "a.pt", weights_only=True)
+
+    def altered(name: str, change) -> str:
+        raw = torch.load(tmp_path / "a.pt", weights_only=True)
+        change(raw["state"])
+        torch.save(raw, tmp_path / name)
+        return name
+
+    def flip(st):
+        st["buffers"]["float32"][0][1][5] ^= 1
+
+    def swap(st):
+        index = json.loads(zlib.decompress(st["index"]))
+        index[0][0], index[1][0] = index[1][0], index[0][0]
+        st["index"] = zlib.compress(json.dumps(index).encode())
+
+    def damage(st):
+        st["buffers"]["int8"][0][1][20] ^= 0xFF
+
+    def cut(st):
+        st["buffers"]["float32"][1][1] = st["buffers"]["float32"][1][1][:-1]
+
+    assert good["state"]["buffers"]["int8"][0][0] == "zlib"
+    for name, change, why in (("flip.pt", flip, "SHA-256 does not match"), ("swap.pt", swap, "SHA-256 does not match"),
+                              ("damage.pt", damage, "does not decompress"), ("cut.pt", cut, "byte planes of lengths")):
+        with pytest.raises(ArtifactError, match=rf"{name}: its packed weights are malformed.*{why}"):
+            Artifact.load(tmp_path / altered(name, change))
 
 
 def test_quantized_tensors_are_refused_by_name(tmp_path):

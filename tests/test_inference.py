@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from brats.inference import (MIN_WEIGHT, WindowCount, gaussian_importance, predict_case, sliding_window, to_full_grid,
+from brats.inference import (MIN_WEIGHT, WindowCount, gaussian_importance, predict_case, sliding_window, to_full_grid, tumour_box,
                              window_starts)
 from model.refineformer3d import ModelSpec, RefineFormer3D
 
@@ -249,3 +249,51 @@ def test_window_count_adds_up_over_cases_and_says_it():
     empty = WindowCount()
     sliding_window(predict, torch.zeros((4, 8, 8, 8)), (8, 8, 8), 0.0, count=empty)  # all background: one window
     assert (empty.windows, empty.skipped) == (1, 1)
+
+
+def _pointwise_predict(calls: list[int]):
+    """Logits [TC, WT, ET] that depend on each voxel alone (no context): WT where modality 0 > 1, ET where > 2."""
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        t = x[:, :1]
+        return torch.cat([8 * (t - 1.5), 8 * (t - 1.0), 8 * (t - 2.0)], dim=1)
+    return predict
+
+
+def test_coarse_to_fine_predicts_the_tumour_box_only_and_counts_what_it_saved():
+    """A pointwise model gives the same labels inside the box as the full pass, so the label maps agree
+    exactly; the full pass's other windows are not run; the box keeps a margin and one window per axis."""
+    image = torch.zeros((4, 96, 80, 64))
+    image[:, 4:92, 4:76, 4:60] = 0.5  # brain
+    image[0, 60:72, 50:62, 40:52] = 1.6  # tumour: WT
+    image[0, 64:68, 54:58, 44:48] = 3.0  # its ET
+    window = (32, 32, 32)
+    calls: list[int] = []
+    predict = _pointwise_predict(calls)
+    full = predict_case(predict, image, "regions", window, 0.5, 1)
+    n_full = len(calls)
+    calls.clear()
+    count = WindowCount()
+    fine = predict_case(predict, image, "regions", window, 0.5, 1, coarse=2, count=count)
+    np.testing.assert_array_equal(fine, full)
+    assert (fine == 4).sum() == 4 ** 3 and (fine > 0).sum() == 12 ** 3
+    # pooled 48x40x32: 2 x 2 x 1 coarse windows; then the box's 2 x 2 x 2 instead of the full pass's 5 x 4 x 3
+    assert (count.coarse, count.windows, count.skipped) == (4, 8, 0) and len(calls) == 4 + 8
+    assert n_full == 5 * 4 * 3 and count.saved == 5 * 4 * 3 - 8
+    assert "4 coarse window(s) run, 52 full-resolution window(s) saved" in count.line()
+    box = tumour_box(predict, image, "regions", window, 2)
+    assert [(s.start, s.stop) for s in box] == [(44, 88), (34, 78), (24, 64)]  # tumour +- 16 voxels, inside the image
+    with pytest.raises(ValueError, match="pooling factor >= 2"):
+        predict_case(predict, image, "regions", window, 0.5, 1, coarse=1)
+
+
+def test_coarse_pass_that_finds_nothing_falls_back_to_the_full_pass():
+    image = torch.zeros((4, 64, 64, 48))
+    image[:, 8:56, 8:56, 8:40] = 0.5  # brain, no tumour
+    image[0, 30, 30, 30] = 1.6  # one tumour voxel: pooled by 2 it falls under the threshold's reach
+    calls: list[int] = []
+    predict = _pointwise_predict(calls)
+    count = WindowCount()
+    label = predict_case(predict, image, "regions", (32, 32, 32), 0.5, 1, coarse=4, count=count)
+    np.testing.assert_array_equal(label, predict_case(predict, image, "regions", (32, 32, 32), 0.5, 1))
+    assert count.coarse == 1 and count.saved == 0 and (label > 0).sum() == 1

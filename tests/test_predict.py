@@ -94,6 +94,22 @@ def test_background_skipping_counted_and_switchable(setup, tmp_path, capsys):
     np.testing.assert_array_equal(skip, np.asanyarray(nib.load(str(every.written[case])).dataobj))
 
 
+def test_predict_says_its_et_rule_and_runs_coarse_to_fine(setup, tmp_path, capsys):
+    root, data, artifact, _ = setup
+    case = discover_cases(data)[0].case
+    code = predict_cli.main([str(artifact), "--input", str(data), "--output", str(tmp_path / "c"), "--window",
+                             *map(str, WINDOW), "--cases", case, "--quiet", "--runtime", "torch", "--coarse", "2",
+                             "--et-min-voxels", "7"])
+    captured = capsys.readouterr()
+    assert code == 0 and "coarse-to-fine: " in captured.out
+    assert "ET rule: a case with fewer than 7 predicted ET voxels gets them relabelled NCR/NET (given)" in captured.err
+    label = np.asanyarray(nib.load(str(tmp_path / "c" / f"{case}.nii.gz")).dataobj)
+    assert set(np.unique(label)) <= {0, 1, 2, 4}
+    code = predict_cli.main([str(artifact), "--input", str(data), "--output", str(tmp_path / "d"), "--window",
+                             *map(str, WINDOW), "--cases", case, "--quiet", "--coarse", "1"])
+    assert code == 2 and "pooling factor >= 2" in capsys.readouterr().err
+
+
 def test_bad_case_reported_and_skipped_others_written(setup, tmp_path):
     root, data, artifact, _ = setup
     import shutil

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from brats.phantom import write_phantom_dataset
 from common.artifact import Artifact, build_model
 from common.config import Config, ConfigError, SlimConfig
-from compress.slim import _sr_kernel, _stem_kernel, choose_steps, main, slim, slim_head, slim_stem, slim_widths
+from compress.slim import _sr_kernel, _stem_kernel, choose_steps, main, slim, slim_head, slim_mlp, slim_stem, slim_widths
 from model.macs import count_macs, spec_macs
 from model.refineformer3d import ModelSpec, RefineFormer3D, count_params
 from model.widths import group_magnitude
@@ -145,6 +145,29 @@ def test_widths_step_keeps_the_strongest_channels_of_each_group_and_the_floors()
         slim_widths(model, SlimConfig(decoder_dim=16, fuse_dim=None))
     with pytest.raises(ValueError, match="not above the targets"):
         slim_widths(slimmed, SlimConfig(decoder_dim=24, fuse_dim=24))
+
+
+def test_mlp_step_narrows_the_first_stages_hidden_widths_keeping_the_strongest_channels():
+    model = tiny(depths=[2, 1, 1, 1])  # stage 1: two blocks, hidden 32 each (ratio 4)
+    with torch.no_grad():  # one hidden channel of block 0 stands out over fc1, dwconv and fc2
+        model.encoder.stages[0].blocks[0].mlp.fc1.weight[29] *= 50
+    slimmed = slim_mlp(model, SlimConfig(mlp_hidden=[16]))
+    assert slimmed.spec.mlp_hidden[0] == [16, 16] and slimmed.spec.mlp_hidden[1:] == model.spec.mlp_hidden[1:]
+    kept = torch.sort(torch.topk(group_magnitude(model, "hidden.0.0"), 16).indices).values
+    assert 29 in kept.tolist()
+    assert torch.equal(slimmed.encoder.stages[0].blocks[0].mlp.fc1.weight, model.encoder.stages[0].blocks[0].mlp.fc1.weight[kept])
+    assert torch.equal(slimmed.encoder.stages[0].blocks[0].mlp.fc2.weight,
+                       model.encoder.stages[0].blocks[0].mlp.fc2.weight[:, kept])
+    size = (64, 64, 64)
+    assert spec_macs(slimmed.spec, size) < spec_macs(model.spec, size)
+    assert spec_macs(slimmed.spec, size) == round(count_macs(slimmed, (1, 4, *size)) * 1e9)
+    with torch.no_grad():
+        assert slimmed(torch.randn(1, 4, *size)).shape == (1, 3, *size)
+    with pytest.raises(ValueError, match="nothing to change"):
+        slim_mlp(slimmed, SlimConfig(mlp_hidden=[16]))
+    with pytest.raises(ValueError, match="at most one per stage"):
+        slim_mlp(model, SlimConfig(mlp_hidden=[16, 16, 16, 16, 16]))
+    assert slim_mlp(model, SlimConfig(mlp_hidden=[None, 8])).spec.mlp_hidden[:2] == [[32, 32], [8]]
 
 
 def test_slim_command_end_to_end_and_bad_input_before_work(tmp_path, capsys):
