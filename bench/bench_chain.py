@@ -14,6 +14,7 @@ and other anatomy), through the real command lines, as scripts/demo.sh chains th
     quantize.py               INT8                                  -> int8/int8.pt
     distill.py --set distill.kd_weight=0 --set distill.kd_dice_weight=0     labels only
     distill.py --init scratch                                       student from random weights
+    distill.py --set distill.kd_gate=correct                        KD only where the teacher is right
     predict.py ART --split DATA/.cache/splits.json, then python -m brats.evaluate --subset   per stage
 
 One change to the demo recipe, the same for every family: the teacher trains up to --teacher-epochs
@@ -98,8 +99,9 @@ STAGES = {
     "int8": ("INT8", "int8.pt"),
     "student-labels": ("student, labels only", "student.pt"),
     "student-scratch": ("student, from scratch", "student.pt"),
+    "student-gated": ("student, KD where the teacher is right", "student.pt"),
 }
-ARMS = ("student-labels", "student-scratch")
+ARMS = ("student-labels", "student-scratch", "student-gated")
 # For the plan line's estimate, on 2 unshared cores (from the --quick run's step times and the
 # demo chain's 7.5 min): seconds per optimizer step (2 crops of 64^3, any stage), a training
 # command's start-up and validations, a scoring step's start-up, and per held-out case scored.
@@ -170,6 +172,7 @@ def family_steps(family: str, args: argparse.Namespace) -> list[Step]:
         stage("student-labels", "teacher", distill, "configs/demo/distill.yaml",
               extra=("distill.kd_weight=0", "distill.kd_dice_weight=0")),
         stage("student-scratch", "teacher", distill + ["--init", "scratch"], "configs/demo/distill.yaml"),
+        stage("student-gated", "teacher", distill, "configs/demo/distill.yaml", extra=("distill.kd_gate=correct",)),
     ]
     ordered: list[Step] = []  # each model is scored right after it is made: a long run shows numbers early
     for step in steps:

@@ -10,6 +10,11 @@ Loss per batch (teacher on the clean crop, student on a perturbed copy, see `stu
                     (the voxel-mean KD above is dominated by background; this term weighs ET like WT)
   + feature_weight * mean over stages of MSE(proj_i(student stage i), teacher stage i)
 
+`distill.kd_gate: correct` restricts both distillation terms to the voxels where the teacher's
+prediction agrees with the labels (every region channel, or the class for softmax schemes;
+`teacher_agrees`), so a weak teacher's errors are not taught while its soft targets are kept where
+it is right (the supervised term still sees every voxel). `all` (default): every valid voxel.
+
 The 1x1x1 feature projections (student dims -> teacher dims) live in `DistillModel`, a training
 wrapper around the student: DDP, the optimiser and last.pt treat them as any parameter, and the
 saved student has none of them.
@@ -32,7 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from brats.dataset import region_centred_crops
-from brats.labels import is_softmax
+from brats.labels import is_softmax, to_target
 from common.artifact import Artifact, ArtifactError
 from common.config import Config, ConfigError, PerturbConfig
 from engine.data import TrainData, stack_batches
@@ -67,6 +72,19 @@ def kd_loss(
         m = mask.to(per_voxel.dtype)
         return (per_voxel * m).sum() / m.sum().clamp_min(1.0) * T * T
     return per_voxel.mean() * T * T
+
+
+KD_GATES = ("all", "correct")
+
+
+def teacher_agrees(teacher: torch.Tensor, label: torch.Tensor, scheme: str) -> torch.Tensor:
+    """(B, 1, D, H, W) bool: voxels where the teacher's (B, K, D, H, W) logits predict what the BraTS
+    label map (B, D, H, W) says: every sigmoid region channel on the right side of 0.5, or the softmax
+    argmax equal to the label's class."""
+    target = to_target(label, scheme)
+    if is_softmax(scheme):
+        return (teacher.argmax(1) == target).unsqueeze(1)
+    return ((teacher > 0) == (target > 0.5)).all(1, keepdim=True)
 
 
 def kd_dice_loss(student: torch.Tensor, teacher: torch.Tensor, scheme: str,
@@ -165,6 +183,8 @@ class DistillStage(Stage):
         self.epoch: int | None = None
         if self.d.temperature <= 0:
             raise ConfigError(f"distill.temperature must be > 0, got {self.d.temperature}")
+        if self.d.kd_gate not in KD_GATES:
+            raise ConfigError(f"distill.kd_gate must be one of {', '.join(KD_GATES)}, got {self.d.kd_gate!r}")
 
     # -- engine hooks
 
@@ -199,6 +219,9 @@ class DistillStage(Stage):
             s_logits = model(x_s)
         sup, logs = segmentation_loss(s_logits, label_s, self.scheme, self.cfg.train.dice_weight,
                                       self.cfg.train.ce_weight)
+        if self.d.kd_gate == "correct":
+            agrees = teacher_agrees(target, label_s, self.scheme)
+            mask = agrees if mask is None else mask.bool() & agrees
         kd = kd_loss(s_logits, target, self.scheme, self.d.temperature, mask)
         total = self.d.supervised_weight * sup + self.d.kd_weight * kd
         out = {"sup": logs["loss"], "sup_dice": logs["dice"], "sup_ce": logs["ce"], "kd": float(kd.detach())}
@@ -234,7 +257,7 @@ def distill_record(cfg: Config, perturb: bool) -> dict:
     """The distillation recipe as plain data, for the artifact's extra["distill"]."""
     d = cfg.distill
     return {"temperature": d.temperature, "supervised_weight": d.supervised_weight, "kd_weight": d.kd_weight,
-            "kd_dice_weight": d.kd_dice_weight, "feature_weight": d.feature_weight, "perturb": perturb,
+            "kd_dice_weight": d.kd_dice_weight, "kd_gate": d.kd_gate, "feature_weight": d.feature_weight, "perturb": perturb,
             "perturb_config": dataclasses.asdict(d.perturb) if perturb else None}
 
 

@@ -6,10 +6,11 @@ import torch.nn.functional as F
 
 from brats.phantom import write_phantom_dataset
 from common.artifact import Artifact, build_model
-from common.config import Config
+from brats.labels import to_target
+from common.config import Config, ConfigError
 from engine.loop import artifact_spec, product_of
 from student.distill import (DistillModel, DistillStage, dice_gap, distill_record, distill_student, kd_dice_loss,
-                             kd_loss, load_teacher)
+                             kd_loss, load_teacher, teacher_agrees)
 from student.thin import thin
 from model.refineformer3d import RefineFormer3D, count_params, preset_spec
 
@@ -152,6 +153,58 @@ def test_perturb_prob_zero_gives_exactly_the_clean_loss_and_is_recorded():
     assert abs(float(always.detach()) - float(clean.detach())) > 1e-4  # the perturbed input changes the loss
     assert distill_record(cfg, perturb=True)["perturb_config"]["prob"] == 1.0
     assert distill_record(cfg, perturb=False)["perturb_config"] is None
+
+
+def test_teacher_agrees_per_region_channel_and_per_class():
+    label = torch.tensor([[0, 2, 1, 4]]).reshape(1, 1, 1, 4)  # (B, D, H, W): background, edema, necrosis, ET
+    regions = torch.full((1, 3, 1, 1, 4), -5.0)  # channels [TC, WT, ET]
+    regions[0, :, 0, 0, 3] = 5.0  # ET voxel: TC, WT, ET all right
+    regions[0, 1, 0, 0, 1] = 5.0  # edema: WT only, right
+    regions[0, 1, 0, 0, 2] = 5.0  # necrosis: WT right but TC missed -> wrong
+    assert teacher_agrees(regions, label, "regions").flatten().tolist() == [True, True, False, True]
+    seed3 = torch.zeros(1, 3, 1, 1, 4)  # classes 0 bg, 1 core, 2 edema
+    seed3[0, [0, 2, 1, 2], 0, 0, [0, 1, 2, 3]] = 5.0  # ET voxel called edema -> wrong
+    assert teacher_agrees(seed3, label, "seed3").flatten().tolist() == [True, True, True, False]
+
+
+class _Fixed(torch.nn.Module):
+    """A 'teacher' that answers every input with the same logits."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits
+
+
+def test_kd_gate_correct_leaves_out_the_teachers_errors():
+    """A teacher wrong on every voxel teaches nothing under the gate: the loss is the supervised part;
+    a teacher right everywhere gives the ungated loss; an unknown gate is refused."""
+    teacher = tiny_teacher()
+    student = thin(teacher, 0.5).eval()
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(2, 4, 32, 32, 32, generator=g),
+             "label": torch.tensor([0, 1, 2, 4])[torch.randint(0, 4, (2, 32, 32, 32), generator=g)]}
+    cfg = Config()
+    cfg.distill.kd_gate = "correct"
+    stage = DistillStage(teacher, cfg, perturb=False)
+    wrong = (1 - 2 * to_target(batch["label"], "regions")) * 6.0  # every channel on the wrong side
+    stage.teacher = _Fixed(wrong)
+    total, parts = stage.loss(student, batch)
+    assert parts["kd"] == 0.0 and parts["kd_dice"] == pytest.approx(0.0, abs=1e-6)
+    assert float(total) == pytest.approx(parts["sup"], rel=1e-6)
+    right = -wrong
+    stage.teacher = _Fixed(right)
+    gated, _ = stage.loss(student, batch)
+    cfg_all = Config()
+    ungated_stage = DistillStage(teacher, cfg_all, perturb=False)
+    ungated_stage.teacher = _Fixed(right)
+    ungated, _ = ungated_stage.loss(student, batch)
+    assert float(gated) == pytest.approx(float(ungated), rel=1e-6) and float(gated) > parts["sup"]
+    cfg.distill.kd_gate = "sometimes"
+    with pytest.raises(ConfigError, match="kd_gate must be one of all, correct"):
+        DistillStage(teacher, cfg, perturb=False)
 
 
 def test_kd_dice_weighs_a_small_region_like_a_large_one():
