@@ -349,6 +349,9 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
         official.require()
     if cfg.report.runtime not in RUNTIME_CHOICES:
         raise ConfigError(f"report.runtime must be one of {', '.join(RUNTIME_CHOICES)}, got {cfg.report.runtime!r}")
+    if cfg.report.et_min_voxels is not None and cfg.report.et_min_voxels < 0:
+        raise ConfigError(f"report.et_min_voxels must be >= 0 (0: off) or null (each artifact's own rule), "
+                          f"got {cfg.report.et_min_voxels}")
     found = find_artifacts(sources)
     if not found:
         raise ArtifactError(f"no artifact (*.pt) found in {', '.join(map(str, sources))}")
@@ -785,7 +788,8 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
             ["stage", "gap WT", "gap TC", "gap ET", "gap mean", "ET predicted empty", "ET rule"],
             ([r["stage"], *[_gap(ref, r, g) for g in GAP_REGIONS],
               "-" if r.get("et_missed_cases") is None else f"{r['et_missed_cases']} of {r['cases']}",
-              "-" if r.get("et_min_voxels") is None else f"< {r['et_min_voxels']} voxels"] for r in rows),
+              "-" if r.get("et_min_voxels") is None else "off" if r["et_min_voxels"] == 0
+              else f"< {r['et_min_voxels']} voxels"] for r in rows),
         ),
         "",
         *skip_section(rows, cfg.train.skip_background),

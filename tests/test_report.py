@@ -14,7 +14,7 @@ from brats.metrics import HD95_EMPTY
 from brats.phantom import write_phantom_dataset
 from brats.splits import read_splits
 from common.artifact import Artifact, ArtifactError
-from common.config import Config, DataConfig, to_dict
+from common.config import Config, ConfigError, DataConfig, to_dict
 import brats.inference
 import brats.scoring
 from brats.overlay import FIGURE_DPI, PANEL_INCHES
@@ -222,7 +222,7 @@ def test_files_written(built):
         assert "From `" + str(root / "runs" / "student" / "student.pt") + "`." in section
         assert all(row in section.splitlines() for row in rows), title
     assert "metrics_before_finetune" not in md and "fuse_dim" not in md  # no raw dumps of nested data
-    assert "the BraTS ET rule per artifact" in md and "| < 0 voxels |" in md  # no rule recorded: train's 0
+    assert "the BraTS ET rule per artifact" in md and "| off |" in md  # no rule recorded: train's 0
     assert f"| teacher | {result.rows[0]['params']:,} |" in md
 
 
@@ -368,6 +368,15 @@ def test_et_min_voxels_reaches_predict_case(built, monkeypatch):
     cfg.report.et_min_voxels = None
     row = evaluate_artifact(found, cfg, cache, cases, "regions", progress=False)
     assert seen == [7, 0, 25] and row["et_min_voxels"] == 25
+
+
+def test_a_negative_et_rule_is_refused_before_any_work(built):
+    root, cfg, *_ = built
+    bad = copy.deepcopy(cfg)
+    bad.report.et_min_voxels = -5
+    with pytest.raises(ConfigError, match="report.et_min_voxels must be >= 0"):
+        make_report([root / "runs"], bad, root / "never", progress=False)
+    assert not (root / "never").exists()
 
 
 def test_case_figures_median_and_worst_one_column_per_stage(built):
