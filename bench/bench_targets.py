@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--coarse", type=int, default=2, help="pooling factor of the coarse-to-fine row (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs this process may use)")
     args = p.parse_args(argv)
+    if args.coarse < 2:
+        p.error(f"--coarse must be a pooling factor >= 2, got {args.coarse}")
     rt = resolve_runtime("cpu", "off", args.threads)
     print(f"{rt.line('bench_targets')} | OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     root = Path(args.runs_dir)

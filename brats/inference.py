@@ -17,9 +17,10 @@ overlap.
 Coarse-to-fine (`coarse=f`, off by default): on a brain-cropped case every 50 %-overlap window reaches
 the brain, so skipping saves nothing there (bench/bench_skip.py). A first pass of the same model on the
 image average-pooled by f (one or a few windows) gives a whole-tumour probability; the box of voxels
-above COARSE_THRESHOLD, grown by COARSE_MARGIN voxels and to at least one window per axis (so the
-model sees real context, not padding), is then predicted at full resolution and everything outside it
-is background. This is not the same label map as the full pass (other window positions inside the box;
+above COARSE_THRESHOLD (any region), grown by COARSE_MARGIN voxels and to at least one window per axis
+(so the model sees real context, not padding), is then predicted at full resolution and everything
+outside it is background. A case that fits in one window, or has an axis shorter than f, gets the
+full pass (the box would be the whole case). This is not the same label map as the full pass (other window positions inside the box;
 a tumour the coarse pass misses is lost): `bench/bench_targets.py` measures time, and Dice on/off where
 held-out cases are larger than a window. When the coarse pass finds nothing, the full pass runs.
 """
@@ -63,8 +64,11 @@ def gaussian_importance(window: Sequence[int], sigma_scale: float = 0.125) -> to
 
 @functools.lru_cache(maxsize=8)
 def _shared_importance(window: tuple[int, ...], sigma_scale: float) -> torch.Tensor:
-    """`gaussian_importance`, computed once per window and shared (a 128^3 map costs ~25 ms): never modify it."""
-    return gaussian_importance(window, sigma_scale)
+    """`gaussian_importance`, computed once per window and shared (a 128^3 map costs ~25 ms): never modify it.
+    Built outside inference mode, so a first call under `torch.inference_mode()` does not cache an
+    inference tensor that a later autograd use would refuse."""
+    with torch.inference_mode(False):
+        return gaussian_importance(window, sigma_scale)
 
 
 def window_starts(size: int, window: int, overlap: float) -> list[int]:
@@ -241,7 +245,12 @@ def predict_case(
     docstring; 0: off). Extra keyword arguments go to `sliding_window`.
     """
     image = torch.as_tensor(image)
-    box = tumour_box(predict, image, scheme, window, coarse, sw_batch, **kwargs) if coarse else None
+    if coarse and coarse < 2:
+        raise ValueError(f"coarse must be a pooling factor >= 2 (or 0: off), got {coarse}")
+    # a case within one window: the box would be the whole case, so the coarse pass would only cost time;
+    # an axis shorter than the pooling factor cannot be pooled: the full pass either way
+    worth = coarse and any(n > w for n, w in zip(image.shape[1:], window)) and min(image.shape[1:]) >= coarse
+    box = tumour_box(predict, image, scheme, window, coarse, sw_batch, **kwargs) if worth else None
     if box is None:
         logits = sliding_window(predict, image, window, overlap, sw_batch, **kwargs)
         return suppress_small_et(_labels(logits, scheme), et_min_voxels)
@@ -276,8 +285,8 @@ def _grid(brain: torch.Tensor, window: Sequence[int], overlap: float, skip_backg
 
 def tumour_box(predict: Predict, image: torch.Tensor, scheme: str, window: Sequence[int], factor: int,
                sw_batch: int = 1, **kwargs) -> tuple[slice, slice, slice] | None:
-    """Coarse pass (module docstring): the (D, H, W) slices of `image` (C, D, H, W) to predict at full
-    resolution, or None when no voxel of the 1/`factor` pass reaches COARSE_THRESHOLD (predict all).
+    """Coarse pass (module docstring): the (D, H, W) slices of `image` (C, D, H, W; every axis >= `factor`)
+    to predict at full resolution, or None when no voxel of the 1/`factor` pass reaches COARSE_THRESHOLD.
     The coarse windows are counted in `kwargs["count"].coarse` when given. ValueError for factor < 2."""
     if factor < 2:
         raise ValueError(f"coarse must be a pooling factor >= 2 (or 0: off), got {factor}")
@@ -288,8 +297,9 @@ def tumour_box(predict: Predict, image: torch.Tensor, scheme: str, window: Seque
                             **{k: v for k, v in kwargs.items() if k != "count"})
     if kwargs.get("count") is not None:
         kwargs["count"].coarse += passed.windows - passed.skipped
-    # whole tumour: 1 - p(background) for softmax schemes, the WT channel ([TC, WT, ET]) for regions
-    wt = 1 - torch.softmax(logits, dim=0)[0] if is_softmax(scheme) else torch.sigmoid(logits[1])
+    # any tumour: 1 - p(background) for softmax schemes; for regions the largest of the TC, WT and ET
+    # probabilities (probs_to_brats labels a voxel tumour when any of them passes 0.5)
+    wt = 1 - torch.softmax(logits, dim=0)[0] if is_softmax(scheme) else torch.sigmoid(logits).amax(0)
     found = (wt >= COARSE_THRESHOLD).nonzero()
     if found.numel() == 0:
         return None

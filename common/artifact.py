@@ -6,10 +6,11 @@ An artifact is a `torch.save`d dict of plain data and tensors, so it loads with
     format   "refineformer3d-artifact"
     version  3 (2: buffers stored as tensors, no checksum; 1: the state_dict as a dict of tensors; both read)
     state    the weights, packed: {"index": zlib-compressed UTF-8 JSON [[name, dtype, shape], ...] in
-             state_dict order, "buffers": {dtype: [[codec, bytes], ...]}, "byteorder", "sha256"}: each
-             dtype's tensors flattened and concatenated in index order, then split into byte planes (byte
-             i of every element), each plane zlib'd when that pays ("zlib") or kept ("raw"); "sha256" of
-             the index and the buffers' bytes, checked at load. Stored one by one, each tensor cost ~300
+             state_dict order, "buffers": {dtype: [[codec, uint8 tensor], ...]}, "byteorder": "little",
+             "sha256"}: each dtype's tensors flattened and concatenated in index order, then split into
+             byte planes (byte i of every element, least significant first on any machine), each plane
+             zlib'd when that pays ("zlib") or kept ("raw"); "sha256" of the index and the planes, checked
+             at load (it catches damage and edits that do not recompute it; it is not a signature). Stored one by one, each tensor cost ~300
              bytes (zip record, 64-byte alignment, pickled storage reference): a quarter of the demo's
              250k-parameter INT8 artifact (316 tensors: 402,267 bytes one by one; 305,786 packed as flat
              tensors in version 2). The byte planes are lossless entropy coding, as in Deep Compression
@@ -123,7 +124,7 @@ class Artifact:
                 raise ArtifactError(f"{path}: its {key!r} is a {type(payload[key]).__name__}, expected a "
                                     f"{kind.__name__}")
         try:
-            state_dict = payload["state_dict"] if version == 1 else unpack_state(payload["state"])
+            state_dict = payload["state_dict"] if version == 1 else unpack_state(payload["state"], version)
         except (KeyError, TypeError, ValueError, RuntimeError, zlib.error) as e:
             raise ArtifactError(f"{path}: its packed weights are malformed: {type(e).__name__}: {e}") from None
         return cls(
@@ -163,9 +164,11 @@ SMALL_PLANE = 1 << 20  # planes up to this size get zlib level 9 (the students':
 
 
 def _byte_planes(flat: torch.Tensor) -> list[torch.Tensor]:
-    """(element_size) uint8 tensors: byte i of every element of the 1-D `flat`, in the machine's order."""
+    """(element_size) uint8 tensors: byte i of every element of the 1-D `flat`, least significant first
+    (little-endian order on any machine, so a file reads the same on both byte orders)."""
     size = flat.element_size()
-    return list(flat.view(torch.uint8).reshape(-1, size).t()) if flat.numel() else [flat.view(torch.uint8)] * size
+    planes = list(flat.view(torch.uint8).reshape(-1, size).t()) if flat.numel() else [flat.view(torch.uint8)] * size
+    return planes[::-1] if sys.byteorder == "big" else planes
 
 
 def _encode_plane(plane: torch.Tensor) -> list:
@@ -195,11 +198,13 @@ def _decode_plane(entry: list) -> bytes:
         raise ValueError(f"a zlib byte plane does not decompress (damaged): {e}") from None
 
 
-def _digest(index: bytes, flats: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256(index)
-    for dtype in sorted(flats):
-        h.update(dtype.encode())
-        h.update(flats[dtype].view(torch.uint8).numpy().tobytes())
+def _digest(index: bytes, planes: dict[str, list[bytes]]) -> str:
+    """SHA-256 of the index and every dtype's byte planes (little-endian order), each part length-prefixed."""
+    h = hashlib.sha256(len(index).to_bytes(8, "little") + index)
+    for dtype in sorted(planes):
+        h.update(len(dtype).to_bytes(8, "little") + dtype.encode())
+        for plane in planes[dtype]:
+            h.update(len(plane).to_bytes(8, "little") + plane)
     return h.hexdigest()
 
 
@@ -218,43 +223,50 @@ def pack_state(state_dict: dict[str, torch.Tensor]) -> dict:
         index.append([name, dtype, list(t.shape)])
         parts.setdefault(dtype, []).append(t.reshape(-1))
     text = zlib.compress(json.dumps(index, separators=(",", ":")).encode(), 9)
-    flats = {d: torch.cat(ts) for d, ts in parts.items()}
-    return {"index": text, "byteorder": sys.byteorder,
-            "buffers": {d: [_encode_plane(p) for p in _byte_planes(f)] for d, f in flats.items()},
-            "sha256": _digest(text, flats)}
+    planes = {d: _byte_planes(torch.cat(ts)) for d, ts in parts.items()}
+    return {"index": text, "byteorder": "little",
+            "buffers": {d: [_encode_plane(p) for p in ps] for d, ps in planes.items()},
+            "sha256": _digest(text, {d: [p.contiguous().numpy().tobytes() for p in ps] for d, ps in planes.items()})}
 
 
-def _flat_buffers(packed: dict) -> dict[str, torch.Tensor]:
-    """dtype -> 1-D tensor of a version 3 `state` (byte planes) or a version 2 one (tensors)."""
+def _flat_buffers(packed: dict, version: int) -> dict[str, torch.Tensor]:
+    """dtype -> 1-D tensor: version 2 stored them as tensors; version 3 as byte planes with a checksum,
+    checked here (the format is decided by `version`, never by what the buffers look like, so a version
+    3 file cannot skip its checksum)."""
     buffers = packed["buffers"]
-    if all(isinstance(b, torch.Tensor) for b in buffers.values()):  # version 2
+    if version == 2:
+        if not all(isinstance(b, torch.Tensor) for b in buffers.values()):
+            raise ValueError("a version 2 file whose buffers are not tensors")
         return buffers
-    if packed.get("byteorder") != sys.byteorder:
-        raise ValueError(f"written on a {packed.get('byteorder')}-endian machine, read on a {sys.byteorder}-endian one")
-    flats = {}
+    if packed.get("byteorder") != "little" or not isinstance(packed.get("sha256"), str):
+        raise ValueError(f"a version 3 file needs little-endian byte planes and a sha256 "
+                         f"(byteorder {packed.get('byteorder')!r}, sha256 {type(packed.get('sha256')).__name__})")
+    flats, raw_planes = {}, {}
     for dtype, planes in buffers.items():
         torch_dtype = getattr(torch, dtype, None)
-        if not isinstance(torch_dtype, torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}")
+        if not isinstance(torch_dtype, torch.dtype) or not isinstance(planes, list):
+            raise ValueError(f"buffer {dtype!r}: not a known dtype with a list of byte planes")
         raw = [_decode_plane(p) for p in planes]
         size = torch.empty(0, dtype=torch_dtype).element_size()
         if len(raw) != size or len({len(r) for r in raw}) != 1:
             raise ValueError(f"the {dtype} buffer has {len(raw)} byte planes of lengths {sorted({len(r) for r in raw})}; "
                              f"expected {size} of one length")
-        interleaved = torch.stack([torch.frombuffer(bytearray(r), dtype=torch.uint8) for r in raw], 1) if raw[0] \
+        raw_planes[dtype] = raw
+        native = raw[::-1] if sys.byteorder == "big" else raw
+        interleaved = torch.stack([torch.frombuffer(bytearray(r), dtype=torch.uint8) for r in native], 1) if raw[0] \
             else torch.empty(0, size, dtype=torch.uint8)
         flats[dtype] = interleaved.reshape(-1).view(torch_dtype)
-    if packed.get("sha256") != _digest(packed["index"], flats):
-        raise ValueError("the weights' SHA-256 does not match the one written with them: the file was altered or "
-                         "damaged after it was saved")
+    if packed["sha256"] != _digest(packed["index"], raw_planes):
+        raise ValueError("the weights' SHA-256 does not match the one written with them: the file was damaged, or "
+                         "edited without recomputing it, after it was saved")
     return flats
 
 
-def unpack_state(packed: dict) -> dict[str, torch.Tensor]:
-    """`pack_state`'s inverse (versions 2 and 3): name -> tensor, in the saved order, each its own copy
-    (no tensor pins the whole buffer). ValueError when the index and the buffers disagree (dtype, extent)
-    or, version 3, when the checksum does not match."""
-    buffers, offsets, out = _flat_buffers(packed), {}, {}
+def unpack_state(packed: dict, version: int = VERSION) -> dict[str, torch.Tensor]:
+    """`pack_state`'s inverse (`version` 2 or 3 of the file): name -> tensor, in the saved order, each its
+    own copy (no tensor pins the whole buffer). ValueError when the index and the buffers disagree
+    (dtype, extent) or, version 3, when the checksum does not match."""
+    buffers, offsets, out = _flat_buffers(packed, version), {}, {}
     for name, dtype, shape in json.loads(zlib.decompress(packed["index"])):
         buf = buffers[dtype]
         if str(buf.dtype).removeprefix("torch.") != dtype:

@@ -18,7 +18,7 @@ Four steps, each `step(model, cfg) -> model` (cfg: common.config.SlimConfig) on 
              encoder's first stage) narrowed by group magnitude over `model.widths`' groups, never
              below the region floors of `student.thin.HEAD_FLOORS`.
     mlp      stage 1's Mix-FFN hidden width (`slim.mlp_hidden`, per stage) narrowed by group magnitude.
-             Not in the default steps: on the demo it saves 0.047 G but ~1 % of latency (configs/slim.yaml).
+             Not in the default steps: on the demo it saves 0.047 G but under 1 % of latency (configs/slim.yaml).
 
 No step is exact: the stage fine-tunes the result by distillation from the teacher in the
 lineage (the teacher's full decoder is the target). With `slim.macs_budget` the steps are chosen
@@ -37,7 +37,7 @@ import torch
 
 from common.artifact import Artifact
 from common.cli import add_strict, config_from_args, data_given, out_dir, run_main, stage_parser
-from common.config import Config, ConfigError, parse_count
+from common.config import Config, ConfigError, SlimConfig, parse_count
 from compress.grow import widen
 from engine.runner import StageContext, StageDef, exit_code, run_stage
 from model.macs import spec_macs
@@ -299,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      default_config="configs/slim.yaml", default_out="runs/slim")
     p.add_argument("artifact", help="model artifact (.pt) to slim, e.g. runs/student/student.pt")
     p.add_argument("--steps", default=None,
-                   help=f"comma-separated steps of {', '.join(STEPS)} (default: slim.steps: head, stem, widths)")
+                   help=f"comma-separated steps of {', '.join(STEPS)} (default: slim.steps, {', '.join(SlimConfig().steps)})")
     p.add_argument("--macs-budget", default=None,
                    help="G multiply-adds at slim.reference_input to reach, e.g. 1G: the steps are chosen, largest "
                    "saving first (default: slim.macs_budget, none: every step in --steps)")

@@ -254,7 +254,7 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
             raise UserInputError(f"{artifact}: runtime {runtime}: {e}") from None
         print(result.runtime.line(), file=sys.stderr)
     print(f"ET rule: {f'a case with fewer than {et_min_voxels} predicted ET voxels gets them relabelled NCR/NET' if et_min_voxels else 'off'} "
-          f"({'given' if given_rule else 'calibrated for this artifact' if 'et_rule' in art.extra else 'none recorded'})",
+          f"({'given' if given_rule else 'calibrated for this artifact' if (art.extra.get('et_rule') or {}).get('et_min_voxels') is not None else 'none recorded'})",
           file=sys.stderr)
     output_dir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(refs, desc=f"predict ({art.stage})", unit="case", disable=bar_off(progress), file=sys.stderr)

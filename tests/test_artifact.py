@@ -202,10 +202,38 @@ def test_byte_planes_compress_what_compresses_and_keep_noise_raw(tmp_path):
     assert torch.equal(back["q"], q) and torch.equal(back["w"], w)
 
 
+def test_a_version_3_file_cannot_skip_its_checksum_with_flat_buffers(tmp_path):
+    """Buffers stored as plain tensors (as version 2 did) in a file that says version 3: refused, not loaded
+    unchecked."""
+    _, art = _artifact()
+    raw = _v2_payload(art)
+    raw["version"] = 3
+    raw["state"]["buffers"]["float32"][0] = 1e6
+    torch.save(raw, tmp_path / "sneaky.pt")
+    with pytest.raises(ArtifactError, match=r"sneaky\.pt: its packed weights are malformed.*sha256"):
+        Artifact.load(tmp_path / "sneaky.pt")
+
+
+def test_byte_planes_are_stored_least_significant_first_on_either_byte_order(tmp_path, monkeypatch):
+    """On a big-endian machine the native planes are reversed on save and back on load. Faking the byte
+    order here must round-trip and store the (little-endian) native planes reversed; on a real big-endian
+    machine, whose native planes are the other way round, that gives the same stored order as here."""
+    import common.artifact as artifact_module
+    state = {"w": torch.randn(1000, generator=torch.Generator().manual_seed(1))}
+    Artifact("x", {"kind": "fp32"}, state).save(tmp_path / "little.pt")
+    monkeypatch.setattr(artifact_module.sys, "byteorder", "big")
+    Artifact("x", {"kind": "fp32"}, state).save(tmp_path / "big.pt")
+    assert torch.equal(Artifact.load(tmp_path / "big.pt").state_dict["w"], state["w"])
+    little, big = (torch.load(tmp_path / n, weights_only=True)["state"]["buffers"]["float32"] for n in ("little.pt", "big.pt"))
+    assert [c for c, _ in little] == [c for c, _ in big[::-1]]  # the native planes, reversed
+
+
 def test_altered_weights_or_index_fail_the_checksum(tmp_path):
     """A flipped byte in a raw plane, two index entries swapped (same dtype and shape), a damaged zlib
     plane, a plane cut short: each is refused at load with the file named, never loaded silently."""
-    state = {"a": torch.randn(64), "b": torch.randn(64), "q": torch.randint(-3, 3, (4096,), dtype=torch.int8)}
+    g = torch.Generator().manual_seed(0)
+    state = {"a": torch.randn(64, generator=g), "b": torch.randn(64, generator=g),
+             "q": torch.randint(-3, 3, (4096,), dtype=torch.int8, generator=g)}
     Artifact("x", {"kind": "fp32"}, state).save(tmp_path / "a.pt")
     good = torch.load(tmp_path / "a.pt", weights_only=True)
 

@@ -297,3 +297,28 @@ def test_coarse_pass_that_finds_nothing_falls_back_to_the_full_pass():
     label = predict_case(predict, image, "regions", (32, 32, 32), 0.5, 1, coarse=4, count=count)
     np.testing.assert_array_equal(label, predict_case(predict, image, "regions", (32, 32, 32), 0.5, 1))
     assert count.coarse == 1 and count.saved == 0 and (label > 0).sum() == 1
+
+
+def test_coarse_pass_skipped_where_it_cannot_pay_or_cannot_pool_and_sees_every_region():
+    calls: list[int] = []
+    predict = _pointwise_predict(calls)
+    small = torch.zeros((4, 30, 30, 20))
+    small[0, 10:14, 10:14, 8:12] = 1.6
+    count = WindowCount()  # a case within one window: no coarse pass, the full pass's labels
+    label = predict_case(predict, small, "regions", (32, 32, 32), 0.5, 1, coarse=2, count=count)
+    np.testing.assert_array_equal(label, predict_case(predict, small, "regions", (32, 32, 32), 0.5, 1))
+    assert count.coarse == 0 and len(calls) == 2
+    thin_slab = torch.zeros((4, 1, 64, 64))
+    thin_slab[0, 0, 30:34, 30:34] = 1.6
+    count = WindowCount()  # an axis shorter than the factor: no pooling error, the full pass
+    label = predict_case(predict, thin_slab, "regions", (32, 32, 32), 0.5, 1, coarse=2, count=count)
+    assert count.coarse == 0 and (label > 0).sum() == 16
+
+    def tc_only(x: torch.Tensor) -> torch.Tensor:  # TC fires where WT does not: still a tumour to find
+        t = x[:, :1]
+        return torch.cat([8 * (t - 1.0), torch.full_like(t, -8.0), torch.full_like(t, -8.0)], dim=1)
+
+    image = torch.zeros((4, 96, 80, 64))
+    image[0, 60:72, 50:62, 40:52] = 1.6
+    box = tumour_box(tc_only, image, "regions", (32, 32, 32), 2)
+    assert box is not None and box[0].start <= 60 and box[0].stop >= 72
