@@ -1,4 +1,4 @@
-"""Atomic file writes: write to a temporary sibling, fsync, rename; and an exclusive folder lock.
+"""Atomic file writes: write to a temporary sibling, fsync, rename; exclusive folder locks.
 
 A kill at any moment leaves either the previous good file or the new one, never a partial file.
 """
@@ -9,7 +9,12 @@ import fcntl
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import IO, Callable, Iterator
+
+from common.errors import UserInputError
+
+OUT_LOCK = ".lock"
+_CLAIMED: dict[Path, IO[str]] = {}  # folder -> its open lock file, held until this process exits
 
 
 @contextlib.contextmanager
@@ -63,6 +68,32 @@ def exclusive_lock(path: str | os.PathLike, on_wait: Callable[[], None] | None =
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def claim_folder(path: str | os.PathLike) -> None:
+    """Hold an exclusive `flock` on `<path>/.lock` until this process exits, so two runs never write
+    one output folder at once (the kernel drops the lock when its holder dies: a killed run leaves
+    nothing to clean up). Claiming a folder this process holds already is a no-op. UserInputError,
+    naming the holder's pid, when another process holds it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    key = path.resolve()
+    if key in _CLAIMED:
+        return
+    f = open(path / OUT_LOCK, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "pid unknown"
+        f.close()
+        raise UserInputError(f"{path}: another run is writing this folder ({holder}); wait for it to finish "
+                             "or choose another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}")
+    f.flush()
+    _CLAIMED[key] = f
 
 
 def _umask() -> int:

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from brats.overlay import axial_slice, contour_overlay
 from brats.scoring import mean_rows, score_cases
 from common.artifact import Artifact, ArtifactError
-from common.atomic import atomic_write_text
+from common.atomic import atomic_write_text, claim_folder
 from common.config import Config, ConfigError, to_dict
 from common.machine import usable_cpus
 from common.progress import bar_off
@@ -560,7 +560,7 @@ class Trainer:
     def run(self, resume: bool = False) -> FitResult:
         t = self.cfg.train
         if self.dist.main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            claim_folder(self.out_dir)  # creates it; a second run writing the same folder fails here
         if resume:
             self.load_last()
         if t.val_at_start and self.epoch == 0 and not self.history:  # a resumed run validated it already

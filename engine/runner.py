@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from brats.metrics import REGIONS
 from brats.scoring import calibrate_et_rule, evaluate
+from common.atomic import claim_folder
 from common.artifact import Artifact, ArtifactError, build_model
 from common.config import DATA_IDENTITY, Config, ConfigError, to_dict
 from common.paths import recorded_path
@@ -230,6 +231,7 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
 
     info = init_distributed(cfg.train.device)  # before the data, so rank 0 alone prepares the cache
     if info.main:
+        claim_folder(out)  # rank 0 writes <out>: a second run into it fails here, before any work
         tqdm.write(f"{stage.name}: {data_line}")
     try:
         seed_everything(cfg.train.seed)

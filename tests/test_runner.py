@@ -178,3 +178,28 @@ def test_et_rule_calibration_never_empties_a_case_that_has_et(monkeypatch):
     assert out["et_missed"] == [0, 0, 1, 2]
     assert out["dice_et"][2] > out["dice_et"][0]  # what the unconstrained rule would have taken
     assert out["et_min_voxels"] == 0
+
+
+def test_two_runs_never_write_one_output_folder(tmp_path):
+    """A second process claiming a folder another one holds fails at once, naming the holder; once the
+    holder exits (here: killed), the folder is free again."""
+    import os
+    import subprocess
+    import sys
+
+    from common.atomic import claim_folder
+    from common.errors import UserInputError
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from common.atomic import claim_folder; "
+                               f"claim_folder({str(out)!r}); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserInputError, match=rf"{out}: another run is writing this folder \(pid {holder.pid}\)"):
+            claim_folder(out)
+    finally:
+        holder.kill()
+        holder.wait()
+    claim_folder(out)  # free after the holder died
+    claim_folder(out)  # this process holds it already: no-op
+    assert (out / ".lock").read_text() == f"pid {os.getpid()}"
