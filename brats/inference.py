@@ -135,7 +135,8 @@ def sliding_window(
     skip_background: bool = True,
     count: WindowCount | None = None,
 ) -> torch.Tensor:
-    """(K, D, H, W) float32: importance-weighted average of `predict` over windows of `image`.
+    """(K, D, H, W) float32: importance-weighted average of `predict` over windows of `image` (one window:
+    its logits as they are, which the weighted average equals up to float rounding).
 
     `image` (C, D, H, W) stays on its device; windows are cut from it `sw_batch` at a time and
     the outputs accumulate on `out_device`. `skip_background`: all-zero windows are not run but
@@ -154,6 +155,11 @@ def sliding_window(
     slices, run = _window_plan(padded, window, overlap, image.ne(0).any(dim=0) if skip_background else None)
     if count is not None:
         count.add(WindowCount(len(slices), run.count(False)))
+    d, h, w = spatial
+    if len(slices) == 1:  # one window: the blend would multiply by the weights and divide them out again
+        with torch.no_grad():
+            ((_, logits),) = _window_logits(predict, image, slices, run, sw_batch, progress)
+        return logits.to(device=out_device, dtype=torch.float32)[:, :d, :h, :w].contiguous()
     weight = _shared_importance(window, float(sigma_scale)) if gaussian else torch.ones(window)
     weight = weight.to(out_device)
     out: torch.Tensor | None = None
@@ -167,7 +173,6 @@ def sliding_window(
             total[(slice(None), *s)] += weight
     assert out is not None  # at least one window always exists
     out /= total
-    d, h, w = spatial
     return out[:, :d, :h, :w].contiguous()
 
 
