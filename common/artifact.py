@@ -4,7 +4,8 @@ An artifact is a `torch.save`d dict of plain data and tensors, so it loads with
 `torch.load(..., weights_only=True)`:
 
     format   "refineformer3d-artifact"
-    version  3 (2: buffers stored as tensors, no checksum; 1: the state_dict as a dict of tensors; both read)
+    version  4 (3: no "digest"; 2: buffers stored as tensors, no checksum; 1: the state_dict as a dict of
+             tensors; all read)
     state    the weights, packed: {"index": zlib-compressed UTF-8 JSON [[name, dtype, shape], ...] in
              state_dict order, "buffers": {dtype: [[codec, uint8 tensor], ...]}, "byteorder": "little",
              "sha256"}: each dtype's tensors flattened and concatenated in index order, then split into
@@ -21,6 +22,8 @@ An artifact is a `torch.save`d dict of plain data and tensors, so it loads with
     lineage  list of ancestors, oldest first: {"stage", "path", "metrics"}
     extra    stage-specific plain data (low-rank table, growth history, INT8 decisions,
              training state in last.pt, ...)
+    digest   SHA-256 of every other field (the weights through their own "sha256"), checked at load:
+             a flipped byte in the config, metrics or ET rule is refused like one in the weights
 
 `build_model(artifact)` dispatches on spec["kind"] to the builder its model module registered with
 `@register_builder(kind)` when it was imported, so this module depends on no model code.
@@ -43,8 +46,8 @@ from common.atomic import atomic_write
 from common.errors import UserInputError
 
 FORMAT = "refineformer3d-artifact"
-VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 # the payload's fields and their types (checked at load: a hand-edited file fails here, naming the field)
 FIELD_TYPES = {"stage": str, "spec": dict, "state_dict": dict, "state": dict, "config": dict, "metrics": dict,
                "lineage": list, "extra": dict}
@@ -90,6 +93,7 @@ class Artifact:
             "extra": self.extra,
             "created": self.created,
         }
+        payload["digest"] = record_digest(payload)
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
         self.path = Path(path)
         return self.path
@@ -123,8 +127,12 @@ class Artifact:
             if key in payload and not isinstance(payload[key], kind):
                 raise ArtifactError(f"{path}: its {key!r} is a {type(payload[key]).__name__}, expected a "
                                     f"{kind.__name__}")
+        if version >= 4 and payload.get("digest") != record_digest(payload):
+            raise ArtifactError(f"{path}: its record (spec, config, metrics, lineage, extra: the ET rule among them) "
+                                "does not match the SHA-256 written with it: the file was damaged, or edited without "
+                                "recomputing it, after it was saved")
         try:
-            state_dict = payload["state_dict"] if version == 1 else unpack_state(payload["state"], version)
+            state_dict = payload["state_dict"] if version == 1 else unpack_state(payload["state"], min(version, 3))
         except (KeyError, TypeError, ValueError, RuntimeError, zlib.error) as e:
             raise ArtifactError(f"{path}: its packed weights are malformed: {type(e).__name__}: {e}") from None
         return cls(
@@ -205,6 +213,49 @@ def _digest(index: bytes, planes: dict[str, list[bytes]]) -> str:
         h.update(len(dtype).to_bytes(8, "little") + dtype.encode())
         for plane in planes[dtype]:
             h.update(len(plane).to_bytes(8, "little") + plane)
+    return h.hexdigest()
+
+
+def _feed(h: "hashlib._Hash", obj: object) -> None:
+    """Feed `obj` (plain data and tensors, as artifacts hold) to `h` unambiguously: a type tag and a
+    length before every value; dict entries in a fixed order; tensors as dtype, shape and bytes."""
+    def put(tag: bytes, data: bytes) -> None:
+        h.update(tag + len(data).to_bytes(8, "little") + data)
+    if obj is None or isinstance(obj, bool):
+        put(b"c", repr(obj).encode())
+    elif isinstance(obj, int):
+        put(b"i", int.__repr__(obj).encode())
+    elif isinstance(obj, float):
+        put(b"f", float.__repr__(obj).encode())  # repr round-trips a float exactly
+    elif isinstance(obj, str):
+        put(b"s", obj.encode())
+    elif isinstance(obj, (bytes, bytearray)):
+        put(b"b", bytes(obj))
+    elif isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu")
+        t = t.int_repr() if t.is_quantized else t
+        put(b"t", f"{obj.dtype}{tuple(t.shape)}".encode())
+        put(b"d", t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, (list, tuple)):
+        put(b"l", len(obj).to_bytes(8, "little"))
+        for item in obj:
+            _feed(h, item)
+    elif isinstance(obj, dict):
+        put(b"m", len(obj).to_bytes(8, "little"))
+        for key in sorted(obj, key=lambda k: (type(k).__name__, repr(k))):
+            _feed(h, key)
+            _feed(h, obj[key])
+    else:
+        put(b"r", f"{type(obj).__name__}:{obj!r}".encode())
+
+
+def record_digest(payload: dict) -> str:
+    """SHA-256 of an artifact payload's record: every field but the weights and the digest itself, plus
+    the weights' own SHA-256 (version 3's, `pack_state`), so one value covers the whole file."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in payload.items() if k not in ("state", "digest")})
+    state = payload.get("state")
+    _feed(h, state.get("sha256") if isinstance(state, dict) else None)
     return h.hexdigest()
 
 

@@ -70,6 +70,11 @@ def exclusive_lock(path: str | os.PathLike, on_wait: Callable[[], None] | None =
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def busy_error(path: Path, holder: str) -> UserInputError:
+    return UserInputError(f"{path}: another run is writing this folder ({holder}); wait for it to finish "
+                          "or choose another --out")
+
+
 def claim_folder(path: str | os.PathLike) -> None:
     """Hold an exclusive `flock` on `<path>/.lock` until this process exits, so two runs never write
     one output folder at once (the kernel drops the lock when its holder dies: a killed run leaves
@@ -87,13 +92,28 @@ def claim_folder(path: str | os.PathLike) -> None:
         f.seek(0)
         holder = f.read().strip() or "pid unknown"
         f.close()
-        raise UserInputError(f"{path}: another run is writing this folder ({holder}); wait for it to finish "
-                             "or choose another --out") from None
+        raise busy_error(path, holder) from None
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()}")
     f.flush()
     _CLAIMED[key] = f
+
+
+def folder_holder(path: str | os.PathLike) -> str | None:
+    """"pid N" of another process holding `claim_folder(path)`, else None (nothing is locked or created)."""
+    path = Path(path)
+    lock = path / OUT_LOCK
+    if path.resolve() in _CLAIMED or not lock.is_file():
+        return None
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            return f.read().strip() or "pid unknown"
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return None
 
 
 def _umask() -> int:

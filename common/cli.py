@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from common.atomic import busy_error, folder_holder
 from common.config import DATA_IDENTITY, Config, load_config
 from common.errors import UserInputError
 from common.paths import project_path
@@ -86,13 +87,16 @@ def run_main(main: Callable[[], int | None]) -> None:
 def out_dir(args: argparse.Namespace) -> Path:
     """The output folder (`--out`, whose default `stage_parser` set), checked before any work.
 
-    UserInputError when it cannot be written (a file in the way, no write permission), or when it
+    UserInputError when it cannot be written (a file in the way, no write permission), when another
+    run is writing it (`common.atomic.claim_folder`: said first, whatever the flags), or when it
     already holds a run (any *.pt) and neither --resume nor --overwrite was given: nothing already
     written is replaced silently. The folder itself is created by the first write, so a command that
     fails its checks leaves none behind.
     """
     path = Path(args.out)
     writable_folder(path)
+    if (holder := folder_holder(path)) is not None:  # first: --resume / --overwrite would not help
+        raise busy_error(path, holder)
     existing = sorted(str(p.relative_to(path)) for p in path.rglob("*.pt")) if path.is_dir() else []
     if existing and not (getattr(args, "resume", False) or getattr(args, "overwrite", False)):
         shown = ", ".join(existing[:4]) + (" ..." if len(existing) > 4 else "")

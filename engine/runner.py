@@ -101,7 +101,8 @@ class StageDef:
 
     name: str  # artifact stage and file name: <out>/<name>.pt
     step: Callable[[nn.Module, StageContext], nn.Module]
-    # what the fine-tune trains (the model, or a TrainingWrapper around it) and its engine Stage; None: no fine-tune
+    # what the fine-tune trains (the model, or a TrainingWrapper around it) and its engine Stage; None: no fine-tune.
+    # Its attribute `check(cfg)`, when it has one, is run before any work (e.g. student.distill.check_distill).
     finetune: Callable[[nn.Module, StageContext], tuple[nn.Module, Stage]] | None = None
     # the whole fine-tune when it is more than one engine fit (growth: fits around widenings); default `fit_once`
     finish: Callable[[nn.Module, Artifact, StageContext], Artifact] | None = None
@@ -219,6 +220,8 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
     check_source(art, cfg, stage.kinds, stage.name)
     if stage.check is not None:
         stage.check(art, cfg)
+    if getattr(stage.finetune, "check", None) is not None:  # the fine-tune's settings, even with 0 epochs
+        stage.finetune.check(cfg)
     finetune = stage.finetune is not None and cfg.train.epochs > 0
     teacher_path = find_teacher(art, teacher)
     if finetune and stage.needs_teacher and teacher_path is None:

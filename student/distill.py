@@ -181,10 +181,7 @@ class DistillStage(Stage):
         self.perturb = perturb
         self.generator = torch.Generator().manual_seed(cfg.train.seed + 7919)
         self.epoch: int | None = None
-        if self.d.temperature <= 0:
-            raise ConfigError(f"distill.temperature must be > 0, got {self.d.temperature}")
-        if self.d.kd_gate not in KD_GATES:
-            raise ConfigError(f"distill.kd_gate must be one of {', '.join(KD_GATES)}, got {self.d.kd_gate!r}")
+        check_distill(cfg)
 
     # -- engine hooks
 
@@ -322,12 +319,28 @@ def thin_step(teacher: nn.Module, ctx: StageContext) -> nn.Module:
     return make_student(freeze(teacher), ctx.cfg, ctx.data)
 
 
+def check_distill(cfg: Config) -> None:
+    """ConfigError for a `distill` section the fine-tune cannot use (every distilling stage runs this
+    before any work: `distill_trainer.check`, called by `engine.runner.run_stage`)."""
+    d = cfg.distill
+    if d.temperature <= 0:
+        raise ConfigError(f"distill.temperature must be > 0, got {d.temperature}")
+    if d.kd_gate not in KD_GATES:
+        raise ConfigError(f"distill.kd_gate must be one of {', '.join(KD_GATES)}, got {d.kd_gate!r}")
+    negative = [k for k in ("supervised_weight", "kd_weight", "kd_dice_weight", "feature_weight") if getattr(d, k) < 0]
+    if negative:
+        raise ConfigError(f"distill.{negative[0]} must be >= 0, got {getattr(d, negative[0])}")
+
+
 def distill_trainer(model: nn.Module, ctx: StageContext) -> tuple[nn.Module, DistillStage]:
     """The fine-tune of every distillation stage: against the frozen teacher of the lineage (the
     recipe goes into the artifact's extra["distill"])."""
     perturb = ctx.cfg.distill.perturb_input
     ctx.extra["distill"] = distill_record(ctx.cfg, perturb)
     return distill_setup(model, ctx.teacher(), ctx.cfg, perturb=perturb)
+
+
+distill_trainer.check = check_distill  # the fine-tune's own settings, checked by run_stage before any work
 
 
 def add_teacher_gap(model: nn.Module, art: Artifact, ctx: StageContext) -> Artifact:

@@ -180,9 +180,9 @@ def test_version_2_artifacts_still_load_and_malformed_buffers_are_named(tmp_path
     torch.save(raw, tmp_path / "long.pt")
     with pytest.raises(ArtifactError, match=r"long\.pt: .*elements left over: \{'float32': 1\}"):
         Artifact.load(tmp_path / "long.pt")
-    raw["version"] = 4
+    raw["version"] = 5
     torch.save(raw, tmp_path / "new.pt")
-    with pytest.raises(ArtifactError, match=r"new\.pt: artifact version 4.*newer release"):
+    with pytest.raises(ArtifactError, match=r"new\.pt: artifact version 5.*newer release"):
         Artifact.load(tmp_path / "new.pt")
 
 
@@ -226,6 +226,31 @@ def test_byte_planes_are_stored_least_significant_first_on_either_byte_order(tmp
     assert torch.equal(Artifact.load(tmp_path / "big.pt").state_dict["w"], state["w"])
     little, big = (torch.load(tmp_path / n, weights_only=True)["state"]["buffers"]["float32"] for n in ("little.pt", "big.pt"))
     assert [c for c, _ in little] == [c for c, _ in big[::-1]]  # the native planes, reversed
+
+
+def test_a_flipped_byte_in_the_record_is_refused_like_one_in_the_weights(tmp_path):
+    """The ET rule, a metric, the spec: any field changed after saving fails the record's SHA-256; a
+    version 3 file (no record digest) still loads; the digest sees a tensor in extra too."""
+    _, art = _artifact()
+    art.extra = {"et_rule": {"et_min_voxels": 0}, "train_state": {"step": torch.tensor([1.0, 2.0])}}
+    art.metrics = {"dice_mean": 0.8}
+    art.save(tmp_path / "a.pt")
+    assert Artifact.load(tmp_path / "a.pt").extra["et_rule"]["et_min_voxels"] == 0
+    changes = {"rule.pt": lambda r: r["extra"]["et_rule"].update(et_min_voxels=128),
+               "metric.pt": lambda r: r["metrics"].update(dice_mean=2.2e-21),
+               "spec.pt": lambda r: r["spec"].update(num_classes=4),
+               "tensor.pt": lambda r: r["extra"]["train_state"]["step"].add_(1)}
+    for name, change in changes.items():
+        raw = torch.load(tmp_path / "a.pt", weights_only=True)
+        change(raw)
+        torch.save(raw, tmp_path / name)
+        with pytest.raises(ArtifactError, match=rf"{name}: its record .* does not match the SHA-256"):
+            Artifact.load(tmp_path / name)
+    raw = torch.load(tmp_path / "a.pt", weights_only=True)
+    del raw["digest"]
+    raw["version"] = 3
+    torch.save(raw, tmp_path / "v3.pt")
+    assert Artifact.load(tmp_path / "v3.pt").metrics["dice_mean"] == 0.8
 
 
 def test_altered_weights_or_index_fail_the_checksum(tmp_path):

@@ -64,6 +64,12 @@ def test_checks_fail_before_any_work(elsewhere):
     out = run(elsewhere, "distill.py", "--teacher", str(teacher), "--width", "0", "--out", "student")
     assert out.returncode == 2 and "distill.width=0.0: must be in (0, 1]" in out.stderr
     assert not (elsewhere / "student").exists()  # no empty folder left behind
+    for bad, why in (("distill.kd_gate=maybe", "distill.kd_gate must be one of all, correct, got 'maybe'"),
+                     ("distill.kd_weight=-1", "distill.kd_weight must be >= 0")):
+        out = run(elsewhere, "distill.py", "--teacher", str(teacher), "--out", "student", "--set", bad,
+                  "--set", "train.epochs=0")  # checked even where no fine-tune would run
+        assert out.returncode == 2 and why in out.stderr and "data:" not in out.stderr + out.stdout, bad
+        assert not (elsewhere / "student").exists()
     (elsewhere / "afile").write_text("x")
     out = run(elsewhere, "distill.py", "--teacher", str(teacher), "--out", "afile/student")
     assert out.returncode == 2 and "afile is a file" in out.stderr

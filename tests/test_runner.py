@@ -187,7 +187,10 @@ def test_two_runs_never_write_one_output_folder(tmp_path):
     import subprocess
     import sys
 
-    from common.atomic import claim_folder
+    import argparse
+
+    from common.atomic import claim_folder, folder_holder
+    from common.cli import out_dir
     from common.errors import UserInputError
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from common.atomic import claim_folder; "
@@ -197,9 +200,15 @@ def test_two_runs_never_write_one_output_folder(tmp_path):
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(UserInputError, match=rf"{out}: another run is writing this folder \(pid {holder.pid}\)"):
             claim_folder(out)
+        assert folder_holder(out) == f"pid {holder.pid}"
+        (out / "last.pt").write_text("x")  # a run in the folder: without flags that would be the message
+        for flags in ([], ["--resume"], ["--overwrite"]):  # the command's first check says so, whatever the flags
+            with pytest.raises(UserInputError, match="another run is writing this folder"):
+                out_dir(argparse.Namespace(out=str(out), resume="--resume" in flags, overwrite="--overwrite" in flags))
     finally:
         holder.kill()
         holder.wait()
+    assert folder_holder(out) is None
     claim_folder(out)  # free after the holder died
     claim_folder(out)  # this process holds it already: no-op
     assert (out / ".lock").read_text() == f"pid {os.getpid()}"
