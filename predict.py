@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--coarse", type=int, default=0, metavar="F",
                         help="coarse-to-fine: a first pass on the image pooled by F (e.g. 2) finds the tumour's box, "
                              "only that box is predicted at full resolution, the rest is background (faster on "
-                             "whole cases; not the same label maps; default 0: off)")
+                             "whole cases; not the same label maps; a case that fits in one window gets the full "
+                             "pass; default 0: off)")
     parser.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto",
                         help="where the model runs: PyTorch eager, ONNX Runtime or OpenVINO; auto (default): the "
                              "fastest measured here on one window (cached per artifact and machine)")
