@@ -349,6 +349,9 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
         official.require()
     if cfg.report.runtime not in RUNTIME_CHOICES:
         raise ConfigError(f"report.runtime must be one of {', '.join(RUNTIME_CHOICES)}, got {cfg.report.runtime!r}")
+    for key, low in (("latency_runs", 1), ("warmup_runs", 0), ("sw_batch", 1), ("profile_top", 1)):
+        if getattr(cfg.report, key) < low:
+            raise ConfigError(f"report.{key} must be >= {low}, got {getattr(cfg.report, key)}")
     if cfg.report.et_min_voxels is not None and cfg.report.et_min_voxels < 0:
         raise ConfigError(f"report.et_min_voxels must be >= 0 (0: off) or null (each artifact's own rule), "
                           f"got {cfg.report.et_min_voxels}")

@@ -370,13 +370,16 @@ def test_et_min_voxels_reaches_predict_case(built, monkeypatch):
     assert seen == [7, 0, 25] and row["et_min_voxels"] == 25
 
 
-def test_a_negative_et_rule_is_refused_before_any_work(built):
+def test_bad_report_settings_are_refused_before_any_work(built):
     root, cfg, *_ = built
-    bad = copy.deepcopy(cfg)
-    bad.report.et_min_voxels = -5
-    with pytest.raises(ConfigError, match="report.et_min_voxels must be >= 0"):
-        make_report([root / "runs"], bad, root / "never", progress=False)
-    assert not (root / "never").exists()
+    for key, value, why in (("et_min_voxels", -5, "report.et_min_voxels must be >= 0"),
+                            ("latency_runs", 0, "report.latency_runs must be >= 1, got 0"),
+                            ("warmup_runs", -1, "report.warmup_runs must be >= 0")):
+        bad = copy.deepcopy(cfg)
+        setattr(bad.report, key, value)
+        with pytest.raises(ConfigError, match=why):
+            make_report([root / "runs"], bad, root / "never", progress=False)
+        assert not (root / "never").exists()
 
 
 def test_case_figures_median_and_worst_one_column_per_stage(built):
