@@ -97,12 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         calls, counts = {}, {}
         for name, coarse in (("teacher", 0), (final, 0), (f"{final} coarse {args.coarse}", args.coarse)):
             model = models[name.split()[0]]
-            counts[name] = WindowCount()
 
             def call(predict=predict_fn(model), scheme=artifact_scheme(arts[name.split()[0]]), coarse=coarse,
-                     count=counts[name]):
-                count.__init__()  # the last round's windows
-                predict_case(predict, image, scheme, window, 0.5, 1, coarse=coarse, count=count)
+                     name=name):
+                counts[name] = WindowCount()  # the last round's windows
+                predict_case(predict, image, scheme, window, 0.5, 1, coarse=coarse, count=counts[name])
             calls[name] = call
         s = interleaved_medians(calls, args.case_runs)
         print(f"\nwhole case: grid {'x'.join(map(str, args.case_shape))}, brain box "

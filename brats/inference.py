@@ -146,12 +146,8 @@ def sliding_window(
     image = torch.as_tensor(image)
     window = _check_args(image, window, overlap, sw_batch)
     spatial = tuple(image.shape[1:])
-    padded = tuple(max(s, w) for s, w in zip(spatial, window))
-    if padded != spatial:  # zeros at the end of each short axis; cropped off below
-        pad = []
-        for s, p in reversed(list(zip(spatial, padded))):
-            pad += [0, p - s]
-        image = torch.nn.functional.pad(image, pad)
+    image = _pad_to_window(image, window)  # zeros at the end of each short axis; cropped off below
+    padded = tuple(image.shape[1:])
     slices, run = _window_plan(padded, window, overlap, image.ne(0).any(dim=0) if skip_background else None)
     if count is not None:
         count.add(WindowCount(len(slices), run.count(False)))
@@ -174,6 +170,14 @@ def sliding_window(
     assert out is not None  # at least one window always exists
     out /= total
     return out[:, :d, :h, :w].contiguous()
+
+
+def _pad_to_window(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
+    """`x` (..., D, H, W) zero-padded at the end of each spatial axis shorter than `window` (itself when none is)."""
+    pad = []
+    for n, w in reversed(list(zip(x.shape[-3:], window))):
+        pad += [0, max(0, w - n)]
+    return torch.nn.functional.pad(x, pad) if any(pad) else x
 
 
 def _window_plan(spatial: Sequence[int], window: tuple[int, ...], overlap: float,
@@ -280,10 +284,7 @@ def _grid(brain: torch.Tensor, window: Sequence[int], overlap: float, skip_backg
           count: WindowCount) -> None:
     """Count the windows `sliding_window` would run (and skip) on an image whose brain mask (D, H, W) is
     `brain`, without running any."""
-    pad = []
-    for n, w in reversed(list(zip(brain.shape, window))):
-        pad += [0, max(0, w - n)]
-    brain = torch.nn.functional.pad(brain, pad)
+    brain = _pad_to_window(brain, window)
     slices, run = _window_plan(tuple(brain.shape), tuple(window), overlap, brain if skip_background else None)
     count.add(WindowCount(len(slices), run.count(False)))
 

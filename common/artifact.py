@@ -179,18 +179,20 @@ def _byte_planes(flat: torch.Tensor) -> list[torch.Tensor]:
     return planes[::-1] if sys.byteorder == "big" else planes
 
 
-def _encode_plane(plane: torch.Tensor) -> list:
-    """[codec, uint8 tensor]: a tensor, not bytes, because torch.save pickles bytes as latin-1 text
-    (up to 2 bytes per byte) but writes a tensor's storage as it is."""
-    plane = plane.contiguous()
-    data = plane.numpy().tobytes()
+def _encode_plane(data: bytes) -> list:
+    """[codec, uint8 tensor] of one plane's bytes: a tensor, not bytes, because torch.save pickles bytes
+    as latin-1 text (up to 2 bytes per byte) but writes a tensor's storage as it is."""
     probe = data[:PROBE_BYTES]
     if probe and len(zlib.compress(probe, 1)) < PROBE_RATIO * len(probe):
         # the demo teacher's 18 MB: level 1 0.4 s, 15.66 MB; level 6 1.5 s, 15.52 MB
         packed = zlib.compress(data, 9 if len(data) <= SMALL_PLANE else 1)
         if len(packed) < len(data):
-            return ["zlib", torch.frombuffer(bytearray(packed), dtype=torch.uint8)]
-    return ["raw", plane.clone()]
+            data, codec = packed, "zlib"
+        else:
+            codec = "raw"
+    else:
+        codec = "raw"
+    return [codec, torch.frombuffer(bytearray(data), dtype=torch.uint8)]
 
 
 def _decode_plane(entry: list) -> bytes:
@@ -274,10 +276,10 @@ def pack_state(state_dict: dict[str, torch.Tensor]) -> dict:
         index.append([name, dtype, list(t.shape)])
         parts.setdefault(dtype, []).append(t.reshape(-1))
     text = zlib.compress(json.dumps(index, separators=(",", ":")).encode(), 9)
-    planes = {d: _byte_planes(torch.cat(ts)) for d, ts in parts.items()}
+    planes = {d: [p.contiguous().numpy().tobytes() for p in _byte_planes(torch.cat(ts))] for d, ts in parts.items()}
     return {"index": text, "byteorder": "little",
             "buffers": {d: [_encode_plane(p) for p in ps] for d, ps in planes.items()},
-            "sha256": _digest(text, {d: [p.contiguous().numpy().tobytes() for p in ps] for d, ps in planes.items()})}
+            "sha256": _digest(text, planes)}
 
 
 def _flat_buffers(packed: dict, version: int) -> dict[str, torch.Tensor]:

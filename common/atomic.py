@@ -70,6 +70,17 @@ def exclusive_lock(path: str | os.PathLike, on_wait: Callable[[], None] | None =
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def _lock_or_holder(f: IO[str]) -> str | None:
+    """Take an exclusive `flock` on the open lock file `f` without waiting: None when taken, else what
+    its holder wrote in it ("pid N")."""
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        return f.read().strip() or "pid unknown"
+    return None
+
+
 def busy_error(path: Path, holder: str) -> UserInputError:
     return UserInputError(f"{path}: another run is writing this folder ({holder}); wait for it to finish "
                           "or choose another --out")
@@ -86,13 +97,9 @@ def claim_folder(path: str | os.PathLike) -> None:
     if key in _CLAIMED:
         return
     f = open(path / OUT_LOCK, "a+")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "pid unknown"
+    if (holder := _lock_or_holder(f)) is not None:
         f.close()
-        raise busy_error(path, holder) from None
+        raise busy_error(path, holder)
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()}")
@@ -107,11 +114,8 @@ def folder_holder(path: str | os.PathLike) -> str | None:
     if path.resolve() in _CLAIMED or not lock.is_file():
         return None
     with open(lock, "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            return f.read().strip() or "pid unknown"
+        if (holder := _lock_or_holder(f)) is not None:
+            return holder
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
     return None
 
