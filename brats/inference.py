@@ -134,6 +134,7 @@ def sliding_window(
     out_device: str | torch.device = "cpu",
     skip_background: bool = True,
     count: WindowCount | None = None,
+    brain: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(K, D, H, W) float32: importance-weighted average of `predict` over windows of `image` (one window:
     its logits as they are, which the weighted average equals up to float rounding).
@@ -141,14 +142,17 @@ def sliding_window(
     `image` (C, D, H, W) stays on its device; windows are cut from it `sw_batch` at a time and
     the outputs accumulate on `out_device`. `skip_background`: all-zero windows are not run but
     take the logits of one all-zero window (module docstring). `count`, when given, is increased by
-    this pass's windows and skipped windows.
+    this pass's windows and skipped windows. `brain`: `image`'s brain mask (D, H, W) bool, where any
+    modality is non-zero, when the caller has it already (`brain_mask`); computed here otherwise.
     """
     image = torch.as_tensor(image)
     window = _check_args(image, window, overlap, sw_batch)
     spatial = tuple(image.shape[1:])
     image = _pad_to_window(image, window)  # zeros at the end of each short axis; cropped off below
     padded = tuple(image.shape[1:])
-    slices, run = _window_plan(padded, window, overlap, image.ne(0).any(dim=0) if skip_background else None)
+    if skip_background:
+        brain = _pad_to_window(brain_mask(image) if brain is None else _checked_mask(brain, spatial), window)
+    slices, run = _window_plan(padded, window, overlap, brain if skip_background else None)
     if count is not None:
         count.add(WindowCount(len(slices), run.count(False)))
     d, h, w = spatial
@@ -180,14 +184,40 @@ def _pad_to_window(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
     return torch.nn.functional.pad(x, pad) if any(pad) else x
 
 
+def brain_mask(image: torch.Tensor) -> torch.Tensor:
+    """(D, H, W) bool: voxels of `image` (C, D, H, W) where any modality is non-zero (the brain, as
+    `brats.prepare.zscore` leaves everything outside it exactly 0)."""
+    return image.ne(0).any(dim=0)
+
+
+def _checked_mask(brain: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+    if brain.dtype != torch.bool or tuple(brain.shape) != tuple(spatial):
+        raise ValueError(f"brain mask must be bool of the image's spatial shape {tuple(spatial)}, "
+                         f"got {brain.dtype} {tuple(brain.shape)}")
+    return brain
+
+
 def _window_plan(spatial: Sequence[int], window: tuple[int, ...], overlap: float,
                  brain: torch.Tensor | None) -> tuple[list[tuple[slice, ...]], list[bool]]:
     """The windows' slices of a grid `spatial` (each axis at least the window) in their order, and whether
-    each is run: `brain` (D, H, W) bool, where any modality is non-zero (None: every window runs)."""
+    each is run: `brain` (D, H, W) bool, where any modality is non-zero (None: every window runs).
+
+    A window holds brain when the mask has a voxel in its box; the box test is done axis by axis
+    (reduce over the window's depth once per depth start, then its height, then its width), so each
+    mask voxel is read about once per depth start instead of once per window."""
     starts = [window_starts(n, w, overlap) for n, w in zip(spatial, window)]
     slices = [tuple(slice(c, c + w) for c, w in zip((z, y, x), window))
               for z in starts[0] for y in starts[1] for x in starts[2]]
-    return slices, [brain is None or bool(brain[s].any()) for s in slices]
+    if brain is None:
+        return slices, [True] * len(slices)
+    wd, wh, ww = window
+    run = []
+    for z in starts[0]:
+        plane = brain[z:z + wd].any(dim=0)  # (H, W): brain anywhere in this depth range
+        for y in starts[1]:
+            row = plane[y:y + wh].any(dim=0)  # (W,)
+            run += [bool(row[x:x + ww].any()) for x in starts[2]]
+    return slices, run
 
 
 def _window_logits(predict: Predict, image: torch.Tensor, slices: list[tuple[slice, ...]], run: list[bool],
@@ -263,21 +293,27 @@ def predict_case(
     if box is None:
         logits = sliding_window(predict, image, window, overlap, sw_batch, **kwargs)
         return suppress_small_et(_labels(logits, scheme), et_min_voxels)
-    count = kwargs.get("count")
+    count, skip = kwargs.pop("count", None), kwargs.get("skip_background", True)
+    brain = brain_mask(image) if skip or count is not None else None  # once for the box pass and the count
+    inside = WindowCount()
+    logits = sliding_window(predict, image[(slice(None), *box)], window, overlap, sw_batch, count=inside,
+                            brain=brain[box] if skip else None, **kwargs)
     if count is not None:  # the full pass's windows, counted without running it, minus the box's
-        full, inside, brain = WindowCount(), WindowCount(), image.ne(0).any(dim=0)
-        _grid(brain, window, overlap, kwargs.get("skip_background", True), full)
-        _grid(brain[box], window, overlap, kwargs.get("skip_background", True), inside)
+        full = WindowCount()
+        _grid(brain, window, overlap, skip, full)
+        count.add(inside)
         count.saved += (full.windows - full.skipped) - (inside.windows - inside.skipped)
-    logits = sliding_window(predict, image[(slice(None), *box)], window, overlap, sw_batch, **kwargs)
     label = np.zeros(tuple(image.shape[1:]), dtype=np.uint8)
     label[box] = _labels(logits, scheme)
     return suppress_small_et(label, et_min_voxels)
 
 
 def _labels(logits: torch.Tensor, scheme: str) -> np.ndarray:
-    probs = torch.softmax(logits, dim=0) if is_softmax(scheme) else torch.sigmoid(logits)
-    return np.asarray(probs_to_brats(probs.cpu().numpy(), scheme), dtype=np.uint8)
+    """(D, H, W) uint8 BraTS labels of logits (K, D, H, W): softmax schemes take the argmax in NumPy
+    (faster there than torch's), region schemes threshold in torch (faster there than NumPy's)."""
+    if is_softmax(scheme):
+        return np.asarray(probs_to_brats(torch.softmax(logits, dim=0).cpu().numpy(), scheme), dtype=np.uint8)
+    return probs_to_brats(torch.sigmoid(logits), scheme).cpu().numpy()
 
 
 def _grid(brain: torch.Tensor, window: Sequence[int], overlap: float, skip_background: bool,

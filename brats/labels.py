@@ -93,11 +93,7 @@ def probs_to_brats(probs: Array, scheme: str, threshold: float = 0.5) -> Array:
         cls = probs.argmax(dim=-4) if is_torch else probs.argmax(axis=-4)
         return cls.to(torch.uint8) if is_torch else cls.astype(np.uint8)
     tc, wt, et = (probs[..., i, :, :, :] > threshold for i in range(3))
-    if is_torch:
-        out = torch.zeros(tc.shape, dtype=torch.uint8, device=probs.device)
-    else:
-        out = np.zeros(tc.shape, dtype=np.uint8)
-    out[wt] = 2
+    out = wt.to(torch.uint8) * 2 if is_torch else wt.astype(np.uint8) * np.uint8(2)
     out[tc] = 1
     out[et] = 4
     return out

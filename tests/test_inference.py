@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from brats.inference import (MIN_WEIGHT, WindowCount, gaussian_importance, predict_case, sliding_window, to_full_grid, tumour_box,
+from brats.inference import (MIN_WEIGHT, _window_plan, WindowCount, gaussian_importance, predict_case, sliding_window, to_full_grid, tumour_box,
                              window_starts)
 from model.refineformer3d import ModelSpec, RefineFormer3D
 
@@ -237,6 +237,32 @@ def test_no_window_skipped_where_every_window_holds_brain():
     out = sliding_window(predict, image, (32, 32, 32), 0.5, 1, count=count)
     assert count.skipped == 0 and count.windows == sum(calls) == 2 * 2 * 2
     assert torch.equal(out, sliding_window(predict, image, (32, 32, 32), 0.5, 1, skip_background=False))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_window_plan_marks_exactly_the_windows_that_hold_a_brain_voxel(seed):
+    """The axis-by-axis box test agrees with looking at every window's voxels, on sparse random masks
+    (single voxels near window edges are where an off-by-one would show)."""
+    g = torch.Generator().manual_seed(seed)
+    spatial, window = (70, 53, 41), (32, 24, 16)
+    brain = torch.zeros(spatial, dtype=torch.bool)
+    for _ in range(1 + 2 * seed):  # a few brain voxels
+        brain[tuple(int(torch.randint(n, (1,), generator=g)) for n in spatial)] = True
+    slices, run = _window_plan(spatial, window, 0.5, brain)
+    assert run == [bool(brain[s].any()) for s in slices] and 0 < sum(run) < len(run)
+    assert _window_plan(spatial, window, 0.5, None)[1] == [True] * len(slices)
+
+
+def test_a_given_brain_mask_is_used_and_checked():
+    image = _brain_in_zeros()
+    predict, _ = _tiny_predict()
+    count = WindowCount()
+    no_brain = torch.zeros(image.shape[1:], dtype=torch.bool)  # a caller's mask wins: every window is background
+    sliding_window(predict, image, (32, 32, 32), 0.5, 1, count=count, brain=no_brain)
+    assert count.skipped == count.windows == 40
+    for bad in (no_brain[:-1], no_brain.float()):
+        with pytest.raises(ValueError, match="brain mask must be bool of the image's spatial shape"):
+            sliding_window(predict, image, (32, 32, 32), 0.5, 1, brain=bad)
 
 
 def test_window_count_adds_up_over_cases_and_says_it():
