@@ -42,7 +42,7 @@ student minus each other student arm, paired. Tables go to <out>/bench_chain.md,
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_chain.py [--out runs/bench_chain]
         [--families demo lgg-rich] [--cases 24] [--val-cases 8] [--shape 96 96 64] [--seed 0]
-        [--threads 2] [--resamples 2000] [--quick] [--force]
+        [--student-epochs N] [--arms [labels scratch gated]] [--threads 2] [--resamples 2000] [--quick] [--force]
 
 Each step writes a stamp (bench_step.json: its command and the stamps of its inputs) when it
 succeeds, and is skipped while the stamp matches; a step killed half-way is resumed (--resume)
@@ -157,23 +157,27 @@ def family_steps(family: str, args: argparse.Namespace) -> list[Step]:
         return str(fam / name / STAGES[name][1])
 
     distill = ["distill.py", "--teacher", art("teacher"), "--width", "0.25"]
+    student_budget = () if args.student_epochs is None else (f"train.epochs={args.student_epochs}",)
     steps = [
         Step("data", data, [py, "-m", "brats.phantom", str(data), "--family", family, "--cases", str(args.cases),
                             "--val-cases", "0", "--shape", *map(str, args.shape), "--seed", str(args.seed)],
              data / "Brats17TrainingData"),
         stage("teacher", "data", ["train.py"], "configs/demo/teacher.yaml",
               extra=() if args.quick else (f"train.epochs={args.teacher_epochs}", "train.patience=3")),
-        stage("student", "teacher", distill, "configs/demo/distill.yaml"),
+        stage("student", "teacher", distill, "configs/demo/distill.yaml", extra=student_budget),
         stage("slim", "student", ["-m", "compress.slim", art("student")], "configs/demo/slim.yaml"),
         stage("lowrank", "slim", ["-m", "compress.lowrank", art("slim")], "configs/demo/lowrank.yaml",
               resume=None),
         stage("grow", "lowrank", ["-m", "compress.grow", art("lowrank")], "configs/demo/grow.yaml"),
         stage("int8", "grow", ["quantize.py", art("grow")], "configs/demo/quantize.yaml", resume="qat/last.pt"),
         stage("student-labels", "teacher", distill, "configs/demo/distill.yaml",
-              extra=("distill.kd_weight=0", "distill.kd_dice_weight=0")),
-        stage("student-scratch", "teacher", distill + ["--init", "scratch"], "configs/demo/distill.yaml"),
-        stage("student-gated", "teacher", distill, "configs/demo/distill.yaml", extra=("distill.kd_gate=correct",)),
+              extra=student_budget + ("distill.kd_weight=0", "distill.kd_dice_weight=0")),
+        stage("student-scratch", "teacher", distill + ["--init", "scratch"], "configs/demo/distill.yaml",
+              extra=student_budget),
+        stage("student-gated", "teacher", distill, "configs/demo/distill.yaml",
+              extra=student_budget + ("distill.kd_gate=correct",)),
     ]
+    steps = [s for s in steps if s.name not in ARMS or s.name in args.arms]
     ordered: list[Step] = []  # each model is scored right after it is made: a long run shows numbers early
     for step in steps:
         ordered.append(step)
@@ -363,6 +367,8 @@ def family_table(family: str, summary: dict, args: argparse.Namespace, failed: l
              "| ET missed | ET false |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for stage, (label, _) in STAGES.items():
+        if stage in ARMS and stage not in args.arms:
+            continue
         row = summary["stages"].get(stage)
         if row is None:
             lines.append(f"| {label} | " + " | ".join(["failed" if stage in failed else "n/a"] * 10) + " |")
@@ -410,6 +416,11 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0, help="phantom seed")
     p.add_argument("--teacher-epochs", type=int, default=40,
                    help="the teacher's maximum epochs, with train.patience=3 (default 40; the demo recipe's is 15)")
+    p.add_argument("--student-epochs", type=int, default=None, metavar="N",
+                   help="the student's and its arms' maximum epochs (default: the recipe's, configs/demo/distill.yaml; "
+                        "its early stopping stays)")
+    p.add_argument("--arms", nargs="*", default=[a.split("-")[1] for a in ARMS], choices=[a.split("-")[1] for a in ARMS],
+                   help="the student arms to run besides the distilled one (default: all; none: just the chain)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every step (default: CPUs usable)")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--bootstrap-seed", type=int, default=0)
@@ -421,6 +432,9 @@ def main() -> int:
     args.val_cases = args.val_cases if args.val_cases is not None else (4 if args.quick else 8)
     args.shape = args.shape or ([64, 64, 48] if args.quick else [96, 96, 64])
     args.threads = args.threads or usable_cpus()
+    args.arms = [f"student-{a}" for a in dict.fromkeys(args.arms)]
+    if args.student_epochs is not None and args.student_epochs < 1:
+        p.error("--student-epochs must be >= 1")
     if not 1 <= args.val_cases < args.cases:
         p.error("need 1 <= --val-cases < --cases")
     if min(args.shape) < 32:
@@ -448,7 +462,8 @@ def main() -> int:
 
     t_start = time.time()
     results: dict = {"settings": {k: getattr(args, k) for k in ("families", "cases", "val_cases", "shape", "seed",
-                                                                "teacher_epochs", "threads", "resamples", "quick")},
+                                                                "teacher_epochs", "student_epochs", "arms", "threads",
+                                                                "resamples", "quick")},
                      "families": {}}
     tables = []
     any_failed = False
