@@ -110,10 +110,7 @@ class Artifact:
             raise ArtifactError(f"{path}: not a readable artifact (corrupted, truncated or not a torch file): "
                                 f"{type(e).__name__}: {why}") from None
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise ArtifactError(
-                f"{path}: not a {FORMAT} file (a bare state_dict? use model.segformer_import for "
-                "official SegFormer3D checkpoints)"
-            )
+            raise ArtifactError(f"{path}: not a {FORMAT} file ({_what_instead(payload)})")
         version = payload.get("version")
         if version not in READABLE_VERSIONS:
             raise ArtifactError(f"{path}: artifact version {version!r}, expected one of {READABLE_VERSIONS}"
@@ -160,6 +157,18 @@ class Artifact:
             if entry.get("stage") == stage and entry.get("path"):
                 return entry["path"]
         return None
+
+
+def _what_instead(payload: object) -> str:
+    """What a loaded file that is not an artifact looks like, for the error message."""
+    if isinstance(payload, dict) and "format" in payload:
+        return (f"its format tag reads {payload['format']!r}: another tool's file, or an artifact damaged "
+                "after it was saved")
+    if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        return "a bare state_dict; use model.segformer_import for official SegFormer3D checkpoints"
+    if isinstance(payload, dict):
+        return f"a dict with keys {', '.join(map(repr, list(payload)[:6]))}{' ...' if len(payload) > 6 else ''}"
+    return f"a {type(payload).__name__}"
 
 
 # Byte planes of a flat buffer (byte i of every element, then byte i + 1...) compress where the weights'

@@ -35,7 +35,7 @@ def _finite(v) -> bool:
 
 
 def _points(rows: list[dict], x_key: str, y_key: str = "dice_mean") -> list[tuple[str, float, float]]:
-    return [(r["stage"], float(r[x_key]), float(r[y_key])) for r in rows
+    return [(r.get("name", r["stage"]), float(r[x_key]), float(r[y_key])) for r in rows
             if _finite(r.get(x_key)) and _finite(r.get(y_key)) and r[x_key] > 0]
 
 

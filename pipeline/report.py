@@ -30,6 +30,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -76,7 +77,7 @@ RATIO_KEYS = {  # ratio key -> measured key, each row divided by the reference (
     "latency_case_ratio": "latency_s_case",
 }
 RUNTIME_KEYS = {name: f"latency_ms_{name}" for name in RUNTIMES}  # runtime -> its ms / window column
-ROW_KEYS = ("stage", "artifact", "kind", "params", "gmacs", "size_mb", *METRIC_KEYS,
+ROW_KEYS = ("stage", "name", "artifact", "kind", "params", "gmacs", "size_mb", *METRIC_KEYS,
             "latency_ms_window", "runtime", *RUNTIME_KEYS.values(), "latency_s_case", *RATIO_KEYS, "cases",
             "et_missed_cases", "threads",
             "omp_wait_policy", "trained_as", "et_min_voxels", "windows", "windows_skipped", "latency_s_case_noskip",
@@ -311,6 +312,17 @@ def score_artifact(found: Found, cfg: Config, cache, cases: list[str], default_s
     return row, scores
 
 
+def name_rows(rows: list[dict]) -> None:
+    """Each row's `name` in the tables and plots: its stage, followed by its artifact's path relative to
+    the shared folder where several rows have that stage (two chains in one runs folder)."""
+    paths = {r["artifact"]: Path(r["artifact"]).resolve() for r in rows}
+    stages = [r["stage"] for r in rows]
+    shared = {r["artifact"] for r in rows if stages.count(r["stage"]) > 1}
+    root = Path(os.path.commonpath([paths[a] for a in shared])) if shared else None
+    for r in rows:
+        r["name"] = f"{r['stage']} ({paths[r['artifact']].relative_to(root)})" if r["artifact"] in shared else r["stage"]
+
+
 def add_ratios(rows: list[dict], reference: dict | None) -> None:
     """Each row's params/gmacs/size/latency divided by the reference row's (None when unknown)."""
     for row in rows:
@@ -395,6 +407,7 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
         rows.append(row)
     ref_row = next((r for r in rows if reference and r["artifact"] == str(reference.path) and not r["error"]), None)
     add_ratios(rows, ref_row)
+    name_rows(rows)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -477,8 +490,8 @@ def choose_cases(scores: list[dict], key: str = "dice_mean") -> dict[str, str]:
     return {"median": ranked[len(ranked) // 2]["case"], "worst": ranked[0]["case"]}
 
 
-def _panel_title(row: dict, score: dict | None, duplicate: bool) -> str:
-    name = row["stage"] + (f" ({Path(row['artifact']).name})" if duplicate else "")
+def _panel_title(row: dict, score: dict | None) -> str:
+    name = row["name"]
     if not score:
         return name
     return name + "\n" + " ".join(f"{r.upper()} {score[f'dice_{r}']:.2f}" for r in ("wt", "tc", "et"))
@@ -491,7 +504,6 @@ def write_case_figures(out_dir: Path, rows: list[dict], ref_row: dict, per_case:
     needs: [{"role", "case", "dice_mean", "z", "path"}]."""
     reference = per_case.get(ref_row["artifact"], {})
     chosen = choose_cases(list(reference.values()))
-    stages = [r["stage"] for r in rows]
     figures: list[dict] = []
     for role, case in chosen.items():
         if case not in slices:
@@ -501,14 +513,14 @@ def write_case_figures(out_dir: Path, rows: list[dict], ref_row: dict, per_case:
             same["role"] = f"{same['role']}_and_{role}"
             continue
         kept = slices[case]
-        panels = [(_panel_title(r, per_case.get(r["artifact"], {}).get(case), stages.count(r["stage"]) > 1),
+        panels = [(_panel_title(r, per_case.get(r["artifact"], {}).get(case)),
                    kept.preds[r["artifact"]]) for r in rows if not r.get("error") and r["artifact"] in kept.preds]
         figures.append({"role": role, "case": case, "dice_mean": reference[case]["dice_mean"], "z": kept.z,
                         "panels": panels})
     for fig in figures:
         fig["path"] = out_dir / f"case_{fig['role']}.png"
         kept = slices[fig["case"]]
-        title = (f"{fig['case']}: {fig['role'].replace('_', ' ')} held-out case by the {ref_row['stage']}'s "
+        title = (f"{fig['case']}: {fig['role'].replace('_', ' ')} held-out case by the {ref_row['name']}'s "
                  f"mean Dice ({fig['dice_mean']:.3f}); axial slice {kept.z} of the cropped grid")
         case_figure(fig["path"], kept.flair, kept.t1ce, fig.pop("panels"), truth=kept.truth, title=title)
     return figures
@@ -767,7 +779,7 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
         markdown_table(
             ["stage", "params", "G MACs", "size MB", "Dice WT", "Dice TC", "Dice ET", "Dice mean",
              "HD95 WT", "HD95 TC", "HD95 ET", "IoU mean", f"ms / {size}", "runtime", "s / case", "trained as"],
-            ([r["stage"], _fmt(r["params"], ","), _fmt(r["gmacs"], ".2f"), _fmt(r["size_mb"], ".2f"),
+            ([r["name"], _fmt(r["params"], ","), _fmt(r["gmacs"], ".2f"), _fmt(r["size_mb"], ".2f"),
               *[_fmt(r[k], ".3f") for k in ("dice_wt", "dice_tc", "dice_et", "dice_mean")],
               *[_fmt(r[k], ".2f") for k in ("hd95_wt", "hd95_tc", "hd95_et")], _fmt(r["iou_mean"], ".3f"),
               _fmt(r["latency_ms_window"], ".1f"),
@@ -777,11 +789,11 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
              for r in rows),
         ),
         "",
-        f"Reference row for ratios: {ref['stage'] + ' (' + ref['artifact'] + ')' if ref else 'none (no usable artifact)'}.",
+        f"Reference row for ratios: {ref['name'] + ' (' + ref['artifact'] + ')' if ref else 'none (no usable artifact)'}.",
         "",
         markdown_table(
             ["stage", "artifact", "params", "G MACs", "size", "latency / window", "latency / case"],
-            ([r["stage"], f"`{r['artifact']}`", *[_ratio(r[k]) for k in RATIO_KEYS]] for r in rows),
+            ([r["name"], f"`{r['artifact']}`", *[_ratio(r[k]) for k in RATIO_KEYS]] for r in rows),
         ),
         "",
         "Dice gap to the reference row per region (reference minus stage, same cases; positive: lost), and "
@@ -789,7 +801,7 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
         "",
         markdown_table(
             ["stage", "gap WT", "gap TC", "gap ET", "gap mean", "ET predicted empty", "ET rule"],
-            ([r["stage"], *[_gap(ref, r, g) for g in GAP_REGIONS],
+            ([r["name"], *[_gap(ref, r, g) for g in GAP_REGIONS],
               "-" if r.get("et_missed_cases") is None else f"{r['et_missed_cases']} of {r['cases']}",
               "-" if r.get("et_min_voxels") is None else "off" if r["et_min_voxels"] == 0
               else f"< {r['et_min_voxels']} voxels"] for r in rows),
@@ -806,7 +818,7 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
     errors = [r for r in rows if r.get("error")]
     if errors:
         lines += ["## Artifacts that could not be reported", ""]
-        lines += [f"- {r['stage']}: {r['error']}" for r in errors]  # errors name the file
+        lines += [f"- {r['name']}: {r['error']}" for r in errors]  # errors name the file
         lines.append("")
     if meta.get("official"):
         lines += official_section(rows, meta["official"])
@@ -848,7 +860,7 @@ def runtime_section(rows: list[dict], size: str, cfg: Config) -> list[str]:
         for name, key in RUNTIME_KEYS.items():
             ms = r.get(key)
             vs = f"{ms / r['latency_ms_window']:.2f}x" if _num(ms) and _num(r.get("latency_ms_window")) else "–"
-            table.append([r["stage"], name, _fmt(ms, ".1f"), vs, "used" if name == used else "",
+            table.append([r["name"], name, _fmt(ms, ".1f"), vs, "used" if name == used else "",
                           notes.get(name, "")])
     return lines + [markdown_table(["stage", "runtime", f"ms / {size}", "vs used", "", "note"], table), ""]
 
@@ -860,7 +872,7 @@ def _share(v: Any) -> str:
 def profile_section(row: dict, peak: dict | None) -> list[str]:
     """Where one window's forward time goes in PyTorch: top operators, then top modules, with multiply-adds."""
     p = row["profile"]
-    lines = [f"## {row['stage']}: where the time goes", ""]
+    lines = [f"## {row['name']}: where the time goes", ""]
     if p.get("error"):
         return lines + [f"Not profiled: {p['error']}", ""]
     size = "x".join(map(str, p["input"]))
@@ -904,7 +916,7 @@ def skip_section(rows: list[dict], skip: bool) -> list[str]:
         "both ways on the first held-out case, interleaved:", "",
         markdown_table(
             ["stage", "windows skipped", "s / case", "s / case, every window"],
-            ([r["stage"], "-" if r.get("windows") is None else f"{r['windows_skipped']} of {r['windows']}",
+            ([r["name"], "-" if r.get("windows") is None else f"{r['windows_skipped']} of {r['windows']}",
               _fmt(r.get("latency_s_case"), ".2f"), _fmt(r.get("latency_s_case_noskip"), ".2f")]
              for r in rows if not r.get("error")),
         ),
@@ -935,13 +947,13 @@ def official_section(rows: list[dict], versions: str) -> list[str]:
         "lesion matched has lesion-wise HD95 inf, which makes the mean inf.", "",
         markdown_table(
             ["stage", "n", "global Dice WT", "TC", "ET", "global HD95 WT", "TC", "ET"],
-            ([r["stage"], counted(r), *cells(r, "global_dsc", ".3f"), *cells(r, "global_hd95", ".2f")]
+            ([r["name"], counted(r), *cells(r, "global_dsc", ".3f"), *cells(r, "global_hd95", ".2f")]
              for r in good)),
         "",
         markdown_table(
             ["stage", "lesion-wise Dice WT", "TC", "ET", "lesion-wise HD95 WT", "TC", "ET", "detection F1 WT",
              "TC", "ET"],
-            ([r["stage"], *cells(r, "lesionwise_dsc_mean", ".3f"), *cells(r, "lesionwise_hd95_mean", ".2f"),
+            ([r["name"], *cells(r, "lesionwise_dsc_mean", ".3f"), *cells(r, "lesionwise_hd95_mean", ".2f"),
               *cells(r, "all_instance_f1", ".3f")] for r in good)),
         "",
     ]
@@ -949,7 +961,7 @@ def official_section(rows: list[dict], versions: str) -> list[str]:
 
 def case_section(figures: list[dict], ref: dict | None) -> list[str]:
     """Links to the case figures, with why each case was chosen."""
-    by = f"the {ref['stage']} row's" if ref else "the reference row's"
+    by = f"the {ref['name']} row's" if ref else "the reference row's"
     lines = ["## Cases to look at", "",
              f"Chosen by {by} per-case mean Dice: the median and the worst held-out case. One axial slice through "
              "the middle of the true tumour, one column per stage (its Dice WT/TC/ET on this case); FLAIR with "

@@ -56,8 +56,18 @@ def test_broken_files_give_clear_errors(tmp_path):
         Artifact.load(truncated)
     bare = tmp_path / "bare.pt"
     torch.save({"w": torch.zeros(2)}, bare)
-    with pytest.raises(ArtifactError, match="not a refineformer3d-artifact"):
+    with pytest.raises(ArtifactError, match="not a refineformer3d-artifact file .a bare state_dict; use model.segformer_import"):
         Artifact.load(bare)
+    raw = torch.load(path, weights_only=True)
+    raw["format"] = "refineformer3d-artifacs"  # one flipped byte in the tag: damage, not a state_dict
+    torch.save(raw, tmp_path / "tag.pt")
+    with pytest.raises(ArtifactError, match="tag.pt: not a .* file .its format tag reads 'refineformer3d-artifacs'"):
+        Artifact.load(tmp_path / "tag.pt")
+    for name, obj, what in (("list.pt", [1, 2], "a list"), ("dict.pt", {"epoch": 3, "w": torch.zeros(1)},
+                                                             "a dict with keys 'epoch', 'w'")):
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(ArtifactError, match=f"{name}: not a .* file .{what}"):
+            Artifact.load(tmp_path / name)
 
 
 def test_weights_of_another_architecture_are_rejected(tmp_path):

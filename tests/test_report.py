@@ -23,7 +23,7 @@ from model.rewrites import inference_graph
 from pipeline.runtimes import RUNTIMES
 from pipeline.report import (ROW_KEYS, RUNTIME_KEYS, choose_cases, et_min_voxels, evaluate_artifact, find_artifacts,
                              growth_section, held_out_cases, int8_section, lowrank_section, make_report,
-                             profile_arch)
+                             name_rows, profile_arch)
 from model.macs import count_macs
 from model.refineformer3d import ModelSpec, RefineFormer3D, count_params, preset_spec
 
@@ -292,6 +292,28 @@ def test_discovery_skips_only_resumable_checkpoints(built):
     assert missing[0].stage == "grown" and "no such artifact file" in missing[0].error
     with pytest.raises(ArtifactError, match="no such runs folder"):
         find_artifacts([root / "no-runs-here"])
+
+
+def test_rows_sharing_a_stage_are_told_apart_by_their_path(built, tmp_path):
+    """Two chains in one runs folder: each shared stage's rows are named with their artifact's path under
+    the shared folder, in the tables too; a stage of its own keeps its bare name."""
+    rows = [{"stage": "teacher", "artifact": str(tmp_path / "demo" / "teacher" / "best.pt")},
+            {"stage": "teacher", "artifact": str(tmp_path / "bench" / "teacher" / "best.pt")},
+            {"stage": "int8", "artifact": str(tmp_path / "demo" / "int8" / "int8.pt")}]
+    name_rows(rows)
+    assert [r["name"] for r in rows] == ["teacher (demo/teacher/best.pt)", "teacher (bench/teacher/best.pt)", "int8"]
+    root, cfg, result, *_ = built
+    assert [r["name"] for r in result.rows] == [r["stage"] for r in result.rows]  # no shared stage there
+    other = tmp_path / "other" / "teacher" / "best.pt"  # a second chain's teacher beside the fixture's runs
+    other.parent.mkdir(parents=True)
+    other.write_bytes((root / "runs" / "teacher" / "best.pt").read_bytes())
+    cfg = copy.deepcopy(cfg)
+    cfg.report.plots = False
+    both = make_report([root / "runs", other], cfg, tmp_path / "out", progress=False)
+    names = [r["name"] for r in both.rows if r["stage"] == "teacher"]
+    assert len(names) == 2 and len(set(names)) == 2 and all(n.startswith("teacher (") for n in names)
+    md = both.files["md"].read_text()
+    assert all(f"| {n} |" in md for n in names)
 
 
 def test_arch_profile_matches_count_macs(capsys):
