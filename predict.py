@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run every window (default: windows without a brain voxel reuse one all-zero "
                              "window's logits; the same label maps)")
     parser.add_argument("--coarse", type=int, default=0, metavar="F",
-                        help="coarse-to-fine: a first pass on the image pooled by F (e.g. 2) finds the tumour's box, "
+                        help="coarse-to-fine: a first pass on the image pooled by F (e.g. 2; in PyTorch in a window fitted to "
+                             "the pooled image) finds the tumour's box, "
                              "only that box is predicted at full resolution, the rest is background (faster on "
                              "whole cases; not the same label maps; a case that fits in one window gets the full "
                              "pass; default 0: off)")

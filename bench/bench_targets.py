@@ -11,8 +11,9 @@ FP32 inference graph; an INT8 artifact counts its FP32 base's), the achieved G m
 artifact's file size and its validation Dice (its own metrics: the cases and count it records).
 Then the whole case: one demo-family phantom of --case-shape (the BraTS grid), brain-cropped as the
 cache stores it, predicted whole by the teacher and by the last artifact of the chain (background
-windows skipped), and by the last artifact coarse-to-fine (`--coarse F`: brats.inference), interleaved,
-median of --case-runs. Ratios are what to read; every figure says
+windows skipped), and by the last artifact coarse-to-fine (`--coarse F`: brats.inference; its coarse window
+fitted to the pooled case, as predict.py does in PyTorch), interleaved,
+median of --case-runs (windows counted in the untimed warm-up round). Ratios are what to read; every figure says
 its threads and OMP_WAIT_POLICY. Targets (issue 14): >= 25x per window, <= 0.6 G multiply-adds,
 >= 40x per whole case, INT8 <= 0.3x the FP32 student's size and >= 50x smaller than the teacher.
 """
@@ -36,7 +37,7 @@ from common.artifact import Artifact, build_model  # noqa: E402
 from common.timing import interleaved_medians  # noqa: E402
 from engine.runtime import resolve_runtime  # noqa: E402
 from model.macs import count_macs  # noqa: E402
-from pipeline.predict import artifact_scheme, base_spec, inference_model, predict_fn  # noqa: E402
+from pipeline.predict import artifact_scheme, base_spec, inference_model, predict_fn, shape_multiple  # noqa: E402
 from model.refineformer3d import model_from_spec  # noqa: E402
 
 CHAIN = (("teacher", "teacher/best.pt"), ("student", "student/student.pt"), ("slim", "slim/slim.pt"),
@@ -99,11 +100,13 @@ def main(argv: list[str] | None = None) -> int:
             model = models[name.split()[0]]
 
             def call(predict=predict_fn(model), scheme=artifact_scheme(arts[name.split()[0]]), coarse=coarse,
-                     name=name):
-                counts[name] = WindowCount()  # the last round's windows
-                predict_case(predict, image, scheme, window, 0.5, 1, coarse=coarse, count=counts[name])
+                     fit=shape_multiple(arts[name.split()[0]], None) if coarse else 0, name=name):
+                # windows counted in the warm-up round only: counting is instrumentation, not inference
+                # (the full pass's count needs the whole case's brain mask, which coarse-to-fine does not)
+                count = None if name in counts else counts.setdefault(name, WindowCount())
+                predict_case(predict, image, scheme, window, 0.5, 1, coarse=coarse, coarse_fit=fit, count=count)
             calls[name] = call
-        s = interleaved_medians(calls, args.case_runs)
+        s = interleaved_medians(calls, args.case_runs, warmup=1)
         print(f"\nwhole case: grid {'x'.join(map(str, args.case_shape))}, brain box "
               f"{'x'.join(str(b - a) for a, b in bbox)}, {'x'.join(map(str, window))} windows at overlap 0.5, background "
               f"skipped; median of {args.case_runs}")

@@ -20,7 +20,10 @@ image average-pooled by f (one or a few windows) gives a whole-tumour probabilit
 above COARSE_THRESHOLD (any region), grown by COARSE_MARGIN voxels and to at least one window per axis
 (so the model sees real context, not padding), is then predicted at full resolution and everything
 outside it is background. A case that fits in one window, or has an axis shorter than f, gets the
-full pass (the box would be the whole case). This is not the same label map as the full pass (other window positions inside the box;
+full pass (the box would be the whole case). With `coarse_fit=m` (a model that takes any multiple of m
+per axis, as eager PyTorch does) the coarse window shrinks to the pooled image rounded up to multiples
+of m, instead of padding it to the full window: a 197x197x131 brain box pooled by 2 runs one 128x128x96
+window rather than 128^3, pooled by 3 one 96x96x64. This is not the same label map as the full pass (other window positions inside the box;
 a tumour the coarse pass misses is lost): `bench/bench_targets.py` measures time, and Dice on/off where
 held-out cases are larger than a window. When the coarse pass finds nothing, the full pass runs.
 """
@@ -274,6 +277,7 @@ def predict_case(
     sw_batch: int = 2,
     et_min_voxels: int = 0,
     coarse: int = 0,
+    coarse_fit: int = 0,
     **kwargs,
 ) -> np.ndarray:
     """BraTS label map (D, H, W) uint8 (values 0/1/2/4) of one case's image (C, D, H, W).
@@ -281,7 +285,9 @@ def predict_case(
     regions: sigmoid on channels [TC, WT, ET]; seed3: softmax, class 1 core -> 1, 2 edema -> 2.
     `et_min_voxels` > 0: a case with fewer ET voxels than that gets them relabelled NCR/NET
     (`brats.labels.suppress_small_et`). `coarse` >= 2: coarse-to-fine with that pooling factor (module
-    docstring; 0: off). Extra keyword arguments go to `sliding_window`.
+    docstring; 0: off); `coarse_fit` > 0: its window fitted to the pooled image in multiples of that
+    (the model must take such sizes; 0: the coarse pass uses `window`). Extra keyword arguments go to
+    `sliding_window`.
     """
     image = torch.as_tensor(image)
     if coarse and coarse < 2:
@@ -289,15 +295,17 @@ def predict_case(
     # a case within one window: the box would be the whole case, so the coarse pass would only cost time;
     # an axis shorter than the pooling factor cannot be pooled: the full pass either way
     worth = coarse and any(n > w for n, w in zip(image.shape[1:], window)) and min(image.shape[1:]) >= coarse
-    box = tumour_box(predict, image, scheme, window, coarse, sw_batch, **kwargs) if worth else None
+    box = tumour_box(predict, image, scheme, window, coarse, sw_batch, fit=coarse_fit, **kwargs) if worth else None
     if box is None:
         logits = sliding_window(predict, image, window, overlap, sw_batch, **kwargs)
         return suppress_small_et(_labels(logits, scheme), et_min_voxels)
     count, skip = kwargs.pop("count", None), kwargs.get("skip_background", True)
-    brain = brain_mask(image) if skip or count is not None else None  # once for the box pass and the count
+    # counting needs the whole case's brain mask (the full pass's windows); the box pass shares it.
+    # Without a count only the box's mask is needed, and sliding_window makes it (a fifth of the voxels)
+    brain = brain_mask(image) if count is not None else None
     inside = WindowCount()
     logits = sliding_window(predict, image[(slice(None), *box)], window, overlap, sw_batch, count=inside,
-                            brain=brain[box] if skip else None, **kwargs)
+                            brain=brain[box] if skip and brain is not None else None, **kwargs)
     if count is not None:  # the full pass's windows, counted without running it, minus the box's
         full = WindowCount()
         _grid(brain, window, overlap, skip, full)
@@ -325,17 +333,28 @@ def _grid(brain: torch.Tensor, window: Sequence[int], overlap: float, skip_backg
     count.add(WindowCount(len(slices), run.count(False)))
 
 
+def coarse_window(pooled: Sequence[int], window: Sequence[int], fit: int) -> tuple[int, ...]:
+    """The coarse pass's window for a pooled image of spatial size `pooled`: per axis the smallest multiple
+    of `fit` that holds it, at most `window` (`fit` 0: `window` itself). ValueError for fit < 0."""
+    if fit < 0:
+        raise ValueError(f"coarse_fit must be >= 0 (0: the full window), got {fit}")
+    if not fit:
+        return tuple(window)
+    return tuple(min(w, max(fit, -(-n // fit) * fit)) for n, w in zip(pooled, window))
+
+
 def tumour_box(predict: Predict, image: torch.Tensor, scheme: str, window: Sequence[int], factor: int,
-               sw_batch: int = 1, **kwargs) -> tuple[slice, slice, slice] | None:
+               sw_batch: int = 1, fit: int = 0, **kwargs) -> tuple[slice, slice, slice] | None:
     """Coarse pass (module docstring): the (D, H, W) slices of `image` (C, D, H, W; every axis >= `factor`)
     to predict at full resolution, or None when no voxel of the 1/`factor` pass reaches COARSE_THRESHOLD.
-    The coarse windows are counted in `kwargs["count"].coarse` when given. ValueError for factor < 2."""
+    `fit`: as `coarse_window`. The coarse windows are counted in `kwargs["count"].coarse` when given.
+    ValueError for factor < 2 or fit < 0."""
     if factor < 2:
         raise ValueError(f"coarse must be a pooling factor >= 2 (or 0: off), got {factor}")
     spatial = tuple(image.shape[1:])
     low = torch.nn.functional.avg_pool3d(image[None].float(), factor, ceil_mode=True)[0]
     passed = WindowCount()
-    logits = sliding_window(predict, low, window, 0.5, sw_batch, count=passed,
+    logits = sliding_window(predict, low, coarse_window(low.shape[1:], window, fit), 0.5, sw_batch, count=passed,
                             **{k: v for k, v in kwargs.items() if k != "count"})
     if kwargs.get("count") is not None:
         kwargs["count"].coarse += passed.windows - passed.skipped

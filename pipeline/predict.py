@@ -110,6 +110,14 @@ def check_window(window: Sequence[int], spec: dict, name: str = "window") -> tup
     return window  # type: ignore[return-value]
 
 
+def shape_multiple(art: Artifact, runtime: RuntimeChoice | None) -> int:
+    """What input sizes the served model takes besides the window: any multiple of the encoder's stride
+    in eager PyTorch (the artifact's own module, or runtime torch); 0 (the window only) for a stored
+    ONNX graph, and for ONNX Runtime / OpenVINO, which would build a session for every new size."""
+    eager = runtime is None or runtime.runtime == "torch"
+    return downsample(art.spec) if eager and art.spec.get("kind") != "onnx" else 0
+
+
 def predict_fn(model: nn.Module):
     """(B, 4, *window) -> logits, in eval mode and without autograd."""
     model.eval()
@@ -146,14 +154,14 @@ def select_cases(refs: Sequence[CaseRef], cases: Sequence[str], source: str | Pa
 def predict_ref(model: nn.Module, ref: CaseRef, scheme: str, window: Sequence[int], overlap: float,
                 sw_batch: int = 1, et_min_voxels: int = 0, allow_constant_modality: bool = False,
                 skip_background: bool = True, count: WindowCount | None = None,
-                coarse: int = 0) -> tuple[np.ndarray, LoadedCase]:
+                coarse: int = 0, coarse_fit: int = 0) -> tuple[np.ndarray, LoadedCase]:
     """(full-grid uint8 BraTS label map (X, Y, Z), LoadedCase) for one case; the seg is not read.
-    `skip_background` and `count`: as `brats.inference.sliding_window` takes them; `coarse`: as
-    `brats.inference.predict_case`."""
+    `skip_background` and `count`: as `brats.inference.sliding_window` takes them; `coarse` and
+    `coarse_fit`: as `brats.inference.predict_case`."""
     loaded = load_case(dataclasses.replace(ref, has_label=False), allow_constant_modality)
     image, _, bbox = preprocess_case(loaded)  # float16 (4, d, h, w), as stored in the cache
     label = predict_case(predict_fn(model), image.astype(np.float32), scheme, window, overlap, sw_batch,
-                         et_min_voxels, coarse, skip_background=skip_background, count=count)
+                         et_min_voxels, coarse, coarse_fit, skip_background=skip_background, count=count)
     full = to_full_grid(label, bbox, loaded.image.shape[1:])
     return full, loaded
 
@@ -220,8 +228,9 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
     (`inference_model`); torch / onnxruntime / openvino: that runtime (UserInputError when it cannot run
     the artifact); auto: the fastest measured on one window here (cached per artifact and machine). The
     choice is printed to stderr and kept in `result.runtime`. `coarse` >= 2: coarse-to-fine
-    (`brats.inference`: a first pass at 1/coarse resolution, then only the tumour's box; not the same
-    label maps as the full pass). The ET rule applied is printed to stderr.
+    (`brats.inference`: a first pass at 1/coarse resolution, in a window fitted to the pooled case where
+    the runtime takes other sizes (`shape_multiple`), then only the tumour's box; not the same label maps
+    as the full pass). The ET rule applied is printed to stderr.
     """
     art = Artifact.load(artifact)
     window = check_window(window, art.spec)
@@ -253,6 +262,7 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
         except RuntimeUnavailable as e:
             raise UserInputError(f"{artifact}: runtime {runtime}: {e}") from None
         print(result.runtime.line(), file=sys.stderr)
+    coarse_fit = shape_multiple(art, result.runtime) if coarse else 0
     print(f"ET rule: {f'a case with fewer than {et_min_voxels} predicted ET voxels gets them relabelled NCR/NET' if et_min_voxels else 'off'} "
           f"({'given' if given_rule else 'calibrated for this artifact' if (art.extra.get('et_rule') or {}).get('et_min_voxels') is not None else 'none recorded'})",
           file=sys.stderr)
@@ -262,7 +272,8 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
         bar.set_postfix_str(ref.case)
         try:
             full, loaded = predict_ref(model, ref, scheme, window, overlap, sw_batch, et_min_voxels,
-                                       allow_constant_modality, skip_background, result.windows, coarse)
+                                       allow_constant_modality, skip_background, result.windows, coarse,
+                                       coarse_fit)
             path = save_label_map(output_dir / f"{ref.case}.nii.gz", full, loaded.affine, loaded.header)
         except DataError as e:
             result.failed[ref.case] = str(e)

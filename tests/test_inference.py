@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from brats.inference import (MIN_WEIGHT, _window_plan, WindowCount, gaussian_importance, predict_case, sliding_window, to_full_grid, tumour_box,
+from brats.inference import (MIN_WEIGHT, _window_plan, coarse_window, WindowCount, gaussian_importance, predict_case, sliding_window, to_full_grid, tumour_box,
                              window_starts)
 from model.refineformer3d import ModelSpec, RefineFormer3D
 
@@ -307,10 +307,36 @@ def test_coarse_to_fine_predicts_the_tumour_box_only_and_counts_what_it_saved():
     assert (count.coarse, count.windows, count.skipped) == (4, 8, 0) and len(calls) == 4 + 8
     assert n_full == 5 * 4 * 3 and count.saved == 5 * 4 * 3 - 8
     assert "4 coarse window(s) run, 52 full-resolution window(s) saved" in count.line()
+    calls.clear()  # uncounted (only the box's brain mask is made): the same labels and windows
+    np.testing.assert_array_equal(predict_case(predict, image, "regions", window, 0.5, 1, coarse=2), full)
+    assert len(calls) == 4 + 8
     box = tumour_box(predict, image, "regions", window, 2)
     assert [(s.start, s.stop) for s in box] == [(44, 88), (34, 78), (24, 64)]  # tumour +- 16 voxels, inside the image
     with pytest.raises(ValueError, match="pooling factor >= 2"):
         predict_case(predict, image, "regions", window, 0.5, 1, coarse=1)
+
+
+def test_coarse_window_fits_the_pooled_image_in_multiples_of_coarse_fit():
+    assert coarse_window((99, 99, 66), (128, 128, 128), 32) == (128, 128, 96)  # a BraTS brain box pooled by 2
+    assert coarse_window((66, 66, 44), (128, 128, 128), 32) == (96, 96, 64)  # pooled by 3
+    assert coarse_window((200, 5, 64), (128, 128, 128), 32) == (128, 32, 64)  # never above the window
+    assert coarse_window((99, 99, 66), (128, 128, 128), 0) == (128, 128, 128)
+    with pytest.raises(ValueError, match="coarse_fit must be >= 0"):
+        coarse_window((99, 99, 66), (128, 128, 128), -32)
+    image = torch.zeros((4, 96, 80, 64))
+    image[:, 4:92, 4:76, 4:60] = 0.5
+    image[0, 60:72, 50:62, 40:52] = 1.6
+    shapes: list[tuple[int, ...]] = []
+    pointwise = _pointwise_predict([])
+
+    def predict(x):
+        shapes.append(tuple(x.shape[2:]))
+        return pointwise(x)
+    full = predict_case(predict, image, "regions", (64, 64, 64), 0.5, 1)
+    shapes.clear()
+    fitted = predict_case(predict, image, "regions", (64, 64, 64), 0.5, 1, coarse=2, coarse_fit=16)
+    np.testing.assert_array_equal(fitted, full)  # pointwise: the box's labels are the full pass's
+    assert shapes[0] == (48, 48, 32) and all(s == (64, 64, 64) for s in shapes[1:])  # pooled 48x40x32
 
 
 def test_coarse_pass_that_finds_nothing_falls_back_to_the_full_pass():

@@ -18,9 +18,9 @@ from common.artifact import Artifact, build_model
 from common.errors import UserInputError
 from compress.quant.convert import int8_spec, prepare_float
 from compress.quant.onnx_export import OrtModel, export_onnx, onnx_spec
-from pipeline.runtimes import RUNTIMES
+from pipeline.runtimes import RUNTIMES, RuntimeChoice
 from pipeline.predict import (artifact_scheme, base_spec, check_window, inference_model, predict_folder, predict_fn,
-                               select_cases, split_cases)
+                               select_cases, shape_multiple, split_cases)
 from model.refineformer3d import ModelSpec, RefineFormer3D
 from model.rewrites import ChannelsLast3d, ReassociatedDecoder, inference_graph
 
@@ -108,6 +108,17 @@ def test_predict_says_its_et_rule_and_runs_coarse_to_fine(setup, tmp_path, capsy
     code = predict_cli.main([str(artifact), "--input", str(data), "--output", str(tmp_path / "d"), "--window",
                              *map(str, WINDOW), "--cases", case, "--quiet", "--coarse", "1"])
     assert code == 2 and "pooling factor >= 2" in capsys.readouterr().err
+
+
+def test_the_coarse_window_is_fitted_only_where_the_runtime_takes_other_sizes():
+    spec = ModelSpec(embed_dims=[8, 8, 16, 16], num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1]).to_dict()
+    art = Artifact("student", spec, {})
+    assert shape_multiple(art, None) == 32  # eager PyTorch: any multiple of the encoder's stride
+    assert shape_multiple(art, RuntimeChoice("torch", [64, 64, 64], "asked")) == 32
+    for runtime in ("onnxruntime", "openvino"):  # a session per size: the window only
+        assert shape_multiple(art, RuntimeChoice(runtime, [64, 64, 64], "asked")) == 0
+    stored = Artifact("int8", {"kind": "onnx", "input_shape": [1, 4, 64, 64, 64], "base": spec}, {})
+    assert shape_multiple(stored, None) == 0  # a graph exported for one input shape
 
 
 def test_bad_case_reported_and_skipped_others_written(setup, tmp_path):
