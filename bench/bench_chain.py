@@ -418,7 +418,7 @@ def main() -> int:
                    help="the teacher's maximum epochs, with train.patience=3 (default 40; the demo recipe's is 15)")
     p.add_argument("--student-epochs", type=int, default=None, metavar="N",
                    help="the student's and its arms' maximum epochs (default: the recipe's, configs/demo/distill.yaml; "
-                        "its early stopping stays)")
+                        "its early stopping stays; given with --quick, it wins over --quick's one epoch)")
     p.add_argument("--arms", nargs="*", default=[a.split("-")[1] for a in ARMS], choices=[a.split("-")[1] for a in ARMS],
                    help="the student arms to run besides the distilled one (default: all; none: just the chain)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every step (default: CPUs usable)")

@@ -1,7 +1,7 @@
 """Issue 14's targets, measured in one run: the chain's artifacts against the teacher they came from.
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_targets.py [--runs-dir runs/demo] [--window 128 128 128]
-        [--runs 5] [--case-shape 240 240 155] [--case-runs 3] [--coarse 2] [--threads N]
+        [--runs 5] [--case-shape 240 240 155] [--case-runs 3] [--coarse 2 3] [--threads N]
 
 Per artifact found under --runs-dir (teacher/best.pt, student/student.pt, slim/slim.pt, lowrank/lowrank.pt,
 grow/grown.pt, int8/int8.pt), served as predict.py serves it (`pipeline.predict.inference_model`,
@@ -11,9 +11,9 @@ FP32 inference graph; an INT8 artifact counts its FP32 base's), the achieved G m
 artifact's file size and its validation Dice (its own metrics: the cases and count it records).
 Then the whole case: one demo-family phantom of --case-shape (the BraTS grid), brain-cropped as the
 cache stores it, predicted whole by the teacher and by the last artifact of the chain (background
-windows skipped), and by the last artifact coarse-to-fine (`--coarse F`: brats.inference; its coarse window
+windows skipped), and by the last artifact coarse-to-fine (`--coarse F ...`, a row per factor: brats.inference; its coarse window
 fitted to the pooled case, as predict.py does in PyTorch), interleaved,
-median of --case-runs (windows counted in the untimed warm-up round). Ratios are what to read; every figure says
+median of --case-runs (windows counted, as predict.py counts them). Ratios are what to read; every figure says
 its threads and OMP_WAIT_POLICY. Targets (issue 14): >= 25x per window, <= 0.6 G multiply-adds,
 >= 40x per whole case, INT8 <= 0.3x the FP32 student's size and >= 50x smaller than the teacher.
 """
@@ -58,11 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=5, help="timed rounds per window figure (default 5)")
     p.add_argument("--case-shape", type=int, nargs=3, default=[240, 240, 155], help="whole-case phantom grid")
     p.add_argument("--case-runs", type=int, default=3, help="timed rounds per whole case (default 3; 0: skip)")
-    p.add_argument("--coarse", type=int, default=2, help="pooling factor of the coarse-to-fine row (default 2)")
+    p.add_argument("--coarse", type=int, nargs="+", default=[2, 3],
+                   help="pooling factors, a coarse-to-fine row each (default 2 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs this process may use)")
     args = p.parse_args(argv)
-    if args.coarse < 2:
-        p.error(f"--coarse must be a pooling factor >= 2, got {args.coarse}")
+    if min(args.coarse) < 2:
+        p.error(f"--coarse must be pooling factors >= 2, got {args.coarse}")
     rt = resolve_runtime("cpu", "off", args.threads)
     print(f"{rt.line('bench_targets')} | OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     root = Path(args.runs_dir)
@@ -96,17 +97,15 @@ def main(argv: list[str] | None = None) -> int:
         cropped, _, bbox = phantom_image(tuple(args.case_shape), 0)
         image = torch.from_numpy(cropped.astype("float32"))
         calls, counts = {}, {}
-        for name, coarse in (("teacher", 0), (final, 0), (f"{final} coarse {args.coarse}", args.coarse)):
+        for name, coarse in (("teacher", 0), (final, 0), *((f"{final} coarse {f}", f) for f in dict.fromkeys(args.coarse))):
             model = models[name.split()[0]]
 
             def call(predict=predict_fn(model), scheme=artifact_scheme(arts[name.split()[0]]), coarse=coarse,
                      fit=shape_multiple(arts[name.split()[0]], None) if coarse else 0, name=name):
-                # windows counted in the warm-up round only: counting is instrumentation, not inference
-                # (the full pass's count needs the whole case's brain mask, which coarse-to-fine does not)
-                count = None if name in counts else counts.setdefault(name, WindowCount())
-                predict_case(predict, image, scheme, window, 0.5, 1, coarse=coarse, coarse_fit=fit, count=count)
+                counts[name] = WindowCount()  # counted every round, as predict.py counts every case
+                predict_case(predict, image, scheme, window, 0.5, 1, coarse=coarse, coarse_fit=fit, count=counts[name])
             calls[name] = call
-        s = interleaved_medians(calls, args.case_runs, warmup=1)
+        s = interleaved_medians(calls, args.case_runs)
         print(f"\nwhole case: grid {'x'.join(map(str, args.case_shape))}, brain box "
               f"{'x'.join(str(b - a) for a, b in bbox)}, {'x'.join(map(str, window))} windows at overlap 0.5, background "
               f"skipped; median of {args.case_runs}")

@@ -153,8 +153,8 @@ def sliding_window(
     spatial = tuple(image.shape[1:])
     image = _pad_to_window(image, window)  # zeros at the end of each short axis; cropped off below
     padded = tuple(image.shape[1:])
-    if skip_background:
-        brain = _pad_to_window(brain_mask(image) if brain is None else _checked_mask(brain, spatial), window)
+    if skip_background:  # the mask of the padded image, or the caller's padded alike
+        brain = brain_mask(image) if brain is None else _pad_to_window(_checked_mask(brain, spatial), window)
     slices, run = _window_plan(padded, window, overlap, brain if skip_background else None)
     if count is not None:
         count.add(WindowCount(len(slices), run.count(False)))
@@ -292,17 +292,23 @@ def predict_case(
     image = torch.as_tensor(image)
     if coarse and coarse < 2:
         raise ValueError(f"coarse must be a pooling factor >= 2 (or 0: off), got {coarse}")
+    if coarse_fit < 0:
+        raise ValueError(f"coarse_fit must be >= 0 (0: the full window), got {coarse_fit}")
+    brain = kwargs.pop("brain", None)  # a caller's brain mask of `image`: for the full pass, or the box and the count
     # a case within one window: the box would be the whole case, so the coarse pass would only cost time;
     # an axis shorter than the pooling factor cannot be pooled: the full pass either way
     worth = coarse and any(n > w for n, w in zip(image.shape[1:], window)) and min(image.shape[1:]) >= coarse
     box = tumour_box(predict, image, scheme, window, coarse, sw_batch, fit=coarse_fit, **kwargs) if worth else None
     if box is None:
-        logits = sliding_window(predict, image, window, overlap, sw_batch, **kwargs)
+        logits = sliding_window(predict, image, window, overlap, sw_batch, brain=brain, **kwargs)
         return suppress_small_et(_labels(logits, scheme), et_min_voxels)
     count, skip = kwargs.pop("count", None), kwargs.get("skip_background", True)
     # counting needs the whole case's brain mask (the full pass's windows); the box pass shares it.
     # Without a count only the box's mask is needed, and sliding_window makes it (a fifth of the voxels)
-    brain = brain_mask(image) if count is not None else None
+    if brain is None and count is not None:
+        brain = brain_mask(image)
+    elif brain is not None:
+        brain = _checked_mask(brain, image.shape[1:])
     inside = WindowCount()
     logits = sliding_window(predict, image[(slice(None), *box)], window, overlap, sw_batch, count=inside,
                             brain=brain[box] if skip and brain is not None else None, **kwargs)

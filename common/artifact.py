@@ -164,11 +164,18 @@ def _what_instead(payload: object) -> str:
     if isinstance(payload, dict) and "format" in payload:
         return (f"its format tag reads {payload['format']!r}: another tool's file, or an artifact damaged "
                 "after it was saved")
+    hint = "use model.segformer_import for official SegFormer3D checkpoints"
     if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
-        return "a bare state_dict; use model.segformer_import for official SegFormer3D checkpoints"
+        return f"a bare state_dict; {hint}"
+    if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
+        return f"a training checkpoint with a 'state_dict' (keys {_keys(payload)}); {hint}"
     if isinstance(payload, dict):
-        return f"a dict with keys {', '.join(map(repr, list(payload)[:6]))}{' ...' if len(payload) > 6 else ''}"
+        return f"a dict with keys {_keys(payload)}" if payload else "an empty dict"
     return f"a {type(payload).__name__}"
+
+
+def _keys(d: dict) -> str:
+    return ", ".join(map(repr, list(d)[:6])) + (" ..." if len(d) > 6 else "")
 
 
 # Byte planes of a flat buffer (byte i of every element, then byte i + 1...) compress where the weights'

@@ -316,11 +316,13 @@ def name_rows(rows: list[dict]) -> None:
     """Each row's `name` in the tables and plots: its stage, followed by its artifact's path relative to
     the shared folder where several rows have that stage (two chains in one runs folder)."""
     paths = {r["artifact"]: Path(r["artifact"]).resolve() for r in rows}
-    stages = [r["stage"] for r in rows]
-    shared = {r["artifact"] for r in rows if stages.count(r["stage"]) > 1}
-    root = Path(os.path.commonpath([paths[a] for a in shared])) if shared else None
+    groups: dict[str, list[Path]] = {}
     for r in rows:
-        r["name"] = f"{r['stage']} ({paths[r['artifact']].relative_to(root)})" if r["artifact"] in shared else r["stage"]
+        groups.setdefault(r["stage"], []).append(paths[r["artifact"]])
+    for r in rows:
+        group = groups[r["stage"]]
+        root = Path(os.path.commonpath(group))
+        r["name"] = f"{r['stage']} ({paths[r['artifact']].relative_to(root)})" if len(group) > 1 else r["stage"]
 
 
 def add_ratios(rows: list[dict], reference: dict | None) -> None:
@@ -789,7 +791,7 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
              for r in rows),
         ),
         "",
-        f"Reference row for ratios: {ref['name'] + ' (' + ref['artifact'] + ')' if ref else 'none (no usable artifact)'}.",
+        f"Reference row for ratios: {ref['stage'] + ' (' + ref['artifact'] + ')' if ref else 'none (no usable artifact)'}.",
         "",
         markdown_table(
             ["stage", "artifact", "params", "G MACs", "size", "latency / window", "latency / case"],

@@ -63,8 +63,11 @@ def test_broken_files_give_clear_errors(tmp_path):
     torch.save(raw, tmp_path / "tag.pt")
     with pytest.raises(ArtifactError, match="tag.pt: not a .* file .its format tag reads 'refineformer3d-artifacs'"):
         Artifact.load(tmp_path / "tag.pt")
-    for name, obj, what in (("list.pt", [1, 2], "a list"), ("dict.pt", {"epoch": 3, "w": torch.zeros(1)},
-                                                             "a dict with keys 'epoch', 'w'")):
+    for name, obj, what in (("list.pt", [1, 2], "a list"), ("empty.pt", {}, "an empty dict"),
+                            ("dict.pt", {"epoch": 3, "w": torch.zeros(1)}, "a dict with keys 'epoch', 'w'"),
+                            ("wrapped.pt", {"epoch": 3, "state_dict": {"w": torch.zeros(1)}},
+                             "a training checkpoint with a 'state_dict' .keys 'epoch', 'state_dict'.; "
+                             "use model.segformer_import")):
         torch.save(obj, tmp_path / name)
         with pytest.raises(ArtifactError, match=f"{name}: not a .* file .{what}"):
             Artifact.load(tmp_path / name)
