@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.fold is not None and args.split is None:
         parser.error("--fold needs --split")
+    if args.coarse and args.coarse < 2:
+        parser.error(f"--coarse must be a pooling factor >= 2 (or 0: off), got {args.coarse}")
 
     # deferred: torch loads only once the command line is good
     from engine.runtime import resolve_runtime

@@ -15,6 +15,7 @@ and other anatomy), through the real command lines, as scripts/demo.sh chains th
     distill.py --set distill.kd_weight=0 --set distill.kd_dice_weight=0     labels only
     distill.py --init scratch                                       student from random weights
     distill.py --set distill.kd_gate=correct                        KD only where the teacher is right
+    distill.py --set distill.kd_region_weights=equal                every region's KD weighted alike (the old default)
     predict.py ART --split DATA/.cache/splits.json, then python -m brats.evaluate --subset   per stage
 
 One change to the demo recipe, the same for every family: the teacher trains up to --teacher-epochs
@@ -42,10 +43,11 @@ student minus each other student arm, paired. Tables go to <out>/bench_chain.md,
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_chain.py [--out runs/bench_chain]
         [--families demo lgg-rich] [--cases 24] [--val-cases 8] [--shape 96 96 64] [--seed 0]
-        [--student-epochs N] [--arms [labels scratch gated]] [--threads 2] [--resamples 2000] [--quick] [--force]
+        [--student-epochs N] [--arms [labels scratch gated equal]] [--threads 2] [--resamples 2000] [--quick] [--force]
 
 Each step writes a stamp (bench_step.json: its command and the stamps of its inputs) when it
-succeeds, and is skipped while the stamp matches; a step killed half-way is resumed (--resume)
+succeeds, and is skipped while the stamp matches and its artifact still loads (one damaged, or in a
+format this code refuses, is made again); a step killed half-way is resumed (--resume)
 where its command can, else rerun; a changed setting reruns that step and everything after it.
 --force reruns everything. A failed step is reported with the end of its log
 (<out>/<family>/logs/<step>.log); the steps that need it are skipped, the others still run, and
@@ -84,6 +86,7 @@ import numpy as np  # noqa: E402
 from brats.evaluate import find_predictions, find_truth  # noqa: E402
 from brats.nifti import load_label  # noqa: E402
 from brats.phantom import FAMILIES  # noqa: E402
+from common.artifact import Artifact, ArtifactError  # noqa: E402
 from common.machine import usable_cpus  # noqa: E402
 
 REGIONS = ("wt", "tc", "et", "mean")
@@ -100,8 +103,9 @@ STAGES = {
     "student-labels": ("student, labels only", "student.pt"),
     "student-scratch": ("student, from scratch", "student.pt"),
     "student-gated": ("student, KD where the teacher is right", "student.pt"),
+    "student-equal": ("student, every region's KD alike", "student.pt"),
 }
-ARMS = ("student-labels", "student-scratch", "student-gated")
+ARMS = ("student-labels", "student-scratch", "student-gated", "student-equal")
 # For the plan line's estimate, on 2 unshared cores (from the --quick run's step times and the
 # demo chain's 7.5 min): seconds per optimizer step (2 crops of 64^3, any stage), a training
 # command's start-up and validations, a scoring step's start-up, and per held-out case scored.
@@ -176,6 +180,8 @@ def family_steps(family: str, args: argparse.Namespace) -> list[Step]:
               extra=student_budget),
         stage("student-gated", "teacher", distill, "configs/demo/distill.yaml",
               extra=student_budget + ("distill.kd_gate=correct",)),
+        stage("student-equal", "teacher", distill, "configs/demo/distill.yaml",
+              extra=student_budget + ("distill.kd_region_weights=equal",)),
     ]
     steps = [s for s in steps if s.name not in ARMS or s.name in args.arms]
     ordered: list[Step] = []  # each model is scored right after it is made: a long run shows numbers early
@@ -212,11 +218,26 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def unreadable_artifact(output: Path) -> str | None:
+    """Why a finished step's artifact (*.pt) no longer loads (damaged, or written in a format this code
+    refuses), or None: the output is not an artifact, or it loads."""
+    if output.suffix != ".pt":
+        return None
+    try:
+        Artifact.load(output)
+    except ArtifactError as e:
+        return str(e)
+    return None
+
+
 def run_step(step: Step, key: str, env: dict, log: Path, force: bool) -> tuple[str, float, str]:
     """Run (or reuse) one step; returns (how: reused | ran | resumed, seconds, run id). Raises StepFailed."""
     stamp = _read_json(step.folder / STAMP)
     if not force and stamp and stamp.get("key") == key and stamp.get("made") and step.output.exists():
-        return "reused", float(stamp.get("seconds", 0.0)), str(stamp["made"])
+        broken = unreadable_artifact(step.output)
+        if broken is None:
+            return "reused", float(stamp.get("seconds", 0.0)), str(stamp["made"])
+        print(f" its artifact does not load ({broken}): made again ...", end="", flush=True)
     started = _read_json(step.folder / STARTED)
     resume = (not force and step.resume is not None and step.resume.is_file() and started is not None
               and started.get("key") == key)
@@ -399,7 +420,7 @@ def estimate_seconds(plan: dict[str, list[Step]], args: argparse.Namespace) -> f
             if step.config is None:
                 seconds += EST_SCORE + EST_CASE * args.val_cases if step.name.startswith("score-") else 5.0
                 continue
-            cfg = load_config(*step.config)
+            cfg = load_config(ROOT / step.config[0], step.config[1])  # the steps run in ROOT, whatever the cwd
             per_epoch = cfg.data.samples_per_epoch or (args.cases - args.val_cases)
             seconds += EST_STAGE + EST_STEP * cfg.train.epochs * math.ceil(per_epoch / cfg.train.batch_size)
     return seconds
@@ -407,7 +428,7 @@ def estimate_seconds(plan: dict[str, list[Step]], args: argparse.Namespace) -> f
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/bench_chain", help="work folder (default runs/bench_chain)")
+    p.add_argument("--out", default=None, help="work folder (default: this checkout's runs/bench_chain)")
     p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     p.add_argument("--cases", type=int, default=None, help="labelled cases per family (default 24; --quick 8)")
     p.add_argument("--val-cases", type=int, default=None, help="of them held out and scored (default 8; --quick 4)")
@@ -420,7 +441,8 @@ def main() -> int:
                    help="the student's and its arms' maximum epochs (default: the recipe's, configs/demo/distill.yaml; "
                         "its early stopping stays; given with --quick, it wins over --quick's one epoch)")
     p.add_argument("--arms", nargs="*", default=[a.split("-")[1] for a in ARMS], choices=[a.split("-")[1] for a in ARMS],
-                   help="the student arms to run besides the distilled one (default: all; none: just the chain)")
+                   help="the student arms to run besides the distilled one (default: all; --arms with no value: "
+                        "just the chain)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every step (default: CPUs usable)")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--bootstrap-seed", type=int, default=0)
@@ -441,9 +463,7 @@ def main() -> int:
         p.error("every --shape size must be >= 32")
     if args.val_cases < 8 and not args.quick:
         print(f"note: {args.val_cases} held-out case(s); intervals on fewer than 8 cases say little", flush=True)
-    out = Path(args.out)
-    if not out.is_absolute():
-        out = ROOT / out
+    out = Path(args.out).resolve() if args.out else ROOT / "runs" / "bench_chain"  # a given one: from the cwd
     args.out = str(out)
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
            "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}

@@ -27,7 +27,8 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
@@ -53,7 +54,8 @@ def fp32_macs(art: Artifact, window) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs-dir", default="runs/demo", help="a folder of stage folders, as make demo writes")
+    p.add_argument("--runs-dir", default=str(ROOT / "runs" / "demo"),
+                   help="a folder of stage folders, as make demo writes (default: this checkout's runs/demo)")
     p.add_argument("--window", type=int, nargs=3, default=[128, 128, 128], help="window (default 128 128 128)")
     p.add_argument("--runs", type=int, default=5, help="timed rounds per window figure (default 5)")
     p.add_argument("--case-shape", type=int, nargs=3, default=[240, 240, 155], help="whole-case phantom grid")

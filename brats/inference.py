@@ -92,23 +92,29 @@ COARSE_MARGIN = 16
 @dataclass
 class WindowCount:
     """Windows of one or more sliding-window passes: how many, and how many were skipped as background;
-    with coarse-to-fine also the coarse windows run and the full-resolution windows the box saved."""
+    with coarse-to-fine also the coarse windows run, the full-resolution windows the box saved, and the
+    cases that got the full pass all the same (within one window, too small to pool, or no tumour found)."""
 
     windows: int = 0
     skipped: int = 0
     coarse: int = 0
     saved: int = 0
+    full_pass: int = 0
 
     def add(self, other: "WindowCount") -> None:
         self.windows += other.windows
         self.skipped += other.skipped
         self.coarse += other.coarse
         self.saved += other.saved
+        self.full_pass += other.full_pass
 
     def line(self) -> str:
         line = f"skipped {self.skipped} of {self.windows} windows (background)"
         if self.coarse:
             line += f"; coarse-to-fine: {self.coarse} coarse window(s) run, {self.saved} full-resolution window(s) saved"
+        if self.full_pass:
+            line += (f"; {self.full_pass} case(s) got the full pass (within one window, too small to pool, "
+                     "or no tumour found by the coarse pass)")
         return line
 
 
@@ -300,6 +306,8 @@ def predict_case(
     worth = coarse and any(n > w for n, w in zip(image.shape[1:], window)) and min(image.shape[1:]) >= coarse
     box = tumour_box(predict, image, scheme, window, coarse, sw_batch, fit=coarse_fit, **kwargs) if worth else None
     if box is None:
+        if coarse and kwargs.get("count") is not None:
+            kwargs["count"].full_pass += 1
         logits = sliding_window(predict, image, window, overlap, sw_batch, brain=brain, **kwargs)
         return suppress_small_et(_labels(logits, scheme), et_min_voxels)
     count, skip = kwargs.pop("count", None), kwargs.get("skip_background", True)

@@ -373,6 +373,8 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
     if not found:
         raise ArtifactError(f"no artifact (*.pt) found in {', '.join(map(str, sources))}")
     good = [f for f in found if f.artifact is not None]
+    if not good:  # nothing to score: say why before anything is written (an existing report stays as it is)
+        raise ArtifactError("no usable artifact: " + "; ".join(f.error or str(f.path) for f in found))
     reference = pick_reference(good)
 
     cache, cases, data_used = None, [], data or cfg.data

@@ -9,8 +9,8 @@ from common.artifact import Artifact, build_model
 from brats.labels import to_target
 from common.config import Config, ConfigError
 from engine.loop import artifact_spec, product_of
-from student.distill import (DistillModel, DistillStage, dice_gap, distill_record, distill_student, kd_dice_loss,
-                             kd_loss, load_teacher, teacher_agrees)
+from student.distill import (DistillModel, DistillStage, check_distill, dice_gap, distill_record, distill_student,
+                             kd_dice_loss, kd_loss, load_teacher, teacher_agrees, teacher_region_weights)
 from student.thin import thin
 from model.refineformer3d import RefineFormer3D, count_params, preset_spec
 
@@ -99,8 +99,10 @@ def test_distill_student_end_to_end(tmp_path):
     write_phantom_dataset(data, cases=4, val_cases=0, shape=(48, 48, 32), seed=0)
     teacher = tiny_teacher()
     Artifact(stage="teacher", spec=teacher.spec.to_dict(), state_dict=teacher.state_dict(),
-             config={"data": {"scheme": "regions"}}, metrics={"dice_mean": 0.5}).save(tmp_path / "teacher.pt")
+             config={"data": {"scheme": "regions"}},
+             metrics={"dice_mean": 0.5, "dice_wt": 0.8, "dice_tc": 0.5, "dice_et": 0.2}).save(tmp_path / "teacher.pt")
     cfg = Config()
+    cfg.distill.kd_region_weights = "teacher"  # read from the teacher artifact's metrics, recorded
     cfg.data.dir, cfg.data.crop, cfg.data.val_fraction = str(data), [32, 32, 32], 0.5
     t = cfg.train
     t.window, t.overlap, t.sw_batch = [32, 32, 32], 0.25, 2
@@ -133,6 +135,8 @@ def test_distill_student_end_to_end(tmp_path):
     assert torch.count_nonzero(fresh.projections[0].bias) == 0
     assert not torch.equal(saved["projections.0.bias"], fresh.projections[0].bias)  # starts at 0, was trained
     assert loaded.extra["distill"]["feature_weight"] == 0.1
+    assert loaded.extra["distill"]["kd_region_weights"] == "teacher"
+    assert loaded.extra["distill"]["region_weights"] == pytest.approx({"tc": 0.5, "wt": 0.8, "et": 0.2})
     frozen = load_teacher(tmp_path / "teacher.pt")
     assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
 
@@ -221,3 +225,29 @@ def test_kd_dice_weighs_a_small_region_like_a_large_one():
     mask = torch.zeros(1, 1, 16, 16, 16, dtype=torch.bool)
     mask[..., 4:, :, :] = True  # ET lies outside the valid region: nothing to match there
     assert float(kd_dice_loss(miss_small, t, "regions", mask)) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_kd_region_weights_scale_each_regions_terms_and_come_from_the_teachers_dice():
+    """Weights of 1 give the unweighted terms exactly; a weight of 0 leaves a region's disagreement out of
+    both KD terms; `teacher` takes the teacher artifact's dice_tc / dice_wt / dice_et in channel order."""
+    g = torch.Generator().manual_seed(0)
+    s_logits, t_logits = torch.randn(2, 3, 8, 8, 8, generator=g), torch.randn(2, 3, 8, 8, 8, generator=g)
+    ones = torch.ones(3)
+    assert torch.allclose(kd_loss(s_logits, t_logits, "regions", 2.0, weights=ones), kd_loss(s_logits, t_logits, "regions", 2.0))
+    assert torch.allclose(kd_dice_loss(s_logits, t_logits, "regions", weights=ones), kd_dice_loss(s_logits, t_logits, "regions"))
+    agree = s_logits.clone()
+    agree[:, 2] = t_logits[:, 2]  # the student matches the teacher on ET, not on TC and WT
+    no_tc_wt = torch.tensor([0.0, 0.0, 1.0])
+    assert kd_loss(agree, t_logits, "regions", 2.0, weights=no_tc_wt) < 1e-6
+    assert kd_dice_loss(agree, t_logits, "regions", weights=no_tc_wt) < 1e-6
+    assert kd_loss(agree, t_logits, "regions", 2.0) > 0.01 and kd_dice_loss(agree, t_logits, "regions") > 0.01
+    w = teacher_region_weights({"dice_wt": 0.9, "dice_tc": 0.7, "dice_et": 0.25, "dice_mean": 0.6})
+    assert w.tolist() == pytest.approx([0.7, 0.9, 0.25])  # [TC, WT, ET]
+    with pytest.raises(ConfigError, match="records no usable dice_et"):
+        teacher_region_weights({"dice_wt": 0.9, "dice_tc": 0.7})
+    cfg = Config()
+    assert cfg.distill.kd_region_weights == "teacher"  # the default
+    check_distill(cfg)
+    cfg.distill.kd_region_weights = "dice"
+    with pytest.raises(ConfigError, match="kd_region_weights must be one of equal, teacher"):
+        check_distill(cfg)

@@ -350,7 +350,10 @@ def test_coarse_pass_that_finds_nothing_falls_back_to_the_full_pass():
     count = WindowCount()
     label = predict_case(predict, image, "regions", (32, 32, 32), 0.5, 1, coarse=4, count=count)
     np.testing.assert_array_equal(label, predict_case(predict, image, "regions", (32, 32, 32), 0.5, 1))
-    assert count.coarse == 1 and count.saved == 0 and (label > 0).sum() == 1
+    assert count.coarse == 1 and count.saved == 0 and (label > 0).sum() == 1 and count.full_pass == 1
+    predict_case(predict, image[:, :32, :32, :32], "regions", (32, 32, 32), 0.5, 1, coarse=2, count=count)
+    assert count.full_pass == 2 and count.coarse == 1  # within one window: no coarse pass at all
+    assert "2 case(s) got the full pass (within one window" in count.line()
 
 
 def test_coarse_pass_skipped_where_it_cannot_pay_or_cannot_pool_and_sees_every_region():

@@ -105,9 +105,10 @@ def test_predict_says_its_et_rule_and_runs_coarse_to_fine(setup, tmp_path, capsy
     assert "ET rule: a case with fewer than 7 predicted ET voxels gets them relabelled NCR/NET (given)" in captured.err
     label = np.asanyarray(nib.load(str(tmp_path / "c" / f"{case}.nii.gz")).dataobj)
     assert set(np.unique(label)) <= {0, 1, 2, 4}
-    code = predict_cli.main([str(artifact), "--input", str(data), "--output", str(tmp_path / "d"), "--window",
-                             *map(str, WINDOW), "--cases", case, "--quiet", "--coarse", "1"])
-    assert code == 2 and "pooling factor >= 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # refused with the command line, before anything loads
+        predict_cli.main([str(artifact), "--input", str(data), "--output", str(tmp_path / "d"), "--window",
+                          *map(str, WINDOW), "--cases", case, "--quiet", "--coarse", "1"])
+    assert stop.value.code == 2 and "--coarse must be a pooling factor >= 2" in capsys.readouterr().err
 
 
 def test_the_coarse_window_is_fitted_only_where_the_runtime_takes_other_sizes():

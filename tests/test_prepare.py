@@ -20,12 +20,15 @@ from brats.prepare import PrepareError, brain_bbox, main, prepare, run_prepare
 SHAPE = (32, 32, 24)
 ROOT = Path(__file__).resolve().parents[1]
 # `python -m brats.prepare` whose array writes each take 0.3 s longer: its temp files stay in flight
-SLOW_PREPARE = """import sys, time
+SLOW_PREPARE = """import os, sys, time
 import numpy as np
 save = np.save
-def slow_save(*args, **kwargs):
+go = os.environ["PREPARE_GO"]
+def slow_save(*args, **kwargs):  # after its first array, wait (at most 120 s) until the test says go
     save(*args, **kwargs)
-    time.sleep(0.3)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.05)
 np.save = slow_save
 from brats.prepare import main
 sys.exit(main(sys.argv[1:]))
@@ -190,9 +193,11 @@ def test_interrupted_prepare_is_not_trusted(data, tmp_path):
 
 
 def test_two_prepares_on_one_cache_both_succeed(data, tmp_path):
-    """The second waits for the first instead of deleting its in-flight temp files."""
-    cache_dir = tmp_path / "cache"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    """The second waits for the first instead of deleting its in-flight temp files. The first holds after
+    its first array until the second says it waits (however slowly a loaded machine starts either)."""
+    cache_dir, go = tmp_path / "cache", tmp_path / "go"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREPARE_GO": str(go),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     args = [str(data), "--out", str(cache_dir), "--quiet"]
 
     def start(*cmd):
@@ -204,7 +209,14 @@ def test_two_prepares_on_one_cache_both_succeed(data, tmp_path):
     while not any((cache_dir / "cases").glob("*")) and slow.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)  # the slow one is writing its first array
     fast = start("-m", "brats.prepare")
+    seen = []
+    for line in fast.stderr:  # until the second one reports the wait (or ends without it)
+        seen.append(line)
+        if "waiting for another prepare" in line:
+            break
+    go.touch()
     (slow_out, slow_err), (fast_out, fast_err) = slow.communicate(timeout=300), fast.communicate(timeout=300)
+    fast_err = "".join(seen) + fast_err
     assert slow.returncode == 0, slow_err[-2000:]
     assert fast.returncode == 0, fast_err[-2000:]
     assert slow_out.startswith("8 case(s)") and "8 built, 0 reused" in slow_out

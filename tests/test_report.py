@@ -134,6 +134,10 @@ def test_rows_in_pipeline_order_with_errors_named(built):
     assert [r["stage"] for r in result.failed] == ["lowrank"]
     md = (root / "out" / "report.md").read_text()
     assert str(broken) in md and "could not be reported" in md
+    # only unusable artifacts: an error naming them before anything is written (the report above stays)
+    with pytest.raises(ArtifactError, match=f"no usable artifact: {broken}: not a readable artifact"):
+        make_report([broken], Config(report=cfg.report, train=cfg.train), root / "out", progress=False)
+    assert (root / "out" / "report.md").read_text() == md
 
 
 def test_same_held_out_cases_from_the_split(built):

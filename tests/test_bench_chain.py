@@ -1,0 +1,41 @@
+"""bench/bench_chain.py's plan and reuse rules (the bench itself takes an hour: not run here)."""
+import argparse
+
+import torch
+
+from bench.bench_chain import ARMS, family_steps, unreadable_artifact
+from common.artifact import Artifact
+from model.refineformer3d import ModelSpec, RefineFormer3D
+
+
+def _args(tmp_path, **kw) -> argparse.Namespace:
+    base = dict(out=str(tmp_path), cases=24, val_cases=8, shape=[96, 96, 64], seed=0, teacher_epochs=40,
+                student_epochs=None, arms=list(ARMS), threads=2, quick=False)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def _sets(step) -> list[str]:
+    return [step.argv[i + 1] for i, a in enumerate(step.argv) if a == "--set"]
+
+
+def test_student_epochs_reach_the_student_and_its_arms_only_and_arms_can_be_left_out(tmp_path):
+    steps = {s.name: s for s in family_steps("demo", _args(tmp_path, student_epochs=40, arms=["student-labels"]))}
+    assert "train.epochs=40" in _sets(steps["student"]) and "train.epochs=40" in _sets(steps["student-labels"])
+    assert not any(a.startswith("train.epochs=40") for a in _sets(steps["slim"]))
+    assert "train.epochs=40" in _sets(steps["teacher"])  # --teacher-epochs, the same number here by chance
+    assert {"student-scratch", "student-gated", "score-student-scratch"}.isdisjoint(steps)
+    quick = {s.name: s for s in family_steps("demo", _args(tmp_path, quick=True, student_epochs=3))}
+    assert _sets(quick["student"])[-1] == "train.epochs=3" and "train.epochs=1" in _sets(quick["slim"])
+    assert "student-gated" in quick  # every arm by default
+
+
+def test_a_finished_step_whose_artifact_no_longer_loads_is_made_again(tmp_path):
+    model = RefineFormer3D(ModelSpec(embed_dims=[8, 8, 16, 16], num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1]))
+    path = Artifact("teacher", model.spec.to_dict(), model.state_dict()).save(tmp_path / "best.pt")
+    assert unreadable_artifact(path) is None
+    path.write_bytes(path.read_bytes()[:-100])  # damaged after its step finished
+    assert "best.pt" in unreadable_artifact(path)
+    (tmp_path / "scores.csv").write_text("case\n")
+    assert unreadable_artifact(tmp_path / "scores.csv") is None  # not an artifact: the stamp decides
+    torch.save([1], tmp_path / "x.pt")
+    assert "not a refineformer3d-artifact" in unreadable_artifact(tmp_path / "x.pt")
