@@ -15,7 +15,7 @@ and other anatomy), through the real command lines, as scripts/demo.sh chains th
     distill.py --set distill.kd_weight=0 --set distill.kd_dice_weight=0     labels only
     distill.py --init scratch                                       student from random weights
     distill.py --set distill.kd_gate=correct                        KD only where the teacher is right
-    distill.py --set distill.kd_region_weights=equal                every region's KD weighted alike (the old default)
+    distill.py --set distill.kd_region_weights=teacher              KD per region weighted by the teacher's Dice
     predict.py ART --split DATA/.cache/splits.json, then python -m brats.evaluate --subset   per stage
 
 One change to the demo recipe, the same for every family: the teacher trains up to --teacher-epochs
@@ -43,7 +43,7 @@ student minus each other student arm, paired. Tables go to <out>/bench_chain.md,
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_chain.py [--out runs/bench_chain]
         [--families demo lgg-rich] [--cases 24] [--val-cases 8] [--shape 96 96 64] [--seed 0]
-        [--student-epochs N] [--arms [labels scratch gated equal]] [--threads 2] [--resamples 2000] [--quick] [--force]
+        [--student-epochs N] [--arms [labels scratch gated weighted]] [--threads 2] [--resamples 2000] [--quick] [--force]
 
 Each step writes a stamp (bench_step.json: its command and the stamps of its inputs) when it
 succeeds, and is skipped while the stamp matches and its artifact still loads (one damaged, or in a
@@ -103,9 +103,9 @@ STAGES = {
     "student-labels": ("student, labels only", "student.pt"),
     "student-scratch": ("student, from scratch", "student.pt"),
     "student-gated": ("student, KD where the teacher is right", "student.pt"),
-    "student-equal": ("student, every region's KD alike", "student.pt"),
+    "student-weighted": ("student, KD weighted by the teacher's Dice", "student.pt"),
 }
-ARMS = ("student-labels", "student-scratch", "student-gated", "student-equal")
+ARMS = ("student-labels", "student-scratch", "student-gated", "student-weighted")
 # For the plan line's estimate, on 2 unshared cores (from the --quick run's step times and the
 # demo chain's 7.5 min): seconds per optimizer step (2 crops of 64^3, any stage), a training
 # command's start-up and validations, a scoring step's start-up, and per held-out case scored.
@@ -180,8 +180,8 @@ def family_steps(family: str, args: argparse.Namespace) -> list[Step]:
               extra=student_budget),
         stage("student-gated", "teacher", distill, "configs/demo/distill.yaml",
               extra=student_budget + ("distill.kd_gate=correct",)),
-        stage("student-equal", "teacher", distill, "configs/demo/distill.yaml",
-              extra=student_budget + ("distill.kd_region_weights=equal",)),
+        stage("student-weighted", "teacher", distill, "configs/demo/distill.yaml",
+              extra=student_budget + ("distill.kd_region_weights=teacher",)),
     ]
     steps = [s for s in steps if s.name not in ARMS or s.name in args.arms]
     ordered: list[Step] = []  # each model is scored right after it is made: a long run shows numbers early

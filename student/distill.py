@@ -10,12 +10,14 @@ Loss per batch (teacher on the clean crop, student on a perturbed copy, see `stu
                     (the voxel-mean KD above is dominated by background; this term weighs ET like WT)
   + feature_weight * mean over stages of MSE(proj_i(student stage i), teacher stage i)
 
-`distill.kd_region_weights: teacher` (default) weighs both distillation terms per region (sigmoid channel)
-by the teacher's validation Dice on that region (its artifact's dice_tc / dice_wt / dice_et), so a region
-the teacher gets wrong (a weak ET) is taught mostly by the labels; a teacher that records none (an imported
-checkpoint) or a softmax scheme gets `equal`: every region 1, said in the log. Measured with the demo
-recipe (20 epochs, 8 held-out cases per family, bench_chain's settings): lgg-rich mean Dice 0.534 -> 0.617
-(labels only 0.614), demo 0.929 -> 0.930.
+`distill.kd_region_weights: teacher` weighs both distillation terms per region (sigmoid channel) by the
+teacher's validation Dice on that region (its artifact's dice_tc / dice_wt / dice_et), so a region the
+teacher gets wrong (a weak ET) is taught mostly by the labels; a teacher that records none (an imported
+checkpoint) or a softmax scheme gets every region 1, said in the log. `equal` (default): every region 1.
+Measured with the demo recipe (20 epochs, 8 held-out cases per family, bench_chain's settings): the
+student improves (lgg-rich mean Dice 0.534 -> 0.617, labels only 0.614; demo 0.929 -> 0.930), but the whole
+chain with it in every stage did not (INT8 lgg-rich 0.578 -> 0.536 with one ET case emptied; demo 0.906 ->
+0.908), so it is not the default.
 
 `distill.kd_gate: correct` restricts both distillation terms to the voxels where the teacher's
 prediction agrees with the labels (every region channel, or the class for softmax schemes;

@@ -246,7 +246,8 @@ def test_kd_region_weights_scale_each_regions_terms_and_come_from_the_teachers_d
     with pytest.raises(ConfigError, match="records no usable dice_et"):
         teacher_region_weights({"dice_wt": 0.9, "dice_tc": 0.7})
     cfg = Config()
-    assert cfg.distill.kd_region_weights == "teacher"  # the default
+    assert cfg.distill.kd_region_weights == "equal"  # the default
+    cfg.distill.kd_region_weights = "teacher"
     check_distill(cfg)
     cfg.distill.kd_region_weights = "dice"
     with pytest.raises(ConfigError, match="kd_region_weights must be one of equal, teacher"):
