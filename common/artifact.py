@@ -102,7 +102,9 @@ class Artifact:
     def load(cls, path: str | Path) -> "Artifact":
         path = Path(path)
         if not path.is_file():
-            raise ArtifactError(f"{path}: no such artifact file")
+            raise ArtifactError(f"{path}: no such artifact file" + (" (a folder)" if path.is_dir() else ""))
+        if path.stat().st_size == 0:
+            raise ArtifactError(f"{path}: an empty file (0 bytes), not an artifact")
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for truncated or foreign files

@@ -50,6 +50,8 @@ def test_broken_files_give_clear_errors(tmp_path):
     path = art.save(tmp_path / "a.pt")
     with pytest.raises(ArtifactError, match="no such artifact"):
         Artifact.load(tmp_path / "missing.pt")
+    with pytest.raises(ArtifactError, match=r"no such artifact file \(a folder\)"):
+        Artifact.load(tmp_path)
     truncated = tmp_path / "t.pt"
     truncated.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
     with pytest.raises(ArtifactError, match=r"t\.pt: not a readable artifact"):
@@ -323,6 +325,7 @@ def test_hand_edited_fields_of_the_wrong_type_are_named(tmp_path, field, value):
 def test_empty_and_text_files_say_what_they_are(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "notes.pt").write_text("these are notes\n")
-    for name in ("empty.pt", "notes.pt"):
-        with pytest.raises(ArtifactError, match=rf"{name}: not a readable artifact .*: \w+Error: \S"):
-            Artifact.load(tmp_path / name)
+    with pytest.raises(ArtifactError, match=r"empty\.pt: an empty file \(0 bytes\), not an artifact"):
+        Artifact.load(tmp_path / "empty.pt")
+    with pytest.raises(ArtifactError, match=r"notes\.pt: not a readable artifact .*: \w+Error: \S"):
+        Artifact.load(tmp_path / "notes.pt")
