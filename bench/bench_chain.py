@@ -106,6 +106,7 @@ STAGES = {
     "student-weighted": ("student, KD weighted by the teacher's Dice", "student.pt"),
 }
 ARMS = ("student-labels", "student-scratch", "student-gated", "student-weighted")
+ARM_NAMES = tuple(a.removeprefix("student-") for a in ARMS)  # as --arms takes them
 # For the plan line's estimate, on 2 unshared cores (from the --quick run's step times and the
 # demo chain's 7.5 min): seconds per optimizer step (2 crops of 64^3, any stage), a training
 # command's start-up and validations, a scoring step's start-up, and per held-out case scored.
@@ -440,7 +441,7 @@ def main() -> int:
     p.add_argument("--student-epochs", type=int, default=None, metavar="N",
                    help="the student's and its arms' maximum epochs (default: the recipe's, configs/demo/distill.yaml; "
                         "its early stopping stays; given with --quick, it wins over --quick's one epoch)")
-    p.add_argument("--arms", nargs="*", default=[a.split("-")[1] for a in ARMS], choices=[a.split("-")[1] for a in ARMS],
+    p.add_argument("--arms", nargs="*", default=list(ARM_NAMES), choices=ARM_NAMES,
                    help="the student arms to run besides the distilled one (default: all; --arms with no value: "
                         "just the chain)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every step (default: CPUs usable)")

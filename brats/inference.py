@@ -296,10 +296,7 @@ def predict_case(
     `sliding_window`.
     """
     image = torch.as_tensor(image)
-    if coarse and coarse < 2:
-        raise ValueError(f"coarse must be a pooling factor >= 2 (or 0: off), got {coarse}")
-    if coarse_fit < 0:
-        raise ValueError(f"coarse_fit must be >= 0 (0: the full window), got {coarse_fit}")
+    check_coarse(coarse, coarse_fit)
     brain = kwargs.pop("brain", None)  # a caller's brain mask of `image`: for the full pass, or the box and the count
     # a case within one window: the box would be the whole case, so the coarse pass would only cost time;
     # an axis shorter than the pooling factor cannot be pooled: the full pass either way
@@ -347,11 +344,18 @@ def _grid(brain: torch.Tensor, window: Sequence[int], overlap: float, skip_backg
     count.add(WindowCount(len(slices), run.count(False)))
 
 
+def check_coarse(coarse: int, fit: int = 0) -> None:
+    """ValueError unless `coarse` is a pooling factor >= 2 or 0 (off) and `fit` (`coarse_window`) >= 0."""
+    if coarse and coarse < 2:
+        raise ValueError(f"coarse must be a pooling factor >= 2 (or 0: off), got {coarse}")
+    if fit < 0:
+        raise ValueError(f"coarse_fit must be >= 0 (0: the full window), got {fit}")
+
+
 def coarse_window(pooled: Sequence[int], window: Sequence[int], fit: int) -> tuple[int, ...]:
     """The coarse pass's window for a pooled image of spatial size `pooled`: per axis the smallest multiple
     of `fit` that holds it, at most `window` (`fit` 0: `window` itself). ValueError for fit < 0."""
-    if fit < 0:
-        raise ValueError(f"coarse_fit must be >= 0 (0: the full window), got {fit}")
+    check_coarse(0, fit)
     if not fit:
         return tuple(window)
     return tuple(min(w, max(fit, -(-n // fit) * fit)) for n, w in zip(pooled, window))

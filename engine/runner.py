@@ -85,13 +85,20 @@ class StageContext:
     source_metrics: dict = field(default_factory=dict)  # the source model scored on the same cases, this run
     fit: FitResult | None = None  # the fine-tune's result, once it ran
     _teacher: nn.Module | None = None
+    _teacher_artifact: Artifact | None = None
 
-    def teacher(self) -> nn.Module:
-        """The frozen teacher model (loaded once). ArtifactError when the lineage has none."""
-        if self._teacher is None:
+    def teacher_artifact(self) -> Artifact:
+        """The teacher's artifact (read once: its model and its metrics). ArtifactError when the lineage has none."""
+        if self._teacher_artifact is None:
             if self.teacher_path is None:
                 raise ArtifactError(f"{self.source.path}: no teacher in its lineage; pass --teacher PATH")
-            self._teacher = load_teacher(self.teacher_path)
+            self._teacher_artifact = Artifact.load(self.teacher_path)
+        return self._teacher_artifact
+
+    def teacher(self) -> nn.Module:
+        """The frozen teacher model (built once from `teacher_artifact`)."""
+        if self._teacher is None:
+            self._teacher = freeze(build_model(self.teacher_artifact()))
         return self._teacher
 
 

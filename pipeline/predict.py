@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from brats.inference import WindowCount, predict_case, to_full_grid
+from brats.inference import WindowCount, check_coarse, predict_case, to_full_grid
 from brats.layout import MODALITIES, CaseRef, DataError, discover_cases, warn
 from brats.metrics import REGIONS, dice, region_masks
 from brats.nifti import LoadedCase, load_case, save_label_map
@@ -243,8 +243,7 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
         et_min_voxels = artifact_et_rule(art)
     if et_min_voxels < 0:
         raise ValueError(f"et_min_voxels must be >= 0, got {et_min_voxels}")
-    if coarse and coarse < 2:
-        raise ValueError(f"coarse must be a pooling factor >= 2 (or 0: off), got {coarse}")
+    check_coarse(coarse)
     refs = discover_cases(input_dir)
     if cases is not None:
         refs = select_cases(refs, cases, input_dir)

@@ -46,7 +46,7 @@ from torch import nn
 from tqdm import tqdm
 
 from brats.dataset import region_centred_crops
-from brats.labels import is_softmax, to_target
+from brats.labels import REGIONS as CHANNEL_REGIONS, is_softmax, to_target
 from common.artifact import Artifact, ArtifactError
 from common.config import Config, ConfigError, PerturbConfig
 from engine.data import TrainData, stack_batches
@@ -122,14 +122,13 @@ def kd_dice_loss(student: torch.Tensor, teacher: torch.Tensor, scheme: str,
 
 
 KD_REGION_WEIGHTS = ("equal", "teacher")
-REGION_ORDER = ("tc", "wt", "et")  # the regions scheme's sigmoid channels (brats.labels)
 
 
 def teacher_region_weights(metrics: dict, source: str = "the teacher") -> torch.Tensor:
     """(3,) float32: the teacher's validation Dice per region in channel order [TC, WT, ET], from its
     artifact's metrics (dice_tc, dice_wt, dice_et). ConfigError when one is missing or not in [0, 1]."""
     values = []
-    for region in REGION_ORDER:
+    for region in CHANNEL_REGIONS:
         v = metrics.get(f"dice_{region}")
         if not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
             raise ConfigError(f"distill.kd_region_weights=teacher: {source} records no usable dice_{region} "
@@ -367,7 +366,6 @@ def check_distill(cfg: Config) -> None:
     if d.kd_region_weights not in KD_REGION_WEIGHTS:
         raise ConfigError(f"distill.kd_region_weights must be one of {', '.join(KD_REGION_WEIGHTS)}, "
                           f"got {d.kd_region_weights!r}")
-
     negative = [k for k in ("supervised_weight", "kd_weight", "kd_dice_weight", "feature_weight") if getattr(d, k) < 0]
     if negative:
         raise ConfigError(f"distill.{negative[0]} must be >= 0, got {getattr(d, negative[0])}")
@@ -385,15 +383,15 @@ def distill_trainer(model: nn.Module, ctx: StageContext) -> tuple[nn.Module, Dis
                        "sigmoid region channels to weigh)")
     elif ctx.cfg.distill.kd_region_weights == "teacher":
         try:
-            weights = teacher_region_weights(Artifact.load(ctx.teacher_path).metrics, str(ctx.teacher_path))
+            weights = teacher_region_weights(ctx.teacher_artifact().metrics, str(ctx.teacher_path))
         except ConfigError as e:
             if ctx.dist.main:
                 tqdm.write(f"distill: every region's KD weighted alike: {e}")
         else:
-            ctx.extra["distill"]["region_weights"] = dict(zip(REGION_ORDER, weights.tolist()))
+            ctx.extra["distill"]["region_weights"] = dict(zip(CHANNEL_REGIONS, weights.tolist()))
             if ctx.dist.main:
                 tqdm.write("distill: KD per region weighted by the teacher's validation Dice: "
-                           + ", ".join(f"{r.upper()} {w:.3f}" for r, w in zip(REGION_ORDER, weights.tolist())))
+                           + ", ".join(f"{r.upper()} {w:.3f}" for r, w in zip(CHANNEL_REGIONS, weights.tolist())))
     return distill_setup(model, teacher, ctx.cfg, perturb=perturb, region_weights=weights)
 
 
