@@ -18,6 +18,7 @@ from brats.dataset import iter_cases
 from brats.inference import WindowCount, predict_case
 from brats.metrics import REGIONS, dice, region_masks, score_case
 from common.config import Config, ConfigError
+from common.precision import exact_fp32
 from common.progress import bar_off
 
 
@@ -40,8 +41,9 @@ def score_cases(
     for case, image, label, meta in tqdm(cases, total=len(case_ids), desc=desc, leave=False, disable=bar_off(desc is not None)):
         if label is None:
             continue
-        pred = predict_case(predict, image, cfg.data.scheme, t.window, t.overlap, t.sw_batch,
-                            et_min_voxels=t.et_min_voxels, skip_background=t.skip_background, count=count)
+        with exact_fp32():  # no TF32 on CUDA: the Dice predict.py gives back on a CPU
+            pred = predict_case(predict, image, cfg.data.scheme, t.window, t.overlap, t.sw_batch,
+                                et_min_voxels=t.et_min_voxels, skip_background=t.skip_background, count=count)
         truth = label.numpy()
         # a case whose truth has ET but whose prediction has none: a mean over cases hides it
         et_missed = float(bool((truth == 4).any()) and not bool((pred == 4).any()))
@@ -131,8 +133,9 @@ def calibrate_et_rule(predict, cache: Cache, case_ids: Sequence[str], cfg: Confi
     for case, image, label, meta in iter_cases(cache, case_ids):
         if label is None:
             continue
-        pred = predict_case(predict, image, cfg.data.scheme, t.window, t.overlap, t.sw_batch, et_min_voxels=0,
-                            skip_background=t.skip_background)
+        with exact_fp32():
+            pred = predict_case(predict, image, cfg.data.scheme, t.window, t.overlap, t.sw_batch, et_min_voxels=0,
+                                skip_background=t.skip_background)
         et = pred == 4
         kept.append((et, int(et.sum()), label.numpy() == 4))
     if not kept:

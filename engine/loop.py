@@ -24,6 +24,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -466,7 +467,11 @@ class Trainer:
             else:
                 self.optimizer.step()
             lr = self.optimizer.param_groups[0]["lr"]
-            self.scheduler.step()
+            with warnings.catch_warnings():
+                # the schedule counts steps taken, fp16 overflow steps the scaler skipped included; torch
+                # warns about those as if the order of the two calls were wrong
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                self.scheduler.step()
             self.global_step += 1
             if first_step:
                 first_step = False

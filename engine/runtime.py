@@ -292,7 +292,9 @@ class DistInfo:
 
 
 def init_distributed(device_name: str) -> DistInfo:
-    """Join the torchrun process group if the environment describes one (nccl on CUDA, gloo on CPU)."""
+    """Join the torchrun process group if the environment describes one (nccl on CUDA, gloo on CPU).
+
+    Raises ConfigError for a CUDA run with more local ranks than GPUs (NCCL cannot share one)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -302,6 +304,11 @@ def init_distributed(device_name: str) -> DistInfo:
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=False)
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda:
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:  # NCCL needs a GPU of its own per rank
+            raise ConfigError(f"torchrun started local rank {local_rank}, but this machine has {gpus} CUDA "
+                              f"device(s): NCCL needs one per rank; use --nproc_per_node={max(gpus, 1)}, or "
+                              "train.device=cpu (gloo) for more ranks than GPUs")
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo")
     return DistInfo(rank, world, local_rank, owns_group=True)

@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo) through the engine, as `torchrun --nproc_per_node=2` would start them."""
+"""Two CPU processes (gloo) through the engine, as `torchrun --nproc_per_node=2` would start them
+(`check_two_ranks` also serves tests/test_cuda.py's NCCL run)."""
 import os
 import socket
 from pathlib import Path
@@ -19,7 +20,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, data_dir: str, out: str, results: str) -> None:
+def _worker(rank: int, port: int, data_dir: str, out: str, results: str, device: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -34,6 +35,7 @@ def _worker(rank: int, port: int, data_dir: str, out: str, results: str) -> None
     # different initial weights per rank: DDP must broadcast rank 0's
     model = tiny_model(seed=rank)
     cfg = tiny_cfg(Path(data_dir))
+    cfg.train.device = device
     cfg.data.samples_per_epoch = 4  # 2 crops per rank and step (BatchNorm needs > 1 value at 1/32 scale)
     result = fit(model, SupervisedStage(), cfg, out, stage_name="teacher")
     torch.save({"state": model.state_dict(), "best": result.best_metrics,
@@ -43,10 +45,15 @@ def _worker(rank: int, port: int, data_dir: str, out: str, results: str) -> None
 
 
 def test_two_ranks_train_identically(tmp_path):
+    check_two_ranks(tmp_path, "cpu")
+
+
+def check_two_ranks(tmp_path: Path, device: str) -> None:
+    """Two ranks through `fit` on `device` (cpu: gloo, cuda: NCCL, one GPU per rank) agree on everything."""
     data = make_phantom(tmp_path / "phantom")
     out, results = tmp_path / "out", tmp_path / "results"
     results.mkdir()
-    mp.spawn(_worker, args=(_free_port(), str(data), str(out), str(results)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_free_port(), str(data), str(out), str(results), device), nprocs=WORLD, join=True)
     r0 = torch.load(results / "rank0.pt", weights_only=True)
     r1 = torch.load(results / "rank1.pt", weights_only=True)
 

@@ -27,8 +27,8 @@ SMALL = [
 ]
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -40,10 +40,15 @@ def sets(*items: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pipeline")
+    return run_chain(tmp_path_factory.mktemp("pipeline"))
+
+
+def run_chain(tmp: Path, train: tuple[str, ...] = (), serve_env: dict | None = None) -> Path:
+    """The whole chain into `tmp` (data/, runs/, pred_*/, scores.csv, report/); `train`: more --set
+    items for every training stage (after SMALL's); `serve_env`: environment of predict, evaluate, report."""
     data, runs = tmp / "data", tmp / "runs"
     run("-m", "brats.phantom", str(data), "--cases", "5", "--val-cases", "1", "--shape", "48", "48", "40", "--seed", "3")
-    common = ["--data", str(data), *sets(*SMALL)]
+    common = ["--data", str(data), *sets(*SMALL, *train)]
     run("train.py", "--config", "configs/demo/teacher.yaml", "--out", str(runs / "teacher"), *common, *sets(TINY_MODEL))
     run("distill.py", "--config", "configs/demo/distill.yaml", "--teacher", str(runs / "teacher/best.pt"),
         "--width", "0.5", "--out", str(runs / "student"), *common)
@@ -57,12 +62,12 @@ def pipeline(tmp_path_factory):
     run("quantize.py", str(runs / "grow/grown.pt"), "--config", "configs/demo/quantize.yaml", "--out", str(runs / "int8"),
         *common, *sets("quant.decide=all", "quant.calib=1", "quant.input=[32,32,32]"))
     run("predict.py", str(runs / "int8/int8.pt"), "--input", str(data / "Brats17ValidationData"),
-        "--output", str(tmp / "pred_val"), "--window", "32", "32", "32")
+        "--output", str(tmp / "pred_val"), "--window", "32", "32", "32", env=serve_env)
     run("predict.py", str(runs / "grow/grown.pt"), "--input", str(data / "Brats17TrainingData"),
-        "--output", str(tmp / "pred_train"), "--window", "32", "32", "32")
-    run("-m", "brats.evaluate", str(tmp / "pred_train"), str(data), "--out", str(tmp / "scores.csv"))
+        "--output", str(tmp / "pred_train"), "--window", "32", "32", "32", env=serve_env)
+    run("-m", "brats.evaluate", str(tmp / "pred_train"), str(data), "--out", str(tmp / "scores.csv"), env=serve_env)
     run("report.py", str(runs), "--data", str(data), "--out", str(tmp / "report"), "--quiet",
-        *sets("report.input=[32,32,32]", "report.latency_runs=1", "report.window=[32,32,32]"))
+        *sets("report.input=[32,32,32]", "report.latency_runs=1", "report.window=[32,32,32]"), env=serve_env)
     return tmp
 
 

@@ -57,6 +57,28 @@ def test_cuda_precision_and_unknown_values():
         resolve_precision("int8", "cpu", AVX2)
 
 
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_more_local_ranks_than_gpus_is_refused_before_nccl(monkeypatch, gpus):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail("set_device reached"))
+    with pytest.raises(ConfigError, match=f"local rank 1, but this machine has {gpus} CUDA device.*"
+                                          f"--nproc_per_node={max(gpus, 1)}"):
+        runtime.init_distributed("cuda")
+
+
+def test_exact_fp32_turns_tf32_off_and_restores_it(monkeypatch):
+    from common.precision import exact_fp32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the switches exist on a CPU build too
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    with exact_fp32():
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
+
+
 def test_probe_reads_the_environment_limits(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
     assert runtime.probe_cpu().onednn_max_isa == "AVX2"
