@@ -205,10 +205,18 @@ def score_step(stage: str, artifact: Path, fam: Path, data: Path, window: list[i
 
 
 def _key(step: Step, out: Path, made: dict[str, str]) -> str:
-    """The step's command (paths relative to --out, so a moved work folder is reused) and the run ids
-    of its inputs: an input made again makes this step stale even when its command is the same."""
+    """The step's command (paths relative to --out, so a moved work folder is reused), its config as
+    loaded (YAML with its bases and the overrides: an edited YAML makes the step stale too) and the
+    run ids of its inputs: an input made again makes this step stale even when its command is the same."""
+    from common.config import load_config, to_dict
+
     argv = [a.replace(str(out) + os.sep, "") for a in step.argv[1:]]
-    text = json.dumps({"argv": argv, "needs": [made[n] for n in step.needs]})
+    config = None
+    if step.config is not None:
+        config = to_dict(load_config(ROOT / step.config[0], step.config[1]))
+        config["data"] = {k: v for k, v in config["data"].items() if k not in ("dir", "cache", "split_file")}
+    text = json.dumps({"argv": argv, "config": config, "needs": [made[n] for n in step.needs]}, sort_keys=True,
+                      default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -5,10 +5,10 @@ no width acts (fvcore by module, 128^3, the demo student: 4.24 G in all): the fu
 head 2.04 G (48 %), the 7x7x7 stem 0.36 G, stage-1 attention over 32^3 tokens with 8^3 keys 0.65 G.
 Four steps, each `step(model, cfg) -> model` (cfg: common.config.SlimConfig) on a copy:
 
-    head     the refine head moves to 1/4 resolution and its logits are upsampled (as SegFormer3D
-             predicts; `ModelSpec.head_at = "quarter"`); the channels feeding it (refine_dim) are
-             widened to `slim.refine_dim` first, function-preservingly (Net2Net, `compress.grow.widen`),
-             because at 1/4 resolution they are cheap and small regions such as ET need them.
+    head     the refine head moves to 1/4 or 1/2 resolution (`slim.head_at`) and its logits are
+             upsampled (at 1/4 as SegFormer3D predicts; `ModelSpec.head_at`); the channels feeding it
+             (refine_dim) are widened to `slim.refine_dim` first, function-preservingly (Net2Net,
+             `compress.grow.widen`), because small regions such as ET need them.
     stem     stage 1 gets a patchifying stem (`slim.stem_kernel`, stride kept, the padding that keeps
              the grid) and the first stages larger key/value reductions (`slim.sr_ratios`); the new
              kernels start from the old ones (the overlapping taps of the stem; the reduction conv
@@ -47,6 +47,7 @@ from student.thin import HEAD_FLOORS
 from student.distill import distill_trainer
 
 STAGE = "slim"
+SLIM_HEAD_AT = ("quarter", "half")  # where step head moves the refine head (ModelSpec.head_at)
 
 
 def _copy_into(model: RefineFormer3D, spec: ModelSpec, new_weights: dict[str, torch.Tensor]) -> RefineFormer3D:
@@ -55,15 +56,16 @@ def _copy_into(model: RefineFormer3D, spec: ModelSpec, new_weights: dict[str, to
 
 
 def slim_head(model: RefineFormer3D, cfg: Any) -> RefineFormer3D:
-    """The refine head at 1/4 resolution, `refine_dim` first widened to `cfg.refine_dim` (never narrowed).
-    ValueError for an allmlp decoder (it predicts at 1/4 already) or a head there already."""
+    """The refine head at `cfg.head_at` ("quarter" or "half") resolution, `refine_dim` first widened to
+    `cfg.refine_dim` (never narrowed). ValueError for an allmlp decoder (it predicts at 1/4 already)
+    or a head that is not at full resolution."""
     spec = model.spec
     if spec.decoder != "refine" or spec.head_at != "full":
         raise ValueError(f"slim head: needs a refine decoder with its head at full resolution "
                          f"(decoder {spec.decoder!r}, head_at {spec.head_at!r})")
     if cfg.refine_dim > spec.refine_dim:
         model = widen(model, "refine_dim", cfg.refine_dim)
-    return _copy_into(model, ModelSpec.from_dict({**model.spec.to_dict(), "head_at": "quarter"}), {})
+    return _copy_into(model, ModelSpec.from_dict({**model.spec.to_dict(), "head_at": cfg.head_at}), {})
 
 
 def _stem_kernel(weight: torch.Tensor, pad_old: int, pad_new: int, k_new: int) -> torch.Tensor:
@@ -228,6 +230,8 @@ def check_config(cfg: Any) -> None:
     if isinstance(cfg.macs_budget, str) and cfg.macs_budget.strip().endswith("%"):
         raise ConfigError(f"slim.macs_budget={cfg.macs_budget!r}: a count of multiply-adds such as 1G, not a share")
     parse_count(cfg.macs_budget, what="slim.macs_budget")
+    if cfg.head_at not in SLIM_HEAD_AT:
+        raise ConfigError(f"slim.head_at={cfg.head_at!r}: one of {', '.join(SLIM_HEAD_AT)}")
     if cfg.refine_dim < 1 or cfg.stem_kernel < 1 or any(r < 1 for r in cfg.sr_ratios):
         raise ConfigError("slim.refine_dim, slim.stem_kernel and slim.sr_ratios must be >= 1")
     if len(cfg.reference_input) != 3 or any(n < 1 for n in cfg.reference_input):

@@ -121,6 +121,9 @@ def spec_macs(spec: ModelSpec, input_size: Sequence[int]) -> int:
         macs += 27 * n0 * f + 2 * n0 * f + layer("decoder.refine_pw", f, r, n0) + 2 * n0 * r
         if s.head_at == "quarter":  # head at 1/4, the logits upsampled
             macs += layer("decoder.head", r, classes, n0, 27) + 8 * classes * volume
+        elif s.head_at == "half":  # features upsampled to 1/2, the head there, the logits upsampled
+            half = math.prod(x // 2 for x in input_size)
+            macs += 8 * r * half + layer("decoder.head", r, classes, half, 27) + 8 * classes * volume
         else:
             macs += 8 * r * volume + layer("decoder.head", r, classes, volume, 27)
     else:

@@ -28,7 +28,7 @@ from model.layers import LowRankConv3d, LowRankLinear
 from model.resample import upsample
 
 
-HEAD_AT = ("full", "quarter")  # where the refine decoder's 3x3x3 head runs
+HEAD_AT = ("full", "half", "quarter")  # where the refine decoder's 3x3x3 head runs
 
 
 @dataclass
@@ -51,7 +51,7 @@ class ModelSpec:
     decoder_dim: int = 256  # per-stage projection width
     fuse_dim: int = 256  # output of the fusion convolution
     refine_dim: int = 16  # refine decoder: channels feeding the 3x3x3 head
-    head_at: str = "full"  # refine decoder: the head runs at full resolution, or at 1/4 ("quarter", logits upsampled)
+    head_at: str = "full"  # refine decoder's head: full resolution, "half" or "quarter" (logits upsampled from there)
     qkv_bias: bool = True
     ranks: dict[str, int] = field(default_factory=dict)  # low-rank layers: module name -> rank
     kind: str = "fp32"
@@ -316,7 +316,10 @@ class RefineDecoder(AllMLPDecoder):
     down to `refine_dim` + BN + ReLU; then (`head_at` "full") trilinear x4 and the head Conv3d 3x3x3
     (refine_dim -> classes) at full resolution, where only `refine_dim` channels arrive; or
     (`head_at` "quarter") the head at 1/4 resolution and the logits upsampled x4, as SegFormer3D
-    predicts: 64x fewer head multiply-adds (about half of a width-0.25 student's at 128^3).
+    predicts: 64x fewer head multiply-adds (about half of a width-0.25 student's at 128^3); or
+    (`head_at` "half") trilinear x2, the head at 1/2 resolution, the logits upsampled x2: 8x fewer
+    head multiply-adds than at full resolution, and the thin regions (ET rims) that a 1/4-resolution
+    head loses mostly kept (the README's "What compression keeps").
     """
 
     def __init__(self, spec: ModelSpec):
@@ -341,6 +344,9 @@ def refine_tail(decoder: nn.Module, x: torch.Tensor, out_size: tuple[int, ...]) 
     x = F.relu(decoder.refine_pw_bn(decoder.refine_pw(x)))  # (B, refine_dim, D/4, H/4, W/4)
     if decoder.head_at == "quarter":
         return upsample(decoder.head(x), out_size)
+    if decoder.head_at == "half":
+        half = tuple(n // 2 for n in out_size)
+        return upsample(decoder.head(upsample(x, half)), out_size)
     return decoder.head(upsample(x, out_size))
 
 

@@ -187,7 +187,7 @@ def _default_layout(decoder: nn.Module, args: tuple, logits: torch.Tensor) -> to
 
 
 def tail_channels(decoder: nn.Module) -> int:
-    """The head's input channels (refine_dim): those that reach full resolution when `head_at` is "full"."""
+    """The head's input channels (refine_dim): those upsampled before the head unless `head_at` is "quarter"."""
     head = decoder.head
     return head.in_channels if hasattr(head, "in_channels") else head.down.in_channels  # plain or LowRankConv3d
 
@@ -205,7 +205,7 @@ def channels_last_tail(model: nn.Module) -> nn.Module:
     slot = CHANNELS_LAST_SLOTS.get(decoder_kind(decoder))
     if slot is None or has_channels_last_tail(model) or tail_channels(decoder) < MIN_TAIL_CHANNELS:
         return model
-    if decoder.head_at != "full":  # the upsample carries the 3 logit channels, as in allmlp: no gain
+    if decoder.head_at == "quarter":  # the upsample carries the 3 logit channels, as in allmlp: no gain
         return model
     current = getattr(decoder, slot)
     if type(current) is not nn.Identity:

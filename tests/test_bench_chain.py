@@ -39,3 +39,24 @@ def test_a_finished_step_whose_artifact_no_longer_loads_is_made_again(tmp_path):
     assert unreadable_artifact(tmp_path / "scores.csv") is None  # not an artifact: the stamp decides
     torch.save([1], tmp_path / "x.pt")
     assert "not a refineformer3d-artifact" in unreadable_artifact(tmp_path / "x.pt")
+
+
+def test_a_step_key_follows_its_configs_content_not_just_its_command(tmp_path, monkeypatch):
+    import bench.bench_chain as bc
+
+    steps = {s.name: s for s in family_steps("demo", _args(tmp_path))}
+    slim = steps["slim"]
+    made = {name: "run-1" for name in slim.needs}
+    before = bc._key(slim, tmp_path, made)
+    assert bc._key(slim, tmp_path, made) == before  # stable
+    assert bc._key(slim, tmp_path, {n: "run-2" for n in slim.needs}) != before  # an input made again
+    base = (bc.ROOT / "configs/demo/slim.yaml").read_text()
+    root = tmp_path / "checkout"  # the same configs, one value edited in the base YAML the demo's inherits
+    (root / "configs/demo").mkdir(parents=True)
+    for rel in ("configs/slim.yaml", "configs/demo/slim.yaml"):
+        (root / rel).write_text((bc.ROOT / rel).read_text())
+    monkeypatch.setattr(bc, "ROOT", root)
+    assert bc._key(slim, tmp_path, made) == before  # paths differ, contents do not
+    (root / "configs/slim.yaml").write_text((bc.ROOT / "configs/slim.yaml").read_text().replace(
+        "stem_kernel: 4", "stem_kernel: 5"))
+    assert "base: ../slim.yaml" in base and bc._key(slim, tmp_path, made) != before

@@ -201,6 +201,8 @@ def test_spec_macs_and_unit_costs_match_count_macs():
         assert spec_macs(model.spec, size) == fvcore(model, size), (decoder, factorised)
     quarter = RefineFormer3D(dataclasses.replace(tiny("refine", True).spec, head_at="quarter"))  # head at 1/4
     assert spec_macs(quarter.spec, size) == fvcore(quarter, size)
+    half = RefineFormer3D(dataclasses.replace(quarter.spec, head_at="half"))  # head at 1/2
+    assert spec_macs(half.spec, size) == fvcore(half, size) > spec_macs(quarter.spec, size)
     model = tiny("refine", factorised=True)
     base = fvcore(model, size)
     assert spec_macs(model.spec, size) == base

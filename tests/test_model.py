@@ -120,3 +120,19 @@ def test_forward_is_one_graph_in_every_mode(decoder):
         out_eval = model.eval()(x)
         out_train = model.train()(x)
     assert seen == [True, True] and out_eval.is_contiguous() and out_train.is_contiguous()
+
+
+def test_half_head_is_the_head_between_two_x2_upsamplings():
+    torch.manual_seed(0)
+    model = RefineFormer3D(ModelSpec(**TINY, head_at="half")).eval()
+    x = torch.randn(1, 4, 32, 64, 32)
+    seen = []
+    model.decoder.head.register_forward_hook(lambda m, i, o: seen.append((i[0], o)))
+    with torch.no_grad():
+        out = model(x)
+    head_in, head_out = seen[0]
+    assert head_in.shape == (1, 4, 16, 32, 16) and head_out.shape == (1, 3, 16, 32, 16)  # 1/2 resolution
+    expected = torch.nn.functional.interpolate(head_out, size=(32, 64, 32), mode="trilinear", align_corners=False)
+    assert torch.allclose(out, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="head_at 'eighth' is not one of full, half, quarter"):
+        RefineFormer3D(ModelSpec(**TINY, head_at="eighth"))

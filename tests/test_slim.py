@@ -54,6 +54,15 @@ def test_head_step_moves_the_head_to_a_quarter_and_widens_what_feeds_it():
             slim_head(bad, SlimConfig())
 
 
+def test_head_step_at_half_keeps_the_weights_and_moves_only_the_head():
+    model = tiny()
+    half, quarter = slim_head(model, SlimConfig(refine_dim=8, head_at="half")), slim_head(model, SlimConfig(refine_dim=8))
+    assert half.spec.head_at == "half" and half.spec.refine_dim == 8
+    assert all(torch.equal(v, quarter.state_dict()[k]) for k, v in half.state_dict().items())  # same weights
+    size = (128, 128, 128)
+    assert spec_macs(quarter.spec, size) < spec_macs(half.spec, size) < spec_macs(model.spec, size)
+
+
 @pytest.mark.parametrize("kernel", [4, 5, 3, 7])
 def test_stem_kernel_keeps_the_grid_and_the_overlapping_taps(kernel):
     """A new stem tap reads the same input voxel as the old tap it was copied from: an old kernel that
@@ -188,7 +197,8 @@ def test_slim_command_end_to_end_and_bad_input_before_work(tmp_path, capsys):
                          (["--steps", "widths"], "not above the targets"),  # the tiny decoder is at its floor
                          (["--steps", "stem", "--set", "slim.sr_ratios=[64,64]"], "larger than its token grid"),
                          (["--steps", "head", "--macs-budget", "100G"], "already meets"),
-                         (["--macs-budget", "50%"], "not a share")):
+                         (["--macs-budget", "50%"], "not a share"),
+                         (["--set", "slim.head_at=full"], "slim.head_at='full': one of quarter, half")):
         with pytest.raises(ConfigError, match=message):
             main([str(tmp_path / "student.pt"), "--out", str(tmp_path / "bad"), *bad, *common])
     assert not (tmp_path / "bad").exists()  # refused before any work
