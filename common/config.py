@@ -167,8 +167,8 @@ class SlimConfig:
     steps: list[str] = field(default_factory=lambda: ["head", "stem", "widths"])  # compress.slim.STEPS, in this order
     macs_budget: str | None = None  # e.g. "1G" at reference_input: apply as few steps as reach it (largest saving first)
     reference_input: list[int] = field(default_factory=lambda: [128, 128, 128])  # (D, H, W) for multiply-adds
-    refine_dim: int = 16  # head: channels feeding the 1/4-resolution head (widened to this, never narrowed)
-    head_at: str = "quarter"  # head: where the refine head moves, quarter | half (resolution 1/4 or 1/2)
+    refine_dim: int = 12  # head: channels feeding the moved head (widened to this, never narrowed)
+    head_at: str = "half"  # head: where the refine head moves, half | quarter (resolution 1/2 or 1/4)
     stem_kernel: int = 4  # stem: stage-1 patch-embedding kernel (stride kept)
     sr_ratios: list[int] = field(default_factory=lambda: [8, 4])  # stem: key/value reductions of the first stages
     decoder_dim: int | None = 32  # widths: stage projection width (None: kept)

@@ -47,7 +47,7 @@ from student.thin import HEAD_FLOORS
 from student.distill import distill_trainer
 
 STAGE = "slim"
-SLIM_HEAD_AT = ("quarter", "half")  # where step head moves the refine head (ModelSpec.head_at)
+SLIM_HEAD_AT = ("half", "quarter")  # where step head moves the refine head (ModelSpec.head_at)
 
 
 def _copy_into(model: RefineFormer3D, spec: ModelSpec, new_weights: dict[str, torch.Tensor]) -> RefineFormer3D:
@@ -273,7 +273,7 @@ def slim_step(model: RefineFormer3D, ctx: StageContext) -> RefineFormer3D:
     before, after = _gmacs(model.spec, size), _gmacs(slimmed.spec, size)
     budget = parse_count(c.macs_budget, what="slim.macs_budget")
     ctx.extra["slim"] = {"steps": steps, "gmacs_saved_alone": savings, "reference_input": list(size),
-                         "macs_budget": budget, "refine_dim": slimmed.spec.refine_dim,
+                         "macs_budget": budget, "head_at": slimmed.spec.head_at, "refine_dim": slimmed.spec.refine_dim,
                          "stem_kernel": slimmed.spec.patch_kernels[0], "sr_ratios": list(slimmed.spec.sr_ratios),
                          "mlp_hidden": [list(h) for h in slimmed.spec.mlp_hidden]}
     ctx.metrics.update(params_before=count_params(model), params_after=count_params(slimmed),
@@ -298,7 +298,7 @@ def slim_stage(artifact: str | Path, cfg: Config, out: str | Path, teacher: str 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = stage_parser("python -m compress.slim",
-                     "Cut multiply-adds where a student spends them (head at 1/4 resolution, a patchifying stem and "
+                     "Cut multiply-adds where a student spends them (head at 1/2 or 1/4 resolution, a patchifying stem and "
                      "larger stage-1/2 key/value reductions, narrower decoder widths), then distil from the teacher.",
                      default_config="configs/slim.yaml", default_out="runs/slim")
     p.add_argument("artifact", help="model artifact (.pt) to slim, e.g. runs/student/student.pt")

@@ -468,9 +468,10 @@ class Trainer:
                 self.optimizer.step()
             lr = self.optimizer.param_groups[0]["lr"]
             with warnings.catch_warnings():
-                # the schedule counts steps taken, fp16 overflow steps the scaler skipped included; torch
-                # warns about those as if the order of the two calls were wrong
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                if self.scaler is not None:
+                    # the schedule counts steps taken, fp16 overflow steps the scaler skipped included;
+                    # torch warns about those as if the order of the two calls were wrong
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
                 self.scheduler.step()
             self.global_step += 1
             if first_step:

@@ -305,9 +305,12 @@ def init_distributed(device_name: str) -> DistInfo:
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda:
         gpus = torch.cuda.device_count()
+        if gpus == 0:
+            raise ConfigError(f"train.device={device_name} under torchrun, but no CUDA device is visible: "
+                              "train.device=cpu (gloo) or auto")
         if local_rank >= gpus:  # NCCL needs a GPU of its own per rank
             raise ConfigError(f"torchrun started local rank {local_rank}, but this machine has {gpus} CUDA "
-                              f"device(s): NCCL needs one per rank; use --nproc_per_node={max(gpus, 1)}, or "
+                              f"device(s): NCCL needs one per rank; use --nproc_per_node={gpus}, or "
                               "train.device=cpu (gloo) for more ranks than GPUs")
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo")

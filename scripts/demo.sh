@@ -20,7 +20,7 @@ $PY train.py --config configs/demo/teacher.yaml --data "$DATA" --out "$RUNS/teac
 step "3/9 self-distilled width-0.25 student (distill.py)"
 $PY distill.py --config configs/demo/distill.yaml --data "$DATA" --teacher "$RUNS/teacher/best.pt" --width 0.25 --out "$RUNS/student" --overwrite
 
-step "4/9 latency-aware slimming: head at 1/4 resolution, patchifying stem, narrower decoder (compress.slim)"
+step "4/9 latency-aware slimming: head at 1/2 resolution, patchifying stem, narrower decoder (compress.slim)"
 $PY -m compress.slim "$RUNS/student/student.pt" --config configs/demo/slim.yaml --data "$DATA" --out "$RUNS/slim" --overwrite
 
 step "5/9 low-rank factorisation (compress.lowrank)"

@@ -50,6 +50,15 @@ def test_a_step_key_follows_its_configs_content_not_just_its_command(tmp_path, m
     before = bc._key(slim, tmp_path, made)
     assert bc._key(slim, tmp_path, made) == before  # stable
     assert bc._key(slim, tmp_path, {n: "run-2" for n in slim.needs}) != before  # an input made again
+    score = steps["score-slim"]  # two commands, each naming the interpreter: another venv's is the same step
+    here = bc._key(score, tmp_path, {"slim": "run-1"})
+    other = "/elsewhere/.venv/bin/python"
+    moved = bc.Step(score.name, score.folder, [other if a == bc.sys.executable else a for a in score.argv],
+                    score.output, score.needs)
+    assert moved.argv.count(other) == 2
+    monkeypatch.setattr(bc.sys, "executable", other)  # the bench run again from that venv
+    assert bc._key(moved, tmp_path, {"slim": "run-1"}) == here
+    monkeypatch.undo()
     base = (bc.ROOT / "configs/demo/slim.yaml").read_text()
     root = tmp_path / "checkout"  # the same configs, one value edited in the base YAML the demo's inherits
     (root / "configs/demo").mkdir(parents=True)

@@ -98,7 +98,7 @@ def test_every_artifact_loads_and_links_to_its_parent(pipeline):
     assert slim.metrics["gmacs_after"] < slim.metrics["gmacs_before"]
     for path in ("slim/slim.pt", "lowrank/lowrank.pt", "grow/grown.pt"):
         spec = Artifact.load(pipeline / "runs" / path).spec
-        assert (spec["head_at"], spec["patch_kernels"][0], spec["refine_dim"] >= 6) == ("quarter", 4, True), path
+        assert (spec["head_at"], spec["patch_kernels"][0], spec["refine_dim"] >= 6) == ("half", 4, True), path
     lowrank = Artifact.load(pipeline / "runs/lowrank/lowrank.pt")
     assert lowrank.spec["ranks"], "low-rank stage factorised nothing"
     assert lowrank.metrics["params_after"] < lowrank.metrics["params_before"]

@@ -81,6 +81,32 @@ def test_et_rule_calibration_picks_the_threshold_that_helps_et_dice(monkeypatch)
     assert out["cases"] == 2
 
 
+def test_every_scoring_pass_runs_in_ieee_fp32_on_cuda(monkeypatch):
+    """score_cases and calibrate_et_rule predict with TF32 off (faked CUDA: the switches exist on a CPU
+    build), and leave the switches as they found them."""
+    import brats.scoring as scoring
+    from brats.dataset import ValCase
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    seen = []
+
+    def predict_case(predict, image, *a, **k):
+        seen.append((conv.fp32_precision, matmul.fp32_precision))
+        return np.zeros((4, 4, 4), np.uint8)
+
+    meta = type("Meta", (), {"spacing": (1.0, 1.0, 1.0)})()
+    case = ValCase("a", torch.zeros(4, 4, 4, 4), torch.zeros(4, 4, 4, dtype=torch.int64), meta)
+    monkeypatch.setattr(scoring, "iter_cases", lambda cache, ids: iter([case]))
+    monkeypatch.setattr(scoring, "predict_case", predict_case)
+    monkeypatch.setattr(scoring, "score_case", lambda pred, truth, spacing: {"dice_wt": 1.0})
+    scoring.score_cases(None, None, ["a"], Config())
+    scoring.calibrate_et_rule(None, None, ["a"], Config(), grid=(0,))
+    assert seen == [("ieee", "ieee")] * 2
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
+
+
 def test_a_stage_takes_its_sources_data_and_split_unless_told(tmp_path):
     from engine.runner import inherit_data
 

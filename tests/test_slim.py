@@ -27,7 +27,7 @@ def tiny(seed: int = 0, **overrides) -> RefineFormer3D:
 def test_head_step_moves_the_head_to_a_quarter_and_widens_what_feeds_it():
     model = tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    slimmed = slim_head(model, SlimConfig(refine_dim=8))
+    slimmed = slim_head(model, SlimConfig(refine_dim=8, head_at="quarter"))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the input is unchanged
     assert (slimmed.spec.head_at, slimmed.spec.refine_dim) == ("quarter", 8)
     assert slimmed.decoder.head.weight.shape == (3, 8, 3, 3, 3)
@@ -38,7 +38,7 @@ def test_head_step_moves_the_head_to_a_quarter_and_widens_what_feeds_it():
     with torch.no_grad():
         out = slimmed.eval()(x)
         # the same logits as the wide head applied at 1/4 resolution, upsampled: nothing else changed
-        wide = slim_head(model, SlimConfig(refine_dim=8))
+        wide = slim_head(model, SlimConfig(refine_dim=8, head_at="quarter"))
         dec = wide.decoder
         feats = dec.fused(wide.forward_features(x))
         feats = F.relu(dec.refine_pw_bn(dec.refine_pw(F.relu(dec.refine_dw_bn(dec.refine_dw(feats))))))
@@ -47,7 +47,7 @@ def test_head_step_moves_the_head_to_a_quarter_and_widens_what_feeds_it():
     size = (128, 128, 128)
     assert spec_macs(slimmed.spec, size) < 0.65 * spec_macs(model.spec, size)  # the full-resolution head was 42%
     assert spec_macs(slimmed.spec, size) == round(count_macs(slimmed, (1, 4, *size)) * 1e9)
-    never_narrower = slim_head(tiny(refine_dim=12), SlimConfig(refine_dim=8))
+    never_narrower = slim_head(tiny(refine_dim=12), SlimConfig(refine_dim=8, head_at="quarter"))
     assert never_narrower.spec.refine_dim == 12
     for bad in (tiny(decoder="allmlp"), slimmed):
         with pytest.raises(ValueError, match="refine decoder with its head at full resolution"):
@@ -56,7 +56,7 @@ def test_head_step_moves_the_head_to_a_quarter_and_widens_what_feeds_it():
 
 def test_head_step_at_half_keeps_the_weights_and_moves_only_the_head():
     model = tiny()
-    half, quarter = slim_head(model, SlimConfig(refine_dim=8, head_at="half")), slim_head(model, SlimConfig(refine_dim=8))
+    half, quarter = slim_head(model, SlimConfig(refine_dim=8)), slim_head(model, SlimConfig(refine_dim=8, head_at="quarter"))
     assert half.spec.head_at == "half" and half.spec.refine_dim == 8
     assert all(torch.equal(v, quarter.state_dict()[k]) for k, v in half.state_dict().items())  # same weights
     size = (128, 128, 128)
@@ -198,14 +198,14 @@ def test_slim_command_end_to_end_and_bad_input_before_work(tmp_path, capsys):
                          (["--steps", "stem", "--set", "slim.sr_ratios=[64,64]"], "larger than its token grid"),
                          (["--steps", "head", "--macs-budget", "100G"], "already meets"),
                          (["--macs-budget", "50%"], "not a share"),
-                         (["--set", "slim.head_at=full"], "slim.head_at='full': one of quarter, half")):
+                         (["--set", "slim.head_at=full"], "slim.head_at='full': one of half, quarter")):
         with pytest.raises(ConfigError, match=message):
             main([str(tmp_path / "student.pt"), "--out", str(tmp_path / "bad"), *bad, *common])
     assert not (tmp_path / "bad").exists()  # refused before any work
     assert main([str(tmp_path / "student.pt"), "--out", str(tmp_path / "slim"), "--steps", "head,stem", *common]) == 0
     art = Artifact.load(tmp_path / "slim" / "slim.pt")
     assert art.stage == "slim" and [e["stage"] for e in art.lineage] == ["teacher", "student"]
-    assert art.spec["head_at"] == "quarter" and art.spec["patch_kernels"][0] == 4
+    assert art.spec["head_at"] == "half" == art.extra["slim"]["head_at"] and art.spec["patch_kernels"][0] == 4
     assert art.metrics["gmacs_after"] < art.metrics["gmacs_before"]
     assert art.extra["slim"]["steps"] == ["head", "stem"] and "guard" in art.extra
     assert art.extra["distill"]["kd_dice_weight"] == 1.0
