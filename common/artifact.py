@@ -109,7 +109,7 @@ class Artifact:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for truncated or foreign files
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ArtifactError(f"{path}: not a readable artifact (corrupted, truncated or not a torch file): "
+            raise ArtifactError(f"{path}: not a readable artifact ({_file_kind(path)}): "
                                 f"{type(e).__name__}: {why}") from None
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ArtifactError(f"{path}: not a {FORMAT} file ({_what_instead(payload)})")
@@ -159,6 +159,25 @@ class Artifact:
             if entry.get("stage") == stage and entry.get("path"):
                 return entry["path"]
         return None
+
+
+def _file_kind(path: Path) -> str:
+    """What an unreadable file looks like from its first bytes, for the error message."""
+    head = path.open("rb").read(64)
+    if head.startswith(b"PK\x03\x04"):
+        return "a torch file, corrupted or truncated"
+    if head.startswith(b"\x80"):
+        return "a pickle or legacy torch file that does not load"
+    for magic, kind in ((b"\x1f\x8b", "a gzip file (a .nii.gz image?)"), (b"\x93NUMPY", "a NumPy .npy file"),
+                        (b"\x89HDF", "an HDF5 file"), (b"\x08\x00", "an ONNX or protobuf file?")):
+        if head.startswith(magic):
+            return f"not a torch file: {kind}"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "corrupted, truncated or not a torch file"
+    first = text.strip().splitlines()[0][:40] if text.strip() else ""
+    return f"a text file, not a torch file; it begins {first!r}"
 
 
 def _what_instead(payload: object) -> str:

@@ -1,3 +1,4 @@
+import gzip
 import json
 import os
 import subprocess
@@ -54,7 +55,7 @@ def test_broken_files_give_clear_errors(tmp_path):
         Artifact.load(tmp_path)
     truncated = tmp_path / "t.pt"
     truncated.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
-    with pytest.raises(ArtifactError, match=r"t\.pt: not a readable artifact"):
+    with pytest.raises(ArtifactError, match=r"t\.pt: not a readable artifact \(a torch file, corrupted or truncated\)"):
         Artifact.load(truncated)
     bare = tmp_path / "bare.pt"
     torch.save({"w": torch.zeros(2)}, bare)
@@ -327,5 +328,9 @@ def test_empty_and_text_files_say_what_they_are(tmp_path):
     (tmp_path / "notes.pt").write_text("these are notes\n")
     with pytest.raises(ArtifactError, match=r"empty\.pt: an empty file \(0 bytes\), not an artifact"):
         Artifact.load(tmp_path / "empty.pt")
-    with pytest.raises(ArtifactError, match=r"notes\.pt: not a readable artifact .*: \w+Error: \S"):
+    with pytest.raises(ArtifactError, match=r"notes\.pt: not a readable artifact \(a text file, not a torch file; "
+                                            r"it begins 'these are notes'\): \w+Error: \S"):
         Artifact.load(tmp_path / "notes.pt")
+    (tmp_path / "image.pt").write_bytes(gzip.compress(b"\x5c\x01" * 100))
+    with pytest.raises(ArtifactError, match=r"image\.pt: not a readable artifact \(not a torch file: a gzip file"):
+        Artifact.load(tmp_path / "image.pt")
