@@ -171,7 +171,10 @@ class RuntimeChoice:
             source = "measured now" if self.how == "measured" else f"measured earlier, cached in {runtime_cache()}"
             text = (f"runtime: {self.runtime}, the fastest here per {size} window ({timed}; median of {self.runs}, "
                     f"interleaved, {self.threads} thread(s); {source})")
-        skipped = "; ".join(f"{name} skipped: {why}" for name, why in self.notes.items())
+        by_reason: dict[str, list[str]] = {}  # one reason shared by several runtimes is said once
+        for name, why in self.notes.items():
+            by_reason.setdefault(why, []).append(name)
+        skipped = "; ".join(f"{' and '.join(names)} skipped: {why}" for why, names in by_reason.items())
         return text + (f"; {skipped}" if skipped else "")
 
     def to_dict(self) -> dict:

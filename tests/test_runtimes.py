@@ -121,6 +121,17 @@ def test_what_cannot_run_where_is_a_note(fp32, int8, monkeypatch):
     assert not ms and "exported for inputs" in notes["onnxruntime"]
 
 
+def test_one_reason_for_several_runtimes_is_said_once():
+    from pipeline.runtimes import RuntimeChoice as Choice
+
+    why = "kind int8-torch: PyTorch's quantized kernels do not export to ONNX"
+    choice = Choice("torch", [128, 128, 128], "measured", {"torch": 10.0}, {"onnxruntime": why, "openvino": why},
+                    threads=2)
+    assert choice.line().endswith(f"; onnxruntime and openvino skipped: {why}") and choice.line().count(why) == 1
+    choice.notes = {"onnxruntime": why, "openvino": "not installed (pip install openvino)"}
+    assert "onnxruntime skipped: kind" in choice.line() and "; openvino skipped: not installed" in choice.line()
+
+
 def test_pick_runtime():
     ms = {"torch": 30.0, "onnxruntime": 10.0, "openvino": 20.0}
     assert pick_runtime(ms, "auto", {}) == ("onnxruntime", None)
