@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from common.cli import RUNTIME_CHOICES, run_main
 from common.errors import UserInputError
@@ -77,6 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--fold needs --split")
     if args.coarse and args.coarse < 2:
         parser.error(f"--coarse must be a pooling factor >= 2 (or 0: off), got {args.coarse}")
+    if args.sw_batch < 1 or (args.threads is not None and args.threads < 1):
+        parser.error(f"--sw-batch and --threads must be >= 1 (got {args.sw_batch}, {args.threads})")
+    from common.cli import writable_folder  # light: no torch
+    try:
+        for folder in (args.output, args.overlay):
+            if folder is not None:
+                writable_folder(Path(folder))
+    except UserInputError as e:
+        parser.error(str(e))
 
     # deferred: torch loads only once the command line is good
     from engine.runtime import resolve_runtime

@@ -27,8 +27,10 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-from common.cli import RUNTIME_CHOICES, config_from_args, data_given, run_main, stage_parser  # noqa: E402
+from common.cli import RUNTIME_CHOICES, config_from_args, data_given, run_main, stage_parser, writable_folder  # noqa: E402
+from common.errors import UserInputError  # noqa: E402
 from common.paths import project_path  # noqa: E402
 
 
@@ -60,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
                              "their multiply-adds and achieved rate against this CPU's fp32 GEMM peak")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    try:
+        writable_folder(Path(args.out))
+    except UserInputError as e:
+        parser.error(str(e))
     cfg = config_from_args(args)
     if args.runtime is not None:
         cfg.report.runtime = args.runtime

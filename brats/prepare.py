@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,8 +169,34 @@ def run_prepare(data_dir: str | Path, cache_dir: str | Path, progress: bool = Tr
     """
     data_dir, cache_dir = Path(data_dir), Path(cache_dir)
     refs = discover_cases(data_dir)
+    if not _writable(cache_dir):  # a read-only data share: use an up-to-date cache as it is, or say what to do
+        return _read_only(refs, data_dir, cache_dir, allow_constant_modality)
     with exclusive_lock(cache_dir / LOCK, on_wait=lambda: warn(f"waiting for another prepare of {cache_dir}")):
         return _update(refs, data_dir, cache_dir, progress, allow_constant_modality)
+
+
+def _writable(folder: Path) -> bool:
+    """Whether this process could create files in `folder` (or create it: its nearest existing parent)."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return os.access(probe, os.W_OK | os.X_OK)
+
+
+def _read_only(refs: list[CaseRef], data_dir: Path, cache_dir: Path, allow_constant_modality: bool) -> PrepareReport:
+    """A cache this process cannot write: every case reused from its manifest, or DataError naming how many
+    cases would need building and the setting that moves the cache to a writable folder. Nothing is written
+    (no lock either: no process can write there)."""
+    old = read_manifest(cache_dir) or {"cases": {}}
+    stale = [ref.case for ref in refs
+             if _reusable(old["cases"].get(ref.case), ref, source_stamps(ref), cache_dir, allow_constant_modality) is None]
+    if stale:
+        raise DataError(f"{cache_dir}: the preprocessing cache of {data_dir} cannot be written here (read-only) and "
+                        f"{len(stale)} of {len(refs)} case(s) are not in it or changed since (e.g. {stale[0]}): "
+                        "put the cache in a writable folder with --set data.cache=DIR")
+    report = PrepareReport(cache_dir)
+    report.reused = [ref.case for ref in refs]
+    return report
 
 
 def _update(refs: list[CaseRef], data_dir: Path, cache_dir: Path, progress: bool,

@@ -108,9 +108,11 @@ class Artifact:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for truncated or foreign files
+            kind = _file_kind(path)
+            if "not a torch file" in kind:  # torch's own words would be noise (or advice that does not apply)
+                raise ArtifactError(f"{path}: not a readable artifact ({kind})") from None
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ArtifactError(f"{path}: not a readable artifact ({_file_kind(path)}): "
-                                f"{type(e).__name__}: {why}") from None
+            raise ArtifactError(f"{path}: not a readable artifact ({kind}): {type(e).__name__}: {why}") from None
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ArtifactError(f"{path}: not a {FORMAT} file ({_what_instead(payload)})")
         version = payload.get("version")

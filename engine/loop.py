@@ -667,17 +667,25 @@ def loader_workers(requested: int, main: bool = True) -> int:
     return requested
 
 
+def check_sizes(cfg: Config, stride: int) -> None:
+    """ConfigError unless data.crop and train.window are three positive multiples of the model's total
+    `stride` and train.overlap is in [0, 1): checked before any work (validation would otherwise fail
+    only after the first epoch, a compression stage only after its surgery)."""
+    for name, size in (("data.crop", cfg.data.crop), ("train.window", cfg.train.window)):
+        if len(size) != 3 or any(not isinstance(n, int) or n < stride or n % stride for n in size):
+            raise ConfigError(f"{name}={list(size)}: three sizes, each a positive multiple of {stride}, the "
+                              "model's total stride")
+    if not 0 <= cfg.train.overlap < 1:
+        raise ConfigError(f"train.overlap={cfg.train.overlap}: a fraction of the window in [0, 1)")
+
+
 def _check_crop(cfg: Config, model: nn.Module) -> int | None:
     """Reject crops the model cannot train on; return the voxel count of the deepest feature grid."""
     stride = getattr(getattr(model, "spec", None), "downsample", None)
     if not stride:
         return None
+    check_sizes(cfg, stride)
     crop = cfg.data.crop
-    if any(c % stride for c in crop):
-        raise ConfigError(f"data.crop={crop}: every size must be a multiple of {stride}, the model's total stride")
-    if any(w % stride for w in cfg.train.window):  # validation would fail only after the first epoch
-        raise ConfigError(f"train.window={cfg.train.window}: every size must be a multiple of {stride}, "
-                          "the model's total stride")
     deepest = math.prod(c // stride for c in crop)
     if deepest == 1 and cfg.train.batch_size < 2:
         raise ConfigError(

@@ -31,8 +31,9 @@ from common.artifact import Artifact, ArtifactError, build_model
 from common.config import DATA_IDENTITY, Config, ConfigError, to_dict
 from common.paths import recorded_path
 from engine.data import TrainData, make_data
-from engine.loop import LAST, FitResult, Stage, artifact_spec, fit
+from engine.loop import LAST, FitResult, Stage, artifact_spec, check_sizes, fit
 from engine.runtime import DistInfo, init_distributed, resolve_runtime, seed_everything
+from model.refineformer3d import ModelSpec
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -225,12 +226,19 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
     art = Artifact.load(source)
     data_line = inherit_data(art, cfg, data_given)
     check_source(art, cfg, stage.kinds, stage.name)
+    spec = art.spec.get("base", art.spec)  # a QAT checkpoint's spec wraps its FP32 one
+    check_sizes(cfg, math.prod(spec.get("patch_strides") or ModelSpec().patch_strides))
     if stage.check is not None:
         stage.check(art, cfg)
     if getattr(stage.finetune, "check", None) is not None:  # the fine-tune's settings, even with 0 epochs
         stage.finetune.check(cfg)
     finetune = stage.finetune is not None and cfg.train.epochs > 0
     teacher_path = find_teacher(art, teacher)
+    for what, path in (("source", art.path), ("teacher", teacher_path)):
+        if path is not None and Path(out).resolve() == Path(path).resolve().parent:
+            raise ConfigError(f"--out {out}: the folder of the {what} artifact {path}; this stage's files "
+                              "(last.pt, history.json, its artifact) would mix with or replace its own: choose "
+                              "another folder")
     if finetune and stage.needs_teacher and teacher_path is None:
         raise ArtifactError(f"{art.path}: no teacher in its lineage to distil from; pass --teacher PATH "
                             "(or --epochs 0 for no fine-tune)")

@@ -9,11 +9,17 @@
 #   4. torchrun with one rank more than there are GPUs: must stop at once with the NCCL message, not hang
 #
 #   OUT=folder [PY=.venv/bin/python] scripts/gpu_check.sh      (logs: OUT/*.log, OUT/*.txt; ~5 min on one H200)
-# Exit status: the number of checks that failed (0: all passed).
+# Exit status: the number of checks that failed (0: all passed); 2 before any check when PY sees no CUDA.
 set -uo pipefail
+case "${1:-}" in -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
+OUT=$(realpath -m "${OUT:-runs/gpu_check}")  # relative to where it is called
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-OUT=${OUT:-runs/gpu_check}
+if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "error: $PY sees no CUDA device (torch $($PY -c 'import torch; print(torch.__version__)' 2>/dev/null)):" \
+         "install a CUDA build of torch (README, 'With a GPU') or point PY at one" >&2
+    exit 2
+fi
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 export OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1

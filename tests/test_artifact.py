@@ -329,7 +329,7 @@ def test_empty_and_text_files_say_what_they_are(tmp_path):
     with pytest.raises(ArtifactError, match=r"empty\.pt: an empty file \(0 bytes\), not an artifact"):
         Artifact.load(tmp_path / "empty.pt")
     with pytest.raises(ArtifactError, match=r"notes\.pt: not a readable artifact \(a text file, not a torch file; "
-                                            r"it begins 'these are notes'\): \w+Error: \S"):
+                                            r"it begins 'these are notes'\)$"):
         Artifact.load(tmp_path / "notes.pt")
     (tmp_path / "image.pt").write_bytes(gzip.compress(b"\x5c\x01" * 100))
     with pytest.raises(ArtifactError, match=r"image\.pt: not a readable artifact \(not a torch file: a gzip file"):

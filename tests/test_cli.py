@@ -85,6 +85,16 @@ def test_checks_fail_before_any_work(elsewhere):
     int8 = Artifact(stage="int8", spec={"kind": "int8-torch"}, state_dict={}).save(elsewhere / "int8.pt")
     out = run(elsewhere, "distill.py", "--teacher", str(int8), "--out", "s2")
     assert out.returncode == 2 and "needs a fp32 artifact, got kind 'int8-torch'" in out.stderr
+    # output folders that are files, and batch sizes of 0: refused on the command line, before torch loads
+    for script, args, why in (("predict.py", ("--input", "x", "--output", "afile"), "afile is a file"),
+                              ("predict.py", ("--input", "x", "--output", "p", "--overlay", "afile"), "afile is a file"),
+                              ("predict.py", ("--input", "x", "--output", "p", "--sw-batch", "0"), "--sw-batch"),
+                              ("report.py", ("--out", "afile"), "afile is a file")):
+        out = run(elsewhere, script, str(teacher), *args)
+        assert out.returncode == 2 and why in out.stderr and "Traceback" not in out.stderr, (script, args)
+    assert not (elsewhere / "p").exists()
+    out = run(elsewhere, "distill.py", "--teacher", str(teacher), "--out", ".", "--overwrite")  # the teacher's folder
+    assert out.returncode == 2 and "the folder of the source artifact" in out.stderr and teacher.exists()
 
 
 def test_predict_refuses_to_replace_label_maps(elsewhere):

@@ -479,6 +479,11 @@ def test_crops_the_model_cannot_train_on_are_rejected_early():
                                      decoder_dim=8, fuse_dim=8, refine_dim=4))
     with pytest.raises(ConfigError, match=r"multiple of 32"):
         _check_crop(load_config(None, ["data.crop=[48,64,64]"]), model)
+    for bad, message in ((["data.crop=[32,32]"], r"data\.crop=\[32, 32\]: three sizes"),
+                         (["data.crop=[32,32,32]", "train.window=[0,32,32]"], r"train\.window=\[0, 32, 32\]"),
+                         (["data.crop=[32,32,32]", "train.overlap=1.0"], r"train\.overlap=1\.0: a fraction")):
+        with pytest.raises(ConfigError, match=message):
+            _check_crop(load_config(None, bad), model)
     with pytest.raises(ConfigError, match="batch_size >= 2"):
         _check_crop(load_config(None, ["data.crop=[32,32,32]", "train.batch_size=1"]), model)
     assert _check_crop(load_config(None, ["data.crop=[32,32,32]", "train.batch_size=2"]), model) == 1

@@ -172,6 +172,25 @@ def test_stale_entry_rebuilt_others_reused(data, tmp_path):
     assert len(list((cache_dir / "cases").glob("*.image.npy"))) == 8
 
 
+def test_a_read_only_cache_is_used_as_it_is_or_names_the_setting(data, tmp_path, monkeypatch):
+    import brats.prepare as prep
+
+    cache_dir = tmp_path / "cache"
+    run_prepare(data, cache_dir, progress=False)
+    (cache_dir / ".lock").unlink()
+    before = {p: p.stat().st_mtime_ns for p in cache_dir.rglob("*")}
+    monkeypatch.setattr(prep, "_writable", lambda folder: False)  # a read-only mount (root ignores chmod)
+    again = run_prepare(data, cache_dir, progress=False)
+    assert len(again.reused) == 8 and again.built == []
+    assert {p: p.stat().st_mtime_ns for p in cache_dir.rglob("*")} == before  # nothing written, no lock taken
+    ref = _refs(data)[2]
+    st = ref.files["t2"].stat()
+    os.utime(ref.files["t2"], ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # a case changed since
+    with pytest.raises(DataError, match=r"cannot be written here \(read-only\) and 1 of 8 case\(s\).*"
+                                        r"--set data\.cache=DIR"):
+        run_prepare(data, cache_dir, progress=False)
+
+
 def test_interrupted_prepare_is_not_trusted(data, tmp_path):
     cache_dir = tmp_path / "cache"
     run_prepare(data, cache_dir, progress=False)

@@ -198,7 +198,9 @@ def test_slim_command_end_to_end_and_bad_input_before_work(tmp_path, capsys):
                          (["--steps", "stem", "--set", "slim.sr_ratios=[64,64]"], "larger than its token grid"),
                          (["--steps", "head", "--macs-budget", "100G"], "already meets"),
                          (["--macs-budget", "50%"], "not a share"),
-                         (["--set", "slim.head_at=full"], "slim.head_at='full': one of half, quarter")):
+                         (["--set", "slim.head_at=full"], "slim.head_at='full': one of half, quarter"),
+                         (["--steps", "head", "--set", "train.overlap=1.0"], r"train\.overlap=1\.0: a fraction"),
+                         (["--steps", "head", "--out", str(tmp_path), "--overwrite"], "the folder of the source artifact")):
         with pytest.raises(ConfigError, match=message):
             main([str(tmp_path / "student.pt"), "--out", str(tmp_path / "bad"), *bad, *common])
     assert not (tmp_path / "bad").exists()  # refused before any work
