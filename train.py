@@ -4,8 +4,8 @@
     python train.py --config configs/demo/teacher.yaml            # synthetic cases, a few minutes on CPU
     torchrun --nproc_per_node=4 train.py --config configs/teacher.yaml --data ...   # DDP
 
-Writes <out>/best.pt (highest mean validation Dice) and <out>/last.pt (resumable with --resume),
-TensorBoard logs in <out>/tb.
+Writes <out>/best.pt (the epoch with the best train.select, by default the pooled validation Dice) and
+<out>/last.pt (resumable with --resume), TensorBoard logs in <out>/tb.
 """
 from __future__ import annotations
 

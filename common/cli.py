@@ -79,7 +79,8 @@ def run_main(main: Callable[[], int | None]) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; checkpoints written so far are intact", file=sys.stderr)
+        print("interrupted; checkpoints written so far are intact (a training command continues from its last.pt "
+              "with the same command plus --resume)", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
 

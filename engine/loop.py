@@ -348,6 +348,11 @@ class Trainer:
             raise ArtifactError(f"{path}: holds no training state (not a last.pt written by the engine)")
         if art.stage != self.stage_name:
             raise ArtifactError(f"{path}: written by stage {art.stage!r}, cannot resume stage {self.stage_name!r}")
+        if art.lineage and self.lineage and _source_identity(art.lineage) != _source_identity(self.lineage):
+            was, now = art.lineage[-1], self.lineage[-1]
+            raise ArtifactError(f"{path}: this run was started from {was.get('stage')} {was.get('path')}, not from "
+                                f"{now.get('stage')} {now.get('path')} (another artifact: its recorded metrics "
+                                "differ); resume with the source it started from, or start a new --out folder")
         spec = artifact_spec(self.model)
         if art.spec != spec:
             diff = sorted(k for k in set(spec) | set(art.spec) if spec.get(k) != art.spec.get(k))
@@ -665,6 +670,13 @@ def loader_workers(requested: int, main: bool = True) -> int:
             tqdm.write(f"data.num_workers={requested} on {cpus} CPU(s): using {limit} loader worker(s)")
         return limit
     return requested
+
+
+def _source_identity(lineage: Sequence[dict]) -> tuple:
+    """What identifies a run's source artifact in its lineage: its stage and recorded metrics (not its path,
+    so a moved folder still resumes)."""
+    last = lineage[-1]
+    return last.get("stage"), json.dumps(last.get("metrics"), sort_keys=True, default=str)
 
 
 def check_sizes(cfg: Config, stride: int) -> None:

@@ -278,6 +278,20 @@ class ZerosInEval(TrainingWrapper):
         return torch.zeros(x.shape[0], 3, *x.shape[2:])
 
 
+def test_resume_refuses_another_source_but_not_a_moved_one(phantom, tmp_path):
+    cfg = tiny_cfg(phantom, log_images=False)
+    source = [{"stage": "teacher", "path": "/runs/t3/best.pt", "metrics": {"dice_mean": 0.61}}]
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model(), InterruptAfter(3), cfg, tmp_path, stage_name="student", lineage=source)
+    other = [{"stage": "teacher", "path": "/runs/t4/best.pt", "metrics": {"dice_mean": 0.72}}]
+    with pytest.raises(ArtifactError, match=r"started from teacher /runs/t3/best\.pt, not from teacher "
+                                            r"/runs/t4/best\.pt"):
+        fit(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="student", lineage=other, resume=True)
+    moved = [{**source[0], "path": "/elsewhere/t3/best.pt"}]  # the same artifact, its folder moved
+    result = fit(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="student", lineage=moved, resume=True)
+    assert result.history[-1]["epoch"] == cfg.train.epochs
+
+
 def test_patience_stops_after_validations_without_a_better_dice(phantom, tmp_path):
     cfg = tiny_cfg(phantom, epochs=6, val_every=1, log_images=False, patience=2)
     result = fit(ZerosInEval(tiny_model()), SupervisedStage(), cfg, tmp_path, stage_name="teacher")
