@@ -95,6 +95,8 @@ def out_dir(args: argparse.Namespace) -> Path:
     fails its checks leaves none behind.
     """
     path = Path(args.out)
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        raise UserInputError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     writable_folder(path)
     if (holder := folder_holder(path)) is not None:  # first: --resume / --overwrite would not help
         raise busy_error(path, holder)

@@ -228,6 +228,8 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
     check_source(art, cfg, stage.kinds, stage.name)
     spec = art.spec.get("base", art.spec)  # a QAT checkpoint's spec wraps its FP32 one
     check_sizes(cfg, math.prod(spec.get("patch_strides") or ModelSpec().patch_strides))
+    if cfg.train.epochs < 0:
+        raise ConfigError(f"train.epochs={cfg.train.epochs}: the fine-tune's epochs, >= 0 (0: none)")
     if stage.check is not None:
         stage.check(art, cfg)
     if getattr(stage.finetune, "check", None) is not None:  # the fine-tune's settings, even with 0 epochs

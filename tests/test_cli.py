@@ -95,6 +95,15 @@ def test_checks_fail_before_any_work(elsewhere):
     assert not (elsewhere / "p").exists()
     out = run(elsewhere, "distill.py", "--teacher", str(teacher), "--out", ".", "--overwrite")  # the teacher's folder
     assert out.returncode == 2 and "the folder of the source artifact" in out.stderr and teacher.exists()
+    for args, why in ((("--set", "quant.decide=bogus"), "quant.decide='bogus': one of measure"),
+                      (("--set", "quant.force={decoder.nothere: fp32}"), "layers this model does not have: "
+                                                                         "['decoder.nothere']"),
+                      (("--set", "train.epochs=-2"), "train.epochs=-2: the fine-tune's epochs, >= 0")):
+        out = run(elsewhere, "quantize.py", str(teacher), "--out", "q", *args)
+        assert out.returncode == 2 and why in out.stderr and "Traceback" not in out.stderr, args
+        assert not (elsewhere / "q").exists()
+    out = run(elsewhere, "train.py", "--out", "t", "--resume", "--overwrite")
+    assert out.returncode == 2 and "give one of them" in out.stderr
 
 
 def test_predict_refuses_to_replace_label_maps(elsewhere):

@@ -24,8 +24,8 @@ from common.artifact import Artifact, ArtifactError, build_model
 from common.atomic import atomic_write
 from common.config import Config, ConfigError, to_dict
 from compress.quant.convert import convert, int8_spec, int8_weight_layers, prepare_float, set_engine
-from compress.quant.decide import decide, format_table, int8_layers
-from compress.quant.lsq import LSQConfig, calibrate, quantize_
+from compress.quant.decide import MODES, decide, format_table, int8_layers
+from compress.quant.lsq import LSQConfig, calibrate, quantize_, quantizable
 from compress.quant.onnx_export import OrtModel, export_onnx, onnx_spec
 from compress.quant.qat import KIND as QAT_KIND, as_qat_model
 from engine.loop import LAST, Stage, SupervisedStage
@@ -140,9 +140,25 @@ def to_int8(backend: str):
 
 
 def _check(art: Artifact, cfg: Config) -> None:
+    """The quant section, before any work: input size, calibration count, decision mode, and that
+    quant.force names layers of this model's INT8 graph (built here on the CPU: a student takes well
+    under a second)."""
+    q = cfg.quant
     input_shape(cfg)
-    if cfg.quant.calib < 1:
-        raise ConfigError(f"quant.calib must be >= 1, got {cfg.quant.calib}")
+    if q.calib < 1:
+        raise ConfigError(f"quant.calib must be >= 1, got {q.calib}")
+    if q.decide not in MODES:
+        raise ConfigError(f"quant.decide={q.decide!r}: one of {', '.join(MODES)}")
+    bad = {k: v for k, v in q.force.items() if v not in ("int8", "fp32")}
+    if bad:
+        raise ConfigError(f"quant.force values must be int8 or fp32: {bad}")
+    if q.force:
+        graph = prepare_float(as_qat_model(build_model(art)), reassoc=q.reassoc)
+        layers = {name for name, m in graph.named_modules() if quantizable(m)}
+        unknown = sorted(set(q.force) - layers)
+        if unknown:
+            raise ConfigError(f"quant.force names layers this model does not have: {unknown} (its Linear/Conv3d "
+                              f"layers: {', '.join(sorted(layers)[:6])}, ...; quantize.py --verbose lists them all)")
 
 
 def run_quantize(artifact_path: str | Path, cfg: Config, out: Path, backend: str = "torch",
