@@ -143,7 +143,8 @@ def slim_widths(model: RefineFormer3D, cfg: Any) -> RefineFormer3D:
                              f"({HEAD_FLOORS[k]} per region, so small regions keep channels)")
     if not targets:
         raise ValueError(f"slim widths: decoder_dim {spec.decoder_dim} and fuse_dim {spec.fuse_dim} are "
-                         f"not above the targets {cfg.decoder_dim} / {cfg.fuse_dim}")
+                         f"not above the targets {cfg.decoder_dim} / {cfg.fuse_dim}: nothing to narrow; leave the "
+                         "step out (--steps head,stem) or set lower slim.decoder_dim / slim.fuse_dim")
 
     def top(group: str, k: int) -> torch.Tensor:
         return torch.sort(torch.topk(group_magnitude(model, group), k).indices).values

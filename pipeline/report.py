@@ -375,6 +375,12 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
     good = [f for f in found if f.artifact is not None]
     if not good:  # nothing to score: say why before anything is written (an existing report stays as it is)
         raise ArtifactError("no usable artifact: " + "; ".join(f.error or str(f.path) for f in found))
+    for f in good:  # sizes every artifact can take, before any work (each row would fail alike)
+        try:
+            check_window(cfg.report.window or cfg.train.window, f.artifact.spec, "report window")
+            check_window(cfg.report.input, f.artifact.spec, "report.input")
+        except ValueError as e:
+            raise ConfigError(f"{f.path}: {e}") from None
     reference = pick_reference(good)
 
     cache, cases, data_used = None, [], data or cfg.data

@@ -87,7 +87,8 @@ def test_checks_fail_before_any_work(elsewhere):
     assert out.returncode == 2 and "needs a fp32 artifact, got kind 'int8-torch'" in out.stderr
     # output folders that are files, and batch sizes of 0: refused on the command line, before torch loads
     for script, args, why in (("predict.py", ("--input", "x", "--output", "afile"), "afile is a file"),
-                              ("predict.py", ("--input", "x", "--output", "p", "--overlay", "afile"), "afile is a file"),
+                              ("predict.py", ("--input", "x", "--output", "p", "--overlay", "afile"),
+                               "afile is a file"),
                               ("predict.py", ("--input", "x", "--output", "p", "--sw-batch", "0"), "--sw-batch"),
                               ("report.py", ("--out", "afile"), "afile is a file")):
         out = run(elsewhere, script, str(teacher), *args)

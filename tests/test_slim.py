@@ -56,7 +56,8 @@ def test_head_step_moves_the_head_to_a_quarter_and_widens_what_feeds_it():
 
 def test_head_step_at_half_keeps_the_weights_and_moves_only_the_head():
     model = tiny()
-    half, quarter = slim_head(model, SlimConfig(refine_dim=8)), slim_head(model, SlimConfig(refine_dim=8, head_at="quarter"))
+    half = slim_head(model, SlimConfig(refine_dim=8))  # the default
+    quarter = slim_head(model, SlimConfig(refine_dim=8, head_at="quarter"))
     assert half.spec.head_at == "half" and half.spec.refine_dim == 8
     assert all(torch.equal(v, quarter.state_dict()[k]) for k, v in half.state_dict().items())  # same weights
     size = (128, 128, 128)
@@ -194,13 +195,14 @@ def test_slim_command_end_to_end_and_bad_input_before_work(tmp_path, capsys):
               "--set", "train.threads=1", "--set", "train.log_images=false", "--set", "slim.reference_input=[64,64,64]",
               "--set", "data.num_workers=0"]
     for bad, message in ((["--steps", "head,nose"], "slim.steps"), (["--steps", "head,head"], "at most once"),
-                         (["--steps", "widths"], "not above the targets"),  # the tiny decoder is at its floor
+                         (["--steps", "widths"], "not above the targets 32 / 32: nothing to narrow; leave the step"),
                          (["--steps", "stem", "--set", "slim.sr_ratios=[64,64]"], "larger than its token grid"),
                          (["--steps", "head", "--macs-budget", "100G"], "already meets"),
                          (["--macs-budget", "50%"], "not a share"),
                          (["--set", "slim.head_at=full"], "slim.head_at='full': one of half, quarter"),
                          (["--steps", "head", "--set", "train.overlap=1.0"], r"train\.overlap=1\.0: a fraction"),
-                         (["--steps", "head", "--out", str(tmp_path), "--overwrite"], "the folder of the source artifact")):
+                         (["--steps", "head", "--out", str(tmp_path), "--overwrite"],
+                          "the folder of the source artifact")):
         with pytest.raises(ConfigError, match=message):
             main([str(tmp_path / "student.pt"), "--out", str(tmp_path / "bad"), *bad, *common])
     assert not (tmp_path / "bad").exists()  # refused before any work
