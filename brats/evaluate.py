@@ -143,7 +143,8 @@ def match_cases(preds: dict[str, Path], truths: dict[str, Path], subset: bool = 
     if no_truth:
         problems.append(f"{len(no_truth)} prediction(s) without truth: {_shorten(no_truth)}")
     if no_pred:
-        problems.append(f"{len(no_pred)} truth case(s) without prediction: {_shorten(no_pred)}")
+        problems.append(f"{len(no_pred)} truth case(s) without prediction: {_shorten(no_pred)} (to score only "
+                        "the predicted cases, e.g. a held-out split: --subset)")
     if problems:
         raise EvaluationError("; ".join(problems))
     if not preds:

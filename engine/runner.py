@@ -94,6 +94,9 @@ class StageContext:
             if self.teacher_path is None:
                 raise ArtifactError(f"{self.source.path}: no teacher in its lineage; pass --teacher PATH")
             self._teacher_artifact = Artifact.load(self.teacher_path)
+            if self._teacher_artifact.stage != "teacher" and self.dist.main:  # allowed (a student can teach), said
+                tqdm.write(f"note: distilling from {self.teacher_path}, a {self._teacher_artifact.stage!r} artifact, "
+                           "not a teacher")
         return self._teacher_artifact
 
     def teacher(self) -> nn.Module:

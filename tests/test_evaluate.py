@@ -127,7 +127,7 @@ def test_subset_scores_only_the_predicted_cases(tmp_path):
     (pred_dir / "c.nii.gz").unlink()
     rows = evaluate_dirs(pred_dir, truth_dir, subset=True)
     assert [r["case"] for r in rows] == ["a", "b"]
-    with pytest.raises(EvaluationError, match="without prediction: c"):
+    with pytest.raises(EvaluationError, match=r"without prediction: c \(to score only the predicted cases.*--subset\)"):
         evaluate_dirs(pred_dir, truth_dir)
     _save(pred_dir / "extra1.nii.gz", _pred_label(0))
     with pytest.raises(EvaluationError, match="without truth: extra1"):  # still an error in subset mode

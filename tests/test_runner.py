@@ -238,3 +238,16 @@ def test_two_runs_never_write_one_output_folder(tmp_path):
     claim_folder(out)  # free after the holder died
     claim_folder(out)  # this process holds it already: no-op
     assert (out / ".lock").read_text() == f"pid {os.getpid()}"
+
+
+def test_a_teacher_that_is_not_a_teacher_is_said(tmp_path, capsys):
+    from engine.runner import StageContext
+    from engine.runtime import DistInfo
+
+    for stage in ("teacher", "student"):
+        path = Artifact(stage=stage, spec={}, state_dict={}).save(tmp_path / f"{stage}.pt")
+        ctx = StageContext(Config(), Artifact(stage="student", spec={}, state_dict={}), tmp_path, None, DistInfo(),
+                           str(path))
+        assert ctx.teacher_artifact().stage == stage and ctx.teacher_artifact() is ctx.teacher_artifact()
+        said = capsys.readouterr().out
+        assert ("a 'student' artifact, not a teacher" in said) == (stage == "student") and said.count("note:") <= 1
