@@ -206,28 +206,16 @@ def score_step(stage: str, artifact: Path, fam: Path, data: Path, window: list[i
 
 def _key(step: Step, out: Path, made: dict[str, str]) -> str:
     """The step's command (paths relative to --out and the interpreter left out, so a moved work folder
-    or another checkout's virtual environment reuses it; --set overrides are in it), the text of its
-    YAML and of every `base:` YAML under it (an edited YAML makes the step stale; a changed default of
-    a config section the YAML does not name does not), and the run ids of its inputs: an input made
-    again makes this step stale even when its command is the same."""
+    or another checkout's virtual environment reuses it; --set overrides are in it), the values of its
+    YAML merged over its `base:` chain (an edited value makes the step stale; a changed default of a
+    config section the YAML does not name does not), and the run ids of its inputs: an input made again
+    makes this step stale even when its command is the same."""
+    from common.config import read_yaml_chain
+
     argv = ["python" if a == sys.executable else a.replace(str(out) + os.sep, "") for a in step.argv[1:]]
-    yaml_texts = _yaml_chain(ROOT / step.config[0]) if step.config is not None else []
-    text = json.dumps({"argv": argv, "yaml": yaml_texts, "needs": [made[n] for n in step.needs]})
+    yaml_values = read_yaml_chain(ROOT / step.config[0]) if step.config is not None else None
+    text = json.dumps({"argv": argv, "yaml": yaml_values, "needs": [made[n] for n in step.needs]}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _yaml_chain(path: Path) -> list[str]:
-    """The texts of a config YAML and of the bases it names (`base:`, relative to it), itself first."""
-    import yaml
-
-    texts, seen = [], set()
-    while path is not None and path.resolve() not in seen:
-        seen.add(path.resolve())
-        text = path.read_text()
-        texts.append(text)
-        base = (yaml.safe_load(text) or {}).get("base")
-        path = (path.parent / base) if base else None
-    return texts
 
 
 def _read_json(path: Path) -> dict | None:

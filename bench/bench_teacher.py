@@ -112,7 +112,7 @@ def main() -> None:
                      "--device", args.device, "--modes", *args.modes, "--batch", str(args.batch)]
             row = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
             print(" | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols), flush=True)
-            for mode in (m for m in args.modes if m != "fp32" and "fp32" in args.modes):
+            for mode in (m for m in args.modes if "fp32" in args.modes and m != "fp32"):  # ratios need fp32
                 print(f"   {mode}/fp32 time ratio: fwd {row[f'{mode}_fwd_s'] / row['fp32_fwd_s']:.2f}x,"
                       f" fwd+bwd {row[f'{mode}_fwdbwd_s'] / row['fp32_fwdbwd_s']:.2f}x")
 

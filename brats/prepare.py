@@ -26,6 +26,7 @@ from brats.cache import CACHE_VERSION, LOCK, MANIFEST, Cache, CaseMeta, open_cac
 from brats.layout import CaseRef, DataError, discover_cases, warn
 from brats.nifti import LoadedCase, load_case
 from common.atomic import atomic_path, atomic_write_text, exclusive_lock
+from common.paths import nearest_existing
 from common.progress import bar_off
 
 CASES_DIR = "cases"
@@ -177,10 +178,7 @@ def run_prepare(data_dir: str | Path, cache_dir: str | Path, progress: bool = Tr
 
 def _writable(folder: Path) -> bool:
     """Whether this process could create files in `folder` (or create it: its nearest existing parent)."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return os.access(probe, os.W_OK | os.X_OK)
+    return os.access(nearest_existing(folder), os.W_OK | os.X_OK)
 
 
 def _read_only(refs: list[CaseRef], data_dir: Path, cache_dir: Path, allow_constant_modality: bool) -> PrepareReport:

@@ -108,8 +108,8 @@ class Artifact:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for truncated or foreign files
-            kind = _file_kind(path)
-            if "not a torch file" in kind:  # torch's own words would be noise (or advice that does not apply)
+            kind, torch_file = _file_kind(path)
+            if not torch_file:  # torch's own words would be noise (or advice that does not apply)
                 raise ArtifactError(f"{path}: not a readable artifact ({kind})") from None
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ArtifactError(f"{path}: not a readable artifact ({kind}): {type(e).__name__}: {why}") from None
@@ -163,23 +163,25 @@ class Artifact:
         return None
 
 
-def _file_kind(path: Path) -> str:
-    """What an unreadable file looks like from its first bytes, for the error message."""
-    head = path.open("rb").read(64)
+def _file_kind(path: Path) -> tuple[str, bool]:
+    """(what an unreadable file looks like from its first bytes, whether it looks like a torch file) for
+    the error message."""
+    with path.open("rb") as f:
+        head = f.read(64)
     if head.startswith(b"PK\x03\x04"):
-        return "a torch file, corrupted or truncated"
+        return "a torch file, corrupted or truncated", True
     if head.startswith(b"\x80"):
-        return "a pickle or legacy torch file that does not load"
+        return "a pickle or legacy torch file that does not load", True
     for magic, kind in ((b"\x1f\x8b", "a gzip file (a .nii.gz image?)"), (b"\x93NUMPY", "a NumPy .npy file"),
                         (b"\x89HDF", "an HDF5 file"), (b"\x08\x00", "an ONNX or protobuf file?")):
         if head.startswith(magic):
-            return f"not a torch file: {kind}"
+            return f"not a torch file: {kind}", False
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError:
-        return "corrupted, truncated or not a torch file"
+        return "corrupted, truncated or not a torch file", False
     first = text.strip().splitlines()[0][:40] if text.strip() else ""
-    return f"a text file, not a torch file; it begins {first!r}"
+    return f"a text file, not a torch file; it begins {first!r}", False
 
 
 def _what_instead(payload: object) -> str:

@@ -15,7 +15,7 @@ from typing import Callable
 from common.atomic import busy_error, folder_holder
 from common.config import DATA_IDENTITY, Config, load_config
 from common.errors import UserInputError
-from common.paths import project_path
+from common.paths import nearest_existing, project_path
 
 # where predict.py / report.py run a model (pipeline.runtimes), named here so that the CLIs need no torch
 RUNTIME_CHOICES = ("auto", "torch", "onnxruntime", "openvino")
@@ -111,9 +111,7 @@ def out_dir(args: argparse.Namespace) -> Path:
 
 def writable_folder(path: Path) -> None:
     """UserInputError unless `path` is, or can be created as, a folder this process may write."""
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
+    probe = nearest_existing(path)
     if not probe.is_dir():
         raise UserInputError(f"{path}: cannot create the output folder: {probe} is a file")
     if not os.access(probe, os.W_OK | os.X_OK):

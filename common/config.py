@@ -236,7 +236,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Defaults, then the YAML file (and its `base:` chain), then `key.sub=value` overrides."""
     cfg = Config()
     if path is not None:
-        merge(cfg, _read_yaml_chain(Path(path)), source=str(path))
+        merge(cfg, read_yaml_chain(Path(path)), source=str(path))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -295,7 +295,9 @@ def from_dict(values: dict) -> Config:
     return cfg
 
 
-def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+def read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The values of a config YAML merged over those of its `base:` chain (no defaults, no overrides).
+    ConfigError for a missing file, invalid YAML or a loop."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
@@ -309,7 +311,7 @@ def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     base = values.pop("base", None)
     if base is None:
         return values
-    merged = _read_yaml_chain(path.parent / base, seen + (path.resolve(),))
+    merged = read_yaml_chain(path.parent / base, seen + (path.resolve(),))
     _deep_update(merged, values)
     return merged
 

@@ -12,6 +12,13 @@ def project_path(relative: str | Path) -> Path:
     return path if path.is_absolute() else PROJECT_ROOT / path
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` itself if it exists, else its nearest existing parent: what decides whether it can be created."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def recorded_path(recorded: str) -> str:
     """A path an artifact recorded: as recorded when it exists (or nothing better does), else the same
     relative path inside the project (older versions recorded data and lineage paths relative to it)."""

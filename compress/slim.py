@@ -41,13 +41,13 @@ from common.config import Config, ConfigError, SlimConfig, parse_count
 from compress.grow import widen
 from engine.runner import StageContext, StageDef, exit_code, run_stage
 from model.macs import spec_macs
-from model.refineformer3d import ModelSpec, RefineFormer3D, count_params, rebuilt
+from model.refineformer3d import HEAD_AT, ModelSpec, RefineFormer3D, count_params, rebuilt
 from model.widths import group_magnitude, group_slices, slice_state
 from student.thin import HEAD_FLOORS
 from student.distill import distill_trainer
 
 STAGE = "slim"
-SLIM_HEAD_AT = ("half", "quarter")  # where step head moves the refine head (ModelSpec.head_at)
+SLIM_HEAD_AT = tuple(h for h in HEAD_AT if h != "full")  # where step head moves the refine head
 
 
 def _copy_into(model: RefineFormer3D, spec: ModelSpec, new_weights: dict[str, torch.Tensor]) -> RefineFormer3D:

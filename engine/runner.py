@@ -229,8 +229,7 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
     art = Artifact.load(source)
     data_line = inherit_data(art, cfg, data_given)
     check_source(art, cfg, stage.kinds, stage.name)
-    spec = art.spec.get("base", art.spec)  # a QAT checkpoint's spec wraps its FP32 one
-    check_sizes(cfg, math.prod(spec.get("patch_strides") or ModelSpec().patch_strides))
+    check_sizes(cfg, math.prod(art.spec.get("patch_strides") or ModelSpec().patch_strides))  # fp32: checked above
     if cfg.train.epochs < 0:
         raise ConfigError(f"train.epochs={cfg.train.epochs}: the fine-tune's epochs, >= 0 (0: none)")
     if stage.check is not None:

@@ -96,7 +96,8 @@ def test_checks_fail_before_any_work(elsewhere):
     assert not (elsewhere / "p").exists()
     out = run(elsewhere, "distill.py", "--teacher", str(teacher), "--out", ".", "--overwrite")  # the teacher's folder
     assert out.returncode == 2 and "the folder of the source artifact" in out.stderr and teacher.exists()
-    for args, why in ((("--set", "quant.decide=bogus"), "quant.decide='bogus': one of measure"),
+    for args, why in ((("--set", "quant.decide=bogus"), "quant.decide must be one of measure, all, none, table, "
+                                                         "got 'bogus'"),
                       (("--set", "quant.force={decoder.nothere: fp32}"), "layers this model does not have: "
                                                                          "['decoder.nothere']"),
                       (("--set", "train.epochs=-2"), "train.epochs=-2: the fine-tune's epochs, >= 0")):

@@ -112,12 +112,8 @@ def decide(
     final: set[str] | frozenset[str] = frozenset(),
 ) -> list[dict[str, Any]]:
     """One row per candidate layer: layer, type, shape, fp32_ms, int8_ms, choice, why."""
-    if mode not in MODES:
-        raise ValueError(f"quant.decide must be one of {', '.join(MODES)}, got {mode!r}")
     force = dict(force or {})
-    bad = {k: v for k, v in force.items() if v not in ("int8", "fp32")}
-    if bad:
-        raise ValueError(f"quant.force values must be int8 or fp32: {bad}")
+    check_settings(mode, force)
     shapes = layer_inputs(model, input_shape)
     unknown = sorted(set(force) - set(shapes))
     if unknown:
@@ -153,6 +149,16 @@ def decide(
         tqdm.write(f"int8 decisions: {measured} layer(s) measured on this CPU, {len(names) - measured} reused "
                    f"from the cache {path}")
     return rows
+
+
+def check_settings(mode: str, force: dict[str, str]) -> None:
+    """ValueError unless `mode` is one of MODES and every `force` value is int8 or fp32 (quant.decide,
+    quant.force); the layer names in `force` are checked against a model (`decide`, the stage's check)."""
+    if mode not in MODES:
+        raise ValueError(f"quant.decide must be one of {', '.join(MODES)}, got {mode!r}")
+    bad = {k: v for k, v in force.items() if v not in ("int8", "fp32")}
+    if bad:
+        raise ValueError(f"quant.force values must be int8 or fp32: {bad}")
 
 
 def int8_layers(rows: list[dict]) -> list[str]:

@@ -24,7 +24,7 @@ from common.artifact import Artifact, ArtifactError, build_model
 from common.atomic import atomic_write
 from common.config import Config, ConfigError, to_dict
 from compress.quant.convert import convert, int8_spec, int8_weight_layers, prepare_float, set_engine
-from compress.quant.decide import MODES, decide, format_table, int8_layers
+from compress.quant.decide import check_settings, decide, format_table, int8_layers
 from compress.quant.lsq import LSQConfig, calibrate, quantize_, quantizable
 from compress.quant.onnx_export import OrtModel, export_onnx, onnx_spec
 from compress.quant.qat import KIND as QAT_KIND, as_qat_model
@@ -147,11 +147,10 @@ def _check(art: Artifact, cfg: Config) -> None:
     input_shape(cfg)
     if q.calib < 1:
         raise ConfigError(f"quant.calib must be >= 1, got {q.calib}")
-    if q.decide not in MODES:
-        raise ConfigError(f"quant.decide={q.decide!r}: one of {', '.join(MODES)}")
-    bad = {k: v for k, v in q.force.items() if v not in ("int8", "fp32")}
-    if bad:
-        raise ConfigError(f"quant.force values must be int8 or fp32: {bad}")
+    try:
+        check_settings(q.decide, q.force)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if q.force:
         graph = prepare_float(as_qat_model(build_model(art)), reassoc=q.reassoc)
         layers = {name for name, m in graph.named_modules() if quantizable(m)}
