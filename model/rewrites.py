@@ -5,6 +5,7 @@ Each rewrite is one verb `step(model) -> model` that changes the model in place 
     fold_bn               every eval-mode BatchNorm3d folded into the conv before it
     reassociate_decoder   the decoder's 1x1x1 fusion conv moved in front of the trilinear upsampling
     channels_last_tail    the refine decoder's tail (upsample + head, at full or 1/2 resolution) in channels_last_3d
+    polyphase_head        a head at 1/2 resolution runs, with the x2 upsampling before it, as one conv at 1/4
     onednn_convs          Conv3d layers with kernels > 1 call oneDNN directly (ATen's batch-1 choice is slow)
 
 `inference_graph(model)` applies them, in that order, to a copy. The model's own `forward` never
@@ -262,16 +263,37 @@ def onednn_convs(model: nn.Module) -> nn.Module:
     return model
 
 
+# ----------------------------------------------------------------------------- polyphase head at 1/2
+# With `head_at: half` the tail is up2 -> 3x3x3 head -> logits up2. `model.resample.upsample2_conv3d`
+# computes the first two as one conv at 1/4 resolution with 8x the output channels (one per parity of
+# the output voxel) and a depth-to-space shuffle, plus the one-voxel border shell recomputed: the same
+# values to float rounding, without the 12-channel upsampled tensor at 1/2 resolution nor a 3-output
+# conv over it (`bench/bench_upsample.py`: the demo's grown student 105.5 -> 84.5 ms per 128^3 window).
+
+
+def polyphase_head(model: nn.Module) -> nn.Module:
+    """Let a refine head at 1/2 resolution run in polyphase form, in place; returns the model (exact).
+
+    Sets the decoder's `polyphase_head` flag; `model.refineformer3d.refine_tail` checks at every call
+    that the head is still a plain float 3x3x3 Conv3d (a fake-quant or INT8 layer swapped in later runs
+    as it is) and that no graph is traced. Other decoders and heads are left as they are."""
+    decoder = model.decoder
+    if decoder_kind(decoder) == "refine" and decoder.head_at == "half":
+        decoder.polyphase_head = True
+    return model
+
+
 # ----------------------------------------------------------------------------- all of them
 
 
 def inference_graph(model: nn.Module, *, reassoc: bool = True, channels_last: bool = True,
-                    onednn: bool = True) -> nn.Module:
+                    onednn: bool = True, polyphase: bool = True) -> nn.Module:
     """A copy of `model` in eval mode with the exact inference rewrites applied; `model` is unchanged.
 
     reassoc: re-associate the decoder's fusion (fewer multiply-adds at 1/4 resolution).
     channels_last: run the refine decoder's tail in channels_last_3d (PyTorch eager on CPU: 1.3-1.9x
     faster there; exporters see an identity). onednn: `onednn_convs` (exporters see nn.Conv3d).
+    polyphase: `polyphase_head` (a head at 1/2 resolution; exporters see the plain upsampling and conv).
     Idempotent: a rewritten model comes back rewritten once.
     """
     model = fold_bn(copy.deepcopy(model).eval())
@@ -281,4 +303,6 @@ def inference_graph(model: nn.Module, *, reassoc: bool = True, channels_last: bo
         channels_last_tail(model)
     if onednn:
         onednn_convs(model)
+    if polyphase:
+        polyphase_head(model)
     return model

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.resample import SEPARABLE_MAX_CHANNELS, separable_trilinear, upsample
+from model.resample import SEPARABLE_MAX_CHANNELS, separable_trilinear, upsample, upsample2_conv3d
 
 
 def _reference(x, size):
@@ -75,3 +75,49 @@ def test_upsample_under_autocast_is_f_interpolate():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = upsample(x, (8, 8, 8))
     assert torch.equal(out, _reference(x, (8, 8, 8)))
+
+
+def plain_up2_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.conv3d(F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False), weight, bias, padding=1)
+
+
+@pytest.mark.parametrize("shape", [(1, 12, 16, 16, 16), (2, 5, 3, 4, 6), (1, 3, 2, 2, 2), (1, 4, 2, 7, 3)])
+@pytest.mark.parametrize("bias, channels_last", [(True, False), (False, True)])
+def test_upsample2_conv3d_equals_upsampling_then_conv_everywhere(shape, bias, channels_last):
+    """The polyphase form equals trilinear x2 then the zero-padded conv on every voxel, the border shell
+    (recomputed face by face) included; the smallest grids (2 per side) are all border. Relative 1e-5:
+    float32 sums of 27 x C terms in another order (measured 1e-6); a phase or a face out of place is off
+    by the logits' own size."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    weight = torch.randn(3, shape[1], 3, 3, 3, generator=gen)
+    b = torch.randn(3, generator=gen) if bias else None
+    ref = plain_up2_conv(x, weight, b)
+    with torch.no_grad():  # oneDNN's kernel, as served
+        out = upsample2_conv3d(x, weight, b)
+    assert out.shape == ref.shape and out.is_contiguous()
+    scale = float(ref.abs().max())
+    assert float((out - ref).abs().max()) < 1e-5 * scale
+    border = torch.ones_like(ref, dtype=torch.bool)
+    border[:, :, 1:-1, 1:-1, 1:-1] = False
+    assert float((out - ref)[border].abs().max()) < 1e-5 * scale  # the shell is not left to the replication
+    out_grad = upsample2_conv3d(x, weight, b)  # with autograd on: F.conv3d, same values
+    assert float((out_grad - ref).abs().max()) < 1e-5 * scale
+
+
+def test_upsample2_conv3d_gradients_match_and_bad_shapes_are_refused():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 4, 3, 5, generator=gen, requires_grad=True)
+    weight = torch.randn(2, 4, 3, 3, 3, generator=gen, requires_grad=True)
+    upsample2_conv3d(x, weight, None).square().sum().backward()
+    gx, gw = x.grad.clone(), weight.grad.clone()
+    x.grad = weight.grad = None
+    plain_up2_conv(x, weight, None).square().sum().backward()
+    torch.testing.assert_close(gx, x.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gw, weight.grad, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="every side >= 2"):
+        upsample2_conv3d(torch.zeros(1, 4, 1, 4, 4), weight.detach(), None)
+    with pytest.raises(ValueError, match="3x3x3 kernel"):
+        upsample2_conv3d(torch.zeros(1, 4, 4, 4, 4), torch.zeros(2, 4, 1, 1, 1), None)

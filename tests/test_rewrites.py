@@ -1,16 +1,20 @@
 """Inference rewrites (model.rewrites): BatchNorm folding, decoder re-association, the channels_last_3d tail
 and oneDNN convolutions leave outputs equal; `inference_graph` applies them to a copy, once."""
 import copy
+import io
 
+import onnx
 import pytest
 import torch
 from torch import nn
 
 from model.layers import LowRankConv3d, LowRankLinear
+from model.macs import count_macs
 from model.refineformer3d import ModelSpec, RefineFormer3D, factorise_module
 from compress.quant.lsq import quantizable
+from model.refineformer3d import polyphase_head_applies
 from model.rewrites import (ChannelsLast3d, OneDNNConv3d, ReassociatedDecoder, bn_pairs, channels_last_tail, fold_bn,
-                            has_channels_last_tail, inference_graph, onednn_convs, reassociate_decoder)
+                            has_channels_last_tail, inference_graph, onednn_convs, polyphase_head, reassociate_decoder)
 
 TINY = dict(embed_dims=[16, 32, 32, 32], num_heads=[1, 2, 2, 2], depths=[1, 1, 1, 1], decoder_dim=16, fuse_dim=16,
             refine_dim=4)
@@ -226,3 +230,36 @@ def test_onednn_conv3d_leaves_unbatched_and_autocast_inputs_to_conv3d():
         assert torch.equal(fast(x), plain(x))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert fast(x[None]).dtype == plain(x[None]).dtype == torch.bfloat16
+
+
+def _ran(model: nn.Module, x: torch.Tensor, op: str) -> bool:
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        model(x)
+    return any(e.name == op for e in prof.events())
+
+
+def test_polyphase_head_runs_the_half_head_at_quarter_resolution_and_exports_plain():
+    """The rewrite is taken where it applies (a float 3x3x3 head at 1/2) and only there: a fake-quant head
+    swapped in later, a traced graph (ONNX, fvcore) and heads at full or 1/4 resolution run the plain
+    upsampling and conv. Equal outputs are test_inference_graph_matches_the_plain_model's (head_at half)."""
+    x = torch.randn(1, 4, 32, 64, 32)
+    half = tiny_model("refine", seed=3, head_at="half")
+    fast = inference_graph(half)
+    assert fast.decoder.polyphase_head and polyphase_head_applies(fast.decoder, torch.zeros(1, 4, 8, 16, 8))
+    assert _ran(fast, x, "aten::replication_pad3d")  # the polyphase conv's padding
+    plain = inference_graph(half, polyphase=False)
+    assert not getattr(plain.decoder, "polyphase_head", False) and not _ran(plain, x, "aten::replication_pad3d")
+    assert count_macs(fast, tuple(x.shape)) == count_macs(plain, tuple(x.shape))  # fvcore's trace: the plain ops
+    buf = io.BytesIO()
+    torch.onnx.export(fast, (x,), buf, opset_version=17, dynamo=False)
+    ops = [n.op_type for n in onnx.load_from_string(buf.getvalue()).graph.node]
+    assert ops.count("Resize") >= 2 and "Pad" not in ops and "DepthToSpace" not in ops  # exporters: the plain ops
+    for head_at in ("full", "quarter"):
+        other = polyphase_head(inference_graph(tiny_model("refine", seed=3, head_at=head_at)))
+        assert not getattr(other.decoder, "polyphase_head", False)
+    assert not getattr(polyphase_head(inference_graph(tiny_model("allmlp"))).decoder, "polyphase_head", False)
+
+    from compress.quant.lsq import LSQConfig, QuantConv3d  # a fake-quant head: its own forward, not the polyphase one
+    fast.decoder.head = QuantConv3d(fast.decoder.head, LSQConfig(), final=True)
+    assert not polyphase_head_applies(fast.decoder, torch.zeros(1, 4, 8, 16, 8))
+    assert not _ran(fast, x, "aten::replication_pad3d")
