@@ -1,6 +1,6 @@
 """Score BraTS-label NIfTI predictions against ground truth.
 
-    python -m brats.evaluate PRED_DIR TRUTH_DIR [--out scores.csv] [--metrics legacy|official|both]
+    python -m brats.evaluate PRED_DIR TRUTH_DIR [--out scores.csv [--overwrite]] [--metrics legacy|official|both]
 
 PRED_DIR holds `<case>.nii.gz` or `<case>_seg.nii.gz` (flat). TRUTH_DIR is a BraTS-layout folder
 (`<case>/<case>_seg.nii.gz`, possibly under HGG/, LGG/ or Brats17TrainingData/) or a flat folder
@@ -254,7 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("pred_dir", help="folder of <case>.nii.gz or <case>_seg.nii.gz predictions")
     parser.add_argument("truth_dir", help="BraTS-layout or flat folder holding <case>_seg.nii.gz")
     parser.add_argument("--out", default=None,
-                        help="per-case CSV file to write (atomically) (default: none; the summary is printed either way)")
+                        help="per-case CSV file to write (atomically) (default: none; the summary is printed either way); "
+                             "an existing file is kept unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument(
         "--subset", action="store_true",
         help="score only the predicted cases (e.g. the held-out split); truth cases without a prediction are skipped",
@@ -266,6 +268,12 @@ def main(argv: Sequence[str] | None = None) -> int:
              "an optional extra: pip install brats-evaluation); both: side by side",
     )
     args = parser.parse_args(argv)
+    if args.out:  # before any scoring: nothing already written is replaced unasked
+        out = Path(args.out)
+        if out.is_dir():
+            parser.error(f"--out {out} is a folder; give the CSV file to write, e.g. {out / 'scores.csv'}")
+        if out.exists() and not args.overwrite:
+            parser.error(f"--out {out} already exists; replace it with --overwrite or choose another file")
     try:
         rows = evaluate_dirs(args.pred_dir, args.truth_dir, progress=True, subset=args.subset,
                              metrics=args.metrics)

@@ -36,7 +36,7 @@ step "8/9 predict the validation release, and the held-out training cases to sco
 $PY predict.py "$RUNS/int8/int8.pt" --input "$DATA/Brats17ValidationData" --output "$RUNS/predictions/validation" --overwrite
 $PY predict.py "$RUNS/int8/int8.pt" --input "$DATA/Brats17TrainingData" --split "$DATA/.cache/splits.json" \
     --output "$RUNS/predictions/held-out" --overwrite
-$PY -m brats.evaluate "$RUNS/predictions/held-out" "$DATA/Brats17TrainingData" --subset --out "$RUNS/predictions/held-out/scores.csv"
+$PY -m brats.evaluate "$RUNS/predictions/held-out" "$DATA/Brats17TrainingData" --subset --out "$RUNS/predictions/held-out/scores.csv" --overwrite
 
 step "9/9 report"
 $PY report.py "$RUNS" --data "$DATA" --config configs/demo/report.yaml --out report/demo

@@ -89,6 +89,17 @@ def test_cli_writes_csv_and_summary(brats_layout, tmp_path, capsys):
     assert float(wt_line.split()[1]) == pytest.approx(np.mean(dice_wt), abs=1e-4)
     assert float(wt_line.split()[3]) == pytest.approx(np.median(dice_wt), abs=1e-4)
     assert not list(out.parent.glob(".*.tmp"))
+    # an existing CSV is kept unless --overwrite, and refused before any scoring; a folder is no CSV
+    out.write_text("kept")
+    with pytest.raises(SystemExit) as exit_:
+        main([str(pred_dir), str(truth_dir), "--out", str(out)])
+    assert exit_.value.code == 2 and out.read_text() == "kept"
+    assert "already exists; replace it with --overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(pred_dir), str(truth_dir), "--out", str(out.parent)])
+    assert "is a folder" in capsys.readouterr().err
+    assert main([str(pred_dir), str(truth_dir), "--out", str(out), "--overwrite"]) == 0
+    assert out.read_text().startswith("case,")
 
 
 def test_flat_truth_folder_and_empty_et(tmp_path):
