@@ -1,5 +1,6 @@
 """Real INT8 layers agree with the LSQ fake quantisation; forced decisions; the INT8 artifact reloads."""
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -113,6 +114,35 @@ def test_measured_decision_uses_and_writes_cache(tmp_path):
     assert rows[0]["choice"] == ("int8" if rows[0]["int8_ms"] * 1.05 <= rows[0]["fp32_ms"] else "fp32")
     again = decide(model, (1, 4, 8, 8, 8), "measure", runs=1, cache=cache)
     assert [r["fp32_ms"] for r in again] == [r["fp32_ms"] for r in rows]  # read back, not re-measured
+
+
+class _ToChannelsLast(nn.Module):
+    def forward(self, x):
+        return x.contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_layers_are_timed_in_the_layout_the_model_feeds_them(tmp_path, monkeypatch):
+    """The encoder's convs get channels_last_3d views of the token grid; timing them on a contiguous copy
+    measured ATen's other kernel (for a depthwise conv 10x and more apart) and chose INT8 where it is slower."""
+    dec = sys.modules[decide.__module__]  # the module (compress.quant exports its function `decide` by that name)
+    model = nn.Sequential(nn.Conv3d(4, 8, 3, padding=1), _ToChannelsLast(), nn.Conv3d(8, 8, 3, padding=1, groups=8))
+    assert dec.layer_inputs(model, (1, 4, 8, 8, 8)) == {"0": ((1, 4, 8, 8, 8), "contiguous"),
+                                                       "2": ((1, 8, 8, 8, 8), dec.CHANNELS_LAST)}
+    assert dec.input_layout(torch.zeros(1, 8, 1, 1, 1).contiguous(memory_format=torch.channels_last_3d)) == "contiguous"
+    seen = []
+
+    def fake_median_ms(fn, x, runs):  # records the layout each timing saw
+        seen.append(dec.input_layout(x))
+        return 1.0
+
+    monkeypatch.setattr(dec, "_median_ms", fake_median_ms)
+    cache = tmp_path / "int8_decisions.json"
+    rows = dec.decide(model, (1, 4, 8, 8, 8), "measure", runs=1, cache=cache)
+    assert [r["layout"] for r in rows] == ["contiguous", dec.CHANNELS_LAST]
+    assert seen == ["contiguous"] * 4 + [dec.CHANNELS_LAST] * 4  # fp32 and int8, two rounds each
+    sigs = list(json.loads(cache.read_text()).values())[0]
+    assert sorted(k.endswith("@cl") for k in sigs) == [False, True]  # a layout is its own cache entry
+    assert " cl " in dec.format_table(rows).splitlines()[2]
 
 
 def test_int8_artifact_reloads_weights_only_and_predicts(tmp_path):

@@ -1,8 +1,9 @@
 """Latency-aware mixed precision: which layers run INT8, decided by measuring them on this CPU.
 
 Each candidate (every nn.Linear / nn.Conv3d) is timed at its real input shape for the model's input
-size, in FP32 and as a real INT8 layer (including the quantize / dequantize around it, which a
-float neighbour forces). Measurements are cached per CPU model, torch version, thread count and
+size and in its real input layout (the encoder hands its convs channels_last_3d views of the token
+grid, and ATen's FP32 kernels differ by 10x and more between layouts), in FP32 and as a real INT8
+layer (including the quantize / dequantize around it, which a float neighbour forces). Measurements are cached per CPU model, torch version, thread count and
 layer signature in ~/.cache/refineformer3d/int8_decisions.json (REFINEFORMER3D_CACHE overrides the
 folder), so identical layers and later runs cost nothing.
 
@@ -34,13 +35,25 @@ def cache_path() -> Path:
     return cache_file("int8_decisions.json")
 
 
-def layer_inputs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    """Input shape of every Linear / Conv3d for one forward pass of a (1, C, *spatial) zero tensor."""
-    shapes: dict[str, tuple[int, ...]] = {}
+CHANNELS_LAST = "channels_last_3d"
+
+
+def input_layout(x: torch.Tensor) -> str:
+    """"channels_last_3d" for a 5-D tensor in that layout and not also contiguous (a size-1 grid is both),
+    else "contiguous" (what any other strided input is timed as)."""
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return CHANNELS_LAST
+    return "contiguous"
+
+
+def layer_inputs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """(input shape, `input_layout`) of every Linear / Conv3d for one forward pass of a (1, C, *spatial)
+    zero tensor."""
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
 
     def hook(name: str):
         def record(module: nn.Module, args: tuple) -> None:
-            shapes.setdefault(name, tuple(args[0].shape))
+            shapes.setdefault(name, (tuple(args[0].shape), input_layout(args[0])))
         return record
 
     hooks = [m.register_forward_pre_hook(hook(name)) for name, m in model.named_modules() if quantizable(m)]
@@ -53,13 +66,13 @@ def layer_inputs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tu
     return shapes
 
 
-def signature(module: nn.Module, shape: tuple[int, ...]) -> str:
+def signature(module: nn.Module, shape: tuple[int, ...], layout: str = "contiguous") -> str:
     if isinstance(module, nn.Linear):
         geo = f"linear{module.in_features}x{module.out_features}"
     else:
         geo = (f"conv{module.in_channels}x{module.out_channels}k{module.kernel_size[0]}s{module.stride[0]}"
                f"p{module.padding[0]}g{module.groups}")
-    return f"{geo}@{'x'.join(map(str, shape))}"
+    return f"{geo}@{'x'.join(map(str, shape))}" + ("@cl" if layout == CHANNELS_LAST else "")
 
 
 def machine_key() -> str:
@@ -77,9 +90,13 @@ def _median_ms(fn, x: torch.Tensor, runs: int) -> float:
 
 
 @torch.no_grad()
-def measure_layer(module: nn.Module, shape: tuple[int, ...], runs: int = 5) -> tuple[float, float]:
-    """(fp32 ms, int8 ms) of one layer at one input shape; INT8 scales come from the data's range."""
+def measure_layer(module: nn.Module, shape: tuple[int, ...], runs: int = 5,
+                  layout: str = "contiguous") -> tuple[float, float]:
+    """(fp32 ms, int8 ms) of one layer at one input shape and layout (`input_layout`); INT8 scales come
+    from the data's range."""
     x = torch.randn(shape)
+    if layout == CHANNELS_LAST:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
     int8 = empty_int8_like(module)
     w = module.weight
     int8.weight_scale.copy_(w.abs().flatten(1).amax(1).clamp_min(1e-8) / 127)
@@ -125,12 +142,13 @@ def decide(
     names = list(shapes)
     for name in tqdm(names, desc="int8 decisions", disable=bar_off(progress), leave=False):
         module = model.get_submodule(name)
-        row: dict[str, Any] = {"layer": name, "type": type(module).__name__, "shape": list(shapes[name]),
-                               "fp32_ms": None, "int8_ms": None}
+        shape, layout = shapes[name]
+        row: dict[str, Any] = {"layer": name, "type": type(module).__name__, "shape": list(shape),
+                               "layout": layout, "fp32_ms": None, "int8_ms": None}
         if mode == "measure":
-            sig = signature(module, shapes[name])
+            sig = signature(module, shape, layout)
             if sig not in machine:
-                machine[sig] = list(measure_layer(module, shapes[name], runs))
+                machine[sig] = list(measure_layer(module, shape, runs, layout))
                 dirty, measured = True, measured + 1
             row["fp32_ms"], row["int8_ms"] = machine[sig]
         if name in force:
@@ -174,7 +192,7 @@ def format_table(rows: list[dict]) -> str:
     lines = [f"{'layer':<{width}}  {'input shape':<22} {'fp32 ms':>8} {'int8 ms':>8} {'x':>5}  choice"]
     for r in rows:
         ratio = "-" if not r["int8_ms"] else f"{r['fp32_ms'] / r['int8_ms']:.2f}"
-        shape = "x".join(map(str, r["shape"]))
+        shape = "x".join(map(str, r["shape"])) + (" cl" if r.get("layout") == CHANNELS_LAST else "")
         lines.append(f"{r['layer']:<{width}}  {shape:<22} {ms(r['fp32_ms']):>8} {ms(r['int8_ms']):>8} {ratio:>5}  "
                      f"{r['choice']} ({r['why']})")
     return "\n".join(lines)
