@@ -10,7 +10,7 @@ from model.refineformer3d import ModelSpec, RefineFormer3D
 
 def _args(tmp_path, **kw) -> argparse.Namespace:
     base = dict(out=str(tmp_path), cases=24, val_cases=8, shape=[96, 96, 64], seed=0, teacher_epochs=40,
-                student_epochs=None, arms=list(ARMS), threads=2, quick=False)
+                slim_epochs=40, student_epochs=None, arms=list(ARMS), threads=2, quick=False)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -19,10 +19,12 @@ def _sets(step) -> list[str]:
 
 
 def test_student_epochs_reach_the_student_and_its_arms_only_and_arms_can_be_left_out(tmp_path):
-    steps = {s.name: s for s in family_steps("demo", _args(tmp_path, student_epochs=40, arms=["student-labels"]))}
-    assert "train.epochs=40" in _sets(steps["student"]) and "train.epochs=40" in _sets(steps["student-labels"])
-    assert not any(a.startswith("train.epochs=40") for a in _sets(steps["slim"]))
-    assert "train.epochs=40" in _sets(steps["teacher"])  # --teacher-epochs, the same number here by chance
+    steps = {s.name: s for s in family_steps("demo", _args(tmp_path, student_epochs=30, slim_epochs=35,
+                                                                 arms=["student-labels"]))}
+    assert "train.epochs=30" in _sets(steps["student"]) and "train.epochs=30" in _sets(steps["student-labels"])
+    assert "train.epochs=35" in _sets(steps["slim"]) and not any("train.epochs=30" in _sets(steps[n])
+                                                                 for n in ("slim", "lowrank", "grow", "int8"))
+    assert "train.epochs=40" in _sets(steps["teacher"])  # --teacher-epochs
     assert {"student-scratch", "student-gated", "score-student-scratch"}.isdisjoint(steps)
     quick = {s.name: s for s in family_steps("demo", _args(tmp_path, quick=True, student_epochs=3))}
     assert _sets(quick["student"])[-1] == "train.epochs=3" and "train.epochs=1" in _sets(quick["slim"])
