@@ -68,6 +68,20 @@ def self_macs(by_module: dict[str, dict[str, float]], model: nn.Module) -> dict[
     return out
 
 
+def fold_uncalled(own: dict[str, dict[str, float]], called: set[str]) -> None:
+    """Move, in place, the own multiply-adds of every module the forward never called as a module (its
+    weights used by a parent's code: the polyphase head of `model.rewrites.polyphase_head` runs inside
+    the decoder's forward) into its nearest called ancestor, so the time and the multiply-adds of that
+    code land on the same row ("" is the model)."""
+    for name in [n for n in own if n and n not in called and own[n]]:
+        parent = name.rpartition(".")[0]
+        while parent and parent not in called:
+            parent = parent.rpartition(".")[0]
+        target = own.setdefault(parent, {})
+        for op, n in own.pop(name).items():
+            target[op] = target.get(op, 0.0) + n
+
+
 def _op_key(op: str) -> str:
     short = op.split("::")[-1]
     return FVCORE_OP.get(short, short)
@@ -159,6 +173,7 @@ def profile_window(model: nn.Module, counted: nn.Module, shape: Sequence[int], p
             module = e.cpu_parent.name[len(MODULE):] if e.cpu_parent is not None else ROOT
             calls.setdefault(("" if module == ROOT else module, _op_key(e.name)), []).append(row)
 
+    fold_uncalled(own, {"" if name == ROOT else name for name in modules})
     for (module, key), rows in calls.items():
         n = own.get(module, {}).get(key)
         for row in rows if n else ():

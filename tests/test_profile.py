@@ -61,6 +61,22 @@ def test_tables_partition_the_forward_and_carry_its_multiply_adds():
     assert top["modules_count"] == len(modules)
 
 
+def test_a_head_run_inside_the_decoder_is_counted_on_the_decoders_row():
+    """The polyphase head (model.rewrites.polyphase_head) runs in the decoder's own code, not as a module
+    call: its multiply-adds go to the decoder's row with the time, and every row still adds up."""
+    torch.manual_seed(0)
+    model = inference_graph(RefineFormer3D(ModelSpec(**TINY, head_at="half")).eval())
+    assert model.decoder.polyphase_head
+    full = profile_window(model, model, SHAPE, top=10 ** 6)
+    rows = {m["module"]: m for m in full["modules"]}
+    assert "decoder.head" not in rows  # never called as a module
+    assert sum(m["gmacs_self"] or 0.0 for m in rows.values()) == pytest.approx(full["gmacs"])
+    assert sum(o["gmacs"] or 0.0 for o in full["ops"]) == pytest.approx(full["gmacs"])
+    head = model.decoder.head
+    head_gmacs = SHAPE[0] * head.out_channels * head.in_channels * 27 * (32 // 2) ** 3 / 1e9  # 1/2 of a 32^3 input
+    assert rows["decoder"]["gmacs_self"] >= head_gmacs
+
+
 def test_int8_artifact_profiles_on_its_float_names_and_onnx_says_why_not():
     model = tiny()
     cfg = Config()
