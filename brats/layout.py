@@ -222,7 +222,8 @@ def missing_label_message(ref: CaseRef) -> str:
     folder = Path(ref.files[MODALITIES[0]]).parent
     return (f"case {ref.case}: {folder}: no label file (expected {ref.case}_seg.nii.gz, or one NIfTI whose "
             f"name holds 'seg' or 'label') in a labelled set ({ref.layout}); add the label, move the case "
-            "folder to an unlabelled set such as Brats17ValidationData/, or skip it with --skip-bad")
+            "folder to an unlabelled set such as Brats17ValidationData/, or skip it: --set data.skip_bad=true "
+            "(python -m brats.prepare: --skip-bad)")
 
 
 def _find(folder: Path, key: str) -> Path | None:

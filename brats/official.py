@@ -52,8 +52,9 @@ class OfficialMetricsError(UserInputError):
 
 
 def _missing_message() -> str:
-    return (f"--metrics official|both needs the optional package {EXTRA}: pip install {EXTRA} "
-            "(it pulls panoptica, pandas, SimpleITK, scikit-image; panoptica asks for numpy < 2.3)")
+    return (f"--metrics official|both needs the optional package {EXTRA}: pip install -r requirements-official.txt "
+            f"(the version checked here, {EXTRA}==0.0.10; it pulls panoptica, pandas, SimpleITK, scikit-image; "
+            "panoptica asks for numpy < 2.3)")
 
 
 @functools.cache

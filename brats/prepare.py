@@ -40,7 +40,7 @@ class PrepareError(DataError):
         lines = "\n".join(f"  {msg}" for msg in bad.values())
         super().__init__(
             f"{len(bad)} bad case(s) in {data_dir}:\n{lines}\n"
-            "fix them, or skip them with --skip-bad (data.skip_bad=true)"
+            "fix them, or skip them: --set data.skip_bad=true (python -m brats.prepare: --skip-bad)"
         )
 
 
@@ -284,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{good} case(s) in {args.out}: {len(report.built)} built, {len(report.reused)} reused, {len(report.bad)} bad")
     print_bad(report.bad)
     if report.bad and not args.skip_bad:
-        print("exiting with an error; pass --skip-bad to use the good cases only", file=sys.stderr)
-        return 1
+        print("error: bad cases (above); pass --skip-bad to use the good cases only", file=sys.stderr)
+        return 2  # bad input, as every other command says it
     return 0
 
 

@@ -8,9 +8,11 @@ move cases between lists by hand. Delete it to draw a new split.
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from brats.layout import DataError
 from common.atomic import atomic_write_text
@@ -126,11 +128,25 @@ def read_splits(path: str | Path, known: set[str] | None = None) -> list[Fold]:
 
 
 def load_or_create_splits(path: str | Path, cases: list[tuple[str, str | None]], val_fraction: float = 0.2,
-                          folds: int = 1, seed: int = 0) -> list[Fold]:
-    """Read `path` if it exists (checked against `cases`), else draw the split(s) and save them."""
+                          folds: int = 1, seed: int = 0, note: Callable[[str], None] | None = None) -> list[Fold]:
+    """Read `path` if it exists (checked against `cases`), else draw the split(s) and save them.
+
+    An existing file wins over `val_fraction` and `seed` (it may have been edited by hand): where it
+    records others, `note` gets one line saying so. A file with another number of folds than `folds`
+    is a DataError (a k-fold run on a one-split file would validate on the wrong cases)."""
     path = Path(path)
     if path.exists():
-        return read_splits(path, known={c for c, _ in cases})
+        result = read_splits(path, known={c for c, _ in cases})
+        if len(result) != folds:
+            raise DataError(f"split file {path} has {len(result)} fold(s), but data.folds={folds}: delete it to draw "
+                            f"{folds} fold(s), or set data.split_file to another file (or data.folds={len(result)})")
+        recorded = json.loads(path.read_text())
+        differ = [f"{key} {recorded[key]} (asked {asked})" for key, asked in (("seed", seed), ("val_fraction", val_fraction))
+                  if key in recorded and not (folds > 1 and key == "val_fraction")
+                  and not math.isclose(float(recorded[key]), float(asked), rel_tol=0, abs_tol=1e-9)]
+        if differ and note is not None:
+            note(f"split file {path}: used as it is, drawn with {', '.join(differ)}; delete it to draw a new split")
+        return result
     result = make_splits(cases, val_fraction=val_fraction, folds=folds, seed=seed)
     save_splits(path, result, seed=seed, val_fraction=val_fraction)
     return result

@@ -246,7 +246,69 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         for part in reversed(key.strip().split(".")):
             nested = {part: nested}
         merge(cfg, nested, source=f"--set {item}")
+    check_values(cfg)
     return cfg
+
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_values(cfg: Config) -> None:
+    """ConfigError, naming the key and the value, for a setting outside its range (types are checked by
+    `merge`): every command loads its config through here, so a bad value stops it before any work
+    (they failed after a training epoch, in a library traceback, or ran on silently)."""
+    from brats.labels import SCHEMES  # here: brats imports this module
+
+    d, t, m = cfg.data, cfg.train, cfg.model
+
+    def need(ok: bool, key: str, value: Any, rule: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}={value!r}: {rule}")
+
+    def at_least(value: float | None, low: float, key: str, optional: bool = False) -> None:
+        need((optional and value is None) or (value is not None and value >= low), key, value,
+             f"must be >= {low}" + (" (or null)" if optional else ""))
+
+    def fraction(value: float, key: str) -> None:
+        need(0.0 <= value <= 1.0, key, value, "a fraction in [0, 1]")
+
+    need(d.scheme in SCHEMES, "data.scheme", d.scheme, f"one of {', '.join(SCHEMES)}")
+    fraction(d.fg_ratio, "data.fg_ratio")
+    need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "a fraction in [0, 1)")
+    at_least(d.folds, 1, "data.folds")
+    need(0 <= d.fold < d.folds, "data.fold", d.fold, f"a fold of data.folds={d.folds}: 0 to {d.folds - 1}")
+    at_least(d.samples_per_epoch, 1, "data.samples_per_epoch", optional=True)
+    at_least(d.max_val_cases, 1, "data.max_val_cases", optional=True)
+    at_least(d.num_workers, 0, "data.num_workers")
+    need(0.0 < m.width <= 1.0, "model.width", m.width, "must be in (0, 1] (a share of the preset's widths)")
+    need(t.epochs >= 0, "train.epochs", t.epochs, "the epochs to train (a maximum with train.patience), >= 0 "
+         "(0: a compression stage without its fine-tune)")
+    at_least(t.batch_size, 1, "train.batch_size")
+    need(t.lr > 0, "train.lr", t.lr, "must be > 0")
+    need(0 <= t.min_lr <= t.lr, "train.min_lr", t.min_lr, f"in [0, train.lr={t.lr}]")
+    at_least(t.weight_decay, 0, "train.weight_decay")
+    at_least(t.warmup_epochs, 0, "train.warmup_epochs")
+    at_least(t.grad_clip, 0, "train.grad_clip", optional=True)
+    need(DEVICE.fullmatch(t.device) is not None, "train.device", t.device, "auto, cpu, cuda or cuda:N")
+    at_least(t.val_every, 1, "train.val_every")
+    at_least(t.sw_batch, 1, "train.sw_batch")
+    at_least(t.et_min_voxels, 0, "train.et_min_voxels")
+    at_least(t.steps_per_epoch, 1, "train.steps_per_epoch", optional=True)
+    at_least(t.threads, 1, "train.threads", optional=True)
+    at_least(t.patience, 0, "train.patience", optional=True)  # 0 and null: no early stopping
+    need(t.dice_weight >= 0 and t.ce_weight >= 0, "train.dice_weight / train.ce_weight",
+         (t.dice_weight, t.ce_weight), "must be >= 0")
+    r = cfg.report
+    at_least(r.latency_runs, 1, "report.latency_runs")
+    at_least(r.warmup_runs, 0, "report.warmup_runs")
+    at_least(r.sw_batch, 1, "report.sw_batch")
+    at_least(r.max_cases, 1, "report.max_cases", optional=True)
+    at_least(r.profile_top, 1, "report.profile_top")
+    fraction(cfg.guard.max_region_drop, "guard.max_region_drop")
+    p = cfg.distill.perturb
+    for key in ("prob", "blur_prob", "modality_dropout", "flip_prob", "rot90_prob", "affine_prob"):
+        fraction(getattr(p, key), f"distill.perturb.{key}")
+    need(cfg.distill.temperature > 0, "distill.temperature", cfg.distill.temperature, "must be > 0")
 
 
 def merge(obj: Any, values: dict, source: str, prefix: str = "") -> None:
@@ -266,16 +328,22 @@ def merge(obj: Any, values: dict, source: str, prefix: str = "") -> None:
             setattr(obj, key, _coerce(value, hints[key], dotted, source))
 
 
-def parse_count(text: str | int | float | None, total: int | None = None, what: str = "count") -> int | None:
-    """A count from a config value: '200k', '1.5M', '3G', '350000', or '65%' of `total`; None stays None."""
+def parse_count(text: str | int | float | None, total: int | None = None, what: str = "count",
+                share: bool = True) -> int | None:
+    """A count from a config value: '200k', '1.5M', '3G', '350000', '1e9', or (with `share`) '65%' of
+    `total`; None stays None. ConfigError for anything else, naming `what` and the forms it takes."""
     if text is None:
         return None
+    forms = "200k, 1.5M, 3G" + (" or 65%" if share else " or 1e9")
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         return int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmg%]?)\s*", str(text).lower().replace("_", "").replace(",", ""))
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmg%]?)\s*",
+                     str(text).lower().replace("_", "").replace(",", ""))
     if not m:
-        raise ConfigError(f"{what} {text!r} is not a count like 200k, 1.5M, 3G or 65%")
+        raise ConfigError(f"{what} {text!r} is not a count like {forms}")
     value, suffix = float(m.group(1)), m.group(2)
+    if suffix == "%" and not share:
+        raise ConfigError(f"{what} {text!r}: a count such as {forms}, not a share")
     if suffix == "%":
         if total is None:
             raise ConfigError(f"{what} {text!r} is a share: it needs the model's parameter count")
@@ -298,14 +366,26 @@ def from_dict(values: dict) -> Config:
 def read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """The values of a config YAML merged over those of its `base:` chain (no defaults, no overrides).
     ConfigError for a missing file, invalid YAML or a loop."""
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a folder, not a YAML file (e.g. configs/teacher.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base' chain loops back on itself")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a YAML text file (byte {e.start} is not UTF-8; a binary file?)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: unreadable ({e.strerror})") from None
+    try:
+        values = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', None) or type(e).__name__})") from None
+    if values is None:
+        raise ConfigError(f"{path}: empty (no settings); leave --config out for the built-in defaults")
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     base = values.pop("base", None)

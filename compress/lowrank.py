@@ -35,7 +35,7 @@ from common.cli import add_strict, config_from_args, data_given, out_dir, run_ma
 from common.config import Config, ConfigError, LowRankConfig, parse_count
 from engine.runner import StageContext, StageDef, exit_code, run_stage
 from model.layers import LowRankConv3d, LowRankLinear
-from model.refineformer3d import count_params, factorise_module, get_module
+from model.refineformer3d import count_params, factorise_module, get_module, model_from_spec
 from student.distill import distill_trainer
 
 # torchao-style module filter: (module, dotted name) -> factorise it?
@@ -406,7 +406,13 @@ def record_before(model: nn.Module, art: Artifact, ctx: StageContext) -> Artifac
 
 
 def _check(art: Artifact, cfg: Config) -> None:
-    selection(cfg.lowrank)  # a bad rule fails before any work
+    """Before any work: a bad rule, and a parameter budget the source model already meets."""
+    rule = selection(cfg.lowrank)
+    if rule["mode"] == "params" and rule["params"] is not None:  # a count (a share always leaves work)
+        total = count_params(model_from_spec(art.spec))
+        if rule["params"] >= total:
+            raise ConfigError(f"{art.path}: the model has {total:,} parameters, within lowrank.params="
+                              f"{cfg.lowrank.params}: nothing to do (a smaller budget, or a share such as 65%)")
 
 
 LOWRANK = StageDef(STAGE, step=factorise_step, finetune=distill_trainer, finish=record_before,

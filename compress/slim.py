@@ -197,11 +197,11 @@ def _gmacs(spec: ModelSpec, size: Sequence[int]) -> float:
 def choose_steps(model: RefineFormer3D, cfg: Any) -> tuple[list[str], dict[str, float]]:
     """The steps to apply and the G multiply-adds each saves at `cfg.reference_input` (alone, from the
     input model). Without `cfg.macs_budget`: `cfg.steps`. With it: of `cfg.steps`, largest saving first,
-    as few as reach the budget (all of them when even all do not; the caller says so)."""
+    as few as reach the budget (all of them when even all do not; the stage refuses such a budget first)."""
     size = tuple(cfg.reference_input)
     base = _gmacs(model.spec, size)
     savings = {name: base - _gmacs(STEPS[name](model, cfg).spec, size) for name in cfg.steps}
-    budget = parse_count(cfg.macs_budget, what="slim.macs_budget")
+    budget = parse_count(cfg.macs_budget, what="slim.macs_budget", share=False)
     if budget is None:
         return list(cfg.steps), savings
     chosen: list[str] = []
@@ -228,9 +228,9 @@ def check_config(cfg: Any) -> None:
     unknown = [s for s in cfg.steps if s not in STEPS]
     if unknown or not cfg.steps or len(set(cfg.steps)) != len(cfg.steps):
         raise ConfigError(f"slim.steps={list(cfg.steps)}: each one of {', '.join(STEPS)} at most once, at least one")
-    if isinstance(cfg.macs_budget, str) and cfg.macs_budget.strip().endswith("%"):
-        raise ConfigError(f"slim.macs_budget={cfg.macs_budget!r}: a count of multiply-adds such as 1G, not a share")
-    parse_count(cfg.macs_budget, what="slim.macs_budget")
+    budget = parse_count(cfg.macs_budget, what="slim.macs_budget", share=False)
+    if budget is not None and budget <= 0:
+        raise ConfigError(f"slim.macs_budget={cfg.macs_budget!r}: a positive count of multiply-adds such as 1G")
     if cfg.head_at not in SLIM_HEAD_AT:
         raise ConfigError(f"slim.head_at={cfg.head_at!r}: one of {', '.join(SLIM_HEAD_AT)}")
     if cfg.refine_dim < 1 or cfg.stem_kernel < 1 or any(r < 1 for r in cfg.sr_ratios):
@@ -256,6 +256,13 @@ def _check(art: Artifact, cfg: Config) -> None:
                           f"({', '.join(f'{k} {-v:+.3f} G' for k, v in savings.items())}); leave them out of --steps")
     if not steps:
         raise ConfigError(f"{art.path}: the model already meets slim.macs_budget={cfg.slim.macs_budget}: nothing to do")
+    budget = parse_count(cfg.slim.macs_budget, what="slim.macs_budget", share=False)
+    reached = _gmacs(slimmed.spec, tuple(cfg.slim.reference_input))
+    if budget is not None and reached * 1e9 > budget:
+        raise ConfigError(f"{art.path}: slim.macs_budget={cfg.slim.macs_budget} is below what every step of "
+                          f"slim.steps ({', '.join(cfg.slim.steps)}) reaches together, {reached:.3f} G at "
+                          f"{'x'.join(map(str, cfg.slim.reference_input))}: raise it to at least {reached:.3f}G, add "
+                          "steps, or leave it out to apply them all")
     s = slimmed.spec
     for what, size in (("data.crop", cfg.data.crop), ("train.window", cfg.train.window)):
         grid = list(size)
@@ -272,7 +279,7 @@ def slim_step(model: RefineFormer3D, ctx: StageContext) -> RefineFormer3D:
     steps, savings = choose_steps(model, c)
     slimmed = slim(model, c, steps)
     before, after = _gmacs(model.spec, size), _gmacs(slimmed.spec, size)
-    budget = parse_count(c.macs_budget, what="slim.macs_budget")
+    budget = parse_count(c.macs_budget, what="slim.macs_budget", share=False)
     ctx.extra["slim"] = {"steps": steps, "gmacs_saved_alone": savings, "reference_input": list(size),
                          "macs_budget": budget, "head_at": slimmed.spec.head_at, "refine_dim": slimmed.spec.refine_dim,
                          "stem_kernel": slimmed.spec.patch_kernels[0], "sr_ratios": list(slimmed.spec.sr_ratios),
@@ -282,8 +289,6 @@ def slim_step(model: RefineFormer3D, ctx: StageContext) -> RefineFormer3D:
     if ctx.dist.main:
         print(f"slim: {', '.join(steps)}: {before:.3f} -> {after:.3f} G multiply-adds at "
               f"{'x'.join(map(str, size))} (each alone: " + ", ".join(f"{k} {-v:+.3f}" for k, v in savings.items()) + ")")
-        if budget is not None and after * 1e9 > budget:
-            print(f"WARNING: slim.macs_budget {budget / 1e9:.3f} G is not met by every step ({after:.3f} G)")
     return slimmed
 
 

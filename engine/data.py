@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from brats.cache import Cache, open_cache
 from brats.dataset import CropDataset
@@ -52,9 +53,12 @@ def make_data(cfg: Config) -> TrainData:
     cache = open_cache(cache_dir)
     split_file = Path(cfg.data.split_file) if cfg.data.split_file else Path(cache_dir) / "splits.json"
 
+    def say(line: str) -> None:
+        tqdm.write(f"note: {line}")
+
     def splits():
         return load_or_create_splits(split_file, cache.grades(), cfg.data.val_fraction, cfg.data.folds,
-                                     cfg.data.split_seed)
+                                     cfg.data.split_seed, note=say if rank == 0 else None)
 
     folds = splits() if rank == 0 else None
     if distributed:

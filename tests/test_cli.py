@@ -100,7 +100,7 @@ def test_checks_fail_before_any_work(elsewhere):
                                                          "got 'bogus'"),
                       (("--set", "quant.force={decoder.nothere: fp32}"), "layers this model does not have: "
                                                                          "['decoder.nothere']"),
-                      (("--set", "train.epochs=-2"), "train.epochs=-2: the fine-tune's epochs, >= 0")):
+                      (("--set", "train.epochs=-2"), "train.epochs=-2: the epochs to train (a maximum with train.patience), >= 0")):
         out = run(elsewhere, "quantize.py", str(teacher), "--out", "q", *args)
         assert out.returncode == 2 and why in out.stderr and "Traceback" not in out.stderr, args
         assert not (elsewhere / "q").exists()

@@ -48,6 +48,24 @@ def test_missing_and_looping_files(tmp_path):
         load_config(loop)
 
 
+def test_a_config_that_is_no_yaml_text_is_named_with_what_it_is(tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(128, 256)))
+    with pytest.raises(ConfigError, match=r"binary.yaml: not a YAML text file \(byte 8 is not UTF-8"):
+        load_config(binary)
+    with pytest.raises(ConfigError, match="is a folder, not a YAML file"):
+        load_config(tmp_path)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing set\n")
+    with pytest.raises(ConfigError, match="empty.yaml: empty .*leave --config out"):
+        load_config(empty)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: 2\n lr: [1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML at line 3, column 2") as err:
+        load_config(bad)
+    assert "\n" not in str(err.value)  # one line
+
+
 def test_dict_round_trip():
     cfg = load_config(None, ["train.epochs=2", "model.overrides={decoder_dim: 32}"])
     again = from_dict(to_dict(cfg))
@@ -72,3 +90,36 @@ def test_unquoted_off_reads_as_text_for_text_fields():
     assert load_config(None, ["train.amp=bf16"]).train.amp == "bf16"
     with pytest.raises(ConfigError, match="log_images"):
         load_config(None, ["train.log_images=fast"])  # a bool field still refuses text
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.scheme=foo", "data.scheme='foo': one of regions, seed3"),
+    ("data.fg_ratio=2", "data.fg_ratio=2.0: a fraction in [0, 1]"),
+    ("data.folds=3", None),  # fine on its own
+    ("data.fold=3", "data.fold=3: a fold of data.folds=1"),
+    ("data.num_workers=-1", "data.num_workers=-1: must be >= 0"),
+    ("data.samples_per_epoch=0", "data.samples_per_epoch=0: must be >= 1 (or null)"),
+    ("model.width=0", "model.width=0.0: must be in (0, 1]"),
+    ("model.width=1.5", "model.width=1.5: must be in (0, 1]"),
+    ("train.lr=-1", "train.lr=-1.0: must be > 0"),
+    ("train.min_lr=1", "train.min_lr=1.0: in [0, train.lr=0.0001]"),
+    ("train.warmup_epochs=-3", "train.warmup_epochs=-3: must be >= 0"),
+    ("train.grad_clip=-1", "train.grad_clip=-1.0: must be >= 0 (or null)"),
+    ("train.patience=-1", "train.patience=-1: must be >= 0 (or null)"),
+    ("train.val_every=0", "train.val_every=0: must be >= 1"),
+    ("train.sw_batch=0", "train.sw_batch=0: must be >= 1"),
+    ("train.threads=0", "train.threads=0: must be >= 1 (or null)"),
+    ("train.device=gpu", "train.device='gpu': auto, cpu, cuda or cuda:N"),
+    ("train.device=cuda:1", None),
+    ("guard.max_region_drop=2", "guard.max_region_drop=2.0: a fraction in [0, 1]"),
+    ("distill.perturb.prob=1.5", "distill.perturb.prob=1.5: a fraction in [0, 1]"),
+])
+def test_values_out_of_range_are_refused_when_the_config_loads(override, message):
+    """Before any work: these failed after a training epoch (sw_batch), in a library traceback (device,
+    lr, num_workers, scheme) or ran on silently (fg_ratio, warmup, patience, threads, width)."""
+    if message is None:
+        load_config(None, [override])
+        return
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value).startswith(message)

@@ -347,6 +347,16 @@ def test_command_without_finetune_writes_a_rebuildable_artifact(tmp_path, monkey
     assert "encoder.stages.1.blocks.0.mlp.fc1" in capsys.readouterr().out
 
 
+def test_a_parameter_budget_the_model_already_meets_is_refused_before_work(tmp_path, monkeypatch, tiny_data):
+    monkeypatch.chdir(tmp_path)
+    model, _ = _save_pair(tmp_path)
+    argv = ["student.pt", "--epochs", "0", "--out", "out", "--config", str(CONFIG), "--data", str(tiny_data)]
+    with pytest.raises(ConfigError, match=f"has {count_params(model):,} parameters, within lowrank.params=10M: "
+                                          "nothing to do"):
+        main(argv + ["--params", "10M"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_command_needs_a_teacher_to_finetune(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = tiny_model()

@@ -48,10 +48,10 @@ def test_missing_package_names_the_extra(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(__import__("sys").modules, "brats_evaluation", None)  # import fails
     official._package.cache_clear()
     try:
-        with pytest.raises(official.OfficialMetricsError, match="pip install brats-evaluation"):
+        with pytest.raises(official.OfficialMetricsError, match="pip install -r requirements-official.txt"):
             official.require()
         assert evaluate_cli.main([str(tmp_path), str(tmp_path), "--metrics", "official"]) == 2
-        assert "pip install brats-evaluation" in capsys.readouterr().err
+        assert "pip install -r requirements-official.txt" in capsys.readouterr().err
         assert evaluate_cli.csv_columns("legacy") == evaluate_cli.CSV_COLUMNS  # legacy needs nothing
     finally:
         official._package.cache_clear()

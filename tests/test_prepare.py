@@ -113,9 +113,10 @@ def test_prepare_lists_all_bad_cases_and_skip_bad(data, tmp_path, capsys):
     for case in broken:
         assert case in str(err.value)
 
-    assert main([str(data), "--out", str(cache_dir), "--quiet"]) == 1
+    assert main([str(data), "--out", str(cache_dir), "--quiet"]) == 2
     out = capsys.readouterr()
     assert "6 bad case(s)" in out.err and all(case in out.err for case in broken)
+    assert "error: bad cases (above); pass --skip-bad" in out.err
 
     assert main([str(data), "--out", str(cache_dir), "--quiet", "--skip-bad"]) == 0
     out = capsys.readouterr()
@@ -272,7 +273,7 @@ def test_constant_modality_is_a_bad_case_unless_allowed(write_tiny_case, tmp_pat
     msg = report.bad["Brats17_TCIA_222_1"]
     assert msg.startswith(f"case Brats17_TCIA_222_1: {bad['t1ce']}: t1ce is constant ({value:g}) over the 480 brain")
     assert "--allow-constant-modality" in msg
-    assert main([str(tmp_path / "data"), "--out", str(cache_dir), "--quiet"]) == 1
+    assert main([str(tmp_path / "data"), "--out", str(cache_dir), "--quiet"]) == 2
     capsys.readouterr()
 
     assert main([str(tmp_path / "data"), "--out", str(cache_dir), "--quiet", "--allow-constant-modality"]) == 0

@@ -51,8 +51,24 @@ def test_file_is_created_then_read_not_regenerated(tmp_path):
     moved = data["folds"][0]["val"].pop()
     data["folds"][0]["train"].append(moved)
     path.write_text(json.dumps(data))
-    again = load_or_create_splits(path, CASES, val_fraction=0.5, folds=1, seed=99)
+    notes = []
+    again = load_or_create_splits(path, CASES, val_fraction=0.5, folds=1, seed=99, note=notes.append)
     assert len(again[0].val) == 5 and moved in again[0].train
+    assert notes == [f"split file {path}: used as it is, drawn with seed 0 (asked 99), val_fraction 0.2 (asked 0.5); "
+                     "delete it to draw a new split"]
+    load_or_create_splits(path, CASES, val_fraction=0.2, folds=1, seed=0, note=notes.append)
+    assert len(notes) == 1  # what it was drawn with: nothing to say
+
+
+def test_a_split_file_with_other_folds_is_refused_not_used(tmp_path):
+    """data.folds=3 on a cache whose splits.json holds one split trained on that split and said nothing."""
+    path = tmp_path / "splits.json"
+    load_or_create_splits(path, CASES, folds=1)
+    with pytest.raises(DataError, match=r"has 1 fold\(s\), but data.folds=3: delete it to draw 3 fold\(s\)"):
+        load_or_create_splits(path, CASES, folds=3)
+    other = tmp_path / "kfold.json"
+    assert len(load_or_create_splits(other, CASES, folds=3)) == 3
+    assert len(load_or_create_splits(other, CASES, folds=3, val_fraction=0.5)) == 3  # k-fold: no val_fraction
 
 
 def test_bad_split_files_name_the_file(tmp_path):
