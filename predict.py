@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.runtime import resolve_runtime
     from pipeline.predict import predict_folder, split_cases
 
-    print(resolve_runtime("cpu", "off", args.threads).line("predict"), file=sys.stderr)
+    print(resolve_runtime("cpu", "off", args.threads).line("predict", training=False), file=sys.stderr)
 
     cases = split_cases(args.split, args.fold or 0) if args.split else args.cases
     try:

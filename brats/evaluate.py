@@ -188,6 +188,10 @@ def evaluate_dirs(
     if metrics != "legacy":
         official.require()
     preds, truths = find_predictions(pred_dir), find_truth(truth_dir)
+    for found, folder, what in ((preds, pred_dir, "prediction (<case>.nii.gz or <case>_seg.nii.gz)"),
+                                (truths, truth_dir, "truth (<case>_seg.nii.gz)")):
+        if not found:
+            raise EvaluationError(f"{folder}: no {what} file found")
     cases = match_cases(preds, truths, subset)
     return [
         evaluate_case(case, preds[case], truths[case], metrics)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -116,3 +117,7 @@ def writable_folder(path: Path) -> None:
         raise UserInputError(f"{path}: cannot create the output folder: {probe} is a file")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UserInputError(f"{path}: cannot write the output folder: no write permission on {probe}")
+    try:  # permission bits are not the whole story (read-only mounts, /proc): make and remove a folder there
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=probe))
+    except OSError as e:
+        raise UserInputError(f"{path}: cannot create the output folder in {probe}: {e.strerror}") from None

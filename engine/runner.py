@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from brats.layout import DataError
 from brats.metrics import REGIONS
 from brats.scoring import calibrate_et_rule, evaluate
 from common.atomic import claim_folder
@@ -215,6 +216,9 @@ def inherit_data(art: Artifact, cfg: Config, given: bool) -> str:
         value = getattr(cfg.data, key, None)
         if value:
             setattr(cfg.data, key, recorded_path(value))
+    if cfg.data.dir and not Path(cfg.data.dir).exists():
+        raise DataError(f"data folder {cfg.data.dir}, recorded in {art.path} (the data its source was trained on), "
+                        "does not exist: pass --data DIR where that data set is now")
     return f"data: {what(vars(cfg.data))}, fold {cfg.data.fold}, from the source artifact {art.path} (lineage)"
 
 

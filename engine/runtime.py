@@ -200,10 +200,12 @@ class Runtime:
     def grad_scaler(self) -> bool:
         return self.train_precision == "fp16"
 
-    def line(self, command: str = "runtime") -> str:
-        """One line for the start of a command's output."""
-        return (f"{command}: device {self.device} | precision {self.train_precision} train, "
-                f"{self.eval_precision} eval ({self.precision_why}) | {self.threads} thread(s) | "
+    def line(self, command: str = "runtime", training: bool = True) -> str:
+        """One line for the start of a command's output (`training` False: inference only, no training
+        precision nor its train.amp reason)."""
+        precision = (f"precision {self.train_precision} train, {self.eval_precision} eval ({self.precision_why})"
+                     if training else f"precision {self.eval_precision}")
+        return (f"{command}: device {self.device} | {precision} | {self.threads} thread(s) | "
                 f"CPU {self.cpu} [{self.cpu_kind}, ATen {self.capability}] | int8 {self.int8_engine} | "
                 f"torch {self.torch}")
 

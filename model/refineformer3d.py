@@ -382,7 +382,7 @@ class RefineFormer3D(nn.Module):
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         stride = self.spec.downsample
         if any(s % stride for s in x.shape[2:]):
-            raise ValueError(f"input spatial size {tuple(x.shape[2:])} must be divisible by {stride}")
+            raise ValueError(f"input spatial size {tuple(int(s) for s in x.shape[2:])} must be divisible by {stride}")
         return self.encoder(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

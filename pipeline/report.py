@@ -371,7 +371,12 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
                           f"got {cfg.report.et_min_voxels}")
     found = find_artifacts(sources)
     if not found:
-        raise ArtifactError(f"no artifact (*.pt) found in {', '.join(map(str, sources))}")
+        states = sorted(str(p) for source in map(Path, sources) if source.is_dir()
+                        for name in (LAST, GROWTH_START) for p in source.rglob(name))
+        shown = ", ".join(states[:3]) + (f" (+{len(states) - 3} more)" if len(states) > 3 else "")
+        why = (f" (only training states, which are not artifacts: {shown}; finish the run, "
+               "or --resume it, to get its artifact)" if states else "")
+        raise ArtifactError(f"no artifact (*.pt) found in {', '.join(map(str, sources))}{why}")
     good = [f for f in found if f.artifact is not None]
     if not good:  # nothing to score: say why before anything is written (an existing report stays as it is)
         raise ArtifactError("no usable artifact: " + "; ".join(f.error or str(f.path) for f in found))
@@ -394,7 +399,7 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
                   f"{len(cases)} held-out case(s); reference row {reference.path}", file=sys.stderr)
     rt = resolve_runtime("cpu", "off", cfg.train.threads)  # latency and Dice: fp32 on this CPU
     if progress:
-        print(rt.line("report"), file=sys.stderr)
+        print(rt.line("report", training=False), file=sys.stderr)
     note = {**runtime_note(), "resolved": rt.to_dict()}
     peak = gemm_peak() if cfg.report.profile else None
     if peak is not None and progress:

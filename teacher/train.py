@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 from common.config import Config
+from common.paths import project_path
 from engine.data import make_data
 from engine.loop import FitResult, SupervisedStage, fit
 from engine.runner import et_rule
@@ -20,6 +21,11 @@ def train_teacher(cfg: Config, out_dir: str | Path, resume: bool = False) -> Fit
     best.pt then records the BraTS ET rule calibrated on the validation cases (`extra["et_rule"]`,
     `engine.runner.et_rule`), as every compression stage's artifact does, so predict.py and report.py
     treat the teacher like the models made from it."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        d = cfg.data
+        print(f"{STAGE}: data: " + (d.dir if d.dir else
+              f"built-in synthetic cases in {project_path('data/synthetic')} (no --data given: {d.synthetic_cases} labelled, "
+              f"{'x'.join(map(str, d.synthetic_shape))}, seed {d.synthetic_seed})") + f", fold {d.fold}", flush=True)
     seed_everything(cfg.train.seed)
     model = build_from_config(cfg.model)
     stage = SupervisedStage(cfg.data.scheme, cfg.train.dice_weight, cfg.train.ce_weight)

@@ -262,3 +262,22 @@ def test_every_option_says_what_it_does_and_its_default(monkeypatch):
     assert out.startswith("report folder") and "default: the project's report/" in out
     out = {a.dest: a for a in parsers["rf3d-distill"]._actions}["out"]
     assert "(default: the project's runs/student)" in out.help and out.default.endswith(os.path.join("runs", "student"))
+
+
+def test_an_output_folder_that_cannot_be_made_is_named_before_work(tmp_path, monkeypatch):
+    """Permission bits said yes where mkdir says no (/proc, read-only mounts): a bare '[Errno 2]' came later."""
+    import tempfile
+
+    from common.cli import writable_folder
+    from common.errors import UserInputError
+
+    writable_folder(tmp_path / "new" / "run")  # fine, and nothing is left behind
+    assert list(tmp_path.iterdir()) == []
+
+    def refuse(**kw):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(UserInputError, match=f"{tmp_path}/run: cannot create the output folder in {tmp_path}: "
+                                             "Read-only file system"):
+        writable_folder(tmp_path / "run")

@@ -248,3 +248,15 @@ def test_truth_under_an_alternative_label_name(tmp_path, write_tiny_case):
     write_tiny_case(tmp_path / "truth" / "HGG" / "BraTS20_Training_355", label_name="{case}_label.nii.gz")
     with pytest.raises(EvaluationError, match="2 files could be the label"):
         find_truth(tmp_path / "truth")
+
+
+def test_an_empty_side_is_named_not_both(tmp_path):
+    """`--subset` on an empty prediction folder said 'no prediction or truth files found' though the truth was there."""
+    _save(tmp_path / "truth" / "a_seg.nii.gz", _truth_label(0))
+    (tmp_path / "pred").mkdir()
+    with pytest.raises(EvaluationError, match=f"^{tmp_path / 'pred'}: no prediction .* file found$"):
+        evaluate_dirs(tmp_path / "pred", tmp_path / "truth", subset=True)
+    _save(tmp_path / "pred" / "a.nii.gz", _truth_label(0))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EvaluationError, match=f"^{tmp_path / 'empty'}: no truth .* file found$"):
+        evaluate_dirs(tmp_path / "pred", tmp_path / "empty")

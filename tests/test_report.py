@@ -298,6 +298,15 @@ def test_discovery_skips_only_resumable_checkpoints(built):
         find_artifacts([root / "no-runs-here"])
 
 
+def test_a_folder_of_training_states_only_says_so(tmp_path):
+    (tmp_path / "run" / "slim").mkdir(parents=True)
+    (tmp_path / "run" / "slim" / "last.pt").write_bytes(b"state")
+    with pytest.raises(ArtifactError, match=r"no artifact \(\*\.pt\) found in .*run \(only training states, which "
+                                            r"are not artifacts: .*slim/last.pt; finish the run, or --resume it"):
+        make_report([tmp_path / "run"], Config(), tmp_path / "report", progress=False)
+    assert not (tmp_path / "report").exists()
+
+
 def test_rows_sharing_a_stage_are_told_apart_by_their_path(built, tmp_path):
     """Two chains in one runs folder: each shared stage's rows are named with their artifact's path under
     the shared folder, in the tables too; a stage of its own keeps its bare name."""

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from brats.layout import DataError
 from brats.metrics import score_case
 from brats.scoring import mean_rows, pooled_dice, voxel_counts
 from common.artifact import Artifact, ArtifactError
@@ -110,21 +111,26 @@ def test_every_scoring_pass_runs_in_ieee_fp32_on_cuda(monkeypatch):
 def test_a_stage_takes_its_sources_data_and_split_unless_told(tmp_path):
     from engine.runner import inherit_data
 
-    stored = {"dir": "/data/brats17", "fold": 1, "folds": 5, "val_fraction": 0.2, "split_seed": 3,
+    data = tmp_path / "brats17"
+    data.mkdir()
+    stored = {"dir": str(data), "fold": 1, "folds": 5, "val_fraction": 0.2, "split_seed": 3,
               "crop": [128, 128, 128], "max_val_cases": None}
     art = Artifact(stage="teacher", spec={}, state_dict={}, config={"data": stored}, path=tmp_path / "best.pt")
     cfg = Config()
     cfg.data.crop = [64, 64, 64]  # how crops are drawn stays the stage's own
     line = inherit_data(art, cfg, given=False)
-    assert (cfg.data.dir, cfg.data.fold, cfg.data.folds, cfg.data.split_seed) == ("/data/brats17", 1, 5, 3)
-    assert cfg.data.crop == [64, 64, 64] and "from the source artifact" in line and "/data/brats17" in line
+    assert (cfg.data.dir, cfg.data.fold, cfg.data.folds, cfg.data.split_seed) == (str(data), 1, 5, 3)
+    assert cfg.data.crop == [64, 64, 64] and "from the source artifact" in line and str(data) in line
     other = Config()
     other.data.dir = "/data/other"
     line = inherit_data(art, other, given=True)
     assert other.data.dir == "/data/other" and line.startswith("WARNING: data differs from the source's (dir, fold")
     same = Config()
-    same.data.dir, same.data.fold, same.data.folds, same.data.split_seed = "/data/brats17", 1, 5, 3
-    assert inherit_data(art, same, given=True) == "data: /data/brats17 (as the source's)"
+    same.data.dir, same.data.fold, same.data.folds, same.data.split_seed = str(data), 1, 5, 3
+    assert inherit_data(art, same, given=True) == f"data: {data} (as the source's)"
+    data.rename(tmp_path / "moved")  # the data set moved since: say where to point
+    with pytest.raises(DataError, match=f"data folder {data}, recorded in .*best.pt .* does not exist: pass --data DIR"):
+        inherit_data(art, Config(), given=False)
 
 
 def test_a_source_validated_on_other_cases_is_a_warning():

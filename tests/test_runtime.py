@@ -121,6 +121,8 @@ def test_resolve_runtime_applies_and_describes_itself():
         line = rt.line("teacher")
         for part in ("teacher:", "device cpu", "precision fp32 train", "1 thread", "avx512-vnni", "torch "):
             assert part in line, part
+        serving = rt.line("predict", training=False)  # inference: no training precision, no train.amp reason
+        assert "| precision fp32 |" in serving and "train" not in serving
         assert rt.to_dict()["threads"] == 1
         bf16 = resolve_runtime("cpu", "auto", 1, cpu=AMX, apply=False)
         assert bf16.autocast_dtype == torch.bfloat16 and bf16.eval_precision == "fp32"
