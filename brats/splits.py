@@ -141,9 +141,12 @@ def load_or_create_splits(path: str | Path, cases: list[tuple[str, str | None]],
             raise DataError(f"split file {path} has {len(result)} fold(s), but data.folds={folds}: delete it to draw "
                             f"{folds} fold(s), or set data.split_file to another file (or data.folds={len(result)})")
         recorded = json.loads(path.read_text())
-        differ = [f"{key} {recorded[key]} (asked {asked})" for key, asked in (("seed", seed), ("val_fraction", val_fraction))
-                  if key in recorded and not (folds > 1 and key == "val_fraction")
-                  and not math.isclose(float(recorded[key]), float(asked), rel_tol=0, abs_tol=1e-9)]
+        def same(value, asked) -> bool:  # a hand-made file may record anything there
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            return number and math.isclose(float(value), float(asked), rel_tol=0, abs_tol=1e-9)
+
+        differ = [f"{key} {recorded[key]!r} (asked {asked})" for key, asked in (("seed", seed), ("val_fraction", val_fraction))
+                  if key in recorded and not (folds > 1 and key == "val_fraction") and not same(recorded[key], asked)]
         if differ and note is not None:
             note(f"split file {path}: used as it is, drawn with {', '.join(differ)}; delete it to draw a new split")
         return result

@@ -385,7 +385,8 @@ def read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
         raise ConfigError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', None) or type(e).__name__})") from None
     if values is None:
-        raise ConfigError(f"{path}: empty (no settings); leave --config out for the built-in defaults")
+        raise ConfigError(f"{path}: empty (no settings)" + ("" if seen else "; leave --config out for the built-in "
+                                                              "defaults"))
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     base = values.pop("base", None)

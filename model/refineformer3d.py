@@ -345,24 +345,26 @@ def refine_tail(decoder: nn.Module, x: torch.Tensor, out_size: tuple[int, ...]) 
     if decoder.head_at == "quarter":
         return upsample(decoder.head(x), out_size)
     if decoder.head_at == "half":
-        if polyphase_head_applies(decoder, x):  # the inference rewrite `model.rewrites.polyphase_head`
-            return upsample(upsample2_conv3d(x, decoder.head.weight, decoder.head.bias), out_size)
         half = tuple(n // 2 for n in out_size)
+        if polyphase_head_applies(decoder, x, half):  # the inference rewrite `model.rewrites.polyphase_head`
+            return upsample(upsample2_conv3d(x, decoder.head.weight, decoder.head.bias), out_size)
         return upsample(decoder.head(upsample(x, half)), out_size)
     return decoder.head(upsample(x, out_size))
 
 
-def polyphase_head_applies(decoder: nn.Module, x: torch.Tensor) -> bool:
+def polyphase_head_applies(decoder: nn.Module, x: torch.Tensor, half: tuple[int, ...]) -> bool:
     """Whether a head at 1/2 resolution runs as one polyphase conv at 1/4 (`model.resample.upsample2_conv3d`):
-    set on the decoder by the inference rewrite, the head a float Conv3d whose forward is F.conv3d on its
-    own weight (not a fake-quant or INT8 layer that replaced it later: those are no nn.Conv3d), 3x3x3 with
-    padding 1, the grid at least 2 per side, and no graph being traced (ONNX export and fvcore's count see
-    the plain upsampling and conv)."""
+    set on the decoder by the inference rewrite; the head an nn.Conv3d whose forward is F.conv3d on its
+    own `weight` (a float conv, or an int8-stored one computing in float on its dequantized weight; a
+    fake-quant or INT8-kernel layer swapped in is no nn.Conv3d and runs itself), 3x3x3 with padding 1;
+    `half` (the head's grid) exactly twice x's grid, at least 2 per side (a spec whose first stage is not
+    at 1/4 of the input resizes by another factor); no graph being traced (ONNX export and fvcore's count
+    see the plain upsampling and conv)."""
     head = decoder.head
     return (not tracing() and getattr(decoder, "polyphase_head", False) and isinstance(head, nn.Conv3d)
             and head.kernel_size == (3, 3, 3) and head.padding == (1, 1, 1) and head.stride == (1, 1, 1)
             and head.dilation == (1, 1, 1) and head.groups == 1 and head.padding_mode == "zeros"
-            and min(x.shape[2:]) >= 2)
+            and min(x.shape[2:]) >= 2 and tuple(half) == tuple(2 * int(s) for s in x.shape[2:]))
 
 
 # ----------------------------------------------------------------------------- model

@@ -53,9 +53,9 @@ def test_int8_layer_reproduces_fake_quant_exactly(layer, shape):
     assert float((off > 1e-3).float().mean()) <= 1e-3
 
 
-def _tiny_qat(mode: str = "all", force: dict | None = None):
+def _tiny_qat(mode: str = "all", force: dict | None = None, head_at: str = "full"):
     torch.manual_seed(0)
-    model = RefineFormer3D(ModelSpec(**TINY)).eval()
+    model = RefineFormer3D(ModelSpec(**TINY, head_at=head_at)).eval()
     cfg = Config()
     cfg.quant.decide, cfg.quant.force = mode, dict(force or {})
     calib = [torch.randn(SHAPE) for _ in range(2)]
@@ -143,6 +143,25 @@ def test_layers_are_timed_in_the_layout_the_model_feeds_them(tmp_path, monkeypat
     sigs = list(json.loads(cache.read_text()).values())[0]
     assert sorted(k.endswith("@cl") for k in sigs) == [False, True]  # a layout is its own cache entry
     assert " cl " in dec.format_table(rows).splitlines()[2]
+
+
+def test_a_head_at_half_resolution_is_decided_quantized_and_served_polyphase(tmp_path):
+    """The polyphase head runs inside the decoder's code: the INT8 flow must still see decoder.head as a
+    layer (decision row, quant.force, fake-quant, int8-stored weights), and the served model run it
+    polyphase with the same logits."""
+    model, qat, rows = _tiny_qat("all", {"decoder.head": "fp32"}, head_at="half")
+    assert {r["layer"]: r["why"] for r in rows}["decoder.head"] == "forced"
+    assert type(qat.decoder.head).__name__ == "QuantConv3d"
+    int8 = convert(copy.deepcopy(qat))
+    assert isinstance(int8.decoder.head, Int8WeightConv3d) and "decoder.head.weight_int8" in int8.state_dict()
+    spec = int8_spec(model.spec.to_dict(), int8_layers(rows), True, torch.backends.quantized.engine,
+                     int8_weight_layers(int8))
+    Artifact(stage="int8", spec=spec, state_dict=int8.state_dict()).save(tmp_path / "int8.pt")
+    served = build_model(Artifact.load(tmp_path / "int8.pt"))
+    assert served.decoder.polyphase_head and not getattr(int8.decoder, "polyphase_head", False)
+    x = torch.randn(SHAPE)
+    with torch.no_grad():
+        torch.testing.assert_close(served(x), int8(x), rtol=0, atol=1e-4 * float(int8(x).abs().max()))
 
 
 def test_int8_artifact_reloads_weights_only_and_predicts(tmp_path):

@@ -245,7 +245,8 @@ def test_polyphase_head_runs_the_half_head_at_quarter_resolution_and_exports_pla
     x = torch.randn(1, 4, 32, 64, 32)
     half = tiny_model("refine", seed=3, head_at="half")
     fast = inference_graph(half)
-    assert fast.decoder.polyphase_head and polyphase_head_applies(fast.decoder, torch.zeros(1, 4, 8, 16, 8))
+    assert fast.decoder.polyphase_head and polyphase_head_applies(fast.decoder, torch.zeros(1, 4, 8, 16, 8), (16, 32, 16))
+    assert not polyphase_head_applies(fast.decoder, torch.zeros(1, 4, 8, 16, 8), (18, 32, 16))  # not x2: plain
     assert _ran(fast, x, "aten::replication_pad3d")  # the polyphase conv's padding
     plain = inference_graph(half, polyphase=False)
     assert not getattr(plain.decoder, "polyphase_head", False) and not _ran(plain, x, "aten::replication_pad3d")
@@ -261,5 +262,21 @@ def test_polyphase_head_runs_the_half_head_at_quarter_resolution_and_exports_pla
 
     from compress.quant.lsq import LSQConfig, QuantConv3d  # a fake-quant head: its own forward, not the polyphase one
     fast.decoder.head = QuantConv3d(fast.decoder.head, LSQConfig(), final=True)
-    assert not polyphase_head_applies(fast.decoder, torch.zeros(1, 4, 8, 16, 8))
+    assert not polyphase_head_applies(fast.decoder, torch.zeros(1, 4, 8, 16, 8), (16, 32, 16))
     assert not _ran(fast, x, "aten::replication_pad3d")
+
+
+@pytest.mark.parametrize("override", [dict(patch_strides=[2, 2, 2, 2], patch_kernels=[3, 3, 3, 3],
+                                           patch_paddings=[1, 1, 1, 1]),
+                                      dict(patch_paddings=[4, 1, 1, 1])])
+def test_a_first_stage_not_at_a_quarter_keeps_the_plain_half_head(override):
+    """The polyphase form doubles x's grid; the plain tail resizes to half the output whatever x's grid:
+    where those differ (a first stage at 1/2, or an odd padding) the plain path runs, with equal outputs."""
+    torch.manual_seed(2)
+    spec = ModelSpec(decoder="refine", **{**TINY, **override}, head_at="half")
+    model = RefineFormer3D(spec).eval()
+    x = torch.randn(1, 4, 32, 32, 32)
+    fast = inference_graph(model)
+    with torch.no_grad():
+        ref, out = model(x), fast(x)
+    assert max_error(out, ref) < 1e-5

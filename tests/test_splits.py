@@ -58,6 +58,10 @@ def test_file_is_created_then_read_not_regenerated(tmp_path):
                      "delete it to draw a new split"]
     load_or_create_splits(path, CASES, val_fraction=0.2, folds=1, seed=0, note=notes.append)
     assert len(notes) == 1  # what it was drawn with: nothing to say
+    data["seed"] = "by hand"  # a hand-made file may record anything: a note, not a crash
+    path.write_text(json.dumps(data))
+    load_or_create_splits(path, CASES, val_fraction=0.2, folds=1, seed=0, note=notes.append)
+    assert notes[-1].startswith(f"split file {path}: used as it is, drawn with seed 'by hand' (asked 0);")
 
 
 def test_a_split_file_with_other_folds_is_refused_not_used(tmp_path):
@@ -68,7 +72,9 @@ def test_a_split_file_with_other_folds_is_refused_not_used(tmp_path):
         load_or_create_splits(path, CASES, folds=3)
     other = tmp_path / "kfold.json"
     assert len(load_or_create_splits(other, CASES, folds=3)) == 3
-    assert len(load_or_create_splits(other, CASES, folds=3, val_fraction=0.5)) == 3  # k-fold: no val_fraction
+    notes = []
+    assert len(load_or_create_splits(other, CASES, folds=3, val_fraction=0.5, note=notes.append)) == 3
+    assert notes == []  # k-fold draws use no val_fraction: nothing to say
 
 
 def test_bad_split_files_name_the_file(tmp_path):

@@ -38,7 +38,7 @@ from common.artifact import register_builder
 from engine.runtime import int8_engine
 from compress.quant.lsq import QUANT_LAYERS, QuantConv3d, QuantLinear, int8_weight, quantizable
 from model.refineformer3d import get_module, model_from_spec as fp32_from_spec, set_module
-from model.rewrites import OneDNNConv3d, inference_graph
+from model.rewrites import OneDNNConv3d, inference_graph, polyphase_head
 
 
 _DTYPE_DEPRECATION = r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized tensor creation"
@@ -229,8 +229,10 @@ def int8_weight_layers(model: nn.Module) -> list[str]:
 
 def prepare_float(model: nn.Module, reassoc: bool = True, channels_last: bool = True) -> nn.Module:
     """The exact graph rewrites every backend gets (`model.rewrites.inference_graph`: BatchNorm folding,
-    decoder re-association, the decoder tail in channels_last_3d), on a copy; `model` is unchanged."""
-    return inference_graph(model, reassoc=reassoc, channels_last=channels_last)
+    decoder re-association, the decoder tail in channels_last_3d), on a copy; `model` is unchanged.
+    Without the polyphase head: a head at 1/2 resolution stays a module call, so the INT8 decisions time
+    it, quant.force can name it and QAT swaps it; the built INT8 model gets it last (`model_from_spec`)."""
+    return inference_graph(model, reassoc=reassoc, channels_last=channels_last, polyphase=False)
 
 
 def int8_spec(base_spec: dict, int8_layers: list[str], reassoc: bool, engine: str,
@@ -257,7 +259,7 @@ def model_from_spec(spec: dict[str, Any]) -> nn.Module:
     for names, empty in ((int8_layers, empty_int8_like), (int8_weights, empty_int8_weight_like)):
         for name in names:
             set_module(model, name, empty(get_module(model, name)))
-    return model.eval()
+    return polyphase_head(model).eval()  # a float (or int8-stored, float-computed) head at 1/2 runs polyphase
 
 
 def int8_state_bytes(model: nn.Module) -> int:
