@@ -235,8 +235,9 @@ class Config:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file (and its `base:` chain), then `key.sub=value` overrides."""
     cfg = Config()
+    from_file = read_yaml_chain(Path(path)) if path is not None else {}
     if path is not None:
-        merge(cfg, read_yaml_chain(Path(path)), source=str(path))
+        merge(cfg, from_file, source=str(path))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -246,7 +247,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         for part in reversed(key.strip().split(".")):
             nested = {part: nested}
         merge(cfg, nested, source=f"--set {item}")
-    check_values(cfg)
+    try:
+        check_values(cfg)
+    except ConfigError as e:  # say where the bad value came from
+        key = getattr(e, "key", None)
+        given = [item for item in overrides if item.partition("=")[0].strip() == key]
+        node: Any = from_file
+        for part in (key or "").split("."):
+            node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+        origin = f"--set {given[-1]}" if given else (f"from {path}" if node is not KeyError else None)
+        if origin is None:
+            raise
+        raise ConfigError(f"{e} ({origin})") from None
     return cfg
 
 
@@ -263,7 +275,9 @@ def check_values(cfg: Config) -> None:
 
     def need(ok: bool, key: str, value: Any, rule: str) -> None:
         if not ok:
-            raise ConfigError(f"{key}={value!r}: {rule}")
+            error = ConfigError(f"{key}={value!r}: {rule}")
+            error.key = key  # load_config names the file or --set it came from
+            raise error
 
     def at_least(value: float | None, low: float, key: str, optional: bool = False) -> None:
         need((optional and value is None) or (value is not None and value >= low), key, value,

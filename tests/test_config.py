@@ -123,3 +123,18 @@ def test_values_out_of_range_are_refused_when_the_config_loads(override, message
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert str(err.value).startswith(message)
+
+
+def test_a_bad_value_names_the_file_or_the_set_it_came_from(tmp_path):
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text("train:\n  epochs: -1\n")
+    with pytest.raises(ConfigError, match=rf"^train.epochs=-1: .* \(from {cfg}\)$"):
+        load_config(cfg)
+    with pytest.raises(ConfigError, match=r"^train.epochs=-3: .* \(--set train.epochs=-3\)$"):
+        load_config(cfg, ["train.epochs=-3"])
+    base = tmp_path / "base.yaml"
+    base.write_text("train:\n  val_every: 0\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\ntrain:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=rf"^train.val_every=0: must be >= 1 \(from {child}\)$"):
+        load_config(child)  # the chain's values are the file's
