@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.config, args.overrides)
     rt = resolve_runtime("cpu", "off", args.threads)
-    print(f"{rt.line('bench_skip')} | OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    print(f"{rt.line('bench_skip', training=False)} | OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     if args.artifact:
         art = Artifact.load(args.artifact)
         model, scheme, source = inference_model(art), artifact_scheme(art), args.artifact

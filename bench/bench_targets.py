@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.coarse) < 2:
         p.error(f"--coarse must be pooling factors >= 2, got {args.coarse}")
     rt = resolve_runtime("cpu", "off", args.threads)
-    print(f"{rt.line('bench_targets')} | OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    print(f"{rt.line('bench_targets', training=False)} | OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     root = Path(args.runs_dir)
     arts = {name: Artifact.load(root / rel) for name, rel in CHAIN if (root / rel).is_file()}
     if "teacher" not in arts or len(arts) < 2:
