@@ -1,6 +1,6 @@
 """Segment BraTS cases with any artifact (FP32 or INT8; PyTorch, ONNX Runtime or OpenVINO).
 
-    python predict.py ARTIFACT --input DIR --output DIR [--window 128 128 128] [--overlap 0.5]
+    python predict.py ARTIFACT --input DIR --output DIR [--window D H W] [--overlap 0.5]
         [--cases NAME ... | --split splits.json [--fold K]] [--et-min-voxels N] [--threads N]
         [--allow-constant-modality] [--overlay DIR] [--no-skip-background] [--coarse F]
         [--runtime auto|torch|onnxruntime|openvino]
@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("artifact", help="artifact file (.pt) of any stage")
     parser.add_argument("--input", required=True, help="case folder or BraTS-layout folder")
     parser.add_argument("--output", required=True, help="folder for <case>.nii.gz label maps")
-    parser.add_argument("--window", type=int, nargs=3, default=[128, 128, 128], metavar=("D", "H", "W"),
-                        help="sliding-window size, multiples of 32 (default 128 128 128)")
+    parser.add_argument("--window", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+                        help="sliding-window size, multiples of 32 (default: the artifact's own: an ONNX graph's "
+                             "input size, else the window its stage validated with, train.window; else 128 128 128)")
     parser.add_argument("--overlap", type=float, default=0.5, help="window overlap in [0, 1) (default 0.5)")
     parser.add_argument("--sw-batch", type=int, default=1, help="windows per forward pass (default 1)")
     select = parser.add_mutually_exclusive_group()

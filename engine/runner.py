@@ -206,8 +206,9 @@ def inherit_data(art: Artifact, cfg: Config, given: bool) -> str:
         keys = [k for k in DATA_IDENTITY if k != "max_val_cases" and (synthetic or not k.startswith("synthetic"))]
         differs = [k for k in keys if k in stored and stored[k] != getattr(cfg.data, k)]
         if differs:
-            return (f"WARNING: data differs from the source's ({', '.join(differs)}): {what(vars(cfg.data))} "
-                    f"instead of {what(stored)}; the comparison with the source uses the cases given here")
+            shown = "; ".join(f"{k} {getattr(cfg.data, k)} instead of {stored[k]}" for k in differs)
+            return (f"WARNING: data differs from the source's ({', '.join(differs)}): {shown}; the comparison with "
+                    "the source uses the cases given here")
         return f"data: {what(vars(cfg.data))} (as the source's)"
     for key in DATA_IDENTITY:
         if key in stored:

@@ -207,8 +207,17 @@ def _refuse_existing(folder: Path, names: list[str], what: str, option: str) -> 
                              f"pass --overwrite to replace them, or choose another {option}")
 
 
+def default_window(art: Artifact) -> tuple[int, int, int]:
+    """The sliding window an artifact is served with unless told: an ONNX graph's fixed input size, else
+    the window its stage validated with (`train.window` in its config, as report.py scores it), else 128^3."""
+    if art.spec.get("kind") == "onnx" and art.spec.get("input_shape"):
+        return tuple(int(n) for n in art.spec["input_shape"][-3:])  # type: ignore[return-value]
+    window = (art.config.get("train") or {}).get("window")
+    return tuple(int(n) for n in window) if window and len(window) == 3 else (128, 128, 128)  # type: ignore[return-value]
+
+
 def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str | Path,
-                   window: Sequence[int] = (128, 128, 128), overlap: float = 0.5, sw_batch: int = 1,
+                   window: Sequence[int] | None = None, overlap: float = 0.5, sw_batch: int = 1,
                    progress: bool = True, cases: Sequence[str] | None = None,
                    et_min_voxels: int | None = None, allow_constant_modality: bool = False,
                    overwrite: bool = False, overlay_dir: str | Path | None = None,
@@ -233,7 +242,8 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
     as the full pass). The ET rule applied is printed to stderr.
     """
     art = Artifact.load(artifact)
-    window = check_window(window, art.spec)
+    window_given = window
+    window = check_window(default_window(art) if window is None else window, art.spec)
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     model = inference_model(art)
@@ -262,6 +272,8 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
             raise UserInputError(f"{artifact}: runtime {runtime}: {e}") from None
         print(result.runtime.line(), file=sys.stderr)
     coarse_fit = shape_multiple(art, result.runtime) if coarse else 0
+    print(f"window: {'x'.join(map(str, window))}, overlap {overlap}"
+          + (" (the artifact's own)" if window_given is None else ""), file=sys.stderr)
     print(f"ET rule: {f'a case with fewer than {et_min_voxels} predicted ET voxels gets them relabelled NCR/NET' if et_min_voxels else 'off'} "
           f"({'given' if given_rule else 'calibrated for this artifact' if (art.extra.get('et_rule') or {}).get('et_min_voxels') is not None else 'none recorded'})",
           file=sys.stderr)

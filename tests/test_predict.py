@@ -314,3 +314,16 @@ def test_overlay_pictures_with_truth_when_the_case_has_one(setup, tmp_path):
     result = predict_folder(artifact, data, tmp_path / "other", WINDOW, progress=False, overlay_dir=pictures,
                             overwrite=True, cases=[refs[0].case])
     assert list(result.overlays) == [refs[0].case] and not result.failed
+
+
+def test_the_default_window_is_the_artifacts_own():
+    """predict.py took 128^3 whatever the artifact: an ONNX graph fixed at its export size then failed on every
+    case, and a demo artifact validated with 96x96x64 windows gave other label maps than its report."""
+    from pipeline.predict import default_window
+
+    onnx = Artifact(stage="int8", spec={"kind": "onnx", "input_shape": [1, 4, 96, 96, 64]}, state_dict={},
+                    config={"train": {"window": [128, 128, 128]}})
+    assert default_window(onnx) == (96, 96, 64)
+    fp32 = Artifact(stage="slim", spec={}, state_dict={}, config={"train": {"window": [96, 96, 64]}})
+    assert default_window(fp32) == (96, 96, 64)
+    assert default_window(Artifact(stage="teacher", spec={}, state_dict={})) == (128, 128, 128)  # none recorded

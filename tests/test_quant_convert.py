@@ -72,7 +72,8 @@ def test_whole_tiny_model_int8_matches_fake_quant():
     with torch.no_grad():
         ref, fq = model(x), qat(x)
         int8 = convert(copy.deepcopy(qat))(x)
-    assert len(int8_layers(rows)) == len(rows) - 1 == 40
+    assert len(int8_layers(rows)) == len(rows) - 2 == 39  # the logits and the stem stay float
+    assert {r["layer"]: r["why"] for r in rows}["encoder.stages.0.patch_embed.proj"] == "stem stays float"
     assert float((int8 - fq).abs().max()) < 1e-4 * float(ref.abs().max())
     assert float((fq - ref).abs().mean()) > 0.01  # the quantisation itself is far larger
 
@@ -99,7 +100,7 @@ def test_decision_honours_forced_table():
     chosen = {r["layer"]: (r["choice"], r["why"]) for r in rows}
     assert chosen["decoder.head"] == ("fp32", "logits stay float")
     assert chosen["decoder.refine_dw"] == ("fp32", "forced")
-    assert len(int8_layers(rows)) == len(rows) - 2
+    assert len(int8_layers(rows)) == len(rows) - 3  # + the stem
     with pytest.raises(ValueError, match="no.such"):
         decide(RefineFormer3D(ModelSpec(**TINY)), SHAPE, "table", {"no.such": "int8"})
 
@@ -165,7 +166,7 @@ def test_a_head_at_half_resolution_is_decided_quantized_and_served_polyphase(tmp
 
 
 def test_int8_artifact_reloads_weights_only_and_predicts(tmp_path):
-    model, qat, rows = _tiny_qat("all", {"decoder.head": "int8"})
+    model, qat, rows = _tiny_qat("all", {"decoder.head": "int8", "encoder.stages.0.patch_embed.proj": "int8"})
     int8 = convert(copy.deepcopy(qat))
     x = torch.randn(SHAPE)
     with torch.no_grad():

@@ -27,7 +27,7 @@ def test_fp32_and_int8_onnx(tmp_path):
     assert float((fp32(x) - ref).abs().max()) < 1e-4 * max(1.0, float(ref.abs().max()))
 
     cfg = Config()
-    cfg.quant.decide, cfg.quant.force = "all", {"decoder.head": "fp32"}
+    cfg.quant.decide, cfg.quant.force = "all", {"decoder.head": "fp32", "encoder.stages.0.patch_embed.proj": "int8"}
     qat, _ = quantize_step(model, cfg, [torch.randn(SHAPE) for _ in range(2)], shape=SHAPE)
     with torch.no_grad():
         fq = qat(x)

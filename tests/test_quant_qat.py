@@ -27,9 +27,12 @@ def tiny_fp32(seed: int = 0, decoder: str = "refine") -> RefineFormer3D:
     return RefineFormer3D(ModelSpec(decoder=decoder, **TINY)).eval()
 
 
+STEM_INT8 = {"encoder.stages.0.patch_embed.proj": "int8"}  # FP32 unless forced; these tests quantize everything
+
+
 def tiny_qat(decoder="refine", reassoc=True, act_qmax=127, force=None):
     cfg = Config()
-    cfg.quant.decide, cfg.quant.force = "all", dict(force or {})
+    cfg.quant.decide, cfg.quant.force = "all", {**STEM_INT8, **(force or {})}
     cfg.quant.reassoc, cfg.quant.act_qmax = reassoc, act_qmax
     calib = [torch.randn(SHAPE) for _ in range(2)]
     qat, rows = quantize_step(tiny_fp32(decoder=decoder), cfg, calib, shape=SHAPE)
@@ -115,7 +118,7 @@ def _quant_cfg(data_dir, epochs: int) -> Config:
     t.window, t.overlap, t.sw_batch = [32, 32, 32], 0.25, 1
     t.epochs, t.steps_per_epoch, t.batch_size, t.warmup_epochs = epochs, 1, 2, 0  # 32^3 crops: batch >= 2
     t.lr, t.min_lr, t.threads, t.log_images, t.amp = 1e-3, 1e-5, 1, False, "off"
-    cfg.quant.decide, cfg.quant.calib = "all", 1
+    cfg.quant.decide, cfg.quant.calib, cfg.quant.force = "all", 1, dict(STEM_INT8)
     return cfg
 
 

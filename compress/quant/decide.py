@@ -10,7 +10,11 @@ folder), so identical layers and later runs cost nothing.
 Modes: measure (INT8 where it is at least `min_speedup` faster), all, none, table (only the forced
 table: unlisted layers stay FP32). A forced {layer: int8 | fp32} entry always wins. The layers in
 `final` (the logits conv) stay FP32 unless forced: an INT8 kernel would requantize the logits onto
-255 steps, and the logits stay float ("Dice-aware"); their timings are still reported.
+255 steps, and the logits stay float ("Dice-aware"); their timings are still reported. So does the
+input layer (`first`, the stem): its few output channels (8 in a width-0.25 student) share one
+activation scale before a LayerNorm, and INT8 there took the demo's grown student from WT Dice 0.959
+to 0.22 (`quantize.py ... --set quant.decide=table --set 'quant.force={encoder.stages.0.patch_embed.proj:
+int8}'`; every other layer INT8 together: 0.956). Speed never chose it.
 """
 from __future__ import annotations
 
@@ -127,8 +131,10 @@ def decide(
     cache: Path | None = None,
     progress: bool = False,
     final: set[str] | frozenset[str] = frozenset(),
+    first: str | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per candidate layer: layer, type, shape, fp32_ms, int8_ms, choice, why."""
+    """One row per candidate layer: layer, type, shape, fp32_ms, int8_ms, choice, why. `first`: the input
+    layer (the stem conv, or its low-rank parts under that name), which stays FP32 unless forced, as `final`."""
     force = dict(force or {})
     check_settings(mode, force)
     shapes = layer_inputs(model, input_shape)
@@ -155,6 +161,8 @@ def decide(
             row["choice"], row["why"] = force[name], "forced"
         elif name in final:
             row["choice"], row["why"] = "fp32", "logits stay float"
+        elif first is not None and (name == first or name.startswith(first + ".")):
+            row["choice"], row["why"] = "fp32", "stem stays float"
         elif mode == "measure":
             fast = row["int8_ms"] * min_speedup <= row["fp32_ms"]
             row["choice"], row["why"] = ("int8" if fast else "fp32"), "measured"

@@ -34,6 +34,7 @@ from model.rewrites import final_layer
 from student.distill import distill_trainer
 
 STAGE = "int8"
+STEM = "encoder.stages.0.patch_embed.proj"  # the input layer: FP32 unless forced (compress.quant.decide)
 BACKENDS = ("torch", "onnxruntime")
 QAT_DIR = "qat"  # the QAT fine-tune's last.pt (resumable, carries the best epoch), under <out>
 
@@ -51,7 +52,7 @@ def quantize_step(model: nn.Module, cfg: Config, calib: Iterable[torch.Tensor], 
     q = cfg.quant
     model = prepare_float(as_qat_model(model), reassoc=q.reassoc)  # a rewritten copy that describes itself
     rows = decide(model, shape or input_shape(cfg), q.decide, q.force, runs=q.bench_runs, min_speedup=q.min_speedup,
-                  progress=progress, final={final_layer(model)})
+                  progress=progress, final={final_layer(model)}, first=STEM)
     chosen, every = set(int8_layers(rows)), {r["layer"] for r in rows}
     lsq = LSQConfig(act_qmax=q.act_qmax, percentile=q.percentile, final={final_layer(model)},
                     weight_only=every - chosen)  # FP32 on int8-stored weights
@@ -196,7 +197,7 @@ def summary_lines(art: Artifact, source: Path) -> list[str]:
 
 
 def _mb(path: Path) -> str:
-    return f"{path.stat().st_size / 2**20:.2f} MB" if Path(path).is_file() else "size unknown"
+    return f"{path.stat().st_size / 1e6:.2f} MB" if Path(path).is_file() else "size unknown"
 
 
 def _write(path: Path, data: bytes) -> None:
