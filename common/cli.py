@@ -65,9 +65,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def data_given(args: argparse.Namespace) -> bool:
-    """True when the user named the data (--data, or --set data.dir / data.cache / data.split_file /
-    data.fold...): otherwise a stage takes the data set and split of the artifact it starts from."""
-    named = tuple(f"data.{key}" for key in DATA_IDENTITY if key != "max_val_cases")  # how many to score: not which
+    """True when the user named the data (--data, or --set data.dir / data.split_file / data.fold...):
+    otherwise a stage takes the data set and split of the artifact it starts from. Neither how many
+    cases to score (max_val_cases) nor where the cache goes (data.cache: `engine.runner.inherit_data`
+    keeps it) says which data."""
+    named = tuple(f"data.{key}" for key in DATA_IDENTITY if key not in ("max_val_cases", "cache"))
     return bool(getattr(args, "data", None)) or any(o.startswith(named) for o in getattr(args, "overrides", []))
 
 

@@ -211,7 +211,7 @@ def inherit_data(art: Artifact, cfg: Config, given: bool) -> str:
                     "the source uses the cases given here")
         return f"data: {what(vars(cfg.data))} (as the source's)"
     for key in DATA_IDENTITY:
-        if key in stored:
+        if key in stored and not (key == "cache" and cfg.data.cache is not None):  # a cache set here stays
             setattr(cfg.data, key, stored[key])
     for key in ("dir", "cache"):  # artifacts written before paths were recorded absolute: relative to the project
         value = getattr(cfg.data, key, None)

@@ -146,6 +146,7 @@ def test_only_naming_data_switches_a_commands_data():
     assert data_given(Namespace(data="brats", overrides=[]))
     assert data_given(Namespace(data=None, overrides=["data.dir=/x"]))
     assert not data_given(Namespace(data=None, overrides=["data.crop=[64,64,64]"]))  # how, not which
+    assert not data_given(Namespace(data=None, overrides=["data.cache=/elsewhere"]))  # where the cache goes, not which
 
 
 def test_module_commands_run_from_any_folder(elsewhere):

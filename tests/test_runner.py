@@ -128,6 +128,10 @@ def test_a_stage_takes_its_sources_data_and_split_unless_told(tmp_path):
     same = Config()
     same.data.dir, same.data.fold, same.data.folds, same.data.split_seed = str(data), 1, 5, 3
     assert inherit_data(art, same, given=True) == f"data: {data} (as the source's)"
+    own_cache = Config()
+    own_cache.data.cache = str(tmp_path / "my-cache")  # --set data.cache alone: the source's data, this cache
+    inherit_data(art, own_cache, given=False)
+    assert (own_cache.data.dir, own_cache.data.cache) == (str(data), str(tmp_path / "my-cache"))
     data.rename(tmp_path / "moved")  # the data set moved since: say where to point
     with pytest.raises(DataError, match=f"data folder {data}, recorded in .*best.pt .* does not exist: pass --data DIR"):
         inherit_data(art, Config(), given=False)
