@@ -213,7 +213,9 @@ def default_window(art: Artifact) -> tuple[int, int, int]:
     if art.spec.get("kind") == "onnx" and art.spec.get("input_shape"):
         return tuple(int(n) for n in art.spec["input_shape"][-3:])  # type: ignore[return-value]
     window = (art.config.get("train") or {}).get("window")
-    return tuple(int(n) for n in window) if window and len(window) == 3 else (128, 128, 128)  # type: ignore[return-value]
+    if window and len(window) == 3:
+        return tuple(int(n) for n in window)  # type: ignore[return-value]
+    return (128, 128, 128)
 
 
 def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str | Path,
@@ -224,7 +226,8 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
                    skip_background: bool = True, runtime: str | None = None, coarse: int = 0) -> PredictResult:
     """Predict every case under `input_dir` (any BraTS layout, or one case folder), or only `cases`.
 
-    Writes `<output_dir>/<case>.nii.gz` atomically. `et_min_voxels` None: the threshold calibrated
+    `window` None: the artifact's own (`default_window`), printed. Writes `<output_dir>/<case>.nii.gz`
+    atomically. `et_min_voxels` None: the threshold calibrated
     for the artifact on its validation cases (extra["et_rule"], 0 when absent). > 0: a case whose predicted ET
     has fewer voxels gets it relabelled NCR/NET. A missing or unusable artifact, no cases, or a
     named case not in `input_dir` raise; a bad case lands in `result.failed` and the rest go on.
