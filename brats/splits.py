@@ -100,10 +100,18 @@ def save_splits(path: str | Path, folds: list[Fold], seed: int, val_fraction: fl
 def read_splits(path: str | Path, known: set[str] | None = None) -> list[Fold]:
     """Read and check a splits file; errors name the file (and any unknown cases)."""
     path = Path(path)
+    return _folds(_read_json(path), path, known)
+
+
+def _read_json(path: Path):
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"split file {path}: unreadable ({e})") from None
+
+
+def _folds(data, path: Path, known: set[str] | None) -> list[Fold]:
+    """The checked folds of a splits file's parsed `data` (`read_splits`)."""
     if not isinstance(data, dict) or not isinstance(data.get("folds"), list) or not data["folds"]:
         raise DataError(f"split file {path}: expected {{\"folds\": [{{\"train\": [...], \"val\": [...]}}]}}")
     folds = []
@@ -127,6 +135,12 @@ def read_splits(path: str | Path, known: set[str] | None = None) -> list[Fold]:
     return folds
 
 
+def _same_number(recorded, asked: float) -> bool:
+    """`recorded` (anything a hand-made file may hold) is the number `asked`."""
+    number = isinstance(recorded, (int, float)) and not isinstance(recorded, bool)
+    return number and math.isclose(float(recorded), float(asked), rel_tol=0, abs_tol=1e-9)
+
+
 def load_or_create_splits(path: str | Path, cases: list[tuple[str, str | None]], val_fraction: float = 0.2,
                           folds: int = 1, seed: int = 0, note: Callable[[str], None] | None = None) -> list[Fold]:
     """Read `path` if it exists (checked against `cases`), else draw the split(s) and save them.
@@ -136,17 +150,14 @@ def load_or_create_splits(path: str | Path, cases: list[tuple[str, str | None]],
     is a DataError (a k-fold run on a one-split file would validate on the wrong cases)."""
     path = Path(path)
     if path.exists():
-        result = read_splits(path, known={c for c, _ in cases})
+        recorded = _read_json(path)
+        result = _folds(recorded, path, {c for c, _ in cases})
         if len(result) != folds:
             raise DataError(f"split file {path} has {len(result)} fold(s), but data.folds={folds}: delete it to draw "
                             f"{folds} fold(s), or set data.split_file to another file (or data.folds={len(result)})")
-        recorded = json.loads(path.read_text())
-        def same(value, asked) -> bool:  # a hand-made file may record anything there
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            return number and math.isclose(float(value), float(asked), rel_tol=0, abs_tol=1e-9)
-
-        differ = [f"{key} {recorded[key]!r} (asked {asked})" for key, asked in (("seed", seed), ("val_fraction", val_fraction))
-                  if key in recorded and not (folds > 1 and key == "val_fraction") and not same(recorded[key], asked)]
+        asked = [("seed", seed)] + ([("val_fraction", val_fraction)] if folds == 1 else [])  # k folds: no fraction
+        differ = [f"{key} {recorded[key]!r} (asked {value})" for key, value in asked
+                  if key in recorded and not _same_number(recorded[key], value)]
         if differ and note is not None:
             note(f"split file {path}: used as it is, drawn with {', '.join(differ)}; delete it to draw a new split")
         return result

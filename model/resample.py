@@ -112,12 +112,18 @@ def phase_weights(weight: torch.Tensor) -> torch.Tensor:
     return w.reshape(8 * o, c, 3, 3, 3).to(weight.dtype)
 
 
+def onednn_input(x: torch.Tensor) -> bool:
+    """Whether oneDNN's convolution may be called directly on `x`: a batched (5-D) float32 CPU tensor,
+    oneDNN built in, no autocast (it would run in autocast's dtype) and no graph being traced (exporters
+    and fvcore see the plain conv). Shared by `model.rewrites.OneDNNConv3d` and `_conv3d`."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5
+            and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu") and not tracing())
+
+
 def _conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
     """F.conv3d (stride 1), through oneDNN for float32 CPU inference (ATen's batch-1 choice for few
     channels is its slow reference kernel: `model.rewrites.OneDNNConv3d`)."""
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_grad_enabled() and torch.backends.mkldnn.is_available()
-            and not torch.is_autocast_enabled("cpu")):
+    if onednn_input(x) and weight.dtype == torch.float32 and not torch.is_grad_enabled():
         return torch.ops.aten.mkldnn_convolution(x, weight, bias, [padding] * 3, [1] * 3, [1] * 3, 1)
     return F.conv3d(x, weight, bias, padding=padding)
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.layers import LowRankConv3d
-from model.resample import tracing, upsample
+from model.resample import onednn_input, upsample
 from model.refineformer3d import get_module, refine_tail, set_module
 
 
@@ -240,9 +240,7 @@ class OneDNNConv3d(nn.Conv3d):
     devices, dtypes or padding modes get nn.Conv3d's forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5 and onednn_pays(self)
-                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu") and not tracing()):
+        if onednn_input(x) and onednn_pays(self) and self.padding_mode == "zeros" and not isinstance(self.padding, str):
             return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride,
                                                      self.dilation, self.groups)
         return super().forward(x)

@@ -3,9 +3,10 @@
 Each candidate (every nn.Linear / nn.Conv3d) is timed at its real input shape for the model's input
 size and in its real input layout (the encoder hands its convs channels_last_3d views of the token
 grid, and ATen's FP32 kernels differ by 10x and more between layouts), in FP32 and as a real INT8
-layer (including the quantize / dequantize around it, which a float neighbour forces). Measurements are cached per CPU model, torch version, thread count and
-layer signature in ~/.cache/refineformer3d/int8_decisions.json (REFINEFORMER3D_CACHE overrides the
-folder), so identical layers and later runs cost nothing.
+layer (including the quantize / dequantize around it, which a float neighbour forces). Measurements
+are cached per CPU model, torch version, thread count and layer signature in
+~/.cache/refineformer3d/int8_decisions.json (REFINEFORMER3D_CACHE overrides the folder), so identical
+layers and later runs cost nothing.
 
 Modes: measure (INT8 where it is at least `min_speedup` faster), all, none, table (only the forced
 table: unlisted layers stay FP32). A forced {layer: int8 | fp32} entry always wins. The layers in
