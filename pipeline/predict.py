@@ -207,11 +207,20 @@ def _refuse_existing(folder: Path, names: list[str], what: str, option: str) -> 
                              f"pass --overwrite to replace them, or choose another {option}")
 
 
+def fixed_window(art: Artifact) -> tuple[int, int, int] | None:
+    """(D, H, W) of the one input size a stored ONNX graph takes (it was exported for a fixed shape);
+    None for an artifact with a PyTorch graph, which takes any multiple of its stride."""
+    if art.spec.get("kind") == "onnx" and art.spec.get("input_shape"):
+        return tuple(int(n) for n in art.spec["input_shape"][-3:])  # type: ignore[return-value]
+    return None
+
+
 def default_window(art: Artifact) -> tuple[int, int, int]:
     """The sliding window an artifact is served with unless told: an ONNX graph's fixed input size, else
     the window its stage validated with (`train.window` in its config, as report.py scores it), else 128^3."""
-    if art.spec.get("kind") == "onnx" and art.spec.get("input_shape"):
-        return tuple(int(n) for n in art.spec["input_shape"][-3:])  # type: ignore[return-value]
+    fixed = fixed_window(art)
+    if fixed is not None:
+        return fixed
     window = (art.config.get("train") or {}).get("window")
     if window and len(window) == 3:
         return tuple(int(n) for n in window)  # type: ignore[return-value]

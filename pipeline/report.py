@@ -60,8 +60,8 @@ from model.macs import count_macs
 from model.refineformer3d import RefineFormer3D, count_params, preset_spec
 from pipeline import plots
 from pipeline.latency import runtime_note
-from pipeline.predict import (FP32_KINDS, artifact_et_rule, artifact_scheme, check_window, fp32_model,
-                              inference_model, predict_fn)
+from pipeline.predict import (FP32_KINDS, artifact_et_rule, artifact_scheme, check_window, fixed_window,
+                              fp32_model, inference_model, predict_fn)
 from pipeline.profile import gemm_peak, profile_artifact
 from pipeline.runtimes import CHOICES as RUNTIME_CHOICES, RUNTIMES, measure_runtimes, pick_runtime
 
@@ -76,12 +76,13 @@ RATIO_KEYS = {  # ratio key -> measured key, each row divided by the reference (
     "latency_ratio": "latency_ms_window",
     "latency_case_ratio": "latency_s_case",
 }
+PER_INPUT_KEYS = ("gmacs", "latency_ms_window")  # measured at the row's "input": a ratio only between equal inputs
 RUNTIME_KEYS = {name: f"latency_ms_{name}" for name in RUNTIMES}  # runtime -> its ms / window column
 ROW_KEYS = ("stage", "name", "artifact", "kind", "params", "gmacs", "size_mb", *METRIC_KEYS,
             "latency_ms_window", "runtime", *RUNTIME_KEYS.values(), "latency_s_case", *RATIO_KEYS, "cases",
             "et_missed_cases", "threads",
             "omp_wait_policy", "trained_as", "et_min_voxels", "windows", "windows_skipped", "latency_s_case_noskip",
-            "error")
+            "input", "error")
 OFFICIAL_N_KEYS = tuple(f"official_cases_{r}" for r in official.REGIONS)  # cases with an official number
 OFFICIAL_ROW_KEYS = (*official.COLUMNS, *OFFICIAL_N_KEYS)
 METRIC_CHOICES = ("legacy", "official", "both")
@@ -243,7 +244,10 @@ def score_artifact(found: Found, cfg: Config, cache, cases: list[str], default_s
     overlap = cfg.train.overlap if rep.overlap is None else rep.overlap
     et_min = et_min_voxels(cfg, art)
     row["et_min_voxels"] = et_min
-    size = check_window(rep.input, art.spec, "report.input")
+    # An ONNX graph takes only the shape it was exported for: its G MACs and window latency are measured
+    # there (row["input"]; no ratio against a row measured at another size, `add_ratios`)
+    size = fixed_window(art) or check_window(rep.input, art.spec, "report.input")
+    row["input"] = list(size)
     scheme = artifact_scheme(art, default_scheme)
 
     model = build_model(art)
@@ -326,10 +330,13 @@ def name_rows(rows: list[dict]) -> None:
 
 
 def add_ratios(rows: list[dict], reference: dict | None) -> None:
-    """Each row's params/gmacs/size/latency divided by the reference row's (None when unknown)."""
+    """Each row's params/gmacs/size/latency divided by the reference row's (None when unknown, and for
+    G MACs and window latency when the two rows were measured at different inputs: `fixed_window`)."""
     for row in rows:
         for ratio, key in RATIO_KEYS.items():
             a, b = row.get(key), None if reference is None else reference.get(key)
+            if key in PER_INPUT_KEYS and reference is not None and row.get("input") != reference.get("input"):
+                b = None
             row[ratio] = float(a) / float(b) if _num(a) and _num(b) and b != 0 else None
 
 
@@ -382,10 +389,17 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
         raise ArtifactError("no usable artifact: " + "; ".join(f.error or str(f.path) for f in found))
     for f in good:  # sizes every artifact can take, before any work (each row would fail alike)
         try:
-            check_window(cfg.report.window or cfg.train.window, f.artifact.spec, "report window")
+            window = check_window(rep_window(cfg), f.artifact.spec, "report window")
             check_window(cfg.report.input, f.artifact.spec, "report.input")
         except ValueError as e:
             raise ConfigError(f"{f.path}: {e}") from None
+        fixed = fixed_window(f.artifact)
+        if fixed is not None and fixed != window:
+            shape = ",".join(map(str, fixed))
+            raise ConfigError(
+                f"{f.path}: an ONNX graph exported for {_shape(fixed)} windows cannot slide a "
+                f"{_shape(window)} report window (report.window, else train.window); pass "
+                f"--set report.window=[{shape}] to score every artifact with its window")
     reference = pick_reference(good)
 
     cache, cases, data_used = None, [], data or cfg.data
@@ -431,10 +445,11 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
         result.files["dice_vs_params"] = plots.dice_vs_params(rows, out_dir / "dice_vs_params.png")
         size = "x".join(map(str, cfg.report.input))
         latency_label = f"CPU latency per {size} window (ms, {note['threads']} thread(s))"
-        result.files["dice_vs_latency"] = plots.dice_vs_latency(rows, out_dir / "dice_vs_latency.png",
+        at_input = [r for r in rows if r.get("input") in (None, list(cfg.report.input))]  # one window size per axis
+        result.files["dice_vs_latency"] = plots.dice_vs_latency(at_input, out_dir / "dice_vs_latency.png",
                                                                 label=latency_label)
         result.files["dice_vs_latency_regions"] = plots.dice_vs_latency_regions(
-            rows, out_dir / "dice_vs_latency_regions.png", label=latency_label)
+            at_input, out_dir / "dice_vs_latency_regions.png", label=latency_label)
     figures = []
     if cfg.report.plots and ref_row is not None:
         figures = write_case_figures(out_dir, rows, ref_row, per_case, slices)
@@ -794,10 +809,10 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
         markdown_table(
             ["stage", "params", "G MACs", "size MB", "Dice WT", "Dice TC", "Dice ET", "Dice mean",
              "HD95 WT", "HD95 TC", "HD95 ET", "IoU mean", f"ms / {size}", "runtime", "s / case", "trained as"],
-            ([r["name"], _fmt(r["params"], ","), _fmt(r["gmacs"], ".2f"), _fmt(r["size_mb"], ".2f"),
+            ([r["name"], _fmt(r["params"], ","), _at(r, _fmt(r["gmacs"], ".2f"), meta), _fmt(r["size_mb"], ".2f"),
               *[_fmt(r[k], ".3f") for k in ("dice_wt", "dice_tc", "dice_et", "dice_mean")],
               *[_fmt(r[k], ".2f") for k in ("hd95_wt", "hd95_tc", "hd95_et")], _fmt(r["iou_mean"], ".3f"),
-              _fmt(r["latency_ms_window"], ".1f"),
+              _at(r, _fmt(r["latency_ms_window"], ".1f"), meta),
               (r.get("runtime") or "–") + (f" ({r['runtime_asked']} cannot run it)" if r.get("runtime_asked") else ""),
               _fmt(r["latency_s_case"], ".2f"),
               r.get("trained_as") or "-"]
@@ -823,7 +838,7 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
         ),
         "",
         *skip_section(rows, cfg.train.skip_background),
-        *runtime_section(rows, size, cfg),
+        *runtime_section(rows, size, cfg, meta),
         "Published reference (other data, not comparable row by row): SegFormer3D, 4.5M parameters, "
         "mean Dice 0.821 (WT 89.9, TC 82.2, ET 74.2) on MSD Task01 with its own validation split.",
         "",
@@ -853,7 +868,7 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
     return "\n".join(lines)
 
 
-def runtime_section(rows: list[dict], size: str, cfg: Config) -> list[str]:
+def runtime_section(rows: list[dict], size: str, cfg: Config, meta: dict) -> list[str]:
     """One row per artifact and runtime: its time per window, against the runtime the row was scored in."""
     rep = cfg.report
     how = ("the fastest measured" if rep.runtime == "auto"
@@ -875,9 +890,15 @@ def runtime_section(rows: list[dict], size: str, cfg: Config) -> list[str]:
         for name, key in RUNTIME_KEYS.items():
             ms = r.get(key)
             vs = f"{ms / r['latency_ms_window']:.2f}x" if _num(ms) and _num(r.get("latency_ms_window")) else "–"
-            table.append([r["name"], name, _fmt(ms, ".1f"), vs, "used" if name == used else "",
+            table.append([r["name"], name, _at(r, _fmt(ms, ".1f"), meta), vs, "used" if name == used else "",
                           notes.get(name, "")])
     return lines + [markdown_table(["stage", "runtime", f"ms / {size}", "vs used", "", "note"], table), ""]
+
+
+def _at(row: dict, cell: str, meta: dict) -> str:
+    """A G MACs or latency cell, with the input it was measured at when that is not the report's."""
+    shape = row.get("input")
+    return cell if not shape or cell in ("–", "-") or list(shape) == list(meta["input"]) else f"{cell} (at {_shape(shape)})"
 
 
 def _share(v: Any) -> str:

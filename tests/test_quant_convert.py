@@ -117,6 +117,42 @@ def test_measured_decision_uses_and_writes_cache(tmp_path):
     assert [r["fp32_ms"] for r in again] == [r["fp32_ms"] for r in rows]  # read back, not re-measured
 
 
+def test_onnxruntime_backend_times_each_layer_fp32_against_its_qdq_graph_in_onnxruntime(tmp_path, monkeypatch):
+    """quantize.py --backend onnxruntime: ORT runs the artifact, so its INT8 choices are timed in ORT (they
+    reused PyTorch's timings, whose kernels rank layers differently), cached apart from PyTorch's."""
+    import onnx
+    import onnxruntime
+
+    import compress.quant.onnx_export as onnx_export
+
+    dec = sys.modules[decide.__module__]
+    graphs = []
+
+    def recording_session(data, threads=None):
+        graphs.append({n.op_type for n in onnx.load_from_string(data).graph.node})
+        return real_session(data, threads)
+
+    real_session = onnx_export.ort_session
+    monkeypatch.setattr(onnx_export, "ort_session", recording_session)
+    model = nn.Sequential(nn.Conv3d(4, 8, 3, padding=1), _ToChannelsLast(), nn.Conv3d(8, 8, 3, padding=1, groups=8))
+    cache = tmp_path / "int8_decisions.json"
+    torch_rows = dec.decide(model, (1, 4, 8, 8, 8), "measure", runs=1, cache=cache)
+    assert graphs == []  # PyTorch's kernels: no ONNX session
+    rows = dec.decide(model, (1, 4, 8, 8, 8), "measure", runs=1, cache=cache, backend="onnxruntime")
+    assert len(graphs) == 4 and all(r["fp32_ms"] > 0 and r["int8_ms"] > 0 for r in rows)
+    for fp32, qdq in zip(graphs[::2], graphs[1::2]):  # per layer: its float graph, then its QDQ graph
+        assert "QuantizeLinear" not in fp32 and {"QuantizeLinear", "DequantizeLinear", "Conv"} <= qdq
+    assert [r["layout"] for r in rows] == ["contiguous"] * 2  # ORT takes contiguous arrays
+    sigs = sorted(list(json.loads(cache.read_text()).values())[0])
+    assert len(sigs) == 4 and sum(k.startswith(f"onnxruntime {onnxruntime.__version__}:") for k in sigs) == 2
+    assert [r["fp32_ms"] for r in dec.decide(model, (1, 4, 8, 8, 8), "measure", runs=1, cache=cache,
+                                             backend="onnxruntime")] == [r["fp32_ms"] for r in rows]
+    assert len(graphs) == 4  # the second time from the cache
+    assert [r["layer"] for r in torch_rows] == [r["layer"] for r in rows]
+    with pytest.raises(ValueError, match="backend must be one of torch, onnxruntime, got 'tflite'"):
+        dec.decide(model, (1, 4, 8, 8, 8), "measure", runs=1, cache=cache, backend="tflite")
+
+
 class _ToChannelsLast(nn.Module):
     def forward(self, x):
         return x.contiguous(memory_format=torch.channels_last_3d)
@@ -194,9 +230,9 @@ def test_decisions_say_what_was_measured_and_what_came_from_the_cache(tmp_path, 
     model = nn.Sequential(nn.Conv3d(4, 8, 1), nn.ReLU(), nn.Conv3d(8, 8, 1))
     cache = tmp_path / "int8_decisions.json"
     first = decide(model, (1, 4, 8, 8, 8), "measure", runs=1, cache=cache, progress=True)
-    assert "2 layer(s) measured on this CPU, 0 reused" in capsys.readouterr().out
+    assert "2 layer(s) measured on this CPU (torch kernels), 0 reused" in capsys.readouterr().out
     again = decide(model, (1, 4, 8, 8, 8), "measure", runs=1, cache=cache, progress=True)
-    assert f"0 layer(s) measured on this CPU, 2 reused from the cache {cache}" in capsys.readouterr().out
+    assert f"0 layer(s) measured on this CPU (torch kernels), 2 reused from the cache {cache}" in capsys.readouterr().out
     assert [r["fp32_ms"] for r in again] == [r["fp32_ms"] for r in first]  # the cached timings, not new ones
 
 

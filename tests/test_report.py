@@ -25,6 +25,7 @@ from pipeline.report import (ROW_KEYS, RUNTIME_KEYS, choose_cases, et_min_voxels
                              growth_section, held_out_cases, int8_section, lowrank_section, make_report,
                              name_rows, profile_arch)
 from model.macs import count_macs
+from pipeline.report import _num
 from model.refineformer3d import ModelSpec, RefineFormer3D, count_params, preset_spec
 
 SHAPE = (40, 40, 32)
@@ -278,6 +279,34 @@ def test_profile_per_stage_and_an_onnx_artifact_says_why_not(built, tmp_path):
     assert f"| {int8['runtime']} (torch cannot run it) |" in md  # the results table says it was not the one asked
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved[0]["profile"]["ops"][0]["op"] == op["op"] and "error" in saved[1]["profile"]
+
+
+def test_an_onnx_graph_of_another_input_size_is_timed_at_its_own_and_not_compared(built, tmp_path):
+    """A fixed-shape ONNX artifact (exported for its stage's window) takes no other input: its G MACs and
+    window latency are measured at its own shape, marked so, left out of the ratios and the latency plots;
+    a report window it cannot slide is refused before any work, naming the file and the fix."""
+    root, cfg, _, _, student, _ = built
+    shape = (1, 4, 32, 32, 32)  # the report window (train.window); report.input below is another size
+    data = export_onnx(inference_graph(student), shape)
+    onnx = Artifact("int8", onnx_spec(list(shape), len(data), student.spec.to_dict(), "fp32"),
+                    OrtModel.from_bytes(data, list(shape)).state_dict(), config=to_dict(cfg)).save(tmp_path / "int8.pt")
+    rep = dataclasses.replace(cfg.report, input=[64, 32, 32], plots=False, case_latency=False, max_cases=1)
+    teacher = root / "runs" / "teacher" / "best.pt"
+    result = make_report([teacher, onnx], Config(report=rep, train=cfg.train), tmp_path / "out", progress=False)
+    ref, int8 = result.rows
+    assert int8["error"] is None and int8["dice_mean"] is not None and _num(int8["latency_ms_window"])
+    assert (ref["input"], int8["input"]) == ([64, 32, 32], [32, 32, 32])
+    assert int8["gmacs"] == pytest.approx(count_macs(student, shape), rel=1e-6)  # its shape, not report.input
+    assert int8["gmacs_ratio"] is None and int8["latency_ratio"] is None and int8["params_ratio"] == 1.0 * (
+        int8["params"] / ref["params"])
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert f"| {int8['latency_ms_window']:.1f} (at 32x32x32) |" in md and f"{int8['gmacs']:.2f} (at 32x32x32)" in md
+    assert f"| {ref['latency_ms_window']:.1f} |" in md  # the report's own input: no mark
+    other = dataclasses.replace(cfg.train, window=[64, 32, 32])
+    with pytest.raises(ConfigError, match=rf"{onnx}: an ONNX graph exported for 32x32x32 windows cannot slide a "
+                                          r"64x32x32 report window .*--set report.window=\[32,32,32\]"):
+        make_report([teacher, onnx], Config(report=rep, train=other), tmp_path / "refused", progress=False)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_discovery_skips_only_resumable_checkpoints(built):

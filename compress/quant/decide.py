@@ -3,8 +3,12 @@
 Each candidate (every nn.Linear / nn.Conv3d) is timed at its real input shape for the model's input
 size and in its real input layout (the encoder hands its convs channels_last_3d views of the token
 grid, and ATen's FP32 kernels differ by 10x and more between layouts), in FP32 and as a real INT8
-layer (including the quantize / dequantize around it, which a float neighbour forces). Measurements
-are cached per CPU model, torch version, thread count and layer signature in
+layer (including the quantize / dequantize around it, which a float neighbour forces), by the kernels
+that will run it: PyTorch's (backend "torch"), or, for the ONNX Runtime backend, the layer's own ONNX
+graph in ONNX Runtime, FP32 against its QDQ form (ORT fuses it into QLinearConv / QLinearMatMul-style
+kernels of its own, whose speed PyTorch's timings do not predict). Measurements
+are cached per CPU model, torch version, thread count and layer signature (with the ONNX Runtime
+version for that backend) in
 ~/.cache/refineformer3d/int8_decisions.json (REFINEFORMER3D_CACHE overrides the folder), so identical
 layers and later runs cost nothing.
 
@@ -19,6 +23,7 @@ int8}'`; every other layer INT8 together: 0.956). Speed never chose it.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +35,11 @@ from common.cache import cache_file, read_cache, write_cache
 from common.progress import bar_off
 from common.timing import median_seconds
 from compress.quant.convert import empty_int8_like
-from compress.quant.lsq import quantizable
+from compress.quant.lsq import LSQConfig, calibrate, quantizable, quantize_
 from engine.runtime import probe_cpu
 
 MODES = ("measure", "all", "none", "table")
+BACKENDS = ("torch", "onnxruntime")  # whose kernels a decision is timed with (quantize.py --backend)
 
 
 def cache_path() -> Path:
@@ -71,13 +77,20 @@ def layer_inputs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tu
     return shapes
 
 
-def signature(module: nn.Module, shape: tuple[int, ...], layout: str = "contiguous") -> str:
+def signature(module: nn.Module, shape: tuple[int, ...], layout: str = "contiguous", backend: str = "torch") -> str:
+    """Cache key of one layer's timings: geometry @ input shape, then @cl (PyTorch, channels-last input)
+    or, for ONNX Runtime (which takes its input contiguous), the runtime and its version first."""
     if isinstance(module, nn.Linear):
         geo = f"linear{module.in_features}x{module.out_features}"
     else:
         geo = (f"conv{module.in_channels}x{module.out_channels}k{module.kernel_size[0]}s{module.stride[0]}"
                f"p{module.padding[0]}g{module.groups}")
-    return f"{geo}@{'x'.join(map(str, shape))}" + ("@cl" if layout == CHANNELS_LAST else "")
+    sig = f"{geo}@{'x'.join(map(str, shape))}"
+    if backend == "onnxruntime":
+        import onnxruntime
+
+        return f"onnxruntime {onnxruntime.__version__}:{sig}"
+    return sig + ("@cl" if layout == CHANNELS_LAST else "")
 
 
 def machine_key() -> str:
@@ -122,6 +135,28 @@ def measure_layer(module: nn.Module, shape: tuple[int, ...], runs: int = 5,
     return min(fp32), min(q)
 
 
+@torch.no_grad()
+def measure_layer_onnxruntime(module: nn.Module, shape: tuple[int, ...], runs: int = 5) -> tuple[float, float]:
+    """(fp32 ms, int8 ms) of one layer in ONNX Runtime: its FP32 ONNX graph against its QDQ graph (LSQ
+    fake quantisation calibrated on the input, exported as `compress.quant.onnx_export` writes the
+    artifact's), each in its own session with this process's thread count, interleaved."""
+    from compress.quant.onnx_export import export_onnx, ort_session
+
+    x = torch.randn(shape)
+    layer = nn.Sequential(copy.deepcopy(module)).eval()  # a root to export and to swap the layer in
+    graphs = [export_onnx(layer, shape)]
+    quantize_(layer, LSQConfig())
+    calibrate(layer, [x])
+    graphs.append(export_onnx(layer, shape))
+    sessions = [ort_session(g, torch.get_num_threads()) for g in graphs]
+    feed = {"image": x.numpy()}
+    times: list[list[float]] = [[], []]
+    for _ in range(2):  # interleaved A/B rounds
+        for session, t in zip(sessions, times):
+            t.append(1000 * median_seconds(lambda s=session: s.run(None, feed), runs, warmup=1))
+    return min(times[0]), min(times[1])
+
+
 def decide(
     model: nn.Module,
     input_shape: tuple[int, ...],
@@ -133,11 +168,15 @@ def decide(
     progress: bool = False,
     final: set[str] | frozenset[str] = frozenset(),
     first: str | None = None,
+    backend: str = "torch",
 ) -> list[dict[str, Any]]:
     """One row per candidate layer: layer, type, shape, fp32_ms, int8_ms, choice, why. `first`: the input
-    layer (the stem conv, or its low-rank parts under that name), which stays FP32 unless forced, as `final`."""
+    layer (the stem conv, or its low-rank parts under that name), which stays FP32 unless forced, as `final`.
+    `backend`: whose kernels time the layers (`BACKENDS`); ValueError for another."""
     force = dict(force or {})
     check_settings(mode, force)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     shapes = layer_inputs(model, input_shape)
     unknown = sorted(set(force) - set(shapes))
     if unknown:
@@ -150,12 +189,15 @@ def decide(
     for name in tqdm(names, desc="int8 decisions", disable=bar_off(progress), leave=False):
         module = model.get_submodule(name)
         shape, layout = shapes[name]
+        if backend == "onnxruntime":
+            layout = "contiguous"  # ONNX Runtime takes every input as a contiguous array
         row: dict[str, Any] = {"layer": name, "type": type(module).__name__, "shape": list(shape),
                                "layout": layout, "fp32_ms": None, "int8_ms": None}
         if mode == "measure":
-            sig = signature(module, shape, layout)
+            sig = signature(module, shape, layout, backend)
             if sig not in machine:
-                machine[sig] = list(measure_layer(module, shape, runs, layout))
+                machine[sig] = list(measure_layer(module, shape, runs, layout) if backend == "torch"
+                                    else measure_layer_onnxruntime(module, shape, runs))
                 dirty, measured = True, measured + 1
             row["fp32_ms"], row["int8_ms"] = machine[sig]
         if name in force:
@@ -173,8 +215,8 @@ def decide(
     if dirty:
         write_cache(path, store)
     if progress and mode == "measure":
-        tqdm.write(f"int8 decisions: {measured} layer(s) measured on this CPU, {len(names) - measured} reused "
-                   f"from the cache {path}")
+        tqdm.write(f"int8 decisions: {measured} layer(s) measured on this CPU ({backend} kernels), "
+                   f"{len(names) - measured} reused from the cache {path}")
     return rows
 
 

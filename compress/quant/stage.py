@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from functools import partial
 from pathlib import Path
 from typing import Iterable
@@ -24,7 +25,7 @@ from common.artifact import Artifact, ArtifactError, build_model
 from common.atomic import atomic_write
 from common.config import Config, ConfigError, to_dict
 from compress.quant.convert import convert, int8_spec, int8_weight_layers, prepare_float, set_engine
-from compress.quant.decide import check_settings, decide, format_table, int8_layers
+from compress.quant.decide import BACKENDS, check_settings, decide, format_table, int8_layers
 from compress.quant.lsq import LSQConfig, calibrate, quantize_, quantizable
 from compress.quant.onnx_export import OrtModel, export_onnx, onnx_spec
 from compress.quant.qat import KIND as QAT_KIND, as_qat_model
@@ -35,7 +36,6 @@ from student.distill import distill_trainer
 
 STAGE = "int8"
 STEM = "encoder.stages.0.patch_embed.proj"  # the input layer: FP32 unless forced (compress.quant.decide)
-BACKENDS = ("torch", "onnxruntime")
 QAT_DIR = "qat"  # the QAT fine-tune's last.pt (resumable, carries the best epoch), under <out>
 
 
@@ -52,7 +52,7 @@ def quantize_step(model: nn.Module, cfg: Config, calib: Iterable[torch.Tensor], 
     q = cfg.quant
     model = prepare_float(as_qat_model(model), reassoc=q.reassoc)  # a rewritten copy that describes itself
     rows = decide(model, shape or input_shape(cfg), q.decide, q.force, runs=q.bench_runs, min_speedup=q.min_speedup,
-                  progress=progress, final={final_layer(model)}, first=STEM)
+                  progress=progress, final={final_layer(model)}, first=STEM, backend=q.backend)
     chosen, every = set(int8_layers(rows)), {r["layer"] for r in rows}
     lsq = LSQConfig(act_qmax=q.act_qmax, percentile=q.percentile, final={final_layer(model)},
                     weight_only=every - chosen)  # FP32 on int8-stored weights
@@ -169,6 +169,8 @@ def run_quantize(artifact_path: str | Path, cfg: Config, out: Path, backend: str
     resume: continue the QAT fine-tune from <out>/qat/last.pt (same layers, scales and schedule)."""
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    # the per-layer decisions time this backend's kernels (quantize_step reads quant.backend)
+    cfg = dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, backend=backend))
     if resume and cfg.train.epochs < 1:
         raise ConfigError("--resume continues a QAT fine-tune: train.epochs must be >= 1")
     stage = StageDef(STAGE, step=partial(qat_step, verbose=verbose), finetune=qat_trainer, finish=to_int8(backend),
