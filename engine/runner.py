@@ -29,7 +29,7 @@ from brats.metrics import REGIONS
 from brats.scoring import calibrate_et_rule, evaluate
 from common.atomic import claim_folder
 from common.artifact import Artifact, ArtifactError, build_model
-from common.config import DATA_IDENTITY, Config, ConfigError, to_dict
+from common.config import DATA_IDENTITY, Config, ConfigError, check_values, to_dict
 from common.paths import recorded_path
 from engine.data import TrainData, make_data
 from engine.loop import LAST, FitResult, Stage, artifact_spec, check_sizes, fit
@@ -235,8 +235,7 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
     data_line = inherit_data(art, cfg, data_given)
     check_source(art, cfg, stage.kinds, stage.name)
     check_sizes(cfg, math.prod(art.spec.get("patch_strides") or ModelSpec().patch_strides))  # fp32: checked above
-    if cfg.train.epochs < 0:
-        raise ConfigError(f"train.epochs={cfg.train.epochs}: the fine-tune's epochs, >= 0 (0: none)")
+    check_values(cfg)  # the CLIs' configs passed it at load; a Config built in code, or the inherited data, here
     if stage.check is not None:
         stage.check(art, cfg)
     if getattr(stage.finetune, "check", None) is not None:  # the fine-tune's settings, even with 0 epochs

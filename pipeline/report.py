@@ -49,7 +49,7 @@ from brats.overlay import axial_slice, case_figure
 from brats.scoring import score_cases
 from common.artifact import Artifact, ArtifactError, build_model
 from common.atomic import atomic_write_text
-from common.config import Config, ConfigError, DataConfig, from_dict
+from common.config import Config, ConfigError, DataConfig, check_values, from_dict
 from common.progress import bar_off
 from common.timing import interleaved_medians
 from engine.data import make_data
@@ -370,9 +370,7 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
         official.require()
     if cfg.report.runtime not in RUNTIME_CHOICES:
         raise ConfigError(f"report.runtime must be one of {', '.join(RUNTIME_CHOICES)}, got {cfg.report.runtime!r}")
-    for key, low in (("latency_runs", 1), ("warmup_runs", 0), ("sw_batch", 1), ("profile_top", 1)):
-        if getattr(cfg.report, key) < low:
-            raise ConfigError(f"report.{key} must be >= {low}, got {getattr(cfg.report, key)}")
+    check_values(cfg)  # the ranges every command's config is held to (a Config built in code comes here unchecked)
     if cfg.report.et_min_voxels is not None and cfg.report.et_min_voxels < 0:
         raise ConfigError(f"report.et_min_voxels must be >= 0 (0: off) or null (each artifact's own rule), "
                           f"got {cfg.report.et_min_voxels}")

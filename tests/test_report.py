@@ -437,8 +437,9 @@ def test_et_min_voxels_reaches_predict_case(built, monkeypatch):
 def test_bad_report_settings_are_refused_before_any_work(built):
     root, cfg, *_ = built
     for key, value, why in (("et_min_voxels", -5, "report.et_min_voxels must be >= 0"),
-                            ("latency_runs", 0, "report.latency_runs must be >= 1, got 0"),
-                            ("warmup_runs", -1, "report.warmup_runs must be >= 0"),
+                            ("latency_runs", 0, "report.latency_runs=0: must be >= 1"),
+                            ("warmup_runs", -1, "report.warmup_runs=-1: must be >= 0"),
+                            ("profile_top", 0, "report.profile_top=0: must be >= 1"),
                             ("window", [48, 48, 48], r"report window \(48, 48, 48\) must be three multiples"),
                             ("input", [40, 32, 32], r"report\.input \(40, 32, 32\) must be three multiples")):
         bad = copy.deepcopy(cfg)

@@ -261,3 +261,22 @@ def test_a_teacher_that_is_not_a_teacher_is_said(tmp_path, capsys):
         assert ctx.teacher_artifact().stage == stage and ctx.teacher_artifact() is ctx.teacher_artifact()
         said = capsys.readouterr().out
         assert ("a 'student' artifact, not a teacher" in said) == (stage == "student") and said.count("note:") <= 1
+
+
+def test_a_config_built_in_code_is_held_to_the_ranges_before_any_work(tmp_path):
+    """Commands check their config when they load it; run_stage checks a Config built in code (or given
+    by another program) the same way, before any data, model or output folder is touched."""
+    from compress.lowrank import lowrank_stage
+    from model.refineformer3d import RefineFormer3D, ModelSpec
+
+    model = RefineFormer3D(ModelSpec(embed_dims=[8, 16, 16, 16], num_heads=[1, 1, 1, 1], decoder_dim=8, fuse_dim=8,
+                                     refine_dim=4))
+    src = Artifact(stage="student", spec=model.spec.to_dict(), state_dict=model.state_dict()).save(tmp_path / "s.pt")
+    for key, value, why in (("train.epochs", -1, r"train\.epochs=-1: the epochs to train"),
+                            ("train.sw_batch", 0, r"train\.sw_batch=0: must be >= 1")):
+        cfg = Config()
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+        with pytest.raises(ConfigError, match=why):
+            lowrank_stage(src, cfg, tmp_path / "out", data_given=False)
+        assert not (tmp_path / "out").exists()
