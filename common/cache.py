@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from common.atomic import atomic_write_text
@@ -23,4 +24,10 @@ def read_cache(path: Path) -> dict:
 
 
 def write_cache(path: Path, store: dict) -> None:
-    atomic_write_text(path, json.dumps(store, indent=1, sort_keys=True))
+    """Rewrite the cache atomically; a cache that cannot be written (its folder a file, no permission, a full
+    disk) is one warning on stderr: the run goes on, only without keeping its measurements."""
+    try:
+        atomic_write_text(path, json.dumps(store, indent=1, sort_keys=True))
+    except OSError as e:
+        print(f"warning: cannot write the cache {path} ({e.strerror or e}); the measurements are not kept "
+              "(REFINEFORMER3D_CACHE sets its folder)", file=sys.stderr)

@@ -88,12 +88,15 @@ def run_main(main: Callable[[], int | None]) -> None:
     sys.exit(code or 0)
 
 
+RUN_FILES = ("*.pt", "*.onnx")  # what a stage writes (artifacts, checkpoints; quantize.py's ONNX graphs)
+
+
 def out_dir(args: argparse.Namespace) -> Path:
     """The output folder (`--out`, whose default `stage_parser` set), checked before any work.
 
     UserInputError when it cannot be written (a file in the way, no write permission), when another
     run is writing it (`common.atomic.claim_folder`: said first, whatever the flags), or when it
-    already holds a run (any *.pt) and neither --resume nor --overwrite was given: nothing already
+    already holds a run (any RUN_FILES) and neither --resume nor --overwrite was given: nothing already
     written is replaced silently. The folder itself is created by the first write, so a command that
     fails its checks leaves none behind.
     """
@@ -103,7 +106,8 @@ def out_dir(args: argparse.Namespace) -> Path:
     writable_folder(path)
     if (holder := folder_holder(path)) is not None:  # first: --resume / --overwrite would not help
         raise busy_error(path, holder)
-    existing = sorted(str(p.relative_to(path)) for p in path.rglob("*.pt")) if path.is_dir() else []
+    existing = sorted(str(p.relative_to(path)) for pattern in RUN_FILES for p in path.rglob(pattern)) \
+        if path.is_dir() else []
     if existing and not (getattr(args, "resume", False) or getattr(args, "overwrite", False)):
         shown = ", ".join(existing[:4]) + (" ..." if len(existing) > 4 else "")
         resume = "continue it with --resume, " if hasattr(args, "resume") else ""

@@ -260,6 +260,9 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
         claim_folder(out)  # rank 0 writes <out>: a second run into it fails here, before any work
         tqdm.write(f"{stage.name}: {data_line}")
     try:
+        # train.threads (and the device) apply from here: the source's score and the step's own timings
+        # (quantize.py times each layer on this many threads) run as the fine-tune will
+        rt = resolve_runtime(cfg.train.device, cfg.train.amp, cfg.train.threads)
         seed_everything(cfg.train.seed)
         data = make_data(cfg)
         if info.main and (warning := changed_cases(art, data.val_ids)):
@@ -278,7 +281,6 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
                                metrics={**best.metrics, **ctx.metrics}, lineage=art.child_lineage(),
                                extra={k: v for k, v in best.extra.items() if k != "train_state"})
         else:
-            rt = resolve_runtime(cfg.train.device, cfg.train.amp, cfg.train.threads)
             if info.main:
                 tqdm.write(rt.line(stage.name))
             model.to(rt.device)

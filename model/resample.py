@@ -137,6 +137,19 @@ def _upsample2d(x: torch.Tensor) -> torch.Tensor:
     return (_matrix(p, 2 * p, **kw).t() @ y).reshape(b, c, k, 2 * p, 2 * q)
 
 
+def depth_to_space3d(x: torch.Tensor) -> torch.Tensor:
+    """(B, 8 O, D, H, W) -> (B, O, 2D, 2H, 2W): channel o * 8 + 4 pd + 2 ph + pw becomes voxel
+    (2d + pd, 2h + ph, 2w + pw) of output channel o (3-D pixel shuffle, Shi et al., "Real-Time Single
+    Image and Video Super-Resolution Using an Efficient Sub-Pixel Convolutional Neural Network", CVPR
+    2016). Reshape and transpose only (ONNX Reshape/Transpose when exported); a new contiguous tensor.
+    ValueError unless x is 5-D with a multiple of 8 channels."""
+    if x.ndim != 5 or x.shape[1] % 8:
+        raise ValueError(f"depth_to_space3d: needs (B, 8 O, D, H, W), got {tuple(x.shape)}")
+    b, c, d, h, w = x.shape
+    o = c // 8
+    return x.reshape(b, o, 2, 2, 2, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, o, 2 * d, 2 * h, 2 * w)
+
+
 def upsample2_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`F.conv3d(F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False), weight, bias,
     padding=1)` computed at x's resolution (polyphase; see above): (B, C, D, H, W) -> (B, O, 2D, 2H, 2W),
@@ -149,8 +162,7 @@ def upsample2_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     o = weight.shape[0]
     phases = _conv3d(F.pad(x, (1,) * 6, mode="replicate"), phase_weights(weight),
                      None if bias is None else bias.repeat_interleave(8), 0)  # (B, 8 O, D, H, W)
-    y = (phases.view(b, o, 2, 2, 2, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
-         .reshape(b, o, 2 * d, 2 * h, 2 * w))  # depth-to-space: a new contiguous tensor
+    y = depth_to_space3d(phases)  # a new contiguous tensor
     for axis in range(3):  # the border shell, each face exactly: fine planes 0 and 2n - 1 of each axis
         n = x.shape[2 + axis]
         w_axis = weight.movedim(2 + axis, 2)  # (O, C, k_axis, k_p, k_q), p and q the other axes in order

@@ -256,6 +256,11 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
     art = Artifact.load(artifact)
     window_given = window
     window = check_window(default_window(art) if window is None else window, art.spec)
+    fixed = fixed_window(art)
+    if fixed is not None and window != fixed:
+        raise ValueError(f"{artifact}: an ONNX graph exported for {'x'.join(map(str, fixed))} windows cannot "
+                         f"slide a {'x'.join(map(str, window))} window; leave --window out (its own) or pass "
+                         f"--window {' '.join(map(str, fixed))}")
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     model = inference_model(art)

@@ -385,6 +385,10 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
     good = [f for f in found if f.artifact is not None]
     if not good:  # nothing to score: say why before anything is written (an existing report stays as it is)
         raise ArtifactError("no usable artifact: " + "; ".join(f.error or str(f.path) for f in found))
+    fixed = {f.path: fixed_window(f.artifact) for f in good if fixed_window(f.artifact) is not None}
+    if len(set(fixed.values())) > 1:
+        raise ConfigError("ONNX graphs exported for different window sizes cannot share one report window ("
+                          + ", ".join(f"{p}: {_shape(w)}" for p, w in fixed.items()) + "); report them separately")
     for f in good:  # sizes every artifact can take, before any work (each row would fail alike)
         try:
             window = check_window(rep_window(cfg), f.artifact.spec, "report window")
@@ -717,7 +721,7 @@ def int8_section(info: Any) -> list[str]:
     chosen = info.get("int8_layers")
     n_int8 = len(chosen) if isinstance(chosen, list) else sum(d.get("choice") == "int8" for d in decisions)
     setup = [f"backend {info['backend']}" if info.get("backend") else "",
-             f"engine {info['engine']}" if info.get("engine") else "",
+             f"engine {info['engine']}" if info.get("engine") and info.get("backend") != "onnxruntime" else "",
              f"layers timed in a {_shape(info['input_shape'])} forward pass" if info.get("input_shape") else "",
              f"{info['cpu_threads']} thread(s)" if info.get("cpu_threads") else "",
              f"activations 0..{info['act_qmax']}" if info.get("act_qmax") is not None else ""]

@@ -220,6 +220,13 @@ def test_runtime_auto_says_what_it_measured_and_every_runtime_writes_the_same_ma
     with pytest.raises(UserInputError, match="runtime torch: an ONNX artifact .* has no PyTorch graph"):
         predict_folder(path, data, tmp_path / "refused", WINDOW, cases=[case], progress=False, runtime="torch")
     assert not (tmp_path / "refused").exists()
+    # a window the ONNX graph cannot take: refused before any work, with the one it takes (every case failed)
+    other = (WINDOW[0] * 2, *WINDOW[1:])
+    with pytest.raises(ValueError, match=rf"onnx.pt: an ONNX graph exported for {'x'.join(map(str, WINDOW))} windows "
+                                         rf"cannot slide a {'x'.join(map(str, other))} window; .* --window "
+                                         + " ".join(map(str, WINDOW))):
+        predict_folder(path, data, tmp_path / "refused", other, cases=[case], progress=False, runtime="onnxruntime")
+    assert not (tmp_path / "refused").exists()
 
 
 def written_cases(folder) -> list[str]:

@@ -153,6 +153,27 @@ def test_onnxruntime_backend_times_each_layer_fp32_against_its_qdq_graph_in_onnx
         dec.decide(model, (1, 4, 8, 8, 8), "measure", runs=1, cache=cache, backend="tflite")
 
 
+def test_a_damaged_or_unwritable_decision_cache_never_stops_a_run(tmp_path, capsys):
+    """A hand-edited entry (null, one number) is measured again; a cache folder that is a file is one warning
+    (both were tracebacks after the measurements)."""
+    model = nn.Sequential(nn.Conv3d(4, 8, 1), nn.ReLU(), nn.Conv3d(8, 8, 1))
+    cache = tmp_path / "int8_decisions.json"
+    decide(model, (1, 4, 8, 8, 8), "measure", runs=1, cache=cache)
+    store = json.loads(cache.read_text())
+    (machine,) = store
+    first, second = sorted(store[machine])
+    store[machine][first], store[machine][second] = None, [1.0]
+    cache.write_text(json.dumps(store))
+    rows = decide(model, (1, 4, 8, 8, 8), "measure", runs=1, cache=cache, progress=True)
+    assert "2 layer(s) measured on this CPU" in capsys.readouterr().out and all(r["fp32_ms"] > 0 for r in rows)
+    cache.write_text(json.dumps({machine: None}))
+    assert len(decide(model, (1, 4, 8, 8, 8), "measure", runs=1, cache=cache)) == 2
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    rows = decide(model, (1, 4, 8, 8, 8), "measure", runs=1, cache=afile / "int8_decisions.json")
+    assert len(rows) == 2 and f"warning: cannot write the cache {afile / 'int8_decisions.json'}" in capsys.readouterr().err
+
+
 class _ToChannelsLast(nn.Module):
     def forward(self, x):
         return x.contiguous(memory_format=torch.channels_last_3d)

@@ -8,7 +8,7 @@ import torch
 
 from brats.phantom import write_phantom_dataset
 from common.artifact import Artifact, ArtifactError, build_model
-from common.config import Config
+from common.config import Config, ConfigError
 from compress.quant.convert import convert
 from compress.quant.lsq import QUANT_LAYERS
 from compress.quant.qat import is_quantizer_param, qat_spec
@@ -161,3 +161,30 @@ def test_quantize_resumes_an_interrupted_qat_run(phantom, tmp_path):
     src2 = Artifact(stage="student", spec=other.spec.to_dict(), state_dict=other.state_dict()).save(tmp_path / "o.pt")
     with pytest.raises(ArtifactError, match="another architecture"):
         run_quantize(src2, _quant_cfg(phantom, epochs=2), out, resume=True)
+    # decisions timed for one backend and input size are not resumed for others (they were, silently)
+    with pytest.raises(ArtifactError, match=r"decided for backend torch, not onnxruntime; resume with the same"):
+        run_quantize(src, _quant_cfg(phantom, epochs=2), out, backend="onnxruntime", resume=True)
+    bigger = _quant_cfg(phantom, epochs=2)
+    bigger.quant.input = [64, 32, 32]
+    with pytest.raises(ArtifactError, match=r"decided for input \(quant.input, else train.window\) \(32, 32, 32\), "
+                                            r"not \(64, 32, 32\)"):
+        run_quantize(src, bigger, out, resume=True)
+
+
+def test_quant_input_is_checked_before_any_work(phantom, tmp_path):
+    """quant.input is the size the layers are timed at and, for ONNX Runtime, the graph's only input: a size
+    the model cannot take, or (onnxruntime) one the stage would not score with, is refused up front (they
+    failed in a traceback after data loading, or after the fine-tune)."""
+    fp32 = tiny_fp32(decoder="refine")
+    src = Artifact(stage="student", spec=fp32.spec.to_dict(), state_dict=fp32.state_dict()).save(tmp_path / "s.pt")
+    for size, backend, why in (([48, 32, 32], "torch", r"quant.input=\[48, 32, 32\]: three sizes, each a positive "
+                                                       r"multiple of 32"),
+                               ([0, 32, 32], "torch", r"quant.input=\[0, 32, 32\]"),
+                               ([64, 32, 32], "onnxruntime", r"quant.input=\[64, 32, 32\] differs from train.window="
+                                                             r"\[32, 32, 32\]: the ONNX graph takes only quant.input.*"
+                                                             r"--set train.window=\[64,32,32\]")):
+        cfg = _quant_cfg(phantom, epochs=0)
+        cfg.quant.input = size
+        with pytest.raises(ConfigError, match=why):
+            run_quantize(src, cfg, tmp_path / "q", backend=backend)
+        assert not (tmp_path / "q").exists()

@@ -307,6 +307,16 @@ def test_an_onnx_graph_of_another_input_size_is_timed_at_its_own_and_not_compare
                                           r"64x32x32 report window .*--set report.window=\[32,32,32\]"):
         make_report([teacher, onnx], Config(report=rep, train=other), tmp_path / "refused", progress=False)
     assert not (tmp_path / "refused").exists()
+    # two ONNX graphs of different sizes share no window: said as such (each one's hint named the other's size)
+    shape2 = (1, 4, 64, 32, 32)
+    data2 = export_onnx(inference_graph(student), shape2)
+    onnx2 = Artifact("int8", onnx_spec(list(shape2), len(data2), student.spec.to_dict(), "fp32"),
+                     OrtModel.from_bytes(data2, list(shape2)).state_dict()).save(tmp_path / "b" / "int8.pt")
+    with pytest.raises(ConfigError, match=r"ONNX graphs exported for different window sizes cannot share one report "
+                                          r"window \(.*\); report them separately") as refused:
+        make_report([onnx, onnx2], Config(report=rep, train=cfg.train), tmp_path / "refused", progress=False)
+    assert f"{onnx}: 32x32x32" in str(refused.value) and f"{onnx2}: 64x32x32" in str(refused.value)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_discovery_skips_only_resumable_checkpoints(built):

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.resample import SEPARABLE_MAX_CHANNELS, separable_trilinear, upsample, upsample2_conv3d
+from model.resample import (SEPARABLE_MAX_CHANNELS, depth_to_space3d, separable_trilinear, upsample,
+                            upsample2_conv3d)
 
 
 def _reference(x, size):
@@ -121,3 +122,15 @@ def test_upsample2_conv3d_gradients_match_and_bad_shapes_are_refused():
         upsample2_conv3d(torch.zeros(1, 4, 1, 4, 4), weight.detach(), None)
     with pytest.raises(ValueError, match="3x3x3 kernel"):
         upsample2_conv3d(torch.zeros(1, 4, 4, 4, 4), torch.zeros(2, 4, 1, 1, 1), None)
+
+
+def test_depth_to_space3d_places_each_channel_of_a_block_and_refuses_other_counts():
+    x = torch.arange(2 * 16 * 2 * 3 * 1, dtype=torch.float32).reshape(2, 16, 2, 3, 1)
+    y = depth_to_space3d(x)
+    assert y.shape == (2, 2, 4, 6, 2) and y.is_contiguous()
+    for o in range(2):
+        for p in range(8):
+            pd, ph, pw = p >> 2, (p >> 1) & 1, p & 1
+            assert torch.equal(y[:, o, pd::2, ph::2, pw::2], x[:, 8 * o + p])
+    with pytest.raises(ValueError, match=r"needs \(B, 8 O, D, H, W\), got \(1, 12, 2, 2, 2\)"):
+        depth_to_space3d(torch.zeros(1, 12, 2, 2, 2))

@@ -280,3 +280,20 @@ def test_a_config_built_in_code_is_held_to_the_ranges_before_any_work(tmp_path):
         with pytest.raises(ConfigError, match=why):
             lowrank_stage(src, cfg, tmp_path / "out", data_given=False)
         assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_holding_only_onnx_graphs_is_a_run_too(tmp_path):
+    """quantize.py --backend onnxruntime writes int8.onnx / fp32.onnx beside int8.pt: a folder left with only
+    those (an interrupted run, files copied in) was written over without --overwrite."""
+    import argparse
+
+    from common.cli import out_dir
+    from common.errors import UserInputError
+
+    out = tmp_path / "int8"
+    out.mkdir()
+    (out / "int8.onnx").write_bytes(b"graph")
+    with pytest.raises(UserInputError, match=r"int8 already holds a run \(int8.onnx\); continue it with --resume"):
+        out_dir(argparse.Namespace(out=str(out), resume=False, overwrite=False))
+    assert out_dir(argparse.Namespace(out=str(out), resume=False, overwrite=True)) == out
+    assert (out / "int8.onnx").read_bytes() == b"graph"  # the check writes nothing

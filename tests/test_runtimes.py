@@ -1,5 +1,6 @@
 """Runtimes: PyTorch, ONNX Runtime and OpenVINO give the same outputs (FP32) / run the same QDQ graph (INT8);
 `auto` picks the fastest measured and caches it; a missing runtime is skipped with a note."""
+import importlib.util
 import sys
 
 import pytest
@@ -175,3 +176,35 @@ def test_auto_takes_the_fastest_and_caches_it(fp32, monkeypatch):
     assert (again.runtime, again.how, len(measured)) == ("openvino", "measured", 4)
     with pytest.raises(RuntimeUnavailable, match="pip install onnxruntime"):
         choose_runtime(art, served, (32, 32, 32), "onnxruntime", path=path)
+
+
+OPENVINO_ALTSTACK = """
+import subprocess, sys
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from compress.quant.onnx_export import export_onnx, ov_compiled
+from model.refineformer3d import ModelSpec, RefineFormer3D
+list(DataLoader(TensorDataset(torch.zeros(4, 3)), batch_size=1, num_workers=2))  # installs a SIGCHLD handler
+model = RefineFormer3D(ModelSpec(embed_dims=[8, 8, 8, 8], num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1],
+                                 decoder_dim=8, fuse_dim=8, refine_dim=4)).eval()
+data = export_onnx(model, (1, 4, 32, 32, 32))
+first, second = ov_compiled(data, 1), ov_compiled(data, 1)
+del first, second  # torn down in the order they were made
+subprocess.run([sys.executable, "-c", "pass"], check=True)  # its exit delivers SIGCHLD
+print("survived")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="OpenVINO is not installed")
+def test_openvino_models_torn_down_in_any_order_leave_signal_handling_intact():
+    """OpenVINO's CPU plugin swaps the thread's alternate signal stack when created and unmaps its own when
+    destroyed: two Cores torn down out of order left the main thread on an unmapped stack, and the next
+    SIGCHLD (a DataLoader worker's, a subprocess's) killed the process with SIGSEGV (an xdist worker, in
+    `make test`). `ov_compiled` shares one Core (`ov_core`); run in a process of its own, as it can die."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", OPENVINO_ALTSTACK], cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "survived", (out.returncode, out.stderr[-2000:])

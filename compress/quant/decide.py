@@ -157,6 +157,12 @@ def measure_layer_onnxruntime(module: nn.Module, shape: tuple[int, ...], runs: i
     return min(times[0]), min(times[1])
 
 
+def _timings(entry: Any) -> bool:
+    """Whether a cache entry is usable: (fp32 ms, int8 ms), two positive numbers."""
+    return (isinstance(entry, list) and len(entry) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in entry))
+
+
 def decide(
     model: nn.Module,
     input_shape: tuple[int, ...],
@@ -183,7 +189,9 @@ def decide(
         raise ValueError(f"quant.force names layers the model does not have (or never runs): {unknown}")
     path = cache or cache_path()
     store = read_cache(path) if mode == "measure" else {}
-    machine = store.setdefault(machine_key(), {}) if mode == "measure" else {}
+    machine = store.get(machine_key()) if mode == "measure" else {}
+    if not isinstance(machine, dict):  # a damaged or hand-edited cache: measured again
+        machine = store[machine_key()] = {}
     rows, dirty, measured = [], False, 0
     names = list(shapes)
     for name in tqdm(names, desc="int8 decisions", disable=bar_off(progress), leave=False):
@@ -195,7 +203,7 @@ def decide(
                                "layout": layout, "fp32_ms": None, "int8_ms": None}
         if mode == "measure":
             sig = signature(module, shape, layout, backend)
-            if sig not in machine:
+            if not _timings(machine.get(sig)):  # absent, or not two numbers (a damaged entry)
                 machine[sig] = list(measure_layer(module, shape, runs, layout) if backend == "torch"
                                     else measure_layer_onnxruntime(module, shape, runs))
                 dirty, measured = True, measured + 1

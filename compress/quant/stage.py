@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from functools import partial
 from pathlib import Path
 from typing import Iterable
@@ -23,7 +24,7 @@ from torch import nn
 from brats.scoring import evaluate
 from common.artifact import Artifact, ArtifactError, build_model
 from common.atomic import atomic_write
-from common.config import Config, ConfigError, to_dict
+from common.config import Config, ConfigError, from_dict, to_dict
 from compress.quant.convert import convert, int8_spec, int8_weight_layers, prepare_float, set_engine
 from compress.quant.decide import BACKENDS, check_settings, decide, format_table, int8_layers
 from compress.quant.lsq import LSQConfig, calibrate, quantize_, quantizable
@@ -31,6 +32,7 @@ from compress.quant.onnx_export import OrtModel, export_onnx, onnx_spec
 from compress.quant.qat import KIND as QAT_KIND, as_qat_model
 from engine.loop import LAST, Stage, SupervisedStage
 from engine.runner import StageContext, StageDef, run_stage
+from model.refineformer3d import ModelSpec
 from model.rewrites import final_layer
 from student.distill import distill_trainer
 
@@ -68,8 +70,10 @@ def calib_images(data, n: int) -> list[torch.Tensor]:
     return [data.train_set[i % len(data.train_set)]["image"][None] for i in range(n)]
 
 
-def resume_qat(fp32: nn.Module, out: Path) -> tuple[nn.Module, list[dict]]:
-    """The fake-quant model and decision rows of an interrupted QAT run in <out>/qat/last.pt."""
+def resume_qat(fp32: nn.Module, out: Path, cfg: Config) -> tuple[nn.Module, list[dict]]:
+    """The fake-quant model and decision rows of an interrupted QAT run in <out>/qat/last.pt. ArtifactError
+    when the run decided its layers for another backend or input size than `cfg` asks for (its decisions
+    were timed with those kernels at those shapes)."""
     path = out / QAT_DIR / LAST
     last = Artifact.load(path)
     if last.spec.get("kind") != QAT_KIND or "decisions" not in last.extra.get("int8", {}):
@@ -77,6 +81,12 @@ def resume_qat(fp32: nn.Module, out: Path) -> tuple[nn.Module, list[dict]]:
                             "older quantize.py?); start again without --resume")
     if last.spec["base"] != fp32.spec.to_dict():
         raise ArtifactError(f"{path}: fine-tunes another architecture than the given FP32 artifact; pass the same one")
+    started = from_dict(last.config)
+    for what, then, now in (("backend", started.quant.backend, cfg.quant.backend),
+                            ("input (quant.input, else train.window)", input_shape(started)[2:], input_shape(cfg)[2:])):
+        if then != now:
+            raise ArtifactError(f"{path}: its INT8 layers were decided for {what} {then}, not {now}; resume with "
+                                f"the same, or start again with --overwrite")
     return build_model(last), list(last.extra["int8"]["decisions"])
 
 
@@ -86,7 +96,7 @@ def qat_step(fp32: nn.Module, ctx: StageContext, verbose: bool = False) -> nn.Mo
     go into ctx.extra["int8"] (and, `verbose`, to the console as a table)."""
     cfg = ctx.cfg
     if ctx.resume:
-        qat, rows = resume_qat(fp32.eval(), ctx.out)
+        qat, rows = resume_qat(fp32.eval(), ctx.out, cfg)
     else:
         qat, rows = quantize_step(fp32.eval(), cfg, calib_images(ctx.data, cfg.quant.calib),
                                   progress=ctx.dist.main, shape=input_shape(cfg))
@@ -145,7 +155,15 @@ def _check(art: Artifact, cfg: Config) -> None:
     quant.force names layers of this model's INT8 graph (built here on the CPU: a student takes well
     under a second)."""
     q = cfg.quant
-    input_shape(cfg)
+    size = input_shape(cfg)[2:]
+    stride = math.prod(art.spec.get("patch_strides") or ModelSpec().patch_strides)
+    if q.input and any(not isinstance(n, int) or n < stride or n % stride for n in size):
+        raise ConfigError(f"quant.input={list(q.input)}: three sizes, each a positive multiple of {stride}, the "
+                          "model's total stride")
+    if q.backend == "onnxruntime" and list(size) != list(cfg.train.window):
+        raise ConfigError(f"quant.input={list(size)} differs from train.window={list(cfg.train.window)}: the ONNX "
+                          "graph takes only quant.input, and the stage scores it with train.window; set both to "
+                          f"one size (e.g. --set train.window=[{','.join(map(str, size))}])")
     if q.calib < 1:
         raise ConfigError(f"quant.calib must be >= 1, got {q.calib}")
     try:
@@ -168,7 +186,7 @@ def run_quantize(artifact_path: str | Path, cfg: Config, out: Path, backend: str
 
     resume: continue the QAT fine-tune from <out>/qat/last.pt (same layers, scales and schedule)."""
     if backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        raise ConfigError(f"--backend / quant.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     # the per-layer decisions time this backend's kernels (quantize_step reads quant.backend)
     cfg = dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, backend=backend))
     if resume and cfg.train.epochs < 1:
