@@ -172,8 +172,11 @@ def _file_kind(path: Path) -> tuple[str, bool]:
         return "a torch file, corrupted or truncated", True
     if head.startswith(b"\x80"):
         return "a pickle or legacy torch file that does not load", True
+    if path.suffix == ".onnx" or (head[:1] == b"\x08" and b"pytorch" in head):  # ModelProto: ir_version first
+        return ("an ONNX graph, not an artifact: pass the .pt artifact written beside it (quantize.py "
+                "--backend onnxruntime writes int8.pt, which holds int8.onnx)"), False
     for magic, kind in ((b"\x1f\x8b", "a gzip file (a .nii.gz image?)"), (b"\x93NUMPY", "a NumPy .npy file"),
-                        (b"\x89HDF", "an HDF5 file"), (b"\x08\x00", "an ONNX or protobuf file?")):
+                        (b"\x89HDF", "an HDF5 file"), (b"\x08\x00", "a protobuf file?")):
         if head.startswith(magic):
             return f"not a torch file: {kind}", False
     try:

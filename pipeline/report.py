@@ -821,6 +821,9 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
              for r in rows),
         ),
         "",
+        *([f"\"(at DxHxW)\": an ONNX graph takes only the input it was exported for, so its G MACs and window "
+           f"latency are measured there, not at {size}: no ratio against the other rows, and not in the latency "
+           "plots.", ""] if any(r.get("input") not in (None, list(meta["input"])) for r in rows) else []),
         f"Reference row for ratios: {ref['stage'] + ' (' + ref['artifact'] + ')' if ref else 'none (no usable artifact)'}.",
         "",
         markdown_table(

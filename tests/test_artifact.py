@@ -334,3 +334,19 @@ def test_empty_and_text_files_say_what_they_are(tmp_path):
     (tmp_path / "image.pt").write_bytes(gzip.compress(b"\x5c\x01" * 100))
     with pytest.raises(ArtifactError, match=r"image\.pt: not a readable artifact \(not a torch file: a gzip file"):
         Artifact.load(tmp_path / "image.pt")
+
+
+def test_an_onnx_graph_given_as_an_artifact_points_to_the_artifact_beside_it(tmp_path):
+    """quantize.py --backend onnxruntime writes int8.onnx beside int8.pt; passing the .onnx said only
+    "corrupted, truncated or not a torch file"."""
+    import onnx
+
+    from compress.quant.onnx_export import export_onnx
+
+    graph = export_onnx(torch.nn.Conv3d(4, 3, 1), (1, 4, 8, 8, 8))
+    assert onnx.load_from_string(graph).graph.node  # a real ONNX graph, as the exporter writes it
+    for name in ("int8.onnx", "renamed.bin"):  # known by its name, or by its first bytes
+        (tmp_path / name).write_bytes(graph)
+        with pytest.raises(ArtifactError, match=rf"{name}: not a readable artifact \(an ONNX graph, not an artifact: "
+                                                r"pass the \.pt artifact written beside it"):
+            Artifact.load(tmp_path / name)

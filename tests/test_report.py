@@ -302,6 +302,7 @@ def test_an_onnx_graph_of_another_input_size_is_timed_at_its_own_and_not_compare
     md = (tmp_path / "out" / "report.md").read_text()
     assert f"| {int8['latency_ms_window']:.1f} (at 32x32x32) |" in md and f"{int8['gmacs']:.2f} (at 32x32x32)" in md
     assert f"| {ref['latency_ms_window']:.1f} |" in md  # the report's own input: no mark
+    assert '"(at DxHxW)": an ONNX graph takes only the input it was exported for' in md  # and why, once
     other = dataclasses.replace(cfg.train, window=[64, 32, 32])
     with pytest.raises(ConfigError, match=rf"{onnx}: an ONNX graph exported for 32x32x32 windows cannot slide a "
                                           r"64x32x32 report window .*--set report.window=\[32,32,32\]"):
