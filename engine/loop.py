@@ -167,6 +167,14 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 # ----------------------------------------------------------------------------- trainer
 
 
+def rank_runtime(cfg: Config, dist: DistInfo) -> Runtime:
+    """`resolve_runtime` for this process's rank: its local GPU, and the CPU threads shared among the
+    ranks of this machine (LOCAL_WORLD_SIZE under torchrun) unless train.threads says how many."""
+    t = cfg.train
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world))
+    return resolve_runtime(t.device, t.amp, t.threads, local_rank=dist.local_rank, local_world=local_world)
+
+
 class Trainer:
     """State of one `fit` call."""
 
@@ -183,9 +191,7 @@ class Trainer:
             raise ConfigError(f"train.epochs and train.batch_size must be >= 1 (got {t.epochs}, {t.batch_size})")
         if t.select not in SELECT_CHOICES:
             raise ConfigError(f"train.select={t.select!r}: choose one of {', '.join(SELECT_CHOICES)}")
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world))
-        self.runtime: Runtime = resolve_runtime(t.device, t.amp, t.threads, local_rank=self.dist.local_rank,
-                                                local_world=local_world)
+        self.runtime: Runtime = rank_runtime(cfg, self.dist)
         if self.dist.main:
             tqdm.write(self.runtime.line(stage_name))
         self.device = torch.device(self.runtime.device)
@@ -679,14 +685,19 @@ def _source_identity(lineage: Sequence[dict]) -> tuple:
     return last.get("stage"), json.dumps(last.get("metrics"), sort_keys=True, default=str)
 
 
+def check_size(name: str, size, stride: int) -> None:
+    """ConfigError unless `size` is three positive multiples of the model's total `stride`."""
+    if len(size) != 3 or any(not isinstance(n, int) or n < stride or n % stride for n in size):
+        raise ConfigError(f"{name}={list(size)}: three sizes, each a positive multiple of {stride}, the "
+                          "model's total stride")
+
+
 def check_sizes(cfg: Config, stride: int) -> None:
     """ConfigError unless data.crop and train.window are three positive multiples of the model's total
     `stride` and train.overlap is in [0, 1): checked before any work (validation would otherwise fail
     only after the first epoch, a compression stage only after its surgery)."""
     for name, size in (("data.crop", cfg.data.crop), ("train.window", cfg.train.window)):
-        if len(size) != 3 or any(not isinstance(n, int) or n < stride or n % stride for n in size):
-            raise ConfigError(f"{name}={list(size)}: three sizes, each a positive multiple of {stride}, the "
-                              "model's total stride")
+        check_size(name, size, stride)
     if not 0 <= cfg.train.overlap < 1:
         raise ConfigError(f"train.overlap={cfg.train.overlap}: a fraction of the window in [0, 1)")
 

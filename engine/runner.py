@@ -32,9 +32,9 @@ from common.artifact import Artifact, ArtifactError, build_model
 from common.config import DATA_IDENTITY, Config, ConfigError, check_values, to_dict
 from common.paths import recorded_path
 from engine.data import TrainData, make_data
-from engine.loop import LAST, FitResult, Stage, artifact_spec, check_sizes, fit
-from engine.runtime import DistInfo, init_distributed, resolve_runtime, seed_everything
-from model.refineformer3d import ModelSpec
+from engine.loop import LAST, FitResult, Stage, artifact_spec, check_sizes, fit, rank_runtime
+from engine.runtime import DistInfo, init_distributed, seed_everything
+from model.refineformer3d import total_stride
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -234,7 +234,7 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
     art = Artifact.load(source)
     data_line = inherit_data(art, cfg, data_given)
     check_source(art, cfg, stage.kinds, stage.name)
-    check_sizes(cfg, math.prod(art.spec.get("patch_strides") or ModelSpec().patch_strides))  # fp32: checked above
+    check_sizes(cfg, total_stride(art.spec))  # fp32: checked above
     check_values(cfg)  # the CLIs' configs passed it at load; a Config built in code, or the inherited data, here
     if stage.check is not None:
         stage.check(art, cfg)
@@ -262,7 +262,7 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
     try:
         # train.threads (and the device) apply from here: the source's score and the step's own timings
         # (quantize.py times each layer on this many threads) run as the fine-tune will
-        rt = resolve_runtime(cfg.train.device, cfg.train.amp, cfg.train.threads)
+        rt = rank_runtime(cfg, info)
         seed_everything(cfg.train.seed)
         data = make_data(cfg)
         if info.main and (warning := changed_cases(art, data.val_ids)):

@@ -15,6 +15,7 @@ Presets (see README for the measured parameter and multiply-add counts):
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +106,11 @@ class ModelSpec:
         for s in self.patch_strides:
             out *= s
         return out
+
+
+def total_stride(spec: dict) -> int:
+    """`ModelSpec.downsample` of a stored spec dict (the default strides where it names none)."""
+    return math.prod(int(s) for s in spec.get("patch_strides") or ModelSpec().patch_strides)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

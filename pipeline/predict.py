@@ -36,7 +36,7 @@ import compress.quant  # noqa: F401  (registers the int8-torch, int8-qat and onn
 from common.artifact import Artifact, build_model
 from common.errors import UserInputError
 from common.progress import bar_off
-from model.refineformer3d import ModelSpec, model_from_spec
+from model.refineformer3d import ModelSpec, model_from_spec, total_stride
 from model.rewrites import inference_graph
 from pipeline.runtimes import RuntimeChoice, RuntimeUnavailable, choose_runtime
 
@@ -95,11 +95,9 @@ def inference_model(art: Artifact, model: nn.Module | None = None) -> nn.Module:
 
 
 def downsample(spec: dict) -> int:
-    """Total encoder stride: window sizes must be multiples of it."""
-    out = 1
-    for s in base_spec(spec).get("patch_strides") or [4, 2, 2, 2]:
-        out *= int(s)
-    return out
+    """Total encoder stride of any artifact's spec (an INT8 or ONNX one: of its float base): window sizes
+    must be multiples of it."""
+    return total_stride(base_spec(spec))
 
 
 def check_window(window: Sequence[int], spec: dict, name: str = "window") -> tuple[int, int, int]:
@@ -215,6 +213,15 @@ def fixed_window(art: Artifact) -> tuple[int, int, int] | None:
     return None
 
 
+def check_fixed_window(art: Artifact, window: Sequence[int], path, what: str, fix: str, sep: str) -> None:
+    """ValueError, naming `path`, the graph's size, `what` was asked and how to fix it (`fix` with the
+    graph's sizes joined by `sep` in its {}), when an ONNX graph (`fixed_window`) cannot slide `window`."""
+    fixed = fixed_window(art)
+    if fixed is not None and tuple(window) != fixed:
+        raise ValueError(f"{path}: an ONNX graph exported for {'x'.join(map(str, fixed))} windows cannot slide "
+                         f"{what} of {'x'.join(map(str, window))}; pass " + fix.format(sep.join(map(str, fixed))))
+
+
 def default_window(art: Artifact) -> tuple[int, int, int]:
     """The sliding window an artifact is served with unless told: an ONNX graph's fixed input size, else
     the window its stage validated with (`train.window` in its config, as report.py scores it), else 128^3."""
@@ -256,11 +263,7 @@ def predict_folder(artifact: str | Path, input_dir: str | Path, output_dir: str 
     art = Artifact.load(artifact)
     window_given = window
     window = check_window(default_window(art) if window is None else window, art.spec)
-    fixed = fixed_window(art)
-    if fixed is not None and window != fixed:
-        raise ValueError(f"{artifact}: an ONNX graph exported for {'x'.join(map(str, fixed))} windows cannot "
-                         f"slide a {'x'.join(map(str, window))} window; leave --window out (its own) or pass "
-                         f"--window {' '.join(map(str, fixed))}")
+    check_fixed_window(art, window, artifact, "a window", "--window {} (or leave --window out: its own)", " ")
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     model = inference_model(art)

@@ -60,7 +60,8 @@ from model.macs import count_macs
 from model.refineformer3d import RefineFormer3D, count_params, preset_spec
 from pipeline import plots
 from pipeline.latency import runtime_note
-from pipeline.predict import (FP32_KINDS, artifact_et_rule, artifact_scheme, check_window, fixed_window,
+from pipeline.predict import (FP32_KINDS, artifact_et_rule, artifact_scheme, check_fixed_window, check_window,
+                              fixed_window,
                               fp32_model, inference_model, predict_fn)
 from pipeline.profile import gemm_peak, profile_artifact
 from pipeline.runtimes import CHOICES as RUNTIME_CHOICES, RUNTIMES, measure_runtimes, pick_runtime
@@ -385,23 +386,23 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
     good = [f for f in found if f.artifact is not None]
     if not good:  # nothing to score: say why before anything is written (an existing report stays as it is)
         raise ArtifactError("no usable artifact: " + "; ".join(f.error or str(f.path) for f in found))
-    fixed = {f.path: fixed_window(f.artifact) for f in good if fixed_window(f.artifact) is not None}
-    if len(set(fixed.values())) > 1:
+    # sizes every artifact can take, before any work (the whole report: every row is scored with one window)
+    onnx_windows = {f.path: w for f in good if (w := fixed_window(f.artifact)) is not None}
+    if len(set(onnx_windows.values())) > 1:
         raise ConfigError("ONNX graphs exported for different window sizes cannot share one report window ("
-                          + ", ".join(f"{p}: {_shape(w)}" for p, w in fixed.items()) + "); report them separately")
-    for f in good:  # sizes every artifact can take, before any work (each row would fail alike)
+                          + ", ".join(f"{p}: {_shape(w)}" for p, w in onnx_windows.items())
+                          + "); report them separately")
+    for f in good:
         try:
             window = check_window(rep_window(cfg), f.artifact.spec, "report window")
             check_window(cfg.report.input, f.artifact.spec, "report.input")
         except ValueError as e:
             raise ConfigError(f"{f.path}: {e}") from None
-        fixed = fixed_window(f.artifact)
-        if fixed is not None and fixed != window:
-            shape = ",".join(map(str, fixed))
-            raise ConfigError(
-                f"{f.path}: an ONNX graph exported for {_shape(fixed)} windows cannot slide a "
-                f"{_shape(window)} report window (report.window, else train.window); pass "
-                f"--set report.window=[{shape}] to score every artifact with its window")
+        try:
+            check_fixed_window(f.artifact, window, f.path, "a report window (report.window, else train.window)",
+                               "--set report.window=[{}] to score every artifact with its window", ",")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     reference = pick_reference(good)
 
     cache, cases, data_used = None, [], data or cfg.data

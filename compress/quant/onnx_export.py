@@ -9,9 +9,9 @@ mishandle that pattern (DequantizeLinear of a constant -> Conv / MatMul): ORT ke
 the graph (it must not fold QDQ patterns it may fuse), so every run dequantized those weights again (the
 demo student with every layer weight-only: 84 ms per 96x96x64 window against 72 ms for its plain FP32
 export, a helper's measurement), and the optimised ORT and OpenVINO sessions computed something else:
-logits 0.11-0.13 off (of 20) from the fake quantisation with no INT8 layer at all (a tiny model, /tmp
-script; the folded graph: 2e-5). `dequantize_weight_only` turns them into float initializers when a
-session or compiled model is made, the stored file keeping int8.
+logits 0.11-0.13 off (of 20) from the fake quantisation with no INT8 layer at all (a tiny model; folded:
+within 1e-4 of the logits' scale, tests/test_quant_onnx.py). `dequantize_weight_only` turns them into
+float initializers when a session or compiled model is made, the stored file keeping int8.
 Linear weights are exported transposed (in, out) with the channel axis 1, so the DequantizeLinear
 feeds MatMul directly (a Transpose in between would stop ORT's QDQ fusion).
 
@@ -98,6 +98,42 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...]) -> bytes:
     return fold_weight_quantizers(buf.getvalue())
 
 
+def _constants(graph) -> dict[str, np.ndarray]:
+    """Every constant value of an ONNX graph by name: its initializers and its Constant nodes' outputs."""
+    from onnx import numpy_helper
+
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return consts
+
+
+def _channel_shape(node, ndim: int, scale: np.ndarray) -> list[int]:
+    """Broadcast shape of a Quantize/DequantizeLinear node's scale over an ndim tensor (its `axis`, default 1)."""
+    shape = [1] * ndim
+    if scale.ndim:
+        shape[next((a.i for a in node.attribute if a.name == "axis"), 1)] = -1
+    return shape
+
+
+def _drop_unused(graph) -> None:
+    """Remove initializers and Constant nodes nothing reads any more (ORT warns about each one it finds)."""
+    used = {n for node in graph.node for n in node.input} | {o.name for o in graph.output}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
+        graph.node.remove(node)
+
+
+def _replace(graph, swaps: list) -> None:
+    """Each (node, initializer) pair: the node's output becomes that constant."""
+    for node, init in swaps:
+        graph.node.remove(node)
+        graph.initializer.append(init)
+    _drop_unused(graph)
+
+
 def fold_weight_quantizers(data: bytes) -> bytes:
     """Replace QuantizeLinear(constant float weight) by an int8 initializer."""
     import onnx
@@ -105,82 +141,74 @@ def fold_weight_quantizers(data: bytes) -> bytes:
 
     model = onnx.load_from_string(data)
     graph = model.graph
-    consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    drop, new_inits = [], []
+    consts = _constants(graph)
+    swaps = []
     for node in graph.node:
         if node.op_type != "QuantizeLinear" or not all(n in consts for n in node.input):
             continue
         w, scale, zp = (consts[n] for n in node.input)
         if w.dtype != np.float32 or zp.dtype != np.int8:
             continue
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        shape = [1] * w.ndim
-        if scale.ndim:
-            shape[axis] = -1
+        shape = _channel_shape(node, w.ndim, scale)
         q = np.clip(np.rint(w / scale.reshape(shape)) + zp.reshape(shape).astype(np.float32), -128, 127).astype(np.int8)
-        new_inits.append(numpy_helper.from_array(q, node.output[0]))
-        drop.append(node)
-    for node in drop:
-        graph.node.remove(node)
-    graph.initializer.extend(new_inits)
-    used = {n for node in graph.node for n in node.input}
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
+        swaps.append((node, numpy_helper.from_array(q, node.output[0])))
+    _replace(graph, swaps)
     return model.SerializeToString()
 
 
+def _scope(name: str) -> str:
+    """The module a TorchScript-exported node belongs to: its name without the last part
+    ("/encoder/stages.0/blocks.0/attn/q/MatMul" -> "/encoder/stages.0/blocks.0/attn/q")."""
+    return name.rsplit("/", 1)[0]
+
+
 def dequantize_weight_only(data: bytes) -> bytes:
-    """ONNX bytes whose weight-only layers carry float weights: a DequantizeLinear of an int8 initializer
-    whose consumers all take a float activation (not one from a DequantizeLinear: that is an INT8
-    layer, which ORT fuses with its weight's DequantizeLinear) is replaced by the dequantized float
-    initializer, (q - zero point) * scale per channel. Everything else is left as it is."""
+    """ONNX bytes whose weight-only layers carry float weights: a DequantizeLinear of an int8 constant is
+    replaced by the dequantized float initializer, (q - zero point) * scale per channel, unless one of its
+    consumers is an INT8 layer: its activation comes through a DequantizeLinear, and that is its own input
+    quantizer (same module) or its output is requantized (an input quantizer the exporter shares between
+    two layers reading one tensor, attention's q and kv, sits in the other's module); ORT fuses those into
+    QLinearConv / QLinearMatMul-style kernels. A weight-only layer right after an INT8 layer (the two
+    parts of a low-rank layer) reads that layer's requantized output and keeps a float output: folded.
+    Everything else is left as it is; bytes with nothing to fold come back unchanged."""
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load_from_string(data)
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
+    consts = _constants(graph)
     produced_by = {out: node for node in graph.node for out in node.output}
     consumers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
 
-    def int8_layer(node) -> bool:  # its activation comes through a DequantizeLinear
-        src = produced_by.get(node.input[0]) if node.input else None
-        return src is not None and src.op_type == "DequantizeLinear"
+    def requantized(node) -> bool:  # its output, or its bias Add's, goes into a QuantizeLinear
+        outs = [u for o in node.output for u in consumers.get(o, [])]
+        outs += [u for a in outs if a.op_type == "Add" for o in a.output for u in consumers.get(o, [])]
+        return any(u.op_type == "QuantizeLinear" for u in outs)
 
-    folded = []
+    def int8_layer(node) -> bool:
+        src = produced_by.get(node.input[0]) if node.input else None
+        return src is not None and src.op_type == "DequantizeLinear" and (
+            _scope(src.name) == _scope(node.name) or requantized(node))
+
+    swaps = []
     for node in graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
-            continue
-        q = numpy_helper.to_array(inits[node.input[0]])
+        if node.op_type != "DequantizeLinear" or not all(n in consts for n in node.input):
+            continue  # an activation's, or a weight whose scale or zero point is not a constant
+        q, scale = consts[node.input[0]], consts[node.input[1]]
+        zp = consts[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros((), q.dtype)
         users = consumers.get(node.output[0], [])
         if q.dtype != np.int8 or not users or any(int8_layer(u) for u in users):
             continue
-        scale = numpy_helper.to_array(inits[node.input[1]]) if node.input[1] in inits else None
-        if scale is None:
-            continue
-        zp = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] in inits else 0
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        shape = [1] * q.ndim
-        if np.ndim(scale):
-            shape[axis] = -1
-        w = (q.astype(np.float32) - np.reshape(zp, shape).astype(np.float32)) * np.reshape(scale, shape)
-        folded.append((node, numpy_helper.from_array(w.astype(np.float32), node.output[0])))
-    for node, init in folded:
-        graph.node.remove(node)
-        graph.initializer.append(init)
-    # their scales and zero points: initializers, or Constant nodes (ORT warns about each one left unused)
-    used = {n for node in graph.node for n in node.input} | {o.name for o in graph.output}
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
-    for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
-        graph.node.remove(node)
-    return model.SerializeToString() if folded else data
+        shape = _channel_shape(node, q.ndim, scale)
+        w = (q.astype(np.float32) - zp.reshape(shape).astype(np.float32)) * scale.reshape(shape)
+        swaps.append((node, numpy_helper.from_array(w.astype(np.float32), node.output[0])))
+    if not swaps:
+        return data
+    _replace(graph, swaps)
+    return model.SerializeToString()
 
 
 # ----------------------------------------------------------------------------- runtime

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from functools import partial
 from pathlib import Path
 from typing import Iterable
@@ -24,15 +23,15 @@ from torch import nn
 from brats.scoring import evaluate
 from common.artifact import Artifact, ArtifactError, build_model
 from common.atomic import atomic_write
-from common.config import Config, ConfigError, from_dict, to_dict
+from common.config import Config, ConfigError, to_dict
 from compress.quant.convert import convert, int8_spec, int8_weight_layers, prepare_float, set_engine
 from compress.quant.decide import BACKENDS, check_settings, decide, format_table, int8_layers
 from compress.quant.lsq import LSQConfig, calibrate, quantize_, quantizable
 from compress.quant.onnx_export import OrtModel, export_onnx, onnx_spec
 from compress.quant.qat import KIND as QAT_KIND, as_qat_model
-from engine.loop import LAST, Stage, SupervisedStage
+from engine.loop import LAST, Stage, SupervisedStage, check_size
 from engine.runner import StageContext, StageDef, run_stage
-from model.refineformer3d import ModelSpec
+from model.refineformer3d import total_stride
 from model.rewrites import final_layer
 from student.distill import distill_trainer
 
@@ -81,10 +80,12 @@ def resume_qat(fp32: nn.Module, out: Path, cfg: Config) -> tuple[nn.Module, list
                             "older quantize.py?); start again without --resume")
     if last.spec["base"] != fp32.spec.to_dict():
         raise ArtifactError(f"{path}: fine-tunes another architecture than the given FP32 artifact; pass the same one")
-    started = from_dict(last.config)
-    for what, then, now in (("backend", started.quant.backend, cfg.quant.backend),
-                            ("input (quant.input, else train.window)", input_shape(started)[2:], input_shape(cfg)[2:])):
-        if then != now:
+    stored = last.config or {}  # read raw: a key removed since would stop a whole-config parse
+    quant, train = stored.get("quant") or {}, stored.get("train") or {}
+    size = tuple(int(n) for n in quant.get("input") or train.get("window") or ())
+    for what, then, now in (("backend", quant.get("backend", "torch"), cfg.quant.backend),  # older runs: PyTorch's
+                            ("input (quant.input, else train.window)", size or None, input_shape(cfg)[2:])):
+        if then is not None and then != now:
             raise ArtifactError(f"{path}: its INT8 layers were decided for {what} {then}, not {now}; resume with "
                                 f"the same, or start again with --overwrite")
     return build_model(last), list(last.extra["int8"]["decisions"])
@@ -156,10 +157,8 @@ def _check(art: Artifact, cfg: Config) -> None:
     under a second)."""
     q = cfg.quant
     size = input_shape(cfg)[2:]
-    stride = math.prod(art.spec.get("patch_strides") or ModelSpec().patch_strides)
-    if q.input and any(not isinstance(n, int) or n < stride or n % stride for n in size):
-        raise ConfigError(f"quant.input={list(q.input)}: three sizes, each a positive multiple of {stride}, the "
-                          "model's total stride")
+    if q.input:
+        check_size("quant.input", list(q.input), total_stride(art.spec))
     if q.backend == "onnxruntime" and list(size) != list(cfg.train.window):
         raise ConfigError(f"quant.input={list(size)} differs from train.window={list(cfg.train.window)}: the ONNX "
                           "graph takes only quant.input, and the stage scores it with train.window; set both to "
