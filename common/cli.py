@@ -110,7 +110,9 @@ def out_dir(args: argparse.Namespace) -> Path:
         if path.is_dir() else []
     if existing and not (getattr(args, "resume", False) or getattr(args, "overwrite", False)):
         shown = ", ".join(existing[:4]) + (" ..." if len(existing) > 4 else "")
-        resume = "continue it with --resume, " if hasattr(args, "resume") else ""
+        # --resume continues from a training checkpoint (last.pt); a folder of artifacts or graphs only has none
+        resumable = hasattr(args, "resume") and any(Path(p).name == "last.pt" for p in existing)
+        resume = "continue it with --resume, " if resumable else ""
         raise UserInputError(f"{path} already holds a run ({shown}); {resume}replace it with --overwrite, "
                              "or choose another --out")
     return path

@@ -53,9 +53,13 @@ def test_a_finished_run_is_not_overwritten_without_a_word(elsewhere):
     run_dir = elsewhere / "teacher"
     run_dir.mkdir()
     (run_dir / "best.pt").write_bytes(b"a six-epoch teacher")
-    out = run(elsewhere, "train.py", "--out", "teacher")
-    assert out.returncode == 2 and "--resume" in out.stderr and "--overwrite" in out.stderr
+    out = run(elsewhere, "train.py", "--out", "teacher")  # no last.pt: nothing --resume could continue
+    assert out.returncode == 2 and "--resume" not in out.stderr and "--overwrite" in out.stderr
     assert "teacher already holds a run (best.pt)" in out.stderr
+    (run_dir / "last.pt").write_bytes(b"its training state")
+    out = run(elsewhere, "train.py", "--out", "teacher")
+    assert out.returncode == 2 and "continue it with --resume" in out.stderr and "--overwrite" in out.stderr
+    assert "teacher already holds a run (best.pt, last.pt)" in out.stderr
     assert (run_dir / "best.pt").read_bytes() == b"a six-epoch teacher"
 
 

@@ -293,7 +293,7 @@ def test_an_output_folder_holding_only_onnx_graphs_is_a_run_too(tmp_path):
     out = tmp_path / "int8"
     out.mkdir()
     (out / "int8.onnx").write_bytes(b"graph")
-    with pytest.raises(UserInputError, match=r"int8 already holds a run \(int8.onnx\); continue it with --resume"):
-        out_dir(argparse.Namespace(out=str(out), resume=False, overwrite=False))
+    with pytest.raises(UserInputError, match=r"int8 already holds a run \(int8.onnx\); replace it with --overwrite"):
+        out_dir(argparse.Namespace(out=str(out), resume=False, overwrite=False))  # no last.pt: nothing to resume
     assert out_dir(argparse.Namespace(out=str(out), resume=False, overwrite=True)) == out
     assert (out / "int8.onnx").read_bytes() == b"graph"  # the check writes nothing
