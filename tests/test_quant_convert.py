@@ -128,8 +128,11 @@ def test_onnxruntime_backend_times_each_layer_fp32_against_its_qdq_graph_in_onnx
     dec = sys.modules[decide.__module__]
     graphs = []
 
+    threads_seen = []
+
     def recording_session(data, threads=None):
         graphs.append({n.op_type for n in onnx.load_from_string(data).graph.node})
+        threads_seen.append(threads)
         return real_session(data, threads)
 
     real_session = onnx_export.ort_session
@@ -148,6 +151,13 @@ def test_onnxruntime_backend_times_each_layer_fp32_against_its_qdq_graph_in_onnx
     assert [r["fp32_ms"] for r in dec.decide(model, (1, 4, 8, 8, 8), "measure", runs=1, cache=cache,
                                              backend="onnxruntime")] == [r["fp32_ms"] for r in rows]
     assert len(graphs) == 4  # the second time from the cache
+    assert set(threads_seen) == {torch.get_num_threads()}
+    # the artifact's own ORT threads (quant.threads) when they differ from PyTorch's: timed and cached apart
+    other = torch.get_num_threads() + 1
+    dec.decide(model, (1, 4, 8, 8, 8), "measure", runs=1, cache=cache, backend="onnxruntime", threads=other)
+    assert len(graphs) == 8 and threads_seen[4:] == [other] * 4
+    keys = list(json.loads(cache.read_text()).values())[0]
+    assert sum(k.startswith(f"onnxruntime {onnxruntime.__version__} threads {other}:") for k in keys) == 2
     assert [r["layer"] for r in torch_rows] == [r["layer"] for r in rows]
     with pytest.raises(ValueError, match="backend must be one of torch, onnxruntime, got 'tflite'"):
         dec.decide(model, (1, 4, 8, 8, 8), "measure", runs=1, cache=cache, backend="tflite")

@@ -77,9 +77,11 @@ def layer_inputs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tu
     return shapes
 
 
-def signature(module: nn.Module, shape: tuple[int, ...], layout: str = "contiguous", backend: str = "torch") -> str:
+def signature(module: nn.Module, shape: tuple[int, ...], layout: str = "contiguous", backend: str = "torch",
+              threads: int | None = None) -> str:
     """Cache key of one layer's timings: geometry @ input shape, then @cl (PyTorch, channels-last input)
-    or, for ONNX Runtime (which takes its input contiguous), the runtime and its version first."""
+    or, for ONNX Runtime (which takes its input contiguous), the runtime, its version and its intra-op
+    `threads` (when they differ from PyTorch's, which `machine_key` holds) first."""
     if isinstance(module, nn.Linear):
         geo = f"linear{module.in_features}x{module.out_features}"
     else:
@@ -89,7 +91,8 @@ def signature(module: nn.Module, shape: tuple[int, ...], layout: str = "contiguo
     if backend == "onnxruntime":
         import onnxruntime
 
-        return f"onnxruntime {onnxruntime.__version__}:{sig}"
+        own = f" threads {threads}" if threads and threads != torch.get_num_threads() else ""
+        return f"onnxruntime {onnxruntime.__version__}{own}:{sig}"
     return sig + ("@cl" if layout == CHANNELS_LAST else "")
 
 
@@ -136,10 +139,12 @@ def measure_layer(module: nn.Module, shape: tuple[int, ...], runs: int = 5,
 
 
 @torch.no_grad()
-def measure_layer_onnxruntime(module: nn.Module, shape: tuple[int, ...], runs: int = 5) -> tuple[float, float]:
+def measure_layer_onnxruntime(module: nn.Module, shape: tuple[int, ...], runs: int = 5,
+                              threads: int | None = None) -> tuple[float, float]:
     """(fp32 ms, int8 ms) of one layer in ONNX Runtime: its FP32 ONNX graph against its QDQ graph (LSQ
     fake quantisation calibrated on the input, exported as `compress.quant.onnx_export` writes the
-    artifact's), each in its own session with this process's thread count, interleaved."""
+    artifact's), each in its own session with `threads` intra-op threads (the artifact's quant.threads;
+    None: this process's thread count), interleaved."""
     from compress.quant.onnx_export import export_onnx, ort_session
 
     x = torch.randn(shape)
@@ -148,7 +153,7 @@ def measure_layer_onnxruntime(module: nn.Module, shape: tuple[int, ...], runs: i
     quantize_(layer, LSQConfig())
     calibrate(layer, [x])
     graphs.append(export_onnx(layer, shape))
-    sessions = [ort_session(g, torch.get_num_threads()) for g in graphs]
+    sessions = [ort_session(g, threads or torch.get_num_threads()) for g in graphs]
     feed = {"image": x.numpy()}
     times: list[list[float]] = [[], []]
     for _ in range(2):  # interleaved A/B rounds
@@ -175,10 +180,12 @@ def decide(
     final: set[str] | frozenset[str] = frozenset(),
     first: str | None = None,
     backend: str = "torch",
+    threads: int | None = None,
 ) -> list[dict[str, Any]]:
     """One row per candidate layer: layer, type, shape, fp32_ms, int8_ms, choice, why. `first`: the input
     layer (the stem conv, or its low-rank parts under that name), which stays FP32 unless forced, as `final`.
-    `backend`: whose kernels time the layers (`BACKENDS`); ValueError for another."""
+    `backend`: whose kernels time the layers (`BACKENDS`); ValueError for another. `threads`: ONNX Runtime's
+    intra-op threads for that backend (quant.threads; None: PyTorch's)."""
     force = dict(force or {})
     check_settings(mode, force)
     if backend not in BACKENDS:
@@ -202,10 +209,10 @@ def decide(
         row: dict[str, Any] = {"layer": name, "type": type(module).__name__, "shape": list(shape),
                                "layout": layout, "fp32_ms": None, "int8_ms": None}
         if mode == "measure":
-            sig = signature(module, shape, layout, backend)
+            sig = signature(module, shape, layout, backend, threads)
             if not _timings(machine.get(sig)):  # absent, or not two numbers (a damaged entry)
                 machine[sig] = list(measure_layer(module, shape, runs, layout) if backend == "torch"
-                                    else measure_layer_onnxruntime(module, shape, runs))
+                                    else measure_layer_onnxruntime(module, shape, runs, threads))
                 dirty, measured = True, measured + 1
             row["fp32_ms"], row["int8_ms"] = machine[sig]
         if name in force:

@@ -53,7 +53,8 @@ def quantize_step(model: nn.Module, cfg: Config, calib: Iterable[torch.Tensor], 
     q = cfg.quant
     model = prepare_float(as_qat_model(model), reassoc=q.reassoc)  # a rewritten copy that describes itself
     rows = decide(model, shape or input_shape(cfg), q.decide, q.force, runs=q.bench_runs, min_speedup=q.min_speedup,
-                  progress=progress, final={final_layer(model)}, first=STEM, backend=q.backend)
+                  progress=progress, final={final_layer(model)}, first=STEM, backend=q.backend,
+                  threads=q.threads)
     chosen, every = set(int8_layers(rows)), {r["layer"] for r in rows}
     lsq = LSQConfig(act_qmax=q.act_qmax, percentile=q.percentile, final={final_layer(model)},
                     weight_only=every - chosen)  # FP32 on int8-stored weights
