@@ -37,7 +37,8 @@ from common.artifact import Artifact
 from common.cache import cache_file, read_cache, write_cache
 from common.cli import RUNTIME_CHOICES
 from compress.quant.decide import machine_key
-from compress.quant.onnx_export import ONNX_RUNTIMES, OrtModel, export_onnx, onnx_runner, run_items
+from compress.quant.onnx_export import (ONNX_RUNTIMES, SERVING_REVISION, OrtModel, export_onnx, onnx_runner,
+                                        run_items)
 from compress.quant.qat import KIND as QAT_KIND
 from pipeline.latency import window_latencies_ms
 
@@ -205,9 +206,10 @@ def _file_hash(path: str | Path) -> str:
 
 
 def cache_key(path: str | Path, window: Sequence[int], threads: int) -> str:
-    """The artifact's content, the window, the machine, the runtimes' versions and threads."""
+    """The artifact's content, the window, the machine, the runtimes' versions, how ONNX graphs are served
+    (`SERVING_REVISION`) and threads."""
     return "|".join([_file_hash(path), "x".join(map(str, window)), machine_key(), _versions(),
-                     f"runtime threads {threads}"])
+                     f"onnx serving {SERVING_REVISION}", f"runtime threads {threads}"])
 
 
 def choose_runtime(art: Artifact, served: nn.Module, window: Sequence[int], requested: str = "auto", *,

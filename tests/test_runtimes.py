@@ -169,11 +169,16 @@ def test_auto_takes_the_fastest_and_caches_it(fp32, monkeypatch):
     # threads are part of the key
     choose_runtime(art, served, (32, 32, 32), "auto", path=path, threads=torch.get_num_threads() + 1)
     assert len(measured) == 3
+    # so is how ONNX graphs are served: a choice timed on an older serving path is measured again
+    monkeypatch.setattr(runtimes, "SERVING_REVISION", runtimes.SERVING_REVISION + 1)
+    assert choose_runtime(art, served, (32, 32, 32), "auto", path=path)[0].how == "measured"
+    monkeypatch.setattr(runtimes, "SERVING_REVISION", runtimes.SERVING_REVISION - 1)
+    assert len(measured) == 4
     # the cached runtime no longer imports (uninstalled since): measured again, among the others
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     del fake["onnxruntime"]
     again, model = choose_runtime(art, served, (32, 32, 32), "auto", path=path)
-    assert (again.runtime, again.how, len(measured)) == ("openvino", "measured", 4)
+    assert (again.runtime, again.how, len(measured)) == ("openvino", "measured", 5)
     with pytest.raises(RuntimeUnavailable, match="pip install onnxruntime"):
         choose_runtime(art, served, (32, 32, 32), "onnxruntime", path=path)
 

@@ -36,6 +36,10 @@ from common.artifact import register_builder
 from compress.quant.lsq import QuantConv3d, QuantLinear, int8_weight
 
 OPSET = 17
+# What an ONNX Runtime session / OpenVINO model is made from, beyond the stored bytes: 2 = weight-only layers
+# folded to float weights (`dequantize_weight_only`). Part of measured-runtime cache keys, so choices timed
+# on an older serving path are measured again; raise it whenever that path changes.
+SERVING_REVISION = 2
 
 
 # ----------------------------------------------------------------------------- export
