@@ -101,11 +101,8 @@ class ModelSpec:
 
     @property
     def downsample(self) -> int:
-        """Total stride of the encoder: input sizes must be multiples of it."""
-        out = 1
-        for s in self.patch_strides:
-            out *= s
-        return out
+        """Total stride of the encoder: input sizes must be multiples of it (`total_stride` of a stored spec)."""
+        return math.prod(self.patch_strides)
 
 
 def total_stride(spec: dict) -> int:

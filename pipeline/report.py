@@ -61,8 +61,7 @@ from model.refineformer3d import RefineFormer3D, count_params, preset_spec
 from pipeline import plots
 from pipeline.latency import runtime_note
 from pipeline.predict import (FP32_KINDS, artifact_et_rule, artifact_scheme, check_fixed_window, check_window,
-                              fixed_window,
-                              fp32_model, inference_model, predict_fn)
+                              fixed_window, fp32_model, inference_model, predict_fn)
 from pipeline.profile import gemm_peak, profile_artifact
 from pipeline.runtimes import CHOICES as RUNTIME_CHOICES, RUNTIMES, measure_runtimes, pick_runtime
 
