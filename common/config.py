@@ -135,8 +135,12 @@ class DistillConfig:
 class LowRankConfig:
     energy: float | None = None  # keep this share of spectral energy per layer
     ratio: float | None = None  # or rank = ratio * full rank (wins over energy)
-    params: str | None = "65%"  # or a global parameter budget, "200k" or a share "65%" (wins over both)
+    params: str | None = "65%"  # or a global parameter budget, "200k" or a share "65%" (wins over both), or "auto"
     min_saving: float = 0.0  # factorise only when it saves more than this share of a layer
+    # params "auto": the smallest of these shares whose factorised model (before any fine-tune) keeps every
+    # region's validation Dice within auto_tolerance of the source's, scored in the stage (compress.lowrank)
+    auto_shares: list[float] = field(default_factory=lambda: [0.25, 0.35, 0.5, 0.65, 0.8])
+    auto_tolerance: float = 0.005
     teacher: str | None = None  # None: the teacher in the artifact's lineage
 
 
@@ -319,6 +323,10 @@ def check_values(cfg: Config) -> None:
     at_least(r.max_cases, 1, "report.max_cases", optional=True)
     at_least(r.profile_top, 1, "report.profile_top")
     fraction(cfg.guard.max_region_drop, "guard.max_region_drop")
+    lr = cfg.lowrank
+    need(bool(lr.auto_shares) and all(0.0 < v < 1.0 for v in lr.auto_shares), "lowrank.auto_shares",
+         lr.auto_shares, "shares of the model's parameters, each in (0, 1), at least one")
+    fraction(lr.auto_tolerance, "lowrank.auto_tolerance")
     p = cfg.distill.perturb
     for key in ("prob", "blur_prob", "modality_dropout", "flip_prob", "rot90_prob", "affine_prob"):
         fraction(getattr(p, key), f"distill.perturb.{key}")

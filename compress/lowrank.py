@@ -10,7 +10,10 @@ layer is factorised only when `r*(i*k^3 + o)` saves parameters (beyond `cfg.min_
 
 Rank rules (precedence params > ratio > energy): a global parameter budget (`200k`, or a share of
 the model, `65%`, the default) spent greedily where the least spectral energy is lost; a rank
-ratio; or a share of spectral energy per layer.
+ratio; or a share of spectral energy per layer. `--params auto` chooses the share on validation
+(`search_share`): the smallest of `lowrank.auto_shares` whose factorised model, before any fine-tune,
+keeps every region's Dice within `lowrank.auto_tolerance` of the source's on the stage's validation
+cases (the chosen figure is optimistic by the choice of one share among a few).
 
 The rank of each factorised layer goes into `model.spec.ranks`, so the model rebuilds from its spec.
 The surgery is `factorise_(model, cfg, filter) -> (model, table)` (in place, hence the underscore, as torchao names its in-place transforms); the `LOWRANK` stage (run by
@@ -21,6 +24,8 @@ the best epoch, so a fine-tune that does not help on validation is not kept
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,8 +264,11 @@ def factorise_layer(model: nn.Module, name: str, rank: int) -> nn.Module:
 
 
 def choose_ranks(found: Sequence[Candidate], cfg: LowRankConfig, total_params: int) -> dict[str, int]:
-    """Proposed rank per layer name under the rule in force (see `selection`)."""
+    """Proposed rank per layer name under the rule in force (see `selection`); `params: auto` has no
+    ranks of its own (ValueError): `search_share` tries each share as a budget."""
     rule = selection(cfg, total_params)
+    if rule["mode"] == "auto":
+        raise ValueError("lowrank.params=auto is a search over shares (search_share), not a rank rule")
     if rule["mode"] == "params":
         return budget_ranks(found, total_params, rule["params"], cfg.min_saving)
     if rule["mode"] == "ratio":
@@ -337,6 +345,8 @@ def selection(cfg: LowRankConfig, total_params: int | None = None) -> dict:
     """
     if not 0.0 <= cfg.min_saving < 1.0:
         raise ConfigError(f"lowrank.min_saving must be in [0, 1), got {cfg.min_saving}")
+    if str(cfg.params).strip().lower() == AUTO:
+        return {"mode": AUTO, "shares": sorted(float(v) for v in cfg.auto_shares), "tolerance": cfg.auto_tolerance}
     if cfg.params is not None:
         if str(cfg.params).strip().endswith("%"):
             share = parse_count(cfg.params, 10_000, "lowrank.params") / 10_000  # checks the text and the range
@@ -355,6 +365,68 @@ def selection(cfg: LowRankConfig, total_params: int | None = None) -> dict:
     raise ConfigError("lowrank: set one of energy, ratio or params")
 
 
+# ----------------------------------------------------------------------------- a budget chosen on validation
+
+AUTO = "auto"
+REGION_KEYS = ("dice_wt", "dice_tc", "dice_et")
+
+
+def region_drop(metrics: dict, reference: dict) -> float:
+    """The largest drop of any region's Dice (dice_wt/tc/et) from `reference` to `metrics` (negative: all rose)."""
+    return max(float(reference[k]) - float(metrics[k]) for k in REGION_KEYS)
+
+
+def search_share(model: nn.Module, cfg: LowRankConfig, score: Callable[[nn.Module], dict],
+                 reference: dict) -> tuple[nn.Module, list[dict], int]:
+    """`lowrank.params: auto`: factorise a copy of `model` at each share of `cfg.auto_shares` (smallest
+    first) and keep the first whose `score` (validation metrics, dice_wt/tc/et) drops no region by more
+    than `cfg.auto_tolerance` below `reference` (the source's metrics on the same cases); if none does,
+    the share that drops least (ties: the smaller). A share below the floor that no factorisation can
+    reach is skipped. `model` is unchanged.
+
+    Returns (the factorised copy, one row per share tried: {"share", "params", "params_after",
+    "metrics", "drop", "within", "table"}, the index of the chosen row). Why: parameters cost little Dice
+    in some layers and much in others, and how much a whole budget costs is measured, not guessed (the
+    spectral energy a budget keeps says nothing about the regions; the README's "What compression keeps").
+    """
+    rule = selection(cfg)
+    total = count_params(model)
+    rows, models = [], []
+    for share in rule["shares"]:
+        trial = dataclasses.replace(cfg, params=f"{100 * share:g}%")
+        candidate = copy.deepcopy(model)
+        try:
+            candidate, table = factorise_(candidate, trial)
+        except BudgetError:
+            continue
+        metrics = score(candidate)
+        drop = region_drop(metrics, reference)
+        rows.append({"share": share, "params": round(share * total), "params_after": count_params(candidate),
+                     "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+                     "drop": drop, "within": drop <= rule["tolerance"], "table": table})
+        models.append(candidate)
+        if rows[-1]["within"]:
+            break
+        del candidate
+    if not rows:
+        raise BudgetError(f"lowrank.auto_shares {rule['shares']}: no share is reachable for this model "
+                          f"({total:,} parameters); add larger shares")
+    chosen = next((i for i, r in enumerate(rows) if r["within"]),
+                  min(range(len(rows)), key=lambda i: (rows[i]["drop"], rows[i]["share"])))
+    return models[chosen], rows, chosen
+
+
+def format_search(rows: Sequence[dict], chosen: int, tolerance: float) -> str:
+    """The search's lines: share, parameters, Dice per region and the largest drop, the chosen one marked."""
+    lines = [f"lowrank.params=auto: the smallest share keeping every region within {tolerance:.3f} Dice of the source"]
+    for i, r in enumerate(rows):
+        m = r["metrics"]
+        lines.append(f"  {'->' if i == chosen else '  '} {100 * r['share']:4.0f}%  {r['params_after']:>9,} params  "
+                     f"WT {m['dice_wt']:.3f} TC {m['dice_tc']:.3f} ET {m['dice_et']:.3f}  "
+                     f"largest drop {r['drop']:+.3f}{'' if r['within'] else '  (over)'}")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- the command
 
 STAGE = "lowrank"
@@ -368,7 +440,21 @@ def factorise_step(model: nn.Module, ctx: StageContext) -> nn.Module:
     model.eval()
     params_before = count_params(model)
     rule = selection(cfg.lowrank, params_before)
-    model, table = factorise_(model, cfg.lowrank)
+    searched = None
+    if rule["mode"] == AUTO:
+        model, rows, chosen = search_share(
+            model, cfg.lowrank, lambda m: evaluate(m, ctx.data.cache, ctx.data.val_ids, cfg, desc="low-rank share"),
+            ctx.source_metrics)
+        table, searched = rows[chosen]["table"], rows[chosen]["metrics"]
+        rule = {**rule, "params": rows[chosen]["params"], "params_share": rows[chosen]["share"],
+                "search": [{k: v for k, v in r.items() if k != "table"} for r in rows]}
+        if ctx.dist.main:
+            print(format_search(rows, chosen, rule["tolerance"]))
+            if not rows[chosen]["within"]:
+                print(f"WARNING: lowrank: no share kept every region within {rule['tolerance']:.3f} Dice; "
+                      f"kept {100 * rows[chosen]['share']:g}%, the least drop ({rows[chosen]['drop']:+.3f})")
+    else:
+        model, table = factorise_(model, cfg.lowrank)
     params_after = count_params(model)
     if ctx.dist.main:
         print(format_table(table))
@@ -380,8 +466,8 @@ def factorise_step(model: nn.Module, ctx: StageContext) -> nn.Module:
                             "table": table}
     ctx.metrics.update(params_before=params_before, params_after=params_after)
     if fine_tune and not cfg.train.val_at_start:
-        ctx.extra["before"] = evaluate(model, ctx.data.cache, ctx.data.val_ids, cfg,
-                                       desc="factorised, before fine-tune")
+        ctx.extra["before"] = searched or evaluate(model, ctx.data.cache, ctx.data.val_ids, cfg,
+                                                   desc="factorised, before fine-tune")
     return model
 
 
@@ -428,7 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = stage_parser(
         "python -m compress.lowrank",
         "Factorise a model's Linear/Conv3d layers by truncated SVD, then distil-fine-tune briefly.\n"
-        "Rank rule: --params N (global budget, e.g. 200k, or a share: 65%, the default) | --energy E | --ratio R.",
+        "Rank rule: --params N (global budget, e.g. 200k, or a share: 65%, the default; auto: the smallest of\n"
+        "lowrank.auto_shares that keeps every region's validation Dice within lowrank.auto_tolerance) | --energy E | --ratio R.",
         default_config="configs/lowrank.yaml", default_out="runs/lowrank",
     )
     p.add_argument("artifact", help="model artifact (.pt) to factorise, e.g. runs/student/student.pt")
@@ -437,8 +524,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "e.g. 0.9 (default: the config's rule, lowrank.params=65%% unless set)")
     rule.add_argument("--ratio", type=float, help="rank rule: rank = ratio x full rank in every layer, e.g. 0.5 "
                       "(default: the config's rule)")
-    rule.add_argument("--params", help="rank rule: parameter budget for the whole model: 200k, 1.2M, or a share of "
-                      "it: 65%% (default: the config's rule)")
+    rule.add_argument("--params", help="rank rule: parameter budget for the whole model: 200k, 1.2M, a share of "
+                      "it: 65%%, or auto (chosen on validation) (default: the config's rule)")
     p.add_argument("--epochs", type=int, default=None,
                    help="distillation fine-tune epochs (0: no fine-tune) (default: train.epochs)")
     p.add_argument("--teacher", default=None, help="teacher artifact (default: the teacher in the lineage)")

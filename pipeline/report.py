@@ -642,6 +642,11 @@ def _lowrank_rule(info: dict) -> str:
         rule = f"rank = {info['ratio']:g} x full rank"
     elif mode == "params" and info.get("params") is not None:
         rule = f"parameter budget {_count(info['params']) if _num(info['params']) else info['params']}"
+    elif mode == "auto" and _num(info.get("params_share")) and _num(info.get("tolerance")):
+        shares = ", ".join(f"{100 * v:g}%" for v in info.get("shares") or [] if _num(v))
+        rule = (f"parameter budget chosen on validation: {100 * info['params_share']:g}% of the model "
+                f"({_count(info.get('params'))}), the smallest of {shares or 'the shares tried'} whose factorised "
+                f"model kept every region's Dice within {info['tolerance']:.3f} of the source's, before fine-tune")
     else:
         rule = f"mode {mode}"
     saving = info.get("min_saving")
@@ -676,6 +681,14 @@ def lowrank_section(info: Any) -> list[str]:
     if table:
         text.append("Rank – : the layer stays unfactorised.")
     lines = [" ".join(text)] if text else []
+    search = [r for r in info.get("search") or [] if isinstance(r, dict) and isinstance(r.get("metrics"), dict)]
+    if search:
+        lines += ["", markdown_table(
+            ["share tried", "params after", "Dice WT", "Dice TC", "Dice ET", "largest region drop", "within"],
+            ([f"{100 * r['share']:g}%" if _num(r.get("share")) else "–", _count(r.get("params_after")),
+              *(_fmt(r["metrics"].get(k), ".3f") for k in ("dice_wt", "dice_tc", "dice_et")),
+              _fmt(r.get("drop"), "+.3f"), "yes" if r.get("within") else "no"] for r in search),
+        )]
     if table:
         lines += ["", markdown_table(
             ["layer", "kind", "shape", "rank", "full rank", "energy kept", "params before", "params after"],

@@ -28,6 +28,7 @@ from compress.lowrank import (
     rank_for_energy,
     rank_for_ratio,
     saves_params,
+    search_share,
     selection,
 )
 from model.layers import LowRankConv3d, LowRankLinear
@@ -408,3 +409,78 @@ def test_layers_feeding_the_logits_keep_a_direction_per_region(rule):
     assert not rows["decoder.head"]["factorised"]
     assert rows["decoder.refine_pw"]["rank"] is None or rows["decoder.refine_pw"]["rank"] >= 3
     assert any(r["factorised"] and r["rank"] < 3 for r in table)  # elsewhere the rule goes below 3
+
+
+# ----------------------------------------------------------------------------- params: auto
+
+
+REF = {"dice_wt": 0.9, "dice_tc": 0.8, "dice_et": 0.7}
+
+
+def test_auto_budget_is_the_smallest_share_that_keeps_every_region():
+    """The search tries shares smallest first and stops at the first whose factorised model keeps
+    every region within the tolerance: a drop on ET alone (the mean moves by a third of it) disqualifies."""
+    model = tiny_model()
+    total = count_params(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def score(m: nn.Module) -> dict:  # ET falls once fewer than 45 % of the parameters remain
+        return {**REF, "dice_et": 0.7 if count_params(m) >= 0.45 * total else 0.66, "hd95_wt": 3.0}
+
+    cfg = LowRankConfig(params="auto", auto_shares=[0.8, 0.3, 0.5, 0.4], auto_tolerance=0.005)
+    out, rows, chosen = search_share(model, cfg, score, REF)
+    assert [r["share"] for r in rows] == [0.3, 0.4, 0.5]  # sorted, stopped at the first within
+    assert [r["within"] for r in rows] == [False, False, True] and chosen == 2
+    assert rows[0]["drop"] == pytest.approx(0.04) and rows[2]["drop"] == pytest.approx(0.0)
+    assert count_params(out) == rows[2]["params_after"] <= rows[2]["params"] == round(0.5 * total)
+    assert out.spec.ranks and out is not model
+    assert count_params(model) == total and not model.spec.ranks  # the source model is left alone
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_auto_budget_without_a_share_in_tolerance_keeps_the_least_drop():
+    model = tiny_model()
+    total = count_params(model)
+
+    def score(m: nn.Module) -> dict:  # every share costs TC, less the more parameters stay
+        return {**REF, "dice_tc": 0.8 - 0.1 * (1 - count_params(m) / total)}
+
+    cfg = LowRankConfig(params="auto", auto_shares=[0.4, 0.6], auto_tolerance=0.001)
+    out, rows, chosen = search_share(model, cfg, score, REF)
+    assert [r["within"] for r in rows] == [False, False]
+    assert chosen == 1 and rows[1]["drop"] < rows[0]["drop"]
+    assert count_params(out) == rows[1]["params_after"]
+
+
+def test_auto_settings_are_checked():
+    from common.config import Config, check_values
+
+    for key, value, match in [("auto_shares", [0.5, 1.0], "lowrank.auto_shares"), ("auto_shares", [], "lowrank.auto_shares"),
+                              ("auto_tolerance", -0.1, "lowrank.auto_tolerance")]:
+        cfg = Config()
+        setattr(cfg.lowrank, key, value)
+        with pytest.raises(ConfigError, match=match):
+            check_values(cfg)
+    with pytest.raises(ValueError, match="search_share"):
+        factorise_(tiny_model(), LowRankConfig(params="auto"))
+
+
+def test_command_with_an_auto_budget_records_the_search(tmp_path, monkeypatch, capsys, tiny_data):
+    monkeypatch.chdir(tmp_path)
+    _save_pair(tmp_path)
+    argv = ["student.pt", "--params", "auto", "--epochs", "0", "--out", "out", "--config", str(CONFIG),
+            "--data", str(tiny_data)]
+    for item in ["data.max_val_cases=1", "data.crop=[32,32,32]", "train.window=[32,32,32]", "train.sw_batch=1",
+                 "lowrank.auto_shares=[0.3,0.6]", "lowrank.auto_tolerance=1.0"]:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    art = Artifact.load(tmp_path / "out" / "lowrank.pt")
+    info = art.extra["lowrank"]
+    assert info["mode"] == "auto" and info["shares"] == [0.3, 0.6] and info["tolerance"] == 1.0
+    # tolerance 1: the smallest share is within, and is what the artifact holds
+    assert [r["share"] for r in info["search"]] == [0.3] and info["params_share"] == 0.3
+    assert art.metrics["params_after"] == info["search"][0]["params_after"] <= info["params"]
+    assert count_params(build_model(art)) == art.metrics["params_after"]
+    # no fine-tune: the stage's score of its product is the search's score of the same model
+    assert art.metrics["dice_mean"] == pytest.approx(info["search"][0]["metrics"]["dice_mean"])
+    assert "lowrank.params=auto" in capsys.readouterr().out

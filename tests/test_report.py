@@ -403,6 +403,23 @@ def test_lowrank_section_rule_line_and_layer_table():
     assert lowrank_section(LOWRANK["table"])[2].splitlines()[2:] == LOWRANK_ROWS
 
 
+def test_lowrank_section_of_an_auto_budget_shows_the_search():
+    search = [{"share": 0.25, "params_after": 250, "metrics": {"dice_wt": 0.9, "dice_tc": 0.8, "dice_et": 0.6},
+               "drop": 0.05, "within": False},
+              {"share": 0.35, "params_after": 340, "metrics": {"dice_wt": 0.9, "dice_tc": 0.8, "dice_et": 0.69},
+               "drop": -0.001, "within": True}]
+    info = {**LOWRANK, "mode": "auto", "shares": [0.25, 0.35, 0.5], "tolerance": 0.005, "params": 350,
+            "params_share": 0.35, "search": search}
+    lines = lowrank_section(info)
+    assert lines[0].startswith("Rule: parameter budget chosen on validation: 35% of the model (350), the smallest "
+                               "of 25%, 35%, 50% whose factorised model kept every region's Dice within 0.005")
+    searched = lines[2].splitlines()
+    assert searched[0] == "| share tried | params after | Dice WT | Dice TC | Dice ET | largest region drop | within |"
+    assert searched[2:] == ["| 25% | 250 | 0.900 | 0.800 | 0.600 | +0.050 | no |",
+                            "| 35% | 340 | 0.900 | 0.800 | 0.690 | -0.001 | yes |"]
+    assert lines[4].splitlines()[2:] == LOWRANK_ROWS
+
+
 def test_growth_section_events_and_units():
     (table,) = growth_section(GROWTH)
     lines = table.splitlines()
