@@ -12,7 +12,7 @@ dice_mean by 0.33). "eval" is --eval-cases fresh synthetic cases (another seed, 
 or validated on): the figures to trust.
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_lowrank.py [--student runs/demo/student/student.pt]
-        [--energy 0.9 | --ratio 0.5 | --params 210k] [--epochs 4] [--control] [--eval-cases 16]
+        [--energy 0.9 | --ratio 0.5 | --params 210k | --params auto] [--epochs 4] [--control] [--eval-cases 16]
 
 Without a student artifact at --student, a demo teacher (configs/demo/teacher.yaml, unless one is
 at runs/demo/teacher/best.pt) and a demo student (configs/demo/distill.yaml) are trained first,
@@ -21,6 +21,7 @@ which takes a while on CPUs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -34,10 +35,11 @@ import torch  # noqa: E402
 
 from common.artifact import Artifact, build_model  # noqa: E402
 from common.config import Config, load_config  # noqa: E402
-from compress.lowrank import factorise, find_teacher, lowrank_stage  # noqa: E402
+from compress.lowrank import factorise_, lowrank_stage  # noqa: E402
 from brats.scoring import evaluate  # noqa: E402
 from engine.loop import fit  # noqa: E402
-from student.distill import distill_setup, load_teacher  # noqa: E402
+from engine.runner import find_teacher, load_teacher  # noqa: E402
+from student.distill import distill_setup  # noqa: E402
 from engine.runtime import resolve_device  # noqa: E402
 from engine.data import make_data  # noqa: E402
 from engine.runtime import seed_everything  # noqa: E402
@@ -85,7 +87,7 @@ def main() -> None:
     rule = p.add_mutually_exclusive_group()
     rule.add_argument("--energy", type=float)
     rule.add_argument("--ratio", type=float)
-    rule.add_argument("--params")
+    rule.add_argument("--params", help="a count (210k), a share (65%%) or auto (the config's default)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--control", action="store_true", help="also fine-tune the unfactorised student the same way")
     p.add_argument("--eval-cases", type=int, default=16, help="fresh synthetic cases to score on (0: val only)")
@@ -121,7 +123,7 @@ def main() -> None:
     control_seconds = None
     if args.control and cfg.train.epochs > 0:
         seed_everything(cfg.train.seed)
-        teacher = load_teacher(find_teacher(student_art, cfg.lowrank))
+        teacher = load_teacher(find_teacher(student_art, cfg.lowrank.teacher))
         t0 = time.time()
         result = fit(*distill_setup(build_model(student_art), teacher, cfg, perturb=cfg.distill.perturb_input), cfg,
                      out / "control", stage_name="control", lineage=student_art.child_lineage(), data=data)
@@ -132,8 +134,10 @@ def main() -> None:
     seconds = time.time() - t0
     m, info = art.metrics, art.extra["lowrank"]
     assert m["params_before"] == count_params(student)
-    # The same deterministic surgery again, for the factorised model's scores on the eval set.
-    models["factorised"] = factorise_(build_model(student_art), cfg.lowrank)[0].to(device)
+    # The same deterministic surgery again, for the factorised model's scores on the eval set (a budget
+    # chosen on validation, params auto, is redone at the count it chose).
+    rule = cfg.lowrank if info["mode"] in ("energy", "ratio") else dataclasses.replace(cfg.lowrank, params=str(info["params"]))
+    models["factorised"] = factorise_(build_model(student_art), rule)[0].to(device)
     models["fine-tuned"] = build_model(art).to(device)
     assert count_params(models["factorised"]) == count_params(models["fine-tuned"]) == m["params_after"]
 

@@ -135,7 +135,7 @@ class DistillConfig:
 class LowRankConfig:
     energy: float | None = None  # keep this share of spectral energy per layer
     ratio: float | None = None  # or rank = ratio * full rank (wins over energy)
-    params: str | None = "65%"  # or a global parameter budget, "200k" or a share "65%" (wins over both), or "auto"
+    params: str | None = "auto"  # or a global parameter budget, "200k" or a share "65%" (wins over both), or "auto"
     min_saving: float = 0.0  # factorise only when it saves more than this share of a layer
     # params "auto": the smallest of these shares whose factorised model (before any fine-tune) keeps every
     # region's validation Dice within auto_tolerance of the source's, scored in the stage (compress.lowrank)

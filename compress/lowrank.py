@@ -9,8 +9,8 @@ scales (which keeps the fine-tune well conditioned). Depthwise convolutions are 
 layer is factorised only when `r*(i*k^3 + o)` saves parameters (beyond `cfg.min_saving`).
 
 Rank rules (precedence params > ratio > energy): a global parameter budget (`200k`, or a share of
-the model, `65%`, the default) spent greedily where the least spectral energy is lost; a rank
-ratio; or a share of spectral energy per layer. `--params auto` chooses the share on validation
+the model, `65%`) spent greedily where the least spectral energy is lost; a rank ratio; or a share
+of spectral energy per layer. `--params auto` (configs/lowrank.yaml's) chooses the share on validation
 (`search_share`): the smallest of `lowrank.auto_shares` whose factorised model, before any fine-tune,
 keeps every region's Dice within `lowrank.auto_tolerance` of the source's on the stage's validation
 cases (the chosen figure is optimistic by the choice of one share among a few).
@@ -120,6 +120,15 @@ class Candidate:
         return min(self.out_dim, self.in_dim)
 
 
+def budget_floor(layers: Sequence[Candidate], total_params: int, min_saving: float = 0.0) -> int:
+    """The fewest parameters any budget can reach: every layer that can save at its lowest allowed rank."""
+    return total_params - sum(
+        c.out_dim * c.in_dim - lowrank_params(c.out_dim, c.in_dim, c.min_rank)
+        for c in layers
+        if max_saving_rank(c.out_dim, c.in_dim, min_saving) >= c.min_rank
+    )
+
+
 def budget_ranks(
     layers: Sequence[Candidate], total_params: int, budget: int, min_saving: float = 0.0
 ) -> dict[str, int]:
@@ -131,11 +140,7 @@ def budget_ranks(
     stops at the largest rank that meets it. Raises `BudgetError` when even rank 1 everywhere
     leaves the model above budget.
     """
-    floor = total_params - sum(
-        c.out_dim * c.in_dim - lowrank_params(c.out_dim, c.in_dim, c.min_rank)
-        for c in layers
-        if max_saving_rank(c.out_dim, c.in_dim, min_saving) >= c.min_rank
-    )
+    floor = budget_floor(layers, total_params, min_saving)
     if floor > budget:
         raise BudgetError(
             f"parameter budget {budget:,} is unreachable: the lowest rank in all {len(layers)} factorisable layers "
@@ -346,10 +351,13 @@ def selection(cfg: LowRankConfig, total_params: int | None = None) -> dict:
     if not 0.0 <= cfg.min_saving < 1.0:
         raise ConfigError(f"lowrank.min_saving must be in [0, 1), got {cfg.min_saving}")
     if str(cfg.params).strip().lower() == AUTO:
-        return {"mode": AUTO, "shares": sorted(float(v) for v in cfg.auto_shares), "tolerance": cfg.auto_tolerance}
+        return {"mode": AUTO, "shares": sorted({float(v) for v in cfg.auto_shares}), "tolerance": cfg.auto_tolerance}
     if cfg.params is not None:
         if str(cfg.params).strip().endswith("%"):
-            share = parse_count(cfg.params, 10_000, "lowrank.params") / 10_000  # checks the text and the range
+            try:  # checks the text and the range
+                share = parse_count(cfg.params, 10_000, "lowrank.params") / 10_000
+            except ConfigError as e:
+                raise ConfigError(f"{e} (or auto: chosen on validation)") from None
             budget = None if total_params is None else parse_count(cfg.params, total_params, "lowrank.params")
             if budget is not None and budget <= 0:
                 raise ConfigError(f"lowrank.params={cfg.params!r} leaves no parameter of {total_params:,}")
@@ -384,6 +392,10 @@ def search_share(model: nn.Module, cfg: LowRankConfig, score: Callable[[nn.Modul
     the share that drops least (ties: the smaller). A share below the floor that no factorisation can
     reach is skipped. `model` is unchanged.
 
+    The Dice compared is each region's per-case mean (the BraTS figure), so a few false ET voxels on a
+    case without ET cost that case's whole ET score: strict where ET is concerned. Scored on the model's
+    device (the stage builds the source on the CPU), on every rank alike (deterministic there).
+
     Returns (the factorised copy, one row per share tried: {"share", "params", "params_after",
     "metrics", "drop", "within", "table"}, the index of the chosen row). Why: parameters cost little Dice
     in some layers and much in others, and how much a whole budget costs is measured, not guessed (the
@@ -391,40 +403,58 @@ def search_share(model: nn.Module, cfg: LowRankConfig, score: Callable[[nn.Modul
     """
     rule = selection(cfg)
     total = count_params(model)
-    rows, models = [], []
-    for share in rule["shares"]:
-        trial = dataclasses.replace(cfg, params=f"{100 * share:g}%")
-        candidate = copy.deepcopy(model)
-        try:
-            candidate, table = factorise_(candidate, trial)
-        except BudgetError:
-            continue
+    reachable, _ = reachable_shares(model, cfg)
+    rows: list[dict] = []
+    kept, chosen = None, -1  # the copy that drops least so far (ties: the smaller share, tried first)
+    for share in reachable:
+        trial = dataclasses.replace(cfg, params=str(round(share * total)))  # a count: no percent text to parse
+        candidate, table = factorise_(copy.deepcopy(model), trial)
         metrics = score(candidate)
         drop = region_drop(metrics, reference)
         rows.append({"share": share, "params": round(share * total), "params_after": count_params(candidate),
                      "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
                      "drop": drop, "within": drop <= rule["tolerance"], "table": table})
-        models.append(candidate)
+        if kept is None or drop < rows[chosen]["drop"] or rows[-1]["within"]:
+            kept, chosen = candidate, len(rows) - 1
         if rows[-1]["within"]:
             break
-        del candidate
-    if not rows:
-        raise BudgetError(f"lowrank.auto_shares {rule['shares']}: no share is reachable for this model "
-                          f"({total:,} parameters); add larger shares")
-    chosen = next((i for i, r in enumerate(rows) if r["within"]),
-                  min(range(len(rows)), key=lambda i: (rows[i]["drop"], rows[i]["share"])))
-    return models[chosen], rows, chosen
+    if kept is None:
+        raise BudgetError(unreachable_message(rule["shares"], model, cfg))
+    return kept, rows, chosen
+
+
+def reachable_shares(model: nn.Module, cfg: LowRankConfig) -> tuple[list[float], float]:
+    """(the shares of `cfg.auto_shares` a factorisation of `model` can reach, in order; the smallest share
+    any budget reaches: `budget_floor` over the model's parameters)."""
+    total = count_params(model)
+    floor = budget_floor(candidates(model), total, cfg.min_saving) / total
+    return [s for s in selection(cfg)["shares"] if round(s * total) >= floor * total], floor
+
+
+def unreachable_message(shares: Sequence[float], model: nn.Module, cfg: LowRankConfig) -> str:
+    _, floor = reachable_shares(model, cfg)
+    return (f"lowrank.auto_shares {[float(s) for s in shares]}: none is reachable for this model "
+            f"({count_params(model):,} parameters; the lowest rank everywhere leaves {floor:.1%}): add shares of "
+            f"at least {floor:.1%}")
 
 
 def format_search(rows: Sequence[dict], chosen: int, tolerance: float) -> str:
     """The search's lines: share, parameters, Dice per region and the largest drop, the chosen one marked."""
-    lines = [f"lowrank.params=auto: the smallest share keeping every region within {tolerance:.3f} Dice of the source"]
+    lines = [f"lowrank.params=auto: the smallest share keeping every region within {tolerance:.3f} Dice of the "
+             "source (validation cases, before fine-tune)"]
     for i, r in enumerate(rows):
         m = r["metrics"]
-        lines.append(f"  {'->' if i == chosen else '  '} {100 * r['share']:4.0f}%  {r['params_after']:>9,} params  "
+        lines.append(f"  {'->' if i == chosen else '  '} {100 * r['share']:4g}%  {r['params_after']:>9,} params  "
                      f"WT {m['dice_wt']:.3f} TC {m['dice_tc']:.3f} ET {m['dice_et']:.3f}  "
-                     f"largest drop {r['drop']:+.3f}{'' if r['within'] else '  (over)'}")
+                     f"largest drop {signed(r['drop'])}{'' if r['within'] else '  (over)'}")
+    if chosen == 0 and rows[0]["within"]:
+        lines.append("  (the smallest share offered was within: lowrank.auto_shares may go lower)")
     return "\n".join(lines)
+
+
+def signed(value: float) -> str:
+    """+0.012 / -0.004, and +0.000 for a drop that rounds to zero from either side."""
+    return f"{round(value, 3) + 0.0:+.3f}"
 
 
 # ----------------------------------------------------------------------------- the command
@@ -442,17 +472,19 @@ def factorise_step(model: nn.Module, ctx: StageContext) -> nn.Module:
     rule = selection(cfg.lowrank, params_before)
     searched = None
     if rule["mode"] == AUTO:
+        unreachable = [v for v in rule["shares"] if v not in reachable_shares(model, cfg.lowrank)[0]]
         model, rows, chosen = search_share(
             model, cfg.lowrank, lambda m: evaluate(m, ctx.data.cache, ctx.data.val_ids, cfg, desc="low-rank share"),
             ctx.source_metrics)
         table, searched = rows[chosen]["table"], rows[chosen]["metrics"]
         rule = {**rule, "params": rows[chosen]["params"], "params_share": rows[chosen]["share"],
-                "search": [{k: v for k, v in r.items() if k != "table"} for r in rows]}
+                "search": [{k: v for k, v in r.items() if k != "table"} for r in rows],
+                "unreachable": unreachable, "cases": len(ctx.data.val_ids)}
         if ctx.dist.main:
             print(format_search(rows, chosen, rule["tolerance"]))
             if not rows[chosen]["within"]:
                 print(f"WARNING: lowrank: no share kept every region within {rule['tolerance']:.3f} Dice; "
-                      f"kept {100 * rows[chosen]['share']:g}%, the least drop ({rows[chosen]['drop']:+.3f})")
+                      f"kept {100 * rows[chosen]['share']:g}%, the least drop ({signed(rows[chosen]['drop'])})")
     else:
         model, table = factorise_(model, cfg.lowrank)
     params_after = count_params(model)
@@ -494,6 +526,10 @@ def record_before(model: nn.Module, art: Artifact, ctx: StageContext) -> Artifac
 def _check(art: Artifact, cfg: Config) -> None:
     """Before any work: a bad rule, and a parameter budget the source model already meets."""
     rule = selection(cfg.lowrank)
+    if rule["mode"] == AUTO:
+        model = model_from_spec(art.spec)
+        if not reachable_shares(model, cfg.lowrank)[0]:
+            raise ConfigError(f"{art.path}: {unreachable_message(rule['shares'], model, cfg.lowrank)}")
     if rule["mode"] == "params" and rule["params"] is not None:  # a count (a share always leaves work)
         total = count_params(model_from_spec(art.spec))
         if rule["params"] >= total:
@@ -514,14 +550,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = stage_parser(
         "python -m compress.lowrank",
         "Factorise a model's Linear/Conv3d layers by truncated SVD, then distil-fine-tune briefly.\n"
-        "Rank rule: --params N (global budget, e.g. 200k, or a share: 65%, the default; auto: the smallest of\n"
-        "lowrank.auto_shares that keeps every region's validation Dice within lowrank.auto_tolerance) | --energy E | --ratio R.",
+        "Rank rule: --params auto (the default: the smallest of lowrank.auto_shares whose factorised model keeps\n"
+        "every region's validation Dice within lowrank.auto_tolerance) | --params N (a budget: 200k, or a share: 65%)\n"
+        "| --energy E | --ratio R.",
         default_config="configs/lowrank.yaml", default_out="runs/lowrank",
     )
     p.add_argument("artifact", help="model artifact (.pt) to factorise, e.g. runs/student/student.pt")
     rule = p.add_mutually_exclusive_group()
     rule.add_argument("--energy", type=float, help="rank rule: keep this share of each layer's spectral energy, "
-                      "e.g. 0.9 (default: the config's rule, lowrank.params=65%% unless set)")
+                      "e.g. 0.9 (default: the config's rule, lowrank.params=auto unless set)")
     rule.add_argument("--ratio", type=float, help="rank rule: rank = ratio x full rank in every layer, e.g. 0.5 "
                       "(default: the config's rule)")
     rule.add_argument("--params", help="rank rule: parameter budget for the whole model: 200k, 1.2M, a share of "

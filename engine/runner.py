@@ -271,6 +271,7 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
         source = build_model(art)
         ctx.source_metrics = evaluate(source, data.cache, data.val_ids, cfg, desc=f"source ({art.stage})")
         model = stage.step(source, ctx)
+        del source  # a step that works on a copy (lowrank's search) would keep it alive through the fine-tune
         if finetune:
             ctx.fit = (stage.train or fit_once)(model, ctx, stage, ckpt_dir)
             best = ctx.fit.best

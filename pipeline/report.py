@@ -643,10 +643,21 @@ def _lowrank_rule(info: dict) -> str:
     elif mode == "params" and info.get("params") is not None:
         rule = f"parameter budget {_count(info['params']) if _num(info['params']) else info['params']}"
     elif mode == "auto" and _num(info.get("params_share")) and _num(info.get("tolerance")):
-        shares = ", ".join(f"{100 * v:g}%" for v in info.get("shares") or [] if _num(v))
-        rule = (f"parameter budget chosen on validation: {100 * info['params_share']:g}% of the model "
-                f"({_count(info.get('params'))}), the smallest of {shares or 'the shares tried'} whose factorised "
-                f"model kept every region's Dice within {info['tolerance']:.3f} of the source's, before fine-tune")
+        skipped = [v for v in info.get("unreachable") or [] if _num(v)]
+        shares = ", ".join(f"{100 * v:g}%" for v in info.get("shares") or [] if _num(v) and v not in skipped)
+        kept = next((r for r in info.get("search") or [] if isinstance(r, dict) and r.get("share") == info["params_share"]), {})
+        cases = f" on the stage's {info['cases']} validation cases" if _num(info.get("cases")) else ""
+        if kept.get("within", True):
+            rule = (f"parameter budget chosen on validation: {100 * info['params_share']:g}% of the model "
+                    f"({_count(info.get('params'))}), the smallest of {shares or 'the shares tried'} whose factorised "
+                    f"model kept every region's Dice within {info['tolerance']:.3f} of the source's{cases}, before "
+                    "fine-tune")
+        else:
+            rule = (f"parameter budget chosen on validation: no share of {shares or 'those tried'} kept every region's "
+                    f"Dice within {info['tolerance']:.3f} of the source's{cases}; {100 * info['params_share']:g}% "
+                    f"({_count(info.get('params'))}) dropped least")
+        if skipped:
+            rule += f" ({', '.join(f'{100 * v:g}%' for v in skipped)} below what factorisation can reach: not tried)"
     else:
         rule = f"mode {mode}"
     saving = info.get("min_saving")
@@ -684,10 +695,12 @@ def lowrank_section(info: Any) -> list[str]:
     search = [r for r in info.get("search") or [] if isinstance(r, dict) and isinstance(r.get("metrics"), dict)]
     if search:
         lines += ["", markdown_table(
-            ["share tried", "params after", "Dice WT", "Dice TC", "Dice ET", "largest region drop", "within"],
+            ["share tried", "params after", "Dice WT", "Dice TC", "Dice ET", "largest region drop", "within", "kept"],
             ([f"{100 * r['share']:g}%" if _num(r.get("share")) else "–", _count(r.get("params_after")),
               *(_fmt(r["metrics"].get(k), ".3f") for k in ("dice_wt", "dice_tc", "dice_et")),
-              _fmt(r.get("drop"), "+.3f"), "yes" if r.get("within") else "no"] for r in search),
+              _fmt(round(r["drop"], 3) + 0.0 if _num(r.get("drop")) else None, "+.3f"),
+              "yes" if r.get("within") else "no", "yes" if r.get("share") == info.get("params_share") else ""]
+             for r in search),
         )]
     if table:
         lines += ["", markdown_table(

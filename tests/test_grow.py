@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from common.config import Config, ConfigError, GrowConfig
 from compress.grow import (
     GROWN,
     GradientScorer,
+    best_of,
     check_config,
     dice_stalled,
     gradient_scores,
@@ -460,3 +462,23 @@ def test_growth_is_fits_around_widenings_and_a_killed_run_resumes_exactly(tmp_pa
     again = run("straight")
     assert [e["action"] for e in again.extra["growth"]] == ["stop"]
     assert sorted(p.name for p in (tmp_path / "straight").iterdir() if p.name != ".lock") == ["grown.pt", "growth.json", "phase0"]
+
+
+def test_a_grown_phase_is_kept_only_when_it_beats_the_earlier_ones_by_min_delta():
+    from engine.loop import FitResult
+
+    def phase(dice: float, tag: str) -> FitResult:
+        return FitResult(None, Path(tag), {"pooled_dice_mean": dice}, [{"epoch": 1, "val": {"pooled_dice_mean": dice}}])
+
+    # +0.0005 over the un-grown phase: noise, the smaller model stays; +0.003: the grown one wins
+    assert best_of([phase(0.8921, "p0"), phase(0.8926, "p1")], "pooled_dice_mean", 0.002).best_metrics == {
+        "pooled_dice_mean": 0.8921}
+    kept = best_of([phase(0.8921, "p0"), phase(0.8926, "p1"), phase(0.8930, "p2")], "pooled_dice_mean", 0.002)
+    assert kept.best_metrics["pooled_dice_mean"] == 0.8921
+    kept = best_of([phase(0.890, "p0"), phase(0.893, "p1"), phase(0.894, "p2")], "pooled_dice_mean", 0.002)
+    assert kept.best_metrics["pooled_dice_mean"] == 0.893
+    assert kept.last_path == Path("p2") and [h["phase"] for h in kept.history] == [0, 1, 2]
+    assert best_of([phase(0.890, "p0"), phase(0.895, "p1")], "pooled_dice_mean", 0.0).best_metrics["pooled_dice_mean"] == 0.895
+    # a tie keeps the earlier (smaller) model whatever min_delta, a negative one included
+    assert best_of([phase(0.89, "p0"), phase(0.89, "p1")], "pooled_dice_mean", -1.0).best_metrics["pooled_dice_mean"] == 0.89
+    assert best_of([phase(0.89, "p0"), phase(0.88, "p1")], "pooled_dice_mean", -1.0).best_metrics["pooled_dice_mean"] == 0.89

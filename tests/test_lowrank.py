@@ -145,9 +145,10 @@ def test_rule_precedence_and_bad_values():
     assert selection(LowRankConfig(energy=0.9, ratio=0.5, params="1.2M")) == {"mode": "params", "params": 1_200_000}
     assert selection(LowRankConfig(params=None, energy=0.9, ratio=0.5)) == {"mode": "ratio", "ratio": 0.5}
     assert selection(LowRankConfig(params=None, energy=0.9)) == {"mode": "energy", "energy": 0.9}
-    # the default: a budget of 65% of the model, resolved once the model's size is known
-    assert selection(LowRankConfig()) == {"mode": "params", "params": None, "params_share": 0.65}
-    assert selection(LowRankConfig(), 320_255) == {"mode": "params", "params": 208_166, "params_share": 0.65}
+    # the default: a share chosen on validation; a share budget resolves once the model's size is known
+    assert selection(LowRankConfig()) == {"mode": "auto", "shares": [0.25, 0.35, 0.5, 0.65, 0.8], "tolerance": 0.005}
+    assert selection(LowRankConfig(params="65%")) == {"mode": "params", "params": None, "params_share": 0.65}
+    assert selection(LowRankConfig(params="65%"), 320_255) == {"mode": "params", "params": 208_166, "params_share": 0.65}
     with pytest.raises(ConfigError, match="set one of energy, ratio or params"):
         selection(LowRankConfig(params=None))
     with pytest.raises(ConfigError, match="leaves no parameter"):
@@ -450,6 +451,31 @@ def test_auto_budget_without_a_share_in_tolerance_keeps_the_least_drop():
     assert [r["within"] for r in rows] == [False, False]
     assert chosen == 1 and rows[1]["drop"] < rows[0]["drop"]
     assert count_params(out) == rows[1]["params_after"]
+
+
+def test_auto_budget_skips_shares_no_factorisation_reaches():
+    model = tiny_model()
+    cfg = LowRankConfig(params="auto", auto_shares=[0.01, 0.6], auto_tolerance=0.0)
+    out, rows, chosen = search_share(model, cfg, lambda m: dict(REF), REF)
+    assert [r["share"] for r in rows] == [0.6] and chosen == 0 and rows[0]["within"]
+    with pytest.raises(BudgetError, match=r"auto_shares \[0.01\]: none is reachable .* add shares of at least"):
+        search_share(model, LowRankConfig(params="auto", auto_shares=[0.01]), lambda m: dict(REF), REF)
+    # a share too small to be a whole parameter count is unreachable too, not a parse error of '1e-07%'
+    out, rows, _ = search_share(model, LowRankConfig(params="auto", auto_shares=[1e-9, 0.6, 0.6]),
+                                lambda m: dict(REF), REF)
+    assert [r["share"] for r in rows] == [0.6]
+
+
+def test_unreachable_auto_shares_are_refused_before_work(tmp_path, monkeypatch, tiny_data):
+    monkeypatch.chdir(tmp_path)
+    _save_pair(tmp_path)
+    argv = ["student.pt", "--params", "auto", "--epochs", "0", "--out", "out", "--config", str(CONFIG),
+            "--data", str(tiny_data), "--set", "lowrank.auto_shares=[0.01,0.02]"]
+    with pytest.raises(ConfigError, match=r"student.pt: lowrank.auto_shares \[0.01, 0.02\]: none is reachable"):
+        main(argv)
+    assert not (tmp_path / "out").exists()  # refused before the folder, the data and the source's score
+    with pytest.raises(ConfigError, match="or auto"):
+        main(["student.pt", "--params", "auto%", "--epochs", "0", "--out", "out", "--config", str(CONFIG)])
 
 
 def test_auto_settings_are_checked():
