@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from brats.scoring import evaluate
@@ -393,8 +394,9 @@ def search_share(model: nn.Module, cfg: LowRankConfig, score: Callable[[nn.Modul
     reach is skipped. `model` is unchanged.
 
     The Dice compared is each region's per-case mean (the BraTS figure), so a few false ET voxels on a
-    case without ET cost that case's whole ET score: strict where ET is concerned. Scored on the model's
-    device (the stage builds the source on the CPU), on every rank alike (deterministic there).
+    case without ET cost that case's whole ET score: strict where ET is concerned. The stage scores each
+    copy on its training device (`StageContext.device`); under torchrun rank 0 searches and the other
+    ranks factorise at the count it chose.
 
     Returns (the factorised copy, one row per share tried: {"share", "params", "params_after",
     "metrics", "drop", "within", "table"}, the index of the chosen row). Why: parameters cost little Dice
@@ -473,9 +475,19 @@ def factorise_step(model: nn.Module, ctx: StageContext) -> nn.Module:
     searched = None
     if rule["mode"] == AUTO:
         unreachable = [v for v in rule["shares"] if v not in reachable_shares(model, cfg.lowrank)[0]]
-        model, rows, chosen = search_share(
-            model, cfg.lowrank, lambda m: evaluate(m, ctx.data.cache, ctx.data.val_ids, cfg, desc="low-rank share"),
-            ctx.source_metrics)
+        if ctx.dist.main:
+            found = search_share(
+                model, cfg.lowrank,
+                lambda m: evaluate(m.to(ctx.device), ctx.data.cache, ctx.data.val_ids, cfg, desc="low-rank share"),
+                ctx.source_metrics)
+        if ctx.dist.enabled:  # rank 0 searches; the others factorise at its count (the surgery is deterministic)
+            shared = [found[1:] if ctx.dist.main else None]
+            dist.broadcast_object_list(shared, src=0)
+            if not ctx.dist.main:
+                rows, chosen = shared[0]
+                found = (factorise_(model, dataclasses.replace(cfg.lowrank, params=str(rows[chosen]["params"])))[0],
+                         rows, chosen)
+        model, rows, chosen = found
         table, searched = rows[chosen]["table"], rows[chosen]["metrics"]
         rule = {**rule, "params": rows[chosen]["params"], "params_share": rows[chosen]["share"],
                 "search": [{k: v for k, v in r.items() if k != "table"} for r in rows],

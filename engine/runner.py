@@ -86,6 +86,7 @@ class StageContext:
     metrics: dict = field(default_factory=dict)  # figures for the artifact's metrics
     source_metrics: dict = field(default_factory=dict)  # the source model scored on the same cases, this run
     fit: FitResult | None = None  # the fine-tune's result, once it ran
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where this rank trains and scores
     _teacher: nn.Module | None = None
     _teacher_artifact: Artifact | None = None
 
@@ -267,7 +268,7 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
         data = make_data(cfg)
         if info.main and (warning := changed_cases(art, data.val_ids)):
             tqdm.write(warning)
-        ctx = StageContext(cfg, art, out, data, info, teacher_path, resume)
+        ctx = StageContext(cfg, art, out, data, info, teacher_path, resume, device=rt.device)
         source = build_model(art)
         ctx.source_metrics = evaluate(source, data.cache, data.val_ids, cfg, desc=f"source ({art.stage})")
         model = stage.step(source, ctx)
