@@ -370,7 +370,7 @@ def parse_count(text: str | int | float | None, total: int | None = None, what: 
         if total is None:
             raise ConfigError(f"{what} {text!r} is a share: it needs the model's parameter count")
         if not 0.0 < value < 100.0:
-            raise ConfigError(f"{what} {text!r}: a share must be between 0% and 100%")
+            raise ConfigError(f"{what} {text!r}: a share must be strictly between 0% and 100%")
         return int(round(value / 100.0 * total))
     return int(round(value * {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000}[suffix]))
 

@@ -595,18 +595,24 @@ def _phase_result(pdir: Path) -> FitResult:
     return FitResult(None, pdir / LAST, dict(state["best_metrics"]), list(state["history"]), None, best)
 
 
-def best_of(results: Sequence[FitResult], select: str, min_delta: float) -> FitResult:
-    """One result for the whole growth fine-tune, every phase's history, and the best epoch of the phases
-    by `select` (the engine's `train.select`): a later phase (a grown model, more parameters and
-    multiply-adds) replaces an earlier one only when it is better by at least `min_delta` (`grow.min_delta`,
-    the gain the stop rule asks of growth), and strictly better in any case. With the plain maximum, a 4-case demo validation kept a model
+def best_phase(results: Sequence[FitResult], select: str, min_delta: float) -> int:
+    """Index of the phase whose best epoch the growth fine-tune keeps, by `select` (the engine's
+    `train.select`): a later phase (a grown model, more parameters and multiply-adds) replaces an earlier
+    one only when it is better by at least `min_delta` (`grow.min_delta`, the gain the stop rule asks of
+    growth), and strictly better in any case. With the plain maximum, a 4-case demo validation kept a model
     grown by 0.19 G multiply-adds for +0.0005 pooled Dice, 0.8 point below the un-grown one on the
     report's held-out cases."""
-    best = results[0]
-    for r in results[1:]:
-        gain = r.best_metrics.get(select, -math.inf) - best.best_metrics.get(select, -math.inf)
+    kept = 0
+    for i, r in enumerate(results[1:], 1):
+        gain = r.best_metrics.get(select, -math.inf) - results[kept].best_metrics.get(select, -math.inf)
         if gain > 0 and gain >= min_delta:  # ties keep the smaller model
-            best = r
+            kept = i
+    return kept
+
+
+def best_of(results: Sequence[FitResult], kept: int) -> FitResult:
+    """One result for the whole growth fine-tune: phase `kept`'s best epoch (`best_phase`), every phase's history."""
+    best = results[kept]
     history = [{**h, "phase": i} for i, r in enumerate(results) for h in r.history]
     return FitResult(None, results[-1].last_path, dict(best.best_metrics), history, results[-1].model, best.best)
 
@@ -619,7 +625,7 @@ def grow_fits(model: RefineFormer3D, ctx: StageContext, stage: StageDef, ckpt_di
     the last `grow.stop_after` phases did not beat the best before them by `grow.min_delta`, when
     `grow.max_events` growths are done, or when no epoch is left; otherwise gradient scores on
     `grow.window` training batches pick the units to widen (`grow_step`), from the phase's best
-    epoch. The result is the best epoch over all phases (`best_of`: a grown phase must beat the
+    epoch. The result is the best epoch over all phases (`best_phase`: a grown phase must beat the
     earlier ones by `grow.min_delta`). Each phase's decision goes into `<ckpt_dir>/growth.json`;
     `ctx.resume` continues the last phase begun (a widened model waits in its `start.pt`).
     """
@@ -693,7 +699,15 @@ def grow_fits(model: RefineFormer3D, ctx: StageContext, stage: StageDef, ckpt_di
         if action == "stop":
             break
         k += 1
-    return best_of(results, ctx.cfg.train.select, g.min_delta)
+    kept = best_phase(results, ctx.cfg.train.select, g.min_delta)
+    score = [r.best_metrics.get(ctx.cfg.train.select, -math.inf) for r in results]
+    top = max(range(len(results)), key=lambda i: (score[i], -i))
+    if top != kept and ctx.dist.main:
+        print(f"growth: kept phase {kept} ({ctx.cfg.train.select} {score[kept]:.4f}, "
+              f"{events[kept]['params']:,} parameters); phase {top} scored {score[top]:.4f}, better by less than "
+              f"grow.min_delta={g.min_delta}, not worth its {events[top]['params'] - events[kept]['params']:+,} "
+              f"parameters and {events[top]['gmacs'] - events[kept]['gmacs']:+.3f} G multiply-adds", flush=True)
+    return best_of(results, kept)
 
 
 # ----------------------------------------------------------------------------- command

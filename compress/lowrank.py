@@ -389,17 +389,18 @@ def search_share(model: nn.Module, cfg: LowRankConfig, score: Callable[[nn.Modul
                  reference: dict) -> tuple[nn.Module, list[dict], int]:
     """`lowrank.params: auto`: factorise a copy of `model` at each share of `cfg.auto_shares` (smallest
     first) and keep the first whose `score` (validation metrics, dice_wt/tc/et) drops no region by more
-    than `cfg.auto_tolerance` below `reference` (the source's metrics on the same cases); if none does,
-    the share that drops least (ties: the smaller). A share below the floor that no factorisation can
-    reach is skipped. `model` is unchanged.
+    than `cfg.auto_tolerance` below `reference` (the source's metrics on the same cases). If none does,
+    nothing is factorised: the chosen index is -1 and the model returned is `model` itself (a budget
+    that costs more Dice than the tolerance is not what "auto" asked for; `--params 65%` forces one).
+    A share below the floor that no factorisation can reach is skipped. `model` is unchanged.
 
     The Dice compared is each region's per-case mean (the BraTS figure), so a few false ET voxels on a
     case without ET cost that case's whole ET score: strict where ET is concerned. The stage scores each
     copy on its training device (`StageContext.device`); under torchrun rank 0 searches and the other
     ranks factorise at the count it chose.
 
-    Returns (the factorised copy, one row per share tried: {"share", "params", "params_after",
-    "metrics", "drop", "within", "table"}, the index of the chosen row). Why: parameters cost little Dice
+    Returns (the factorised copy, or `model`; one row per share tried: {"share", "params", "params_after",
+    "metrics", "drop", "within", "table"}; the index of the chosen row, -1 for none). Why: parameters cost little Dice
     in some layers and much in others, and how much a whole budget costs is measured, not guessed (the
     spectral energy a budget keeps says nothing about the regions; the README's "What compression keeps").
     """
@@ -407,7 +408,8 @@ def search_share(model: nn.Module, cfg: LowRankConfig, score: Callable[[nn.Modul
     total = count_params(model)
     reachable, _ = reachable_shares(model, cfg)
     rows: list[dict] = []
-    kept, chosen = None, -1  # the copy that drops least so far (ties: the smaller share, tried first)
+    if not reachable:
+        raise BudgetError(unreachable_message(rule["shares"], model, cfg))
     for share in reachable:
         trial = dataclasses.replace(cfg, params=str(round(share * total)))  # a count: no percent text to parse
         candidate, table = factorise_(copy.deepcopy(model), trial)
@@ -416,13 +418,10 @@ def search_share(model: nn.Module, cfg: LowRankConfig, score: Callable[[nn.Modul
         rows.append({"share": share, "params": round(share * total), "params_after": count_params(candidate),
                      "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
                      "drop": drop, "within": drop <= rule["tolerance"], "table": table})
-        if kept is None or drop < rows[chosen]["drop"] or rows[-1]["within"]:
-            kept, chosen = candidate, len(rows) - 1
         if rows[-1]["within"]:
-            break
-    if kept is None:
-        raise BudgetError(unreachable_message(rule["shares"], model, cfg))
-    return kept, rows, chosen
+            return candidate, rows, len(rows) - 1
+        del candidate
+    return model, rows, -1
 
 
 def reachable_shares(model: nn.Module, cfg: LowRankConfig) -> tuple[list[float], float]:
@@ -440,17 +439,27 @@ def unreachable_message(shares: Sequence[float], model: nn.Module, cfg: LowRankC
             f"at least {floor:.1%}")
 
 
-def format_search(rows: Sequence[dict], chosen: int, tolerance: float) -> str:
-    """The search's lines: share, parameters, Dice per region and the largest drop, the chosen one marked."""
+def format_search(rows: Sequence[dict], chosen: int, tolerance: float, unreachable: Sequence[float] = (),
+                  reference: dict | None = None) -> str:
+    """The search's lines: the source's Dice, then per share tried its parameters, Dice per region and the
+    largest drop, the chosen one marked; shares below what factorisation reaches named."""
     lines = [f"lowrank.params=auto: the smallest share keeping every region within {tolerance:.3f} Dice of the "
-             "source (validation cases, before fine-tune)"]
+             "source (validation cases, ET rule off, before fine-tune)"]
+    if reference is not None:
+        lines.append(f"     source                   WT {reference['dice_wt']:.3f} TC {reference['dice_tc']:.3f} "
+                     f"ET {reference['dice_et']:.3f}")
     for i, r in enumerate(rows):
         m = r["metrics"]
         lines.append(f"  {'->' if i == chosen else '  '} {100 * r['share']:4g}%  {r['params_after']:>9,} params  "
                      f"WT {m['dice_wt']:.3f} TC {m['dice_tc']:.3f} ET {m['dice_et']:.3f}  "
                      f"largest drop {signed(r['drop'])}{'' if r['within'] else '  (over)'}")
-    if chosen == 0 and rows[0]["within"]:
+    if unreachable:
+        lines.append(f"  ({', '.join(f'{100 * v:g}%' for v in unreachable)}: below what factorisation can reach, "
+                     "not tried)")
+    elif chosen == 0:
         lines.append("  (the smallest share offered was within: lowrank.auto_shares may go lower)")
+    if chosen < 0:
+        lines.append("  none within: the model is left unfactorised (--params 65% forces a budget)")
     return "\n".join(lines)
 
 
@@ -485,18 +494,24 @@ def factorise_step(model: nn.Module, ctx: StageContext) -> nn.Module:
             dist.broadcast_object_list(shared, src=0)
             if not ctx.dist.main:
                 rows, chosen = shared[0]
-                found = (factorise_(model, dataclasses.replace(cfg.lowrank, params=str(rows[chosen]["params"])))[0],
-                         rows, chosen)
+                found = (factorise_(model, dataclasses.replace(cfg.lowrank, params=str(rows[chosen]["params"])))[0]
+                         if chosen >= 0 else model, rows, chosen)
         model, rows, chosen = found
-        table, searched = rows[chosen]["table"], rows[chosen]["metrics"]
-        rule = {**rule, "params": rows[chosen]["params"], "params_share": rows[chosen]["share"],
+        reference = {k: float(ctx.source_metrics[k]) for k in REGION_KEYS}
+        if chosen >= 0:
+            table, searched = rows[chosen]["table"], rows[chosen]["metrics"]
+        else:  # no share within the tolerance: every candidate kept whole
+            table, searched = [{**r, "rank": None, "energy_kept": 1.0, "params_after": r["params_before"],
+                                "factorised": False} for r in rows[0]["table"]], None
+        rule = {**rule, "params": rows[chosen]["params"] if chosen >= 0 else None,
+                "params_share": rows[chosen]["share"] if chosen >= 0 else None,
                 "search": [{k: v for k, v in r.items() if k != "table"} for r in rows],
-                "unreachable": unreachable, "cases": len(ctx.data.val_ids)}
+                "unreachable": unreachable, "cases": len(ctx.data.val_ids), "reference": reference}
         if ctx.dist.main:
-            print(format_search(rows, chosen, rule["tolerance"]))
-            if not rows[chosen]["within"]:
-                print(f"WARNING: lowrank: no share kept every region within {rule['tolerance']:.3f} Dice; "
-                      f"kept {100 * rows[chosen]['share']:g}%, the least drop ({signed(rows[chosen]['drop'])})")
+            print(format_search(rows, chosen, rule["tolerance"], unreachable, reference))
+            if chosen < 0:
+                print(f"WARNING: lowrank: no share kept every region within {rule['tolerance']:.3f} Dice of the "
+                      f"source (least drop {signed(min(r['drop'] for r in rows))}); the model is left unfactorised")
     else:
         model, table = factorise_(model, cfg.lowrank)
     params_after = count_params(model)
@@ -538,6 +553,10 @@ def record_before(model: nn.Module, art: Artifact, ctx: StageContext) -> Artifac
 def _check(art: Artifact, cfg: Config) -> None:
     """Before any work: a bad rule, and a parameter budget the source model already meets."""
     rule = selection(cfg.lowrank)
+    lr = cfg.lowrank
+    if lr.params is not None and (lr.energy is not None or lr.ratio is not None):
+        print(f"note: lowrank.params={lr.params} wins over lowrank.energy={lr.energy} / lowrank.ratio={lr.ratio}; "
+              "set lowrank.params=null (or use --energy / --ratio) for those rules", flush=True)
     if rule["mode"] == AUTO:
         model = model_from_spec(art.spec)
         if not reachable_shares(model, cfg.lowrank)[0]:

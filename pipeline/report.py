@@ -642,12 +642,16 @@ def _lowrank_rule(info: dict) -> str:
         rule = f"rank = {info['ratio']:g} x full rank"
     elif mode == "params" and info.get("params") is not None:
         rule = f"parameter budget {_count(info['params']) if _num(info['params']) else info['params']}"
-    elif mode == "auto" and _num(info.get("params_share")) and _num(info.get("tolerance")):
+    elif mode == "auto" and _num(info.get("tolerance")):
         skipped = [v for v in info.get("unreachable") or [] if _num(v)]
         shares = ", ".join(f"{100 * v:g}%" for v in info.get("shares") or [] if _num(v) and v not in skipped)
-        kept = next((r for r in info.get("search") or [] if isinstance(r, dict) and r.get("share") == info["params_share"]), {})
-        cases = f" on the stage's {info['cases']} validation cases" if _num(info.get("cases")) else ""
-        if kept.get("within", True):
+        kept = next((r for r in info.get("search") or [] if isinstance(r, dict) and r.get("share") == info.get("params_share")), {})
+        cases = (f" on the stage's {info['cases']} validation cases (ET rule off)" if _num(info.get("cases"))
+                 else "")
+        if not _num(info.get("params_share")):
+            rule = (f"parameter budget chosen on validation: no share of {shares or 'those tried'} kept every region's "
+                    f"Dice within {info['tolerance']:.3f} of the source's{cases}, so the model was left unfactorised")
+        elif kept.get("within", True):
             rule = (f"parameter budget chosen on validation: {100 * info['params_share']:g}% of the model "
                     f"({_count(info.get('params'))}), the smallest of {shares or 'the shares tried'} whose factorised "
                     f"model kept every region's Dice within {info['tolerance']:.3f} of the source's{cases}, before "
@@ -664,6 +668,9 @@ def _lowrank_rule(info: dict) -> str:
     if _num(saving):
         rule += f"; a layer is factorised only when it saves more than {saving:.0%} of its parameters"
     return rule
+
+
+REGION_DICE = ("dice_wt", "dice_tc", "dice_et")
 
 
 def lowrank_section(info: Any) -> list[str]:
@@ -694,13 +701,17 @@ def lowrank_section(info: Any) -> list[str]:
     lines = [" ".join(text)] if text else []
     search = [r for r in info.get("search") or [] if isinstance(r, dict) and isinstance(r.get("metrics"), dict)]
     if search:
+        ref = info.get("reference") if isinstance(info.get("reference"), dict) else None
+        source = [["source", _count(info.get("params_before")), *(_fmt(ref.get(k), ".3f") for k in REGION_DICE),
+                   "–", "–", ""]] if ref else []
         lines += ["", markdown_table(
             ["share tried", "params after", "Dice WT", "Dice TC", "Dice ET", "largest region drop", "within", "kept"],
-            ([f"{100 * r['share']:g}%" if _num(r.get("share")) else "–", _count(r.get("params_after")),
-              *(_fmt(r["metrics"].get(k), ".3f") for k in ("dice_wt", "dice_tc", "dice_et")),
-              _fmt(round(r["drop"], 3) + 0.0 if _num(r.get("drop")) else None, "+.3f"),
-              "yes" if r.get("within") else "no", "yes" if r.get("share") == info.get("params_share") else ""]
-             for r in search),
+            source + [[f"{100 * r['share']:g}%" if _num(r.get("share")) else "–", _count(r.get("params_after")),
+                       *(_fmt(r["metrics"].get(k), ".3f") for k in REGION_DICE),
+                       _fmt(round(r["drop"], 3) + 0.0 if _num(r.get("drop")) else None, "+.3f"),
+                       "yes" if r.get("within") else "no",
+                       "yes" if _num(r.get("share")) and r.get("share") == info.get("params_share") else ""]
+                      for r in search],
         )]
     if table:
         lines += ["", markdown_table(

@@ -15,6 +15,7 @@ from compress.grow import (
     GROWN,
     GradientScorer,
     best_of,
+    best_phase,
     check_config,
     dice_stalled,
     gradient_scores,
@@ -467,18 +468,18 @@ def test_growth_is_fits_around_widenings_and_a_killed_run_resumes_exactly(tmp_pa
 def test_a_grown_phase_is_kept_only_when_it_beats_the_earlier_ones_by_min_delta():
     from engine.loop import FitResult
 
-    def phase(dice: float, tag: str) -> FitResult:
-        return FitResult(None, Path(tag), {"pooled_dice_mean": dice}, [{"epoch": 1, "val": {"pooled_dice_mean": dice}}])
+    def phases(*dice: float) -> list:
+        return [FitResult(None, Path(f"p{i}"), {"pooled_dice_mean": d}, [{"epoch": 1, "val": {"pooled_dice_mean": d}}])
+                for i, d in enumerate(dice)]
 
-    # +0.0005 over the un-grown phase: noise, the smaller model stays; +0.003: the grown one wins
-    assert best_of([phase(0.8921, "p0"), phase(0.8926, "p1")], "pooled_dice_mean", 0.002).best_metrics == {
-        "pooled_dice_mean": 0.8921}
-    kept = best_of([phase(0.8921, "p0"), phase(0.8926, "p1"), phase(0.8930, "p2")], "pooled_dice_mean", 0.002)
-    assert kept.best_metrics["pooled_dice_mean"] == 0.8921
-    kept = best_of([phase(0.890, "p0"), phase(0.893, "p1"), phase(0.894, "p2")], "pooled_dice_mean", 0.002)
-    assert kept.best_metrics["pooled_dice_mean"] == 0.893
-    assert kept.last_path == Path("p2") and [h["phase"] for h in kept.history] == [0, 1, 2]
-    assert best_of([phase(0.890, "p0"), phase(0.895, "p1")], "pooled_dice_mean", 0.0).best_metrics["pooled_dice_mean"] == 0.895
+    # +0.0005 over the un-grown phase is noise: the smaller model stays; +0.003 is a gain: the grown one wins
+    assert best_phase(phases(0.8921, 0.8926), "pooled_dice_mean", 0.002) == 0
+    assert best_phase(phases(0.8921, 0.8926, 0.8930), "pooled_dice_mean", 0.002) == 0
+    assert best_phase(phases(0.890, 0.893, 0.894), "pooled_dice_mean", 0.002) == 1
+    assert best_phase(phases(0.890, 0.895), "pooled_dice_mean", 0.0) == 1
     # a tie keeps the earlier (smaller) model whatever min_delta, a negative one included
-    assert best_of([phase(0.89, "p0"), phase(0.89, "p1")], "pooled_dice_mean", -1.0).best_metrics["pooled_dice_mean"] == 0.89
-    assert best_of([phase(0.89, "p0"), phase(0.88, "p1")], "pooled_dice_mean", -1.0).best_metrics["pooled_dice_mean"] == 0.89
+    assert best_phase(phases(0.89, 0.89), "pooled_dice_mean", -1.0) == 0
+    assert best_phase(phases(0.89, 0.88), "pooled_dice_mean", -1.0) == 0
+    result = best_of(phases(0.890, 0.893, 0.894), 1)
+    assert result.best_metrics == {"pooled_dice_mean": 0.893} and result.last_path == Path("p2")
+    assert [h["phase"] for h in result.history] == [0, 1, 2]

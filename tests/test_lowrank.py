@@ -137,7 +137,7 @@ def test_parse_count():
     assert parse_count("12.5%", 1000) == 125
     with pytest.raises(ConfigError, match="needs the model's parameter count"):
         parse_count("65%")
-    with pytest.raises(ConfigError, match="between 0% and 100%"):
+    with pytest.raises(ConfigError, match="strictly between 0% and 100%"):
         parse_count("100%", 1000)
 
 
@@ -439,7 +439,9 @@ def test_auto_budget_is_the_smallest_share_that_keeps_every_region():
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
-def test_auto_budget_without_a_share_in_tolerance_keeps_the_least_drop():
+def test_auto_budget_without_a_share_in_tolerance_factorises_nothing():
+    """A budget that costs more Dice than the tolerance everywhere is not what auto asked for: the model
+    comes back whole (a user feeding an already factorised model got WT 0.958 -> 0.068 at the least drop)."""
     model = tiny_model()
     total = count_params(model)
 
@@ -448,9 +450,8 @@ def test_auto_budget_without_a_share_in_tolerance_keeps_the_least_drop():
 
     cfg = LowRankConfig(params="auto", auto_shares=[0.4, 0.6], auto_tolerance=0.001)
     out, rows, chosen = search_share(model, cfg, score, REF)
-    assert [r["within"] for r in rows] == [False, False]
-    assert chosen == 1 and rows[1]["drop"] < rows[0]["drop"]
-    assert count_params(out) == rows[1]["params_after"]
+    assert [r["within"] for r in rows] == [False, False] and rows[1]["drop"] < rows[0]["drop"]
+    assert chosen == -1 and out is model and count_params(out) == total and not model.spec.ranks
 
 
 def test_auto_budget_skips_shares_no_factorisation_reaches():
@@ -509,4 +510,33 @@ def test_command_with_an_auto_budget_records_the_search(tmp_path, monkeypatch, c
     assert count_params(build_model(art)) == art.metrics["params_after"]
     # no fine-tune: the stage's score of its product is the search's score of the same model
     assert art.metrics["dice_mean"] == pytest.approx(info["search"][0]["metrics"]["dice_mean"])
+    assert set(info["reference"]) == {"dice_wt", "dice_tc", "dice_et"}
+    assert info["search"][0]["drop"] == pytest.approx(max(info["reference"][k] - info["search"][0]["metrics"][k]
+                                                           for k in info["reference"]))
     assert "lowrank.params=auto" in capsys.readouterr().out
+
+
+def test_command_with_no_share_in_tolerance_writes_the_model_unfactorised(tmp_path, monkeypatch, capsys, tiny_data):
+    monkeypatch.chdir(tmp_path)
+    model, _ = _save_pair(tmp_path)
+    import compress.lowrank as lowrank
+
+    real = lowrank.evaluate
+
+    def harsh(m, cache, ids, cfg, desc="evaluate"):  # every factorised copy loses a tenth of ET
+        out = real(m, cache, ids, cfg, desc)
+        return {**out, "dice_et": out["dice_et"] - 0.1} if desc == "low-rank share" else out
+
+    monkeypatch.setattr(lowrank, "evaluate", harsh)
+    argv = ["student.pt", "--epochs", "0", "--out", "out", "--config", str(CONFIG), "--data", str(tiny_data)]
+    for item in ["data.max_val_cases=1", "data.crop=[32,32,32]", "train.window=[32,32,32]", "train.sw_batch=1",
+                 "lowrank.auto_shares=[0.4,0.6]"]:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    art = Artifact.load(tmp_path / "out" / "lowrank.pt")
+    info = art.extra["lowrank"]
+    assert [r["within"] for r in info["search"]] == [False, False] and info["params_share"] is None
+    assert art.metrics["params_after"] == art.metrics["params_before"] == count_params(model)
+    assert not art.spec["ranks"] and not any(r["factorised"] for r in info["table"])
+    out = capsys.readouterr().out
+    assert "the model is left unfactorised" in out

@@ -409,24 +409,26 @@ def test_lowrank_section_of_an_auto_budget_shows_the_search():
               {"share": 0.35, "params_after": 340, "metrics": {"dice_wt": 0.9, "dice_tc": 0.8, "dice_et": 0.69},
                "drop": -0.001, "within": True}]
     info = {**LOWRANK, "mode": "auto", "shares": [0.1, 0.25, 0.35, 0.5], "tolerance": 0.005, "params": 350,
-            "params_share": 0.35, "search": search, "unreachable": [0.1], "cases": 8}
+            "params_share": 0.35, "search": search, "unreachable": [0.1], "cases": 8,
+            "reference": {"dice_wt": 0.9, "dice_tc": 0.8, "dice_et": 0.65}}
     lines = lowrank_section(info)
     assert lines[0].startswith("Rule: parameter budget chosen on validation: 35% of the model (350), the smallest "
                                "of 25%, 35%, 50% whose factorised model kept every region's Dice within 0.005 of the "
-                               "source's on the stage's 8 validation cases, before fine-tune (10% below what "
-                               "factorisation can reach: not tried)")
+                               "source's on the stage's 8 validation cases (ET rule off), before fine-tune (10% below "
+                               "what factorisation can reach: not tried)")
     searched = lines[2].splitlines()
     assert searched[0] == ("| share tried | params after | Dice WT | Dice TC | Dice ET | largest region drop | within "
                            "| kept |")
-    assert searched[2:] == ["| 25% | 250 | 0.900 | 0.800 | 0.600 | +0.050 | no |  |",
+    assert searched[2:] == ["| source | 1,000 | 0.900 | 0.800 | 0.650 | – | – |  |",
+                            "| 25% | 250 | 0.900 | 0.800 | 0.600 | +0.050 | no |  |",
                             "| 35% | 340 | 0.900 | 0.800 | 0.690 | -0.001 | yes | yes |"]
     assert lines[4].splitlines()[2:] == LOWRANK_ROWS
     # no share within the tolerance: the report says so instead of claiming it
     over = [{**search[0], "drop": 0.0004, "within": False}, {**search[1], "drop": 0.02, "within": False}]
-    lines = lowrank_section({**info, "tolerance": 0.0, "params_share": 0.25, "params": 250, "search": over})
+    lines = lowrank_section({**info, "tolerance": 0.0, "params_share": None, "params": None, "search": over})
     assert "no share of 25%, 35%, 50% kept every region's Dice within 0.000" in lines[0]
-    assert "25% (250) dropped least" in lines[0] and "whose factorised model kept" not in lines[0]
-    assert lines[2].splitlines()[2] == "| 25% | 250 | 0.900 | 0.800 | 0.600 | +0.000 | no | yes |"
+    assert "the model was left unfactorised" in lines[0] and "whose factorised model kept" not in lines[0]
+    assert lines[2].splitlines()[3] == "| 25% | 250 | 0.900 | 0.800 | 0.600 | +0.000 | no |  |"
 
 
 def test_growth_section_events_and_units():
