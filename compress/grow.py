@@ -700,6 +700,8 @@ def grow_fits(model: RefineFormer3D, ctx: StageContext, stage: StageDef, ckpt_di
             break
         k += 1
     kept = best_phase(results, ctx.cfg.train.select, g.min_delta)
+    for i, e in enumerate(events):
+        e["kept"] = i == kept  # the phase whose best epoch is the product (report.md marks it)
     score = [r.best_metrics.get(ctx.cfg.train.select, -math.inf) for r in results]
     top = max(range(len(results)), key=lambda i: (score[i], -i))
     if top != kept and ctx.dist.main:

@@ -741,11 +741,13 @@ def growth_section(events: Any) -> list[str]:
         after = e.get("params_after")
         return _count(e.get("params")) + (f" -> {_count(after)}" if _num(after) else "")
 
+    marked = any("kept" in e for e in events)  # recorded since growth asks a grown phase for grow.min_delta
     return [markdown_table(
         ["phase", "last epoch", "action", "reason", "best validation Dice (train.select)", "params",
-         "units grown (old->new)"],
+         "units grown (old->new)"] + (["kept"] if marked else []),
         ([str(e.get("event", i)), str(e.get("epoch", "–")), str(e.get("action", "–")), str(e.get("reason", "–")),
-          f"{_fmt(e.get('dice'), '.3f')} ({e.get('select', LEGACY_SELECT)})", params(e), _grown_units(e.get("grown"))]
+          f"{_fmt(e.get('dice'), '.4f')} ({e.get('select', LEGACY_SELECT)})", params(e), _grown_units(e.get("grown"))]
+         + (["yes" if e.get("kept") else ""] if marked else [])
          for i, e in enumerate(events)),
     )]
 

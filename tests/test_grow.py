@@ -435,8 +435,9 @@ def test_growth_is_fits_around_widenings_and_a_killed_run_resumes_exactly(tmp_pa
     events = straight.extra["growth"]
     assert [(e["event"], e["epochs"], e["action"]) for e in events] == [(0, 1, "grow"), (1, 1, "grow"), (2, 1, "stop")]
     assert all(len(e["grown"]) == 1 for e in events[:2]) and events[2]["reason"] == "2 growth event(s) done"
-    # validation Dice tied across phases: the earliest (smallest) best epoch is kept
+    # validation Dice tied across phases: the earliest (smallest) best epoch is kept, and marked so
     assert ModelSpec.from_dict(straight.spec) == micro.spec
+    assert [e["kept"] for e in events] == [True, False, False]
     assert straight.metrics["params_after"] == straight.metrics["params_before"]
     last = {run: Artifact.load(tmp_path / run / "phase2" / LAST) for run in ("straight",)}
     assert ModelSpec.from_dict(last["straight"].spec) != micro.spec  # phase 2 trained the twice-grown model

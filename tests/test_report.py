@@ -70,9 +70,9 @@ LOWRANK_ROWS = [
     "| encoder.stages.0.blocks.0.attn.q | linear | 8x8 | – | 8 | 1.000 | 72 | 72 |",
 ]
 GROWTH_ROWS = [
-    "| 0 | 2 | grow | loss plateau, Dice rose | 0.693 (dice_mean) | 291,259 -> 291,919 "
+    "| 0 | 2 | grow | loss plateau, Dice rose | 0.6928 (dice_mean) | 291,259 -> 291,919 "
     "| refine_dim 4->8, ranks.decoder.projections.0.proj 7->8 |",
-    "| 1 | 4 | stop | 2 growth events done | 0.708 (dice_mean) | 293,215 | – |",
+    "| 1 | 4 | stop | 2 growth events done | 0.7077 (dice_mean) | 293,215 | – |",
 ]
 INT8_ROWS = [
     "| encoder.stages.0.patch_embed.proj.down | Conv3d | 1x4x96x96x64 | 4.000 | 16.000 | 0.25x | fp32 |",
@@ -436,6 +436,11 @@ def test_growth_section_events_and_units():
     lines = table.splitlines()
     assert lines[0] == "| phase | last epoch | action | reason | best validation Dice (train.select) | params | units grown (old->new) |"
     assert lines[2:] == GROWTH_ROWS
+    # a run that records which phase it kept gets a column for it
+    (table,) = growth_section([{**GROWTH[0], "kept": True}, {**GROWTH[1], "kept": False}])
+    lines = table.splitlines()
+    assert lines[0].endswith("| units grown (old->new) | kept |")
+    assert lines[2] == GROWTH_ROWS[0] + " yes |" and lines[3] == GROWTH_ROWS[1] + "  |"
 
 
 def test_int8_section_summary_and_per_layer_choice():
