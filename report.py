@@ -18,6 +18,8 @@ OpenVINO: one row each in report.md) and scored in --runtime (report.runtime; au
 here). --profile (report.profile) adds per stage where a window's time goes: top operators and modules by
 time in PyTorch's profiler, their multiply-adds and achieved G multiply-adds/s against this CPU's fp32
 GEMM peak (a 2048x2048 matrix product, measured once per report).
+A quicker report: --set report.max_cases=2 (held-out cases scored per row), --set report.latency_runs=1,
+--set report.case_latency=false (no whole-case timing), --set report.plots=false.
 """
 from __future__ import annotations
 
