@@ -88,6 +88,12 @@ def run_main(main: Callable[[], int | None]) -> None:
     sys.exit(code or 0)
 
 
+def main_rank() -> bool:
+    """Whether this process is rank 0 under torchrun (RANK unset: a plain run), so a command's closing
+    summary is printed once, not once per rank."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 RUN_FILES = ("*.pt", "*.onnx")  # what a stage writes (artifacts, checkpoints; quantize.py's ONNX graphs)
 
 

@@ -53,7 +53,7 @@ from torch import nn
 
 from common.artifact import Artifact, build_model
 from common.atomic import atomic_write_text
-from common.cli import add_strict, config_from_args, data_given, out_dir, run_main, stage_parser
+from common.cli import add_strict, config_from_args, data_given, main_rank, out_dir, run_main, stage_parser
 from common.config import Config, ConfigError, parse_count, to_dict
 from engine.data import TrainData, stack_batches
 from engine.loop import LAST, LEGACY_SELECT, FitResult, Stage, best_epoch, fit
@@ -788,10 +788,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                      data_given=data_given(args))
     m = art.metrics
     size = "x".join(map(str, cfg.grow.reference_input))
-    print(format_history(art.extra["growth"]))
-    print(f"wrote {art.path}: {m['params_before']:,} -> {m['params_after']:,} parameters, "
-          f"{m['gmacs_before']:.3f} -> {m['gmacs_after']:.3f} GMACs at {size}, "
-          f"dice_mean {m.get('dice_mean', float('nan')):.4f} (best epoch {art.extra['best_epoch']})")
+    if main_rank():  # under torchrun, once
+        print(format_history(art.extra["growth"]))
+        print(f"wrote {art.path}: {m['params_before']:,} -> {m['params_after']:,} parameters, "
+              f"{m['gmacs_before']:.3f} -> {m['gmacs_after']:.3f} GMACs at {size}, "
+              f"dice_mean {m.get('dice_mean', float('nan')):.4f} (best epoch {art.extra['best_epoch']})")
     return exit_code(art)
 
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from brats.scoring import evaluate
 from common.artifact import Artifact
-from common.cli import add_strict, config_from_args, data_given, out_dir, run_main, stage_parser
+from common.cli import add_strict, config_from_args, data_given, main_rank, out_dir, run_main, stage_parser
 from common.config import Config, ConfigError, LowRankConfig, parse_count
 from engine.runner import StageContext, StageDef, exit_code, run_stage
 from model.layers import LowRankConv3d, LowRankLinear
@@ -613,8 +613,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         lr.teacher = args.teacher
     art = lowrank_stage(args.artifact, cfg, out_dir(args), data_given=data_given(args))
     m = art.metrics
-    print(f"wrote {art.path}: {m['params_before']:,} -> {m['params_after']:,} parameters, "
-          f"dice_mean {m['dice_mean_before_finetune']:.3f} before fine-tune, {m.get('dice_mean', math.nan):.3f} after")
+    if main_rank():  # under torchrun, once
+        print(f"wrote {art.path}: {m['params_before']:,} -> {m['params_after']:,} parameters, "
+              f"dice_mean {m['dice_mean_before_finetune']:.3f} before fine-tune, {m.get('dice_mean', math.nan):.3f} after")
     return exit_code(art)
 
 

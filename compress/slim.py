@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from common.artifact import Artifact
-from common.cli import add_strict, config_from_args, data_given, out_dir, run_main, stage_parser
+from common.cli import add_strict, config_from_args, data_given, main_rank, out_dir, run_main, stage_parser
 from common.config import Config, ConfigError, SlimConfig, parse_count
 from compress.grow import widen
 from engine.runner import StageContext, StageDef, exit_code, run_stage
@@ -325,9 +325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     art = slim_stage(args.artifact, cfg, out_dir(args), teacher=args.teacher, resume=args.resume,
                      data_given=data_given(args))
     m = art.metrics
-    print(f"wrote {art.path}: {m['gmacs_before']:.3f} -> {m['gmacs_after']:.3f} G multiply-adds, "
-          f"{m['params_before']:,} -> {m['params_after']:,} parameters, "
-          f"dice_mean {m.get('dice_mean', math.nan):.4f}")
+    if main_rank():  # under torchrun, once
+        print(f"wrote {art.path}: {m['gmacs_before']:.3f} -> {m['gmacs_after']:.3f} G multiply-adds, "
+              f"{m['params_before']:,} -> {m['params_after']:,} parameters, "
+              f"dice_mean {m.get('dice_mean', math.nan):.4f}")
     return exit_code(art)
 
 
