@@ -14,7 +14,7 @@ import os
 # Spin-waiting OpenMP threads make torch several times slower on a shared machine; set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from common.cli import config_from_args, out_dir, run_main, stage_parser  # noqa: E402
+from common.cli import config_from_args, main_rank, out_dir, run_main, stage_parser  # noqa: E402
 
 
 def main() -> int:
@@ -33,7 +33,7 @@ def main() -> int:
     from teacher.train import train_teacher
 
     result = train_teacher(cfg, out, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if main_rank():
         m = result.best_metrics
         print(f"best: {result.best_path}")
         if m:

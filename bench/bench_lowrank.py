@@ -135,9 +135,14 @@ def main() -> None:
     m, info = art.metrics, art.extra["lowrank"]
     assert m["params_before"] == count_params(student)
     # The same deterministic surgery again, for the factorised model's scores on the eval set (a budget
-    # chosen on validation, params auto, is redone at the count it chose).
-    rule = cfg.lowrank if info["mode"] in ("energy", "ratio") else dataclasses.replace(cfg.lowrank, params=str(info["params"]))
-    models["factorised"] = factorise_(build_model(student_art), rule)[0].to(device)
+    # chosen on validation, params auto, is redone at the count it chose; None: it left the model whole).
+    if info["mode"] in ("energy", "ratio"):
+        models["factorised"] = factorise_(build_model(student_art), cfg.lowrank)[0].to(device)
+    elif info["params"] is None:
+        models["factorised"] = build_model(student_art).to(device)
+    else:
+        rule = dataclasses.replace(cfg.lowrank, params=str(info["params"]))
+        models["factorised"] = factorise_(build_model(student_art), rule)[0].to(device)
     models["fine-tuned"] = build_model(art).to(device)
     assert count_params(models["factorised"]) == count_params(models["fine-tuned"]) == m["params_after"]
 

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from brats.metrics import REGIONS
 from brats.scoring import evaluate
 from common.artifact import Artifact
 from common.cli import add_strict, config_from_args, data_given, main_rank, out_dir, run_main, stage_parser
@@ -377,7 +378,7 @@ def selection(cfg: LowRankConfig, total_params: int | None = None) -> dict:
 # ----------------------------------------------------------------------------- a budget chosen on validation
 
 AUTO = "auto"
-REGION_KEYS = ("dice_wt", "dice_tc", "dice_et")
+REGION_KEYS = tuple(f"dice_{r}" for r in REGIONS)  # as the guard rail reads them (engine.runner.guard)
 
 
 def region_drop(metrics: dict, reference: dict) -> float:
@@ -406,10 +407,10 @@ def search_share(model: nn.Module, cfg: LowRankConfig, score: Callable[[nn.Modul
     """
     rule = selection(cfg)
     total = count_params(model)
-    reachable, _ = reachable_shares(model, cfg)
+    reachable, floor = reachable_shares(model, cfg)
     rows: list[dict] = []
     if not reachable:
-        raise BudgetError(unreachable_message(rule["shares"], model, cfg))
+        raise BudgetError(unreachable_message(rule["shares"], model, floor))
     for share in reachable:
         trial = dataclasses.replace(cfg, params=str(round(share * total)))  # a count: no percent text to parse
         candidate, table = factorise_(copy.deepcopy(model), trial)
@@ -432,8 +433,8 @@ def reachable_shares(model: nn.Module, cfg: LowRankConfig) -> tuple[list[float],
     return [s for s in selection(cfg)["shares"] if round(s * total) >= floor * total], floor
 
 
-def unreachable_message(shares: Sequence[float], model: nn.Module, cfg: LowRankConfig) -> str:
-    _, floor = reachable_shares(model, cfg)
+def unreachable_message(shares: Sequence[float], model: nn.Module, floor: float) -> str:
+    """Why no share of `shares` can be tried: `floor` (`reachable_shares`) is the lowest any budget reaches."""
     return (f"lowrank.auto_shares {[float(s) for s in shares]}: none is reachable for this model "
             f"({count_params(model):,} parameters; the lowest rank everywhere leaves {floor:.1%}): add shares of "
             f"at least {floor:.1%}")
@@ -483,7 +484,6 @@ def factorise_step(model: nn.Module, ctx: StageContext) -> nn.Module:
     rule = selection(cfg.lowrank, params_before)
     searched = None
     if rule["mode"] == AUTO:
-        unreachable = [v for v in rule["shares"] if v not in reachable_shares(model, cfg.lowrank)[0]]
         if ctx.dist.main:
             found = search_share(
                 model, cfg.lowrank,
@@ -497,6 +497,7 @@ def factorise_step(model: nn.Module, ctx: StageContext) -> nn.Module:
                 found = (factorise_(model, dataclasses.replace(cfg.lowrank, params=str(rows[chosen]["params"])))[0]
                          if chosen >= 0 else model, rows, chosen)
         model, rows, chosen = found
+        unreachable = [v for v in rule["shares"] if v < rows[0]["share"]]  # the search starts at the first reachable
         reference = {k: float(ctx.source_metrics[k]) for k in REGION_KEYS}
         if chosen >= 0:
             table, searched = rows[chosen]["table"], rows[chosen]["metrics"]
@@ -559,8 +560,9 @@ def _check(art: Artifact, cfg: Config) -> None:
               "set lowrank.params=null (or use --energy / --ratio) for those rules", flush=True)
     if rule["mode"] == AUTO:
         model = model_from_spec(art.spec)
-        if not reachable_shares(model, cfg.lowrank)[0]:
-            raise ConfigError(f"{art.path}: {unreachable_message(rule['shares'], model, cfg.lowrank)}")
+        reachable, floor = reachable_shares(model, cfg.lowrank)
+        if not reachable:
+            raise ConfigError(f"{art.path}: {unreachable_message(rule['shares'], model, floor)}")
     if rule["mode"] == "params" and rule["params"] is not None:  # a count (a share always leaves work)
         total = count_params(model_from_spec(art.spec))
         if rule["params"] >= total:

@@ -670,7 +670,7 @@ def _lowrank_rule(info: dict) -> str:
     return rule
 
 
-REGION_DICE = ("dice_wt", "dice_tc", "dice_et")
+REGION_DICE = tuple(f"dice_{r}" for r in REGIONS)
 
 
 def lowrank_section(info: Any) -> list[str]:

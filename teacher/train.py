@@ -1,9 +1,9 @@
 """Train the teacher: RefineFormer3D from `cfg.model`, supervised Dice + (B)CE, through the engine."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from common.cli import main_rank
 from common.config import Config
 from common.paths import project_path
 from engine.data import make_data
@@ -21,7 +21,7 @@ def train_teacher(cfg: Config, out_dir: str | Path, resume: bool = False) -> Fit
     best.pt then records the BraTS ET rule calibrated on the validation cases (`extra["et_rule"]`,
     `engine.runner.et_rule`), as every compression stage's artifact does, so predict.py and report.py
     treat the teacher like the models made from it."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if main_rank():
         d = cfg.data
         print(f"{STAGE}: data: " + (d.dir if d.dir else
               f"built-in synthetic cases in {project_path('data/synthetic')} (no --data given: {d.synthetic_cases} labelled, "
@@ -30,7 +30,7 @@ def train_teacher(cfg: Config, out_dir: str | Path, resume: bool = False) -> Fit
     model = build_from_config(cfg.model)
     stage = SupervisedStage(cfg.data.scheme, cfg.train.dice_weight, cfg.train.ce_weight)
     result = fit(model, stage, cfg, out_dir, stage_name=STAGE, resume=resume)
-    if result.best is not None and result.best_path is not None and int(os.environ.get("RANK", "0")) == 0:
+    if result.best is not None and result.best_path is not None and main_rank():
         # rank 0 alone (fit has left the process group): the cache and split it prepared are only read
         rule = et_rule(result.best, make_data(cfg), cfg)
         result.best.extra["et_rule"] = rule
