@@ -68,7 +68,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_epochs: int = 5
     grad_clip: float = 1.0
-    amp: str = "auto"  # auto | off | fp16 | bf16
+    amp: str = "auto"  # one of AMP_CHOICES (engine.runtime.resolve_precision)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     dice_weight: float = 1.0
@@ -267,6 +267,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+AMP_CHOICES = ("auto", "off", "fp16", "bf16")  # train.amp
 
 
 def check_values(cfg: Config) -> None:
@@ -308,6 +309,7 @@ def check_values(cfg: Config) -> None:
     at_least(t.warmup_epochs, 0, "train.warmup_epochs")
     at_least(t.grad_clip, 0, "train.grad_clip", optional=True)
     need(DEVICE.fullmatch(t.device) is not None, "train.device", t.device, "auto, cpu, cuda or cuda:N")
+    need(t.amp in AMP_CHOICES, "train.amp", t.amp, f"one of {', '.join(AMP_CHOICES)}")
     at_least(t.val_every, 1, "train.val_every")
     at_least(t.sw_batch, 1, "train.sw_batch")
     at_least(t.et_min_voxels, 0, "train.et_min_voxels")

@@ -792,8 +792,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_history(art.extra["growth"]))
         print(f"wrote {art.path}: {m['params_before']:,} -> {m['params_after']:,} parameters, "
               f"{m['gmacs_before']:.3f} -> {m['gmacs_after']:.3f} GMACs at {size}, "
-              f"dice_mean {m.get('dice_mean', float('nan')):.4f} (best epoch {art.extra['best_epoch']})")
+              f"{_selection_line(art, cfg.train.select)}")
     return exit_code(art)
+
+
+def _selection_line(art: Artifact, select: str) -> str:
+    """What the product is: the kept phase, its best epoch (counted within the phase), the figure that chose
+    it and the per-case mean Dice, e.g. "phase 0, its epoch 7: pooled_dice_mean 0.8921, dice_mean 0.9143"."""
+    m, events = art.metrics, art.extra.get("growth") or []
+    kept = next((i for i, e in enumerate(events) if e.get("kept")), None)
+    epoch = art.extra.get("best_epoch")
+    if epoch == 0:
+        epoch = "0 (its start, before fine-tuning)"
+    where = "no fine-tune" if epoch is None else f"phase {kept}, its epoch {epoch}" if kept is not None else f"epoch {epoch}"
+    figures = [f"{k} {m[k]:.4f}" for k in dict.fromkeys((select, "dice_mean")) if isinstance(m.get(k), float)]
+    return f"{where}: {', '.join(figures)}"
 
 
 def cli() -> None:

@@ -269,9 +269,9 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
         if info.main and (warning := changed_cases(art, data.val_ids)):
             tqdm.write(warning)
         ctx = StageContext(cfg, art, out, data, info, teacher_path, resume, device=rt.device)
-        source = build_model(art)
-        ctx.source_metrics = evaluate(source, data.cache, data.val_ids, cfg, desc=f"source ({art.stage})")
-        model = stage.step(source, ctx)
+        source = build_model(art)  # fp32 (check_source): scored where this stage trains, handed to the step on the CPU
+        ctx.source_metrics = evaluate(source.to(rt.device), data.cache, data.val_ids, cfg, desc=f"source ({art.stage})")
+        model = stage.step(source.cpu(), ctx)
         del source  # a step that works on a copy (lowrank's search) would keep it alive through the fine-tune
         if finetune:
             ctx.fit = (stage.train or fit_once)(model, ctx, stage, ckpt_dir)

@@ -43,10 +43,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common.config import ConfigError
+from common.config import AMP_CHOICES, ConfigError
 from common.machine import usable_cpus
 
-AMP_CHOICES = ("auto", "off", "fp16", "bf16")
 INT8_ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")  # preference order
 # oneDNN ISA limits (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA) that still allow native bf16 kernels
 _BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX",

@@ -111,12 +111,15 @@ def test_unquoted_off_reads_as_text_for_text_fields():
     ("train.threads=0", "train.threads=0: must be >= 1 (or null)"),
     ("train.device=gpu", "train.device='gpu': auto, cpu, cuda or cuda:N"),
     ("train.device=cuda:1", None),
+    ("train.amp=fp8", "train.amp='fp8': one of auto, off, fp16, bf16"),
+    ("train.amp=yes", "train.amp='on': one of auto, off, fp16, bf16 (--set train.amp=yes)"),  # YAML 1.1 bool
+    ("train.amp=bf16", None),
     ("guard.max_region_drop=2", "guard.max_region_drop=2.0: a fraction in [0, 1]"),
     ("distill.perturb.prob=1.5", "distill.perturb.prob=1.5: a fraction in [0, 1]"),
 ])
 def test_values_out_of_range_are_refused_when_the_config_loads(override, message):
     """Before any work: these failed after a training epoch (sw_batch), in a library traceback (device,
-    lr, num_workers, scheme) or ran on silently (fg_ratio, warmup, patience, threads, width)."""
+    lr, num_workers, scheme), after the data was prepared (amp) or ran on silently (fg_ratio, warmup, patience, threads, width)."""
     if message is None:
         load_config(None, [override])
         return

@@ -12,6 +12,7 @@ from brats.phantom import write_phantom_dataset
 from common.artifact import Artifact, ArtifactError
 from common.config import Config, ConfigError, GrowConfig
 from compress.grow import (
+    _selection_line,
     GROWN,
     GradientScorer,
     best_of,
@@ -484,3 +485,17 @@ def test_a_grown_phase_is_kept_only_when_it_beats_the_earlier_ones_by_min_delta(
     result = best_of(phases(0.890, 0.893, 0.894), 1)
     assert result.best_metrics == {"pooled_dice_mean": 0.893} and result.last_path == Path("p2")
     assert [h["phase"] for h in result.history] == [0, 1, 2]
+
+
+def test_the_closing_line_names_the_kept_phase_its_epoch_and_the_selecting_figure():
+    """The grow CLI's last line: which phase and which of its epochs the artifact is, by which figure (the
+    line once printed a within-phase epoch beside the per-case mean only, not the figure that chose it)."""
+    art = Artifact(stage="grown", spec={}, state_dict={},
+                   metrics={"pooled_dice_mean": 0.91234, "dice_mean": 0.93456},
+                   extra={"best_epoch": 7, "growth": [{"kept": False}, {"kept": True}, {"kept": False}]})
+    assert _selection_line(art, "pooled_dice_mean") == "phase 1, its epoch 7: pooled_dice_mean 0.9123, dice_mean 0.9346"
+    assert _selection_line(art, "dice_mean") == "phase 1, its epoch 7: dice_mean 0.9346"
+    art.extra["best_epoch"] = 0
+    assert _selection_line(art, "dice_mean").startswith("phase 1, its epoch 0 (its start, before fine-tuning): ")
+    art.extra = {}
+    assert _selection_line(art, "dice_mean") == "no fine-tune: dice_mean 0.9346"
