@@ -599,6 +599,11 @@ class Trainer:
             self.epoch = epoch + 1
             self.save_last()
             self._log_epoch(entry)
+        rising = None if self.stopped or self.epoch < t.epochs else still_rising(self.history, self.select)
+        if rising and self.dist.main:
+            tqdm.write(f"note: {self.stage_name}: validation {self.select} was still rising when train.epochs={t.epochs} "
+                       f"ran out ({rising[0]:.4f} -> {rising[1]:.4f} at the last validation): more epochs may raise it "
+                       f"(--set train.epochs=N; train.patience ends a run that stops improving)")
         if self.writer is not None:
             self.writer.flush()
         if self.dist.enabled:
@@ -649,6 +654,32 @@ def best_epoch(art: Artifact) -> Artifact:
     if saved is None:
         return art
     return Artifact(stage=art.stage, config=art.config, lineage=art.lineage, path=art.path, **saved)
+
+
+def still_rising(history: Sequence[dict], select: str) -> tuple[float, float] | None:
+    """(best earlier figure, last figure) of `select` when a fit's last validation was its best and beat an
+    earlier one (the start's included), else None. A fit that ran all its epochs with this was stopped by
+    the budget while validation Dice was still rising: more epochs may help (`Fit.run` says so)."""
+    scores = [float(h["val"][select]) for h in history if isinstance(h.get("val"), dict) and select in h["val"]]
+    if len(scores) < 2 or not scores[-1] > max(scores[:-1]):
+        return None
+    return max(scores[:-1]), scores[-1]
+
+
+def ended_rising(art: Artifact) -> tuple[int, int] | None:
+    """(best epoch, train.epochs) when an artifact's best epoch is the last its fit ran (its extra's
+    "epoch" is train.epochs) and the fit validated at least twice, so that the last validation beat an
+    earlier one: the budget, not early stopping, ended it. None otherwise, and for artifacts that do
+    not record both (a growth artifact: its history table shows each phase)."""
+    epoch = art.extra.get("epoch")
+    train = art.config.get("train") if isinstance(art.config, dict) else None
+    if not isinstance(epoch, int) or not isinstance(train, dict) or "train_state" in art.extra:
+        return None
+    epochs, every = train.get("epochs"), max(1, int(train.get("val_every") or 1))
+    if not isinstance(epochs, int) or epoch != epochs or epochs < 1:
+        return None
+    validations = -(-epochs // every) + bool(train.get("val_at_start"))  # the last epoch always validates
+    return (epoch, epochs) if validations >= 2 else None
 
 
 def warn_large_crop(crop: Sequence[int], shapes: Sequence[Sequence[int]]) -> bool:

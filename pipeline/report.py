@@ -54,7 +54,7 @@ from common.progress import bar_off
 from common.timing import interleaved_medians
 from engine.data import make_data
 from compress.grow import START as GROWTH_START
-from engine.loop import LAST, LEGACY_SELECT
+from engine.loop import LAST, LEGACY_SELECT, ended_rising
 from engine.runtime import resolve_runtime, runtime_summary
 from model.macs import count_macs
 from model.refineformer3d import RefineFormer3D, count_params, preset_spec
@@ -881,6 +881,7 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
               else f"< {r['et_min_voxels']} voxels"] for r in rows),
         ),
         "",
+        *rising_section(found),
         *skip_section(rows, cfg.train.skip_background),
         *runtime_section(rows, size, cfg, meta),
         "Published reference (other data, not comparable row by row): SegFormer3D, 4.5M parameters, "
@@ -910,6 +911,18 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
             if value:
                 lines += [f"## {f.stage}: {title}", "", f"From `{f.path}`.", "", *render(value), ""]
     return "\n".join(lines)
+
+
+def rising_section(found: list[Found]) -> list[str]:
+    """One line naming the artifacts whose best epoch was the last of their train.epochs
+    (`engine.loop.ended_rising`): their budget stopped them, not early stopping, so their Dice may be
+    short of what the recipe reaches on this data. Nothing when there is none."""
+    ended = [(f.stage, r) for f in found if f.artifact is not None and (r := ended_rising(f.artifact))]
+    if not ended:
+        return []
+    named = ", ".join(f"{stage} (epoch {e} of {n})" for stage, (e, n) in ended)
+    return [f"Still improving when their epochs ran out (best epoch = the last of train.epochs): {named}. More "
+            "epochs may raise their Dice (`--set train.epochs=N`; train.patience ends a run that stops improving).", ""]
 
 
 def runtime_section(rows: list[dict], size: str, cfg: Config, meta: dict) -> list[str]:

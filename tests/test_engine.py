@@ -12,8 +12,8 @@ from common.artifact import Artifact, ArtifactError, build_model
 from common.config import Config, ConfigError
 from brats.overlay import contour_overlay
 from engine.data import make_data
-from engine.loop import (BEST, LAST, Stage, SupervisedStage, Trainer, TrainingWrapper, artifact_spec, fit, lr_factor,
-                         product_of)
+from engine.loop import (BEST, LAST, Stage, SupervisedStage, Trainer, TrainingWrapper, artifact_spec, ended_rising, fit,
+                         lr_factor, product_of, still_rising)
 from engine.runtime import rng_state, set_rng_state
 from engine.losses import segmentation_loss
 from model.refineformer3d import RefineFormer3D, preset_spec
@@ -542,6 +542,42 @@ def test_train_select_chooses_the_best_epoch_and_patience_counts_it(phantom, tmp
     best = Artifact.load(tmp_path / BEST)
     assert best.extra["epoch"] == best_epoch
     assert Artifact.load(tmp_path / LAST).extra["train_state"]["stale"] == (0 if best_epoch == 2 else 1)
+
+
+@pytest.mark.parametrize("select, rising", [("pooled_dice_mean", True), ("dice_mean", False)])
+def test_a_run_that_ends_while_still_improving_says_so(phantom, tmp_path, monkeypatch, capsys, select, rising):
+    """Its last validation was its best: the epochs ran out, not the patience. Printed at the end, and
+    readable from the artifact alone (the report lists such stages); not when an earlier epoch was best."""
+    scripted = iter([{"dice_wt": 0.7, "dice_tc": 0.6, "dice_et": 0.5, "dice_mean": 0.60, "pooled_dice_mean": 0.40},
+                     {"dice_wt": 0.8, "dice_tc": 0.7, "dice_et": 0.2, "dice_mean": 0.57, "pooled_dice_mean": 0.55}])
+    monkeypatch.setattr(Trainer, "validate", lambda self, epoch: dict(next(scripted)))
+    cfg = tiny_cfg(phantom, epochs=2, val_every=1, log_images=False, select=select)
+    fit(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="teacher")
+    out = capsys.readouterr().out
+    assert ("note: teacher: validation pooled_dice_mean was still rising when train.epochs=2 ran out "
+            "(0.4000 -> 0.5500 at the last validation)" in out) is rising
+    assert ended_rising(Artifact.load(tmp_path / BEST)) == ((2, 2) if rising else None)
+    assert ended_rising(Artifact.load(tmp_path / LAST)) is None  # a resumable checkpoint, not a product
+
+
+def test_still_rising_needs_a_last_validation_better_than_every_earlier_one():
+    val = lambda v: {"val": {"pooled_dice_mean": v}}  # noqa: E731
+    assert still_rising([val(0.5), {"val": None}, val(0.6)], "pooled_dice_mean") == (0.5, 0.6)
+    assert still_rising([val(0.7), val(0.5), val(0.6)], "pooled_dice_mean") is None  # below epoch 1's
+    assert still_rising([val(0.6), val(0.6)], "pooled_dice_mean") is None  # a tie is not a rise
+    assert still_rising([val(0.6)], "pooled_dice_mean") is None  # one validation: nothing to compare
+    assert still_rising([val(0.5), val(0.6)], "dice_mean") is None  # not the figure that selects
+
+
+def test_ended_rising_reads_the_best_epoch_against_the_epochs_the_fit_had():
+    def art(epoch, epochs=20, val_every=5, val_at_start=False):
+        return Artifact(stage="student", spec={}, state_dict={}, extra={"epoch": epoch},
+                        config={"train": {"epochs": epochs, "val_every": val_every, "val_at_start": val_at_start}})
+    assert ended_rising(art(20)) == (20, 20)
+    assert ended_rising(art(15)) is None
+    assert ended_rising(art(3, epochs=3, val_every=5)) is None  # one validation: its best is its only one
+    assert ended_rising(art(3, epochs=3, val_every=5, val_at_start=True)) == (3, 3)  # it beat the start
+    assert ended_rising(Artifact(stage="grown", spec={}, state_dict={}, config={"train": {"epochs": 6}})) is None
 
 
 def test_an_unknown_train_select_is_refused_before_training(phantom, tmp_path):

@@ -23,7 +23,7 @@ from model.rewrites import inference_graph
 from pipeline.runtimes import RUNTIMES
 from pipeline.report import (ROW_KEYS, RUNTIME_KEYS, choose_cases, et_min_voxels, evaluate_artifact, find_artifacts,
                              growth_section, held_out_cases, int8_section, lowrank_section, make_report,
-                             name_rows, profile_arch)
+                             name_rows, profile_arch, rising_section, Found)
 from model.macs import count_macs
 from pipeline.report import _num
 from model.refineformer3d import ModelSpec, RefineFormer3D, count_params, preset_spec
@@ -526,3 +526,15 @@ def test_the_reference_is_the_teacher_the_others_descend_from(tmp_path):
     child = art("student", tmp_path / "s.pt", [{"stage": "teacher", "path": str(tmp_path / "b" / "best.pt")}])
     assert pick_reference([t1, t2, child]) is t2  # runs/ holding a second, unrelated teacher
     assert pick_reference([t1, t2]) is t1 and pick_reference([child]) is child and pick_reference([]) is None
+
+
+def test_the_report_names_the_stages_whose_epochs_ran_out_while_improving(tmp_path):
+    def found(stage, epoch, epochs):
+        art = Artifact(stage=stage, spec={}, state_dict={}, extra={"epoch": epoch},
+                       config={"train": {"epochs": epochs, "val_every": 5}})
+        return Found(tmp_path / f"{stage}.pt", stage, art)
+    lines = rising_section([found("teacher", 10, 15), found("student", 20, 20), found("slim", 20, 20),
+                            Found(tmp_path / "bad.pt", "bad", error="unreadable")])
+    assert lines[0].startswith("Still improving when their epochs ran out (best epoch = the last of train.epochs): "
+                               "student (epoch 20 of 20), slim (epoch 20 of 20). More epochs")
+    assert rising_section([found("teacher", 10, 15)]) == []
