@@ -16,6 +16,7 @@ from tqdm import tqdm
 from brats.cache import Cache
 from brats.dataset import iter_cases
 from brats.inference import WindowCount, predict_case
+from brats.labels import suppress_small_et
 from brats.metrics import REGIONS, dice, region_masks, score_case
 from common.config import Config, ConfigError
 from common.precision import exact_fp32
@@ -31,10 +32,12 @@ def score_cases(
     `score_case`.
 
     `predict` maps a (B, 4, *window) batch to logits; `on_case(case, image, truth, pred)` sees each
-    case's arrays; `count` adds up the windows and skipped background windows of every case. Rows
-    are {"case": name, dice_wt, ..., hd95_et, ..., et_missed (1.0: the truth has ET, the prediction
-    none), vox_tp_wt, vox_fp_wt, vox_fn_wt, ... (voxel counts for `pooled_dice`)}; unlabelled cases
-    are skipped.
+    case's arrays (the ET rule applied); `count` adds up the windows and skipped background windows of
+    every case. Rows are {"case": name, dice_wt, ..., hd95_et, ..., truth_et (1.0: the truth has ET),
+    et_missed (1.0: the truth has ET, the prediction none), et_false (1.0: the prediction has ET, the
+    truth none), dice_et_norule (ET Dice before the ET rule: rules calibrated per artifact make ET
+    figures of two artifacts comparable only this way), vox_tp_wt, vox_fp_wt, vox_fn_wt, ... (voxel
+    counts for `pooled_dice`)}; unlabelled cases are skipped.
     """
     t, rows = cfg.train, []
     cases = iter_cases(cache, case_ids)
@@ -42,13 +45,15 @@ def score_cases(
         if label is None:
             continue
         with exact_fp32():  # no TF32 on CUDA: the Dice predict.py gives back on a CPU
-            pred = predict_case(predict, image, cfg.data.scheme, t.window, t.overlap, t.sw_batch,
-                                et_min_voxels=t.et_min_voxels, skip_background=t.skip_background, count=count)
+            raw = predict_case(predict, image, cfg.data.scheme, t.window, t.overlap, t.sw_batch,
+                               skip_background=t.skip_background, count=count)
+        pred = suppress_small_et(raw, t.et_min_voxels)  # predict_case's own last step, kept apart here
         truth = label.numpy()
-        # a case whose truth has ET but whose prediction has none: a mean over cases hides it
-        et_missed = float(bool((truth == 4).any()) and not bool((pred == 4).any()))
-        rows.append({"case": case, **score_case(pred, truth, meta.spacing), "et_missed": et_missed,
-                     **voxel_counts(pred, truth)})
+        truth_et, pred_et = bool((truth == 4).any()), bool((pred == 4).any())
+        # cases whose ET is missed or invented: a mean over cases hides them
+        rows.append({"case": case, **score_case(pred, truth, meta.spacing), "truth_et": float(truth_et),
+                     "et_missed": float(truth_et and not pred_et), "et_false": float(pred_et and not truth_et),
+                     "dice_et_norule": dice(raw == 4, truth == 4), **voxel_counts(pred, truth)})
         if on_case is not None:
             on_case(case, image, truth, pred)
     return rows
@@ -97,16 +102,17 @@ def evaluate(model: nn.Module, cache: Cache, case_ids: Sequence[str], cfg: Confi
 
 
 def mean_rows(rows: list[dict]) -> dict[str, float]:
-    """Mean of every numeric key over per-case rows (NaNs skipped); `et_missed` is also counted
-    (`et_missed_cases`: cases whose truth has ET and whose prediction has none); with voxel counts,
-    `pooled_dice` too."""
+    """Mean of every numeric key over per-case rows (NaNs skipped); `et_missed`, `et_false` and `truth_et`
+    are also counted (`et_missed_cases`: cases whose truth has ET and whose prediction has none;
+    `et_false_cases`: the reverse; `truth_et_cases`: cases with ET); with voxel counts, `pooled_dice` too."""
     keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     out = {}
     for k in keys:
         vals = [float(r[k]) for r in rows if k in r and not math.isnan(float(r[k]))]
         out[k] = float(np.mean(vals)) if vals else math.nan
-    if "et_missed" in out:
-        out["et_missed_cases"] = float(sum(r.get("et_missed", 0.0) for r in rows))
+    for key in ("et_missed", "et_false", "truth_et"):  # counts of cases, beside the shares
+        if key in out:
+            out[f"{key}_cases"] = float(sum(r.get(key, 0.0) for r in rows))
     out.update(pooled_dice(out))
     return out
 

@@ -565,12 +565,7 @@ class Trainer:
 
     def _out_of_patience(self) -> bool:
         patience = self.cfg.train.patience
-        if patience and self.stale >= patience:
-            if self.dist.main:
-                tqdm.write(f"{self.stage_name}: no better validation Dice in {self.stale} validation(s) "
-                           f"(train.patience={patience}, train.select={self.select}): stopping early, keeping the best epoch")
-            return True
-        return False
+        return bool(patience and self.stale >= patience)
 
     # -- the loop
 
@@ -599,6 +594,10 @@ class Trainer:
             self.epoch = epoch + 1
             self.save_last()
             self._log_epoch(entry)
+            if self.stopped and self.dist.main:  # after the epoch's line, which shows the validation it refers to
+                tqdm.write(f"{self.stage_name}: no better validation Dice in {self.stale} validation(s) "
+                           f"(train.patience={t.patience}, train.select={self.select}): stopping early, keeping the "
+                           "best epoch")
         rising = None if self.stopped or self.epoch < t.epochs else still_rising(self.history, self.select)
         if rising and self.dist.main:
             tqdm.write(f"note: {self.stage_name}: validation {self.select} was still rising when train.epochs={t.epochs} "
@@ -638,7 +637,8 @@ class Trainer:
             line += (f" | val dice wt {val['dice_wt']:.3f} tc {val['dice_tc']:.3f} et {val['dice_et']:.3f}"
                      f" mean {val['dice_mean']:.3f} hd95 {val.get('hd95_mean', math.nan):.1f}"
                      f" | pooled {val.get('pooled_dice_mean', math.nan):.3f}, ET missed {val.get('et_missed_cases', 0):.0f}"
-                     f" (best {self.select} {self.best_score:.3f})")
+                     + (f", ET false {val['et_false_cases']:.0f}" if "et_false_cases" in val else "")
+                     + f" (best {self.select} {self.best_score:.3f})")
         tqdm.write(f"{line} | {entry['seconds']:.1f} s")
 
     def close(self) -> None:

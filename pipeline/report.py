@@ -80,7 +80,7 @@ PER_INPUT_KEYS = ("gmacs", "latency_ms_window")  # measured at the row's "input"
 RUNTIME_KEYS = {name: f"latency_ms_{name}" for name in RUNTIMES}  # runtime -> its ms / window column
 ROW_KEYS = ("stage", "name", "artifact", "kind", "params", "gmacs", "size_mb", *METRIC_KEYS,
             "latency_ms_window", "runtime", *RUNTIME_KEYS.values(), "latency_s_case", *RATIO_KEYS, "cases",
-            "et_missed_cases", "threads",
+            "et_missed_cases", "et_false_cases", "truth_et_cases", "dice_et_norule", "guard", "threads",
             "omp_wait_policy", "trained_as", "et_min_voxels", "windows", "windows_skipped", "latency_s_case_noskip",
             "input", "error")
 OFFICIAL_N_KEYS = tuple(f"official_cases_{r}" for r in official.REGIONS)  # cases with an official number
@@ -214,7 +214,19 @@ def _empty_row(found: Found) -> dict:
     if found.artifact is not None:
         row["kind"] = found.artifact.spec.get("kind", "fp32")
         row["trained_as"] = runtime_summary(found.artifact.extra.get("runtime"))
+        row["guard"] = guard_summary(found.artifact.extra.get("guard"))
     return row
+
+
+def guard_summary(info: Any) -> str | None:
+    """The guard rail's verdict recorded by a compression stage (`engine.runner.guard`), for the report:
+    "ok" or its violations ("TC -0.157 vs teacher"); None for an artifact made without one (a teacher)."""
+    if not isinstance(info, dict) or not isinstance(info.get("drops"), dict):
+        return None
+    bad = [f"{r.upper()} {-float(info['drops'][r]):+.3f}" for r in info.get("violations") or [] if r in info["drops"]]
+    limit = info.get("limit")
+    return (f"{', '.join(bad)} vs {info.get('source')} (limit {limit})" if bad else "ok") + \
+        (" strict" if bad and info.get("strict") else "")
 
 
 def evaluate_artifact(found: Found, cfg: Config, cache, cases: list[str], default_scheme: str,
@@ -301,7 +313,9 @@ def score_artifact(found: Found, cfg: Config, cache, cases: list[str], default_s
         for region, key in zip(official.REGIONS, OFFICIAL_N_KEYS):
             row[key] = summary.get(f"global_dsc_{region}", {"n": 0})["n"]
     row["cases"] = len(scores)
-    row["et_missed_cases"] = int(sum(r.get("et_missed", 0.0) for r in scores))
+    for key in ("et_missed", "et_false", "truth_et"):
+        row[f"{key}_cases"] = int(sum(r.get(key, 0.0) for r in scores))
+    row["dice_et_norule"] = float(np.mean([r["dice_et_norule"] for r in scores])) if scores else None
 
     if rep.case_latency and first_image is not None:
         def run(skip: bool):
@@ -422,10 +436,11 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
         print(f"report: fp32 GEMM peak {peak['gmacs_per_s']:.1f} G multiply-adds/s ({peak['n']}x{peak['n']} "
               f"torch.mm, median of {peak['runs']}, {peak['threads']} thread(s))", file=sys.stderr)
     rows, per_case, slices = [], {}, {}
-    for f in tqdm(found, desc="report", unit="artifact", disable=bar_off(progress), file=sys.stderr):
+    for i, f in enumerate(tqdm(found, desc="report", unit="artifact", disable=bar_off(progress), file=sys.stderr), 1):
         if f.artifact is None:
             rows.append(_empty_row(f))
             continue
+        started = time.time()
         try:
             row, scores = score_artifact(f, cfg, cache, cases, data_used.scheme, progress, metrics=metrics,
                                          on_case=slice_keeper(slices, str(f.path)) if cfg.report.plots else None,
@@ -436,6 +451,12 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
             row["error"] = f"{f.path}: {type(e).__name__}: {e}"
         row["threads"], row["omp_wait_policy"] = note["threads"], note["omp_wait_policy"]
         rows.append(row)
+        if progress:  # a line per artifact: a redirected log has no bar
+            done = (f"failed ({row['error']})" if row["error"] else
+                    f"Dice mean {_fmt(row['dice_mean'], '.3f')} on {row['cases']} case(s), "
+                    f"{_fmt(row['latency_ms_window'], '.1f')} ms per window ({row['runtime']})")
+            tqdm.write(f"report: [{i}/{len(found)}] {f.stage} {f.path}: {done}, {time.time() - started:.0f} s",
+                       file=sys.stderr)
     ref_row = next((r for r in rows if reference and r["artifact"] == str(reference.path) and not r["error"]), None)
     add_ratios(rows, ref_row)
     name_rows(rows)
@@ -745,7 +766,9 @@ def growth_section(events: Any) -> list[str]:
     return [markdown_table(
         ["phase", "last epoch", "action", "reason", "best validation Dice (train.select)", "params",
          "units grown (old->new)"] + (["kept"] if marked else []),
-        ([str(e.get("event", i)), str(e.get("epoch", "–")), str(e.get("action", "–")), str(e.get("reason", "–")),
+        # the event's "epoch" is 0-based (`compress.grow`); the logs count epochs from 1, as here
+        ([str(e.get("event", i)), str(e["epoch"] + 1) if isinstance(e.get("epoch"), int) else "–",
+          str(e.get("action", "–")), str(e.get("reason", "–")),
           f"{_fmt(e.get('dice'), '.4f')} ({e.get('select', LEGACY_SELECT)})", params(e), _grown_units(e.get("grown"))]
          + (["yes" if e.get("kept") else ""] if marked else [])
          for i, e in enumerate(events)),
@@ -870,17 +893,24 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
             ([r["name"], f"`{r['artifact']}`", *[_ratio(r[k]) for k in RATIO_KEYS]] for r in rows),
         ),
         "",
-        "Dice gap to the reference row per region (reference minus stage, same cases; positive: lost), and "
-        "the held-out cases whose truth has ET but whose prediction has none (a mean over cases hides them):",
+        "Dice gap to the reference row per region (reference minus stage, same cases; positive: lost); the "
+        "held-out cases whose truth has ET but whose prediction has none, and those with ET predicted where the "
+        "truth has none (a mean over cases hides both); ET Dice before the ET rule; the guard rail's verdict "
+        "when the stage was made (`guard.max_region_drop` against its source, on the validation cases):",
         "",
         markdown_table(
-            ["stage", "gap WT", "gap TC", "gap ET", "gap mean", "ET predicted empty", "ET rule"],
+            ["stage", "gap WT", "gap TC", "gap ET", "gap mean", "ET predicted empty", "ET false", "ET rule",
+             "Dice ET, rule off", "guard"],
             ([r["name"], *[_gap(ref, r, g) for g in GAP_REGIONS],
-              "-" if r.get("et_missed_cases") is None else f"{r['et_missed_cases']} of {r['cases']}",
+              _of(r.get("et_missed_cases"), r.get("truth_et_cases")),
+              _of(r.get("et_false_cases"), None if r.get("truth_et_cases") is None or r.get("cases") is None
+                  else r["cases"] - r["truth_et_cases"]),
               "-" if r.get("et_min_voxels") is None else "off" if r["et_min_voxels"] == 0
-              else f"< {r['et_min_voxels']} voxels"] for r in rows),
+              else f"< {r['et_min_voxels']} voxels", _fmt(r.get("dice_et_norule"), ".3f"),
+              r.get("guard") or "-"] for r in rows),
         ),
         "",
+        *rule_note(rows),
         *rising_section(found),
         *skip_section(rows, cfg.train.skip_background),
         *runtime_section(rows, size, cfg, meta),
@@ -911,6 +941,27 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
             if value:
                 lines += [f"## {f.stage}: {title}", "", f"From `{f.path}`.", "", *render(value), ""]
     return "\n".join(lines)
+
+
+def _of(count: Any, total: Any) -> str:
+    """"k of n" cases, "-" when either is unknown."""
+    return "-" if count is None or total is None else f"{count} of {total}"
+
+
+def rule_note(rows: list[dict]) -> list[str]:
+    """A warning line when the rows' ET rules differ (each artifact's is calibrated on its own validation
+    cases): their Dice ET, and the ET gaps, then include each rule's effect, which on a few cases without
+    ET is whole cases flipping between Dice 0 and 1; "Dice ET, rule off" compares the models."""
+    rules = {r["et_min_voxels"] for r in rows if not r.get("error") and r.get("et_min_voxels") is not None}
+    if len(rules) < 2:
+        return []
+    moved = [r for r in rows if _num(r.get("dice_et")) and _num(r.get("dice_et_norule"))
+             and abs(r["dice_et"] - r["dice_et_norule"]) >= 0.005]
+    biggest = max(moved, key=lambda r: abs(r["dice_et"] - r["dice_et_norule"]), default=None)
+    shift = (f"; it moves {biggest['name']}'s ET Dice {biggest['dice_et_norule']:.3f} -> {biggest['dice_et']:.3f}"
+             if biggest else "")
+    return [f"**The rows' ET rules differ** (each calibrated on its artifact's validation cases){shift}: compare "
+            "models by \"Dice ET, rule off\"; the ET figures and gaps above include each rule's effect.", ""]
 
 
 def rising_section(found: list[Found]) -> list[str]:

@@ -62,7 +62,13 @@ def write_tiny_case():
     return write
 
 
-@pytest.fixture(autouse=True)
-def measurement_cache(tmp_path_factory, monkeypatch):
-    """Per-machine measurement caches (INT8 decisions, runtime choices) in a temporary folder, never the user's."""
-    monkeypatch.setenv("REFINEFORMER3D_CACHE", str(tmp_path_factory.getbasetemp() / "measurement_cache"))
+@pytest.fixture(autouse=True, scope="session")
+def measurement_cache(tmp_path_factory):
+    """Per-machine measurement caches (INT8 decisions, runtime choices) in a temporary folder, never the user's.
+
+    Session-scoped, so that it is set before the module-scoped fixtures that run whole stages (a
+    function-scoped one came after them: tests/test_pipeline.py's chain wrote 269 runtime choices into
+    ~/.cache/refineformer3d and could have read the user's INT8 decisions)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REFINEFORMER3D_CACHE", str(tmp_path_factory.getbasetemp() / "measurement_cache"))
+        yield

@@ -23,7 +23,7 @@ from model.rewrites import inference_graph
 from pipeline.runtimes import RUNTIMES
 from pipeline.report import (ROW_KEYS, RUNTIME_KEYS, choose_cases, et_min_voxels, evaluate_artifact, find_artifacts,
                              growth_section, held_out_cases, int8_section, lowrank_section, make_report,
-                             name_rows, profile_arch, rising_section, Found)
+                             name_rows, profile_arch, rising_section, Found, guard_summary, rule_note)
 from model.macs import count_macs
 from pipeline.report import _num
 from model.refineformer3d import ModelSpec, RefineFormer3D, count_params, preset_spec
@@ -70,9 +70,10 @@ LOWRANK_ROWS = [
     "| encoder.stages.0.blocks.0.attn.q | linear | 8x8 | – | 8 | 1.000 | 72 | 72 |",
 ]
 GROWTH_ROWS = [
-    "| 0 | 2 | grow | loss plateau, Dice rose | 0.6928 (dice_mean) | 291,259 -> 291,919 "
+    # events count epochs from 0; the table from 1, as the grow log's "phase 0 (to epoch 3)"
+    "| 0 | 3 | grow | loss plateau, Dice rose | 0.6928 (dice_mean) | 291,259 -> 291,919 "
     "| refine_dim 4->8, ranks.decoder.projections.0.proj 7->8 |",
-    "| 1 | 4 | stop | 2 growth events done | 0.7077 (dice_mean) | 293,215 | – |",
+    "| 1 | 5 | stop | 2 growth events done | 0.7077 (dice_mean) | 293,215 | – |",
 ]
 INT8_ROWS = [
     "| encoder.stages.0.patch_embed.proj.down | Conv3d | 1x4x96x96x64 | 4.000 | 16.000 | 0.25x | fp32 |",
@@ -455,16 +456,16 @@ def test_int8_section_summary_and_per_layer_choice():
     assert table[2:] == INT8_ROWS
 
 
-def test_et_min_voxels_reaches_predict_case(built, monkeypatch):
+def test_et_min_voxels_reaches_the_scoring_loop(built, monkeypatch):
     root, cfg, *_ = built
     seen = []
-    real = brats.inference.predict_case
+    real = brats.scoring.suppress_small_et
 
-    def spy(predict, image, scheme, window, overlap, sw_batch, et_min_voxels=0, **kwargs):
-        seen.append(et_min_voxels)
-        return real(predict, image, scheme, window, overlap, sw_batch, et_min_voxels, **kwargs)
+    def spy(label, min_voxels):
+        seen.append(min_voxels)
+        return real(label, min_voxels)
 
-    monkeypatch.setattr(brats.scoring, "predict_case", spy)  # the one scoring loop calls it
+    monkeypatch.setattr(brats.scoring, "suppress_small_et", spy)  # the one scoring loop applies the rule
     cfg = copy.deepcopy(cfg)
     cfg.report.case_latency, cfg.train.et_min_voxels = False, 7
     (found,) = find_artifacts([root / "runs" / "teacher" / "best.pt"])
@@ -538,3 +539,22 @@ def test_the_report_names_the_stages_whose_epochs_ran_out_while_improving(tmp_pa
     assert lines[0].startswith("Still improving when their epochs ran out (best epoch = the last of train.epochs): "
                                "student (epoch 20 of 20), slim (epoch 20 of 20). More epochs")
     assert rising_section([found("teacher", 10, 15)]) == []
+
+
+def test_guard_verdicts_and_differing_et_rules_are_spelled_out():
+    """report.md shows each stage's guard verdict (it was only a log line), and warns when the rows' ET
+    rules differ: a foreign data set's report showed ET 0.176 -> 0.476 between teacher and INT8 from their
+    rules alone (one case without ET flipping)."""
+    info = {"source": "teacher", "limit": 0.1, "strict": False, "violations": ["tc"],
+            "drops": {"wt": 0.05, "tc": 0.157, "et": 0.066}}
+    assert guard_summary(info) == "TC -0.157 vs teacher (limit 0.1)"
+    assert guard_summary({**info, "strict": True}) == "TC -0.157 vs teacher (limit 0.1) strict"
+    assert guard_summary({**info, "violations": []}) == "ok"
+    assert guard_summary(None) is None and guard_summary({"drops": "?"}) is None
+    rows = [{"name": "teacher", "et_min_voxels": 0, "dice_et": 0.176, "dice_et_norule": 0.176},
+            {"name": "int8", "et_min_voxels": 100, "dice_et": 0.476, "dice_et_norule": 0.143},
+            {"name": "bad", "error": "unreadable", "et_min_voxels": None}]
+    (line, blank) = rule_note(rows)
+    assert line.startswith("**The rows' ET rules differ** (each calibrated on its artifact's validation cases); "
+                           "it moves int8's ET Dice 0.143 -> 0.476: compare models by \"Dice ET, rule off\"")
+    assert rule_note(rows[:1] + [{**rows[1], "et_min_voxels": 0}]) == []  # one rule: nothing to say

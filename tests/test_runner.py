@@ -216,6 +216,39 @@ def test_et_rule_calibration_never_empties_a_case_that_has_et(monkeypatch):
     assert out["et_min_voxels"] == 0
 
 
+def test_score_cases_counts_missed_and_false_et_and_keeps_et_dice_before_the_rule(monkeypatch):
+    """a: 30 true ET voxels, found; b: no ET, 12 false ET voxels; c: 40 true ET voxels, none predicted. With the rule at 25, b's false ET becomes NCR/NET (ET Dice
+    1, no false ET) while "dice_et_norule" keeps what the model predicted (0 on b)."""
+    import numpy as np
+    from types import SimpleNamespace
+
+    import brats.scoring as scoring
+    from brats.dataset import ValCase
+
+    truth_a, truth_c = np.zeros((8, 8, 8), np.int64), np.zeros((8, 8, 8), np.int64)
+    truth_a.flat[:30], truth_c.flat[:40] = 4, 4
+    pred_a, pred_b, pred_c = truth_a.astype(np.uint8), np.zeros((8, 8, 8), np.uint8), np.zeros((8, 8, 8), np.uint8)
+    pred_b.flat[100:112] = 4
+    images = [torch.zeros(4, 8, 8, 8) for _ in range(3)]
+    meta = SimpleNamespace(spacing=(1.0, 1.0, 1.0))
+    cases = [ValCase("a", images[0], torch.from_numpy(truth_a), meta),
+             ValCase("b", images[1], torch.zeros(8, 8, 8, dtype=torch.int64), meta),
+             ValCase("c", images[2], torch.from_numpy(truth_c), meta)]
+    preds = {id(images[0]): pred_a, id(images[1]): pred_b, id(images[2]): pred_c}
+    monkeypatch.setattr(scoring, "iter_cases", lambda cache, ids: iter(cases))
+    monkeypatch.setattr(scoring, "predict_case", lambda predict, image, *a, **k: preds[id(image)])
+    for rule, et_false, dice_b in ((0, 1.0, 0.0), (25, 0.0, 1.0)):
+        cfg = Config()
+        cfg.train.et_min_voxels = rule
+        rows = {r["case"]: r for r in scoring.score_cases(None, None, ["a", "b", "c"], cfg)}
+        assert [rows[c]["truth_et"] for c in "abc"] == [1.0, 0.0, 1.0]
+        assert [rows[c]["et_missed"] for c in "abc"] == [0.0, 0.0, 1.0]
+        assert rows["b"]["et_false"] == et_false and rows["b"]["dice_et"] == dice_b
+        assert [rows[c]["dice_et_norule"] for c in "abc"] == [1.0, 0.0, 0.0]  # the model's own ET, rule or not
+        means = scoring.mean_rows(list(rows.values()))
+        assert (means["et_missed_cases"], means["et_false_cases"], means["truth_et_cases"]) == (1.0, et_false, 2.0)
+
+
 def test_two_runs_never_write_one_output_folder(tmp_path):
     """A second process claiming a folder another one holds fails at once, naming the holder; once the
     holder exits (here: killed), the folder is free again."""

@@ -213,3 +213,15 @@ def test_openvino_models_torn_down_in_any_order_leave_signal_handling_intact():
     out = subprocess.run([sys.executable, "-c", OPENVINO_ALTSTACK], cwd=root, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "survived", (out.returncode, out.stderr[-2000:])
+
+
+@pytest.fixture(scope="module")
+def cache_seen_by_a_module_fixture():
+    """What a module-scoped fixture (a whole stage run, say) sees as the measurement cache."""
+    return runtime_cache()
+
+
+def test_module_fixtures_measure_into_the_temporary_cache_not_the_users(cache_seen_by_a_module_fixture,
+                                                                        tmp_path_factory):
+    assert cache_seen_by_a_module_fixture.is_relative_to(tmp_path_factory.getbasetemp())
+    assert runtime_cache() == cache_seen_by_a_module_fixture
