@@ -189,39 +189,13 @@ def test_pooled_dice_gives_no_free_score_for_never_predicting_et():
     assert pooled_dice({"dice_mean": 0.5}) == {}  # rows scored without voxel counts
 
 
-def test_et_rule_calibration_never_empties_a_case_that_has_et(monkeypatch):
-    """a: 30 true ET voxels, found; b: no ET, 12 false ET voxels; c: 40 true ET voxels, 20 of them
-    found. The per-case mean is highest at 25 (b cleaned, c emptied: 0.667 against 0.556), but 25 empties
-    c, so the rule stays off (the smallest of the thresholds that miss no more than off does)."""
-    import numpy as np
-
-    import brats.scoring as scoring
-    from brats.dataset import ValCase
-
-    truth_a, truth_c = np.zeros((8, 8, 8), np.int64), np.zeros((8, 8, 8), np.int64)
-    truth_a.flat[:30], truth_c.flat[:40] = 4, 4
-    pred_a, pred_b, pred_c = truth_a.astype(np.uint8), np.zeros((8, 8, 8), np.uint8), np.zeros((8, 8, 8), np.uint8)
-    pred_b.flat[100:112] = 4
-    pred_c.flat[:20] = 4
-    images = [torch.zeros(4, 8, 8, 8) for _ in range(3)]
-    cases = [ValCase("a", images[0], torch.from_numpy(truth_a), None),
-             ValCase("b", images[1], torch.zeros(8, 8, 8, dtype=torch.int64), None),
-             ValCase("c", images[2], torch.from_numpy(truth_c), None)]
-    preds = {id(images[0]): pred_a, id(images[1]): pred_b, id(images[2]): pred_c}
-    monkeypatch.setattr(scoring, "iter_cases", lambda cache, ids: iter(cases))
-    monkeypatch.setattr(scoring, "predict_case", lambda predict, image, *a, **k: preds[id(image)])
-    out = scoring.calibrate_et_rule(None, None, ["a", "b", "c"], Config(), grid=(0, 10, 25, 50))
-    assert out["et_missed"] == [0, 0, 1, 2]
-    assert out["dice_et"][2] > out["dice_et"][0]  # what the unconstrained rule would have taken
-    assert out["et_min_voxels"] == 0
-
-
-def test_score_cases_counts_missed_and_false_et_and_keeps_et_dice_before_the_rule(monkeypatch):
-    """a: 30 true ET voxels, found; b: no ET, 12 false ET voxels; c: 40 true ET voxels, none predicted. With the rule at 25, b's false ET becomes NCR/NET (ET Dice
-    1, no false ET) while "dice_et_norule" keeps what the model predicted (0 on b)."""
-    import numpy as np
+def three_et_cases(monkeypatch, c_found: int) -> None:
+    """brats.scoring sees cases a (30 true ET voxels, predicted exactly), b (no ET; 12 false ET voxels
+    predicted) and c (40 true ET voxels, the first `c_found` of them predicted), 8^3 grids, 1 mm."""
     from types import SimpleNamespace
 
+    import numpy as np
+
     import brats.scoring as scoring
     from brats.dataset import ValCase
 
@@ -229,6 +203,7 @@ def test_score_cases_counts_missed_and_false_et_and_keeps_et_dice_before_the_rul
     truth_a.flat[:30], truth_c.flat[:40] = 4, 4
     pred_a, pred_b, pred_c = truth_a.astype(np.uint8), np.zeros((8, 8, 8), np.uint8), np.zeros((8, 8, 8), np.uint8)
     pred_b.flat[100:112] = 4
+    pred_c.flat[:c_found] = 4
     images = [torch.zeros(4, 8, 8, 8) for _ in range(3)]
     meta = SimpleNamespace(spacing=(1.0, 1.0, 1.0))
     cases = [ValCase("a", images[0], torch.from_numpy(truth_a), meta),
@@ -237,6 +212,28 @@ def test_score_cases_counts_missed_and_false_et_and_keeps_et_dice_before_the_rul
     preds = {id(images[0]): pred_a, id(images[1]): pred_b, id(images[2]): pred_c}
     monkeypatch.setattr(scoring, "iter_cases", lambda cache, ids: iter(cases))
     monkeypatch.setattr(scoring, "predict_case", lambda predict, image, *a, **k: preds[id(image)])
+
+
+def test_et_rule_calibration_never_empties_a_case_that_has_et(monkeypatch):
+    """a: 30 true ET voxels, found; b: no ET, 12 false ET voxels; c: 40 true ET voxels, 20 of them
+    found. The per-case mean is highest at 25 (b cleaned, c emptied: 0.667 against 0.556), but 25 empties
+    c, so the rule stays off (the smallest of the thresholds that miss no more than off does)."""
+    import brats.scoring as scoring
+
+    three_et_cases(monkeypatch, c_found=20)
+    out = scoring.calibrate_et_rule(None, None, ["a", "b", "c"], Config(), grid=(0, 10, 25, 50))
+    assert out["et_missed"] == [0, 0, 1, 2]
+    assert out["dice_et"][2] > out["dice_et"][0]  # what the unconstrained rule would have taken
+    assert out["et_min_voxels"] == 0
+
+
+def test_score_cases_counts_missed_and_false_et_and_keeps_et_dice_before_the_rule(monkeypatch):
+    """a: 30 true ET voxels, found; b: no ET, 12 false ET voxels; c: 40 true ET voxels, none predicted. With
+    the rule at 25, b's false ET becomes NCR/NET (ET Dice 1, no false ET) while "dice_et_norule" keeps what
+    the model predicted (0 on b)."""
+    import brats.scoring as scoring
+
+    three_et_cases(monkeypatch, c_found=0)
     for rule, et_false, dice_b in ((0, 1.0, 0.0), (25, 0.0, 1.0)):
         cfg = Config()
         cfg.train.et_min_voxels = rule
