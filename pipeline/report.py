@@ -859,6 +859,7 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
         "conventions of brats.metrics: both empty -> Dice 1, HD95 0; one empty -> Dice 0, HD95 373.13 mm; "
         "HD95 as medpy, in mm)." + (" The official BraTS metrics are in their own section below."
                                     if meta.get("official") else ""),
+        *few_cases_note(len(meta["cases"])),
         f"G MACs at 1x4x{size} ({MACS_CONVENTION}); INT8/ONNX rows are counted on their float base "
         "model, and their parameters are the count of weights.",
         f"CPU latency: median of {cfg.report.latency_runs} runs after {cfg.report.warmup_runs} warm-up, "
@@ -941,6 +942,20 @@ def render_markdown(rows: list[dict], found: list[Found], meta: dict, cfg: Confi
             if value:
                 lines += [f"## {f.stage}: {title}", "", f"From `{f.path}`.", "", *render(value), ""]
     return "\n".join(lines)
+
+
+FEW_CASES = 8  # below this many held-out cases the report says how far one case moves a mean
+
+
+def few_cases_note(n: int) -> list[str]:
+    """A warning line for a report on fewer than FEW_CASES held-out cases: one case moves a region's mean
+    Dice by up to 1/n (a case without ET flips between 0 and 1 on one false ET voxel), so gaps smaller
+    than that between rows may be one case. Nothing for larger sets (or none)."""
+    if not 0 < n < FEW_CASES:
+        return []
+    return [f"**Only {n} held-out case(s)**: one case moves a region's mean Dice by up to {1 / n:.2f} (an ET "
+            "region flips between 0 and 1 on a case without ET), so read smaller gaps between rows as possibly "
+            "one case; the validation split's size is set by data.val_fraction (the split is the stages')."]
 
 
 def _of(count: Any, total: Any) -> str:

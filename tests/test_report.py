@@ -23,7 +23,8 @@ from model.rewrites import inference_graph
 from pipeline.runtimes import RUNTIMES
 from pipeline.report import (ROW_KEYS, RUNTIME_KEYS, choose_cases, et_min_voxels, evaluate_artifact, find_artifacts,
                              growth_section, held_out_cases, int8_section, lowrank_section, make_report,
-                             name_rows, profile_arch, rising_section, Found, guard_summary, rule_note)
+                             name_rows, profile_arch, rising_section, Found, guard_summary, rule_note,
+                             few_cases_note)
 from model.macs import count_macs
 from pipeline.report import _num
 from model.refineformer3d import ModelSpec, RefineFormer3D, count_params, preset_spec
@@ -558,3 +559,9 @@ def test_guard_verdicts_and_differing_et_rules_are_spelled_out():
     assert line.startswith("**The rows' ET rules differ** (each calibrated on its artifact's validation cases); "
                            "it moves int8's ET Dice 0.143 -> 0.476: compare models by \"Dice ET, rule off\"")
     assert rule_note(rows[:1] + [{**rows[1], "et_min_voxels": 0}]) == []  # one rule: nothing to say
+
+
+def test_a_report_on_few_held_out_cases_says_how_far_one_case_moves_a_mean():
+    (line,) = few_cases_note(3)
+    assert line.startswith("**Only 3 held-out case(s)**: one case moves a region's mean Dice by up to 0.33")
+    assert few_cases_note(8) == [] and few_cases_note(0) == []
