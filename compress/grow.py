@@ -666,7 +666,7 @@ def grow_fits(model: RefineFormer3D, ctx: StageContext, stage: StageDef, ckpt_di
         trainee, engine_stage = stage.finetune(model, ctx)
         res = fit(trainee, engine_stage, _phase_config(ctx.cfg, total - used), pdir, stage_name=stage.name,
                   lineage=ctx.source.child_lineage(), extra={k_: v for k_, v in ctx.extra.items() if k_ != "growth"},
-                  data=ctx.data, resume=resume, best_name=None)
+                  data=ctx.data, resume=resume, best_name=None, note_rising=False)  # a phase: its epochs are what is left
         results.append(res)
         epochs = sum(1 for h in res.history if not h.get("start"))
         device = next(res.model.parameters()).device  # the training device

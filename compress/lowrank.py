@@ -546,7 +546,8 @@ def record_before(model: nn.Module, art: Artifact, ctx: StageContext) -> Artifac
     summary = dict(art.extra["lowrank"])
     summary.update(dice_mean_before_finetune=before["dice_mean"], best_epoch=best_epoch,
                    metrics_before_finetune={k: float(v) for k, v in before.items()})
-    art.extra = {"lowrank": summary, "runtime": art.extra.get("runtime")}
+    art.extra = {"lowrank": summary, "runtime": art.extra.get("runtime"),
+                 **({"rising": art.extra["rising"]} if "rising" in art.extra else {})}  # engine.loop.ended_rising
     art.metrics = {**art.metrics, "dice_mean_before_finetune": before["dice_mean"]}
     return art
 

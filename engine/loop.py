@@ -180,8 +180,9 @@ class Trainer:
 
     def __init__(self, model: nn.Module, stage: Stage, cfg: Config, out_dir: str | Path, *, stage_name: str,
                  lineage: Sequence[dict] = (), extra: dict | None = None, data: TrainData | None = None,
-                 dist_info: DistInfo | None = None, best_name: str | None = BEST):
+                 dist_info: DistInfo | None = None, best_name: str | None = BEST, note_rising: bool = True):
         self.cfg, self.stage, self.stage_name = cfg, stage, stage_name
+        self.note_rising = note_rising  # `fit`'s: note and record a run that ended still rising
         self.out_dir = Path(out_dir)
         self.best_name = best_name  # None: the best epoch stays in memory (and in last.pt), no best file
         self.lineage, self.extra = [dict(x) for x in lineage], dict(extra or {})
@@ -598,11 +599,17 @@ class Trainer:
                 tqdm.write(f"{self.stage_name}: no better validation Dice in {self.stale} validation(s) "
                            f"(train.patience={t.patience}, train.select={self.select}): stopping early, keeping the "
                            "best epoch")
-        rising = None if self.stopped or self.epoch < t.epochs else still_rising(self.history, self.select)
-        if rising and self.dist.main:
-            tqdm.write(f"note: {self.stage_name}: validation {self.select} was still rising when train.epochs={t.epochs} "
-                       f"ran out ({rising[0]:.4f} -> {rising[1]:.4f} at the last validation): more epochs may raise it "
-                       f"(--set train.epochs=N; train.patience ends a run that stops improving)")
+        rising = None if self.stopped or self.epoch < t.epochs or not self.note_rising else \
+            still_rising(self.history, self.select)
+        if rising and self.best is not None:  # the last epoch's: readable from the artifact (report.md lists it)
+            self.best.extra["rising"] = {"epoch": self.epoch, "epochs": t.epochs, "select": self.select,
+                                         "earlier": rising[0], "last": rising[1]}
+            if self.dist.main:
+                if self.best_path is not None:
+                    self.best.save(self.best_path)
+                tqdm.write(f"note: {self.stage_name}: validation {self.select} was still rising when train.epochs="
+                           f"{t.epochs} ran out ({rising[0]:.4f} -> {rising[1]:.4f} at the last validation): a longer run "
+                           "may raise it (--set train.epochs=N; train.patience ends a run that stops improving)")
         if self.writer is not None:
             self.writer.flush()
         if self.dist.enabled:
@@ -656,30 +663,31 @@ def best_epoch(art: Artifact) -> Artifact:
     return Artifact(stage=art.stage, config=art.config, lineage=art.lineage, path=art.path, **saved)
 
 
-def still_rising(history: Sequence[dict], select: str) -> tuple[float, float] | None:
-    """(best earlier figure, last figure) of `select` when a fit's last validation was its best and beat an
-    earlier one (the start's included), else None. A fit that ran all its epochs with this was stopped by
-    the budget while validation Dice was still rising: more epochs may help (`Fit.run` says so)."""
+RISING_MIN_GAIN = 0.002  # of train.select at the last validation over the best before it (grow.min_delta's default)
+
+
+def still_rising(history: Sequence[dict], select: str, min_gain: float = RISING_MIN_GAIN) -> tuple[float, float] | None:
+    """(best earlier figure, last figure) of `select` when a fit's last validation was its best and beat every
+    earlier one (the start's included) by at least `min_gain`, else None. A fit that ran all its epochs with
+    this was ended by its budget while validation Dice was still rising (its cosine schedule ends there
+    too: a longer run is a longer schedule, not more epochs at the last rate)."""
     scores = [float(h["val"][select]) for h in history if isinstance(h.get("val"), dict) and select in h["val"]]
-    if len(scores) < 2 or not scores[-1] > max(scores[:-1]):
+    if len(scores) < 2 or not scores[-1] - max(scores[:-1]) >= min_gain:
         return None
     return max(scores[:-1]), scores[-1]
 
 
-def ended_rising(art: Artifact) -> tuple[int, int] | None:
-    """(best epoch, train.epochs) when an artifact's best epoch is the last its fit ran (its extra's
-    "epoch" is train.epochs) and the fit validated at least twice, so that the last validation beat an
-    earlier one: the budget, not early stopping, ended it. None otherwise, and for artifacts that do
-    not record both (a growth artifact: its history table shows each phase)."""
-    epoch = art.extra.get("epoch")
-    train = art.config.get("train") if isinstance(art.config, dict) else None
-    if not isinstance(epoch, int) or not isinstance(train, dict) or "train_state" in art.extra:
+def ended_rising(art: Artifact) -> dict | None:
+    """The record `Trainer.run` leaves in the best epoch's artifact when its fit ended still rising
+    (`still_rising`): {"epoch", "epochs", "select", "earlier", "last"}; None when there is none (a fit
+    stopped by patience or flat at the end, no fine-tune, an artifact from before the record, an INT8 or
+    grown artifact: growth's history table shows each phase)."""
+    info = art.extra.get("rising")
+    if not isinstance(info, dict) or "train_state" in art.extra:
         return None
-    epochs, every = train.get("epochs"), max(1, int(train.get("val_every") or 1))
-    if not isinstance(epochs, int) or epoch != epochs or epochs < 1:
+    if not all(isinstance(info.get(k), (int, float)) for k in ("epoch", "epochs", "earlier", "last")):
         return None
-    validations = -(-epochs // every) + bool(train.get("val_at_start"))  # the last epoch always validates
-    return (epoch, epochs) if validations >= 2 else None
+    return info
 
 
 def warn_large_crop(crop: Sequence[int], shapes: Sequence[Sequence[int]]) -> bool:
@@ -751,11 +759,12 @@ def _check_crop(cfg: Config, model: nn.Module) -> int | None:
 
 def fit(model: nn.Module, stage: Stage, cfg: Config, out_dir: str | Path, *, stage_name: str,
         lineage: Sequence[dict] = (), resume: bool = False, extra: dict | None = None,
-        data: TrainData | None = None, best_name: str | None = BEST) -> FitResult:
+        data: TrainData | None = None, best_name: str | None = BEST, note_rising: bool = True) -> FitResult:
     """Train `model` with `stage`'s loss; write `<out_dir>/last.pt` (resumable) and `<out_dir>/<best_name>`.
 
     `best_name=None` writes no best file: the best epoch is `FitResult.best` (and rides in last.pt
-    for resume), so a stage runner can write its one artifact itself.
+    for resume), so a stage runner can write its one artifact itself. `note_rising` False: no "still
+    rising" note or record at the end (`still_rising`; growth's phases, whose epochs are what is left).
     """
     if resume and not (Path(out_dir) / LAST).is_file():  # before any data preparation
         raise ArtifactError(f"{Path(out_dir) / LAST}: nothing to resume (no last.pt in {out_dir})")
@@ -763,7 +772,7 @@ def fit(model: nn.Module, stage: Stage, cfg: Config, out_dir: str | Path, *, sta
     trainer = None
     try:
         trainer = Trainer(model, stage, cfg, out_dir, stage_name=stage_name, lineage=lineage, extra=extra,
-                          data=data, dist_info=info, best_name=best_name)
+                          data=data, dist_info=info, best_name=best_name, note_rising=note_rising)
         return trainer.run(resume=resume)
     finally:
         if trainer is not None:

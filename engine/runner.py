@@ -135,15 +135,30 @@ def fit_once(model: nn.Module, ctx: StageContext, stage: StageDef, ckpt_dir: Pat
                extra=ctx.extra, data=ctx.data, resume=ctx.resume, best_name=None)
 
 
-def guard(metrics: dict, source_metrics: dict, source_stage: str, cfg: Config) -> dict:
+def as_served(metrics: dict, rule: dict | None) -> tuple[dict, int]:
+    """(`metrics` with the ET figures its artifact is served with, the ET rule's threshold): ET Dice and ET
+    cases missed at the calibrated rule (`et_rule`'s record, computed on the same validation cases);
+    the rule-off figures and 0 when there is no usable record (an artifact made before the rule, or
+    calibrated on another number of cases). WT and TC do not change with the rule (ET becomes NCR/NET)."""
+    if not isinstance(rule, dict) or rule.get("et_min_voxels") not in (rule.get("grid") or []) \
+            or rule.get("cases") != metrics.get("val_cases", rule.get("cases")):
+        return metrics, 0
+    i = rule["grid"].index(rule["et_min_voxels"])
+    return {**metrics, "dice_et": rule["dice_et"][i], "et_missed_cases": rule["et_missed"][i]}, int(rule["et_min_voxels"])
+
+
+def guard(metrics: dict, source_metrics: dict, source_stage: str, cfg: Config, rules: tuple[int, int] = (0, 0)) -> dict:
     """Per-region Dice drop of a stage's result below its source, both scored in this run on the same
-    cases; regions dropping more than `guard.max_region_drop` are violations. Plain data for extra."""
+    cases, each as served (`as_served`: ET with its own ET rule, `rules` = (source's, result's)
+    thresholds); regions dropping more than `guard.max_region_drop` are violations. Plain data for extra.
+    Compared rule off, a model whose calibrated rule removes a small false ET on a case without ET showed
+    an ET "drop" of 0.25 on the demo's 4 validation cases that its served output does not have."""
     limit = cfg.guard.max_region_drop
     source_dice = {r: float(source_metrics.get(f"dice_{r}", math.nan)) for r in REGIONS}
     drops = {r: source_dice[r] - float(metrics.get(f"dice_{r}", math.nan)) for r in REGIONS}
     return {
         "source": source_stage, "limit": limit, "strict": cfg.guard.strict, "drops": drops,
-        "source_dice": source_dice,
+        "source_dice": source_dice, "et_rules": {"source": rules[0], "result": rules[1]},
         "et_missed_cases": metrics.get("et_missed_cases"), "source_et_missed_cases": source_metrics.get("et_missed_cases"),
         "violations": [r for r, d in drops.items() if d > limit],
     }
@@ -153,7 +168,10 @@ def guard_lines(info: dict, stage: str) -> list[str]:
     """The log lines of a guard record: one summary, and a loud warning per violating region."""
     drops = ", ".join(f"{r} {info['source_dice'][r]:.3f} -> {info['source_dice'][r] - d:.3f} ({-d:+.3f})"
                       for r, d in info["drops"].items())
-    lines = [f"{stage} vs its source ({info['source']}), same cases: {drops}; ET predicted empty on "
+    rules = info.get("et_rules")
+    served = "" if not rules else " (each with its ET rule: " + ", ".join(
+        f"{who} {'off' if k == 0 else f'< {k} voxels'}" for who, k in (("source", rules["source"]), (stage, rules["result"]))) + ")"
+    lines = [f"{stage} vs its source ({info['source']}), same cases{served}: {drops}; ET predicted empty on "
              f"{info['et_missed_cases']:.0f} case(s) with ET (source: {info['source_et_missed_cases']:.0f})"]
     for r in info["violations"]:
         lines.append(f"WARNING: {stage}: {r.upper()} Dice dropped {info['drops'][r]:.3f} below the source "
@@ -294,7 +312,10 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
         if stage.finish is not None:
             product = stage.finish(model, product, ctx)
         product.extra["et_rule"] = et_rule(product, data, cfg)
-        product.extra["guard"] = guard(product.metrics, ctx.source_metrics, art.stage, cfg)
+        served, rule = as_served(product.metrics, product.extra["et_rule"])
+        source_served, source_rule = as_served(ctx.source_metrics, None if changed_cases(art, data.val_ids)
+                                               else art.extra.get("et_rule"))
+        product.extra["guard"] = guard(served, source_served, art.stage, cfg, (source_rule, rule))
         if info.main:
             for line in guard_lines(product.extra["guard"], stage.name):
                 tqdm.write(line)

@@ -437,10 +437,12 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
               f"torch.mm, median of {peak['runs']}, {peak['threads']} thread(s))", file=sys.stderr)
     rows, per_case, slices = [], {}, {}
     for i, f in enumerate(tqdm(found, desc="report", unit="artifact", disable=bar_off(progress), file=sys.stderr), 1):
+        started = time.time()
         if f.artifact is None:
             rows.append(_empty_row(f))
+            if progress:
+                tqdm.write(f"report: [{i}/{len(found)}] {f.error}", file=sys.stderr)  # the error names the file
             continue
-        started = time.time()
         try:
             row, scores = score_artifact(f, cfg, cache, cases, data_used.scheme, progress, metrics=metrics,
                                          on_case=slice_keeper(slices, str(f.path)) if cfg.report.plots else None,
@@ -452,11 +454,10 @@ def make_report(sources: Sequence[str | Path], cfg: Config, out_dir: str | Path,
         row["threads"], row["omp_wait_policy"] = note["threads"], note["omp_wait_policy"]
         rows.append(row)
         if progress:  # a line per artifact: a redirected log has no bar
-            done = (f"failed ({row['error']})" if row["error"] else
-                    f"Dice mean {_fmt(row['dice_mean'], '.3f')} on {row['cases']} case(s), "
+            done = (row["error"] if row["error"] else  # the error names the file
+                    f"{f.stage} {f.path}: Dice mean {_fmt(row['dice_mean'], '.3f')} on {row['cases']} case(s), "
                     f"{_fmt(row['latency_ms_window'], '.1f')} ms per window ({row['runtime']})")
-            tqdm.write(f"report: [{i}/{len(found)}] {f.stage} {f.path}: {done}, {time.time() - started:.0f} s",
-                       file=sys.stderr)
+            tqdm.write(f"report: [{i}/{len(found)}] {done}, {time.time() - started:.0f} s", file=sys.stderr)
     ref_row = next((r for r in rows if reference and r["artifact"] == str(reference.path) and not r["error"]), None)
     add_ratios(rows, ref_row)
     name_rows(rows)
@@ -955,7 +956,8 @@ def few_cases_note(n: int) -> list[str]:
         return []
     return [f"**Only {n} held-out case(s)**: one case moves a region's mean Dice by up to {1 / n:.2f} (an ET "
             "region flips between 0 and 1 on a case without ET), so read smaller gaps between rows as possibly "
-            "one case; the validation split's size is set by data.val_fraction (the split is the stages')."]
+            "one case. They are the stages' validation split (its split file; data.val_fraction when it was "
+            "made), capped by report.max_cases and data.max_val_cases."]
 
 
 def _of(count: Any, total: Any) -> str:
@@ -980,15 +982,17 @@ def rule_note(rows: list[dict]) -> list[str]:
 
 
 def rising_section(found: list[Found]) -> list[str]:
-    """One line naming the artifacts whose best epoch was the last of their train.epochs
-    (`engine.loop.ended_rising`): their budget stopped them, not early stopping, so their Dice may be
-    short of what the recipe reaches on this data. Nothing when there is none."""
+    """One line naming the artifacts whose fit ended still rising (`engine.loop.ended_rising`: best at
+    its last validation, by at least `engine.loop.RISING_MIN_GAIN`): their budget stopped them, not early
+    stopping, so their Dice may be short of what the recipe reaches on this data. Nothing when there is none."""
     ended = [(f.stage, r) for f in found if f.artifact is not None and (r := ended_rising(f.artifact))]
     if not ended:
         return []
-    named = ", ".join(f"{stage} (epoch {e} of {n})" for stage, (e, n) in ended)
-    return [f"Still improving when their epochs ran out (best epoch = the last of train.epochs): {named}. More "
-            "epochs may raise their Dice (`--set train.epochs=N`; train.patience ends a run that stops improving).", ""]
+    named = ", ".join(f"{stage} (epoch {r['epoch']} of {r['epochs']}, {r.get('select', 'Dice')} "
+                      f"{r['earlier']:.3f} -> {r['last']:.3f})" for stage, r in ended)
+    return [f"Still improving when their epochs ran out (best at the last validation, the end of their learning-rate "
+            f"schedule): {named}. A longer run may raise their Dice (`--set train.epochs=N`; train.patience ends a "
+            "run that stops improving).", ""]
 
 
 def runtime_section(rows: list[dict], size: str, cfg: Config, meta: dict) -> list[str]:

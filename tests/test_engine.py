@@ -556,7 +556,9 @@ def test_a_run_that_ends_while_still_improving_says_so(phantom, tmp_path, monkey
     out = capsys.readouterr().out
     assert ("note: teacher: validation pooled_dice_mean was still rising when train.epochs=2 ran out "
             "(0.4000 -> 0.5500 at the last validation)" in out) is rising
-    assert ended_rising(Artifact.load(tmp_path / BEST)) == ((2, 2) if rising else None)
+    record = ended_rising(Artifact.load(tmp_path / BEST))  # best.pt re-saved with the record
+    assert record == ({"epoch": 2, "epochs": 2, "select": "pooled_dice_mean", "earlier": 0.40, "last": 0.55}
+                      if rising else None)
     assert ended_rising(Artifact.load(tmp_path / LAST)) is None  # a resumable checkpoint, not a product
 
 
@@ -565,19 +567,21 @@ def test_still_rising_needs_a_last_validation_better_than_every_earlier_one():
     assert still_rising([val(0.5), {"val": None}, val(0.6)], "pooled_dice_mean") == (0.5, 0.6)
     assert still_rising([val(0.7), val(0.5), val(0.6)], "pooled_dice_mean") is None  # below epoch 1's
     assert still_rising([val(0.6), val(0.6)], "pooled_dice_mean") is None  # a tie is not a rise
+    # a foreign data set's slim run: 0.6425 -> 0.6401 -> 0.6440 is noise at the schedule's end, not a rise
+    assert still_rising([val(0.6425), val(0.6401), val(0.6440)], "pooled_dice_mean") is None
+    assert still_rising([val(0.6425), val(0.6440)], "pooled_dice_mean", min_gain=0.001) == (0.6425, 0.6440)
     assert still_rising([val(0.6)], "pooled_dice_mean") is None  # one validation: nothing to compare
     assert still_rising([val(0.5), val(0.6)], "dice_mean") is None  # not the figure that selects
 
 
-def test_ended_rising_reads_the_best_epoch_against_the_epochs_the_fit_had():
-    def art(epoch, epochs=20, val_every=5, val_at_start=False):
-        return Artifact(stage="student", spec={}, state_dict={}, extra={"epoch": epoch},
-                        config={"train": {"epochs": epochs, "val_every": val_every, "val_at_start": val_at_start}})
-    assert ended_rising(art(20)) == (20, 20)
-    assert ended_rising(art(15)) is None
-    assert ended_rising(art(3, epochs=3, val_every=5)) is None  # one validation: its best is its only one
-    assert ended_rising(art(3, epochs=3, val_every=5, val_at_start=True)) == (3, 3)  # it beat the start
-    assert ended_rising(Artifact(stage="grown", spec={}, state_dict={}, config={"train": {"epochs": 6}})) is None
+def test_ended_rising_reads_the_record_and_ignores_what_is_not_one():
+    record = {"epoch": 20, "epochs": 20, "select": "pooled_dice_mean", "earlier": 0.559, "last": 0.674}
+    art = Artifact(stage="student", spec={}, state_dict={}, extra={"rising": record})
+    assert ended_rising(art) == record
+    assert ended_rising(Artifact(stage="student", spec={}, state_dict={}, extra={"epoch": 20})) is None  # older artifact
+    assert ended_rising(Artifact(stage="student", spec={}, state_dict={}, extra={"rising": {"epoch": "?"}})) is None
+    assert ended_rising(Artifact(stage="student", spec={}, state_dict={},
+                                 extra={"rising": record, "train_state": {}})) is None  # a last.pt
 
 
 def test_an_unknown_train_select_is_refused_before_training(phantom, tmp_path):

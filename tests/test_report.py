@@ -179,7 +179,10 @@ def test_numbers_and_ratios(built):
     with_et = sum(bool((np.asarray(cache.label(c)) == 4).any()) for c in result.cases)
     assert s["et_missed_cases"] == with_et and (s["dice_et"] == 0.0) == (with_et == len(result.cases))
     md = (root / "out" / "report.md").read_text()
-    assert f"| student | {t['dice_wt'] - s['dice_wt']:+.3f} |" in md and f"{with_et} of {s['cases']} |" in md
+    # "ET predicted empty" of the cases with ET, then "ET false" of those without (none: it predicts nothing)
+    assert f"| student | {t['dice_wt'] - s['dice_wt']:+.3f} |" in md
+    assert f"| {with_et} of {with_et} | 0 of {s['cases'] - with_et} |" in md
+    assert s["truth_et_cases"] == with_et and s["et_false_cases"] == 0
 
 
 def test_background_windows_counted_and_case_timed_both_ways(built):
@@ -531,15 +534,16 @@ def test_the_reference_is_the_teacher_the_others_descend_from(tmp_path):
 
 
 def test_the_report_names_the_stages_whose_epochs_ran_out_while_improving(tmp_path):
-    def found(stage, epoch, epochs):
-        art = Artifact(stage=stage, spec={}, state_dict={}, extra={"epoch": epoch},
-                       config={"train": {"epochs": epochs, "val_every": 5}})
+    def found(stage, rising=None):
+        art = Artifact(stage=stage, spec={}, state_dict={}, extra={"epoch": 20, **({"rising": rising} if rising else {})})
         return Found(tmp_path / f"{stage}.pt", stage, art)
-    lines = rising_section([found("teacher", 10, 15), found("student", 20, 20), found("slim", 20, 20),
+    rec = {"epoch": 20, "epochs": 20, "select": "pooled_dice_mean", "earlier": 0.559, "last": 0.674}
+    lines = rising_section([found("teacher"), found("student", rec), found("slim", {**rec, "last": 0.6}),
                             Found(tmp_path / "bad.pt", "bad", error="unreadable")])
-    assert lines[0].startswith("Still improving when their epochs ran out (best epoch = the last of train.epochs): "
-                               "student (epoch 20 of 20), slim (epoch 20 of 20). More epochs")
-    assert rising_section([found("teacher", 10, 15)]) == []
+    assert lines[0].startswith("Still improving when their epochs ran out (best at the last validation, the end of "
+                               "their learning-rate schedule): student (epoch 20 of 20, pooled_dice_mean 0.559 -> "
+                               "0.674), slim (epoch 20 of 20, pooled_dice_mean 0.559 -> 0.600). A longer run")
+    assert rising_section([found("teacher")]) == []
 
 
 def test_guard_verdicts_and_differing_et_rules_are_spelled_out():
@@ -564,4 +568,5 @@ def test_guard_verdicts_and_differing_et_rules_are_spelled_out():
 def test_a_report_on_few_held_out_cases_says_how_far_one_case_moves_a_mean():
     (line,) = few_cases_note(3)
     assert line.startswith("**Only 3 held-out case(s)**: one case moves a region's mean Dice by up to 0.33")
+    assert line.endswith("capped by report.max_cases and data.max_val_cases.")
     assert few_cases_note(8) == [] and few_cases_note(0) == []

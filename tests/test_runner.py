@@ -11,7 +11,7 @@ from brats.metrics import score_case
 from brats.scoring import mean_rows, pooled_dice, voxel_counts
 from common.artifact import Artifact, ArtifactError
 from common.config import Config, ConfigError
-from engine.runner import check_source, exit_code, find_teacher, guard, guard_lines
+from engine.runner import as_served, check_source, exit_code, find_teacher, guard, guard_lines
 
 
 def _metrics(wt, tc, et, missed=0.0):
@@ -35,6 +35,25 @@ def test_guard_flags_each_region_that_drops_more_than_the_limit():
     cfg.guard.max_region_drop = 0.8
     art.extra["guard"] = guard(_metrics(0.90, 0.70, 0.10), _metrics(0.92, 0.85, 0.80), "teacher", cfg)
     assert exit_code(art) == 0 and art.extra["guard"]["violations"] == []
+
+
+def test_the_guard_compares_models_as_served_each_with_its_et_rule():
+    """The demo's slim model: rule off it has a small false ET on the validation case without ET (ET 0.622
+    against the student's 0.888, a "drop" of 0.27); its calibrated rule (< 200 voxels) removes it, and
+    that is what predict.py serves. The guard compares served figures and names the rules."""
+    rule = {"grid": [0, 10, 200], "dice_et": [0.622, 0.622, 0.872], "et_missed": [0, 0, 0], "et_min_voxels": 200,
+            "cases": 4}
+    slim = {**_metrics(0.959, 0.934, 0.622), "val_cases": 4.0}
+    served, k = as_served(slim, rule)
+    assert k == 200 and served["dice_et"] == 0.872 and served["dice_wt"] == 0.959 and slim["dice_et"] == 0.622
+    assert as_served(slim, None) == (slim, 0)  # no record (an older artifact): rule off
+    assert as_served(slim, {**rule, "cases": 3}) == (slim, 0)  # calibrated on other cases: not comparable
+    assert as_served(slim, {**rule, "et_min_voxels": 25}) == (slim, 0)  # a threshold the record has no figure for
+    student = _metrics(0.973, 0.943, 0.888)
+    assert guard(slim, student, "student", Config())["violations"] == ["et"]  # rule off: a false alarm
+    info = guard(served, student, "student", Config(), (0, k))
+    assert info["violations"] == [] and info["et_rules"] == {"source": 0, "result": 200}
+    assert "same cases (each with its ET rule: source off, slim < 200 voxels):" in guard_lines(info, "slim")[0]
 
 
 def test_et_missed_cases_are_counted_not_averaged_away():
