@@ -25,7 +25,7 @@ from common.progress import bar_off
 
 def score_cases(
     predict, cache, case_ids: Sequence[str], cfg: Config, *, on_case=None, desc: str | None = None,
-    count: WindowCount | None = None,
+    count: WindowCount | None = None, served_rule: int | None = None,
 ) -> list[dict]:
     """The one scoring loop (validation, stages, benchmarks): sliding-window prediction of every
     labelled case with `cfg.train`'s window, overlap, batch, ET rule and background skipping, then
@@ -37,7 +37,9 @@ def score_cases(
     et_missed (1.0: the truth has ET, the prediction none), et_false (1.0: the prediction has ET, the
     truth none), dice_et_norule (ET Dice before the ET rule: rules calibrated per artifact make ET
     figures of two artifacts comparable only this way), vox_tp_wt, vox_fp_wt, vox_fn_wt, ... (voxel
-    counts for `pooled_dice`)}; unlabelled cases are skipped.
+    counts for `pooled_dice`)}; unlabelled cases are skipped. `served_rule`: rows also get the ET Dice and
+    et_missed at that ET rule threshold ("dice_et_served", "et_missed_served"), the one the artifact is
+    served with, from the same prediction (the stage runner's guard compares models as served).
     """
     t, rows = cfg.train, []
     cases = iter_cases(cache, case_ids)
@@ -54,6 +56,10 @@ def score_cases(
         rows.append({"case": case, **score_case(pred, truth, meta.spacing), "truth_et": float(truth_et),
                      "et_missed": float(truth_et and not pred_et), "et_false": float(pred_et and not truth_et),
                      "dice_et_norule": dice(raw == 4, truth == 4), **voxel_counts(pred, truth)})
+        if served_rule is not None:
+            served_et = suppress_small_et(raw, served_rule) == 4
+            rows[-1].update(dice_et_served=dice(served_et, truth == 4),
+                            et_missed_served=float(truth_et and not served_et.any()))
         if on_case is not None:
             on_case(case, image, truth, pred)
     return rows
@@ -89,13 +95,15 @@ def pooled_dice(metrics: dict) -> dict[str, float]:
 
 
 def evaluate(model: nn.Module, cache: Cache, case_ids: Sequence[str], cfg: Config,
-             desc: str = "evaluate") -> dict[str, float]:
+             desc: str = "evaluate", served_rule: int | None = None) -> dict[str, float]:
     """Mean metrics of any model (FP32, INT8, ONNX wrapper) on `case_ids` (e.g. a run's validation
-    cases), scored exactly as the engine's validation scores them. ConfigError if none is labelled."""
+    cases), scored exactly as the engine's validation scores them; `served_rule` as in `score_cases`.
+    ConfigError if none is labelled."""
     device = next(iter(model.parameters()), torch.empty(0)).device  # an ONNX wrapper has no parameters
     model.eval()
     with torch.no_grad():
-        rows = score_cases(lambda x: model(x.to(device)).float(), cache, case_ids, cfg, desc=desc)
+        rows = score_cases(lambda x: model(x.to(device)).float(), cache, case_ids, cfg, desc=desc,
+                           served_rule=served_rule)
     if not rows:
         raise ConfigError(f"{desc}: no labelled validation case to score")
     return mean_rows(rows)
@@ -110,7 +118,7 @@ def mean_rows(rows: list[dict]) -> dict[str, float]:
     for k in keys:
         vals = [float(r[k]) for r in rows if k in r and not math.isnan(float(r[k]))]
         out[k] = float(np.mean(vals)) if vals else math.nan
-    for key in ("et_missed", "et_false", "truth_et"):  # counts of cases, beside the shares
+    for key in ("et_missed", "et_false", "truth_et", "et_missed_served"):  # counts of cases, beside the shares
         if key in out:
             out[f"{key}_cases"] = float(sum(r.get(key, 0.0) for r in rows))
     out.update(pooled_dice(out))

@@ -601,6 +601,9 @@ class Trainer:
                            "best epoch")
         rising = None if self.stopped or self.epoch < t.epochs or not self.note_rising else \
             still_rising(self.history, self.select)
+        if not rising and self.best is not None and self.best.extra.pop("rising", None) is not None:
+            if self.dist.main and self.best_path is not None:  # a resumed run's best.pt: the record no longer holds
+                self.best.save(self.best_path)
         if rising and self.best is not None:  # the last epoch's: readable from the artifact (report.md lists it)
             self.best.extra["rising"] = {"epoch": self.epoch, "epochs": t.epochs, "select": self.select,
                                          "earlier": rising[0], "last": rising[1]}
@@ -668,10 +671,12 @@ RISING_MIN_GAIN = 0.002  # of train.select at the last validation over the best 
 
 def still_rising(history: Sequence[dict], select: str, min_gain: float = RISING_MIN_GAIN) -> tuple[float, float] | None:
     """(best earlier figure, last figure) of `select` when a fit's last validation was its best and beat every
-    earlier one (the start's included) by at least `min_gain`, else None. A fit that ran all its epochs with
+    earlier one by at least `min_gain`, else None. The start's validation (`train.val_at_start`) does not
+    count: beating the compressed model it scored is recovery, not a rise the budget cut short. A fit that ran all its epochs with
     this was ended by its budget while validation Dice was still rising (its cosine schedule ends there
     too: a longer run is a longer schedule, not more epochs at the last rate)."""
-    scores = [float(h["val"][select]) for h in history if isinstance(h.get("val"), dict) and select in h["val"]]
+    scores = [float(h["val"][select]) for h in history
+              if isinstance(h.get("val"), dict) and select in h["val"] and not h.get("start")]
     if len(scores) < 2 or not scores[-1] - max(scores[:-1]) >= min_gain:
         return None
     return max(scores[:-1]), scores[-1]

@@ -135,22 +135,46 @@ def fit_once(model: nn.Module, ctx: StageContext, stage: StageDef, ckpt_dir: Pat
                extra=ctx.extra, data=ctx.data, resume=ctx.resume, best_name=None)
 
 
+RULE_KEYS = ("grid", "dice_et", "et_missed")  # an ET rule record's per-threshold lists (brats.scoring.calibrate_et_rule)
+
+
+def recorded_rule(art: Artifact) -> int:
+    """The ET rule threshold `art` is served with (its calibration record; 0: none, the rule off)."""
+    rule = art.extra.get("et_rule")
+    value = rule.get("et_min_voxels", 0) if isinstance(rule, dict) else 0
+    return int(value) if isinstance(value, (int, float)) else 0
+
+
 def as_served(metrics: dict, rule: dict | None) -> tuple[dict, int]:
-    """(`metrics` with the ET figures its artifact is served with, the ET rule's threshold): ET Dice and ET
-    cases missed at the calibrated rule (`et_rule`'s record, computed on the same validation cases);
-    the rule-off figures and 0 when there is no usable record (an artifact made before the rule, or
-    calibrated on another number of cases). WT and TC do not change with the rule (ET becomes NCR/NET)."""
-    if not isinstance(rule, dict) or rule.get("et_min_voxels") not in (rule.get("grid") or []) \
+    """(`metrics` with the ET figures of the rule calibrated for the same model in the same run on the same
+    cases, that threshold): ET Dice and ET cases missed at `rule["et_min_voxels"]` (`et_rule`'s record).
+    `metrics` as they are and 0 when the record is unusable (a key or a threshold missing, lists of another
+    length, another number of cases). WT and TC do not change with the rule (ET becomes NCR/NET)."""
+    if not isinstance(rule, dict) or not all(isinstance(rule.get(k), list) for k in RULE_KEYS):
+        return metrics, 0
+    grid, k = rule["grid"], rule.get("et_min_voxels")
+    if k not in grid or any(len(rule[key]) != len(grid) for key in RULE_KEYS) \
             or rule.get("cases") != metrics.get("val_cases", rule.get("cases")):
         return metrics, 0
-    i = rule["grid"].index(rule["et_min_voxels"])
-    return {**metrics, "dice_et": rule["dice_et"][i], "et_missed_cases": rule["et_missed"][i]}, int(rule["et_min_voxels"])
+    i = grid.index(k)
+    return {**metrics, "dice_et": rule["dice_et"][i], "et_missed_cases": rule["et_missed"][i]}, int(k)
 
 
-def guard(metrics: dict, source_metrics: dict, source_stage: str, cfg: Config, rules: tuple[int, int] = (0, 0)) -> dict:
+def source_as_served(metrics: dict) -> dict:
+    """The source's metrics with ET at the rule it is served with, scored in this run (`score_cases`'s
+    `served_rule` figures); `metrics` as they are when it was scored without them."""
+    if "dice_et_served" not in metrics:
+        return metrics
+    return {**metrics, "dice_et": metrics["dice_et_served"],
+            "et_missed_cases": metrics.get("et_missed_served_cases", metrics.get("et_missed_cases"))}
+
+
+def guard(metrics: dict, source_metrics: dict, source_stage: str, cfg: Config,
+          rules: tuple[int, int] | None = None) -> dict:
     """Per-region Dice drop of a stage's result below its source, both scored in this run on the same
-    cases, each as served (`as_served`: ET with its own ET rule, `rules` = (source's, result's)
-    thresholds); regions dropping more than `guard.max_region_drop` are violations. Plain data for extra.
+    cases, each as served when `rules` = (source's, result's) ET rule thresholds is given (ET at its own
+    rule: `source_as_served`, `as_served`), else both as validated; regions dropping more than
+    `guard.max_region_drop` are violations. Plain data for extra.
     Compared rule off, a model whose calibrated rule removes a small false ET on a case without ET showed
     an ET "drop" of 0.25 on the demo's 4 validation cases that its served output does not have."""
     limit = cfg.guard.max_region_drop
@@ -158,7 +182,7 @@ def guard(metrics: dict, source_metrics: dict, source_stage: str, cfg: Config, r
     drops = {r: source_dice[r] - float(metrics.get(f"dice_{r}", math.nan)) for r in REGIONS}
     return {
         "source": source_stage, "limit": limit, "strict": cfg.guard.strict, "drops": drops,
-        "source_dice": source_dice, "et_rules": {"source": rules[0], "result": rules[1]},
+        "source_dice": source_dice, "et_rules": None if rules is None else {"source": rules[0], "result": rules[1]},
         "et_missed_cases": metrics.get("et_missed_cases"), "source_et_missed_cases": source_metrics.get("et_missed_cases"),
         "violations": [r for r, d in drops.items() if d > limit],
     }
@@ -288,7 +312,9 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
             tqdm.write(warning)
         ctx = StageContext(cfg, art, out, data, info, teacher_path, resume, device=rt.device)
         source = build_model(art)  # fp32 (check_source): scored where this stage trains, handed to the step on the CPU
-        ctx.source_metrics = evaluate(source.to(rt.device), data.cache, data.val_ids, cfg, desc=f"source ({art.stage})")
+        source_rule = recorded_rule(art)  # ET as predict.py serves the source too, from the same pass (the guard)
+        ctx.source_metrics = evaluate(source.to(rt.device), data.cache, data.val_ids, cfg, desc=f"source ({art.stage})",
+                                      served_rule=source_rule)
         model = stage.step(source.cpu(), ctx)
         del source  # a step that works on a copy (lowrank's search) would keep it alive through the fine-tune
         if finetune:
@@ -313,9 +339,11 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
             product = stage.finish(model, product, ctx)
         product.extra["et_rule"] = et_rule(product, data, cfg)
         served, rule = as_served(product.metrics, product.extra["et_rule"])
-        source_served, source_rule = as_served(ctx.source_metrics, None if changed_cases(art, data.val_ids)
-                                               else art.extra.get("et_rule"))
-        product.extra["guard"] = guard(served, source_served, art.stage, cfg, (source_rule, rule))
+        if rule == recorded_rule(product):  # its record was usable: both as served
+            product.extra["guard"] = guard(served, source_as_served(ctx.source_metrics), art.stage, cfg,
+                                           (source_rule, rule))
+        else:  # both at train.et_min_voxels, as validated (the rules are not compared then)
+            product.extra["guard"] = guard(product.metrics, ctx.source_metrics, art.stage, cfg)
         if info.main:
             for line in guard_lines(product.extra["guard"], stage.name):
                 tqdm.write(line)

@@ -562,9 +562,25 @@ def test_a_run_that_ends_while_still_improving_says_so(phantom, tmp_path, monkey
     assert ended_rising(Artifact.load(tmp_path / LAST)) is None  # a resumable checkpoint, not a product
 
 
+def test_a_resumed_run_that_stops_rising_drops_the_record_from_best_pt(phantom, tmp_path, monkeypatch):
+    regions = {"dice_wt": 0.5, "dice_tc": 0.5, "dice_et": 0.5, "dice_mean": 0.5}
+    scripted = iter([{**regions, "pooled_dice_mean": v} for v in (0.40, 0.55, 0.50, 0.52)])
+    monkeypatch.setattr(Trainer, "validate", lambda self, epoch: dict(next(scripted)))
+    cfg = tiny_cfg(phantom, epochs=2, val_every=1, log_images=False)
+    fit(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="teacher")
+    assert ended_rising(Artifact.load(tmp_path / BEST))["last"] == 0.55
+    cfg.train.epochs = 4  # two more epochs, neither better than epoch 2
+    fit(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="teacher", resume=True)
+    best = Artifact.load(tmp_path / BEST)
+    assert best.extra["epoch"] == 2 and ended_rising(best) is None
+
+
 def test_still_rising_needs_a_last_validation_better_than_every_earlier_one():
     val = lambda v: {"val": {"pooled_dice_mean": v}}  # noqa: E731
     assert still_rising([val(0.5), {"val": None}, val(0.6)], "pooled_dice_mean") == (0.5, 0.6)
+    start = {"start": True, "val": {"pooled_dice_mean": 0.3}}  # the compressed model before its fine-tune
+    assert still_rising([start, val(0.6)], "pooled_dice_mean") is None  # recovery, not a rise cut short
+    assert still_rising([start, val(0.5), val(0.6)], "pooled_dice_mean") == (0.5, 0.6)
     assert still_rising([val(0.7), val(0.5), val(0.6)], "pooled_dice_mean") is None  # below epoch 1's
     assert still_rising([val(0.6), val(0.6)], "pooled_dice_mean") is None  # a tie is not a rise
     # a foreign data set's slim run: 0.6425 -> 0.6401 -> 0.6440 is noise at the schedule's end, not a rise

@@ -11,7 +11,7 @@ from brats.metrics import score_case
 from brats.scoring import mean_rows, pooled_dice, voxel_counts
 from common.artifact import Artifact, ArtifactError
 from common.config import Config, ConfigError
-from engine.runner import as_served, check_source, exit_code, find_teacher, guard, guard_lines
+from engine.runner import as_served, check_source, source_as_served, exit_code, find_teacher, guard, guard_lines
 
 
 def _metrics(wt, tc, et, missed=0.0):
@@ -49,6 +49,12 @@ def test_the_guard_compares_models_as_served_each_with_its_et_rule():
     assert as_served(slim, None) == (slim, 0)  # no record (an older artifact): rule off
     assert as_served(slim, {**rule, "cases": 3}) == (slim, 0)  # calibrated on other cases: not comparable
     assert as_served(slim, {**rule, "et_min_voxels": 25}) == (slim, 0)  # a threshold the record has no figure for
+    assert as_served(slim, {k: v for k, v in rule.items() if k != "et_missed"}) == (slim, 0)  # an older record
+    assert as_served(slim, {**rule, "dice_et": [0.622]}) == (slim, 0)  # lists of another length
+    # the source: ET at its own rule from the same pass (score_cases' served_rule figures)
+    src = {**_metrics(0.97, 0.94, 0.30, missed=1), "dice_et_served": 0.88, "et_missed_served_cases": 0.0}
+    assert source_as_served(src)["dice_et"] == 0.88 and source_as_served(src)["et_missed_cases"] == 0.0
+    assert source_as_served(_metrics(0.97, 0.94, 0.30)) == _metrics(0.97, 0.94, 0.30)  # scored without them
     student = _metrics(0.973, 0.943, 0.888)
     assert guard(slim, student, "student", Config())["violations"] == ["et"]  # rule off: a false alarm
     info = guard(served, student, "student", Config(), (0, k))
@@ -263,6 +269,12 @@ def test_score_cases_counts_missed_and_false_et_and_keeps_et_dice_before_the_rul
         assert [rows[c]["dice_et_norule"] for c in "abc"] == [1.0, 0.0, 0.0]  # the model's own ET, rule or not
         means = scoring.mean_rows(list(rows.values()))
         assert (means["et_missed_cases"], means["et_false_cases"], means["truth_et_cases"]) == (1.0, et_false, 2.0)
+    # the ET rule the artifact is served with, from the same prediction, beside the run's own (off here)
+    cfg = Config()
+    rows = {r["case"]: r for r in scoring.score_cases(None, None, ["a", "b", "c"], cfg, served_rule=25)}
+    assert [rows[c]["dice_et"] for c in "abc"] == [1.0, 0.0, 0.0]
+    assert [rows[c]["dice_et_served"] for c in "abc"] == [1.0, 1.0, 0.0]
+    assert scoring.mean_rows(list(rows.values()))["et_missed_served_cases"] == 1.0
 
 
 def test_two_runs_never_write_one_output_folder(tmp_path):
