@@ -546,8 +546,9 @@ def record_before(model: nn.Module, art: Artifact, ctx: StageContext) -> Artifac
     summary = dict(art.extra["lowrank"])
     summary.update(dice_mean_before_finetune=before["dice_mean"], best_epoch=best_epoch,
                    metrics_before_finetune={k: float(v) for k, v in before.items()})
+    # kept: the "still rising" record (engine.loop.ended_rising) and the validation cases (engine.runner.changed_cases)
     art.extra = {"lowrank": summary, "runtime": art.extra.get("runtime"),
-                 **({"rising": art.extra["rising"]} if "rising" in art.extra else {})}  # engine.loop.ended_rising
+                 **{k: art.extra[k] for k in ("rising", "val_cases") if k in art.extra}}
     art.metrics = {**art.metrics, "dice_mean_before_finetune": before["dice_mean"]}
     return art
 

@@ -386,6 +386,7 @@ def test_finetune_scores_the_start_once_and_records_it(tmp_path, monkeypatch, ti
     assert len(start) == 1  # configs/lowrank.yaml sets train.val_at_start
     assert info["metrics_before_finetune"]["dice_mean"] == pytest.approx(start[0]["val"]["dice_mean"])
     assert info["params_share"] == 0.7 and info["params"] == round(0.7 * art.metrics["params_before"])
+    assert len(art.extra["val_cases"]) == 1  # kept for the next stage's changed-data check (it was dropped)
     assert art.metrics["params_after"] <= info["params"]
     after = history[-1]["val"]["dice_mean"]
     # the better of the factorised weights and the fine-tuned ones is kept, and says which it is
