@@ -685,8 +685,8 @@ def still_rising(history: Sequence[dict], select: str, min_gain: float = RISING_
 def ended_rising(art: Artifact) -> dict | None:
     """The record `Trainer.run` leaves in the best epoch's artifact when its fit ended still rising
     (`still_rising`): {"epoch", "epochs", "select", "earlier", "last"}; None when there is none (a fit
-    stopped by patience or flat at the end, no fine-tune, an artifact from before the record, an INT8 or
-    grown artifact: growth's history table shows each phase)."""
+    stopped by patience or flat at the end, no fine-tune, an artifact from before the record, a grown
+    artifact: growth's phases do not record it, its history table shows each phase)."""
     info = art.extra.get("rising")
     if not isinstance(info, dict) or "train_state" in art.extra:
         return None

@@ -145,6 +145,7 @@ def test_quantize_resumes_an_interrupted_qat_run(phantom, tmp_path):
     int8 = Artifact.load(path)
     assert int8.extra["int8"]["decisions"] == first.extra["int8"]["decisions"]
     assert 0.0 <= int8.metrics["dice_mean"] <= 1.0
+    assert int8.extra["val_cases"] == last.extra["val_cases"]  # the case list, as every stage's artifact has it
     # the FP32 figure is measured in this run on the same cases (not the 0.5 stored in the source artifact)
     source_dice = int8.extra["guard"]["source_dice"]
     assert math.isclose(int8.metrics["fp32_dice_mean"], sum(source_dice.values()) / 3, rel_tol=1e-9)

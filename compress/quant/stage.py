@@ -131,7 +131,8 @@ def to_int8(backend: str):
                           "qat_metrics": dict(art.metrics) if ctx.fit is not None else {},
                           "qat_checkpoint": str(out / QAT_DIR / LAST) if ctx.fit is not None else None,
                           "cpu_threads": torch.get_num_threads(), "val_cases": len(ctx.data.val_ids)},
-                 "runtime": art.extra.get("runtime")}
+                 "runtime": art.extra.get("runtime"), "val_cases": list(ctx.data.val_ids),
+                 **({"rising": art.extra["rising"]} if "rising" in art.extra else {})}  # engine.loop.ended_rising
         if backend == "torch":
             model = convert(copy.deepcopy(qat))
             spec = int8_spec(source.spec, layers, cfg.quant.reassoc, engine, int8_weight_layers(model))
