@@ -28,6 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 REGIONS = ("wt", "tc", "et")
+DICE_KEYS = tuple(f"dice_{r}" for r in REGIONS)  # the per-region Dice keys of score_case's rows
 REGION_LABELS = {"wt": (1, 2, 4), "tc": (1, 4), "et": (4,)}
 BRATS_LABELS = (0, 1, 2, 4)
 

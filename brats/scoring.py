@@ -18,6 +18,7 @@ from brats.dataset import iter_cases
 from brats.inference import WindowCount, predict_case
 from brats.labels import suppress_small_et
 from brats.metrics import REGIONS, dice, region_masks, score_case
+from common.artifact import Artifact
 from common.config import Config, ConfigError
 from common.precision import exact_fp32
 from common.progress import bar_off
@@ -109,6 +110,14 @@ def evaluate(model: nn.Module, cache: Cache, case_ids: Sequence[str], cfg: Confi
     return mean_rows(rows)
 
 
+CASE_FLAGS = ("et_missed", "et_false", "truth_et", "et_missed_served")  # per-case 0/1 flags of score_cases' rows
+
+
+def case_counts(rows: Sequence[dict], flags: Sequence[str] = CASE_FLAGS) -> dict[str, float]:
+    """{"<flag>_cases": how many of `rows` have the flag set}, for each of `flags` (0 when `rows` is empty)."""
+    return {f"{key}_cases": float(sum(r.get(key, 0.0) for r in rows)) for key in flags}
+
+
 def mean_rows(rows: list[dict]) -> dict[str, float]:
     """Mean of every numeric key over per-case rows (NaNs skipped); `et_missed`, `et_false` and `truth_et`
     are also counted (`et_missed_cases`: cases whose truth has ET and whose prediction has none;
@@ -118,14 +127,20 @@ def mean_rows(rows: list[dict]) -> dict[str, float]:
     for k in keys:
         vals = [float(r[k]) for r in rows if k in r and not math.isnan(float(r[k]))]
         out[k] = float(np.mean(vals)) if vals else math.nan
-    for key in ("et_missed", "et_false", "truth_et", "et_missed_served"):  # counts of cases, beside the shares
-        if key in out:
-            out[f"{key}_cases"] = float(sum(r.get(key, 0.0) for r in rows))
+    out.update(case_counts(rows, [k for k in CASE_FLAGS if k in out]))  # counts of cases, beside the shares
     out.update(pooled_dice(out))
     return out
 
 
 ET_RULE_GRID = (0, 10, 25, 50, 100, 200, 400, 800)  # candidate et_min_voxels (voxels of the cropped grid)
+
+
+def artifact_et_rule(art: Artifact) -> int:
+    """The ET rule threshold `art` is served with: its calibration record's (`calibrate_et_rule`, stored as
+    extra["et_rule"] by every stage), 0 (the rule off) when none is recorded."""
+    rule = art.extra.get("et_rule")
+    value = rule.get("et_min_voxels", 0) if isinstance(rule, dict) else 0
+    return int(value) if isinstance(value, (int, float)) else 0
 
 
 def calibrate_et_rule(predict, cache: Cache, case_ids: Sequence[str], cfg: Config,

@@ -703,7 +703,7 @@ def grow_fits(model: RefineFormer3D, ctx: StageContext, stage: StageDef, ckpt_di
     for i, e in enumerate(events):
         e["kept"] = i == kept  # the phase whose best epoch is the product (report.md marks it)
     score = [r.best_metrics.get(ctx.cfg.train.select, -math.inf) for r in results]
-    top = max(range(len(results)), key=lambda i: (score[i], -i))
+    top = best_phase(results, ctx.cfg.train.select, 0.0)  # the plain maximum (ties: the earlier phase)
     if top != kept and ctx.dist.main:
         print(f"growth: kept phase {kept} ({ctx.cfg.train.select} {score[kept]:.4f}, "
               f"{events[kept]['params']:,} parameters); phase {top} scored {score[top]:.4f}, better by less than "

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from brats.metrics import REGIONS
+from brats.metrics import DICE_KEYS
 from brats.scoring import evaluate
 from common.artifact import Artifact
 from common.cli import add_strict, config_from_args, data_given, main_rank, out_dir, run_main, stage_parser
@@ -378,12 +378,11 @@ def selection(cfg: LowRankConfig, total_params: int | None = None) -> dict:
 # ----------------------------------------------------------------------------- a budget chosen on validation
 
 AUTO = "auto"
-REGION_KEYS = tuple(f"dice_{r}" for r in REGIONS)  # as the guard rail reads them (engine.runner.guard)
 
 
 def region_drop(metrics: dict, reference: dict) -> float:
     """The largest drop of any region's Dice (dice_wt/tc/et) from `reference` to `metrics` (negative: all rose)."""
-    return max(float(reference[k]) - float(metrics[k]) for k in REGION_KEYS)
+    return max(float(reference[k]) - float(metrics[k]) for k in DICE_KEYS)
 
 
 def search_share(model: nn.Module, cfg: LowRankConfig, score: Callable[[nn.Module], dict],
@@ -498,7 +497,7 @@ def factorise_step(model: nn.Module, ctx: StageContext) -> nn.Module:
                          if chosen >= 0 else model, rows, chosen)
         model, rows, chosen = found
         unreachable = [v for v in rule["shares"] if v < rows[0]["share"]]  # the search starts at the first reachable
-        reference = {k: float(ctx.source_metrics[k]) for k in REGION_KEYS}
+        reference = {k: float(ctx.source_metrics[k]) for k in DICE_KEYS}
         if chosen >= 0:
             table, searched = rows[chosen]["table"], rows[chosen]["metrics"]
         else:  # no share within the tolerance: every candidate kept whole

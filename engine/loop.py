@@ -601,15 +601,17 @@ class Trainer:
                            "best epoch")
         rising = None if self.stopped or self.epoch < t.epochs or not self.note_rising else \
             still_rising(self.history, self.select)
-        if not rising and self.best is not None and self.best.extra.pop("rising", None) is not None:
-            if self.dist.main and self.best_path is not None:  # a resumed run's best.pt: the record no longer holds
-                self.best.save(self.best_path)
-        if rising and self.best is not None:  # the last epoch's: readable from the artifact (report.md lists it)
-            self.best.extra["rising"] = {"epoch": self.epoch, "epochs": t.epochs, "select": self.select,
-                                         "earlier": rising[0], "last": rising[1]}
-            if self.dist.main:
-                if self.best_path is not None:
+        if self.best is not None:  # the best epoch is the last one when rising: readable from it (report.md lists it)
+            record = {"epoch": self.epoch, "epochs": t.epochs, "select": self.select, "earlier": rising[0],
+                      "last": rising[1]} if rising else None
+            if self.best.extra.get("rising") != record:  # new, or a resumed run's that no longer holds
+                if record:
+                    self.best.extra["rising"] = record
+                else:
+                    del self.best.extra["rising"]
+                if self.dist.main and self.best_path is not None:
                     self.best.save(self.best_path)
+            if rising and self.dist.main:
                 tqdm.write(f"note: {self.stage_name}: validation {self.select} was still rising when train.epochs="
                            f"{t.epochs} ran out ({rising[0]:.4f} -> {rising[1]:.4f} at the last validation): a longer run "
                            "may raise it (--set train.epochs=N; train.patience ends a run that stops improving)")

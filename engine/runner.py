@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from brats.layout import DataError
 from brats.metrics import REGIONS
-from brats.scoring import calibrate_et_rule, evaluate
+from brats.scoring import artifact_et_rule, calibrate_et_rule, evaluate
 from common.atomic import claim_folder
 from common.artifact import Artifact, ArtifactError, build_model
 from common.config import DATA_IDENTITY, Config, ConfigError, check_values, to_dict
@@ -136,13 +136,6 @@ def fit_once(model: nn.Module, ctx: StageContext, stage: StageDef, ckpt_dir: Pat
 
 
 RULE_KEYS = ("grid", "dice_et", "et_missed")  # an ET rule record's per-threshold lists (brats.scoring.calibrate_et_rule)
-
-
-def recorded_rule(art: Artifact) -> int:
-    """The ET rule threshold `art` is served with (its calibration record; 0: none, the rule off)."""
-    rule = art.extra.get("et_rule")
-    value = rule.get("et_min_voxels", 0) if isinstance(rule, dict) else 0
-    return int(value) if isinstance(value, (int, float)) else 0
 
 
 def as_served(metrics: dict, rule: dict | None) -> tuple[dict, int]:
@@ -312,7 +305,7 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
             tqdm.write(warning)
         ctx = StageContext(cfg, art, out, data, info, teacher_path, resume, device=rt.device)
         source = build_model(art)  # fp32 (check_source): scored where this stage trains, handed to the step on the CPU
-        source_rule = recorded_rule(art)  # ET as predict.py serves the source too, from the same pass (the guard)
+        source_rule = artifact_et_rule(art)  # ET as predict.py serves the source too, from the same pass (the guard)
         ctx.source_metrics = evaluate(source.to(rt.device), data.cache, data.val_ids, cfg, desc=f"source ({art.stage})",
                                       served_rule=source_rule)
         model = stage.step(source.cpu(), ctx)
@@ -339,7 +332,7 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
             product = stage.finish(model, product, ctx)
         product.extra["et_rule"] = et_rule(product, data, cfg)
         served, rule = as_served(product.metrics, product.extra["et_rule"])
-        if rule == recorded_rule(product):  # its record was usable: both as served
+        if rule == artifact_et_rule(product):  # its record was usable: both as served
             product.extra["guard"] = guard(served, source_as_served(ctx.source_metrics), art.stage, cfg,
                                            (source_rule, rule))
         else:  # both at train.et_min_voxels, as validated (the rules are not compared then)

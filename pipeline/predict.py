@@ -30,6 +30,7 @@ from brats.layout import MODALITIES, CaseRef, DataError, discover_cases, warn
 from brats.metrics import REGIONS, dice, region_masks
 from brats.nifti import LoadedCase, load_case, save_label_map
 from brats.overlay import axial_slice, case_figure
+from brats.scoring import artifact_et_rule
 from brats.prepare import preprocess_case
 from brats.splits import read_splits
 import compress.quant  # noqa: F401  (registers the int8-torch, int8-qat and onnx artifact kinds)
@@ -189,11 +190,6 @@ def write_overlay(path: str | Path, loaded: LoadedCase, label: np.ndarray, stage
     case_figure(path, image[MODALITIES.index("flair")], image[MODALITIES.index("t1ce")], [(title, label[:, :, z])],
                 truth=None if truth is None else truth[:, :, z], title=f"{loaded.case}: axial slice {z}")
     return Path(path)
-
-
-def artifact_et_rule(art: Artifact) -> int:
-    """The ET rule threshold calibrated for `art` on its validation cases (0: none recorded)."""
-    return int((art.extra.get("et_rule") or {}).get("et_min_voxels", 0))
 
 
 def _refuse_existing(folder: Path, names: list[str], what: str, option: str) -> None:

@@ -44,9 +44,9 @@ from tqdm import tqdm
 from brats import official
 from brats.inference import WindowCount, predict_case
 from brats.layout import MODALITIES
-from brats.metrics import REGIONS, summarize
+from brats.metrics import DICE_KEYS, REGIONS, summarize
 from brats.overlay import axial_slice, case_figure
-from brats.scoring import score_cases
+from brats.scoring import artifact_et_rule, case_counts, score_cases
 from common.artifact import Artifact, ArtifactError, build_model
 from common.atomic import atomic_write_text
 from common.config import Config, ConfigError, DataConfig, check_values, from_dict
@@ -60,7 +60,7 @@ from model.macs import count_macs
 from model.refineformer3d import RefineFormer3D, count_params, preset_spec
 from pipeline import plots
 from pipeline.latency import runtime_note
-from pipeline.predict import (FP32_KINDS, artifact_et_rule, artifact_scheme, check_fixed_window, check_window,
+from pipeline.predict import (FP32_KINDS, artifact_scheme, check_fixed_window, check_window,
                               fixed_window, fp32_model, inference_model, predict_fn)
 from pipeline.profile import gemm_peak, profile_artifact
 from pipeline.runtimes import CHOICES as RUNTIME_CHOICES, RUNTIMES, measure_runtimes, pick_runtime
@@ -313,8 +313,7 @@ def score_artifact(found: Found, cfg: Config, cache, cases: list[str], default_s
         for region, key in zip(official.REGIONS, OFFICIAL_N_KEYS):
             row[key] = summary.get(f"global_dsc_{region}", {"n": 0})["n"]
     row["cases"] = len(scores)
-    for key in ("et_missed", "et_false", "truth_et"):
-        row[f"{key}_cases"] = int(sum(r.get(key, 0.0) for r in scores))
+    row.update({k: int(v) for k, v in case_counts(scores, ("et_missed", "et_false", "truth_et")).items()})
     row["dice_et_norule"] = float(np.mean([r["dice_et_norule"] for r in scores])) if scores else None
 
     if rep.case_latency and first_image is not None:
@@ -692,9 +691,6 @@ def _lowrank_rule(info: dict) -> str:
     return rule
 
 
-REGION_DICE = tuple(f"dice_{r}" for r in REGIONS)
-
-
 def lowrank_section(info: Any) -> list[str]:
     """extra["lowrank"]: the rule and its outcome in two lines, then one row per candidate layer."""
     if isinstance(info, list):  # a bare per-layer table
@@ -724,12 +720,12 @@ def lowrank_section(info: Any) -> list[str]:
     search = [r for r in info.get("search") or [] if isinstance(r, dict) and isinstance(r.get("metrics"), dict)]
     if search:
         ref = info.get("reference") if isinstance(info.get("reference"), dict) else None
-        source = [["source", _count(info.get("params_before")), *(_fmt(ref.get(k), ".3f") for k in REGION_DICE),
+        source = [["source", _count(info.get("params_before")), *(_fmt(ref.get(k), ".3f") for k in DICE_KEYS),
                    "–", "–", ""]] if ref else []
         lines += ["", markdown_table(
             ["share tried", "params after", "Dice WT", "Dice TC", "Dice ET", "largest region drop", "within", "kept"],
             source + [[f"{100 * r['share']:g}%" if _num(r.get("share")) else "–", _count(r.get("params_after")),
-                       *(_fmt(r["metrics"].get(k), ".3f") for k in REGION_DICE),
+                       *(_fmt(r["metrics"].get(k), ".3f") for k in DICE_KEYS),
                        _fmt(round(r["drop"], 3) + 0.0 if _num(r.get("drop")) else None, "+.3f"),
                        "yes" if r.get("within") else "no",
                        "yes" if _num(r.get("share")) and r.get("share") == info.get("params_share") else ""]
