@@ -124,7 +124,7 @@ class DistillConfig:
     kd_weight: float = 1.0
     kd_dice_weight: float = 1.0  # soft Dice between student and teacher probabilities: every region counts alike
     kd_gate: str = "all"  # all | correct: logit KD and soft-Dice KD only on voxels where the teacher agrees with the labels
-    kd_region_weights: str = "equal"  # equal | teacher: each region's KD weighted by the teacher's validation Dice on it
+    kd_region_weights: str = "equal"  # equal | teacher (weighted by its validation Dice) | adaptive (KD off where the student beats it)
     feature_weight: float = 0.0
     keep_attn_scale: bool = True  # pruned init keeps the teacher's attention scale (see student/thin.py)
     perturb_input: bool = True  # perturb the student's input (False: both see the clean crop)

@@ -78,6 +78,10 @@ class Stage:
     def set_epoch(self, epoch: int) -> None:
         """Called before training epoch `epoch` (0-based), e.g. for a perturbation warm-up."""
 
+    def on_validation(self, metrics: dict[str, float]) -> None:
+        """Called with every validation's means (the start's too), on every rank, before last.pt is
+        written: a stage may adapt its loss to how the model scores (`student.distill`'s adaptive KD)."""
+
     def state_dict(self) -> dict:
         """The stage's own state (a random generator) for an exact resume; plain data or tensors."""
         return {}
@@ -588,6 +592,7 @@ class Trainer:
             metrics = self.validate(epoch) if due else None
             if metrics is not None:
                 self._consider_best(metrics, epoch)
+                self.stage.on_validation(metrics)
             self.stopped = metrics is not None and self._out_of_patience()
             entry = {"epoch": epoch + 1, "step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"],
                      "train": train_logs, "val": metrics, "seconds": round(time.time() - start, 2)}
@@ -627,6 +632,7 @@ class Trainer:
         start = time.time()
         metrics = self.validate(-1)
         self._consider_best(metrics, -1)
+        self.stage.on_validation(metrics)
         entry = {"epoch": 0, "start": True, "step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"],
                  "train": {}, "val": metrics, "seconds": round(time.time() - start, 2)}
         self.history.append(entry)

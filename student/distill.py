@@ -19,6 +19,16 @@ student improves (lgg-rich mean Dice 0.534 -> 0.617, labels only 0.614; demo 0.9
 chain with it in every stage did not (INT8 lgg-rich 0.578 -> 0.536 with one ET case emptied; demo 0.906 ->
 0.908), so it is not the default.
 
+`distill.kd_region_weights: adaptive` compares instead of trusting: the teacher is scored once on the
+stage's validation cases (pooled Dice per region, `brats.scoring.pooled_dice`), and after every
+validation each region's KD weight is 1 while the student's pooled Dice on that region is below the
+teacher's and 0 from a validation where it is at or above it (re-decided at every validation), so a
+region the student already does better than its teacher is taught by the labels alone (a weak
+teacher's false ET is not taught for the rest of the run) and a strong teacher keeps teaching. The
+weights in force are in every epoch's training log (`kd_w_tc`, `kd_w_wt`, `kd_w_et` in history.json
+and TensorBoard). Idea: distillation from a teacher only where it is better than the student, as in
+knowledge-distillation gating by teacher quality; this rule (pooled validation Dice per region) is ours.
+
 `distill.kd_gate: correct` restricts both distillation terms to the voxels where the teacher's
 prediction agrees with the labels (every region channel, or the class for softmax schemes;
 `teacher_agrees`), so a weak teacher's errors are not taught while its soft targets are kept where
@@ -46,6 +56,7 @@ from torch import nn
 from tqdm import tqdm
 
 from brats.dataset import region_centred_crops
+from brats.scoring import evaluate
 from brats.labels import REGIONS as CHANNEL_REGIONS, is_softmax, to_target
 from common.artifact import Artifact, ArtifactError
 from common.config import Config, ConfigError, PerturbConfig
@@ -121,7 +132,15 @@ def kd_dice_loss(student: torch.Tensor, teacher: torch.Tensor, scheme: str,
     return (1 - dice).mean()
 
 
-KD_REGION_WEIGHTS = ("equal", "teacher")
+KD_REGION_WEIGHTS = ("equal", "teacher", "adaptive")
+
+
+def adaptive_region_weights(student: dict, teacher: dict) -> torch.Tensor:
+    """(3,) float32 in channel order [TC, WT, ET]: 1 for a region whose pooled validation Dice
+    (`pooled_dice_<region>` of both metric dicts, the same cases) the student has not reached, 0 where
+    it is at or above the teacher's. KeyError naming the missing key."""
+    return torch.tensor([0.0 if float(student[f"pooled_dice_{r}"]) >= float(teacher[f"pooled_dice_{r}"]) else 1.0
+                         for r in CHANNEL_REGIONS], dtype=torch.float32)
 
 
 def teacher_region_weights(metrics: dict, source: str = "the teacher") -> torch.Tensor:
@@ -207,10 +226,14 @@ class DistillStage(Stage):
     name = "distill"
 
     def __init__(self, teacher: nn.Module, cfg: Config, perturb: bool = True,
-                 region_weights: torch.Tensor | None = None):
+                 region_weights: torch.Tensor | None = None, reference: dict | None = None, main: bool = True):
         self.teacher = freeze(teacher)
         self.cfg, self.d = cfg, cfg.distill
         self.region_weights = region_weights  # (3,) per sigmoid channel of both KD terms, or None: all 1
+        # adaptive KD: the teacher's validation metrics (pooled_dice_<region>); the weights follow each validation
+        self.reference, self.main = reference, main
+        if reference is not None and region_weights is None:
+            self.region_weights = torch.ones(len(CHANNEL_REGIONS))
         self.scheme = cfg.data.scheme
         self.perturb = perturb
         self.generator = torch.Generator().manual_seed(cfg.train.seed + 7919)
@@ -224,6 +247,20 @@ class DistillStage(Stage):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch  # for the perturbation warm-up
+
+    def on_validation(self, metrics: dict[str, float]) -> None:
+        """Adaptive KD (`reference` given): each region's KD weight from this validation against the teacher's."""
+        if self.reference is None:
+            return
+        new = adaptive_region_weights(metrics, self.reference)
+        if self.main:
+            for i, region in enumerate(CHANNEL_REGIONS):
+                if new[i] != self.region_weights[i]:
+                    s_d, t_d = metrics[f"pooled_dice_{region}"], self.reference[f"pooled_dice_{region}"]
+                    tqdm.write(f"distill: {region.upper()} pooled Dice {s_d:.3f} "
+                               + (f">= the teacher's {t_d:.3f}: taught by the labels alone from here" if new[i] == 0
+                                  else f"< the teacher's {t_d:.3f}: distilled again"))
+        self.region_weights = new
 
     def perturb_config(self) -> PerturbConfig:
         """`distill.perturb` with its probability ramped up over `warmup_epochs` (epoch 1: clean)."""
@@ -264,22 +301,30 @@ class DistillStage(Stage):
             feat = feature_loss(s_feats, t_feats)
             total = total + self.d.feature_weight * feat
             out["feat"] = float(feat.detach())
+        if self.reference is not None:  # the adaptive weights in force, per epoch in history.json
+            out.update({f"kd_w_{r}": float(w) for r, w in zip(CHANNEL_REGIONS, self.region_weights.tolist())})
         out["loss"] = float(total.detach())
         return total, out
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        state = {"generator": self.generator.get_state()}
+        if self.reference is not None:
+            state["region_weights"] = self.region_weights.clone()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if "generator" in state:
             self.generator.set_state(state["generator"])
+        if self.reference is not None and "region_weights" in state:
+            self.region_weights = state["region_weights"].clone()
 
 
 def distill_setup(model: nn.Module, teacher: nn.Module, cfg: Config, perturb: bool = True,
-                  region_weights: torch.Tensor | None = None) -> tuple[nn.Module, DistillStage]:
+                  region_weights: torch.Tensor | None = None, reference: dict | None = None,
+                  main: bool = True) -> tuple[nn.Module, DistillStage]:
     """What a distillation fine-tune trains and with which stage: the student (wrapped in a
     `DistillModel` when `distill.feature_weight` > 0) and a `DistillStage` against `teacher`."""
-    stage = DistillStage(teacher, cfg, perturb=perturb, region_weights=region_weights)
+    stage = DistillStage(teacher, cfg, perturb=perturb, region_weights=region_weights, reference=reference, main=main)
     if cfg.distill.feature_weight > 0:
         return DistillModel(model, teacher.spec.embed_dims, seed=cfg.train.seed), stage
     return model, stage
@@ -376,12 +421,20 @@ def distill_trainer(model: nn.Module, ctx: StageContext) -> tuple[nn.Module, Dis
     recipe goes into the artifact's extra["distill"])."""
     perturb = ctx.cfg.distill.perturb_input
     ctx.extra["distill"] = distill_record(ctx.cfg, perturb)
-    teacher, weights = ctx.teacher(), None
-    if ctx.cfg.distill.kd_region_weights == "teacher" and is_softmax(ctx.cfg.data.scheme):
+    teacher, weights, reference = ctx.teacher(), None, None
+    mode = ctx.cfg.distill.kd_region_weights
+    if mode != "equal" and is_softmax(ctx.cfg.data.scheme):
         if ctx.dist.main:
             tqdm.write(f"distill: every class's KD weighted alike (data.scheme {ctx.cfg.data.scheme!r} has no "
                        "sigmoid region channels to weigh)")
-    elif ctx.cfg.distill.kd_region_weights == "teacher":
+    elif mode == "adaptive":
+        reference = teacher_reference(teacher, ctx)
+        ctx.extra["distill"]["teacher_pooled_dice"] = {r: reference[f"pooled_dice_{r}"] for r in CHANNEL_REGIONS}
+        if ctx.dist.main:
+            tqdm.write("distill: adaptive KD: a region is distilled while the student's pooled validation Dice is "
+                       "below the teacher's (" + ", ".join(f"{r.upper()} {reference[f'pooled_dice_{r}']:.3f}"
+                                                           for r in CHANNEL_REGIONS) + "), then taught by the labels alone")
+    elif mode == "teacher":
         try:
             weights = teacher_region_weights(ctx.teacher_artifact().metrics, str(ctx.teacher_path))
         except ConfigError as e:
@@ -392,7 +445,17 @@ def distill_trainer(model: nn.Module, ctx: StageContext) -> tuple[nn.Module, Dis
             if ctx.dist.main:
                 tqdm.write("distill: KD per region weighted by the teacher's validation Dice: "
                            + ", ".join(f"{r.upper()} {w:.3f}" for r, w in zip(CHANNEL_REGIONS, weights.tolist())))
-    return distill_setup(model, teacher, ctx.cfg, perturb=perturb, region_weights=weights)
+    return distill_setup(model, teacher, ctx.cfg, perturb=perturb, region_weights=weights, reference=reference,
+                         main=ctx.dist.main)
+
+
+def teacher_reference(teacher: nn.Module, ctx: StageContext) -> dict[str, float]:
+    """The teacher's metrics on this stage's validation cases, scored as the engine validates: the
+    source's own score of this run when the teacher is the source (the student stage), else one pass
+    of the teacher over the cases (on the training device)."""
+    if ctx.teacher_path and ctx.source.path and Path(ctx.teacher_path).resolve() == Path(ctx.source.path).resolve():
+        return ctx.source_metrics
+    return evaluate(teacher.to(ctx.device), ctx.data.cache, ctx.data.val_ids, ctx.cfg, desc="teacher (adaptive KD)")
 
 
 distill_trainer.check = check_distill  # the fine-tune's own settings, checked by run_stage before any work

@@ -9,8 +9,13 @@ from common.artifact import Artifact, build_model
 from brats.labels import to_target
 from common.config import Config, ConfigError
 from engine.loop import artifact_spec, product_of
-from student.distill import (DistillModel, DistillStage, check_distill, dice_gap, distill_record, distill_student,
-                             kd_dice_loss, kd_loss, load_teacher, teacher_agrees, teacher_region_weights)
+import json
+from types import SimpleNamespace
+
+import student.distill as distill_module
+from student.distill import (DistillModel, DistillStage, adaptive_region_weights, check_distill, dice_gap,
+                             distill_record, distill_student, kd_dice_loss, kd_loss, load_teacher, teacher_agrees,
+                             teacher_reference, teacher_region_weights)
 from student.thin import thin
 from model.refineformer3d import RefineFormer3D, count_params, preset_spec
 
@@ -21,6 +26,13 @@ TINY = dict(embed_dims=[16, 32, 32, 32], num_heads=[1, 2, 2, 2], depths=[1, 1, 1
 def tiny_teacher(seed: int = 0) -> RefineFormer3D:
     torch.manual_seed(seed)
     return RefineFormer3D(preset_spec("refineformer3d", **TINY))
+
+
+def random_batch(seed: int = 0) -> dict:
+    """Two random 4-modality 32^3 crops with random BraTS labels (0/1/2/4)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.randn(2, 4, 32, 32, 32, generator=g),
+            "label": torch.tensor([0, 1, 2, 4])[torch.randint(0, 4, (2, 32, 32, 32), generator=g)]}
 
 
 def test_kd_loss_regions_is_soft_bce_times_t_squared_less_a_constant():
@@ -61,9 +73,7 @@ def test_teacher_gets_no_gradient_and_does_not_change_during_a_step():
     assert [p.in_channels for p in projections] == [8, 16, 16, 16]
     assert [p.out_channels for p in projections] == [16, 32, 32, 32]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    g = torch.Generator().manual_seed(0)
-    batch = {"image": torch.randn(2, 4, 32, 32, 32, generator=g),
-             "label": torch.tensor([0, 1, 2, 4])[torch.randint(0, 4, (2, 32, 32, 32), generator=g)]}
+    batch = random_batch()
     student_before = student.decoder.fuse.weight.detach().clone()
     loss, logs = stage.loss(model, batch)
     loss.backward()
@@ -144,9 +154,7 @@ def test_distill_student_end_to_end(tmp_path):
 def test_perturb_prob_zero_gives_exactly_the_clean_loss_and_is_recorded():
     teacher = tiny_teacher()
     student = thin(teacher, 0.5).eval()  # eval: BatchNorm uses running stats, so two passes agree
-    g = torch.Generator().manual_seed(0)
-    batch = {"image": torch.randn(2, 4, 32, 32, 32, generator=g),
-             "label": torch.tensor([0, 1, 2, 4])[torch.randint(0, 4, (2, 32, 32, 32), generator=g)]}
+    batch = random_batch()
     cfg = Config()
     cfg.distill.perturb.prob = 0.0
     never, _ = DistillStage(teacher, cfg, perturb=True).loss(student, batch)
@@ -187,9 +195,7 @@ def test_kd_gate_correct_leaves_out_the_teachers_errors():
     a teacher right everywhere gives the ungated loss; an unknown gate is refused."""
     teacher = tiny_teacher()
     student = thin(teacher, 0.5).eval()
-    g = torch.Generator().manual_seed(0)
-    batch = {"image": torch.randn(2, 4, 32, 32, 32, generator=g),
-             "label": torch.tensor([0, 1, 2, 4])[torch.randint(0, 4, (2, 32, 32, 32), generator=g)]}
+    batch = random_batch()
     cfg = Config()
     cfg.distill.kd_gate = "correct"
     stage = DistillStage(teacher, cfg, perturb=False)
@@ -250,5 +256,80 @@ def test_kd_region_weights_scale_each_regions_terms_and_come_from_the_teachers_d
     cfg.distill.kd_region_weights = "teacher"
     check_distill(cfg)
     cfg.distill.kd_region_weights = "dice"
-    with pytest.raises(ConfigError, match="kd_region_weights must be one of equal, teacher"):
+    with pytest.raises(ConfigError, match="kd_region_weights must be one of equal, teacher, adaptive"):
         check_distill(cfg)
+
+
+def pooled(tc: float, wt: float, et: float) -> dict:
+    return {"pooled_dice_tc": tc, "pooled_dice_wt": wt, "pooled_dice_et": et}
+
+
+def test_adaptive_kd_switches_a_region_off_where_the_student_reaches_the_teacher_and_back_on(capsys):
+    """Weights in channel order [TC, WT, ET]: 0 where the student's pooled validation Dice is at or above
+    the teacher's, 1 below; re-decided at every validation, logged per epoch, said when they change, and
+    carried through the stage's state (a resumed run continues with the weights it had)."""
+    assert adaptive_region_weights(pooled(0.5, 0.9, 0.3), pooled(0.6, 0.9, 0.2)).tolist() == [1.0, 0.0, 0.0]
+    with pytest.raises(KeyError, match="pooled_dice_et"):
+        adaptive_region_weights({"pooled_dice_tc": 0.5, "pooled_dice_wt": 0.5}, pooled(0.6, 0.9, 0.2))
+    teacher = tiny_teacher()
+    student = thin(teacher, 0.5).eval()
+    batch = random_batch()
+    cfg = Config()
+    stage = DistillStage(teacher, cfg, perturb=False, reference=pooled(0.6, 0.9, 0.2))
+    plain = DistillStage(teacher, cfg, perturb=False)
+    _, logs = stage.loss(student, batch)
+    _, plain_logs = plain.loss(student, batch)
+    assert (logs["kd_w_tc"], logs["kd_w_wt"], logs["kd_w_et"]) == (1.0, 1.0, 1.0)  # before any validation
+    assert logs["kd"] == pytest.approx(plain_logs["kd"]) and "kd_w_et" not in plain_logs
+    stage.on_validation(pooled(0.5, 0.95, 0.2))  # WT above, ET level: both off, TC still taught
+    assert stage.region_weights.tolist() == [1.0, 0.0, 0.0]
+    assert "WT pooled Dice 0.950 >= the teacher's 0.900: taught by the labels alone" in capsys.readouterr().out
+    _, logs = stage.loss(student, batch)
+    assert (logs["kd_w_tc"], logs["kd_w_wt"], logs["kd_w_et"]) == (1.0, 0.0, 0.0)
+    assert logs["kd"] < plain_logs["kd"] and logs["kd_dice"] < plain_logs["kd_dice"]
+    resumed = DistillStage(teacher, cfg, perturb=False, reference=pooled(0.6, 0.9, 0.2))
+    resumed.load_state_dict(stage.state_dict())
+    assert resumed.region_weights.tolist() == [1.0, 0.0, 0.0]
+    stage.on_validation(pooled(0.5, 0.85, 0.25))  # WT fell below again: distilled again
+    assert stage.region_weights.tolist() == [1.0, 1.0, 0.0]
+    assert "WT pooled Dice 0.850 < the teacher's 0.900: distilled again" in capsys.readouterr().out
+    plain.on_validation(pooled(0.9, 0.9, 0.9))  # no reference: nothing adapts, nothing in its state
+    assert plain.region_weights is None and "region_weights" not in plain.state_dict()
+
+
+def test_adaptive_reference_is_the_sources_score_or_the_teacher_scored_on_the_same_cases(tmp_path, monkeypatch):
+    """The student stage reuses its source's score of this run (the source is the teacher); a later stage
+    (its source a student) scores the teacher on the same validation cases."""
+    scored = []
+    monkeypatch.setattr(distill_module, "evaluate", lambda model, cache, ids, cfg, desc: scored.append(ids) or "scored")
+    teacher_pt = tmp_path / "teacher.pt"
+    data = SimpleNamespace(cache=None, val_ids=["Brats17_A_1", "Brats17_B_1"])
+    same = SimpleNamespace(teacher_path=str(tmp_path / "." / "teacher.pt"), source=SimpleNamespace(path=teacher_pt),
+                           source_metrics={"pooled_dice_tc": 0.5}, data=data, cfg=Config(), device=torch.device("cpu"))
+    assert teacher_reference(tiny_teacher(), same) == {"pooled_dice_tc": 0.5} and scored == []
+    other = SimpleNamespace(**{**vars(same), "source": SimpleNamespace(path=tmp_path / "student.pt")})
+    assert teacher_reference(tiny_teacher(), other) == "scored" and scored == [data.val_ids]
+
+
+def test_distill_student_with_adaptive_kd_records_the_teachers_reference_and_follows_it(tmp_path):
+    data = tmp_path / "data"
+    write_phantom_dataset(data, cases=4, val_cases=0, shape=(48, 48, 32), seed=0)
+    teacher = tiny_teacher()
+    Artifact(stage="teacher", spec=teacher.spec.to_dict(), state_dict=teacher.state_dict(),
+             config={"data": {"scheme": "regions"}}, metrics={}).save(tmp_path / "teacher.pt")
+    cfg = Config()
+    cfg.distill.kd_region_weights = "adaptive"
+    cfg.data.dir, cfg.data.crop, cfg.data.val_fraction = str(data), [32, 32, 32], 0.5
+    t = cfg.train
+    t.window, t.overlap, t.sw_batch, t.val_every = [32, 32, 32], 0.25, 2, 1
+    t.epochs, t.steps_per_epoch, t.batch_size, t.warmup_epochs, t.threads, t.log_images = 2, 1, 2, 0, 1, False
+    t.amp, t.patience = "off", None
+    cfg.distill.teacher, cfg.distill.width = str(tmp_path / "teacher.pt"), 0.5
+    art = distill_student(cfg, tmp_path / "student")
+    reference = art.extra["distill"]["teacher_pooled_dice"]
+    assert set(reference) == {"tc", "wt", "et"} and all(0.0 <= v <= 1.0 for v in reference.values())
+    history = json.loads((tmp_path / "student" / "history.json").read_text())
+    first, second = [h for h in history if not h.get("start")]
+    assert [first["train"][f"kd_w_{r}"] for r in ("tc", "wt", "et")] == [1.0, 1.0, 1.0]
+    expected = adaptive_region_weights(first["val"], {f"pooled_dice_{r}": v for r, v in reference.items()})
+    assert [second["train"][f"kd_w_{r}"] for r in ("tc", "wt", "et")] == expected.tolist()

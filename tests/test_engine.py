@@ -306,12 +306,16 @@ def test_patience_stops_after_validations_without_a_better_dice(phantom, tmp_pat
 
 
 class Counting(SupervisedStage):
-    """Records the engine's calls: `to` once, `set_epoch` before every epoch; checks clipped gradients."""
+    """Records the engine's calls: `to` once, `set_epoch` before every epoch, `on_validation` after every
+    validation (with what it scored, before the next epoch); checks clipped gradients."""
 
     def __init__(self, clip: float):
         super().__init__()
         self.clip, self.devices, self.epochs, self.steps = clip, [], [], 0
-        self.trained = None
+        self.trained, self.validations = None, []
+
+    def on_validation(self, metrics):
+        self.validations.append((len(self.epochs), metrics["pooled_dice_mean"]))
 
     def to(self, device):
         self.devices.append(device)
@@ -329,8 +333,13 @@ class Counting(SupervisedStage):
 
 def test_stage_calls(phantom, tmp_path):
     stage = Counting(clip=tiny_cfg(phantom).train.grad_clip)
-    fit(tiny_model(), stage, tiny_cfg(phantom, epochs=2, log_images=False), tmp_path, stage_name="teacher")
-    assert [d.type for d in stage.devices] == ["cpu"] and stage.epochs == [0, 1] and stage.steps == 4
+    result = fit(tiny_model(), stage, tiny_cfg(phantom, epochs=3, val_every=2, val_at_start=True, log_images=False),
+                 tmp_path, stage_name="teacher")
+    assert [d.type for d in stage.devices] == ["cpu"] and stage.epochs == [0, 1, 2] and stage.steps == 6
+    # the start, epoch 2 and the last epoch are validated; each is handed to the stage after its epoch
+    scored = [(h["epoch"], h["val"]["pooled_dice_mean"]) for h in result.history if h["val"]]
+    assert [e for e, _ in scored] == [0, 2, 3]
+    assert stage.validations == scored
 
 
 def test_base_stage_needs_a_loss_and_a_model_that_describes_itself(phantom, tmp_path):
