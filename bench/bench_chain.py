@@ -16,6 +16,7 @@ and other anatomy), through the real command lines, as scripts/demo.sh chains th
     distill.py --init scratch                                       student from random weights
     distill.py --set distill.kd_gate=correct                        KD only where the teacher is right
     distill.py --set distill.kd_region_weights=teacher              KD per region weighted by the teacher's Dice
+    distill.py --set distill.kd_region_weights=adaptive             KD per region until the student beats the teacher
     predict.py ART --split DATA/.cache/splits.json, then python -m brats.evaluate --subset   per stage
 
 One change to the demo recipe, the same for every family: the teacher trains up to --teacher-epochs
@@ -43,7 +44,7 @@ student minus each other student arm, paired. Tables go to <out>/bench_chain.md,
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_chain.py [--out runs/bench_chain]
         [--families demo lgg-rich] [--cases 24] [--val-cases 8] [--shape 96 96 64] [--seed 0]
-        [--slim-epochs 40] [--student-epochs N] [--arms [labels scratch gated weighted]] [--threads 2] [--resamples 2000] [--quick] [--force]
+        [--slim-epochs 40] [--student-epochs N] [--arms [labels scratch gated weighted adaptive]] [--threads 2] [--resamples 2000] [--quick] [--force]
 
 Each step writes a stamp (bench_step.json: its command and the stamps of its inputs) when it
 succeeds, and is skipped while the stamp matches and its artifact still loads (one damaged, or in a
@@ -104,8 +105,9 @@ STAGES = {
     "student-scratch": ("student, from scratch", "student.pt"),
     "student-gated": ("student, KD where the teacher is right", "student.pt"),
     "student-weighted": ("student, KD weighted by the teacher's Dice", "student.pt"),
+    "student-adaptive": ("student, KD until it beats the teacher", "student.pt"),
 }
-ARMS = ("student-labels", "student-scratch", "student-gated", "student-weighted")
+ARMS = ("student-labels", "student-scratch", "student-gated", "student-weighted", "student-adaptive")
 ARM_NAMES = tuple(a.removeprefix("student-") for a in ARMS)  # as --arms takes them
 # For the plan line's estimate, on 2 unshared cores (from the --quick run's step times and the
 # demo chain's 7.5 min): seconds per optimizer step (2 crops of 64^3, any stage), a training
@@ -184,6 +186,8 @@ def family_steps(family: str, args: argparse.Namespace) -> list[Step]:
               extra=student_budget + ("distill.kd_gate=correct",)),
         stage("student-weighted", "teacher", distill, "configs/demo/distill.yaml",
               extra=student_budget + ("distill.kd_region_weights=teacher",)),
+        stage("student-adaptive", "teacher", distill, "configs/demo/distill.yaml",
+              extra=student_budget + ("distill.kd_region_weights=adaptive",)),
     ]
     steps = [s for s in steps if s.name not in ARMS or s.name in args.arms]
     ordered: list[Step] = []  # each model is scored right after it is made: a long run shows numbers early
