@@ -679,6 +679,8 @@ def grow_fits(model: RefineFormer3D, ctx: StageContext, stage: StageDef, ckpt_di
         action, reason = phase_decision(events, entry, g, total - used - epochs)
         if action == "grow":
             trainee, engine_stage = stage.finetune(best, ctx)
+            if res.best_metrics:  # an adaptive-KD stage scores with the weights the kept epoch's Dice gives
+                engine_stage.on_validation(res.best_metrics, log=False)
             engine_stage.to(device)
             batches = score_batches(ctx.data, ctx.cfg, k, device)
             scores = _agreed(gradient_scores(trainee, best, engine_stage, batches, g.kinds), ctx)

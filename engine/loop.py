@@ -78,9 +78,11 @@ class Stage:
     def set_epoch(self, epoch: int) -> None:
         """Called before training epoch `epoch` (0-based), e.g. for a perturbation warm-up."""
 
-    def on_validation(self, metrics: dict[str, float]) -> None:
-        """Called with every validation's means (the start's too), on every rank, before last.pt is
-        written: a stage may adapt its loss to how the model scores (`student.distill`'s adaptive KD)."""
+    def on_validation(self, metrics: dict[str, float], log: bool = True) -> None:
+        """Called with every validation's means (the start's too), on every rank, after the epoch's log
+        line, and on resume with the last validation's (`log` False: the run said it already): a stage
+        may adapt its loss to how the model scores (`student.distill`'s adaptive KD), as a function of
+        the last validation (no state of its own)."""
 
     def state_dict(self) -> dict:
         """The stage's own state (a random generator) for an exact resume; plain data or tensors."""
@@ -413,6 +415,8 @@ class Trainer:
         if self.dist.main:
             tqdm.write(f"{self.stage_name}: resuming {path} after epoch {self.epoch} of {self.cfg.train.epochs} "
                        f"(step {self.global_step}, best {self.select} {self.best_score:.4f})")
+        if self.last_metrics:  # what the stage adapts to, as an uninterrupted run would have it
+            self.stage.on_validation(self.last_metrics, log=False)
 
     # -- logging
 
@@ -592,7 +596,6 @@ class Trainer:
             metrics = self.validate(epoch) if due else None
             if metrics is not None:
                 self._consider_best(metrics, epoch)
-                self.stage.on_validation(metrics)
             self.stopped = metrics is not None and self._out_of_patience()
             entry = {"epoch": epoch + 1, "step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"],
                      "train": train_logs, "val": metrics, "seconds": round(time.time() - start, 2)}
@@ -600,6 +603,8 @@ class Trainer:
             self.epoch = epoch + 1
             self.save_last()
             self._log_epoch(entry)
+            if metrics is not None:
+                self.stage.on_validation(metrics)
             if self.stopped and self.dist.main:  # after the epoch's line, which shows the validation it refers to
                 tqdm.write(f"{self.stage_name}: no better validation Dice in {self.stale} validation(s) "
                            f"(train.patience={t.patience}, train.select={self.select}): stopping early, keeping the "
@@ -632,12 +637,12 @@ class Trainer:
         start = time.time()
         metrics = self.validate(-1)
         self._consider_best(metrics, -1)
-        self.stage.on_validation(metrics)
         entry = {"epoch": 0, "start": True, "step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"],
                  "train": {}, "val": metrics, "seconds": round(time.time() - start, 2)}
         self.history.append(entry)
         self.save_last()
         self._log_epoch(entry)
+        self.stage.on_validation(metrics)
 
     def _log_epoch(self, entry: dict) -> None:
         if not self.dist.main:

@@ -86,6 +86,7 @@ class StageContext:
     metrics: dict = field(default_factory=dict)  # figures for the artifact's metrics
     source_metrics: dict = field(default_factory=dict)  # the source model scored on the same cases, this run
     fit: FitResult | None = None  # the fine-tune's result, once it ran
+    cache: dict = field(default_factory=dict)  # figures a stage computes once per run (the teacher's adaptive-KD score)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where this rank trains and scores
     _teacher: nn.Module | None = None
     _teacher_artifact: Artifact | None = None

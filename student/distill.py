@@ -19,15 +19,14 @@ student improves (lgg-rich mean Dice 0.534 -> 0.617, labels only 0.614; demo 0.9
 chain with it in every stage did not (INT8 lgg-rich 0.578 -> 0.536 with one ET case emptied; demo 0.906 ->
 0.908), so it is not the default.
 
-`distill.kd_region_weights: adaptive` compares instead of trusting: the teacher is scored once on the
-stage's validation cases (pooled Dice per region, `brats.scoring.pooled_dice`), and after every
-validation each region's KD weight is 1 while the student's pooled Dice on that region is below the
-teacher's and 0 from a validation where it is at or above it (re-decided at every validation), so a
-region the student already does better than its teacher is taught by the labels alone (a weak
-teacher's false ET is not taught for the rest of the run) and a strong teacher keeps teaching. The
-weights in force are in every epoch's training log (`kd_w_tc`, `kd_w_wt`, `kd_w_et` in history.json
-and TensorBoard). Idea: distillation from a teacher only where it is better than the student, as in
-knowledge-distillation gating by teacher quality; this rule (pooled validation Dice per region) is ours.
+`distill.kd_region_weights: adaptive` compares instead of trusting: the teacher is scored once per run
+on the stage's validation cases (pooled Dice per region, `brats.scoring.pooled_dice`; rank 0's score
+under torchrun), and each region's KD weight follows the last validation: 0 while the student's pooled
+Dice on that region is at or above the teacher's (that region is then taught by the labels alone, so
+a weak teacher's errors there are not taught), 1 while it is below (a strong teacher keeps teaching).
+The weights are a function of the last validation (on resume too), and every epoch's training log
+holds the ones in force (`kd_w_tc`, `kd_w_wt`, `kd_w_et` in history.json and TensorBoard). The rule
+(pooled validation Dice per region against the teacher's) is this project's; measured in README.
 
 `distill.kd_gate: correct` restricts both distillation terms to the voxels where the teacher's
 prediction agrees with the labels (every region channel, or the class for softmax schemes;
@@ -51,6 +50,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
@@ -248,18 +248,19 @@ class DistillStage(Stage):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch  # for the perturbation warm-up
 
-    def on_validation(self, metrics: dict[str, float]) -> None:
+    def on_validation(self, metrics: dict[str, float], log: bool = True) -> None:
         """Adaptive KD (`reference` given): each region's KD weight from this validation against the teacher's."""
         if self.reference is None:
             return
         new = adaptive_region_weights(metrics, self.reference)
-        if self.main:
+        if self.main and log:
             for i, region in enumerate(CHANNEL_REGIONS):
                 if new[i] != self.region_weights[i]:
                     s_d, t_d = metrics[f"pooled_dice_{region}"], self.reference[f"pooled_dice_{region}"]
                     tqdm.write(f"distill: {region.upper()} pooled Dice {s_d:.3f} "
-                               + (f">= the teacher's {t_d:.3f}: taught by the labels alone from here" if new[i] == 0
-                                  else f"< the teacher's {t_d:.3f}: distilled again"))
+                               + (f">= the teacher's {t_d:.3f}: taught by the labels alone" if new[i] == 0
+                                  else f"< the teacher's {t_d:.3f}: distilled again")
+                               + " from the next epoch (adaptive KD)")
         self.region_weights = new
 
     def perturb_config(self) -> PerturbConfig:
@@ -307,16 +308,11 @@ class DistillStage(Stage):
         return total, out
 
     def state_dict(self) -> dict:
-        state = {"generator": self.generator.get_state()}
-        if self.reference is not None:
-            state["region_weights"] = self.region_weights.clone()
-        return state
+        return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         if "generator" in state:
             self.generator.set_state(state["generator"])
-        if self.reference is not None and "region_weights" in state:
-            self.region_weights = state["region_weights"].clone()
 
 
 def distill_setup(model: nn.Module, teacher: nn.Module, cfg: Config, perturb: bool = True,
@@ -452,10 +448,21 @@ def distill_trainer(model: nn.Module, ctx: StageContext) -> tuple[nn.Module, Dis
 def teacher_reference(teacher: nn.Module, ctx: StageContext) -> dict[str, float]:
     """The teacher's metrics on this stage's validation cases, scored as the engine validates: the
     source's own score of this run when the teacher is the source (the student stage), else one pass
-    of the teacher over the cases (on the training device)."""
-    if ctx.teacher_path and ctx.source.path and Path(ctx.teacher_path).resolve() == Path(ctx.source.path).resolve():
-        return ctx.source_metrics
-    return evaluate(teacher.to(ctx.device), ctx.data.cache, ctx.data.val_ids, ctx.cfg, desc="teacher (adaptive KD)")
+    of the teacher over the cases (on the training device), once per run (growth's phases reuse it).
+    Under torchrun every rank takes rank 0's, so all ranks decide the same weights."""
+    if "teacher_reference" not in ctx.cache:
+        if ctx.teacher_path and ctx.source.path and \
+                Path(ctx.teacher_path).resolve() == Path(ctx.source.path).resolve():
+            reference = ctx.source_metrics
+        else:
+            reference = evaluate(teacher.to(ctx.device), ctx.data.cache, ctx.data.val_ids, ctx.cfg,
+                                 desc="teacher (adaptive KD)")
+        if ctx.dist.enabled:
+            shared = [reference]
+            dist.broadcast_object_list(shared, src=0)
+            reference = shared[0]
+        ctx.cache["teacher_reference"] = reference
+    return ctx.cache["teacher_reference"]
 
 
 distill_trainer.check = check_distill  # the fine-tune's own settings, checked by run_stage before any work

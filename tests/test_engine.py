@@ -314,7 +314,8 @@ class Counting(SupervisedStage):
         self.clip, self.devices, self.epochs, self.steps = clip, [], [], 0
         self.trained, self.validations = None, []
 
-    def on_validation(self, metrics):
+    def on_validation(self, metrics, log=True):
+        assert log
         self.validations.append((len(self.epochs), metrics["pooled_dice_mean"]))
 
     def to(self, device):
@@ -359,7 +360,10 @@ class Ascent(SupervisedStage):
 
     def __init__(self, interrupt_after: int | None = None):
         super().__init__()
-        self.calls, self.interrupt_after = 0, interrupt_after
+        self.calls, self.interrupt_after, self.validations = 0, interrupt_after, []
+
+    def on_validation(self, metrics, log=True):
+        self.validations.append((metrics["dice_mean"], log))
 
     def loss(self, model, batch):
         self.calls += 1
@@ -398,9 +402,11 @@ def test_val_at_start_keeps_the_initial_weights_and_is_not_repeated_on_resume(ph
     # killed in epoch 2, resumed: the start is not validated again and the run matches
     with pytest.raises(KeyboardInterrupt):
         fit(CountsValidation(tiny_model()), Ascent(interrupt_after=3), cfg, tmp_path / "b", stage_name="lowrank")
-    again = CountsValidation(tiny_model(seed=9))
-    resumed = fit(again, Ascent(), cfg, tmp_path / "b", stage_name="lowrank", resume=True)
+    again, stage = CountsValidation(tiny_model(seed=9)), Ascent()
+    resumed = fit(again, stage, cfg, tmp_path / "b", stage_name="lowrank", resume=True)
     assert again.eval_calls == 4  # epoch 2 only
+    # the stage sees the last validation before (epoch 1's, quietly: the run said it) and after epoch 2
+    assert stage.validations == [(pytest.approx(dice[1], abs=1e-6), False), (pytest.approx(dice[2], abs=1e-6), True)]
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
     assert [h["val"]["dice_mean"] for h in resumed.history] == pytest.approx(dice, abs=1e-6)
     assert resumed.best_metrics == pytest.approx(result.best_metrics, abs=1e-6)
