@@ -17,9 +17,10 @@ bf16 autocast on a CPU is there when asked for (`train.amp=bf16`), never by defa
 one training step of 2 crops of 64^3, forward + backward + SGD, 7 interleaved runs, medians), bf16
 autocast ran at 0.83x the speed of fp32 for the demo-recipe teacher, 0.73x for the width-0.25 student
 and 0.50x for the slim model (their 8-64-channel convolutions pay bf16's casts and layout reorders and
-gain little from the AMX tiles), and 2 of the 8 bf16 runs of one bench_chain run on that machine
-stopped on a NaN loss (students at epochs 9 and 16; resumed from the epoch before, the same steps were
-finite in bf16 and fp32). So `auto` is fp32 on every CPU kind.
+gain little from the AMX tiles). So `auto` is fp32 on every CPU kind. (In one bench_chain run on that
+machine in bf16, 2 of 8 trainings also stopped on a NaN loss; one, resumed in fp32 from its last
+checkpoint, hit it again at the same step: the state bf16 training had reached and that batch, not
+bf16 rounding at the step. Cause not found; no fp32 run of this project has stopped on one.)
 
 oneDNN reports bf16 support (`torch.ops.mkldnn._is_mkldnn_bf16_supported()`) on any AVX-512 CPU,
 where bf16 is *emulated*: measured on an Intel Xeon with AVX-512/VNNI and no AVX512_BF16, bf16
