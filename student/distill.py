@@ -56,8 +56,8 @@ from torch import nn
 from tqdm import tqdm
 
 from brats.dataset import region_centred_crops
-from brats.scoring import evaluate
 from brats.labels import REGIONS as CHANNEL_REGIONS, is_softmax, to_target
+from brats.scoring import evaluate
 from common.artifact import Artifact, ArtifactError
 from common.config import Config, ConfigError, PerturbConfig
 from engine.data import TrainData, stack_batches
@@ -429,7 +429,7 @@ def distill_trainer(model: nn.Module, ctx: StageContext) -> tuple[nn.Module, Dis
         if ctx.dist.main:
             tqdm.write("distill: adaptive KD: a region is distilled while the student's pooled validation Dice is "
                        "below the teacher's (" + ", ".join(f"{r.upper()} {reference[f'pooled_dice_{r}']:.3f}"
-                                                           for r in CHANNEL_REGIONS) + "), then taught by the labels alone")
+                                                           for r in CHANNEL_REGIONS) + "), by the labels alone where it is at or above")
     elif mode == "teacher":
         try:
             weights = teacher_region_weights(ctx.teacher_artifact().metrics, str(ctx.teacher_path))
