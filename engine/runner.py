@@ -86,7 +86,7 @@ class StageContext:
     metrics: dict = field(default_factory=dict)  # figures for the artifact's metrics
     source_metrics: dict = field(default_factory=dict)  # the source model scored on the same cases, this run
     fit: FitResult | None = None  # the fine-tune's result, once it ran
-    cache: dict = field(default_factory=dict)  # figures a stage computes once per run (the teacher's adaptive-KD score)
+    teacher_scores: dict | None = None  # the teacher on the validation cases, once per run (adaptive KD)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where this rank trains and scores
     _teacher: nn.Module | None = None
     _teacher_artifact: Artifact | None = None
@@ -139,17 +139,17 @@ def fit_once(model: nn.Module, ctx: StageContext, stage: StageDef, ckpt_dir: Pat
 RULE_KEYS = ("grid", "dice_et", "et_missed")  # an ET rule record's per-threshold lists (brats.scoring.calibrate_et_rule)
 
 
-def as_served(metrics: dict, rule: dict | None) -> tuple[dict, int]:
+def as_served(metrics: dict, rule: dict | None) -> tuple[dict, int] | None:
     """(`metrics` with the ET figures of the rule calibrated for the same model in the same run on the same
     cases, that threshold): ET Dice and ET cases missed at `rule["et_min_voxels"]` (`et_rule`'s record).
-    `metrics` as they are and 0 when the record is unusable (a key or a threshold missing, lists of another
-    length, another number of cases). WT and TC do not change with the rule (ET becomes NCR/NET)."""
+    None when the record is unusable (a key or a threshold missing, lists of another length, another
+    number of cases). WT and TC do not change with the rule (ET becomes NCR/NET)."""
     if not isinstance(rule, dict) or not all(isinstance(rule.get(k), list) for k in RULE_KEYS):
-        return metrics, 0
+        return None
     grid, k = rule["grid"], rule.get("et_min_voxels")
     if k not in grid or any(len(rule[key]) != len(grid) for key in RULE_KEYS) \
             or rule.get("cases") != metrics.get("val_cases", rule.get("cases")):
-        return metrics, 0
+        return None
     i = grid.index(k)
     return {**metrics, "dice_et": rule["dice_et"][i], "et_missed_cases": rule["et_missed"][i]}, int(k)
 
@@ -332,10 +332,10 @@ def run_stage(source: str | Path, stage: StageDef, cfg: Config, out: str | Path,
         if stage.finish is not None:
             product = stage.finish(model, product, ctx)
         product.extra["et_rule"] = et_rule(product, data, cfg)
-        served, rule = as_served(product.metrics, product.extra["et_rule"])
-        if rule == artifact_et_rule(product):  # its record was usable: both as served
-            product.extra["guard"] = guard(served, source_as_served(ctx.source_metrics), art.stage, cfg,
-                                           (source_rule, rule))
+        served = as_served(product.metrics, product.extra["et_rule"])
+        if served is not None:  # its record was usable: both as served
+            product.extra["guard"] = guard(served[0], source_as_served(ctx.source_metrics), art.stage, cfg,
+                                           (source_rule, served[1]))
         else:  # both at train.et_min_voxels, as validated (the rules are not compared then)
             product.extra["guard"] = guard(product.metrics, ctx.source_metrics, art.stage, cfg)
         if info.main:

@@ -426,10 +426,6 @@ def distill_trainer(model: nn.Module, ctx: StageContext) -> tuple[nn.Module, Dis
     elif mode == "adaptive":
         reference = teacher_reference(teacher, ctx)
         ctx.extra["distill"]["teacher_pooled_dice"] = {r: reference[f"pooled_dice_{r}"] for r in CHANNEL_REGIONS}
-        if ctx.dist.main:
-            tqdm.write("distill: adaptive KD: a region is distilled while the student's pooled validation Dice is "
-                       "below the teacher's (" + ", ".join(f"{r.upper()} {reference[f'pooled_dice_{r}']:.3f}"
-                                                           for r in CHANNEL_REGIONS) + "), by the labels alone where it is at or above")
     elif mode == "teacher":
         try:
             weights = teacher_region_weights(ctx.teacher_artifact().metrics, str(ctx.teacher_path))
@@ -448,9 +444,9 @@ def distill_trainer(model: nn.Module, ctx: StageContext) -> tuple[nn.Module, Dis
 def teacher_reference(teacher: nn.Module, ctx: StageContext) -> dict[str, float]:
     """The teacher's metrics on this stage's validation cases, scored as the engine validates: the
     source's own score of this run when the teacher is the source (the student stage), else one pass
-    of the teacher over the cases (on the training device), once per run (growth's phases reuse it).
-    Under torchrun every rank takes rank 0's, so all ranks decide the same weights."""
-    if "teacher_reference" not in ctx.cache:
+    of the teacher over the cases (on the training device), once per run (growth's phases reuse it, and
+    the plan line is said once). Under torchrun every rank takes rank 0's, so all ranks decide the same weights."""
+    if ctx.teacher_scores is None:
         if ctx.teacher_path and ctx.source.path and \
                 Path(ctx.teacher_path).resolve() == Path(ctx.source.path).resolve():
             reference = ctx.source_metrics
@@ -461,8 +457,13 @@ def teacher_reference(teacher: nn.Module, ctx: StageContext) -> dict[str, float]
             shared = [reference]
             dist.broadcast_object_list(shared, src=0)
             reference = shared[0]
-        ctx.cache["teacher_reference"] = reference
-    return ctx.cache["teacher_reference"]
+        ctx.teacher_scores = reference
+        if ctx.dist.main:
+            tqdm.write("distill: adaptive KD: a region is distilled while the student's pooled validation Dice is "
+                       "below the teacher's (" + ", ".join(f"{r.upper()} {reference[f'pooled_dice_{r}']:.3f}"
+                                                           for r in CHANNEL_REGIONS)
+                       + "), by the labels alone where it is at or above")
+    return ctx.teacher_scores
 
 
 distill_trainer.check = check_distill  # the fine-tune's own settings, checked by run_stage before any work

@@ -297,21 +297,27 @@ def test_adaptive_kd_switches_a_region_off_where_the_student_reaches_the_teacher
     assert plain.region_weights is None
 
 
-def test_adaptive_reference_is_the_sources_score_or_the_teacher_scored_on_the_same_cases(tmp_path, monkeypatch):
+def test_adaptive_reference_is_the_sources_score_or_the_teacher_scored_on_the_same_cases(tmp_path, monkeypatch,
+                                                                                          capsys):
     """The student stage reuses its source's score of this run (the source is the teacher); a later stage
-    (its source a student) scores the teacher on the same validation cases."""
+    (its source a student) scores the teacher on the same validation cases, once per run, said once."""
     scored = []
-    monkeypatch.setattr(distill_module, "evaluate", lambda model, cache, ids, cfg, desc: scored.append(ids) or "scored")
+    teacher_scores = pooled(0.6, 0.9, 0.2)
+    monkeypatch.setattr(distill_module, "evaluate",
+                        lambda model, cache, ids, cfg, desc: scored.append(ids) or teacher_scores)
     teacher_pt = tmp_path / "teacher.pt"
     data = SimpleNamespace(cache=None, val_ids=["Brats17_A_1", "Brats17_B_1"])
-    single = SimpleNamespace(enabled=False)
+    single = SimpleNamespace(enabled=False, main=True)
     same = SimpleNamespace(teacher_path=str(tmp_path / "." / "teacher.pt"), source=SimpleNamespace(path=teacher_pt),
-                           source_metrics={"pooled_dice_tc": 0.5}, data=data, cfg=Config(), device=torch.device("cpu"),
-                           dist=single, cache={})
-    assert teacher_reference(tiny_teacher(), same) == {"pooled_dice_tc": 0.5} and scored == []
-    other = SimpleNamespace(**{**vars(same), "source": SimpleNamespace(path=tmp_path / "student.pt"), "cache": {}})
-    assert teacher_reference(tiny_teacher(), other) == "scored" and scored == [data.val_ids]
-    assert teacher_reference(tiny_teacher(), other) == "scored" and len(scored) == 1  # once per run (growth's phases)
+                           source_metrics=pooled(0.5, 0.8, 0.3), data=data, cfg=Config(), device=torch.device("cpu"),
+                           dist=single, teacher_scores=None)
+    assert teacher_reference(tiny_teacher(), same) == pooled(0.5, 0.8, 0.3) and scored == []
+    other = SimpleNamespace(**{**vars(same), "source": SimpleNamespace(path=tmp_path / "student.pt"),
+                               "teacher_scores": None})
+    capsys.readouterr()
+    assert teacher_reference(tiny_teacher(), other) == teacher_scores and scored == [data.val_ids]
+    assert teacher_reference(tiny_teacher(), other) == teacher_scores and len(scored) == 1  # once (growth's phases)
+    assert capsys.readouterr().out.count("below the teacher's (TC 0.600, WT 0.900, ET 0.200)") == 1
 
 
 def test_distill_student_with_adaptive_kd_records_the_teachers_reference_and_follows_it(tmp_path):

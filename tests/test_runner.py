@@ -46,11 +46,11 @@ def test_the_guard_compares_models_as_served_each_with_its_et_rule():
     slim = {**_metrics(0.959, 0.934, 0.622), "val_cases": 4.0}
     served, k = as_served(slim, rule)
     assert k == 200 and served["dice_et"] == 0.872 and served["dice_wt"] == 0.959 and slim["dice_et"] == 0.622
-    assert as_served(slim, None) == (slim, 0)  # no record (an older artifact): rule off
-    assert as_served(slim, {**rule, "cases": 3}) == (slim, 0)  # calibrated on other cases: not comparable
-    assert as_served(slim, {**rule, "et_min_voxels": 25}) == (slim, 0)  # a threshold the record has no figure for
-    assert as_served(slim, {k: v for k, v in rule.items() if k != "et_missed"}) == (slim, 0)  # an older record
-    assert as_served(slim, {**rule, "dice_et": [0.622]}) == (slim, 0)  # lists of another length
+    assert as_served(slim, None) is None  # no record (an older artifact): rule off
+    assert as_served(slim, {**rule, "cases": 3}) is None  # calibrated on other cases: not comparable
+    assert as_served(slim, {**rule, "et_min_voxels": 25}) is None  # a threshold the record has no figure for
+    assert as_served(slim, {k: v for k, v in rule.items() if k != "et_missed"}) is None  # an older record
+    assert as_served(slim, {**rule, "dice_et": [0.622]}) is None  # lists of another length
     # the source: ET at its own rule from the same pass (score_cases' served_rule figures)
     src = {**_metrics(0.97, 0.94, 0.30, missed=1), "dice_et_served": 0.88, "et_missed_served_cases": 0.0}
     assert source_as_served(src)["dice_et"] == 0.88 and source_as_served(src)["et_missed_cases"] == 0.0
