@@ -49,7 +49,8 @@ student minus each other student arm, paired. Tables go to <out>/bench_chain.md,
 Each step writes a stamp (bench_step.json: its command and the stamps of its inputs) when it
 succeeds, and is skipped while the stamp matches and its artifact still loads (one damaged, or in a
 format this code refuses, is made again); a step killed half-way is resumed (--resume)
-where its command can, else rerun; a changed setting reruns that step and everything after it.
+where its command can, else rerun (a step whose resume fails too is kept as <step>.failed, its
+last.pt the state it failed from); a changed setting reruns that step and everything after it.
 --force reruns everything. A failed step is reported with the end of its log
 (<out>/<family>/logs/<step>.log); the steps that need it are skipped, the others still run, and
 the exit code is 1.
@@ -262,6 +263,10 @@ def run_step(step: Step, key: str, env: dict, log: Path, force: bool) -> tuple[s
             if step.name == "data":
                 tmp = step.folder.with_name(f".{step.folder.name}.tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
+            if resume:  # its resume failed too: the state it failed from is kept beside it, to reproduce it
+                failed = step.folder.with_name(f"{step.folder.name}.failed")
+                shutil.rmtree(failed, ignore_errors=True)
+                step.folder.replace(failed)
             shutil.rmtree(step.folder, ignore_errors=True)
         step.folder.parent.mkdir(parents=True, exist_ok=True)
         ok = _run(step, key, attempt, env, log)

@@ -466,9 +466,11 @@ class Trainer:
             with self._autocast():
                 loss, logs = self.stage.loss(self.ddp_model, batch)
             if not torch.isfinite(loss.detach()) and self.scaler is None:
+                terms = ", ".join(f"{k} {v:.4g}" for k, v in logs.items() if k != "loss")  # which part went first
                 raise FloatingPointError(
-                    f"{self.stage_name}: loss is {float(loss)} at epoch {epoch + 1}, step {self.global_step} "
-                    f"(cases {batch.get('case')}); lower train.lr or set train.amp=off"
+                    f"{self.stage_name}: loss is {float(loss.detach())} at epoch {epoch + 1}, step {self.global_step} "
+                    f"(cases {batch.get('case')}; terms: {terms or 'none reported'}); last.pt holds the epoch "
+                    "before, to reproduce it with --resume; lower train.lr or set train.amp=off"
                 )
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:

@@ -1,6 +1,9 @@
 """bench/bench_chain.py's plan and reuse rules (the bench itself takes an hour: not run here)."""
 import argparse
+import json
+import sys
 
+import pytest
 import torch
 
 from bench.bench_chain import ARMS, family_steps, unreadable_artifact
@@ -71,3 +74,22 @@ def test_a_step_key_follows_its_configs_content_not_just_its_command(tmp_path, m
     (root / "configs/slim.yaml").write_text((bc.ROOT / "configs/slim.yaml").read_text().replace(
         "stem_kernel: 4", "stem_kernel: 5"))
     assert "base: ../slim.yaml" in base and bc._key(slim, tmp_path, made) != before
+
+
+def test_a_step_whose_resume_fails_too_keeps_the_state_it_failed_from(tmp_path):
+    """A training step that stopped (say on a NaN loss) is resumed on the next bench run; when that fails
+    as well it is started afresh, and its folder (last.pt: the reproducer) is kept as <step>.failed."""
+    import bench.bench_chain as bc
+
+    folder = tmp_path / "student"
+    folder.mkdir()
+    (folder / "last.pt").write_bytes(b"the state it failed from")
+    (folder / bc.STARTED).write_text(json.dumps({"key": "k1"}))
+    step = bc.Step("student", folder, [sys.executable, "-c", "import sys; sys.exit(1)"], folder / "student.pt",
+                   resume=folder / "last.pt")
+    with pytest.raises(bc.StepFailed):
+        bc.run_step(step, "k1", env=None, log=tmp_path / "logs" / "student.log", force=False)
+    assert (tmp_path / "student.failed" / "last.pt").read_bytes() == b"the state it failed from"
+    assert not (folder / "last.pt").exists()  # the fresh attempt started from nothing
+    log = (tmp_path / "logs" / "student.prev.log").read_text()
+    assert "--resume" in log and "[exit code 1]" in log

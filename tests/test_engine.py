@@ -652,3 +652,30 @@ def test_resuming_with_another_train_select_says_so_and_rescores_the_best(phanto
     fit(tiny_model(), SupervisedStage(), cfg, tmp_path, stage_name="teacher", resume=True)
     assert "resuming with train.select=pooled_dice_mean (the run chose by dice_mean so far)" in capsys.readouterr().out
     assert Artifact.load(tmp_path / BEST).extra["epoch"] == 2  # 0.45 beats the first epoch's 0.40, by the new figure
+
+
+class NanAfter(SupervisedStage):
+    """The supervised loss, then from step `at` on a NaN in its Dice part (as a term can overflow)."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def loss(self, model, batch):
+        self.calls += 1
+        loss, logs = super().loss(model, batch)
+        if self.calls >= self.at:
+            loss, logs = loss * float("nan"), {**logs, "dice": float("nan")}
+        return loss, logs
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_its_cases_and_terms_and_last_pt_keeps_the_epoch_before(
+        phantom, tmp_path):
+    cfg = tiny_cfg(phantom, epochs=2, log_images=False)
+    with pytest.raises(FloatingPointError) as err:
+        fit(tiny_model(), NanAfter(at=3), cfg, tmp_path, stage_name="student")  # step 3: epoch 2's first
+    msg = str(err.value)
+    assert msg.startswith("student: loss is nan at epoch 2, step 2 (cases ['Brats17_")
+    assert "terms: dice nan, ce " in msg and "set train.amp=off" in msg
+    state = Artifact.load(tmp_path / LAST).extra["train_state"]
+    assert state["epoch"] == 1 and state["global_step"] == 2  # the reproducer: --resume runs that step again
