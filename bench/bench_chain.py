@@ -44,7 +44,8 @@ student minus each other student arm, paired. Tables go to <out>/bench_chain.md,
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_chain.py [--out runs/bench_chain]
         [--families demo lgg-rich] [--cases 24] [--val-cases 8] [--shape 96 96 64] [--seed 0]
-        [--slim-epochs 40] [--student-epochs N] [--arms [labels scratch gated weighted adaptive]] [--threads 2] [--resamples 2000] [--quick] [--force]
+        [--slim-epochs 40] [--student-epochs N] [--arms [labels scratch gated weighted adaptive]]
+        [--set KEY=VALUE ...] [--threads 2] [--resamples 2000] [--quick] [--force]
 
 Each step writes a stamp (bench_step.json: its command and the stamps of its inputs) when it
 succeeds, and is skipped while the stamp matches and its artifact still loads (one damaged, or in a
@@ -154,7 +155,8 @@ def family_steps(family: str, args: argparse.Namespace) -> list[Step]:
 
     def stage(name: str, needs: str, command: list[str], config: str, extra: tuple[str, ...] = (),
               resume: str | None = "last.pt") -> Step:
-        overrides = base + (quick_overrides(name) if args.quick else []) + list(extra)
+        after_teacher = [] if name == "teacher" else list(args.set)  # an arm's own settings come last: they win
+        overrides = base + (quick_overrides(name) if args.quick else []) + after_teacher + list(extra)
         folder = fam / name
         argv = [py, *command, "--config", config, "--data", str(data),
                 *(a for o in overrides for a in ("--set", o)), "--out", str(folder)]
@@ -465,6 +467,9 @@ def main() -> int:
     p.add_argument("--arms", nargs="*", default=list(ARM_NAMES), choices=ARM_NAMES,
                    help="the student arms to run besides the distilled one (default: all; --arms with no value: "
                         "just the chain)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every stage after the teacher (student, slim, low-rank, growth, INT8 "
+                        "and the arms, whose own settings win), e.g. distill.kd_region_weights=adaptive; repeatable")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every step (default: CPUs usable)")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--bootstrap-seed", type=int, default=0)

@@ -13,7 +13,7 @@ from model.refineformer3d import ModelSpec, RefineFormer3D
 
 def _args(tmp_path, **kw) -> argparse.Namespace:
     base = dict(out=str(tmp_path), cases=24, val_cases=8, shape=[96, 96, 64], seed=0, teacher_epochs=40,
-                slim_epochs=40, student_epochs=None, arms=list(ARMS), threads=2, quick=False)
+                slim_epochs=40, student_epochs=None, arms=list(ARMS), threads=2, quick=False, set=[])
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -32,6 +32,15 @@ def test_student_epochs_reach_the_student_and_its_arms_only_and_arms_can_be_left
     quick = {s.name: s for s in family_steps("demo", _args(tmp_path, quick=True, student_epochs=3))}
     assert _sets(quick["student"])[-1] == "train.epochs=3" and "train.epochs=1" in _sets(quick["slim"])
     assert "student-gated" in quick  # every arm by default
+
+
+def test_set_reaches_every_stage_after_the_teacher_and_an_arms_own_setting_wins(tmp_path):
+    steps = {s.name: s for s in family_steps("demo", _args(tmp_path, set=["distill.kd_region_weights=adaptive"]))}
+    adaptive = "distill.kd_region_weights=adaptive"
+    assert adaptive not in _sets(steps["teacher"])
+    assert all(adaptive in _sets(steps[n]) for n in ("student", "slim", "lowrank", "grow", "int8", "student-labels"))
+    weighted = _sets(steps["student-weighted"])  # the arm's own value is given after --set's, so it wins
+    assert weighted.index("distill.kd_region_weights=teacher") > weighted.index(adaptive)
 
 
 def test_a_finished_step_whose_artifact_no_longer_loads_is_made_again(tmp_path):
