@@ -4,26 +4,36 @@ An artifact is a `torch.save`d dict of plain data and tensors, so it loads with
 `torch.load(..., weights_only=True)`:
 
     format   "refineformer3d-artifact"
-    version  4 (3: no "digest"; 2: buffers stored as tensors, no checksum; 1: the state_dict as a dict of
-             tensors; all read)
+    version  5 (4: the record fields stored as they are and the byte planes as one tensor each; 3: no
+             "digest"; 2: buffers stored as tensors, no checksum; 1: the state_dict as a dict of tensors;
+             all read)
+    stage    the stage that wrote it ("teacher", "student", "int8", ...)
     state    the weights, packed: {"index": zlib-compressed UTF-8 JSON [[name, dtype, shape], ...] in
-             state_dict order, "buffers": {dtype: [[codec, uint8 tensor], ...]}, "byteorder": "little",
-             "sha256"}: each dtype's tensors flattened and concatenated in index order, then split into
-             byte planes (byte i of every element, least significant first on any machine), each plane
-             zlib'd when that pays ("zlib") or kept ("raw"); "sha256" of the index and the planes, checked
-             at load (it catches damage and edits that do not recompute it; it is not a signature). Stored one by one, each tensor cost ~300
-             bytes (zip record, 64-byte alignment, pickled storage reference): a quarter of the demo's
-             250k-parameter INT8 artifact (316 tensors: 402,267 bytes one by one; 305,786 packed as flat
-             tensors in version 2). The byte planes are lossless entropy coding, as in Deep Compression
-             (Han et al., ICLR 2016, after pruning and quantisation): int8 weights shrink to ~65 %, float32
-             ones to ~86 % (their sign/exponent byte to ~45 %). `Artifact.state_dict` is the unpacked dict.
+             state_dict order, "buffers": {dtype: [[codec, nbytes], ...]}, "data": one uint8 tensor holding
+             every plane's stored bytes in that order, "byteorder": "little", "sha256"}: each dtype's tensors
+             flattened and concatenated in index order, then split into byte planes (byte i of every
+             element, least significant first on any machine), each plane entropy-coded where that pays
+             ("zlib" or "lzma", the smaller) or kept ("raw"); "sha256" of the index and the decoded planes,
+             checked at load (it catches damage and edits that do not recompute it; it is not a
+             signature). Every tensor torch.save writes costs ~300 bytes (zip record, 64-byte alignment,
+             pickled storage reference): stored one by one, the demo's 250k-parameter INT8 artifact's 316
+             tensors were 402,267 bytes (305,786 packed as flat tensors, version 2); version 5 stores one.
+             The byte planes are lossless entropy coding, as in Deep Compression (Han et al., ICLR 2016,
+             after pruning and quantisation): int8 weights shrink to ~60 %, float32 ones to ~85 % (their
+             sign/exponent byte to ~40 %). `Artifact.state_dict` is the unpacked dict.
+    record   [codec, uint8 tensor]: the fields below that are plain JSON data (spec, config, metrics,
+             lineage, extra, created), as one compressed UTF-8 JSON object. A field that JSON would not give
+             back exactly (a tensor in last.pt's training state, a tuple, an int dict key) is stored
+             beside it as it is. Pickled one by one these fields were a quarter of the demo's INT8 file
+             (~27 kB; ~5 kB as compressed JSON).
+    spec     the model as plain data (every width explicit)
     config   the run's config as a dict
     metrics  validation figures (dice_wt, dice_tc, dice_et, dice_mean, ...)
     lineage  list of ancestors, oldest first: {"stage", "path", "metrics"}
     extra    stage-specific plain data (low-rank table, growth history, INT8 decisions,
              training state in last.pt, ...)
-    digest   SHA-256 of every other field (the weights through their own "sha256"), checked at load:
-             a flipped byte in the config, metrics or ET rule is refused like one in the weights
+    digest   SHA-256 of every other field as stored (the weights through their own "sha256"), checked at
+             load: a flipped byte in the config, metrics or ET rule is refused like one in the weights
 
 `build_model(artifact)` dispatches on spec["kind"] to the builder its model module registered with
 `@register_builder(kind)` when it was imported, so this module depends on no model code.
@@ -32,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import math
 import sys
 import time
@@ -46,8 +57,9 @@ from common.atomic import atomic_write
 from common.errors import UserInputError
 
 FORMAT = "refineformer3d-artifact"
-VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
+RECORD_FIELDS = ("spec", "config", "metrics", "lineage", "extra", "created")  # version 5's "record" holds these
 # the payload's fields and their types (checked at load: a hand-edited file fails here, naming the field)
 FIELD_TYPES = {"stage": str, "spec": dict, "state_dict": dict, "state": dict, "config": dict, "metrics": dict,
                "lineage": list, "extra": dict}
@@ -81,18 +93,9 @@ class Artifact:
     path: Path | None = None  # where it was loaded from; not saved
 
     def save(self, path: str | Path) -> Path:
-        payload = {
-            "format": FORMAT,
-            "version": VERSION,
-            "stage": self.stage,
-            "spec": self.spec,
-            "state": pack_state(self.state_dict),
-            "config": self.config,
-            "metrics": self.metrics,
-            "lineage": self.lineage,
-            "extra": self.extra,
-            "created": self.created,
-        }
+        record, kept = encode_record({f: getattr(self, f) for f in RECORD_FIELDS})
+        payload = {"format": FORMAT, "version": VERSION, "stage": self.stage, "state": pack_state(self.state_dict),
+                   "record": record, **kept}
         payload["digest"] = record_digest(payload)
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
         self.path = Path(path)
@@ -120,31 +123,41 @@ class Artifact:
             raise ArtifactError(f"{path}: artifact version {version!r}, expected one of {READABLE_VERSIONS}"
                                 + (" (written by a newer release of this project?)" if isinstance(version, int)
                                    and version > VERSION else ""))
-        weights = "state_dict" if version == 1 else "state"
-        missing = [k for k in ("stage", "spec", weights) if k not in payload]
-        if missing:
-            raise ArtifactError(f"{path}: artifact lacks {', '.join(missing)}")
-        for key, kind in FIELD_TYPES.items():  # a hand-edited field of the wrong type: say so here, not deep inside
-            if key in payload and not isinstance(payload[key], kind):
-                raise ArtifactError(f"{path}: its {key!r} is a {type(payload[key]).__name__}, expected a "
-                                    f"{kind.__name__}")
         if version >= 4 and payload.get("digest") != record_digest(payload):
             raise ArtifactError(f"{path}: its record (spec, config, metrics, lineage, extra: the ET rule among them) "
                                 "does not match the SHA-256 written with it: the file was damaged, or edited without "
                                 "recomputing it, after it was saved")
+        fields = dict(payload)
+        if version >= 5:
+            try:
+                record = decode_record(payload.get("record"))
+            except ValueError as e:
+                raise ArtifactError(f"{path}: its record is malformed: {e}") from None
+            twice = sorted(set(record) & set(payload))
+            if twice:
+                raise ArtifactError(f"{path}: {', '.join(twice)} stored both in its record and beside it")
+            fields.update(record)
+        weights = "state_dict" if version == 1 else "state"
+        missing = [k for k in ("stage", "spec", weights) if k not in fields]
+        if missing:
+            raise ArtifactError(f"{path}: artifact lacks {', '.join(missing)}")
+        for key, kind in FIELD_TYPES.items():  # a hand-edited field of the wrong type: say so here, not deep inside
+            if key in fields and not isinstance(fields[key], kind):
+                raise ArtifactError(f"{path}: its {key!r} is a {type(fields[key]).__name__}, expected a "
+                                    f"{kind.__name__}")
         try:
-            state_dict = payload["state_dict"] if version == 1 else unpack_state(payload["state"], min(version, 3))
-        except (KeyError, TypeError, ValueError, RuntimeError, zlib.error) as e:
+            state_dict = fields["state_dict"] if version == 1 else unpack_state(fields["state"], version)
+        except (KeyError, TypeError, ValueError, RuntimeError, zlib.error, lzma.LZMAError) as e:
             raise ArtifactError(f"{path}: its packed weights are malformed: {type(e).__name__}: {e}") from None
         return cls(
-            stage=payload["stage"],
-            spec=payload["spec"],
+            stage=fields["stage"],
+            spec=fields["spec"],
             state_dict=state_dict,
-            config=payload.get("config", {}),
-            metrics=payload.get("metrics", {}),
-            lineage=payload.get("lineage", []),
-            extra=payload.get("extra", {}),
-            created=payload.get("created", ""),
+            config=fields.get("config", {}),
+            metrics=fields.get("metrics", {}),
+            lineage=fields.get("lineage", []),
+            extra=fields.get("extra", {}),
+            created=fields.get("created", ""),
             path=path,
         )
 
@@ -207,12 +220,17 @@ def _keys(d: dict) -> str:
 
 
 # Byte planes of a flat buffer (byte i of every element, then byte i + 1...) compress where the weights'
-# values do: the sign/exponent byte of float32 weights (to ~45 %), int8 weights that QAT left near zero
-# (to ~65 %); the low mantissa bytes are noise. A plane is stored zlib'd when a probe of its first
-# PROBE_BYTES shrinks to under PROBE_RATIO, else raw (so noise costs no compression time).
+# values do: the sign/exponent byte of float32 weights (to ~40 %), int8 weights that QAT left near zero
+# (to ~60 %); the low mantissa bytes are noise. A plane is entropy-coded when a probe of its first
+# PROBE_BYTES shrinks to under PROBE_RATIO, else stored raw (so noise costs no compression time).
 PROBE_BYTES = 1 << 16
 PROBE_RATIO = 0.95
-SMALL_PLANE = 1 << 20  # planes up to this size get zlib level 9 (the students': free), larger ones level 1
+SMALL_PLANE = 1 << 20  # planes up to this size get zlib level 9 and LZMA, the smaller kept; larger: zlib level 1
+# LZMA2 without a container (the xz header and check cost ~60 bytes a plane; the file's SHA-256 checks it).
+# Preset 6: on the demo student's 324 kB exponent plane 125 kB in ~0.1 s, against zlib level 9's 133 kB;
+# preset 9e gains 0.1 % for twice the time.
+LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 6}]
+CODECS = ("raw", "zlib", "lzma")
 
 
 def _byte_planes(flat: torch.Tensor) -> list[torch.Tensor]:
@@ -223,33 +241,87 @@ def _byte_planes(flat: torch.Tensor) -> list[torch.Tensor]:
     return planes[::-1] if sys.byteorder == "big" else planes
 
 
-def _encode_plane(data: bytes) -> list:
-    """[codec, uint8 tensor] of one plane's bytes: a tensor, not bytes, because torch.save pickles bytes
-    as latin-1 text (up to 2 bytes per byte) but writes a tensor's storage as it is."""
+def _compress(data: bytes) -> tuple[str, bytes]:
+    """(codec, stored bytes) of one plane or record: the smallest of raw, zlib and (up to SMALL_PLANE)
+    LZMA; a probe of the first PROBE_BYTES decides whether compressing is tried at all."""
     probe = data[:PROBE_BYTES]
-    if probe and len(zlib.compress(probe, 1)) < PROBE_RATIO * len(probe):
-        # the demo teacher's 18 MB: level 1 0.4 s, 15.66 MB; level 6 1.5 s, 15.52 MB
-        packed = zlib.compress(data, 9 if len(data) <= SMALL_PLANE else 1)
-        if len(packed) < len(data):
-            data, codec = packed, "zlib"
-        else:
-            codec = "raw"
-    else:
-        codec = "raw"
-    return [codec, torch.frombuffer(bytearray(data), dtype=torch.uint8)]
+    if not probe or len(zlib.compress(probe, 1)) >= PROBE_RATIO * len(probe):
+        return "raw", data
+    # the demo teacher's 18 MB: level 1 0.4 s, 15.66 MB; level 6 1.5 s, 15.52 MB
+    tries = [("raw", data), ("zlib", zlib.compress(data, 9 if len(data) <= SMALL_PLANE else 1))]
+    if len(data) <= SMALL_PLANE:
+        tries.append(("lzma", lzma.compress(data, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)))
+    return min(tries, key=lambda t: len(t[1]))
 
 
-def _decode_plane(entry: list) -> bytes:
+def _decompress(codec: str, data: bytes) -> bytes:
+    """`_compress`'s inverse. ValueError for an unknown codec or bytes that do not decompress."""
+    if codec not in CODECS:
+        raise ValueError(f"a byte plane coded {codec!r}; expected one of {', '.join(CODECS)}")
+    try:
+        if codec == "zlib":
+            return zlib.decompress(data)
+        if codec == "lzma":
+            return lzma.decompress(data, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+    except (zlib.error, lzma.LZMAError) as e:
+        raise ValueError(f"a {codec} byte plane does not decompress (damaged): {e}") from None
+    return data
+
+
+def _uint8(data: bytes) -> torch.Tensor:
+    """Bytes as a uint8 tensor: torch.save pickles `bytes` as latin-1 text (up to 2 bytes per byte) but
+    writes a tensor's storage as it is."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+
+
+def _decode_plane_v3(entry: list) -> bytes:
+    """Version 3 and 4 stored each plane as its own [codec, uint8 tensor] (codec raw or zlib)."""
     codec, data = entry
     if codec not in ("raw", "zlib") or not isinstance(data, torch.Tensor) or data.dtype != torch.uint8:
         raise ValueError(f"a byte plane coded {codec!r} ({type(data).__name__}); expected a raw or zlib uint8 tensor")
-    data = data.numpy().tobytes()
-    if codec == "raw":
-        return data
+    return _decompress(codec, data.numpy().tobytes())
+
+
+def _exactly_json(value: object) -> bool:
+    """Whether `value` comes back from JSON as the same plain data: same types all the way down (a tuple
+    comes back a list, an int dict key a str, a numpy float a float: not exact), NaN as NaN."""
+    def same(a: object, b: object) -> bool:
+        if type(a) is not type(b):
+            return False
+        if isinstance(a, float):
+            return a == b or (math.isnan(a) and math.isnan(b))
+        if isinstance(a, list):
+            return len(a) == len(b) and all(map(same, a, b))
+        if isinstance(a, dict):
+            return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+        return a == b
     try:
-        return zlib.decompress(data)
-    except zlib.error as e:
-        raise ValueError(f"a zlib byte plane does not decompress (damaged): {e}") from None
+        return same(json.loads(json.dumps(value, allow_nan=True)), value)
+    except (TypeError, ValueError, RecursionError):  # a tensor, bytes, a circular reference...
+        return False
+
+
+def encode_record(fields: dict) -> tuple[list, dict]:
+    """([codec, uint8 tensor] of the compressed UTF-8 JSON of the fields that are exactly JSON, the other
+    fields as they are), version 5's "record" and what is stored beside it. Inverse: `decode_record`."""
+    plain = {k: v for k, v in fields.items() if _exactly_json(v)}
+    codec, data = _compress(json.dumps(plain, allow_nan=True, separators=(",", ":")).encode())
+    return [codec, _uint8(data)], {k: v for k, v in fields.items() if k not in plain}
+
+
+def decode_record(entry: object) -> dict:
+    """The fields a version 5 "record" holds. ValueError when it is not a [codec, uint8 tensor] whose
+    bytes decompress to a JSON object."""
+    if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], torch.Tensor)
+            and entry[1].dtype == torch.uint8 and isinstance(entry[0], str)):
+        raise ValueError(f"expected [codec, uint8 tensor], got {type(entry).__name__}")
+    try:
+        fields = json.loads(_decompress(entry[0], entry[1].numpy().tobytes()))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 JSON: {e}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"a JSON {type(fields).__name__}, expected an object")
+    return fields
 
 
 def _digest(index: bytes, planes: dict[str, list[bytes]]) -> str:
@@ -306,8 +378,9 @@ def record_digest(payload: dict) -> str:
 
 
 def pack_state(state_dict: dict[str, torch.Tensor]) -> dict:
-    """A state_dict as one flat buffer per dtype, each stored as byte planes, a compressed index and a
-    SHA-256 of both (see the module docstring). Values are kept exactly. Inverse: `unpack_state`.
+    """A state_dict as one flat buffer per dtype, split into byte planes, each entropy-coded where that
+    pays, all stored in one uint8 tensor, with a compressed index and a SHA-256 (see the module
+    docstring). Values are kept exactly. Inverse: `unpack_state`.
     ValueError for a quantized tensor (torch.qint8...), whose scale a flat buffer cannot hold.
     """
     index, parts = [], {}
@@ -321,13 +394,45 @@ def pack_state(state_dict: dict[str, torch.Tensor]) -> dict:
         parts.setdefault(dtype, []).append(t.reshape(-1))
     text = zlib.compress(json.dumps(index, separators=(",", ":")).encode(), 9)
     planes = {d: [p.contiguous().numpy().tobytes() for p in _byte_planes(torch.cat(ts))] for d, ts in parts.items()}
-    return {"index": text, "byteorder": "little",
-            "buffers": {d: [_encode_plane(p) for p in ps] for d, ps in planes.items()},
+    buffers, stored = {}, []
+    for dtype, ps in planes.items():
+        coded = [_compress(p) for p in ps]
+        buffers[dtype] = [[codec, len(data)] for codec, data in coded]
+        stored += [data for _, data in coded]
+    return {"index": text, "byteorder": "little", "buffers": buffers, "data": _uint8(b"".join(stored)),
             "sha256": _digest(text, planes)}
 
 
+def _stored_planes(packed: dict, version: int) -> dict[str, list[bytes]]:
+    """dtype -> its decoded byte planes: version 5 cuts them from the one "data" tensor by the lengths in
+    "buffers"; versions 3 and 4 stored each plane as its own tensor."""
+    buffers = packed["buffers"]
+    if version < 5:
+        for dtype, planes in buffers.items():
+            if not isinstance(planes, list):
+                raise ValueError(f"buffer {dtype!r}: not a list of byte planes")
+        return {dtype: [_decode_plane_v3(p) for p in planes] for dtype, planes in buffers.items()}
+    data = packed.get("data")
+    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
+        raise ValueError(f"its planes' bytes are a {type(data).__name__}, expected a 1-D uint8 tensor")
+    data, start, out = data.numpy().tobytes(), 0, {}
+    for dtype, planes in buffers.items():
+        if not isinstance(planes, list) or not all(isinstance(p, list) and len(p) == 2 and isinstance(p[1], int)
+                                                   and p[1] >= 0 for p in planes):
+            raise ValueError(f"buffer {dtype!r}: not a list of [codec, length] byte planes")
+        out[dtype] = []
+        for codec, n in planes:
+            if start + n > len(data):
+                raise ValueError(f"buffer {dtype!r}: its planes run past the {len(data)} stored bytes")
+            out[dtype].append(_decompress(codec, data[start: start + n]))
+            start += n
+    if start != len(data):
+        raise ValueError(f"{len(data) - start} stored bytes belong to no byte plane")
+    return out
+
+
 def _flat_buffers(packed: dict, version: int) -> dict[str, torch.Tensor]:
-    """dtype -> 1-D tensor: version 2 stored them as tensors; version 3 as byte planes with a checksum,
+    """dtype -> 1-D tensor: version 2 stored them as tensors; versions 3 on as byte planes with a checksum,
     checked here (the format is decided by `version`, never by what the buffers look like, so a version
     3 file cannot skip its checksum)."""
     buffers = packed["buffers"]
@@ -336,19 +441,17 @@ def _flat_buffers(packed: dict, version: int) -> dict[str, torch.Tensor]:
             raise ValueError("a version 2 file whose buffers are not tensors")
         return buffers
     if packed.get("byteorder") != "little" or not isinstance(packed.get("sha256"), str):
-        raise ValueError(f"a version 3 file needs little-endian byte planes and a sha256 "
+        raise ValueError(f"a version {version} file needs little-endian byte planes and a sha256 "
                          f"(byteorder {packed.get('byteorder')!r}, sha256 {type(packed.get('sha256')).__name__})")
-    flats, raw_planes = {}, {}
-    for dtype, planes in buffers.items():
+    raw_planes, flats = _stored_planes(packed, version), {}
+    for dtype, raw in raw_planes.items():
         torch_dtype = getattr(torch, dtype, None)
-        if not isinstance(torch_dtype, torch.dtype) or not isinstance(planes, list):
-            raise ValueError(f"buffer {dtype!r}: not a known dtype with a list of byte planes")
-        raw = [_decode_plane(p) for p in planes]
+        if not isinstance(torch_dtype, torch.dtype):
+            raise ValueError(f"buffer {dtype!r}: not a known dtype")
         size = torch.empty(0, dtype=torch_dtype).element_size()
         if len(raw) != size or len({len(r) for r in raw}) != 1:
             raise ValueError(f"the {dtype} buffer has {len(raw)} byte planes of lengths {sorted({len(r) for r in raw})}; "
                              f"expected {size} of one length")
-        raw_planes[dtype] = raw
         native = raw[::-1] if sys.byteorder == "big" else raw
         interleaved = torch.stack([torch.frombuffer(bytearray(r), dtype=torch.uint8) for r in native], 1) if raw[0] \
             else torch.empty(0, size, dtype=torch.uint8)
@@ -360,9 +463,9 @@ def _flat_buffers(packed: dict, version: int) -> dict[str, torch.Tensor]:
 
 
 def unpack_state(packed: dict, version: int = VERSION) -> dict[str, torch.Tensor]:
-    """`pack_state`'s inverse (`version` 2 or 3 of the file): name -> tensor, in the saved order, each its
+    """`pack_state`'s inverse (`version` 2 to 5 of the file): name -> tensor, in the saved order, each its
     own copy (no tensor pins the whole buffer). ValueError when the index and the buffers disagree
-    (dtype, extent) or, version 3, when the checksum does not match."""
+    (dtype, extent) or, version 3 on, when the checksum does not match."""
     buffers, offsets, out = _flat_buffers(packed, version), {}, {}
     for name, dtype, shape in json.loads(zlib.decompress(packed["index"])):
         buf = buffers[dtype]

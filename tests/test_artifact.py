@@ -8,7 +8,8 @@ import zlib
 import pytest
 import torch
 
-from common.artifact import BUILDERS, Artifact, ArtifactError, build_model, load_model
+from common.artifact import (BUILDERS, RECORD_FIELDS, Artifact, ArtifactError, _stored_planes, build_model,
+                             decode_record, encode_record, load_model, record_digest)
 from common.atomic import atomic_write
 from model.refineformer3d import ModelSpec, RefineFormer3D
 
@@ -21,12 +22,39 @@ def _artifact(stage="teacher", **kw):
     return model, Artifact(stage=stage, spec=model.spec.to_dict(), state_dict=model.state_dict(), **kw)
 
 
+def _edited(src, dst, change, digest: bool = False):
+    """Save `src`'s payload as `dst` after `change(payload)` ran on it with the record's fields decoded in
+    place, as version 4 stored them; the digest is recomputed only when asked (a careful hand edit)."""
+    raw = torch.load(src, weights_only=True)
+    raw.update(decode_record(raw.pop("record")))
+    change(raw)
+    record, kept = encode_record({k: raw.pop(k) for k in RECORD_FIELDS if k in raw})
+    raw.update(record=record, **kept)
+    if digest:
+        raw["digest"] = record_digest(raw)
+    torch.save(raw, dst)
+    return dst
+
+
+def _as_version_4(raw: dict) -> dict:
+    """A version 5 payload as version 4 wrote it: record fields stored as they are, each byte plane its own
+    [codec, uint8 tensor] (raw here), the digest recomputed."""
+    out = {k: v for k, v in raw.items() if k not in ("record", "digest")}
+    out.update(decode_record(raw["record"]), version=4)
+    planes = _stored_planes(raw["state"], 5)
+    out["state"] = {**{k: v for k, v in raw["state"].items() if k != "data"},
+                    "buffers": {d: [["raw", torch.frombuffer(bytearray(p), dtype=torch.uint8)] for p in ps]
+                                for d, ps in planes.items()}}
+    out["digest"] = record_digest(out)
+    return out
+
+
 def test_round_trip_rebuilds_the_same_model(tmp_path):
     model, art = _artifact(metrics={"dice_mean": 0.5}, extra={"table": [{"layer": "a", "rank": 3}]})
     art.save(tmp_path / "a.pt")
     # the format's promise: plain torch.load with weights_only=True reads it
     raw = torch.load(tmp_path / "a.pt", weights_only=True)
-    assert raw["stage"] == "teacher" and raw["metrics"] == {"dice_mean": 0.5}
+    assert raw["stage"] == "teacher" and decode_record(raw["record"])["metrics"] == {"dice_mean": 0.5}
     loaded, back = load_model(tmp_path / "a.pt")
     x = torch.randn(1, 4, 32, 32, 32)
     assert torch.equal(loaded.eval()(x), model(x))
@@ -196,9 +224,9 @@ def test_version_2_artifacts_still_load_and_malformed_buffers_are_named(tmp_path
     torch.save(raw, tmp_path / "long.pt")
     with pytest.raises(ArtifactError, match=r"long\.pt: .*elements left over: \{'float32': 1\}"):
         Artifact.load(tmp_path / "long.pt")
-    raw["version"] = 5
+    raw["version"] = 6
     torch.save(raw, tmp_path / "new.pt")
-    with pytest.raises(ArtifactError, match=r"new\.pt: artifact version 5.*newer release"):
+    with pytest.raises(ArtifactError, match=r"new\.pt: artifact version 6.*newer release"):
         Artifact.load(tmp_path / "new.pt")
 
 
@@ -211,8 +239,8 @@ def test_byte_planes_compress_what_compresses_and_keep_noise_raw(tmp_path):
     Artifact("x", {"kind": "fp32"}, {"q": q, "w": w}).save(tmp_path / "a.pt")
     raw = torch.load(tmp_path / "a.pt", weights_only=True)
     codecs = {d: [c for c, _ in planes] for d, planes in raw["state"]["buffers"].items()}
-    assert codecs["int8"] == ["zlib"]
-    assert codecs["float32"][:3] == ["raw", "raw", "raw"] and codecs["float32"][3] == "zlib"  # little-endian
+    assert codecs["int8"][0] in ("zlib", "lzma")
+    assert codecs["float32"][:3] == ["raw", "raw", "raw"] and codecs["float32"][3] in ("zlib", "lzma")  # little-endian
     assert (tmp_path / "a.pt").stat().st_size < 0.85 * (200_000 + 4 * 100_000)
     back = Artifact.load(tmp_path / "a.pt").state_dict
     assert torch.equal(back["q"], q) and torch.equal(back["w"], w)
@@ -245,8 +273,8 @@ def test_byte_planes_are_stored_least_significant_first_on_either_byte_order(tmp
 
 
 def test_a_flipped_byte_in_the_record_is_refused_like_one_in_the_weights(tmp_path):
-    """The ET rule, a metric, the spec: any field changed after saving fails the record's SHA-256; a
-    version 3 file (no record digest) still loads; the digest sees a tensor in extra too."""
+    """The ET rule, a metric, the spec: any field changed after saving fails the record's SHA-256, in the
+    compressed record or stored beside it (a tensor in extra); version 4 and 3 files still load."""
     _, art = _artifact()
     art.extra = {"et_rule": {"et_min_voxels": 0}, "train_state": {"step": torch.tensor([1.0, 2.0])}}
     art.metrics = {"dice_mean": 0.8}
@@ -257,16 +285,61 @@ def test_a_flipped_byte_in_the_record_is_refused_like_one_in_the_weights(tmp_pat
                "spec.pt": lambda r: r["spec"].update(num_classes=4),
                "tensor.pt": lambda r: r["extra"]["train_state"]["step"].add_(1)}
     for name, change in changes.items():
-        raw = torch.load(tmp_path / "a.pt", weights_only=True)
-        change(raw)
-        torch.save(raw, tmp_path / name)
         with pytest.raises(ArtifactError, match=rf"{name}: its record .* does not match the SHA-256"):
-            Artifact.load(tmp_path / name)
+            Artifact.load(_edited(tmp_path / "a.pt", tmp_path / name, change))
     raw = torch.load(tmp_path / "a.pt", weights_only=True)
-    del raw["digest"]
-    raw["version"] = 3
-    torch.save(raw, tmp_path / "v3.pt")
-    assert Artifact.load(tmp_path / "v3.pt").metrics["dice_mean"] == 0.8
+    v4 = _as_version_4(raw)
+    torch.save(v4, tmp_path / "v4.pt")
+    back = Artifact.load(tmp_path / "v4.pt")
+    assert back.metrics["dice_mean"] == 0.8 and all(torch.equal(back.state_dict[k], v) for k, v in art.state_dict.items())
+    v4["metrics"]["dice_mean"] = 0.9
+    torch.save(v4, tmp_path / "v4-edited.pt")
+    with pytest.raises(ArtifactError, match=r"v4-edited\.pt: its record .* does not match"):
+        Artifact.load(tmp_path / "v4-edited.pt")
+    del v4["digest"]
+    v4["version"] = 3
+    torch.save(v4, tmp_path / "v3.pt")
+    assert Artifact.load(tmp_path / "v3.pt").metrics["dice_mean"] == 0.9
+
+
+def test_the_record_is_compressed_json_and_what_json_would_change_is_kept_as_it_is(tmp_path):
+    """Plain fields go into the compressed JSON record; a tensor, a tuple or an int key keeps its field
+    beside the record, so every field loads back exactly as it was given (NaN included)."""
+    _, art = _artifact(metrics={"dice_mean": 0.8, "hd95_et": float("nan")}, config={"train": {"lr": 1e-3}},
+                       extra={"window": (96, 96, 64), "train_state": {"step": torch.tensor([3])}},
+                       lineage=[{"stage": "teacher", "path": None, "metrics": {1: 0.5}}])
+    art.save(tmp_path / "a.pt")
+    raw = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert sorted(decode_record(raw["record"])) == ["config", "created", "metrics", "spec"]
+    assert raw["record"][0] in ("zlib", "lzma") and {"extra", "lineage"} <= set(raw)
+    back = Artifact.load(tmp_path / "a.pt")
+    assert back.extra["window"] == (96, 96, 64) and torch.equal(back.extra["train_state"]["step"], torch.tensor([3]))
+    assert back.lineage[0]["metrics"] == {1: 0.5} and back.config == art.config and back.spec == art.spec
+    assert back.metrics["dice_mean"] == 0.8 and back.metrics["hd95_et"] != back.metrics["hd95_et"]  # NaN
+    twice = torch.load(tmp_path / "a.pt", weights_only=True)
+    twice["config"] = {}
+    twice["digest"] = record_digest(twice)
+    torch.save(twice, tmp_path / "twice.pt")
+    with pytest.raises(ArtifactError, match=r"twice\.pt: config stored both in its record and beside it"):
+        Artifact.load(tmp_path / "twice.pt")
+    broken = torch.load(tmp_path / "a.pt", weights_only=True)
+    broken["record"] = ["zlib", torch.tensor([1, 2, 3], dtype=torch.uint8)]
+    broken["digest"] = record_digest(broken)
+    torch.save(broken, tmp_path / "broken.pt")
+    with pytest.raises(ArtifactError, match=r"broken\.pt: its record is malformed: a zlib byte plane does not decompress"):
+        Artifact.load(tmp_path / "broken.pt")
+
+
+def test_a_students_int8_artifact_is_smaller_for_the_compressed_record(tmp_path):
+    """Version 5's record and single plane tensor: an artifact with a realistic record (a few kB of
+    config, lineage and per-layer data) costs well under the bytes version 4 stored for the same."""
+    _, art = _artifact(config={"train": {f"k{i}": i * 0.5 for i in range(200)}},
+                       extra={"layers": [{"name": f"encoder.stages.{i}.mlp.fc1", "int8": i % 2 == 0,
+                                          "ms_fp32": 1.2345 + i, "ms_int8": 0.98765 + i} for i in range(150)]})
+    art.save(tmp_path / "v5.pt")
+    torch.save(_as_version_4(torch.load(tmp_path / "v5.pt", weights_only=True)), tmp_path / "v4.pt")
+    v5, v4 = (tmp_path / "v5.pt").stat().st_size, (tmp_path / "v4.pt").stat().st_size
+    assert v4 - v5 > 10_000, (v4, v5)
 
 
 def test_altered_weights_or_index_fail_the_checksum(tmp_path):
@@ -284,23 +357,33 @@ def test_altered_weights_or_index_fail_the_checksum(tmp_path):
         torch.save(raw, tmp_path / name)
         return name
 
-    def flip(st):
-        st["buffers"]["float32"][0][1][5] ^= 1
+    def flip(st):  # a byte of the first float32 plane (raw: noise), the first plane stored
+        assert st["buffers"]["float32"][0][0] == "raw"
+        st["data"][5] ^= 1
 
     def swap(st):
         index = json.loads(zlib.decompress(st["index"]))
         index[0][0], index[1][0] = index[1][0], index[0][0]
         st["index"] = zlib.compress(json.dumps(index).encode())
 
-    def damage(st):
-        st["buffers"]["int8"][0][1][20] ^= 0xFF
+    def damage(st):  # a byte inside the int8 plane, stored compressed after the float32 planes
+        st["data"][sum(n for _, n in st["buffers"]["float32"]) + 20] ^= 0xFF
 
     def cut(st):
-        st["buffers"]["float32"][1][1] = st["buffers"]["float32"][1][1][:-1]
+        st["data"] = st["data"][:-1]
 
-    assert good["state"]["buffers"]["int8"][0][0] == "zlib"
+    def uneven(st):  # lengths moved between two raw planes: every byte accounted for, planes of two lengths
+        st["buffers"]["float32"][0][1] -= 1
+        st["buffers"]["float32"][1][1] += 1
+
+    def extra_bytes(st):
+        st["data"] = torch.cat([st["data"], torch.zeros(3, dtype=torch.uint8)])
+
+    assert good["state"]["buffers"]["int8"][0][0] in ("zlib", "lzma")
     for name, change, why in (("flip.pt", flip, "SHA-256 does not match"), ("swap.pt", swap, "SHA-256 does not match"),
-                              ("damage.pt", damage, "does not decompress"), ("cut.pt", cut, "byte planes of lengths")):
+                              ("damage.pt", damage, "does not decompress"), ("cut.pt", cut, "run past the"),
+                              ("uneven.pt", uneven, "byte planes of lengths"),
+                              ("extra.pt", extra_bytes, "3 stored bytes belong to no byte plane")):
         with pytest.raises(ArtifactError, match=rf"{name}: its packed weights are malformed.*{why}"):
             Artifact.load(tmp_path / altered(name, change))
 
@@ -316,9 +399,7 @@ def test_quantized_tensors_are_refused_by_name(tmp_path):
 def test_hand_edited_fields_of_the_wrong_type_are_named(tmp_path, field, value):
     _, art = _artifact()
     art.save(tmp_path / "a.pt")
-    raw = torch.load(tmp_path / "a.pt", weights_only=True)
-    raw[field] = value
-    torch.save(raw, tmp_path / "edited.pt")
+    _edited(tmp_path / "a.pt", tmp_path / "edited.pt", lambda raw: raw.update({field: value}), digest=True)
     with pytest.raises(ArtifactError, match=rf"edited\.pt: its '{field}' is (a )?\w+, expected a"):
         Artifact.load(tmp_path / "edited.pt")
 
