@@ -13,19 +13,22 @@ An artifact is a `torch.save`d dict of plain data and tensors, so it loads with
              every plane's stored bytes in that order, "byteorder": "little", "sha256"}: each dtype's tensors
              flattened and concatenated in index order, then split into byte planes (byte i of every
              element, least significant first on any machine), each plane entropy-coded where that pays
-             ("zlib" or "lzma", the smaller) or kept ("raw"); "sha256" of the index and the decoded planes,
-             checked at load (it catches damage and edits that do not recompute it; it is not a
-             signature). Every tensor torch.save writes costs ~300 bytes (zip record, 64-byte alignment,
-             pickled storage reference): stored one by one, the demo's 250k-parameter INT8 artifact's 316
-             tensors were 402,267 bytes (305,786 packed as flat tensors, version 2); version 5 stores one.
-             The byte planes are lossless entropy coding, as in Deep Compression (Han et al., ICLR 2016,
-             after pruning and quantisation): int8 weights shrink to ~60 %, float32 ones to ~85 % (their
-             sign/exponent byte to ~40 %). `Artifact.state_dict` is the unpacked dict.
+             ("zlib", or "lzma": raw LZMA2 with a 1 MiB dictionary, LZMA_DECODE; the smaller) or kept
+             ("raw"); "sha256" of the index and the decoded planes, checked at load (it catches damage and
+             edits that do not recompute it; it is not a signature). Decoding is strict (each plane exactly
+             the length the index gives, no bytes after a stream, no other keys), so no stored byte escapes
+             both. Every tensor torch.save writes costs ~300 bytes (zip record, 64-byte alignment, pickled
+             storage reference): stored one by one, the demo's 250k-parameter INT8 artifact's 316 tensors
+             were 402,267 bytes (305,786 packed as flat tensors, version 2); version 5 writes two tensors
+             in all (the planes and the record). The byte planes are lossless entropy coding, as in Deep
+             Compression (Han et al., ICLR 2016, after pruning and quantisation): int8 weights shrink to
+             ~60 %, float32 ones to ~85 % (their sign/exponent byte to ~40 %). `Artifact.state_dict` is the
+             unpacked dict.
     record   [codec, uint8 tensor]: the fields below that are plain JSON data (spec, config, metrics,
-             lineage, extra, created), as one compressed UTF-8 JSON object. A field that JSON would not give
-             back exactly (a tensor in last.pt's training state, a tuple, an int dict key) is stored
-             beside it as it is. Pickled one by one these fields were a quarter of the demo's INT8 file
-             (~27 kB; ~5 kB as compressed JSON).
+             lineage, extra, created), as one UTF-8 JSON object, compressed where that pays. A field that
+             JSON would not give back exactly (a tensor in last.pt's training state, a tuple, an int dict
+             key) is stored beside it as it is. Pickled one by one these fields were a quarter of the demo's
+             INT8 file (~27 kB; ~5 kB as compressed JSON).
     spec     the model as plain data (every width explicit)
     config   the run's config as a dict
     metrics  validation figures (dice_wt, dice_tc, dice_et, dice_mean, ...)
@@ -33,7 +36,8 @@ An artifact is a `torch.save`d dict of plain data and tensors, so it loads with
     extra    stage-specific plain data (low-rank table, growth history, INT8 decisions,
              training state in last.pt, ...)
     digest   SHA-256 of every other field as stored (the weights through their own "sha256"), checked at
-             load: a flipped byte in the config, metrics or ET rule is refused like one in the weights
+             load: a flipped byte in the config, metrics or ET rule is refused like one in the weights;
+             so is a record whose bytes decode to anything but a JSON object of the fields above
 
 `build_model(artifact)` dispatches on spec["kind"] to the builder its model module registered with
 `@register_builder(kind)` when it was imported, so this module depends on no model code.
@@ -62,7 +66,7 @@ READABLE_VERSIONS = (1, 2, 3, 4, 5)
 RECORD_FIELDS = ("spec", "config", "metrics", "lineage", "extra", "created")  # version 5's "record" holds these
 # the payload's fields and their types (checked at load: a hand-edited file fails here, naming the field)
 FIELD_TYPES = {"stage": str, "spec": dict, "state_dict": dict, "state": dict, "config": dict, "metrics": dict,
-               "lineage": list, "extra": dict}
+               "lineage": list, "extra": dict, "created": str}
 
 # spec["kind"] -> builder(spec) -> nn.Module, filled bottom-up: each model module registers its own
 # kind on import (`@register_builder("fp32")`), so this module names nothing above it.
@@ -123,7 +127,11 @@ class Artifact:
             raise ArtifactError(f"{path}: artifact version {version!r}, expected one of {READABLE_VERSIONS}"
                                 + (" (written by a newer release of this project?)" if isinstance(version, int)
                                    and version > VERSION else ""))
-        if version >= 4 and payload.get("digest") != record_digest(payload):
+        try:
+            digest = record_digest(payload) if version >= 4 else None
+        except Exception as e:  # a value _feed cannot read (a sparse tensor...): not a file this code wrote
+            raise ArtifactError(f"{path}: its record cannot be checked: {type(e).__name__}: {e}") from None
+        if version >= 4 and payload.get("digest") != digest:
             raise ArtifactError(f"{path}: its record (spec, config, metrics, lineage, extra: the ET rule among them) "
                                 "does not match the SHA-256 written with it: the file was damaged, or edited without "
                                 "recomputing it, after it was saved")
@@ -147,7 +155,7 @@ class Artifact:
                                     f"{kind.__name__}")
         try:
             state_dict = fields["state_dict"] if version == 1 else unpack_state(fields["state"], version)
-        except (KeyError, TypeError, ValueError, RuntimeError, zlib.error, lzma.LZMAError) as e:
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ArtifactError(f"{path}: its packed weights are malformed: {type(e).__name__}: {e}") from None
         return cls(
             stage=fields["stage"],
@@ -226,11 +234,15 @@ def _keys(d: dict) -> str:
 PROBE_BYTES = 1 << 16
 PROBE_RATIO = 0.95
 SMALL_PLANE = 1 << 20  # planes up to this size get zlib level 9 and LZMA, the smaller kept; larger: zlib level 1
-# LZMA2 without a container (the xz header and check cost ~60 bytes a plane; the file's SHA-256 checks it).
-# Preset 6: on the demo student's 324 kB exponent plane 125 kB in ~0.1 s, against zlib level 9's 133 kB;
-# preset 9e gains 0.1 % for twice the time.
-LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 6}]
+# The "lzma" codec is raw LZMA2 (no xz container: its header and check cost ~60 bytes a plane, and the
+# file's SHA-256 checks the data) with a 1 MiB dictionary. Raw LZMA2 does not record its dictionary size,
+# so LZMA_DECODE is part of the format; the encoder's preset may change, its dictionary may not grow.
+# Preset 6: on the demo student's 324 kB exponent plane 125 kB in ~0.1 s, against zlib level 9's 133 kB.
+LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 6, "dict_size": SMALL_PLANE}]
+LZMA_DECODE = [{"id": lzma.FILTER_LZMA2, "dict_size": SMALL_PLANE}]
 CODECS = ("raw", "zlib", "lzma")
+MAX_RECORD = 64 << 20  # a record or weight index decoding to more is refused (the demo INT8 file's: ~20 kB, ~1 kB)
+STATE_KEYS = {"index", "byteorder", "buffers", "data", "sha256"}  # version 5's "state"; nothing else is accepted
 
 
 def _byte_planes(flat: torch.Tensor) -> list[torch.Tensor]:
@@ -254,32 +266,54 @@ def _compress(data: bytes) -> tuple[str, bytes]:
     return min(tries, key=lambda t: len(t[1]))
 
 
-def _decompress(codec: str, data: bytes) -> bytes:
-    """`_compress`'s inverse. ValueError for an unknown codec or bytes that do not decompress."""
+def _decompress(codec: object, data: "bytes | memoryview", size: int | None, what: str) -> bytes:
+    """`_compress`'s inverse for one stored item (`what` names it in messages): exactly `size` bytes
+    when given (a byte plane, whose length the weight index fixes), else at most MAX_RECORD. ValueError
+    for an unknown codec, bytes that do not decompress, a stream cut short or followed by other bytes, or
+    another length. Never more than the limit is decompressed, so a crafted file cannot fill the memory."""
     if codec not in CODECS:
-        raise ValueError(f"a byte plane coded {codec!r}; expected one of {', '.join(CODECS)}")
-    try:
-        if codec == "zlib":
-            return zlib.decompress(data)
-        if codec == "lzma":
-            return lzma.decompress(data, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
-    except (zlib.error, lzma.LZMAError) as e:
-        raise ValueError(f"a {codec} byte plane does not decompress (damaged): {e}") from None
-    return data
+        raise ValueError(f"{what} coded {codec!r}; expected one of {', '.join(CODECS)}")
+    limit = MAX_RECORD if size is None else size
+    if codec == "raw":
+        out = bytes(data[: limit + 1])
+    else:
+        stream = zlib.decompressobj() if codec == "zlib" else \
+            lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=LZMA_DECODE)
+        try:
+            out = stream.decompress(data, limit + 1)
+        except (zlib.error, lzma.LZMAError) as e:
+            raise ValueError(f"{what} ({codec}) does not decompress (damaged): {e}") from None
+        if len(out) <= limit and not (stream.eof and not stream.unused_data):
+            raise ValueError(f"{what} ({codec}) is " + ("followed by bytes that belong to no stream"
+                                                         if stream.eof else "cut short (damaged)"))
+    if len(out) > limit:
+        raise ValueError(f"{what} decodes to more than {limit:,} bytes" + ("; its index says so many" if size else ""))
+    if size is not None and len(out) != size:
+        raise ValueError(f"{what} decodes to {len(out):,} bytes; its index says {size:,}")
+    return out
 
 
-def _uint8(data: bytes) -> torch.Tensor:
-    """Bytes as a uint8 tensor: torch.save pickles `bytes` as latin-1 text (up to 2 bytes per byte) but
-    writes a tensor's storage as it is."""
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+def _uint8(data: "bytes | bytearray") -> torch.Tensor:
+    """Bytes as a 1-D uint8 tensor: torch.save pickles `bytes` as latin-1 text (up to 2 bytes per byte)
+    but writes a tensor's storage as it is."""
+    data = data if isinstance(data, bytearray) else bytearray(data)
+    return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
 
 
-def _decode_plane_v3(entry: list) -> bytes:
-    """Version 3 and 4 stored each plane as its own [codec, uint8 tensor] (codec raw or zlib)."""
+def _stored(entry: object, what: str, codecs: tuple[str, ...] = CODECS) -> tuple[str, memoryview]:
+    """(codec, bytes) of a [codec, 1-D uint8 tensor] entry (a version 3-4 byte plane, a version 5
+    record). ValueError naming `what` and what it holds instead."""
+    if not (isinstance(entry, list) and len(entry) == 2):
+        raise ValueError(f"{what} is a {type(entry).__name__}"
+                         + (f" of {len(entry)}" if isinstance(entry, list) else "") + "; expected [codec, uint8 tensor]")
     codec, data = entry
-    if codec not in ("raw", "zlib") or not isinstance(data, torch.Tensor) or data.dtype != torch.uint8:
-        raise ValueError(f"a byte plane coded {codec!r} ({type(data).__name__}); expected a raw or zlib uint8 tensor")
-    return _decompress(codec, data.numpy().tobytes())
+    if not isinstance(codec, str) or codec not in codecs:
+        raise ValueError(f"{what} coded {codec!r}; expected one of {', '.join(codecs)}")
+    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
+        kind = f"a {data.dtype} tensor of shape {tuple(data.shape)}" if isinstance(data, torch.Tensor) else \
+            f"a {type(data).__name__}"
+        raise ValueError(f"{what} holds {kind}; expected a 1-D uint8 tensor")
+    return codec, memoryview(data.numpy())
 
 
 def _exactly_json(value: object) -> bool:
@@ -302,25 +336,34 @@ def _exactly_json(value: object) -> bool:
 
 
 def encode_record(fields: dict) -> tuple[list, dict]:
-    """([codec, uint8 tensor] of the compressed UTF-8 JSON of the fields that are exactly JSON, the other
-    fields as they are), version 5's "record" and what is stored beside it. Inverse: `decode_record`."""
+    """([codec, uint8 tensor] of the UTF-8 JSON object of the fields that are exactly JSON (`_compress`'d:
+    small ones stay raw), the other fields as they are): version 5's "record" and what is stored beside
+    it. Inverse: `decode_record`."""
     plain = {k: v for k, v in fields.items() if _exactly_json(v)}
     codec, data = _compress(json.dumps(plain, allow_nan=True, separators=(",", ":")).encode())
     return [codec, _uint8(data)], {k: v for k, v in fields.items() if k not in plain}
 
 
 def decode_record(entry: object) -> dict:
-    """The fields a version 5 "record" holds. ValueError when it is not a [codec, uint8 tensor] whose
-    bytes decompress to a JSON object."""
-    if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], torch.Tensor)
-            and entry[1].dtype == torch.uint8 and isinstance(entry[0], str)):
-        raise ValueError(f"expected [codec, uint8 tensor], got {type(entry).__name__}")
+    """The fields a version 5 "record" holds (only RECORD_FIELDS). ValueError when it is not a
+    [codec, 1-D uint8 tensor] whose bytes decode to a UTF-8 JSON object of those fields."""
+    if entry is None:
+        raise ValueError("a version 5 file without its record")
+    codec, data = _stored(entry, "the record")
     try:
-        fields = json.loads(_decompress(entry[0], entry[1].numpy().tobytes()))
+        fields = json.loads(_decompress(codec, data, None, "the record").decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise ValueError(f"not UTF-8 JSON: {e}") from None
+        raise ValueError(f"the record is not UTF-8 JSON: {e}") from None
+    except RecursionError:
+        raise ValueError("the record's JSON is nested too deeply") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the record is not JSON: {e}") from None
     if not isinstance(fields, dict):
-        raise ValueError(f"a JSON {type(fields).__name__}, expected an object")
+        raise ValueError(f"the record is a JSON {type(fields).__name__}, expected an object")
+    unknown = sorted(set(fields) - set(RECORD_FIELDS))
+    if unknown:
+        raise ValueError(f"the record holds {', '.join(map(repr, unknown))}, which it never holds "
+                         f"(only {', '.join(RECORD_FIELDS)})")
     return fields
 
 
@@ -399,51 +442,81 @@ def pack_state(state_dict: dict[str, torch.Tensor]) -> dict:
         coded = [_compress(p) for p in ps]
         buffers[dtype] = [[codec, len(data)] for codec, data in coded]
         stored += [data for _, data in coded]
-    return {"index": text, "byteorder": "little", "buffers": buffers, "data": _uint8(b"".join(stored)),
+    return {"index": text, "byteorder": "little", "buffers": buffers, "data": _uint8(bytearray().join(stored)),
             "sha256": _digest(text, planes)}
 
 
-def _stored_planes(packed: dict, version: int) -> dict[str, list[bytes]]:
-    """dtype -> its decoded byte planes: version 5 cuts them from the one "data" tensor by the lengths in
-    "buffers"; versions 3 and 4 stored each plane as its own tensor."""
-    buffers = packed["buffers"]
+def _read_index(packed: dict) -> list[tuple[str, str, list[int]]]:
+    """The weight index: [(name, dtype, shape), ...] in state_dict order. ValueError when it is not
+    zlib'd UTF-8 JSON of such triples."""
+    index = packed.get("index")
+    if not isinstance(index, bytes):
+        raise ValueError(f"its index is a {type(index).__name__}, expected zlib'd bytes")
+    try:
+        entries = json.loads(_decompress("zlib", index, None, "the weight index").decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"the weight index is not JSON: {e}") from None
+    if not isinstance(entries, list) or not all(
+            isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and isinstance(e[1], str)
+            and isinstance(e[2], list) and all(type(n) is int and n >= 0 for n in e[2]) for e in entries):
+        raise ValueError("the weight index is not a list of [name, dtype, shape]")
+    return [tuple(e) for e in entries]
+
+
+def _stored_planes(packed: dict, version: int, counts: dict[str, int]) -> dict[str, list[bytes]]:
+    """dtype -> its decoded byte planes, each exactly `counts[dtype]` bytes (the index's element count):
+    version 5 cuts them from the one "data" tensor by the lengths in "buffers"; versions 3 and 4 stored
+    each plane as its own [codec, tensor]. ValueError for anything else."""
+    buffers = packed.get("buffers")
+    if not isinstance(buffers, dict) or not all(isinstance(p, list) for p in buffers.values()):
+        raise ValueError(f"its buffers are a {type(buffers).__name__}, expected a dict of dtype -> list of byte planes")
     if version < 5:
-        for dtype, planes in buffers.items():
-            if not isinstance(planes, list):
-                raise ValueError(f"buffer {dtype!r}: not a list of byte planes")
-        return {dtype: [_decode_plane_v3(p) for p in planes] for dtype, planes in buffers.items()}
+        return {dtype: [_decode_plane_v4(p, counts.get(dtype, 0), f"{dtype} byte plane {i}")
+                        for i, p in enumerate(planes)] for dtype, planes in buffers.items()}
+    unknown = sorted(set(packed) - STATE_KEYS)
+    if unknown:
+        raise ValueError(f"its weights hold {', '.join(map(repr, unknown))}, which version {version} never writes")
     data = packed.get("data")
     if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
-        raise ValueError(f"its planes' bytes are a {type(data).__name__}, expected a 1-D uint8 tensor")
-    data, start, out = data.numpy().tobytes(), 0, {}
+        kind = f"a {data.dtype} tensor of shape {tuple(data.shape)}" if isinstance(data, torch.Tensor) else \
+            f"a {type(data).__name__}"
+        raise ValueError(f"its planes' bytes are {kind}, expected a 1-D uint8 tensor")
+    data, start, out = memoryview(data.numpy()), 0, {}
     for dtype, planes in buffers.items():
-        if not isinstance(planes, list) or not all(isinstance(p, list) and len(p) == 2 and isinstance(p[1], int)
-                                                   and p[1] >= 0 for p in planes):
-            raise ValueError(f"buffer {dtype!r}: not a list of [codec, length] byte planes")
         out[dtype] = []
-        for codec, n in planes:
+        for i, entry in enumerate(planes):
+            if not (isinstance(entry, list) and len(entry) == 2 and type(entry[1]) is int and entry[1] >= 0):
+                raise ValueError(f"{dtype} byte plane {i} is {entry!r}; expected [codec, length]")
+            codec, n = entry
             if start + n > len(data):
-                raise ValueError(f"buffer {dtype!r}: its planes run past the {len(data)} stored bytes")
-            out[dtype].append(_decompress(codec, data[start: start + n]))
+                raise ValueError(f"{dtype} byte plane {i} runs past the {len(data):,} stored bytes")
+            out[dtype].append(_decompress(codec, data[start: start + n], counts.get(dtype, 0),
+                                          f"{dtype} byte plane {i}"))
             start += n
     if start != len(data):
-        raise ValueError(f"{len(data) - start} stored bytes belong to no byte plane")
+        raise ValueError(f"{len(data) - start:,} stored bytes belong to no byte plane")
     return out
 
 
-def _flat_buffers(packed: dict, version: int) -> dict[str, torch.Tensor]:
+def _decode_plane_v4(entry: object, size: int, what: str) -> bytes:
+    """Versions 3 and 4 stored each plane as its own [codec, uint8 tensor] (codec raw or zlib)."""
+    codec, data = _stored(entry, what, codecs=("raw", "zlib"))
+    return _decompress(codec, data, size, what)
+
+
+def _flat_buffers(packed: dict, version: int, counts: dict[str, int]) -> dict[str, torch.Tensor]:
     """dtype -> 1-D tensor: version 2 stored them as tensors; versions 3 on as byte planes with a checksum,
     checked here (the format is decided by `version`, never by what the buffers look like, so a version
     3 file cannot skip its checksum)."""
-    buffers = packed["buffers"]
+    buffers = packed.get("buffers")
     if version == 2:
-        if not all(isinstance(b, torch.Tensor) for b in buffers.values()):
+        if not isinstance(buffers, dict) or not all(isinstance(b, torch.Tensor) for b in buffers.values()):
             raise ValueError("a version 2 file whose buffers are not tensors")
         return buffers
     if packed.get("byteorder") != "little" or not isinstance(packed.get("sha256"), str):
         raise ValueError(f"a version {version} file needs little-endian byte planes and a sha256 "
                          f"(byteorder {packed.get('byteorder')!r}, sha256 {type(packed.get('sha256')).__name__})")
-    raw_planes, flats = _stored_planes(packed, version), {}
+    raw_planes, flats = _stored_planes(packed, version, counts), {}
     for dtype, raw in raw_planes.items():
         torch_dtype = getattr(torch, dtype, None)
         if not isinstance(torch_dtype, torch.dtype):
@@ -466,8 +539,14 @@ def unpack_state(packed: dict, version: int = VERSION) -> dict[str, torch.Tensor
     """`pack_state`'s inverse (`version` 2 to 5 of the file): name -> tensor, in the saved order, each its
     own copy (no tensor pins the whole buffer). ValueError when the index and the buffers disagree
     (dtype, extent) or, version 3 on, when the checksum does not match."""
-    buffers, offsets, out = _flat_buffers(packed, version), {}, {}
-    for name, dtype, shape in json.loads(zlib.decompress(packed["index"])):
+    entries = _read_index(packed)
+    counts: dict[str, int] = {}
+    for _, dtype, shape in entries:
+        counts[dtype] = counts.get(dtype, 0) + math.prod(shape)
+    buffers, offsets, out = _flat_buffers(packed, version, counts), {}, {}
+    for name, dtype, shape in entries:
+        if dtype not in buffers:
+            raise ValueError(f"{name}: indexed as {dtype}, a dtype no buffer holds")
         buf = buffers[dtype]
         if str(buf.dtype).removeprefix("torch.") != dtype:
             raise ValueError(f"{name}: indexed as {dtype}, its buffer holds {buf.dtype}")

@@ -1,5 +1,7 @@
 import gzip
 import json
+import lzma
+import math
 import os
 import subprocess
 import sys
@@ -8,8 +10,8 @@ import zlib
 import pytest
 import torch
 
-from common.artifact import (BUILDERS, RECORD_FIELDS, Artifact, ArtifactError, _stored_planes, build_model,
-                             decode_record, encode_record, load_model, record_digest)
+from common.artifact import (BUILDERS, RECORD_FIELDS, Artifact, ArtifactError, _read_index, _stored_planes,
+                             build_model, decode_record, encode_record, load_model, record_digest)
 from common.atomic import atomic_write
 from model.refineformer3d import ModelSpec, RefineFormer3D
 
@@ -41,7 +43,10 @@ def _as_version_4(raw: dict) -> dict:
     [codec, uint8 tensor] (raw here), the digest recomputed."""
     out = {k: v for k, v in raw.items() if k not in ("record", "digest")}
     out.update(decode_record(raw["record"]), version=4)
-    planes = _stored_planes(raw["state"], 5)
+    counts = {}
+    for _, dtype, shape in _read_index(raw["state"]):
+        counts[dtype] = counts.get(dtype, 0) + math.prod(shape)
+    planes = _stored_planes(raw["state"], 5, counts)
     out["state"] = {**{k: v for k, v in raw["state"].items() if k != "data"},
                     "buffers": {d: [["raw", torch.frombuffer(bytearray(p), dtype=torch.uint8)] for p in ps]
                                 for d, ps in planes.items()}}
@@ -326,7 +331,7 @@ def test_the_record_is_compressed_json_and_what_json_would_change_is_kept_as_it_
     broken["record"] = ["zlib", torch.tensor([1, 2, 3], dtype=torch.uint8)]
     broken["digest"] = record_digest(broken)
     torch.save(broken, tmp_path / "broken.pt")
-    with pytest.raises(ArtifactError, match=r"broken\.pt: its record is malformed: a zlib byte plane does not decompress"):
+    with pytest.raises(ArtifactError, match=r"broken\.pt: its record is malformed: the record \(zlib\) does not decompress"):
         Artifact.load(tmp_path / "broken.pt")
 
 
@@ -381,11 +386,82 @@ def test_altered_weights_or_index_fail_the_checksum(tmp_path):
 
     assert good["state"]["buffers"]["int8"][0][0] in ("zlib", "lzma")
     for name, change, why in (("flip.pt", flip, "SHA-256 does not match"), ("swap.pt", swap, "SHA-256 does not match"),
-                              ("damage.pt", damage, "does not decompress"), ("cut.pt", cut, "run past the"),
-                              ("uneven.pt", uneven, "byte planes of lengths"),
+                              ("damage.pt", damage, "does not decompress"), ("cut.pt", cut, "runs past the"),
+                              ("uneven.pt", uneven, "float32 byte plane 0 decodes to 127 bytes; its index says 128"),
                               ("extra.pt", extra_bytes, "3 stored bytes belong to no byte plane")):
         with pytest.raises(ArtifactError, match=rf"{name}: its packed weights are malformed.*{why}"):
             Artifact.load(tmp_path / altered(name, change))
+
+
+def _crafted(tmp_path, name: str, change) -> str:
+    """A version 5 file of a few tensors, changed by `change(payload)` and its digest recomputed (a
+    careful hand edit or a crafted file), saved as `name`."""
+    g = torch.Generator().manual_seed(0)
+    state = {"w": torch.randn(300, generator=g), "q": torch.randint(-3, 3, (4096,), dtype=torch.int8, generator=g)}
+    Artifact("x", {"kind": "fp32"}, state, metrics={"dice_mean": 0.5}).save(tmp_path / "good.pt")
+    raw = torch.load(tmp_path / "good.pt", weights_only=True)
+    change(raw)
+    raw["digest"] = record_digest(raw)
+    torch.save(raw, tmp_path / name)
+    return name
+
+
+def _record_of(text: bytes, codec: str = "raw") -> list:
+    data = zlib.compress(text) if codec == "zlib" else text
+    return [codec, torch.frombuffer(bytearray(data), dtype=torch.uint8)]
+
+
+def _junk_after_int8_plane(raw):
+    """4 bytes appended to the (compressed) int8 plane, its length raised to match: every stored byte
+    belongs to a plane, the decoded weights are the same; refused as bytes after the stream."""
+    st = raw["state"]
+    end = sum(n for _, n in st["buffers"]["float32"]) + st["buffers"]["int8"][0][1]
+    st["data"] = torch.cat([st["data"][:end], torch.tensor([1, 2, 3, 4], dtype=torch.uint8), st["data"][end:]])
+    st["buffers"]["int8"][0][1] += 4
+
+
+@pytest.mark.parametrize("change, why", [
+    (lambda r: r["state"].update(buffers=[1]), "its buffers are a list, expected a dict"),
+    (lambda r: r["state"]["buffers"]["float32"][0].__setitem__(1, True), r"float32 byte plane 0 is \['raw', True\]"),
+    (lambda r: r["state"]["buffers"]["float32"][0].__setitem__(1, -1), r"float32 byte plane 0 is \['raw', -1\]"),
+    (lambda r: r["state"].update(data=r["state"]["data"].float()), "its planes' bytes are a torch.float32 tensor"),
+    (lambda r: r["state"].pop("data"), "its planes' bytes are a NoneType"),
+    (lambda r: r["state"].update(smuggled=torch.zeros(3)), "its weights hold 'smuggled', which version 5 never writes"),
+    (_junk_after_int8_plane, r"int8 byte plane 0 \((zlib|lzma)\) is followed by bytes that belong to no stream"),
+    (lambda r: r["state"].update(index="[]"), "its index is a str, expected zlib'd bytes"),
+    (lambda r: r.pop("record"), "its record is malformed: a version 5 file without its record"),
+    (lambda r: r.update(record=[1, r["record"][1]]), "the record coded 1; expected one of raw, zlib, lzma"),
+    (lambda r: r.update(record=["raw", r["record"][1].reshape(1, -1)]), r"the record holds a torch.uint8 tensor of shape \(1, "),
+    (lambda r: r.update(record=_record_of(b"[1, 2]")), "the record is a JSON list, expected an object"),
+    (lambda r: r.update(record=_record_of(b"[" * 4000)), "the record's JSON is nested too deeply"),
+    (lambda r: r.update(record=_record_of('{"spec": {}}'.encode("utf-16"))), "the record is not UTF-8 JSON"),
+    (lambda r: r.update(record=_record_of(b'{"spec": {}, "bogus": 1}')), "the record holds 'bogus', which it never holds"),
+    (lambda r: r.update(record=_record_of(b'{"spec": {}, "created": 5}')), "its 'created' is a int, expected a str"),
+    (lambda r: r.update(record=_record_of(b"{}" + b" " * 5000, "zlib")), "the record decodes to more than 4,096 bytes"),
+])
+def test_crafted_version_5_files_are_refused_with_the_file_and_the_fault_named(tmp_path, monkeypatch, change, why):
+    """Whatever a crafted or hand-edited file holds (its digest recomputed), loading it either gives back
+    what was saved or raises ArtifactError naming the file: never another exception, never more memory
+    than the limit (MAX_RECORD, lowered here to 4 KiB)."""
+    import common.artifact as artifact_module
+    monkeypatch.setattr(artifact_module, "MAX_RECORD", 4096)
+    name = _crafted(tmp_path, "crafted.pt", change)
+    with pytest.raises(ArtifactError, match=rf"crafted\.pt: .*{why}"):
+        Artifact.load(tmp_path / name)
+
+
+def test_lzma_planes_decode_with_the_formats_fixed_dictionary_whatever_the_encoder_preset(tmp_path):
+    """Raw LZMA2 does not record its dictionary size: a plane another encoder wrote (preset 0, the
+    fastest, whose own dictionary is 256 KiB) loads, because decoding uses the format's fixed LZMA_DECODE;
+    the weights' SHA-256 covers the decoded planes, so the codec may differ."""
+    q = (torch.randn(300_000, generator=torch.Generator().manual_seed(0)) * 3).round().to(torch.int8)
+    Artifact("x", {"kind": "fp32"}, {"q": q}).save(tmp_path / "a.pt")
+    raw = torch.load(tmp_path / "a.pt", weights_only=True)
+    plane = lzma.compress(q.numpy().tobytes(), format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 0}])
+    raw["state"]["buffers"]["int8"] = [["lzma", len(plane)]]
+    raw["state"]["data"] = torch.frombuffer(bytearray(plane), dtype=torch.uint8)
+    torch.save(raw, tmp_path / "fast.pt")
+    assert torch.equal(Artifact.load(tmp_path / "fast.pt").state_dict["q"], q)
 
 
 def test_quantized_tensors_are_refused_by_name(tmp_path):
