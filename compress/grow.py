@@ -569,6 +569,15 @@ def _agreed(scores: dict[str, float], ctx: StageContext) -> dict[str, float]:
     return box[0]
 
 
+def phase_line(k: int, events: Sequence[dict], model: RefineFormer3D, epochs_left: int) -> str:
+    """The line that opens growth phase `k`: what the last event widened (phase 0: the source as it
+    is), the model's size, and the epochs the phase may use."""
+    what = "the source as it is" if k == 0 or not events or not events[-1].get("grown") else \
+        "widened " + ", ".join(f"{u['unit']} {u['old']}->{u['new']}" for u in events[-1]["grown"])
+    return (f"growth phase {k}: {what}; {count_params(model):,} parameters; fine-tune of up to {epochs_left} "
+            f"epoch(s)")
+
+
 def _phase_config(cfg: Config, epochs: int) -> Config:
     phase = copy.deepcopy(cfg)
     phase.train.epochs, phase.train.patience = epochs, cfg.grow.patience
@@ -655,6 +664,7 @@ def grow_fits(model: RefineFormer3D, ctx: StageContext, stage: StageDef, ckpt_di
             model = build_model(Artifact.load(start))
     results: list[FitResult] = [_phase_result(ckpt_dir / f"phase{i}") for i in range(k)]
     ctx.extra["growth"] = events
+    announced = False  # the device line: once per run, resumed or not
     while True:
         pdir = ckpt_dir / f"phase{k}"
         used = sum(e["epochs"] for e in events)
@@ -663,10 +673,14 @@ def grow_fits(model: RefineFormer3D, ctx: StageContext, stage: StageDef, ckpt_di
             pdir.mkdir(parents=True, exist_ok=True)
             Artifact(stage=f"{stage.name}-start", spec=model.artifact_spec(), state_dict=model.state_dict(),
                      config=to_dict(ctx.cfg), lineage=ctx.source.child_lineage()).save(pdir / START)
+        if ctx.dist.main:
+            print(phase_line(k, events, model, total - used), flush=True)
         trainee, engine_stage = stage.finetune(model, ctx)
         res = fit(trainee, engine_stage, _phase_config(ctx.cfg, total - used), pdir, stage_name=stage.name,
                   lineage=ctx.source.child_lineage(), extra={k_: v for k_, v in ctx.extra.items() if k_ != "growth"},
-                  data=ctx.data, resume=resume, best_name=None, note_rising=False)  # a phase: its epochs are what is left
+                  data=ctx.data, resume=resume, best_name=None, note_rising=False,  # a phase: its epochs are what is left
+                  announce=not announced)
+        announced = True
         results.append(res)
         epochs = sum(1 for h in res.history if not h.get("start"))
         device = next(res.model.parameters()).device  # the training device

@@ -186,7 +186,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, stage: Stage, cfg: Config, out_dir: str | Path, *, stage_name: str,
                  lineage: Sequence[dict] = (), extra: dict | None = None, data: TrainData | None = None,
-                 dist_info: DistInfo | None = None, best_name: str | None = BEST, note_rising: bool = True):
+                 dist_info: DistInfo | None = None, best_name: str | None = BEST, note_rising: bool = True,
+                 announce: bool = True):
         self.cfg, self.stage, self.stage_name = cfg, stage, stage_name
         self.note_rising = note_rising  # `fit`'s: note and record a run that ended still rising
         self.out_dir = Path(out_dir)
@@ -199,7 +200,7 @@ class Trainer:
         if t.select not in SELECT_CHOICES:
             raise ConfigError(f"train.select={t.select!r}: choose one of {', '.join(SELECT_CHOICES)}")
         self.runtime: Runtime = rank_runtime(cfg, self.dist)
-        if self.dist.main:
+        if self.dist.main and announce:  # the device line; a stage of several fits (growth's phases) says it once
             tqdm.write(self.runtime.line(stage_name))
         self.device = torch.device(self.runtime.device)
         if self.device.type == "cuda":
@@ -779,12 +780,14 @@ def _check_crop(cfg: Config, model: nn.Module) -> int | None:
 
 def fit(model: nn.Module, stage: Stage, cfg: Config, out_dir: str | Path, *, stage_name: str,
         lineage: Sequence[dict] = (), resume: bool = False, extra: dict | None = None,
-        data: TrainData | None = None, best_name: str | None = BEST, note_rising: bool = True) -> FitResult:
+        data: TrainData | None = None, best_name: str | None = BEST, note_rising: bool = True,
+        announce: bool = True) -> FitResult:
     """Train `model` with `stage`'s loss; write `<out_dir>/last.pt` (resumable) and `<out_dir>/<best_name>`.
 
     `best_name=None` writes no best file: the best epoch is `FitResult.best` (and rides in last.pt
     for resume), so a stage runner can write its one artifact itself. `note_rising` False: no "still
     rising" note or record at the end (`still_rising`; growth's phases, whose epochs are what is left).
+    `announce` False: no device line at the start (a later fit of the same stage run).
     """
     if resume and not (Path(out_dir) / LAST).is_file():  # before any data preparation
         raise ArtifactError(f"{Path(out_dir) / LAST}: nothing to resume (no last.pt in {out_dir})")
@@ -792,7 +795,7 @@ def fit(model: nn.Module, stage: Stage, cfg: Config, out_dir: str | Path, *, sta
     trainer = None
     try:
         trainer = Trainer(model, stage, cfg, out_dir, stage_name=stage_name, lineage=lineage, extra=extra,
-                          data=data, dist_info=info, best_name=best_name, note_rising=note_rising)
+                          data=data, dist_info=info, best_name=best_name, note_rising=note_rising, announce=announce)
         return trainer.run(resume=resume)
     finally:
         if trainer is not None:

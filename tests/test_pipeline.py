@@ -57,8 +57,9 @@ def run_chain(tmp: Path, train: tuple[str, ...] = (), serve_env: dict | None = N
         *sets("slim.reference_input=[32,32,32]", "slim.refine_dim=6"))
     run("-m", "compress.lowrank", str(runs / "slim/slim.pt"), "--config", "configs/demo/lowrank.yaml",
         "--ratio", "0.5", "--out", str(runs / "lowrank"), *common)
-    run("-m", "compress.grow", str(runs / "lowrank/lowrank.pt"), "--config", "configs/demo/grow.yaml",
-        "--out", str(runs / "grow"), *common, *sets("train.epochs=2", "grow.budget=null", "grow.patience=1"))
+    grow = run("-m", "compress.grow", str(runs / "lowrank/lowrank.pt"), "--config", "configs/demo/grow.yaml",
+               "--out", str(runs / "grow"), *common, *sets("train.epochs=2", "grow.budget=null", "grow.patience=1"))
+    (tmp / "grow.out").write_text(grow.stdout + grow.stderr)
     run("quantize.py", str(runs / "grow/grown.pt"), "--config", "configs/demo/quantize.yaml", "--out", str(runs / "int8"),
         *common, *sets("quant.decide=all", "quant.calib=1", "quant.input=[32,32,32]"))
     run("predict.py", str(runs / "int8/int8.pt"), "--input", str(data / "Brats17ValidationData"),
@@ -102,6 +103,17 @@ def test_every_artifact_loads_and_links_to_its_parent(pipeline):
     lowrank = Artifact.load(pipeline / "runs/lowrank/lowrank.pt")
     assert lowrank.spec["ranks"], "low-rank stage factorised nothing"
     assert lowrank.metrics["params_after"] < lowrank.metrics["params_before"]
+
+
+def test_growth_says_its_device_once_and_opens_each_phase_with_what_it_widened(pipeline):
+    out = (pipeline / "grow.out").read_text()
+    events = Artifact.load(pipeline / "runs/grow/grown.pt").extra["growth"]
+    phases = [line for line in out.splitlines() if line.startswith("growth phase ")]
+    assert out.count("grown: device ") == 1
+    assert len(phases) == len(events) >= 1 and phases[0].startswith("growth phase 0: the source as it is")
+    for k, line in enumerate(phases[1:], 1):
+        assert line.startswith(f"growth phase {k}: widened ") and all(
+            f"{g['unit']} {g['old']}->{g['new']}" in line for g in events[k - 1]["grown"])
 
 
 def test_report_has_a_row_per_stage_with_finite_numbers(pipeline):
